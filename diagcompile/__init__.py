@@ -1,0 +1,29 @@
+"""diagcompile: diagonal-sparse neural networks that train, run fast and ship.
+
+A weight ``W`` (``N_out x N_in``) keeps ``k`` of its ``P = max(N_out, N_in)`` wrapped diagonals:
+``W[t, (t + p) mod N_in]`` (wide/square) or ``W[(t + p) mod N_out, t]`` (tall), ``t < min(N_out, N_in)``.
+
+Importing this package registers the ``torch.ops.diagcompile.*`` ops. It does not import triton, numba or
+the compiler/export/DST layers, and does not initialize CUDA.
+"""
+
+from diagcompile import ops as ops  # registers torch.ops.diagcompile.*
+from diagcompile.api import sparsify_
+from diagcompile.config import DiagSparsityConfig
+from diagcompile.functional import diag_linear
+from diagcompile.marking import SparseMark, get_sparse_mark, is_sparse_marked, mark_sparse, unmark_sparse
+from diagcompile.modules import DiagLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DiagLinear",
+    "DiagSparsityConfig",
+    "SparseMark",
+    "diag_linear",
+    "get_sparse_mark",
+    "is_sparse_marked",
+    "mark_sparse",
+    "sparsify_",
+    "unmark_sparse",
+]

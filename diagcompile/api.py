@@ -1,0 +1,115 @@
+"""``sparsify_``: swap ``nn.Linear`` layers for ``DiagLinear`` in place (one-shot)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from diagcompile.config import DiagSparsityConfig
+from diagcompile.functional import check_sparsity
+from diagcompile.marking import get_sparse_mark
+from diagcompile.modules import DiagLinear
+from diagcompile.ops import OFFSET_DTYPE, evenly_spaced_offsets, k_from_sparsity
+
+__all__ = ["sparsify_"]
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _parent_and_name(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    parent_name, _, name = fqn.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), name
+
+
+def _convert(linear: nn.Linear, config: DiagSparsityConfig, fqn: str) -> DiagLinear:
+    n_out, n_in = linear.weight.shape
+    mark = get_sparse_mark(linear)
+    if mark is not None:
+        return DiagLinear.from_dense(linear, offsets=mark.resolve_offsets(linear.weight))
+    check_sparsity(config.sparsity, n_out, n_in, where=f"sparsify_: layer '{fqn or '<root>'}' ({n_out}x{n_in})")
+    if config.selection == "topk":
+        return DiagLinear.from_dense(linear, sparsity=config.sparsity)
+    k = k_from_sparsity(n_out, n_in, config.sparsity)
+    if config.selection == "even":
+        offsets = evenly_spaced_offsets(n_out, n_in, k)
+    else:
+        offsets = torch.randperm(max(n_out, n_in))[:k].sort().values.to(OFFSET_DTYPE)
+    return DiagLinear.from_dense(linear, offsets=offsets)
+
+
+def sparsify_(
+    model: nn.Module,
+    config: DiagSparsityConfig | None = None,
+    filter_fn: FilterFn | None = None,
+) -> nn.Module:
+    """Replace ``nn.Linear`` layers (and subclasses) of ``model`` by ``DiagLinear.from_dense`` in place.
+
+    Args:
+        model: any module. If ``model`` itself is a selected ``nn.Linear`` it cannot be swapped in place;
+            the new ``DiagLinear`` is returned instead.
+        config: sparsity and offset selection (default ``DiagSparsityConfig()``: 90%, top-k by L2 norm).
+            Linears marked with ``mark_sparse`` use their mark's sparsity/offsets.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` selects linears (default: all, or only marked ones when
+            ``config.only_marked``).
+
+    Returns:
+        ``model`` (or the replacement when ``model`` is a linear).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or is a single non-linear layer (e.g. ``nn.Conv2d``).
+        ValueError: a selected layer cannot reach the sparsity, or shares (ties) its weight with another
+            module: converting one copy would silently untie them.
+
+    Example::
+
+        model = sparsify_(model, DiagSparsityConfig(sparsity=0.9), filter_fn=lambda m, fqn: "mlp" in fqn)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify_ expects an nn.Module, got {type(model).__name__}")
+    config = config if config is not None else DiagSparsityConfig()
+    if not isinstance(config, DiagSparsityConfig):
+        raise TypeError(f"config must be a DiagSparsityConfig, got {type(config).__name__}")
+
+    def selected(m: nn.Module, fqn: str) -> bool:
+        if filter_fn is not None:
+            if not filter_fn(m, fqn):
+                return False
+        elif config.only_marked and get_sparse_mark(m) is None:
+            return False
+        return True
+
+    if not isinstance(model, nn.Linear) and _is_leaf(model):
+        raise TypeError(
+            f"sparsify_ converts nn.Linear layers, but got a {type(model).__name__} with no nn.Linear inside"
+        )
+    targets = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and selected(m, fqn)]
+    if not targets:
+        warnings.warn("sparsify_: no nn.Linear was selected; the model is unchanged", stacklevel=2)
+
+    # Tied weights: the same Parameter reachable from more than one place.
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for fqn, m in targets:
+        names = owners.get(id(m.weight), [])
+        if len(names) > 1:
+            raise ValueError(
+                f"sparsify_: the weight of '{fqn or '<root>'}' is shared with "
+                f"{[n for n in names if n != f'{fqn}.weight']} "
+                f"(tied weights); converting it would untie them. Exclude it with filter_fn or untie it first."
+            )
+
+    for fqn, m in targets:
+        new = _convert(m, config, fqn)
+        if fqn == "":
+            return new
+        parent, name = _parent_and_name(model, fqn)
+        setattr(parent, name, new)
+    return model
+
+
+def _is_leaf(m: nn.Module) -> bool:
+    return next(iter(m.children()), None) is None

@@ -1,0 +1,155 @@
+"""Functional form of the diagonal-sparse linear layer, and the validation every public entry point uses.
+
+The ops in ``diagcompile.ops`` trust their inputs; this module is the Python boundary where bad input is
+turned into a ``TypeError`` / ``ValueError`` that names the problem, before it can reach a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from diagcompile.ops import OFFSET_DTYPE, diag_shape
+
+__all__ = ["diag_linear", "canonical_offsets", "check_sparsity"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _inspectable(t: Tensor) -> bool:
+    """Whether ``t``'s data can be read: not while tracing (compile, export) and not for fake/meta tensors."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
+
+
+def check_sparsity(sparsity: float, out_features: int, in_features: int, *, where: str = "") -> None:
+    """Raise ``ValueError`` unless ``sparsity`` is in ``[0, 1 - 1/P]`` for this layer shape."""
+    from diagcompile.ops import k_from_sparsity
+
+    try:
+        k_from_sparsity(out_features, in_features, sparsity)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{where}: {e}" if where else str(e)) from None
+
+
+def canonical_offsets(
+    offsets: Tensor | Sequence[int],
+    out_features: int,
+    in_features: int,
+    *,
+    check_contents: bool = True,
+    where: str = "offsets",
+) -> Tensor:
+    """Validate ``offsets`` for an ``out_features x in_features`` layer and return them as 1-D int32.
+
+    Accepts an integer tensor (int32 or int64, converted) or a sequence of ints. Raises ``TypeError`` for a
+    non-integer dtype, ``ValueError`` for a wrong rank, k outside ``[1, P]``, values outside ``[0, P)``,
+    duplicates, or an order that is not ascending. Content checks are skipped while tracing.
+    """
+    P, _ = diag_shape(out_features, in_features)
+    if not isinstance(offsets, Tensor):
+        if isinstance(offsets, (str, bytes)) or not isinstance(offsets, Sequence):
+            raise TypeError(f"{where} must be an integer tensor or a sequence of ints, got {type(offsets).__name__}")
+        if not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+            raise TypeError(f"{where} must contain only ints, got {[type(o).__name__ for o in offsets][:5]}")
+        offsets = torch.tensor(list(offsets), dtype=torch.int64)
+    if offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{where} must be int32 or int64, got {offsets.dtype}")
+    if offsets.dim() != 1:
+        raise ValueError(f"{where} must be 1-D (k,), got shape {tuple(offsets.shape)}")
+    k = offsets.shape[0]
+    if not 1 <= k <= P:
+        raise ValueError(
+            f"{where} has k={k} diagonals but a {out_features}x{in_features} layer has P={P} candidates "
+            f"(need 1 <= k <= P)"
+        )
+    if check_contents and _inspectable(offsets):
+        o = offsets.detach().to("cpu", torch.int64)
+        lo, hi = int(o.min()), int(o.max())
+        if lo < 0 or hi >= P:
+            bad = o[(o < 0) | (o >= P)][:5].tolist()
+            raise ValueError(f"{where} out of range: {bad} not in [0, P={P}) for a {out_features}x{in_features} layer")
+        if k > 1:
+            d = o[1:] - o[:-1]
+            if bool((d == 0).any()) or o.unique().numel() != k:
+                dup = o[o.bincount().gt(1)[o]].unique()[:5].tolist() if lo >= 0 else []
+                raise ValueError(f"{where} are duplicated: {dup} appear more than once")
+            if bool((d < 0).any()):
+                i = int((d < 0).nonzero()[0])
+                raise ValueError(
+                    f"{where} must be sorted ascending, but {where}[{i}]={int(o[i])} > "
+                    f"{where}[{i + 1}]={int(o[i + 1])}; sort them (and permute the rows of values the same way)"
+                )
+    return offsets.to(OFFSET_DTYPE)
+
+
+def diag_linear(
+    x: Tensor,
+    values: Tensor,
+    offsets: Tensor,
+    bias: Tensor | None,
+    out_features: int,
+    *,
+    check_offsets: bool = True,
+) -> Tensor:
+    """``y = x @ W.T + bias`` for the diagonal-sparse ``W = to_dense(values, offsets)``.
+
+    Args:
+        x: ``(..., N_in)``, float16 / bfloat16 / float32 / float64.
+        values: ``(k, D)`` with ``D = min(N_out, N_in)``, same dtype and device as ``x``.
+        offsets: ``(k,)`` int32 or int64, distinct, sorted, in ``[0, P)`` with ``P = max(N_out, N_in)``.
+        bias: ``(N_out,)`` or ``None``.
+        out_features: ``N_out``.
+        check_offsets: validate the contents of ``offsets`` (a device sync on GPU). ``DiagLinear`` passes
+            ``False``: it validates whenever its offsets are set.
+
+    Returns:
+        ``(..., N_out)`` in ``x.dtype``; accumulation is float32 (float64 for float64).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if not isinstance(values, Tensor):
+        raise TypeError(f"values must be a Tensor, got {type(values).__name__}")
+    if not isinstance(offsets, Tensor):
+        raise TypeError(f"offsets must be a Tensor, got {type(offsets).__name__}")
+    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
+        raise ValueError(f"out_features must be a positive int, got {out_features!r}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features)")
+    if values.dim() != 2:
+        raise ValueError(f"values must be 2-D (k, D), got shape {tuple(values.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16/bfloat16/float32/float64, got {x.dtype}")
+    if x.dtype != values.dtype:
+        raise TypeError(f"dtype mismatch: x is {x.dtype} but values is {values.dtype}")
+    if x.device != values.device or offsets.device != values.device:
+        raise ValueError(f"device mismatch: x on {x.device}, values on {values.device}, offsets on {offsets.device}")
+    in_features = x.shape[-1]
+    P, D = diag_shape(out_features, in_features)
+    if values.shape[1] != D:
+        raise ValueError(
+            f"shape mismatch: values is {tuple(values.shape)} but a {out_features}x{in_features} layer "
+            f"(x.shape[-1]={in_features}) needs values of shape (k, {D}); is x's last dim in_features?"
+        )
+    if offsets.dim() != 1 or offsets.shape[0] != values.shape[0]:
+        raise ValueError(
+            f"shape mismatch: values has k={values.shape[0]} rows but offsets has shape {tuple(offsets.shape)}"
+        )
+    offsets = canonical_offsets(offsets, out_features, in_features, check_contents=check_offsets)
+    if bias is None:
+        bias = values.new_empty(0)
+    else:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (out_features,):
+            raise ValueError(f"shape mismatch: bias is {tuple(bias.shape)}, expected ({out_features},)")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"dtype mismatch: x is {x.dtype} but bias is {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"device mismatch: x on {x.device}, bias on {bias.device}")
+    return torch.ops.diagcompile.diag_linear(x, values, offsets, bias, out_features)

@@ -1,0 +1,129 @@
+"""The one definition of a *sparse-marked* linear.
+
+A mark says "this linear should become diagonal-sparse" without changing the model yet. ``sparsify_``,
+the graph pass (``diagcompile.passes``), dynamic sparse training and export all read marks through
+``get_sparse_mark`` and nothing else.
+
+A mark is a frozen ``SparseMark`` stored on the ``nn.Linear`` *and* on its weight ``Parameter``: the module
+attribute serves module walks and ``symbolic_trace`` graphs (``call_module``); the tensor attribute serves
+graphs where only the weight survives (Dynamo's ``F.linear`` with the weight as an input, ``torch.export``'s
+``aten.linear``). A bare 2-D ``Parameter`` used with ``F.linear`` can be marked directly.
+
+``copy.deepcopy`` of a Parameter drops its Python attributes (torch rebuilds it from data), so a deep-copied
+model keeps the module marks but loses the weight marks: ``sync_marks(model)`` restores them, and every
+diagcompile entry point that works on graphs calls it first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from diagcompile.functional import canonical_offsets, check_sparsity
+from diagcompile.ops import k_from_sparsity, topk_offsets
+
+__all__ = ["SparseMark", "mark_sparse", "unmark_sparse", "is_sparse_marked", "get_sparse_mark", "sync_marks"]
+
+_ATTR = "_diagcompile_sparse_mark"
+
+
+@dataclass(frozen=True)
+class SparseMark:
+    """What a marked linear should become.
+
+    Attributes:
+        sparsity: target sparsity; ``k = k_from_sparsity(N_out, N_in, sparsity)``.
+        offsets: explicit diagonals (sorted, distinct) or ``None`` to keep the ``k`` of largest L2 norm of the
+            dense weight at conversion time.
+    """
+
+    sparsity: float = 0.9
+    offsets: tuple[int, ...] | None = None
+
+    def resolve_offsets(self, weight: Tensor) -> Tensor:
+        """The int32 offsets this mark selects for a dense ``(N_out, N_in)`` weight."""
+        n_out, n_in = weight.shape
+        if self.offsets is not None:
+            return canonical_offsets(list(self.offsets), n_out, n_in).to(weight.device)
+        return topk_offsets(weight.detach(), k_from_sparsity(n_out, n_in, self.sparsity))
+
+
+def _weight_of(target: nn.Module | Tensor, fn: str) -> Tensor:
+    if isinstance(target, nn.Linear):
+        return target.weight
+    if isinstance(target, nn.Parameter) and target.dim() == 2:
+        return target
+    raise TypeError(
+        f"{fn} expects an nn.Linear (or subclass) or a 2-D nn.Parameter used with F.linear, "
+        f"got {type(target).__name__}" + (f" of shape {tuple(target.shape)}" if isinstance(target, Tensor) else "")
+    )
+
+
+def mark_sparse(
+    target: nn.Module | Tensor,
+    sparsity: float = 0.9,
+    offsets: Tensor | Sequence[int] | None = None,
+) -> nn.Module | Tensor:
+    """Mark a linear (or its 2-D weight parameter) to become diagonal-sparse; returns ``target``.
+
+    Args:
+        target: an ``nn.Linear`` or subclass, or a 2-D ``nn.Parameter`` used as an ``F.linear`` weight.
+        sparsity: target sparsity in ``[0, 1 - 1/P]`` for this layer's shape.
+        offsets: explicit diagonals instead (they fix ``k``; ``sparsity`` is then not used).
+
+    Raises:
+        TypeError: ``target`` is not a linear / 2-D parameter.
+        ValueError: sparsity or offsets are invalid for this layer's shape.
+    """
+    weight = _weight_of(target, "mark_sparse")
+    n_out, n_in = weight.shape
+    if offsets is not None:
+        off = canonical_offsets(offsets, n_out, n_in, where="mark_sparse offsets")
+        mark = SparseMark(sparsity=1.0 - off.numel() / max(n_out, n_in), offsets=tuple(off.tolist()))
+    else:
+        check_sparsity(sparsity, n_out, n_in, where=f"mark_sparse on a {n_out}x{n_in} linear")
+        mark = SparseMark(sparsity=float(sparsity))
+    setattr(weight, _ATTR, mark)
+    if isinstance(target, nn.Module):
+        target.__dict__[_ATTR] = mark
+    return target
+
+
+def unmark_sparse(target: nn.Module | Tensor) -> nn.Module | Tensor:
+    """Remove a mark (no-op if there is none); returns ``target``."""
+    weight = _weight_of(target, "unmark_sparse")
+    weight.__dict__.pop(_ATTR, None)
+    if isinstance(target, nn.Module):
+        target.__dict__.pop(_ATTR, None)
+    return target
+
+
+def get_sparse_mark(target: object) -> SparseMark | None:
+    """The mark of a linear module or weight tensor, or ``None``. Never raises."""
+    if isinstance(target, nn.Module):
+        mark = target.__dict__.get(_ATTR)
+        if mark is None and isinstance(target, nn.Linear):
+            mark = getattr(target.weight, _ATTR, None)
+        return mark
+    if isinstance(target, torch.Tensor):
+        return getattr(target, _ATTR, None)
+    return None
+
+
+def is_sparse_marked(target: object) -> bool:
+    """Whether ``target`` (a linear module or a weight tensor) carries a sparse mark."""
+    return get_sparse_mark(target) is not None
+
+
+def sync_marks(model: nn.Module) -> int:
+    """Copy each marked linear's mark onto its weight (after ``deepcopy``, say). Returns how many."""
+    n = 0
+    for m in model.modules():
+        mark = m.__dict__.get(_ATTR)
+        if mark is not None and isinstance(m, nn.Linear):
+            setattr(m.weight, _ATTR, mark)
+            n += 1
+    return n

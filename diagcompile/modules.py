@@ -1,0 +1,215 @@
+"""``DiagLinear``: a linear layer whose weight lives on ``k`` of its ``P`` wrapped diagonals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from diagcompile.functional import canonical_offsets, check_sparsity, diag_linear
+from diagcompile.ops import (
+    OFFSET_DTYPE,
+    diag_shape,
+    evenly_spaced_offsets,
+    extract_diagonals,
+    k_from_sparsity,
+    to_dense,
+    topk_offsets,
+)
+from diagcompile.ops.reference import diagonal_indices
+
+__all__ = ["DiagLinear"]
+
+
+class DiagLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` (``out_features x in_features``) kept on ``k`` wrapped diagonals.
+
+    Diagonal ``p`` holds ``W[t, (t + p) mod N_in]`` (wide/square) or ``W[(t + p) mod N_out, t]`` (tall) for
+    ``t < D = min(N_out, N_in)``; there are ``P = max(N_out, N_in)`` candidates.
+
+    Args:
+        in_features: ``N_in``.
+        out_features: ``N_out``.
+        bias: learn an additive bias.
+        sparsity: target fraction of zero weights in ``[0, 1 - 1/P]``; sets
+            ``k = max(1, ceil(floor((1 - s) N_out N_in) / D))``. Ignored when ``offsets`` is given.
+        offsets: the diagonals to keep, distinct and sorted in ``[0, P)``. Default: ``offset_init``.
+        offset_init: ``"random"`` (distinct offsets from torch's RNG) or ``"even"`` (evenly spaced).
+
+    Attributes:
+        values: ``(k, D)`` parameter. bias: ``(N_out,)`` parameter or ``None``. offsets: ``(k,)`` int32 buffer.
+
+    Shapes:
+        input ``(..., N_in)`` -> output ``(..., N_out)``.
+
+    Fresh values are drawn like ``nn.Linear`` (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``) but with each output
+    row's *real* fan-in (its number of stored entries), so activations keep the dense layer's scale.
+    """
+
+    __constants__ = ["in_features", "out_features"]
+    in_features: int
+    out_features: int
+    offsets: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        sparsity: float = 0.9,
+        offsets: Tensor | Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        offset_init: Literal["random", "even"] = "random",
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        P, D = diag_shape(out_features, in_features)
+        if offsets is None:
+            check_sparsity(sparsity, out_features, in_features, where="DiagLinear")
+            k = k_from_sparsity(out_features, in_features, sparsity)
+            if offset_init == "random":
+                offsets = torch.randperm(P)[:k].sort().values.to(OFFSET_DTYPE)
+            elif offset_init == "even":
+                offsets = evenly_spaced_offsets(out_features, in_features, k)
+            else:
+                raise ValueError(f"offset_init must be 'random' or 'even', got {offset_init!r}")
+        offsets = canonical_offsets(offsets, out_features, in_features)
+        self.register_buffer("offsets", offsets.to(device=device))
+        self.values = nn.Parameter(torch.empty(offsets.numel(), D, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        """Number of stored diagonals."""
+        return self.offsets.numel()
+
+    @property
+    def density(self) -> float:
+        """``k / P``: the fraction of weights stored."""
+        return self.k / max(self.in_features, self.out_features)
+
+    @property
+    def sparsity(self) -> float:
+        """``1 - density``."""
+        return 1.0 - self.density
+
+    def row_fan_in(self) -> Tensor:
+        """Stored entries per output row, ``(N_out,)`` int64: constant ``k`` for wide layers, 0..k for tall."""
+        rows, _ = diagonal_indices(self.out_features, self.in_features, self.offsets)
+        return torch.bincount(rows.reshape(-1), minlength=self.out_features)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw values ``U(-1/sqrt(f), 1/sqrt(f))`` with ``f`` the fan-in of each entry's output row."""
+        rows, _ = diagonal_indices(self.out_features, self.in_features, self.offsets)
+        fan_in = self.row_fan_in().to(self.values.device, torch.float32)
+        mean_fan = max(1.0, self.k * min(self.in_features, self.out_features) / self.out_features)
+        # Rows without any entry (tall layers at high sparsity) only matter for the bias: use the mean fan-in.
+        fan_in = torch.where(fan_in > 0, fan_in, torch.full_like(fan_in, mean_fan))
+        bound = fan_in.rsqrt()
+        u = torch.rand(self.values.shape, device=self.values.device, dtype=torch.float32) * 2 - 1
+        self.values.copy_(u * bound[rows.to(self.values.device)])
+        if self.bias is not None:
+            ub = torch.rand(self.out_features, device=self.bias.device, dtype=torch.float32) * 2 - 1
+            self.bias.copy_(ub * bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(..., in_features) -> (..., out_features)``."""
+        if isinstance(x, Tensor) and x.dim() >= 1 and x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"shape mismatch: input has last dim {x.shape[-1]} "
+                f"but this DiagLinear has in_features={self.in_features}"
+            )
+        return diag_linear(x, self.values, self.offsets, self.bias, self.out_features, check_offsets=False)
+
+    def to_dense(self) -> Tensor:
+        """The dense ``(out_features, in_features)`` weight (zeros off the stored diagonals); differentiable."""
+        return to_dense(self.values, self.offsets, self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def set_offsets(self, offsets: Tensor | Sequence[int], values: Tensor | None = None) -> None:
+        """Replace the stored diagonals (same ``k``) in place, with new ``values`` (default: zeros)."""
+        offsets = canonical_offsets(offsets, self.out_features, self.in_features)
+        if offsets.numel() != self.k:
+            raise ValueError(f"set_offsets keeps k fixed: got {offsets.numel()} offsets, layer has k={self.k}")
+        self.offsets.copy_(offsets.to(self.offsets.device))
+        self.values.copy_(values if values is not None else torch.zeros_like(self.values))
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        sparsity: float = 0.9,
+        offsets: Tensor | Sequence[int] | None = None,
+    ) -> DiagLinear:
+        """Keep ``k`` diagonals of a dense ``nn.Linear``: the ``k`` of largest L2 norm, or ``offsets``.
+
+        The kept entries are bit-exact copies of ``linear.weight``; the bias is copied. The result has the
+        weight's device and dtype.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear (or subclass), got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        if weight.dim() != 2:
+            raise ValueError(f"from_dense: weight must be 2-D, got shape {tuple(weight.shape)}")
+        n_out, n_in = weight.shape
+        if offsets is None:
+            check_sparsity(sparsity, n_out, n_in, where=f"from_dense({n_out}x{n_in})")
+            offsets = topk_offsets(weight, k_from_sparsity(n_out, n_in, sparsity))
+        offsets = canonical_offsets(offsets, n_out, n_in).to(weight.device)
+        values = extract_diagonals(weight, offsets)
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        return cls._assemble(values, offsets, bias, n_out, n_in, requires_grad=linear.weight.requires_grad)
+
+    @classmethod
+    def _assemble(
+        cls,
+        values: Tensor,
+        offsets: Tensor,
+        bias: Tensor | None,
+        out_features: int,
+        in_features: int,
+        *,
+        requires_grad: bool = True,
+    ) -> DiagLinear:
+        """Build a layer around given tensors without drawing random values (no RNG consumed)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("offsets", offsets.to(OFFSET_DTYPE))
+        self.values = nn.Parameter(values.contiguous(), requires_grad=requires_grad)
+        self.bias = nn.Parameter(bias, requires_grad=requires_grad) if bias is not None else None
+        return self
+
+    # ------------------------------------------------------------------------------------------------
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        key = prefix + "offsets"
+        if key in state_dict:
+            # Older checkpoints may hold int64 offsets; validate and normalize before the copy.
+            try:
+                state_dict[key] = canonical_offsets(state_dict[key], self.out_features, self.in_features, where=key)
+            except (TypeError, ValueError) as e:
+                error_msgs.append(str(e))
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        P, _ = diag_shape(self.out_features, self.in_features)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}/{P} diagonals, "
+            f"sparsity={self.sparsity:.4f}, bias={self.bias is not None}"
+        )

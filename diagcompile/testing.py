@@ -1,0 +1,121 @@
+"""Helpers shared by the test suite (and useful to anyone testing a diagonal kernel).
+
+Kept inside the package, like ``torchao.testing``, so every test module imports them the same way
+regardless of how pytest sets up ``sys.path``. Nothing here imports pytest at module import time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from diagcompile.ops import OFFSET_DTYPE, diag_shape
+
+__all__ = [
+    "LAYER_SHAPES",
+    "dense_from_convention",
+    "random_offsets",
+    "random_problem",
+    "rel_err",
+    "assert_close_to_dense",
+    "bf16_oracle_check",
+    "run_python",
+    "requires_cuda",
+]
+
+#: (out_features, in_features): wide, tall, square, odd and prime sizes, and the degenerate 1xN / Nx1.
+LAYER_SHAPES: list[tuple[int, int]] = [(7, 13), (13, 7), (1, 5), (5, 1), (12, 12), (16, 24), (24, 16), (3, 2)]
+
+
+def dense_from_convention(values: Tensor, offsets: Tensor | Sequence[int], n_out: int, n_in: int) -> Tensor:
+    """Build ``W`` entry by entry, straight from the written convention (independent of ``ops.reference``).
+
+    Diagonal ``p``, entry ``t``: ``W[t, (t + p) % N_in]`` when ``N_out <= N_in``, else ``W[(t + p) % N_out, t]``.
+    Python loops: small shapes only. Returns float64.
+    """
+    P, D = max(n_out, n_in), min(n_out, n_in)
+    offs = offsets.tolist() if isinstance(offsets, Tensor) else list(offsets)
+    vals = values.detach().double().cpu().tolist()
+    W = [[0.0] * n_in for _ in range(n_out)]
+    for j, p in enumerate(offs):
+        assert 0 <= p < P
+        for t in range(D):
+            if n_out <= n_in:
+                W[t][(t + p) % n_in] = vals[j][t]
+            else:
+                W[(t + p) % n_out][t] = vals[j][t]
+    return torch.tensor(W, dtype=torch.float64)
+
+
+def random_offsets(n_out: int, n_in: int, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """``k`` distinct sorted int32 offsets in ``[0, P)``."""
+    P, _ = diag_shape(n_out, n_in)
+    return torch.randperm(P, generator=generator)[:k].sort().values.to(OFFSET_DTYPE)
+
+
+def random_problem(
+    n_out: int,
+    n_in: int,
+    k: int,
+    batch: Sequence[int] = (4,),
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    bias: bool = True,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Random ``(x, values, offsets, bias)`` for one layer; never zeros (they hide indexing bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    _, D = diag_shape(n_out, n_in)
+    x = torch.randn(*batch, n_in, generator=g).to(device=device, dtype=dtype)
+    values = torch.randn(k, D, generator=g).to(device=device, dtype=dtype)
+    offsets = random_offsets(n_out, n_in, k, g).to(device)
+    b = torch.randn(n_out, generator=g).to(device=device, dtype=dtype) if bias else None
+    return x, values, offsets, b
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64 (0 when both are empty or zero)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    den = float(b.norm())
+    num = float((a - b).norm())
+    return num / den if den > 0 else num
+
+
+def assert_close_to_dense(out: Tensor, ref: Tensor, rtol: float, what: str = "output") -> None:
+    """Finite, same shape, and relative error within ``rtol``; the message carries the numbers."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out.float()).all(), f"{what}: non-finite values"
+    err = rel_err(out, ref)
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
+
+
+def bf16_oracle_check(out: Tensor, torch_lowp: Tensor, ref64: Tensor, what: str, band: float = 1e-3) -> None:
+    """FlashAttention's tolerance idiom: our low-precision error must be at most twice PyTorch's own
+    low-precision error of the same math (``torch_lowp``), plus a small band, both against float64."""
+    ours = rel_err(out, ref64)
+    theirs = rel_err(torch_lowp, ref64)
+    assert torch.isfinite(out.float()).all(), f"{what}: non-finite values"
+    assert ours <= 2 * theirs + band, f"{what}: error {ours:.3e} > 2 x torch's {theirs:.3e} + {band:.0e}"
+
+
+def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 600, cwd: str | None = None) -> str:
+    """Run ``code`` in a fresh interpreter; return stdout, raise with stdout+stderr on failure."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def requires_cuda():
+    """A pytest ``skipif`` marker for GPU-only tests (with the reason shown in the report)."""
+    import pytest
+
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

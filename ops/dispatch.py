@@ -1,0 +1,145 @@
+"""Shape-based dispatch: which implementation computes one call of an op.
+
+Three paths compute every op (forward ``fwd``, input gradient ``dx``, values gradient ``dv``):
+
+* ``kernel``    the diagonal kernel of the device: Triton on CUDA (``ops/triton_kernels.py``), numba on the
+  CPU (``ops/cpu_kernels.py``). Its cost scales with ``M * k * D``; it wins while the weight bytes or the
+  launch dominate (small ``M``, low density).
+* ``dense``     materialize ``W`` (or reduce ``dY^T X`` densely, then extract the diagonals) and use the
+  vendor GEMM. Its cost scales with ``M * N_out * N_in`` but runs on tensor cores / MKL: it wins at large ``M``.
+* ``reference`` the vectorized torch gathers of ``ops/reference.py``: correct on any device and dtype.
+
+The choice is a pure function of ``(op, device type, dtype, M, N_out, N_in, k)``. It never times anything
+at run time, so a traced graph always does the same thing for the same shapes. The thresholds live in
+``ops/dispatch_table.py``, which ``benchmarks/tune_dispatch.py`` regenerates from measurements. For
+benchmarking and debugging, ``force_path("dense")`` (or the env var ``DIAGCOMPILE_FORCE_PATH``) pins a path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Literal
+
+import torch
+
+from diagcompile.ops import dispatch_table
+
+__all__ = ["Problem", "PATHS", "choose_path", "force_path", "forced_path", "kernel_module"]
+
+OpName = Literal["fwd", "dx", "dv"]
+PathName = Literal["kernel", "dense", "reference"]
+PATHS: tuple[str, ...] = ("kernel", "dense", "reference")
+
+# Kernel providers by device type; each module implements forward / input_grad / values_grad / supports.
+_KERNEL_MODULES = {"cpu": "diagcompile.ops.cpu_kernels", "cuda": "diagcompile.ops.triton_kernels"}
+
+_forced: str | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The shape of one op call: everything dispatch may look at."""
+
+    op: OpName
+    device_type: str
+    dtype: torch.dtype
+    M: int
+    n_out: int
+    n_in: int
+    k: int
+
+    @property
+    def P(self) -> int:
+        return max(self.n_out, self.n_in)
+
+    @property
+    def D(self) -> int:
+        return min(self.n_out, self.n_in)
+
+    @property
+    def density(self) -> float:
+        return self.k / self.P
+
+
+def forced_path() -> str | None:
+    """The path pinned by ``force_path`` or ``DIAGCOMPILE_FORCE_PATH``, else ``None``."""
+    if _forced is not None:
+        return _forced
+    env = os.environ.get("DIAGCOMPILE_FORCE_PATH", "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    if env not in PATHS:
+        raise ValueError(f"DIAGCOMPILE_FORCE_PATH={env!r} is not one of auto, {', '.join(PATHS)}")
+    return env
+
+
+@contextlib.contextmanager
+def force_path(path: str | None) -> Iterator[None]:
+    """Pin every op call inside the block to one path (``"kernel"``, ``"dense"``, ``"reference"``).
+
+    ``None`` or ``"auto"`` restores shape-based dispatch. Forcing ``"kernel"`` where the device has no
+    kernel for the dtype raises instead of falling back silently.
+    """
+    global _forced
+    if path == "auto":
+        path = None
+    if path is not None and path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; expected one of auto, {', '.join(PATHS)}")
+    previous, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+@functools.cache
+def kernel_module(device_type: str) -> ModuleType | None:
+    """The kernel provider for a device type, imported on first use; ``None`` if it cannot load.
+
+    Imported lazily so that ``import diagcompile`` never imports triton or numba.
+    """
+    name = _KERNEL_MODULES.get(device_type)
+    if name is None:
+        return None
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _kernel_supports(p: Problem) -> bool:
+    mod = kernel_module(p.device_type)
+    return mod is not None and bool(mod.supports(p.dtype))
+
+
+def _threshold(rule: dict, density: float) -> int:
+    for edge, max_m in zip(rule["density_edges"], rule["max_m"]):
+        if density <= edge:
+            return max_m
+    return rule["max_m"][-1]
+
+
+def choose_path(p: Problem) -> str:
+    """Pick the path for one call. Deterministic in the shapes and dtype."""
+    forced = forced_path()
+    if forced is not None:
+        if forced == "kernel" and not _kernel_supports(p):
+            raise RuntimeError(
+                f"path 'kernel' was forced but {p.device_type} has no diagonal kernel for {p.dtype} "
+                f"(numba on CPU: float32/float64; Triton on CUDA: float32/float16/bfloat16)"
+            )
+        return forced
+    if p.M == 0:
+        return "reference"
+    rules = dispatch_table.TABLE.get((p.device_type, p.op)) or dispatch_table.TABLE[("default", p.op)]
+    if _kernel_supports(p) and p.M <= _threshold(rules["kernel"], p.density):
+        return "kernel"
+    if p.M <= _threshold(rules["reference"], p.density):
+        return "reference"
+    return "dense"

@@ -1,0 +1,22 @@
+"""Test-session setup shared by every tier.
+
+* Fresh Inductor/Triton cache dirs per session: automatic-dynamic PGO stores recompile decisions in the
+  cache, which would make graph-count assertions depend on earlier runs.
+* A deterministic seed per test.
+"""
+
+import os
+import tempfile
+
+_CACHE = tempfile.mkdtemp(prefix="diagcompile-test-cache-")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_CACHE, "triton"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,129 @@
+"""The op contract: opcheck, autograd through our backward ops, every dispatch path, double backward."""
+
+import pytest
+import torch
+
+import diagcompile  # noqa: F401  (registers the ops)
+from diagcompile.ops import dispatch, force_path, to_dense
+from diagcompile.ops import reference as R
+from diagcompile.testing import LAYER_SHAPES, dense_from_convention, random_problem, rel_err
+
+OPS = torch.ops.diagcompile
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _args(n_out, n_in, k, batch, dtype, grad, bias=True):
+    x, values, offsets, b = random_problem(n_out, n_in, k, batch=batch, dtype=dtype, bias=bias)
+    b = b if b is not None else values.new_empty(0)
+    for t in (x, values, b) if grad else ():
+        t.requires_grad_(True)
+    return x, values, offsets, b
+
+
+def _ks(n_out, n_in):
+    P = max(n_out, n_in)
+    return sorted({1, max(1, P // 3), P})
+
+
+CASES = [
+    pytest.param(n_out, n_in, k, id=f"{n_out}x{n_in}-k{k}") for n_out, n_in in LAYER_SHAPES for k in _ks(n_out, n_in)
+]
+
+
+@pytest.mark.parametrize("n_out,n_in,k", CASES)
+@pytest.mark.parametrize("batch", [(0,), (1,), (2, 3)], ids=["empty", "m1", "3d"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "nograd"])
+def test_opcheck_all_ops_fp32(n_out, n_in, k, batch, grad):
+    x, values, offsets, b = _args(n_out, n_in, k, batch, torch.float32, grad)
+    torch.library.opcheck(OPS.diag_linear, (x, values, offsets, b, n_out), test_utils=OPCHECK_UTILS)
+    dy = torch.randn(*batch, n_out, requires_grad=grad)
+    torch.library.opcheck(OPS.diag_linear_dx, (dy, values, offsets, n_in), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(OPS.diag_linear_dv, (dy, x, offsets), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("n_out,n_in", [(7, 13), (13, 7), (12, 12)])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "nograd"])
+def test_opcheck_other_dtypes(dtype, n_out, n_in, grad):
+    x, values, offsets, b = _args(n_out, n_in, 3, (2, 3), dtype, grad)
+    torch.library.opcheck(OPS.diag_linear, (x, values, offsets, b, n_out), test_utils=OPCHECK_UTILS)
+    dy = torch.randn(2, 3, n_out, dtype=dtype, requires_grad=grad)
+    torch.library.opcheck(OPS.diag_linear_dx, (dy, values, offsets, n_in), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(OPS.diag_linear_dv, (dy, x, offsets), test_utils=OPCHECK_UTILS)
+
+
+def test_opcheck_without_bias():
+    x, values, offsets, b = _args(13, 7, 4, (5,), torch.float32, True, bias=False)
+    assert b.numel() == 0
+    torch.library.opcheck(OPS.diag_linear, (x, values, offsets, b, 13), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("path", ["reference", "dense", "auto"])
+@pytest.mark.parametrize("n_out,n_in", LAYER_SHAPES)
+def test_every_path_equals_the_independent_dense_construction(path, n_out, n_in):
+    k = max(1, max(n_out, n_in) // 2)
+    x, values, offsets, b = _args(n_out, n_in, k, (2, 3), torch.float64, True)
+    W = dense_from_convention(values, offsets, n_out, n_in).requires_grad_(True)
+    xd = x.detach().clone().requires_grad_(True)
+    bd = b.detach().clone().requires_grad_(True)
+    y_ref = xd @ W.T + bd
+    g = torch.randn_like(y_ref)
+    dx_ref, dW_ref, db_ref = torch.autograd.grad(y_ref, (xd, W, bd), g)
+    with force_path(path):
+        y = OPS.diag_linear(x, values, offsets, b, n_out)
+        dx, dv, db = torch.autograd.grad(y, (x, values, b), g)
+    assert rel_err(y, y_ref) < 1e-12
+    assert rel_err(dx, dx_ref) < 1e-12
+    assert rel_err(dv, R.extract_diagonals(dW_ref, offsets)) < 1e-12
+    assert rel_err(db, db_ref) < 1e-12
+
+
+@pytest.mark.parametrize("n_out,n_in", [(7, 13), (13, 7), (6, 6), (1, 5), (5, 1)])
+def test_gradcheck_and_gradgradcheck_fp64(n_out, n_in):
+    x, values, offsets, b = _args(n_out, n_in, 2, (3,), torch.float64, True)
+
+    def f(x, values, b):
+        return OPS.diag_linear(x, values, offsets, b, n_out)
+
+    assert torch.autograd.gradcheck(f, (x, values, b))
+    assert torch.autograd.gradgradcheck(f, (x, values, b))
+
+
+@pytest.mark.parametrize("path", ["reference", "dense"])
+def test_low_precision_error_is_within_twice_torchs_own(path):
+    from diagcompile.testing import bf16_oracle_check
+
+    for n_out, n_in in [(96, 64), (64, 96)]:
+        x, values, offsets, b = random_problem(n_out, n_in, 20, batch=(16,), dtype=torch.bfloat16)
+        W64 = to_dense(values.double(), offsets, n_out, n_in)
+        ref64 = x.double() @ W64.T + b.double()
+        torch_bf16 = torch.nn.functional.linear(x, to_dense(values, offsets, n_out, n_in), b)
+        with force_path(path):
+            y = OPS.diag_linear(x, values, offsets, b, n_out)
+        assert y.dtype == torch.bfloat16
+        bf16_oracle_check(y, torch_bf16, ref64, f"{path} {n_out}x{n_in}")
+
+
+def test_output_is_fresh_never_an_alias():
+    x, values, offsets, b = _args(5, 5, 5, (5,), torch.float32, False, bias=False)
+    for path in ("reference", "dense"):
+        with force_path(path):
+            y = OPS.diag_linear(x, values, offsets, b, 5)
+        assert y.data_ptr() not in (x.data_ptr(), values.data_ptr())
+
+
+def test_force_path_validation_and_env(monkeypatch):
+    with pytest.raises(ValueError, match="unknown path"):
+        with force_path("fast"):
+            pass
+    monkeypatch.setenv("DIAGCOMPILE_FORCE_PATH", "dense")
+    assert dispatch.forced_path() == "dense"
+    monkeypatch.setenv("DIAGCOMPILE_FORCE_PATH", "bogus")
+    with pytest.raises(ValueError, match="DIAGCOMPILE_FORCE_PATH"):
+        dispatch.forced_path()
+
+
+def test_dispatch_is_a_pure_function_of_shapes():
+    p = dispatch.Problem("fwd", "cpu", torch.float32, 4096, 3072, 768, 308)
+    assert dispatch.choose_path(p) == dispatch.choose_path(p) == "dense"
+    assert dispatch.choose_path(dispatch.Problem("fwd", "cpu", torch.float32, 0, 3072, 768, 308)) == "reference"

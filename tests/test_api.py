@@ -1,0 +1,99 @@
+"""sparsify_: in-place swap, equal outputs to the masked dense model, marks, filters, tied weights."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from diagcompile import DiagLinear, DiagSparsityConfig, mark_sparse, sparsify_
+from diagcompile.testing import rel_err
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 48)
+        self.fc2 = nn.Linear(48, 16)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(Block(), Block())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+def _masked_dense_copy(dense: nn.Module, sparse: nn.Module) -> nn.Module:
+    masked = copy.deepcopy(dense)
+    for (_, m), (_, s) in zip(masked.named_modules(), sparse.named_modules()):
+        if isinstance(s, DiagLinear):
+            with torch.no_grad():
+                m.weight.mul_(s.to_dense() != 0)
+    return masked
+
+
+def test_sparsify_equals_the_masked_dense_model():
+    dense = Net()
+    model = sparsify_(copy.deepcopy(dense), DiagSparsityConfig(sparsity=0.75))
+    assert sum(isinstance(m, DiagLinear) for m in model.modules()) == 5
+    x = torch.randn(3, 7, 16)
+    assert rel_err(model(x), _masked_dense_copy(dense, model)(x)) < 1e-6
+
+
+def test_filter_fn_marks_and_only_marked():
+    dense = Net()
+    model = sparsify_(copy.deepcopy(dense), filter_fn=lambda m, fqn: fqn.endswith("fc1"))
+    assert isinstance(model.blocks[0].fc1, DiagLinear) and isinstance(model.blocks[0].fc2, nn.Linear)
+
+    model = copy.deepcopy(dense)
+    mark_sparse(model.head, offsets=[0, 5])
+    mark_sparse(model.blocks[1].fc2, sparsity=0.5)
+    sparsify_(model, DiagSparsityConfig(only_marked=True))
+    assert model.head.offsets.tolist() == [0, 5]
+    assert model.blocks[1].fc2.k == 24 and isinstance(model.blocks[0].fc1, nn.Linear)
+
+
+@pytest.mark.parametrize("selection", ["even", "random"])
+def test_other_selections(selection):
+    model = sparsify_(nn.Sequential(nn.Linear(32, 64)), DiagSparsityConfig(sparsity=0.5, selection=selection))
+    assert model[0].k == 32
+    if selection == "even":
+        assert model[0].offsets.tolist() == list(range(0, 64, 2))
+
+
+def test_subclass_top_level_linear_is_returned():
+    class Sub(nn.Linear):
+        pass
+
+    new = sparsify_(Sub(8, 8), DiagSparsityConfig(sparsity=0.5))
+    assert isinstance(new, DiagLinear) and new.k == 4
+
+
+def test_tied_weights_are_rejected_clearly():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    model[1].weight = model[0].weight
+    with pytest.raises(ValueError, match="tied weights"):
+        sparsify_(model)
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="nn.Module"):
+        sparsify_(torch.randn(3))
+    with pytest.raises(TypeError, match="Conv2d"):
+        sparsify_(nn.Conv2d(3, 3, 3))
+    with pytest.raises(ValueError, match="layer 'blocks.0.fc1'"):
+        sparsify_(Net(), DiagSparsityConfig(sparsity=0.999))
+    with pytest.raises(ValueError, match="sparsity"):
+        DiagSparsityConfig(sparsity=1.0)
+    with pytest.raises(TypeError, match="DiagSparsityConfig"):
+        sparsify_(Net(), {"sparsity": 0.9})
+    with pytest.warns(UserWarning, match="no nn.Linear"):
+        sparsify_(nn.Sequential(nn.ReLU(), nn.Tanh()))

@@ -1,0 +1,36 @@
+"""The ``diagcompile`` command line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from diagcompile import cli
+from diagcompile.ops import reference
+
+
+def test_check_passes(capsys):
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "all checks passed" in out and "3072x768" in out
+
+
+def test_check_fails_when_the_math_is_wrong(monkeypatch, capsys):
+    real = reference.gather_ref
+    monkeypatch.setattr(reference, "gather_ref", lambda a, v, o: real(a, v, o) * 1.01)
+    from diagcompile.ops import force_path
+
+    with force_path("reference"):
+        assert cli.main(["check"]) == 1
+    assert "CHECK FAILED" in capsys.readouterr().out
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "diagcompile.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "check" in out.stdout
+
+
+def test_unknown_command_exits_nonzero():
+    with pytest.raises(SystemExit) as e:
+        cli.main(["nope"])
+    assert e.value.code != 0

@@ -1,0 +1,65 @@
+"""diag_linear and the boundary validation: every bad input gets an error that names the problem."""
+
+import pytest
+import torch
+
+from diagcompile import diag_linear
+from diagcompile.functional import canonical_offsets
+from diagcompile.testing import dense_from_convention, random_problem, rel_err
+
+
+def test_diag_linear_matches_dense_and_accepts_int64_offsets():
+    x, values, offsets, bias = random_problem(13, 7, 4, batch=(2, 5), dtype=torch.float64)
+    W = dense_from_convention(values, offsets, 13, 7)
+    for off in (offsets, offsets.long()):
+        y = diag_linear(x, values, off, bias, 13)
+        assert rel_err(y, x @ W.T + bias) < 1e-12
+    assert rel_err(diag_linear(x, values, offsets, None, 13), x @ W.T) < 1e-12
+
+
+def _good():
+    return random_problem(8, 12, 3, batch=(4,))
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda x, v, o, b: (x, v, torch.tensor([1, 1, 2]), b), ValueError, "duplicated"),
+        (lambda x, v, o, b: (x, v, torch.tensor([3, 1, 2]), b), ValueError, "sorted ascending"),
+        (lambda x, v, o, b: (x, v, torch.tensor([0, 5, 12]), b), ValueError, "out of range"),
+        (lambda x, v, o, b: (x, v, torch.tensor([-1, 2, 5]), b), ValueError, "out of range"),
+        (lambda x, v, o, b: (x, v, o.float(), b), TypeError, "int32 or int64"),
+        (lambda x, v, o, b: (x, v, o[:2], b), ValueError, "k=3 rows but offsets"),
+        (lambda x, v, o, b: (x, v[:, :5], o, b), ValueError, "needs values of shape"),
+        (lambda x, v, o, b: (x[:, :5], v, o, b), ValueError, "x.shape\\[-1\\]=5"),
+        (lambda x, v, o, b: (x, v, o, b[:3]), ValueError, "bias is \\(3,\\)"),
+        (lambda x, v, o, b: (x.double(), v, o, b), TypeError, "dtype mismatch: x is torch.float64"),
+        (lambda x, v, o, b: (x, v, o, b.double()), TypeError, "bias is torch.float64"),
+        (lambda x, v, o, b: (x.long(), v, o, b), TypeError, "float16/bfloat16/float32/float64"),
+        (lambda x, v, o, b: (x, v, o.to("meta"), b), ValueError, "device mismatch"),
+        (lambda x, v, o, b: (x, v[0], o, b), ValueError, "values must be 2-D"),
+        (lambda x, v, o, b: (x.numpy(), v, o, b), TypeError, "x must be a Tensor"),
+    ],
+)
+def test_bad_inputs_are_named(mutate, exc, match):
+    args = mutate(*_good())
+    with pytest.raises(exc, match=match):
+        diag_linear(*args, 8)
+
+
+def test_too_many_diagonals_and_bad_out_features():
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="k=5 diagonals but a 3x4 layer has P=4"):
+        diag_linear(x, torch.randn(5, 3), torch.arange(5), None, 3)
+    with pytest.raises(ValueError, match="out_features"):
+        diag_linear(x, torch.randn(1, 3), torch.arange(1), None, 0)
+
+
+def test_canonical_offsets_accepts_lists_and_rejects_junk():
+    assert canonical_offsets([0, 2, 5], 6, 4).dtype == torch.int32
+    with pytest.raises(TypeError, match="only ints"):
+        canonical_offsets([0, 1.5], 6, 4)
+    with pytest.raises(TypeError):
+        canonical_offsets("012", 6, 4)
+    with pytest.raises(ValueError, match="1-D"):
+        canonical_offsets(torch.zeros(2, 2, dtype=torch.int64), 6, 4)

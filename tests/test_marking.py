@@ -1,0 +1,63 @@
+"""mark_sparse: the single definition of a sparse-marked linear."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from diagcompile import SparseMark, get_sparse_mark, is_sparse_marked, mark_sparse, unmark_sparse
+from diagcompile.marking import sync_marks
+
+
+class MyLinear(nn.Linear):
+    pass
+
+
+def test_mark_module_and_weight():
+    lin = MyLinear(8, 16)
+    assert mark_sparse(lin, sparsity=0.75) is lin
+    assert is_sparse_marked(lin) and is_sparse_marked(lin.weight)
+    assert get_sparse_mark(lin) == SparseMark(0.75, None)
+    assert not is_sparse_marked(lin.bias) and not is_sparse_marked(nn.ReLU())
+    unmark_sparse(lin)
+    assert not is_sparse_marked(lin) and not is_sparse_marked(lin.weight)
+
+
+def test_mark_with_offsets_and_parameter():
+    w = nn.Parameter(torch.randn(6, 4))
+    mark_sparse(w, offsets=[0, 3])
+    m = get_sparse_mark(w)
+    assert m.offsets == (0, 3) and m.resolve_offsets(w).tolist() == [0, 3]
+    assert m.sparsity == pytest.approx(1 - 2 / 6)
+
+
+def test_mark_resolves_topk_by_norm():
+    lin = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(4) * 10 + 0.01)
+    mark_sparse(lin, sparsity=0.75)
+    assert get_sparse_mark(lin).resolve_offsets(lin.weight).tolist() == [0]
+
+
+def test_marks_survive_to_and_deepcopy_with_sync():
+    model = nn.Sequential(nn.Linear(4, 4))
+    mark_sparse(model[0], 0.5)
+    model.to(torch.float64)
+    assert is_sparse_marked(model[0].weight)
+    clone = copy.deepcopy(model)
+    assert is_sparse_marked(clone[0])
+    assert not is_sparse_marked(clone[0].weight)  # torch rebuilds deep-copied Parameters without attributes
+    assert sync_marks(clone) == 1
+    assert get_sparse_mark(clone[0].weight) == get_sparse_mark(model[0])
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(TypeError, match="Conv2d"):
+        mark_sparse(nn.Conv2d(3, 3, 3))
+    with pytest.raises(TypeError, match="2-D nn.Parameter"):
+        mark_sparse(nn.Parameter(torch.randn(3)))
+    with pytest.raises(ValueError, match="mark_sparse on a 4x4 linear"):
+        mark_sparse(nn.Linear(4, 4), sparsity=0.9)
+    with pytest.raises(ValueError, match="duplicated"):
+        mark_sparse(nn.Linear(4, 4), offsets=[1, 1])

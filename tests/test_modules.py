@@ -1,0 +1,128 @@
+"""DiagLinear: construction, init scale, from_dense/to_dense, state dict, repr."""
+
+import pytest
+import torch
+from torch import nn
+
+from diagcompile import DiagLinear
+from diagcompile.ops import OFFSET_DTYPE, k_from_sparsity
+from diagcompile.testing import dense_from_convention, rel_err
+
+
+@pytest.mark.parametrize("n_in,n_out", [(64, 32), (32, 64), (48, 48), (13, 7), (7, 13)])
+def test_construction_shapes_and_properties(n_in, n_out):
+    layer = DiagLinear(n_in, n_out, sparsity=0.75)
+    P, D = max(n_in, n_out), min(n_in, n_out)
+    k = k_from_sparsity(n_out, n_in, 0.75)
+    assert layer.values.shape == (k, D) and layer.k == k
+    assert layer.offsets.dtype == OFFSET_DTYPE and layer.offsets.shape == (k,)
+    assert torch.all(layer.offsets[1:] > layer.offsets[:-1]) and 0 <= int(layer.offsets.min()) < P
+    assert layer.density == pytest.approx(k / P)
+    assert "k=" in repr(layer) and f"in_features={n_in}" in repr(layer)
+    assert {n for n, _ in layer.named_parameters()} == {"values", "bias"}
+    assert {n for n, _ in layer.named_buffers()} == {"offsets"}
+    y = layer(torch.randn(2, 3, n_in))
+    assert y.shape == (2, 3, n_out)
+
+
+def test_random_offsets_follow_torch_rng_and_even_option():
+    torch.manual_seed(1)
+    a = DiagLinear(32, 64).offsets
+    torch.manual_seed(1)
+    b = DiagLinear(32, 64).offsets
+    assert torch.equal(a, b)
+    even = DiagLinear(768, 3072, sparsity=0.999, offset_init="even")
+    assert even.offsets.tolist() == [0, 768, 1536, 2304]
+    with pytest.raises(ValueError, match="offset_init"):
+        DiagLinear(8, 8, sparsity=0.5, offset_init="spiral")
+
+
+@pytest.mark.parametrize("n_in,n_out", [(256, 256), (256, 1024), (1024, 256)])
+def test_init_keeps_the_dense_layers_activation_scale(n_in, n_out):
+    torch.manual_seed(0)
+    x = torch.randn(4096, n_in)
+    dense = nn.Linear(n_in, n_out, bias=False)
+    sparse = DiagLinear(n_in, n_out, bias=False, sparsity=0.9)
+    ratio = sparse(x).std() / dense(x).std()
+    # Same per-row variance as nn.Linear when every row has the real fan-in; tall layers have a few
+    # rows with fewer entries, hence the band.
+    assert 0.8 < ratio < 1.2, ratio
+
+
+def test_from_dense_keeps_exactly_the_chosen_entries_bit_exact():
+    lin = nn.Linear(24, 16)
+    layer = DiagLinear.from_dense(lin, sparsity=0.5)
+    W = layer.to_dense().detach()
+    mask = dense_from_convention(torch.ones(layer.k, 16), layer.offsets, 16, 24).bool()
+    assert torch.equal(W[mask], lin.weight.detach()[mask])  # bit-exact
+    assert torch.count_nonzero(W[~mask]) == 0
+    assert torch.equal(layer.bias, lin.bias)
+    # top-k by L2 norm
+    norms = torch.stack(
+        [lin.weight.detach()[dense_from_convention(torch.ones(1, 16), [p], 16, 24).bool()].norm() for p in range(24)]
+    )
+    assert layer.offsets.tolist() == sorted(torch.topk(norms, layer.k).indices.tolist())
+
+
+def test_from_dense_with_given_offsets_and_errors():
+    lin = nn.Linear(6, 9, bias=False)
+    layer = DiagLinear.from_dense(lin, offsets=[0, 4, 8])
+    assert layer.offsets.tolist() == [0, 4, 8] and layer.bias is None
+    x = torch.randn(3, 6)
+    masked = lin.weight.detach() * (layer.to_dense() != 0)
+    assert rel_err(layer(x), x @ masked.T) < 1e-6
+    with pytest.raises(TypeError, match="nn.Linear"):
+        DiagLinear.from_dense(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="sparsity"):
+        DiagLinear.from_dense(lin, sparsity=0.99)
+
+
+def test_construction_errors_name_the_problem():
+    with pytest.raises(ValueError, match="sparsity=0.99 is outside"):
+        DiagLinear(8, 8, sparsity=0.99)
+    with pytest.raises(ValueError, match="duplicated"):
+        DiagLinear(8, 8, offsets=[1, 1])
+    with pytest.raises(ValueError, match="sorted"):
+        DiagLinear(8, 8, offsets=[2, 1])
+    with pytest.raises(ValueError, match="out of range"):
+        DiagLinear(8, 8, offsets=[8])
+    with pytest.raises(TypeError, match="int32 or int64"):
+        DiagLinear(8, 8, offsets=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="in_features"):
+        DiagLinear(0, 8)
+    with pytest.raises(ValueError, match="sparsity=0.9 is outside \\[0, 0.875\\]"):
+        DiagLinear(8, 8)  # the default 90% needs P >= 10 candidate diagonals
+    with pytest.raises(ValueError, match="in_features=8"):
+        DiagLinear(8, 4, sparsity=0.5)(torch.randn(2, 7))
+
+
+def test_state_dict_round_trip_and_validation():
+    a = DiagLinear(16, 32, sparsity=0.8)
+    b = DiagLinear(16, 32, sparsity=0.8)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 16)
+    assert torch.equal(a(x), b(x)) and torch.equal(a.offsets, b.offsets)
+    sd = a.state_dict()
+    sd["offsets"] = sd["offsets"].long()  # older checkpoints: int64 is accepted and converted
+    b.load_state_dict(sd)
+    assert b.offsets.dtype == OFFSET_DTYPE
+    sd["offsets"] = sd["offsets"].flip(0)
+    with pytest.raises(RuntimeError, match="sorted"):
+        b.load_state_dict(sd)
+
+
+def test_set_offsets_keeps_k():
+    layer = DiagLinear(8, 8, offsets=[0, 3])
+    layer.set_offsets([1, 5])
+    assert layer.offsets.tolist() == [1, 5] and torch.count_nonzero(layer.values) == 0
+    with pytest.raises(ValueError, match="keeps k fixed"):
+        layer.set_offsets([1, 2, 3])
+
+
+def test_bf16_module_and_training_step():
+    layer = DiagLinear(32, 16, dtype=torch.bfloat16)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().mean().backward()
+    assert layer.values.grad.dtype == torch.bfloat16 and layer.bias.grad is not None
