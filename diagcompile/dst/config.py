@@ -65,7 +65,10 @@ class DSTConfig:
             the current top-``k``); the others contribute less than ``active_eps * |V|`` and are skipped.
         pool: ``None``: every layer holds values for all ``P`` candidates (faithful to the paper). A number
             ``c >= 1``: hold at most ``ceil(c * k)`` candidates, refreshed every ``update_every`` steps before
-            the freeze from probe scores (sparse-to-sparse; memory proportional to density).
+            the freeze from probe scores (sparse-to-sparse; memory proportional to density). A refresh keeps
+            the current top-``k`` and swaps the ``floor(f(t) (C - k))`` members of smallest ``alpha`` for the
+            non-members of largest probe score ``||dV_p||``; newcomers start with values 0, zero optimizer
+            state and ``alpha`` at the current boundary (``alpha~ = 1/2``: ``tau`` for ``threshold``).
     """
 
     total_steps: int

@@ -475,7 +475,6 @@ class DiagSparsifier:
             layer.freeze_(fold=self.config.fold_at_freeze, keep_idx=keep)
             # alpha keeps a zero gradient (see DynaDiagLinear); with zero momentum no optimizer moves it.
             zero_state_(self.optimizer, layer.alpha)
-            layer.alpha.grad = None
         logger.info("step %d: dynadiag freeze: %d layers now train values only", self._step + 1, len(self._layers))
 
     # ------------------------------------------------------------------------------------------------

@@ -438,15 +438,16 @@ def test_load_state_dict_rejects_a_different_run():
         sp.load_state_dict(bad)
 
 
+@pytest.mark.parametrize("split", [17, 23], ids=["before-freeze", "after-freeze"])
 @pytest.mark.parametrize("mode", MODES)
-def test_resume_is_bit_identical(mode):
+def test_resume_is_bit_identical(mode, split):
     cfg = {**MODES[mode], "freeze_at": 20}
     model, opt, sp = _make(**cfg)
     losses = _train(model, opt, sp, 30)
     reference = {n: t.clone() for n, t in model.state_dict().items()}
 
     model, opt, sp = _make(**cfg)
-    first = _train(model, opt, sp, 17)  # stops mid-run: after a topology update, before the freeze
+    first = _train(model, opt, sp, split)  # 17: after a topology update, before the freeze; 23: after it
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "dst": sp.state_dict()}, buf)
     buf.seek(0)
@@ -456,7 +457,7 @@ def test_resume_is_bit_identical(mode):
     sp.load_state_dict(ckpt["dst"])
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
-    second = _train(model, opt, sp, 13, start=17)
+    second = _train(model, opt, sp, 30 - split, start=split)
     assert first + second == losses
     for n, t in model.state_dict().items():
         assert torch.equal(t, reference[n]), n
