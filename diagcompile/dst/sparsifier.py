@@ -178,9 +178,9 @@ class DiagSparsifier:
             max(config.freeze_step - 1, 0),
         )
 
-        self._layers: list[_Layer] = []
-        for fqn, linear in self._select(model, filter_fn):
-            self._layers.append(self._convert(fqn, linear))
+        # Resolve every layer's k first: a layer that cannot reach its sparsity raises before anything changed.
+        plans = [(fqn, linear, *self._layer_k(fqn, linear)) for fqn, linear in self._select(model, filter_fn)]
+        self._layers: list[_Layer] = [self._convert(*plan) for plan in plans]
         if not self._layers:
             warnings.warn("DiagSparsifier: no nn.Linear was selected; nothing will be sparse", stacklevel=2)
         if config.method == "dynadiag":
@@ -266,12 +266,11 @@ class DiagSparsifier:
             return evenly_spaced_offsets(n_out, n_in, count, device=weight.device)
         return topk_offsets(weight, count)
 
-    def _convert(self, fqn: str, linear: nn.Linear) -> _Layer:
+    def _convert(self, fqn: str, linear: nn.Linear, k: int, mark_offsets: Tensor | None) -> _Layer:
         cfg = self.config
         W = linear.weight.detach()
         n_out, n_in = W.shape
         P, _ = diag_shape(n_out, n_in)
-        k, mark_offsets = self._layer_k(fqn, linear)
         if cfg.method == "diagheur":
             offsets = mark_offsets if mark_offsets is not None else self._initial_offsets(W, k)
             values = extract_diagonals(W, offsets)

@@ -14,7 +14,7 @@ from diagcompile.dst.optim import find_group
 from diagcompile.dst.relax import threshold_tau
 from diagcompile.functional import canonical_offsets
 from diagcompile.ops import extract_diagonals, k_from_sparsity
-from diagcompile.testing import not_head, tiny_mlp
+from diagcompile.testing import dense_from_convention, not_head, tiny_mlp
 
 MODES = {
     "diagheur": {"method": "diagheur"},
@@ -112,8 +112,10 @@ def test_conversion_errors_and_selection():
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match="tied"):
         DiagSparsifier(tied, None, DSTConfig(total_steps=10))
-    with pytest.raises(ValueError, match="layer 'body.0'.*0.999"):
-        DiagSparsifier(tiny_mlp(n_in=4, hidden=4, n_out=300), None, DSTConfig(total_steps=10, sparsity=0.999))
+    bad = tiny_mlp(n_in=256, hidden=8, n_out=4)  # body.0 (P=256) can reach 99%, body.2 (8x8) cannot
+    with pytest.raises(ValueError, match="layer 'body.2'.*0.99"):
+        DiagSparsifier(bad, None, DSTConfig(total_steps=10, sparsity=0.99))
+    assert all(type(m) is nn.Linear for m in (bad.body[0], bad.body[2], bad.head)), "nothing converted on error"
     # a weight outside the optimizer
     m = tiny_mlp()
     with pytest.raises(ValueError, match="not in any param group"):
@@ -506,3 +508,73 @@ def test_pool_holds_less_memory_than_faithful():
     assert reports["pool"]["params"] == 4 * (C * D + C + 256)
     assert reports["pool"]["optimizer_state"] == 2 * reports["pool"]["params"] + 3 * 4
     assert reports["pool"]["total"] < 0.25 * reports["faithful"]["total"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiagHeur end to end against an independent dense-masked implementation
+# ----------------------------------------------------------------------------------------------------
+def _diagonal_mask(offsets, n_out, n_in):
+    return dense_from_convention(torch.ones(len(offsets), min(n_out, n_in)), offsets, n_out, n_in).bool()
+
+
+def test_diagheur_matches_a_dense_masked_rigl_reference():
+    """RigL on whole diagonals written densely (masked weights, plain AdamW, masks and Adam moments edited by
+    hand) must follow the same loss curve and topology as DiagSparsifier's compact diagonal implementation."""
+    steps, every, frac = 30, 5, 0.5
+    model, opt, sp = _make(method="diagheur", update_every=every, drop_fraction=frac, total_steps=steps)
+    names = ["body.0", "body.2"]
+    # the reference starts from the sparsifier's initial state
+    ref_w, ref_b, offsets, masks = {}, {}, {}, {}
+    for n in names:
+        layer = sp.layers[n]
+        ref_w[n] = nn.Parameter(layer.to_dense().detach().clone())
+        ref_b[n] = nn.Parameter(layer.bias.detach().clone())
+        offsets[n] = layer.offsets.tolist()
+        masks[n] = _diagonal_mask(offsets[n], layer.out_features, layer.in_features)
+    head_w = nn.Parameter(model.head.weight.detach().clone())
+    head_b = nn.Parameter(model.head.bias.detach().clone())
+    ref_opt = torch.optim.AdamW([*ref_w.values(), *ref_b.values(), head_w, head_b], lr=1e-2, weight_decay=0.1)
+
+    losses, ref_losses = [], []
+    for t in range(steps):
+        losses += _train(model, opt, sp, 1, start=t)  # the two runs advance in lockstep
+        x, y = _batch(t)
+        eff = {}
+        h = x
+        for n in names:
+            eff[n] = ref_w[n] * masks[n]
+            eff[n].retain_grad()
+            h = torch.relu(nn.functional.linear(h, eff[n], ref_b[n]))
+        loss = nn.functional.mse_loss(nn.functional.linear(h, head_w, head_b), y)
+        loss.backward()
+        ref_opt.step()
+        step = t + 1
+        if step % every == 0 and step < int(round(0.75 * steps)):
+            f = frac / 2 * (1 + math.cos(math.pi * step / round(0.75 * steps)))
+            for n in names:
+                W = ref_w[n]
+                n_out, n_in = W.shape
+                P, k = max(n_out, n_in), len(offsets[n])
+                drop = math.floor(f * k)
+                if drop == 0:
+                    continue
+                norms = {p: float(W.detach()[_diagonal_mask([p], n_out, n_in)].norm()) for p in offsets[n]}
+                scores = {p: float(eff[n].grad[_diagonal_mask([p], n_out, n_in)].norm()) for p in range(P)}
+                kept = sorted(offsets[n], key=lambda p: (norms[p], p))[drop:]  # weakest first; ties: lower
+                grow = sorted((p for p in range(P) if p not in kept), key=lambda p: (-scores[p], p))[:drop]
+                new = sorted(kept + grow)
+                fresh = _diagonal_mask([p for p in new if p not in offsets[n]], n_out, n_in)
+                gone = _diagonal_mask([p for p in offsets[n] if p not in new], n_out, n_in)
+                with torch.no_grad():
+                    W[fresh | gone] = 0.0
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        ref_opt.state[W][key][fresh | gone] = 0.0
+                offsets[n], masks[n] = new, _diagonal_mask(new, n_out, n_in)
+        ref_opt.zero_grad()
+        ref_losses.append(loss.item())
+        for n in names:
+            assert sp.layers[n].offsets.tolist() == offsets[n], f"step {step}, {n}: topology differs"
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert sp.diagnostics()["body.0"]["offsets_changed_total"] > 0
+    for n in names:
+        assert torch.allclose(sp.layers[n].to_dense(), ref_w[n] * masks[n], atol=1e-5)
