@@ -8,8 +8,8 @@ and ``offsets`` (k,) initializers, nothing dense in the file) and the graph rebu
 from them, ``W^T = ScatterND(zeros(N_in, N_out), index(offsets), values)``, then applies ``MatMul`` (+ ``Add``
 bias). The index arithmetic and the scatter depend only on initializers, so a runtime folds them once when it
 loads the model (onnxruntime does) and each call is one GEMM. Why not ``Gather/Mul/ReduceSum`` (gather the k
-diagonals of ``x`` and reduce)? We measured it in onnxruntime 1.32 on 2 CPU cores: 3x slower than the GEMM at
-M=1 and about 25x at M=197 for a 3072->768 layer at 90% sparsity, and it materializes an (M, k, D)
+diagonals of ``x`` and reduce)? In onnxruntime 1.32 on 2 CPU cores it was 20-400x slower than the GEMM for
+ViT-sized layers at 90% sparsity (``benchmarks/results/onnx_cpu.md``), and it materializes an (M, k, D)
 intermediate (the tall form (M, k, N_out)), several GB at M=2048. The folded weight is dense in the
 runtime's memory; sparse speed comes from the plugin form or from PyTorch.
 
