@@ -25,8 +25,8 @@ The plugin (``diagcompile::DiagLinear``, the ``op_type`` of ``to_onnx(mode="plug
   behaves that way, this is the first thing to check.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: tensorrt.plugin inspects the plugin functions' annotations
+# as classes (issubclass(annotation, TensorDesc)); postponed (string) annotations would break registration.
 import ast
 import functools
 import logging
@@ -312,19 +312,18 @@ def _maybe_int(e: Any) -> Any:
     return e
 
 
-@functools.cache
-def register_plugin() -> None:
-    """Register ``diagcompile::DiagLinear`` with ``tensorrt.plugin`` (idempotent). UNVERIFIED.
+def _plugin_functions(trt: Any, trtp: Any) -> dict[str, Callable[..., Any]]:
+    """The plugin's ``register`` / ``autotune`` / ``impl`` / ``aot_impl`` functions, in registration order.
 
-    Import this (or call ``build_engine``) before TensorRT parses a plugin-form ONNX file.
+    Built against the ``tensorrt`` and ``tensorrt.plugin`` modules passed in; their annotations are real
+    classes, which ``tensorrt.plugin`` checks (tensor arguments first, then attributes, then ``outputs`` and
+    ``stream``/``tactic``; ``aot_impl`` must annotate its 4-tuple return).
     """
-    trt, trtp = _import_trt()
     to_torch = {trt.float32: torch.float32, trt.float16: torch.float16}
     if hasattr(trt, "bfloat16"):
         to_torch[trt.bfloat16] = torch.bfloat16
 
-    @trtp.register(PLUGIN_ID)
-    def _describe(
+    def describe(
         x: trtp.TensorDesc,
         values: trtp.TensorDesc,
         offsets: trtp.TensorDesc,
@@ -336,25 +335,47 @@ def register_plugin() -> None:
         y.shape_expr[x.ndim - 1] = out_features
         return (y,)
 
-    @trtp.autotune(PLUGIN_ID)
-    def _formats(x, values, offsets, bias, outputs):
+    def formats(
+        x: trtp.TensorDesc,
+        values: trtp.TensorDesc,
+        offsets: trtp.TensorDesc,
+        bias: trtp.TensorDesc,
+        outputs: tuple[trtp.TensorDesc],
+    ) -> list[trtp.AutoTuneCombination]:
         # x, values, bias and y share one float type; offsets stay int32.
         return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16, INT32, FP32|FP16, FP32|FP16", "LINEAR")]
 
-    @trtp.impl(PLUGIN_ID)
-    def _run(x, values, offsets, bias, out_features: int, in_features: int, outputs, stream: int) -> None:
+    def run(
+        x: trtp.Tensor,
+        values: trtp.Tensor,
+        offsets: trtp.Tensor,
+        bias: trtp.Tensor,
+        out_features: int,
+        in_features: int,
+        outputs: tuple[trtp.Tensor],
+        stream: int,
+    ) -> None:
+        # JIT: our op (Triton on CUDA) on TensorRT's stream, written into TensorRT's output buffer.
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             args = [torch.as_tensor(t, device="cuda") for t in (x, values, offsets, bias)]
             y = torch.ops.diagcompile.diag_linear(*args, out_features)
             torch.as_tensor(outputs[0], device="cuda").copy_(y)
 
-    @trtp.aot_impl(PLUGIN_ID)
-    def _aot(x, values, offsets, bias, out_features: int, in_features: int, outputs, tactic: int):
+    def aot(
+        x: trtp.TensorDesc,
+        values: trtp.TensorDesc,
+        offsets: trtp.TensorDesc,
+        bias: trtp.TensorDesc,
+        out_features: int,
+        in_features: int,
+        outputs: tuple[trtp.TensorDesc],
+        tactic: int,
+    ) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        # AOT: the Triton forward kernel as PTX; sizes stay symbolic so one engine serves every batch size.
         kernel = compile_forward_ptx(to_torch[x.dtype], out_features, in_features)
-        dims = [x.shape_expr[i] for i in range(x.ndim - 1)]
-        M = dims[0]
-        for d in dims[1:]:
-            M = M * d
+        M = x.shape_expr[0]
+        for i in range(1, x.ndim - 1):  # rows = product of x's leading dims
+            M = M * x.shape_expr[i]
         k = _maybe_int(values.shape_expr[0])
         cfg = launch_config(kernel, M, out_features, in_features, k)
         params = trtp.KernelLaunchParams()
@@ -364,6 +385,18 @@ def register_plugin() -> None:
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(s) for s in cfg.scalars])
         return kernel.name, kernel.ptx, params, extra
 
+    return {"register": describe, "autotune": formats, "impl": run, "aot_impl": aot}
+
+
+@functools.cache
+def register_plugin() -> None:
+    """Register ``diagcompile::DiagLinear`` with ``tensorrt.plugin`` (idempotent). UNVERIFIED.
+
+    Call this (``build_engine`` does) before TensorRT parses a plugin-form ONNX file.
+    """
+    trt, trtp = _import_trt()
+    for kind, fn in _plugin_functions(trt, trtp).items():
+        getattr(trtp, kind)(PLUGIN_ID)(fn)
     log.info("registered TensorRT plugin %s (JIT + AOT)", PLUGIN_ID)
 
 

@@ -12,9 +12,11 @@ Both Triton parts run in subprocesses: Triton reads ``TRITON_INTERPRET`` when a 
 """
 
 import importlib.util
+import inspect
 import json
 import os
 import sys
+import typing
 
 import pytest
 
@@ -86,7 +88,89 @@ SHAPES = [(24, 40), (40, 24)]  # (N_out, N_in): wide, tall
 @pytest.fixture()
 def kernel_dir(tmp_path):
     (tmp_path / "aot_test_kernel.py").write_text(KERNEL_SRC)
+    (tmp_path / "fake_trt.py").write_text(FAKE_TRT_SRC)
     return tmp_path
+
+
+# Stand-ins for what the plugin code touches in ``tensorrt`` / ``tensorrt.plugin``, following TensorRT's
+# documented API. They check our plugin functions' structure and arithmetic; they are not TensorRT.
+FAKE_TRT_SRC = '''
+from types import SimpleNamespace
+
+
+class Sym:
+    """Like tensorrt.plugin.ShapeExpr: + - * // with the symbol on the left only, no reflected operators."""
+
+    def __init__(self, text):
+        self.text = str(text)
+
+    def _op(self, sym, other):
+        other = other.text if isinstance(other, Sym) else str(other)
+        return Sym(f"({self.text} {sym} {other})")
+
+    def __add__(self, o):
+        return self._op("+", o)
+
+    def __sub__(self, o):
+        return self._op("-", o)
+
+    def __mul__(self, o):
+        return self._op("*", o)
+
+    def __floordiv__(self, o):
+        return self._op("//", o)
+
+
+class TensorDesc:
+    def __init__(self, dtype, shape_expr):
+        self.dtype, self.shape_expr = dtype, list(shape_expr)
+
+    @property
+    def ndim(self):
+        return len(self.shape_expr)
+
+    def like(self):
+        return TensorDesc(self.dtype, self.shape_expr)
+
+
+class Tensor:
+    pass
+
+
+class KernelLaunchParams:
+    pass
+
+
+class SymInt32:
+    def __init__(self, value):
+        self.value = value
+
+
+class SymIntExprs:
+    @classmethod
+    def from_tuple(cls, exprs):
+        out = cls()
+        out.exprs = list(exprs)
+        return out
+
+
+class AutoTuneCombination:
+    def __init__(self, *args):
+        self.args = args
+
+
+trt = SimpleNamespace(float32="float32", float16="float16", bfloat16="bfloat16")
+trtp = SimpleNamespace(TensorDesc=TensorDesc, Tensor=Tensor, KernelLaunchParams=KernelLaunchParams,
+                       SymInt32=SymInt32, SymIntExprs=SymIntExprs, AutoTuneCombination=AutoTuneCombination)
+'''
+
+
+@pytest.fixture()
+def fake(kernel_dir):
+    spec = importlib.util.spec_from_file_location("fake_trt", kernel_dir / "fake_trt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -120,29 +204,6 @@ def test_build_engine_validates_the_profile_before_needing_tensorrt(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Size expressions: ints and TensorRT-like symbols
 # ----------------------------------------------------------------------------------------------------
-class _Sym:
-    """Mimics tensorrt.plugin.ShapeExpr: + - * // with a symbol on the left only, no reflected operators."""
-
-    def __init__(self, text):
-        self.text = str(text)
-
-    def _op(self, sym, other):
-        other = other.text if isinstance(other, _Sym) else str(other)
-        return _Sym(f"({self.text} {sym} {other})")
-
-    def __add__(self, o):
-        return self._op("+", o)
-
-    def __sub__(self, o):
-        return self._op("-", o)
-
-    def __mul__(self, o):
-        return self._op("*", o)
-
-    def __floordiv__(self, o):
-        return self._op("//", o)
-
-
 def test_size_expressions_with_ints():
     env = {"M": 37, "N_out": 24, "N_in": 40, "k": 5}
     assert eval_size_expr("M", env) == 37
@@ -150,8 +211,8 @@ def test_size_expressions_with_ints():
     assert eval_size_expr("N_in * k - 2 * N_out", env) == 152
 
 
-def test_size_expressions_keep_the_symbol_on_the_left():
-    M = _Sym("M")
+def test_size_expressions_keep_the_symbol_on_the_left(fake):
+    M = fake.Sym("M")
     assert eval_size_expr("M * 2", {"M": M}).text == "(M * 2)"
     assert eval_size_expr("2 * M + 1", {"M": M}).text == "((M * 2) + 1)"  # reflected * avoided
     assert eval_size_expr("100 - M", {"M": M}).text == "(100 - M)"  # int lifted to the symbol's type
@@ -162,6 +223,52 @@ def test_size_expressions_keep_the_symbol_on_the_left():
 def test_size_expressions_reject_anything_else(expr):
     with pytest.raises(ValueError, match="size expression"):
         eval_size_expr(expr, {"M": 3, "N_in": 4})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plugin functions, against the stand-ins (TensorRT's documented Quick Deploy Plugin schema)
+# ----------------------------------------------------------------------------------------------------
+TENSORS = ["x", "values", "offsets", "bias"]
+ATTRS = ["out_features", "in_features"]
+
+
+def test_plugin_functions_follow_the_quick_deploy_plugin_schema(fake):
+    fns = trt_mod._plugin_functions(fake.trt, fake.trtp)
+    assert list(fns) == ["register", "autotune", "impl", "aot_impl"]  # registration order
+    expected = {
+        "register": TENSORS + ATTRS,
+        "autotune": TENSORS + ["outputs"],
+        "impl": TENSORS + ATTRS + ["outputs", "stream"],
+        "aot_impl": TENSORS + ATTRS + ["outputs", "tactic"],
+    }
+    for kind, fn in fns.items():
+        sig = inspect.signature(fn)
+        assert list(sig.parameters) == expected[kind], kind
+        for name, param in sig.parameters.items():
+            # tensorrt.plugin calls issubclass() on these: they must be real classes, not strings.
+            assert not isinstance(param.annotation, str), (kind, name)
+            if name in TENSORS:
+                want = fake.Tensor if kind == "impl" else fake.TensorDesc
+                assert param.annotation is want, (kind, name)
+            elif name in ATTRS + ["stream", "tactic"]:
+                assert param.annotation is int, (kind, name)
+    assert typing.get_args(inspect.signature(fns["register"]).return_annotation) == (fake.TensorDesc,)
+    ret = inspect.signature(fns["aot_impl"]).return_annotation
+    assert typing.get_origin(ret) is tuple
+    assert typing.get_args(ret) == (str, str, fake.KernelLaunchParams, fake.SymIntExprs)
+
+
+def _text(d):
+    return getattr(d, "text", d)
+
+
+def test_plugin_output_shape_is_leading_dims_by_out_features(fake):
+    describe = trt_mod._plugin_functions(fake.trt, fake.trtp)["register"]
+    x = fake.TensorDesc("float16", [fake.Sym("B"), fake.Sym("T"), 96])
+    values, offsets, bias = (fake.TensorDesc("float16", s) for s in ([10, 40], [10], [40]))
+    (y,) = describe(x, values, offsets, bias, 40, 96)
+    assert y.dtype == "float16" and [_text(d) for d in y.shape_expr] == ["B", "T", 40]
+    assert [_text(d) for d in x.shape_expr] == ["B", "T", 96]  # input untouched
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -246,6 +353,37 @@ def test_kernel_compiles_to_ptx_with_tensorrts_argument_layout_and_assembles(ker
         assert r["scalars"] == [37, n_out, n_in, 5]
         assert r["grid"] == [3, (n_out + 31) // 32, 1]
         assert r["block"] == [r["warps"] * 32, 1, 1] == [128, 1, 1]
+
+
+PLUGIN_AOT = """
+import json, sys, types
+sys.path.insert(0, {dir!r})
+import aot_test_kernel, fake_trt
+# The plugin asks ops/triton_kernels for the kernel spec (not in this branch) and the GPU for its arch.
+sys.modules["diagcompile.ops.triton_kernels"] = types.SimpleNamespace(aot_forward_spec=aot_test_kernel.make_spec)
+import diagcompile.export.tensorrt as t
+t._device_arch = lambda: 90
+aot = t._plugin_functions(fake_trt.trt, fake_trt.trtp)["aot_impl"]
+S, D = fake_trt.Sym, fake_trt.TensorDesc
+x = D("float32", [S("B"), S("T"), 40])
+args = (D("float32", [5, 24]), D("int32", [5]), D("float32", [24]))
+name, ptx, params, extra = aot(x, *args, 24, 40, (D("float32", [S("B"), S("T"), 24]),), 0)
+text = lambda d: getattr(d, "text", d)
+print(json.dumps(dict(name=name, entry=f".entry {{name}}(" in ptx,
+                      grid=[text(params.grid_x), text(params.grid_y), text(params.grid_z)],
+                      block=[params.block_x, params.block_y, params.block_z], shared=params.shared_mem,
+                      extra=[text(e.value) for e in extra.exprs])))
+"""
+
+
+def test_aot_impl_returns_ptx_and_symbolic_launch_parameters(kernel_dir):
+    code = PLUGIN_AOT.format(dir=str(kernel_dir))
+    out = json.loads(run_python(code, env=_env()).strip().splitlines()[-1])
+    assert out["name"] == "diag_fwd_test_kernel" and out["entry"]
+    # rows M = B * T stay symbolic: one engine for every batch size; the rest are build-time constants.
+    assert out["grid"] == ["(((B * T) + 15) // 16)", 1, 1]
+    assert out["block"] == [128, 1, 1] and isinstance(out["shared"], int)
+    assert out["extra"] == ["(B * T)", 24, 40, 5]  # the kernel's int32 scalars (M, N_out, N_in, k)
 
 
 LAUNCH = """
