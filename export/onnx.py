@@ -504,6 +504,15 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, runtime: str = "aut
         if runtime == "extensions":
             import onnxruntime_extensions
 
+            inits = {i.name: i.data_type for i in proto.graph.initializer}
+            dtypes = {inits.get(n.input[1]) for n in proto.graph.node if _is_plugin_node(n)}
+            if dtypes - {onnx.TensorProto.FLOAT}:
+                raise ValueError(
+                    "the onnxruntime-extensions path runs float32 plugin nodes only; this model has "
+                    f"{sorted(onnx.TensorProto.DataType.Name(d) for d in dtypes if d is not None)} ones "
+                    "(use runtime='function')"
+                )
+
             register_ort_extensions_op()
             proto = to_contrib_domain(proto)
             so.register_custom_ops_library(onnxruntime_extensions.get_library_path())

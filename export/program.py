@@ -73,9 +73,10 @@ class CheckResult:
     def __str__(self) -> str:
         verdict = "OK" if self.passed else "FAILED"
         sizes = ", ".join(str(b) for b in self.batch_sizes)
+        plural = "s" if len(self.batch_sizes) > 1 else ""
         return (
             f"{self.artifact}: max |artifact - eager| = {self.max_abs_diff:.3e} "
-            f"(tolerance {self.tolerance:.1e}) at batch size {sizes}: {verdict}"
+            f"(tolerance {self.tolerance:.1e}) at batch size{plural} {sizes}: {verdict}"
         )
 
 

@@ -240,3 +240,10 @@ def test_check_onnx_rejects_a_non_onnx_file(tmp_path):
     bad.write_bytes(b"\x00\x01 definitely not protobuf" * 10)
     with pytest.raises(ValueError, match="not a readable ONNX model|onnx.checker"):
         check_onnx(bad, DiagLinear(8, 8, sparsity=0.5), (torch.randn(2, 8),))
+
+
+def test_extensions_runtime_refuses_float16_plugin_nodes(tmp_path):
+    layer = DiagLinear(16, 8, sparsity=0.5).half()
+    path = to_onnx(layer, (torch.randn(2, 16, dtype=torch.float16),), tmp_path / "h.onnx", mode="plugin")
+    with pytest.raises(ValueError, match="float32 plugin nodes only"):
+        make_session(path, runtime="extensions")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from diagcompile import DiagLinear, is_sparse_marked
+from diagcompile import DiagLinear, DiagSparsityConfig, is_sparse_marked, sparsify_
 from diagcompile.export import (
     ExportCheckError,
     NoDiagonalLayersWarning,
@@ -18,6 +18,7 @@ from diagcompile.export import (
     save,
 )
 from diagcompile.export.program import count_diag_nodes
+from diagcompile.marking import sync_marks
 from diagcompile.testing import ExportTestModel, make_export_model, run_python
 
 N = ExportTestModel.N_DIAG_LAYERS
@@ -51,12 +52,8 @@ def test_marked_linear_is_converted_on_a_copy(exported):
 
 def test_program_equals_eager_at_another_batch_size(exported):
     model, args, ep, _ = exported
-    converted = copy.deepcopy(model)
-    from diagcompile.marking import sync_marks
-
+    converted = copy.deepcopy(model)  # what export converts on the way, done independently here
     sync_marks(converted)
-    from diagcompile import DiagSparsityConfig, sparsify_
-
     sparsify_(converted, DiagSparsityConfig(only_marked=True))
     x = torch.randn(7, 5, 96)  # example batch was 3
     with torch.no_grad():
