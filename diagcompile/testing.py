@@ -30,6 +30,8 @@ __all__ = [
     "tiny_mlp",
     "not_head",
     "digits_split",
+    "ExportTestModel",
+    "make_export_model",
 ]
 
 #: (out_features, in_features): wide, tall, square, odd and prime sizes, and the degenerate 1xN / Nx1.
@@ -173,3 +175,41 @@ def digits_split(n_train: int = 1400, seed: int = 0) -> tuple[Tensor, Tensor, Te
     mu, sd = X[:n_train].mean(0), X[:n_train].std(0) + 1e-3
     X = (X - mu) / sd
     return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
+# ---- export test models (owner: export layer) ------------------------------------------------------
+class ExportTestModel(torch.nn.Module):
+    """Four diagonal layers covering both orientations with and without bias, plus dense parts.
+
+    ``(..., 96) -> (..., 10)``: wide 96->40 with bias (``DiagLinear``), tall 40->120 without bias
+    (``DiagLinear``), wide 120->64 without bias (a sparse-marked ``nn.Linear``: export converts it on the way),
+    tall 64->80 with bias (``DiagLinear``), then a dense ``nn.Linear`` head. All at 90% sparsity.
+    """
+
+    N_DIAG_LAYERS = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diagcompile.marking import mark_sparse
+        from diagcompile.modules import DiagLinear
+
+        self.wide = DiagLinear(96, 40, bias=True, sparsity=0.9)
+        self.tall = DiagLinear(40, 120, bias=False, sparsity=0.9)
+        self.marked = mark_sparse(torch.nn.Linear(120, 64, bias=False), sparsity=0.9)
+        self.tall_bias = DiagLinear(64, 80, bias=True, sparsity=0.9)
+        self.head = torch.nn.Linear(80, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.nn.functional.gelu(self.wide(x))
+        h = torch.relu(self.tall(h))
+        h = torch.tanh(self.marked(h))
+        return self.head(torch.nn.functional.silu(self.tall_bias(h)))
+
+
+def make_export_model(seed: int = 0, batch: Sequence[int] = (3, 5)) -> tuple[ExportTestModel, tuple[Tensor]]:
+    """``(ExportTestModel(), (x,))`` with ``x`` of shape ``(*batch, 96)``, deterministic in ``seed``."""
+    torch.manual_seed(seed)
+    model = ExportTestModel().eval()
+    x = torch.randn(*batch, 96, generator=torch.Generator().manual_seed(seed + 1))
+    return model, (x,)
+
+
+# ---- end export test models -------------------------------------------------------------------------

@@ -1,0 +1,576 @@
+"""ONNX export of diagonal-sparse models, in two forms, both checked in onnxruntime.
+
+``to_onnx(model, example_args, path, mode=...)`` goes through ``torch.onnx.export(dynamo=True)`` with a
+translation for ``torch.ops.diagcompile.diag_linear.default``:
+
+``mode="portable"``: standard ONNX ops that any runtime runs. Each layer is stored sparsely (``values`` (k, D)
+and ``offsets`` (k,) initializers, nothing dense in the file) and the graph rebuilds the dense transposed weight
+from them, ``W^T = ScatterND(zeros(N_in, N_out), index(offsets), values)``, then applies ``MatMul`` (+ ``Add``
+bias). The index arithmetic and the scatter depend only on initializers, so a runtime folds them once when it
+loads the model (onnxruntime does) and each call is one GEMM. Why not ``Gather/Mul/ReduceSum`` (gather the k
+diagonals of ``x`` and reduce)? In onnxruntime 1.32 on 2 CPU cores it was 20-400x slower than the GEMM for
+ViT-sized layers at 90% sparsity (``benchmarks/results/onnx_cpu.md``), and it materializes an (M, k, D)
+intermediate (the tall form (M, k, N_out)), several GB at M=2048. The folded weight is dense in the
+runtime's memory; sparse speed comes from the plugin form or from PyTorch.
+
+``mode="plugin"``: one custom-domain node per layer, ``diagcompile::DiagLinear``, whose ``op_type`` equals the
+TensorRT plugin name and whose attributes tell TensorRT's ONNX parser how to map it
+(``plugin_namespace="diagcompile"``, ``plugin_version="1"``, ``aot=1`` for the PTX implementation) plus
+``out_features``/``in_features``. Inputs are ``x``, ``values``, ``offsets`` (int32) and ``bias``; a layer without
+bias gets a zero ``(N_out,)`` bias initializer, because TensorRT plugin inputs cannot be optional cleanly and
+the kernel then has one code path (cost: ``4 * N_out`` bytes). By default the file also carries a model-local
+``FunctionProto`` with the same (domain, name) whose body is the portable math, so plain onnxruntime runs the
+file. ``local_function=False`` (or ``strip_local_functions``) gives the bare TensorRT file: a parser that
+knows local functions could otherwise inline the body instead of calling the plugin. Without the function,
+onnxruntime runs the node through onnxruntime-extensions (``make_session(..., runtime="extensions")``),
+whose Python op calls ``torch.ops.diagcompile.diag_linear``.
+
+Supported: opsets ``SUPPORTED_OPSETS`` (default 20), float32 and float16 models (compute in float32, like the
+op). Export bfloat16/float64 models as float32 and lower precision in the runtime (TensorRT builder flags).
+"""
+
+import contextlib
+import functools
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxscript
+import torch
+from onnx import defs
+from onnxscript import FLOAT, INT64, script
+from onnxscript import opset18 as op
+from torch import Tensor, nn
+
+from diagcompile.export import program as _program
+from diagcompile.export.program import CheckResult
+
+__all__ = [
+    "CONTRIB_DOMAIN",
+    "DEFAULT_OPSET",
+    "ONNX_DTYPES",
+    "PLUGIN_NAME",
+    "PLUGIN_NAMESPACE",
+    "PLUGIN_VERSION",
+    "SUPPORTED_OPSETS",
+    "add_local_functions",
+    "check_onnx",
+    "count_plugin_nodes",
+    "make_session",
+    "register_ort_extensions_op",
+    "strip_local_functions",
+    "to_contrib_domain",
+    "to_onnx",
+]
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAMESPACE = "diagcompile"
+PLUGIN_NAME = "DiagLinear"
+PLUGIN_VERSION = "1"
+#: onnxruntime-extensions runs Python custom ops only in this domain.
+CONTRIB_DOMAIN = "ai.onnx.contrib"
+
+#: Opsets the exporter and onnxruntime both handle for our graphs (each one tested).
+SUPPORTED_OPSETS: tuple[int, ...] = (18, 19, 20, 21, 22, 23)
+DEFAULT_OPSET = 20
+ONNX_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16)
+
+MODES = ("portable", "plugin")
+_MODE_KEY = "diagcompile.mode"
+
+# Node metadata key that keeps the exporter's optimizer from folding a node. The (k, D) index arithmetic
+# would otherwise be folded into int64 initializers for layers below its size limit (tripling the file for
+# those layers); the runtime folds it at load time instead, so the file holds only values and offsets.
+_NO_FOLD = "diagcompile.no_fold"
+
+
+def _no_fold(v):
+    node = v.producer()
+    if node is not None:
+        node.metadata_props[_NO_FOLD] = "1"
+    return v
+
+
+def _should_fold(node: ir.Node) -> bool | None:
+    return False if node.metadata_props.get(_NO_FOLD) else None
+
+
+def _strip_no_fold(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
+        keep = [p for p in node.metadata_props if p.key != _NO_FOLD]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The portable math, traced (mode="portable"): shapes are static here, so the graph is specialized.
+# ----------------------------------------------------------------------------------------------------
+def _static(v: Any, what: str) -> int:
+    if not isinstance(v, int):
+        raise ValueError(f"to_onnx: {what} must be static, got {v!r}; only the batch dimension may be dynamic")
+    return v
+
+
+def _portable_diag_linear(x, values, offsets, bias, out_features: int):
+    """``y = x @ W^T + b`` with ``W^T`` scattered from ``values`` at the diagonal positions (see module doc)."""
+    n_in = _static(x.shape[-1], "in_features (x.shape[-1])")
+    k, d = (_static(s, "values.shape") for s in values.shape)
+    p = max(n_in, out_features)
+    offs = op.Unsqueeze(_no_fold(op.Cast(offsets, to=INT64.dtype)), op.Constant(value_ints=[1]))  # (k, 1)
+    t = op.Unsqueeze(
+        op.Range(op.Constant(value_int=0), op.Constant(value_int=d), op.Constant(value_int=1)),
+        op.Constant(value_ints=[0]),
+    )  # (1, D)
+    wrapped = op.Mod(op.Add(offs, t), op.Constant(value_int=p))  # (k, D): index on the long side (mod P)
+    fixed = _no_fold(op.Expand(t, op.Constant(value_ints=[k, d])))
+    rows, cols = (wrapped, fixed) if out_features > n_in else (fixed, wrapped)
+    last = op.Constant(value_ints=[-1])
+    index = op.Concat(op.Unsqueeze(cols, last), op.Unsqueeze(rows, last), axis=-1)  # (k, D, 2) into W^T
+    low_precision = values.dtype != ir.DataType.FLOAT
+    if low_precision:  # compute in float32 like the op, return the input dtype
+        values = op.Cast(values, to=FLOAT.dtype)
+        x_in = op.Cast(x, to=FLOAT.dtype)
+    else:
+        x_in = x
+    zeros = op.ConstantOfShape(op.Constant(value_ints=[n_in, out_features]))  # float32 zeros
+    y = op.MatMul(x_in, op.ScatterND(zeros, index, values))
+    if _static(bias.shape[0], "bias.shape") > 0:
+        y = op.Add(y, op.Cast(bias, to=FLOAT.dtype) if low_precision else bias)
+    if low_precision:
+        y = op.Cast(y, to=x.dtype)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plugin node (mode="plugin") and its model-local function body
+# ----------------------------------------------------------------------------------------------------
+_PLUGIN_OPSET = onnxscript.values.Opset(PLUGIN_NAMESPACE, 1)
+
+
+@functools.cache
+def _plugin_schema() -> defs.OpSchema:
+    F, A, T = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute, defs.OpSchema.AttrType
+    return defs.OpSchema(
+        PLUGIN_NAME,
+        PLUGIN_NAMESPACE,
+        1,
+        doc="y = x @ W^T + bias, W diagonal-sparse (DynaDiag); TensorRT plugin diagcompile::DiagLinear",
+        inputs=[F("x", "T"), F("values", "T"), F("offsets", "tensor(int32)"), F("bias", "T")],
+        outputs=[F("y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float32 or float16")],
+        attributes=[
+            A("plugin_namespace", T.STRING, "TensorRT plugin namespace", required=False),
+            A("plugin_version", T.STRING, "TensorRT plugin version", required=False),
+            A("aot", T.INT, "1: use the plugin's ahead-of-time (PTX) implementation", required=False),
+            A("out_features", T.INT, "N_out", required=False),
+            A("in_features", T.INT, "N_in", required=False),
+        ],
+    )
+
+
+@functools.cache
+def _plugin_op() -> onnxscript.values.Op:
+    # A custom-domain node needs an OpSchema or the exporter fails (apis.md §4); no global registration.
+    return onnxscript.values.Op(_PLUGIN_OPSET, PLUGIN_NAME, _plugin_schema())
+
+
+def _plugin_translation(aot: bool):
+    def translate(x, values, offsets, bias, out_features: int):
+        n_in = _static(x.shape[-1], "in_features (x.shape[-1])")
+        if _static(bias.shape[0], "bias.shape") == 0:
+            zeros = np.zeros(out_features, dtype=values.dtype.numpy())
+            bias = op.Constant(value=onnx.numpy_helper.from_array(zeros, name="zero_bias"))
+        if offsets.dtype != ir.DataType.INT32:
+            offsets = op.Cast(offsets, to=onnx.TensorProto.INT32)
+        return _plugin_op()(
+            x,
+            values,
+            offsets,
+            bias,
+            plugin_namespace=PLUGIN_NAMESPACE,
+            plugin_version=PLUGIN_VERSION,
+            aot=int(aot),
+            out_features=out_features,
+            in_features=n_in,
+        )
+
+    return translate
+
+
+@script(_PLUGIN_OPSET, default_opset=op)
+def DiagLinear(x, values, offsets, bias, out_features: int, in_features: int):
+    # Same math as _portable_diag_linear, but one body for every layer: the orientation is a runtime flag
+    # (Where on n_out > n_in) instead of a Python branch. Everything but the MatMul depends only on
+    # initializers and attributes, so onnxruntime folds it at load time.
+    n_out = op.Constant(value_int=out_features)
+    n_in = op.Constant(value_int=in_features)
+    tall = op.Greater(n_out, n_in)
+    offs = op.Unsqueeze(op.Cast(offsets, to=INT64.dtype), op.Constant(value_ints=[1]))
+    t = op.Unsqueeze(
+        op.Range(op.Constant(value_int=0), op.Min(n_out, n_in), op.Constant(value_int=1)),
+        op.Constant(value_ints=[0]),
+    )
+    wrapped = op.Mod(op.Add(offs, t), op.Max(n_out, n_in))
+    fixed = op.Expand(t, op.Shape(wrapped))
+    rows = op.Where(tall, wrapped, fixed)
+    cols = op.Where(tall, fixed, wrapped)
+    last = op.Constant(value_ints=[-1])
+    index = op.Concat(op.Unsqueeze(cols, last), op.Unsqueeze(rows, last), axis=-1)
+    first = op.Constant(value_ints=[0])
+    shape = op.Concat(op.Unsqueeze(n_in, first), op.Unsqueeze(n_out, first), axis=0)
+    w_t = op.ScatterND(op.ConstantOfShape(shape), index, op.Cast(values, to=FLOAT.dtype))
+    y = op.Add(op.MatMul(op.Cast(x, to=FLOAT.dtype), w_t), op.Cast(bias, to=FLOAT.dtype))
+    return op.CastLike(y, x)
+
+
+def _function_proto(opset: int) -> onnx.FunctionProto:
+    fp = DiagLinear.to_function_proto()
+    # Declare the TensorRT attributes too: onnxruntime rejects node attributes its function does not declare.
+    for name in ("plugin_namespace", "plugin_version", "aot"):
+        if name not in fp.attribute:
+            fp.attribute.append(name)
+    # Use the model's opset for the body (its ops mean the same from opset 18 on); a mismatch is an error.
+    for imp in fp.opset_import:
+        if imp.domain == "":
+            imp.version = opset
+    return fp
+
+
+def _model_opset(model: onnx.ModelProto) -> int:
+    return next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), DEFAULT_OPSET)
+
+
+def _is_plugin_node(node: onnx.NodeProto, domain: str = PLUGIN_NAMESPACE) -> bool:
+    return node.domain == domain and node.op_type == PLUGIN_NAME
+
+
+def count_plugin_nodes(model: onnx.ModelProto | str | os.PathLike) -> int:
+    """Number of ``diagcompile::DiagLinear`` nodes in the main graph of an ONNX model (or file)."""
+    model = _load(model)
+    return sum(_is_plugin_node(n) for n in model.graph.node)
+
+
+def add_local_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` carrying the ``diagcompile::DiagLinear`` local function (plain onnxruntime runs it)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if not any(f.domain == PLUGIN_NAMESPACE and f.name == PLUGIN_NAME for f in out.functions):
+        out.functions.append(_function_proto(_model_opset(out)))
+    return out
+
+
+def strip_local_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without the ``diagcompile`` local functions: the bare TensorRT-plugin file."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [f for f in out.functions if f.domain != PLUGIN_NAMESPACE]
+    del out.functions[:]
+    out.functions.extend(keep)
+    return out
+
+
+def to_contrib_domain(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with the plugin nodes moved to ``ai.onnx.contrib`` for onnxruntime-extensions' Python op."""
+    out = strip_local_functions(model)
+    for node in out.graph.node:
+        if _is_plugin_node(node):
+            node.domain = CONTRIB_DOMAIN
+    imports = [imp for imp in out.opset_import if imp.domain not in (PLUGIN_NAMESPACE, CONTRIB_DOMAIN)]
+    del out.opset_import[:]
+    out.opset_import.extend(imports)
+    out.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------
+def _check_dtypes(model: nn.Module, args: tuple) -> None:
+    seen: dict[torch.dtype, str] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point():
+            seen.setdefault(t.dtype, name)
+    for i, a in enumerate(args):
+        if isinstance(a, Tensor) and a.is_floating_point():
+            seen.setdefault(a.dtype, f"example_args[{i}]")
+    bad = {d: n for d, n in seen.items() if d not in ONNX_DTYPES}
+    if bad:
+        listing = ", ".join(f"{d} ('{n}')" for d, n in bad.items())
+        raise TypeError(
+            f"to_onnx supports float32 and float16 models; got {listing}. Export a float32 copy "
+            f"(model.float()) and lower the precision in the runtime (e.g. TensorRT's FP16/BF16 builder flags)"
+        )
+
+
+def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def to_onnx(
+    model: nn.Module,
+    example_args: Any,
+    path: str | os.PathLike,
+    mode: str = "portable",
+    dynamic_batch: bool = True,
+    opset: int = DEFAULT_OPSET,
+    *,
+    local_function: bool = True,
+    aot: bool = True,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> Path:
+    """Export ``model`` to an ONNX file; see the module docstring for the two modes.
+
+    Args:
+        model: any module; sparse-marked linears are converted on a copy first (as in ``export_program``).
+        example_args: a tuple of inputs (or one tensor).
+        path: output ``.onnx`` file (written atomically).
+        mode: ``"portable"`` (standard ops) or ``"plugin"`` (one ``diagcompile::DiagLinear`` node per layer).
+        dynamic_batch: dim 0 of every tensor input is one dynamic ``batch`` dimension.
+        opset: default-domain opset, one of ``SUPPORTED_OPSETS``.
+        local_function: plugin mode only: also store the portable body as a model-local function so that
+            plain onnxruntime runs the file. ``False`` writes the bare TensorRT file.
+        aot: plugin mode only: the ``aot`` attribute (1 selects the TensorRT plugin's PTX implementation).
+        input_names / output_names: ONNX graph input/output names (default ``x``/``y`` for one of each).
+
+    Returns:
+        ``path``. The file passes ``onnx.checker.check_model(full_check=True)``.
+
+    Raises:
+        ValueError: unknown mode or unsupported opset. TypeError: a parameter or input dtype other than
+        float32/float16.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
+        raise ValueError(
+            f"opset {opset!r} is not supported; use one of {SUPPORTED_OPSETS} (default {DEFAULT_OPSET}). "
+            f"Opsets below 18 lack the ScatterND/Range forms the translation emits; newer ones are not yet "
+            f"handled by the installed exporter and onnxruntime"
+        )
+    path = Path(path)
+    args = _program._as_args(example_args)
+    _check_dtypes(model, args)
+    ep = _program.export_program(model, args, dynamic_batch=dynamic_batch)
+    table = {
+        torch.ops.diagcompile.diag_linear.default: (
+            _portable_diag_linear if mode == "portable" else _plugin_translation(aot)
+        )
+    }
+    tensor_inputs = sum(isinstance(a, Tensor) for a in args)
+    if input_names is None and tensor_inputs == 1:
+        input_names = ["x"]
+    with contextlib.redirect_stdout(_Sink()):  # the exporter prints progress lines on stdout
+        program = torch.onnx.export(
+            ep,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            custom_translation_table=table,
+            optimize=False,
+            input_names=input_names,
+            output_names=output_names,
+            verbose=False,
+        )
+    onnxscript.optimizer.optimize_ir(program.model, should_fold=_should_fold)
+    proto = ir.serde.serialize_model(program.model)
+    _strip_no_fold(proto)
+    if output_names is None and len(proto.graph.output) == 1:
+        _rename_output(proto, "y")
+    onnx.helper.set_model_props(proto, {_MODE_KEY: mode})
+    if mode == "plugin" and local_function:
+        proto = add_local_functions(proto)
+    onnx.checker.check_model(proto, full_check=True)
+    _save_atomic(proto, path)
+    n_nodes = count_plugin_nodes(proto)
+    log.info("wrote %s (%s mode, opset %d, %d plugin node(s))", path, mode, opset, n_nodes)
+    return path
+
+
+class _Sink:
+    def write(self, s: str) -> int:
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def _rename_output(model: onnx.ModelProto, name: str) -> None:
+    old = model.graph.output[0].name
+    if old == name:
+        return
+    for node in model.graph.node:
+        for i, o in enumerate(node.output):
+            if o == old:
+                node.output[i] = name
+        for i, v in enumerate(node.input):
+            if v == old:
+                node.input[i] = name
+    model.graph.output[0].name = name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running in onnxruntime
+# ----------------------------------------------------------------------------------------------------
+_PYOP_REGISTERED = False
+
+
+def register_ort_extensions_op() -> None:
+    """Register ``DiagLinear`` as an onnxruntime-extensions Python op (float32) calling our torch op.
+
+    Idempotent. The op lives in ``ai.onnx.contrib``: run models through ``to_contrib_domain`` first, and
+    create sessions with ``onnxruntime_extensions.get_library_path()`` registered (``make_session`` does both).
+    """
+    global _PYOP_REGISTERED
+    if _PYOP_REGISTERED:
+        return
+    try:
+        from onnxruntime_extensions import PyOp, onnx_op
+    except ImportError as e:
+        raise ImportError(
+            "running diagcompile plugin nodes through onnxruntime-extensions needs `pip install "
+            "onnxruntime-extensions` (or keep the model-local function: to_onnx(..., local_function=True))"
+        ) from e
+
+    @onnx_op(
+        op_type=PLUGIN_NAME,
+        inputs=[PyOp.dt_float, PyOp.dt_float, PyOp.dt_int32, PyOp.dt_float],
+        outputs=[PyOp.dt_float],
+        attrs={
+            "plugin_namespace": PyOp.dt_string,
+            "plugin_version": PyOp.dt_string,
+            "aot": PyOp.dt_int64,
+            "out_features": PyOp.dt_int64,
+            "in_features": PyOp.dt_int64,
+        },
+    )
+    def _diag_linear_pyop(x, values, offsets, bias, **attrs):
+        y = torch.ops.diagcompile.diag_linear(
+            torch.from_numpy(np.ascontiguousarray(x)),
+            torch.from_numpy(np.ascontiguousarray(values)),
+            torch.from_numpy(np.ascontiguousarray(offsets)),
+            torch.from_numpy(np.ascontiguousarray(bias)),
+            int(attrs["out_features"]),
+        )
+        return y.numpy()
+
+    _PYOP_REGISTERED = True
+
+
+def _load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {path}")
+    try:
+        return onnx.load(path)
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and friends
+        raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from e
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, runtime: str = "auto"):
+    """An onnxruntime CPU session for a portable or plugin-form model.
+
+    Args:
+        runtime: how plugin nodes run: ``"function"`` (attach the local function if missing),
+            ``"extensions"`` (onnxruntime-extensions Python op; float32 only), or ``"auto"`` (= ``"function"``).
+            Portable models ignore it.
+    """
+    import onnxruntime as ort
+
+    if runtime not in ("auto", "function", "extensions"):
+        raise ValueError(f"runtime must be 'auto', 'function' or 'extensions', got {runtime!r}")
+    proto = _load(model)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if count_plugin_nodes(proto):
+        if runtime == "extensions":
+            import onnxruntime_extensions
+
+            inits = {i.name: i.data_type for i in proto.graph.initializer}
+            dtypes = {inits.get(n.input[1]) for n in proto.graph.node if _is_plugin_node(n)}
+            if dtypes - {onnx.TensorProto.FLOAT}:
+                raise ValueError(
+                    "the onnxruntime-extensions path runs float32 plugin nodes only; this model has "
+                    f"{sorted(onnx.TensorProto.DataType.Name(d) for d in dtypes if d is not None)} ones "
+                    "(use runtime='function')"
+                )
+
+            register_ort_extensions_op()
+            proto = to_contrib_domain(proto)
+            so.register_custom_ops_library(onnxruntime_extensions.get_library_path())
+        else:
+            proto = add_local_functions(proto)
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _artifact_name(proto: onnx.ModelProto, runtime: str) -> str:
+    if not count_plugin_nodes(proto):
+        return "onnx-portable"
+    how = "onnxruntime-extensions" if runtime == "extensions" else "local function"
+    return f"onnx-plugin ({how})"
+
+
+def check_onnx(
+    path: str | os.PathLike | onnx.ModelProto,
+    model: nn.Module,
+    example_args: Any,
+    batch_sizes: Sequence[int] | None = None,
+    *,
+    runtime: str = "auto",
+    atol: float | None = None,
+    rtol: float | None = None,
+    raise_on_failure: bool = True,
+    seed: int = 0,
+) -> CheckResult:
+    """Run an ONNX file in onnxruntime against the eager model; return the max difference.
+
+    The file must pass ``onnx.checker.check_model(full_check=True)``. Plugin-form files run through their
+    local function (attached in memory if the file is bare) or, with ``runtime="extensions"``, through
+    onnxruntime-extensions. Inputs are random tensors shaped like ``example_args`` at each batch size
+    (default: two sizes different from the example's).
+
+    Raises:
+        ExportCheckError: when ``raise_on_failure`` and the difference exceeds the tolerance.
+        ValueError: the file is not a valid ONNX model.
+    """
+    proto = _load(path)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ValueError(f"the ONNX model fails onnx.checker (full check): {e}") from e
+    args = _program._as_args(example_args)
+    reference, _ = _program.prepare_for_export(model)
+    session = make_session(proto, runtime=runtime)
+    names = [i.name for i in session.get_inputs()]
+    sizes = (
+        tuple(batch_sizes) if batch_sizes is not None else _program.default_check_batches(_program._batch_size(args))
+    )
+
+    def run(*inputs: Any) -> list[Tensor]:
+        arrays = [a.detach().cpu().numpy() for a in inputs if isinstance(a, Tensor)]
+        if len(arrays) != len(names):
+            raise _program.ExportCheckError(
+                f"the ONNX model has {len(names)} inputs {names} but the example has {len(arrays)} tensors"
+            )
+        return [torch.from_numpy(np.asarray(o)) for o in session.run(None, dict(zip(names, arrays)))]
+
+    result = _program.compare_outputs(_artifact_name(proto, runtime), run, reference, args, sizes, atol, rtol, seed)
+    return _program.finish_check(result, raise_on_failure)

@@ -1,0 +1,436 @@
+"""``torch.export`` for diagonal-sparse models: ``export_program``, ``save``, ``load``, ``check_program``.
+
+Each ``DiagLinear`` becomes exactly one ``torch.ops.diagcompile.diag_linear.default`` node of the program, and
+stays one node through ``ep.run_decompositions()`` (the op is an opaque ``custom_op``). A ``.pt2`` file stores
+only the op's *name*, not its code, so loading needs the op registered: ``load`` imports diagcompile first.
+
+Also here, because ``diagcompile.export.onnx`` reuses them: the on-the-way conversion of sparse-marked
+linears (``prepare_for_export``), how example inputs are resized to another batch size for checks, and the
+``CheckResult`` / ``ExportCheckError`` pair every artifact check returns or raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckResult",
+    "ExportCheckError",
+    "NoDiagonalLayersWarning",
+    "check_program",
+    "count_diag_nodes",
+    "export_program",
+    "load",
+    "prepare_for_export",
+    "save",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ExportCheckError(RuntimeError):
+    """An exported artifact does not reproduce its source model within tolerance."""
+
+
+class NoDiagonalLayersWarning(UserWarning):
+    """The exported model has no diagonal layer: the artifact is a plain export."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of running an exported artifact against its source model.
+
+    Attributes:
+        artifact: what was checked (``"pt2"``, ``"onnx-portable"``, ``"onnx-plugin"``, ...).
+        max_abs_diff: largest ``|artifact - eager|`` over every output element and batch size.
+        tolerance: the allowed maximum: ``atol + rtol * max|eager|``.
+        batch_sizes: the batch sizes that were run.
+    """
+
+    artifact: str
+    max_abs_diff: float
+    tolerance: float
+    batch_sizes: tuple[int, ...]
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.passed else "FAILED"
+        sizes = ", ".join(str(b) for b in self.batch_sizes)
+        plural = "s" if len(self.batch_sizes) > 1 else ""
+        return (
+            f"{self.artifact}: max |artifact - eager| = {self.max_abs_diff:.3e} "
+            f"(tolerance {self.tolerance:.1e}) at batch size{plural} {sizes}: {verdict}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preparing a model
+# ----------------------------------------------------------------------------------------------------
+def _marked_linears(model: nn.Module) -> list[str]:
+    from diagcompile.marking import get_sparse_mark
+
+    return [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and get_sparse_mark(m) is not None]
+
+
+def prepare_for_export(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Convert sparse-marked ``nn.Linear`` layers that are not yet ``DiagLinear``; never touches ``model``.
+
+    Returns:
+        ``(model_to_export, converted_fqns)``. Without marked linears this is ``(model, [])``, no copy. With
+        some, it is a deep copy in which exactly the marked linears became ``DiagLinear`` (their mark's
+        sparsity/offsets; top-k diagonals by L2 norm when the mark has no offsets).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    marked = _marked_linears(model)
+    if not marked:
+        return model, []
+    from diagcompile.api import sparsify_
+    from diagcompile.config import DiagSparsityConfig
+    from diagcompile.marking import sync_marks
+
+    converted = copy.deepcopy(model)
+    sync_marks(converted)  # deepcopy drops the marks stored on weight tensors
+    converted = sparsify_(converted, DiagSparsityConfig(only_marked=True))
+    log.info("converted %d sparse-marked linear(s) on the way: %s", len(marked), ", ".join(marked))
+    return converted, marked
+
+
+def count_diag_layers(model: nn.Module) -> int:
+    """Number of ``DiagLinear`` modules in ``model``."""
+    from diagcompile.modules import DiagLinear
+
+    return sum(isinstance(m, DiagLinear) for m in model.modules())
+
+
+def count_diag_nodes(program: torch.export.ExportedProgram | torch.fx.GraphModule) -> int:
+    """Number of ``diagcompile::diag_linear`` nodes in an exported program or graph module."""
+    graph = program.graph
+    target = torch.ops.diagcompile.diag_linear.default
+    return sum(n.op == "call_function" and n.target is target for n in graph.nodes)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Export the inference behaviour (dropout off), and give the model back in the mode it came in."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Example inputs
+# ----------------------------------------------------------------------------------------------------
+def _as_args(example_args: Any) -> tuple:
+    if isinstance(example_args, Tensor):
+        return (example_args,)
+    if isinstance(example_args, list):
+        return tuple(example_args)
+    if not isinstance(example_args, tuple):
+        raise TypeError(
+            f"example_args must be a tuple of model inputs (or one Tensor), got {type(example_args).__name__}"
+        )
+    return example_args
+
+
+def _batch_size(args: tuple) -> int | None:
+    """The shared dim-0 size of the tensor arguments; ``None`` without a batched tensor."""
+    sizes = {a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() >= 1}
+    if not sizes:
+        return None
+    if len(sizes) > 1:
+        raise ValueError(
+            f"dynamic_batch=True treats dim 0 of every tensor argument as one shared batch dimension, but the "
+            f"example arguments have dim-0 sizes {sorted(sizes)}; pass dynamic_batch=False to export static shapes"
+        )
+    return sizes.pop()
+
+
+def _dynamic_shapes(args: tuple) -> tuple:
+    batch = torch.export.Dim("batch")
+    return tuple({0: batch} if isinstance(a, Tensor) and a.dim() >= 1 else None for a in args)
+
+
+def resize_batch(example_args: Any, batch: int, seed: int = 0) -> tuple:
+    """Fresh inputs shaped like ``example_args`` but with dim 0 = ``batch``.
+
+    Floating tensors get standard-normal values (never zeros: they hide indexing bugs); integer tensors get
+    values drawn from the example's own entries (so token ids stay in the vocabulary); other arguments pass
+    through unchanged.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for a in _as_args(example_args):
+        if not isinstance(a, Tensor) or a.dim() == 0:
+            out.append(a)
+            continue
+        shape = (batch, *a.shape[1:])
+        if a.is_floating_point():
+            t = torch.randn(shape, generator=g, dtype=torch.float32).to(a.dtype)
+        elif a.dtype == torch.bool:
+            t = torch.rand(shape, generator=g) < 0.5
+        elif a.numel() > 0:
+            flat = a.detach().reshape(-1).cpu()
+            t = flat[torch.randint(0, flat.numel(), shape, generator=g)]
+        else:
+            t = torch.zeros(shape, dtype=a.dtype)
+        out.append(t.to(a.device))
+    return tuple(out)
+
+
+def default_check_batches(example_batch: int | None) -> tuple[int, ...]:
+    """Two batch sizes that differ from the example's (the dynamic dim must really be dynamic)."""
+    if example_batch is None:
+        return (1,)
+    candidates = [1, example_batch + 3, 2 * example_batch + 5]
+    return tuple(b for b in candidates if b != example_batch)[:2]
+
+
+def default_tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """``(atol, rtol)`` for comparing an artifact with eager in ``dtype``."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 1e-2, 1e-2
+    if dtype == torch.float64:
+        return 1e-10, 1e-9
+    return 1e-5, 1e-4
+
+
+def _flat_tensors(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_tensors(o)]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _flat_tensors(out[k])]
+    return []
+
+
+def compare_outputs(
+    artifact: str,
+    run_artifact: Any,
+    model: nn.Module,
+    example_args: tuple,
+    batch_sizes: Sequence[int],
+    atol: float | None,
+    rtol: float | None,
+    seed: int,
+) -> CheckResult:
+    """Run ``run_artifact(*inputs)`` (a list of output tensors) and ``model(*inputs)`` at each batch size."""
+    worst, ref_scale, dtype = 0.0, 0.0, torch.float32
+    with torch.no_grad(), _eval_mode(model):
+        for i, b in enumerate(batch_sizes):
+            inputs = resize_batch(example_args, b, seed=seed + i)
+            ref = _flat_tensors(model(*inputs))
+            got = [torch.as_tensor(t) for t in run_artifact(*inputs)]
+            if len(got) != len(ref):
+                raise ExportCheckError(f"{artifact}: {len(got)} outputs but the eager model returns {len(ref)}")
+            for j, (r, o) in enumerate(zip(ref, got)):
+                if tuple(o.shape) != tuple(r.shape):
+                    raise ExportCheckError(
+                        f"{artifact}: output {j} has shape {tuple(o.shape)} at batch {b}, eager {tuple(r.shape)}"
+                    )
+                if r.is_floating_point():
+                    dtype = r.dtype
+                diff = (o.detach().cpu().double() - r.detach().cpu().double()).abs()
+                d = float(diff.max()) if diff.numel() else 0.0
+                worst = max(worst, d if not math.isnan(d) else math.inf)
+                if r.numel():
+                    ref_scale = max(ref_scale, float(r.detach().abs().max()))
+    d_atol, d_rtol = default_tolerance(dtype)
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    return CheckResult(artifact, worst, atol + rtol * ref_scale, tuple(batch_sizes))
+
+
+def finish_check(result: CheckResult, raise_on_failure: bool) -> CheckResult:
+    log.info("%s", result)
+    if raise_on_failure and not result.passed:
+        raise ExportCheckError(str(result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export, save, load
+# ----------------------------------------------------------------------------------------------------
+def export_program(
+    model: nn.Module,
+    example_args: Any,
+    dynamic_batch: bool = True,
+    *,
+    strict: bool = False,
+) -> torch.export.ExportedProgram:
+    """``torch.export`` a model so that each diagonal layer is one ``diagcompile::diag_linear`` node.
+
+    Args:
+        model: any module; sparse-marked ``nn.Linear`` layers are converted to ``DiagLinear`` on a copy first
+            (``model`` itself is never modified). Exported in eval mode.
+        example_args: a tuple of inputs (or one tensor), e.g. ``(torch.randn(8, 197, 768),)``.
+        dynamic_batch: make dim 0 of every tensor argument one shared dynamic ``batch`` dimension
+            (range ``[0, inf)``). An example batch of 1 is traced at batch 2, because torch.export
+            specializes a size-1 example to the constant 1.
+        strict: passed to ``torch.export.export``.
+
+    Returns:
+        The ``ExportedProgram``. ``ep.run_decompositions()`` keeps every diagonal layer as one op node.
+
+    Warns:
+        NoDiagonalLayersWarning: the model has no diagonal layer (the export is a plain one).
+    """
+    args = _as_args(example_args)
+    prepared, _ = prepare_for_export(model)
+    dynamic_shapes = None
+    if dynamic_batch:
+        if _batch_size(args) == 1:
+            args = tuple(
+                a.expand(2, *a.shape[1:]).clone() if isinstance(a, Tensor) and a.dim() >= 1 else a for a in args
+            )
+        dynamic_shapes = _dynamic_shapes(args)
+    with _eval_mode(prepared):
+        ep = torch.export.export(prepared, args, dynamic_shapes=dynamic_shapes, strict=strict)
+    n = count_diag_nodes(ep)
+    if n == 0:
+        warnings.warn(
+            "export_program: the model has no diagonal layer (no DiagLinear and no sparse-marked nn.Linear); "
+            "exported as a plain torch.export program",
+            NoDiagonalLayersWarning,
+            stacklevel=2,
+        )
+    log.info("exported %d diagonal layer(s) as diagcompile::diag_linear nodes", n)
+    return ep
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+
+
+def save(ep: torch.export.ExportedProgram, path: str | os.PathLike) -> Path:
+    """Write ``ep`` to ``path`` (a ``.pt2`` archive) atomically; returns the path."""
+    if not isinstance(ep, torch.export.ExportedProgram):
+        raise TypeError(f"save expects a torch.export.ExportedProgram, got {type(ep).__name__}")
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"save: {path} should end in .pt2 (the torch.export archive format)")
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        torch.export.save(ep, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    # torch.export.load logs a full traceback at WARNING before raising; we raise our own message instead.
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None) -> torch.export.ExportedProgram:
+    """Load a ``.pt2`` written by ``save`` (or ``torch.export.save``), registering the diagcompile ops first.
+
+    Args:
+        path: the ``.pt2`` file.
+        device: move the program's weights *and* the devices recorded in its graph to this device
+            (``torch.export.passes.move_to_device_pass``): a program exported on the CPU then runs on CUDA.
+            ``ep.module().to(device)`` is not enough, the graph asserts the device it was traced on.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a torch.export archive (corrupted, truncated, or another format), or it
+            uses a ``diagcompile`` op this version does not define.
+    """
+    import diagcompile.ops  # noqa: F401  (registers torch.ops.diagcompile.*: the archive holds only names)
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no .pt2 file at {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is not a torch.export archive (not a valid zip file): it is corrupted or truncated, "
+            f"or was not written by diagcompile.export.save / torch.export.save"
+        )
+    try:
+        with _quiet("torch.export"):
+            ep = torch.export.load(path)
+    except Exception as e:  # noqa: BLE001 - torch raises many types here; we name the file and keep the cause
+        msg = str(e)
+        hint = ""
+        if "diagcompile" in msg and "resolve" in msg:
+            hint = " It uses a diagcompile op this version does not define: was it written by a newer diagcompile?"
+        elif "deserializ" in msg.lower():
+            hint = " Run with logging for torch.export at WARNING to see the deserialization traceback."
+        raise ValueError(f"could not load {path} as an ExportedProgram ({type(e).__name__}: {msg}).{hint}") from e
+    if device is not None:
+        from torch.export.passes import move_to_device_pass
+
+        ep = move_to_device_pass(ep, torch.device(device))
+    return ep
+
+
+def check_program(
+    program: torch.export.ExportedProgram | str | os.PathLike,
+    model: nn.Module,
+    example_args: Any,
+    batch_sizes: Sequence[int] | None = None,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    raise_on_failure: bool = True,
+    seed: int = 0,
+) -> CheckResult:
+    """Run an exported program (or a ``.pt2`` path) against the eager model; return the max difference.
+
+    The eager side is ``model`` after the same on-the-way conversion of sparse-marked linears as
+    ``export_program``. Inputs are fresh random tensors shaped like ``example_args`` at each batch size
+    (default: two sizes different from the example's, so a wrongly static batch dim is caught).
+
+    Raises:
+        ExportCheckError: when ``raise_on_failure`` and the difference exceeds ``atol + rtol * max|eager|``
+            (defaults by dtype: float32 ``1e-5 + 1e-4 * scale``).
+    """
+    args = _as_args(example_args)
+    ep = load(program) if isinstance(program, (str, os.PathLike)) else program
+    if not isinstance(ep, torch.export.ExportedProgram):
+        raise TypeError(f"program must be an ExportedProgram or a .pt2 path, got {type(ep).__name__}")
+    reference, _ = prepare_for_export(model)
+    module = ep.module()
+    sizes = tuple(batch_sizes) if batch_sizes is not None else default_check_batches(_batch_size(args))
+
+    def run(*inputs: Any) -> list[Tensor]:
+        return _flat_tensors(module(*inputs))
+
+    result = compare_outputs("pt2", run, reference, args, sizes, atol, rtol, seed)
+    return finish_check(result, raise_on_failure)

@@ -1,0 +1,96 @@
+"""``diagcompile export``: the CLI block in diagcompile/cli.py."""
+
+import importlib.util
+import sys
+
+import onnx
+import pytest
+
+from diagcompile import cli
+from diagcompile.export import load
+from diagcompile.export.onnx import count_plugin_nodes
+from diagcompile.export.program import count_diag_nodes
+from diagcompile.testing import ExportTestModel
+
+FACTORY = """
+from diagcompile.testing import make_export_model
+
+def make():
+    return make_export_model()
+
+def not_a_pair():
+    return 3
+"""
+
+
+@pytest.fixture()
+def factory(tmp_path, monkeypatch):
+    (tmp_path / "cli_export_factory.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI adds the cwd; undo it afterwards
+    yield "cli_export_factory:make"
+    sys.modules.pop("cli_export_factory", None)
+
+
+def test_export_pt2_and_check(factory, tmp_path, capsys):
+    out = tmp_path / "m.pt2"
+    assert cli.main(["export", factory, "--format", "pt2", "--out", str(out), "--batch", "7"]) == 0
+    text = capsys.readouterr().out
+    assert f"{ExportTestModel.N_DIAG_LAYERS} diagonal layer node(s)" in text
+    assert "max |artifact - eager|" in text and "at batch size 7: OK" in text
+    assert count_diag_nodes(load(out)) == ExportTestModel.N_DIAG_LAYERS
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "onnx-plugin"])
+def test_export_onnx_and_check(fmt, factory, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert cli.main(["export", factory, "--format", fmt, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "max |artifact - eager|" in text and ": OK" in text
+    model = onnx.load(out)
+    expected = ExportTestModel.N_DIAG_LAYERS if fmt == "onnx-plugin" else 0
+    assert count_plugin_nodes(model) == expected
+
+
+def test_export_fails_when_the_check_fails(factory, tmp_path, capsys):
+    # A zero tolerance cannot be met by onnxruntime's float32 GEMM: the check must fail and say so.
+    out = tmp_path / "m.onnx"
+    args = ["export", factory, "--format", "onnx", "--out", str(out), "--atol", "0", "--rtol", "0"]
+    assert cli.main(args) == 1
+    assert "CHECK FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("no.such.module:make", "cannot import"),
+        ("cli_export_factory:missing", "has no attribute"),
+        ("cli_export_factory:not_a_pair", "must return (model, example_args)"),
+        ("not a reference", "neither an existing checkpoint file"),
+    ],
+)
+def test_bad_source_is_a_clear_error(source, message, factory, tmp_path, capsys):
+    assert cli.main(["export", source, "--out", str(tmp_path / "m.pt2")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("diagcompile.train") is not None,
+    reason="diagcompile.train exists, so the missing-harness message does not apply",
+)
+def test_checkpoint_source_without_the_training_harness(tmp_path, capsys):
+    ckpt = tmp_path / "run.ckpt"
+    ckpt.write_bytes(b"checkpoint")
+    assert cli.main(["export", str(ckpt), "--out", str(tmp_path / "m.pt2")]) == 2
+    assert "diagcompile.train" in capsys.readouterr().err
+
+
+def test_unsupported_opset_is_reported(factory, tmp_path, capsys):
+    assert cli.main(["export", factory, "--format", "onnx", "--opset", "9", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "opset 9 is not supported" in capsys.readouterr().err
+
+
+def test_help_lists_the_formats(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--help"])
+    assert "pt2" in capsys.readouterr().out

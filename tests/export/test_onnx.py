@@ -1,0 +1,249 @@
+"""ONNX export in both forms, run in onnxruntime (real runtime, CPU)."""
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from diagcompile import DiagLinear, DiagSparsityConfig, sparsify_
+from diagcompile.export import ExportCheckError, NoDiagonalLayersWarning, check_onnx, to_onnx
+from diagcompile.export.onnx import (
+    DEFAULT_OPSET,
+    PLUGIN_NAME,
+    PLUGIN_NAMESPACE,
+    SUPPORTED_OPSETS,
+    count_plugin_nodes,
+    make_session,
+    strip_local_functions,
+    to_contrib_domain,
+)
+from diagcompile.marking import sync_marks
+from diagcompile.testing import ExportTestModel, make_export_model
+
+N = ExportTestModel.N_DIAG_LAYERS
+
+
+def _converted(model: nn.Module) -> nn.Module:
+    """The eager model the artifact must reproduce: marked linears converted, as export does."""
+    out = copy.deepcopy(model)
+    sync_marks(out)
+    return sparsify_(out, DiagSparsityConfig(only_marked=True))
+
+
+def _run(session: ort.InferenceSession, x: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+@pytest.fixture(scope="module")
+def model_and_args():
+    return make_export_model()
+
+
+@pytest.fixture(scope="module")
+def portable(model_and_args, tmp_path_factory):
+    model, args = model_and_args
+    return to_onnx(model, args, tmp_path_factory.mktemp("onnx") / "portable.onnx", mode="portable")
+
+
+@pytest.fixture(scope="module")
+def plugin(model_and_args, tmp_path_factory):
+    model, args = model_and_args
+    return to_onnx(model, args, tmp_path_factory.mktemp("onnx") / "plugin.onnx", mode="plugin")
+
+
+# ----------------------------------------------------------------------------------------------------
+# portable
+# ----------------------------------------------------------------------------------------------------
+def test_portable_passes_the_full_checker_and_uses_only_standard_ops(portable):
+    model = onnx.load(portable)
+    onnx.checker.check_model(model, full_check=True)
+    assert {imp.domain for imp in model.opset_import} <= {"", "ai.onnx"}
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    assert not model.functions
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_portable_matches_torch_in_onnxruntime(portable, model_and_args, batch):
+    model, _ = model_and_args
+    session = ort.InferenceSession(str(portable), providers=["CPUExecutionProvider"])
+    x = torch.randn(batch, 5, 96)  # 3-D input, batch != the example's 3
+    with torch.no_grad():
+        expected = _converted(model)(x)
+    torch.testing.assert_close(_run(session, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_portable_file_stores_the_diagonals_not_dense_weights(portable, model_and_args):
+    model, _ = model_and_args
+    conv = _converted(model)
+    layers = [m for m in conv.modules() if isinstance(m, DiagLinear)]
+    assert len(layers) == N
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(portable).graph.initializer}
+    dense_sizes = {m.in_features * m.out_features for m in layers}
+    assert not [n for n, a in inits.items() if a.size in dense_sizes], "a dense diagonal-layer weight was stored"
+    assert len([n for n in inits if n.endswith(".values")]) == N
+    # Weight bytes: the diagonal values plus what the rest of the model needs (biases, offsets, dense head,
+    # small constants), far below the dense layers. The index arithmetic is not folded into the file.
+    sparse = sum(m.values.numel() for m in layers) * 4
+    dense = sum(m.in_features * m.out_features for m in layers) * 4
+    other = sum(p.numel() * 4 for n, p in conv.named_parameters() if not n.endswith(".values"))
+    offsets = sum(m.k for m in layers) * 4
+    aranges = sum(min(m.in_features, m.out_features) for m in layers) * 8  # folded arange(D), int64
+    stored = sum(a.nbytes for a in inits.values())
+    assert stored < sparse + other + offsets + aranges + 512 < dense, (stored, sparse, other, dense)
+
+
+def test_check_onnx_passes_and_reports_two_batch_sizes(portable, model_and_args):
+    model, args = model_and_args
+    result = check_onnx(portable, model, args)
+    assert result.passed and result.artifact == "onnx-portable"
+    assert len(result.batch_sizes) == 2 and 3 not in result.batch_sizes
+
+
+def test_check_onnx_fails_on_a_broken_file(portable, model_and_args, tmp_path):
+    model, args = model_and_args
+    broken = onnx.load(portable)
+    for init in broken.graph.initializer:
+        if init.name == "tall.values":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.05, init.name))
+    path = tmp_path / "broken.onnx"
+    onnx.save(broken, path)
+    with pytest.raises(ExportCheckError, match="FAILED"):
+        check_onnx(path, model, args)
+    assert not check_onnx(path, model, args, raise_on_failure=False).passed
+
+
+# ----------------------------------------------------------------------------------------------------
+# plugin
+# ----------------------------------------------------------------------------------------------------
+def _plugin_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == PLUGIN_NAMESPACE and n.op_type == PLUGIN_NAME]
+
+
+def test_plugin_has_one_node_per_layer_with_tensorrt_attributes(plugin, model_and_args):
+    model = onnx.load(plugin)
+    onnx.checker.check_model(model, full_check=True)
+    nodes = _plugin_nodes(model)
+    assert len(nodes) == N == count_plugin_nodes(model)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    layers = [m for m in _converted(model_and_args[0]).modules() if isinstance(m, DiagLinear)]
+    for node, layer in zip(nodes, layers):  # graph order == forward order
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["plugin_namespace"] == b"diagcompile" and attrs["plugin_version"] == b"1"
+        assert attrs["aot"] == 1
+        assert (attrs["out_features"], attrs["in_features"]) == (layer.out_features, layer.in_features)
+        x, values, offsets, bias = node.input
+        np.testing.assert_array_equal(inits[offsets], layer.offsets.numpy())
+        assert inits[offsets].dtype == np.int32
+        np.testing.assert_array_equal(inits[values], layer.values.detach().numpy())
+        expected_bias = layer.bias.detach().numpy() if layer.bias is not None else np.zeros(layer.out_features)
+        np.testing.assert_array_equal(inits[bias], expected_bias.astype(np.float32))
+
+
+def test_plugin_with_local_function_runs_in_plain_onnxruntime(plugin, model_and_args):
+    model, _ = model_and_args
+    assert [f.name for f in onnx.load(plugin).functions] == [PLUGIN_NAME]
+    session = ort.InferenceSession(str(plugin), providers=["CPUExecutionProvider"])
+    conv = _converted(model)
+    for batch in (1, 6):
+        x = torch.randn(batch, 5, 96)
+        with torch.no_grad():
+            torch.testing.assert_close(_run(session, x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bare_plugin_file_needs_the_plugin_and_runs_through_onnxruntime_extensions(plugin, model_and_args):
+    model, args = model_and_args
+    bare = strip_local_functions(onnx.load(plugin))
+    assert not bare.functions and count_plugin_nodes(bare) == N
+    with pytest.raises(Exception, match="DiagLinear"):  # plain onnxruntime has no such op
+        ort.InferenceSession(bare.SerializeToString(), providers=["CPUExecutionProvider"])
+    contrib = to_contrib_domain(bare)
+    assert all(n.domain == "ai.onnx.contrib" for n in contrib.graph.node if n.op_type == PLUGIN_NAME)
+    session = make_session(bare, runtime="extensions")
+    x = torch.randn(4, 5, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(session, x), _converted(model)(x), rtol=1e-5, atol=1e-5)
+    result = check_onnx(bare, model, args, runtime="extensions")
+    assert result.passed and "onnxruntime-extensions" in result.artifact
+
+
+def test_bare_export_option_and_check_attaches_the_function(model_and_args, tmp_path):
+    layer = DiagLinear(24, 36, bias=False, sparsity=0.75)
+    path = to_onnx(layer, (torch.randn(2, 24),), tmp_path / "bare.onnx", mode="plugin", local_function=False, aot=False)
+    model = onnx.load(path)
+    assert not model.functions and count_plugin_nodes(model) == 1
+    assert {a.name: a.i for a in _plugin_nodes(model)[0].attribute if a.name == "aot"} == {"aot": 0}
+    assert check_onnx(path, layer, (torch.randn(2, 24),)).passed  # function attached in memory
+
+
+# ----------------------------------------------------------------------------------------------------
+# opsets, dtypes, models without diagonal layers
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opset", [SUPPORTED_OPSETS[0], SUPPORTED_OPSETS[-1]])
+def test_supported_opset_bounds_export_and_run(opset, tmp_path):
+    layer = DiagLinear(20, 30, sparsity=0.8)
+    path = to_onnx(layer, (torch.randn(2, 20),), tmp_path / f"o{opset}.onnx", opset=opset)
+    assert next(i.version for i in onnx.load(path).opset_import if i.domain == "") == opset
+    assert check_onnx(path, layer, (torch.randn(2, 20),)).passed
+
+
+@pytest.mark.parametrize("opset", [SUPPORTED_OPSETS[0] - 1, SUPPORTED_OPSETS[-1] + 1, "20"])
+def test_unsupported_opset_is_a_clear_error(opset, tmp_path):
+    with pytest.raises(ValueError, match=f"opset .* is not supported; use one of .*default {DEFAULT_OPSET}"):
+        to_onnx(DiagLinear(8, 8, sparsity=0.5), (torch.randn(2, 8),), tmp_path / "x.onnx", opset=opset)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_unsupported_dtype_is_a_clear_error(dtype, tmp_path):
+    layer = DiagLinear(8, 8, sparsity=0.5).to(dtype)
+    with pytest.raises(TypeError, match=f"float32 and float16.*{str(dtype).split('.')[-1]}"):
+        to_onnx(layer, (torch.randn(2, 8, dtype=dtype),), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_unknown_mode_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        to_onnx(DiagLinear(8, 8, sparsity=0.5), (torch.randn(2, 8),), tmp_path / "x.onnx", mode="fast")
+
+
+@pytest.mark.parametrize("mode", ["portable", "plugin"])
+def test_float16_model_matches(mode, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(DiagLinear(32, 16, sparsity=0.75), nn.ReLU(), DiagLinear(16, 48, bias=False, sparsity=0.75))
+    model = model.half()
+    args = (torch.randn(3, 32, dtype=torch.float16),)
+    path = to_onnx(model, args, tmp_path / "h.onnx", mode=mode)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 32, dtype=torch.float16)
+    out = _run(session, x)
+    assert out.dtype == torch.float16
+    with torch.no_grad():
+        ref = model.float()(x.float())
+    model.half()
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_model_without_diagonal_layers_exports_with_a_note(tmp_path):
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh())
+    with pytest.warns(NoDiagonalLayersWarning):
+        path = to_onnx(model, (torch.randn(3, 6),), tmp_path / "plain.onnx", mode="plugin")
+    assert count_plugin_nodes(path) == 0
+    assert check_onnx(path, model, (torch.randn(3, 6),)).passed
+
+
+def test_check_onnx_rejects_a_non_onnx_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00\x01 definitely not protobuf" * 10)
+    with pytest.raises(ValueError, match="not a readable ONNX model|onnx.checker"):
+        check_onnx(bad, DiagLinear(8, 8, sparsity=0.5), (torch.randn(2, 8),))
+
+
+def test_extensions_runtime_refuses_float16_plugin_nodes(tmp_path):
+    layer = DiagLinear(16, 8, sparsity=0.5).half()
+    path = to_onnx(layer, (torch.randn(2, 16, dtype=torch.float16),), tmp_path / "h.onnx", mode="plugin")
+    with pytest.raises(ValueError, match="float32 plugin nodes only"):
+        make_session(path, runtime="extensions")
