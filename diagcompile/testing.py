@@ -175,6 +175,8 @@ def digits_split(n_train: int = 1400, seed: int = 0) -> tuple[Tensor, Tensor, Te
     mu, sd = X[:n_train].mean(0), X[:n_train].std(0) + 1e-3
     X = (X - mu) / sd
     return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
+
+
 # ---- export test models (owner: export layer) ------------------------------------------------------
 class ExportTestModel(torch.nn.Module):
     """Four diagonal layers covering both orientations with and without bias, plus dense parts.
