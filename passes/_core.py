@@ -43,6 +43,7 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, fx, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from diagcompile.marking import SparseMark, get_sparse_mark, is_sparse_marked, mark_sparse
 from diagcompile.ops import OFFSET_DTYPE, extract_diagonals
@@ -233,6 +234,13 @@ def _collect(gm: fx.GraphModule, placeholder_tensors: Sequence[object] | None, w
         elif node.op == "call_module":
             mod = modules[node.target]
             if isinstance(mod, nn.Linear) and get_sparse_mark(mod) is not None:
+                if type(mod).forward is not nn.Linear.forward:
+                    raise SparseRewriteError(
+                        f"{what}: '{node.target}' is marked sparse but its class {type(mod).__name__} overrides "
+                        f"nn.Linear.forward, and the graph calls it as one module ({_describe(node)}); the pass "
+                        f"only replaces a plain linear. Let the tracer trace through it (its F.linear on the "
+                        f"marked weight is then rewritten) or unmark it"
+                    )
                 w = entry(mod.weight, f"{node.target}.weight")
                 own = mod.__dict__.get("_diagcompile_sparse_mark")
                 if own is not None:
@@ -241,6 +249,7 @@ def _collect(gm: fx.GraphModule, placeholder_tensors: Sequence[object] | None, w
                 w.sites.append(_Site(node, x, mod.bias, node.target))
                 continue
             hidden = [n for n, p in mod.named_parameters() if is_sparse_marked(p)]
+            hidden += [f"{n}.weight" for n, sub in mod.named_modules() if n and get_sparse_mark(sub) is not None]
             if hidden:
                 raise SparseRewriteError(
                     f"{what}: '{node.target}.{hidden[0]}' is marked sparse but is used inside '{node.target}' "
@@ -315,6 +324,23 @@ def _diagonals(weight: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
     # a graph that records autograd.
     with torch.inference_mode(False):
         return extract_diagonals(weight.detach(), offsets).to(dtype).contiguous()
+
+
+# Converted-once values shared by every graph compiled from the same weight (a dynamic-shape recompile
+# would otherwise hold a second copy). Keyed by the weight's version counter too, so a weight changed in
+# place (load_state_dict, an optimizer step) is converted afresh by the next compile.
+# (torch's identity-keyed weak dict: tensors compare elementwise, so weakref.WeakKeyDictionary cannot hold them.)
+_CONSTANTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _constant_diagonals(weight: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
+    key = (tuple(offsets.tolist()), dtype, weight._version)
+    per_weight = _CONSTANTS.setdefault(weight, {})
+    if key not in per_weight:
+        for stale in [k for k in per_weight if k[2] != weight._version]:  # from an older version of the weight
+            del per_weight[stale]
+        per_weight[key] = _diagonals(weight, offsets, dtype)
+    return per_weight[key]
 
 
 def _flat_index(weight: Tensor, offsets: Tensor) -> Tensor:
@@ -398,7 +424,8 @@ class _Emitter:
                 if dtype != self.w.tensor.dtype:
                     node = graph.call_method("to", (node, dtype))
             elif self.mode == "constant":
-                node = graph.get_attr(self._root_buffer("values", _diagonals(self.w.tensor, self.offsets, dtype)))
+                values = _constant_diagonals(self.w.tensor, self.offsets, dtype)
+                node = graph.get_attr(self._root_buffer("values", values))
             else:
                 index = graph.get_attr(self._root_buffer("index", _flat_index(self.w.tensor, self.offsets)))
                 node = graph.call_function(torch.take, (self._weight_node(site), index))

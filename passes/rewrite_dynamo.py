@@ -1,9 +1,9 @@
 """Pass for Dynamo graphs (what a ``torch.compile`` backend receives).
 
 Targets: ``F.linear`` (``torch._C._nn.linear``) whose weight is a placeholder or ``get_attr`` holding a
-marked tensor; ``call_module`` of marked ``nn.Linear`` too (Dynamo emits those with
-``inline_inbuilt_nn_modules=False``). Dynamo lifts parameters to graph inputs, so a weight's mark is read
-from the matching entry of ``example_inputs``: the user's real ``Parameter``.
+marked tensor, and ``call_module`` of a marked ``nn.Linear`` in graphs built that way. Dynamo inlines
+``nn.Module`` calls and lifts parameters to graph inputs, so a weight's mark is read from the matching entry
+of ``example_inputs``: the user's real ``Parameter``.
 
 The graph's inputs are fixed by Dynamo, so the dense weight stays an input; how the values are computed
 depends on whether the graph will be differentiated with respect to the weight:

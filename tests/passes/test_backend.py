@@ -57,6 +57,15 @@ print("compiled", "diagcompile.passes.backend" in sys.modules)
     assert "compiled True" in out
 
 
+def test_diagcompile_compile_is_lazy():
+    out = run_python(
+        "import sys, diagcompile; print(callable(diagcompile.compile), 'diagcompile.passes' in sys.modules)"
+    )
+    assert out.split() == ["True", "False"]
+    with pytest.raises(TypeError, match="sparsify=True needs an nn.Module"):
+        diagcompile.compile(lambda x: x, sparsify=True)
+
+
 def test_inference_fullgraph_batch_sizes_compile_at_most_twice(zoo):
     net = zoo.make_net()
     ref = masked_dense_copy(net)

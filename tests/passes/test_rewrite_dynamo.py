@@ -136,3 +136,18 @@ def test_example_inputs_must_match_placeholders(zoo):
     gm, ex = capture(zoo.make_net(), torch.randn(2, 12))
     with pytest.raises(ValueError, match="example inputs for a graph with"):
         rewrite_dynamo(gm, ex[:-1])
+
+
+def test_converted_values_are_shared_across_recompiles_until_the_weight_changes(zoo):
+    net = zoo.make_net()
+    first = capture(net, torch.randn(2, 12), grad=False)
+    second = capture(net, torch.randn(5, 12), grad=False)
+    with torch.no_grad():
+        a, _ = rewrite_dynamo(*first)
+        b, _ = rewrite_dynamo(*second)
+    assert a.get_buffer("_diag0_values") is b.get_buffer("_diag0_values")
+    with torch.no_grad():
+        net.blocks[0].fc1.weight.add_(1.0)  # bumps the version counter
+        c, _ = rewrite_dynamo(*second)
+    assert c.get_buffer("_diag0_values") is not a.get_buffer("_diag0_values")
+    assert not torch.equal(c.get_buffer("_diag0_values"), a.get_buffer("_diag0_values"))

@@ -205,3 +205,38 @@ def test_module_mark_only_after_deepcopy(zoo):
     assert report.count == 1
     x = torch.randn(2, 8)
     torch.testing.assert_close(gm(x), masked_dense_copy(net)(x))
+
+
+def test_leaf_subclass_with_its_own_forward_raises():
+    """A Linear subclass kept as a leaf but computing something else must not be replaced by a plain linear."""
+
+    class LeafTracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, _Scaled) or super().is_leaf_module(m, qualname)
+
+    model = nn.Sequential()
+    model.add_module("fc", _Scaled(8, 8))
+    mark_sparse(model.fc, sparsity=0.5)
+    gm = fx.GraphModule(model, LeafTracer().trace(model))
+    with pytest.raises(SparseRewriteError, match=r"'fc'.*_Scaled overrides nn.Linear.forward"):
+        rewrite_traced(gm)
+
+
+def test_module_only_mark_inside_opaque_module_raises():
+    """After a deepcopy only module marks survive; a marked linear hidden in a leaf is still reported."""
+    import copy
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = Attn()
+    mark_sparse(model.attn.out_proj, sparsity=0.5)
+    clone = copy.deepcopy(model)
+    assert get_sparse_mark(clone.attn.out_proj.weight) is None
+    with pytest.raises(SparseRewriteError, match=r"'attn.out_proj.weight' is marked sparse"):
+        rewrite_traced(fx.symbolic_trace(clone))
