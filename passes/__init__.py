@@ -19,17 +19,19 @@ from diagcompile.passes._core import (
     pin_marks_,
 )
 from diagcompile.passes.backend import compile, diagcompile_backend, inductor_config
-from diagcompile.passes.rewrite_dynamo import rewrite_dynamo
+from diagcompile.passes.rewrite_dynamo import DiagInputs, diag_inputs, rewrite_dynamo
 from diagcompile.passes.rewrite_exported import ExportRewriteResult, rewrite_exported, rewrite_exported_program
 from diagcompile.passes.rewrite_traced import rewrite_traced
 
 __all__ = [
+    "DiagInputs",
     "ExportRewriteResult",
     "PassResult",
     "RewriteReport",
     "RewriteSite",
     "SparseRewriteError",
     "compile",
+    "diag_inputs",
     "diagcompile_backend",
     "inductor_config",
     "pin_marks_",

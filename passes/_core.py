@@ -5,8 +5,7 @@ Vocabulary
 ----------
 * A **site** is one linear call whose weight is marked (``diagcompile.mark_sparse``):
 
-  - ``call_module`` of an ``nn.Linear`` or subclass (``torch.fx.symbolic_trace`` graphs, Dynamo graphs
-    with ``inline_inbuilt_nn_modules=False``);
+  - ``call_module`` of an ``nn.Linear`` or subclass (``torch.fx.symbolic_trace`` graphs);
   - ``call_function`` of ``F.linear`` (``torch._C._nn.linear``) or ``aten.linear.default`` whose *weight*
     argument is read straight from a ``get_attr`` node or a ``placeholder`` (Dynamo lifts parameters to
     placeholders; its ``example_inputs`` are the real ``Parameter`` objects, so their marks are visible).
@@ -20,10 +19,16 @@ Vocabulary
     the dense weight lived (``<owner>.values`` / ``<owner>.offsets``: the ``DiagLinear`` state_dict
     layout); the dense weight is removed from the graph module. Used on ``symbolic_trace`` and
     ``ep.module()`` graphs, which own their state.
-  - ``"constant"``: values converted once, at rewrite time, into buffers of the graph module. The dense
-    weight stays a (now unused) graph input: it belongs to the user's model. Dynamo inference.
-  - ``"extract"``: values gathered from the live dense weight inside the graph at every call, so autograd
-    sends the gradient to the dense weight, on the kept diagonals only. Dynamo training.
+  - ``"converted"``: the values (and offsets) become extra graph *inputs*, appended after the graph's own
+    placeholders and described by an ``InputSpec`` each; the caller feeds them per call, converted once
+    per weight (see ``rewrite_dynamo``). The dense weight stays an (unused) input. Dynamo inference.
+  - ``"gathered"``: a flat index (and the offsets) become extra inputs and the values are gathered from the
+    live dense weight inside the graph at every call, so autograd sends the gradient to the dense weight,
+    on the kept diagonals only. Dynamo training.
+
+  Dynamo reuses one compiled graph for every tensor that fits its guards (for instance the twelve blocks
+  of a model whose block forward has a graph break), so a Dynamo graph must never bake one weight's
+  diagonals in: hence inputs, looked up for the weight tensor actually passed.
 
 Which mark a weight obeys: the mark on the weight tensor if it has one (it is the mark that travels with
 the tensor into every IR), else the mark of the ``nn.Linear`` that owns it (after ``copy.deepcopy`` only the
@@ -34,7 +39,6 @@ raises ``SparseRewriteError`` naming the node, never a silent partial rewrite.
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -43,7 +47,6 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, fx, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from diagcompile.marking import SparseMark, get_sparse_mark, is_sparse_marked, mark_sparse
 from diagcompile.ops import OFFSET_DTYPE, extract_diagonals
@@ -55,8 +58,12 @@ __all__ = [
     "RewriteReport",
     "PassResult",
     "StateMode",
+    "InputSpec",
     "LINEAR_FUNCTIONS",
+    "rewrite_sites",
     "rewrite_marked_linears",
+    "has_marked_sites",
+    "flat_index",
     "pin_marks_",
     "resolve_and_pin",
     "resolve_mark",
@@ -64,7 +71,7 @@ __all__ = [
 
 log = logging.getLogger("diagcompile.passes")
 
-StateMode = Literal["parameter", "constant", "extract"]
+StateMode = Literal["parameter", "converted", "gathered"]
 
 #: The call_function targets treated as a linear. ``F.linear`` *is* ``torch._C._nn.linear``.
 LINEAR_FUNCTIONS: tuple[object, ...] = (torch._C._nn.linear, torch.ops.aten.linear.default)
@@ -90,7 +97,7 @@ class RewriteSite:
             original parameter name of a Dynamo placeholder).
         out_features, in_features: the dense weight's shape ``(N_out, N_in)``.
         k: number of kept diagonals (of ``P = max(N_out, N_in)``).
-        state: the state mode (``"parameter"``, ``"constant"`` or ``"extract"``).
+        state: the state mode (``"parameter"``, ``"converted"`` or ``"gathered"``).
     """
 
     node: str
@@ -137,6 +144,27 @@ class PassResult(NamedTuple):
 
     graph_module: fx.GraphModule
     report: RewriteReport
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One extra input that a ``"converted"`` / ``"gathered"`` rewrite appended to the graph.
+
+    Attributes:
+        source: where the dense weight comes from at call time: the index of the graph input that carries
+            it, or the tensor itself (a weight the graph reads with ``get_attr``).
+        kind: ``"values"`` (``(k, D)`` in ``dtype``), ``"index"`` (``(k, D)`` int64 flat positions of the kept
+            entries in the dense weight) or ``"offsets"`` (``(k,)`` int32).
+        dtype: the dtype of ``"values"``.
+        k: the number of diagonals the graph was compiled for.
+        weight: the weight's name (for error messages).
+    """
+
+    source: int | Tensor
+    kind: Literal["values", "index", "offsets"]
+    dtype: torch.dtype
+    k: int
+    weight: str
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,6 +316,11 @@ def _collect(gm: fx.GraphModule, placeholder_tensors: Sequence[object] | None, w
     return [w for w in weights.values() if w.sites]
 
 
+def has_marked_sites(gm: fx.GraphModule, placeholder_tensors: Sequence[object] | None = None, ir: str = "") -> bool:
+    """Whether ``gm`` has anything to rewrite (raises ``SparseRewriteError`` like the passes would)."""
+    return bool(_collect(gm, placeholder_tensors, ir))
+
+
 # ----------------------------------------------------------------------------------------------------
 # State placement
 # ----------------------------------------------------------------------------------------------------
@@ -326,36 +359,56 @@ def _diagonals(weight: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
         return extract_diagonals(weight.detach(), offsets).to(dtype).contiguous()
 
 
-# Converted-once values shared by every graph compiled from the same weight (a dynamic-shape recompile
-# would otherwise hold a second copy). Keyed by the weight's version counter too, so a weight changed in
-# place (load_state_dict, an optimizer step) is converted afresh by the next compile.
-# (torch's identity-keyed weak dict: tensors compare elementwise, so weakref.WeakKeyDictionary cannot hold them.)
-_CONSTANTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _constant_diagonals(weight: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
-    key = (tuple(offsets.tolist()), dtype, weight._version)
-    per_weight = _CONSTANTS.setdefault(weight, {})
-    if key not in per_weight:
-        for stale in [k for k in per_weight if k[2] != weight._version]:  # from an older version of the weight
-            del per_weight[stale]
-        per_weight[key] = _diagonals(weight, offsets, dtype)
-    return per_weight[key]
-
-
-def _flat_index(weight: Tensor, offsets: Tensor) -> Tensor:
+def flat_index(weight: Tensor, offsets: Tensor) -> Tensor:
+    """``(k, D)`` int64 positions of the kept entries in the flattened dense weight (for ``torch.take``)."""
     rows, cols = diagonal_indices(weight.shape[0], weight.shape[1], offsets)
     with torch.inference_mode(False):
         return (rows * weight.shape[1] + cols).to(weight.device)
 
 
+class _Inputs:
+    """Appends placeholders after the graph's last one, each with its ``InputSpec``."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        self.last = placeholders[-1] if placeholders else None
+        # Dynamo's graphs carry per-placeholder metadata that AOTAutograd reads back (a source, and whether
+        # the input is static: parameters are, so CUDA graphs do not copy them each replay). Our inputs are
+        # per-weight state that lives as long as the weight: mark them static too.
+        self.dynamo = any(hasattr(n, "_dynamo_source") for n in placeholders)
+        self.specs: list[InputSpec] = []
+
+    def add(self, name: str, spec: InputSpec) -> fx.Node:
+        ctx = self.graph.inserting_after(self.last) if self.last is not None else self.graph.inserting_before()
+        with ctx:
+            node = self.graph.placeholder(name)
+        if self.dynamo:
+            node._dynamo_source = None
+            node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+        self.last = node
+        self.specs.append(spec)
+        return node
+
+
 class _Emitter:
     """Creates, once per (weight, dtype), the graph nodes that yield a weight's values and offsets."""
 
-    def __init__(self, gm: fx.GraphModule, w: _Weight, offsets: Tensor, mode: StateMode, index: int) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        w: _Weight,
+        offsets: Tensor,
+        mode: StateMode,
+        index: int,
+        inputs: _Inputs,
+        position: dict[fx.Node, int],
+    ) -> None:
         self.gm, self.w, self.offsets, self.mode, self.index = gm, w, offsets, mode, index
+        self.inputs, self.position = inputs, position
         self.values_nodes: dict[torch.dtype, fx.Node] = {}
         self.offsets_node: fx.Node | None = None
+        self.index_node: fx.Node | None = None
         self.param: nn.Parameter | None = None
         self.containers: set[str] = set()  # call_module paths whose nn.Linear was replaced (parameter mode)
         self.attr_names: tuple[str, str] | None = None  # (values target, offsets target)
@@ -397,11 +450,17 @@ class _Emitter:
             first = next(iter(self.containers))
             self.attr_names = (f"{first}.values", f"{first}.offsets")
 
-    # -- constant / extract modes: state on the root, named by the weight's index -----------------
-    def _root_buffer(self, suffix: str, t: Tensor) -> str:
-        name = _free_name(self.gm, f"_diag{self.index}_{suffix}")
-        self.gm.register_buffer(name, t)
-        return name
+    # -- input modes: per-weight state fed as extra graph inputs ----------------------------------
+    def _source(self) -> int | Tensor:
+        src = self.w.source_nodes[0] if self.w.source_nodes else None
+        if src is not None and src.op == "placeholder":
+            return self.position[src]
+        return self.w.tensor
+
+    def _input(self, kind: str, dtype: torch.dtype) -> fx.Node:
+        suffix = kind if kind != "values" or dtype == self.w.tensor.dtype else f"values_{str(dtype).split('.')[-1]}"
+        spec = InputSpec(self._source(), kind, dtype, int(self.offsets.numel()), self.w.name)
+        return self.inputs.add(f"diag{self.index}_{suffix}", spec)
 
     def _weight_node(self, site: _Site) -> fx.Node:
         if self.w.source_nodes:
@@ -414,21 +473,20 @@ class _Emitter:
         if self.offsets_node is None:
             if self.mode == "parameter":
                 self._place_parameter_state()
-                off_target = self.attr_names[1]
+                self.offsets_node = graph.get_attr(self.attr_names[1])
             else:
-                off_target = self._root_buffer("offsets", self.offsets)
-            self.offsets_node = graph.get_attr(off_target)
+                self.offsets_node = self._input("offsets", torch.int32)
         if dtype not in self.values_nodes:
             if self.mode == "parameter":
                 node = graph.get_attr(self.attr_names[0])
                 if dtype != self.w.tensor.dtype:
                     node = graph.call_method("to", (node, dtype))
-            elif self.mode == "constant":
-                values = _constant_diagonals(self.w.tensor, self.offsets, dtype)
-                node = graph.get_attr(self._root_buffer("values", values))
+            elif self.mode == "converted":
+                node = self._input("values", dtype)
             else:
-                index = graph.get_attr(self._root_buffer("index", _flat_index(self.w.tensor, self.offsets)))
-                node = graph.call_function(torch.take, (self._weight_node(site), index))
+                if self.index_node is None:
+                    self.index_node = self._input("index", torch.int64)
+                node = graph.call_function(torch.take, (self._weight_node(site), self.index_node))
                 if dtype != self.w.tensor.dtype:
                     node = graph.call_method("to", (node, dtype))
             self.values_nodes[dtype] = node
@@ -458,15 +516,14 @@ def resolve_mark(weight: Tensor, mark: SparseMark) -> Tensor:
     return mark.resolve_offsets(weight)
 
 
-def rewrite_marked_linears(
+def rewrite_sites(
     gm: fx.GraphModule,
     *,
     ir: str,
     state_mode: StateMode | Callable[[Tensor], StateMode],
     placeholder_tensors: Sequence[object] | None = None,
     resolve: Resolver = resolve_mark,
-    rewrap: bool = False,
-) -> PassResult:
+) -> tuple[PassResult, list[InputSpec]]:
     """Rewrite, in place, every linear site of a sparse-marked weight in ``gm`` into ``diag_linear``.
 
     Args:
@@ -476,12 +533,10 @@ def rewrite_marked_linears(
         placeholder_tensors: the runtime value of each placeholder, in order (Dynamo's ``example_inputs``);
             ``None`` when weights can only come from ``get_attr`` / ``call_module``.
         resolve: ``(weight, mark) -> offsets`` (int32, sorted); default ``mark.resolve_offsets(weight)``.
-        rewrap: edit a new ``fx.GraphModule`` over a copy of the graph instead of ``gm`` (which then stays
-            untouched). Dynamo's graph modules need it: registering state on them directly fails later in
-            AOTAutograd (``... not found in param_name_to_source``).
 
     Returns:
-        ``(graph_module, report)``; when nothing is marked, ``gm`` itself, untouched, and ``count == 0``.
+        ``((gm, report), specs)``: ``specs`` describes the inputs appended to the graph, in order (empty in
+        ``"parameter"`` mode). When nothing is marked, ``gm`` is untouched and ``report.count == 0``.
 
     Raises:
         SparseRewriteError: a marked weight is used other than as a linear's weight, sits inside an opaque
@@ -489,15 +544,11 @@ def rewrite_marked_linears(
     """
     weights = _collect(gm, placeholder_tensors, ir)
     if not weights:
-        return PassResult(gm, RewriteReport(ir))
-    if rewrap:
-        # A new module over a copy of the graph (Graph.__deepcopy__ copies nodes, shallow-copies their
-        # meta), so the caller's graph module stays untouched; the tensors are the same objects.
-        new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        new.meta.update(getattr(gm, "meta", {}))
-        gm, weights = new, _collect(new, placeholder_tensors, ir)
+        return PassResult(gm, RewriteReport(ir)), []
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
+    position = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
+    inputs = _Inputs(graph)
     emitters: dict[int, _Emitter] = {}
     work: list[tuple[_Site, _Weight]] = []
     for i, w in enumerate(weights):
@@ -507,7 +558,7 @@ def rewrite_marked_linears(
         except RuntimeError as e:  # e.g. a fake tensor without data: top-k needs the real weight
             raise SparseRewriteError(f"{ir}: cannot choose the diagonals of '{w.name}': {e}") from e
         mode = state_mode(w.tensor) if callable(state_mode) else state_mode
-        emitters[id(w)] = _Emitter(gm, w, offsets, mode, i)
+        emitters[id(w)] = _Emitter(gm, w, offsets, mode, i, inputs, position)
         work += [(s, w) for s in w.sites]
     work.sort(key=lambda sw: order[sw[0].node])
 
@@ -530,13 +581,17 @@ def rewrite_marked_linears(
         graph.erase_node(site.node)
         sites.append(RewriteSite(new.name, w.name, n_out, n_in, int(em.offsets.numel()), em.mode))
 
-    # Dead dense weights: get_attr nodes without users, and their attributes when nothing refers to them.
+    # Dead dense weights: get_attr nodes without users go; in "parameter" mode (the graph module owns its
+    # state) so do their attributes, once nothing refers to them. A placeholder is never removed: the
+    # graph's inputs are its caller's contract.
     for w in weights:
         for src in w.source_nodes:
             if src.op == "get_attr" and not src.users:
                 graph.erase_node(src)
     referenced = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
     for w in weights:
+        if emitters[id(w)].mode != "parameter":
+            continue
         for src in w.source_nodes:
             if src.op == "get_attr" and src.target not in referenced:
                 parent, last = _owned_parent(gm, src.target)
@@ -551,7 +606,15 @@ def rewrite_marked_linears(
     gm.recompile()
     report = RewriteReport(ir, tuple(sites))
     log.info("%s", report)
-    return PassResult(gm, report)
+    return PassResult(gm, report), inputs.specs
+
+
+def rewrite_marked_linears(gm: fx.GraphModule, *, ir: str, state_mode: StateMode = "parameter") -> PassResult:
+    """``rewrite_sites`` for graph modules that own their state (``"parameter"`` mode, no extra inputs)."""
+    if state_mode != "parameter":
+        raise ValueError("rewrite_marked_linears places state in the graph module; use rewrite_sites for inputs")
+    result, _ = rewrite_sites(gm, ir=ir, state_mode=state_mode)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------

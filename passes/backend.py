@@ -8,7 +8,7 @@ Registered through the ``torch_dynamo_backends`` entry point, so after installin
 
 ``mode`` and ``options`` are translated exactly as for ``backend="inductor"``
 (``torch._inductor.list_mode_options`` + Inductor config patches). See ``rewrite_dynamo`` for what happens
-to a marked dense weight (inference: converted once at compile time; training: diagonals gathered from
+to a marked dense weight (inference: converted once per weight version; training: diagonals gathered from
 the live weight, gradient on the kept diagonals only).
 """
 
@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from diagcompile.marking import get_sparse_mark, mark_sparse
 from diagcompile.passes._core import RewriteReport
-from diagcompile.passes.rewrite_dynamo import rewrite_dynamo
+from diagcompile.passes.rewrite_dynamo import diag_inputs, rewrite_dynamo
 
 __all__ = ["diagcompile_backend", "compile", "inductor_config"]
 
@@ -78,7 +78,18 @@ def diagcompile_backend(
     gm, report = rewrite_dynamo(gm, example_inputs)
     if on_rewrite is not None:
         on_rewrite(report)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    extra = diag_inputs(gm)
+    if not extra:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    compiled = compile_fx(gm, [*example_inputs, *extra(example_inputs)], config_patches=patches)
+    # The rewritten graph takes the diagonal state of the weights actually passed after Dynamo's inputs.
+    # Dynamo calls a backend's result as fn(*args) (compile_fx's own result is such a function, although
+    # it carries the `_boxed_call` attribute of the boxed function it wraps).
+
+    def run(*args: object) -> Any:
+        return compiled(*args, *extra(args))
+
+    return run
 
 
 def _restore_weight_marks(model: nn.Module) -> None:

@@ -1,7 +1,8 @@
 """rewrite_dynamo on real Dynamo graphs, run eagerly (the backend tests add Inductor on top).
 
 A capturing backend hands us Dynamo's ``(gm, example_inputs)``; the rewritten graph module is then called
-with the same inputs, so every check here costs a Dynamo trace and no Inductor compile.
+with the same inputs plus its diagonal inputs, so every check here costs a Dynamo trace and no Inductor
+compile.
 """
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 
 from diagcompile import get_sparse_mark, mark_sparse
 from diagcompile.ops import to_dense
-from diagcompile.passes import SparseRewriteError, rewrite_dynamo
+from diagcompile.passes import SparseRewriteError, diag_inputs, rewrite_dynamo
 from diagcompile.testing import masked_dense_copy, masked_training_copy
 
 DIAG = torch.ops.diagcompile.diag_linear.default
@@ -32,8 +33,9 @@ def capture(model, *args, grad: bool = True):
     return out
 
 
-def _input_index(gm, ex, x):
-    return next(i for i, t in enumerate(ex) if t is x)
+def run(gm, args):
+    """Call a rewritten Dynamo graph module the way the backend does."""
+    return gm(*args, *diag_inputs(gm)(args))[0]
 
 
 def test_inference_converts_once(zoo):
@@ -43,18 +45,39 @@ def test_inference_converts_once(zoo):
     code = gm.code
     with torch.no_grad():
         new, report = rewrite_dynamo(gm, ex)
-    assert report.count == zoo.NET_SITES and {s.state for s in report.sites} == {"constant"}
+    assert report.count == zoo.NET_SITES and {s.state for s in report.sites} == {"converted"}
     assert report.weights[0] == "self.blocks.0.fc1.weight" and report.weights[-1] == "self.head.w"
     assert sum(n.target is DIAG for n in new.graph.nodes) == zoo.NET_SITES
     assert sum(n.target is F.linear for n in new.graph.nodes) == 2
-    assert gm.code == code and new is not gm  # Dynamo's module is left as it was
-    # The dense weights are still inputs (Dynamo fixed the signature) but nothing reads them.
+    assert gm.code == code and new is not gm  # Dynamo's own module is left as it was
+    # Two extra inputs (values, offsets) per marked weight, after Dynamo's; the dense weights stay
+    # inputs (Dynamo fixed the signature) but nothing reads them.
+    placeholders = [n for n in new.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == len(ex) + 2 * zoo.NET_SITES
     dense = {id(p) for p in net.parameters() if get_sparse_mark(p) is not None}
-    for node, t in zip([n for n in new.graph.nodes if n.op == "placeholder"], ex):
-        if id(t) in dense:
-            assert not node.users
+    assert all(not node.users for node, t in zip(placeholders, ex) if id(t) in dense)
     with torch.no_grad():
-        torch.testing.assert_close(new(*ex)[0], masked_dense_copy(net)(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run(new, ex), masked_dense_copy(net)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_one_graph_serves_many_weights(zoo):
+    """Dynamo compiles one graph for equally shaped modules; each call must use its own weight's diagonals,
+    and a module marked differently (or not at all) in the same place is refused clearly."""
+    a, b, c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+    mark_sparse(a, sparsity=0.5)
+    mark_sparse(b, sparsity=0.5)
+    x = torch.randn(2, 8)
+    gm, ex = capture(lambda mod, x: mod(x), a, x, grad=False)
+    new, _ = rewrite_dynamo(gm, ex)
+    for mod in (a, b):
+        args = [mod.weight if t is a.weight else mod.bias if t is a.bias else t for t in ex]
+        torch.testing.assert_close(run(new, args), masked_dense_copy(mod)(x))
+    args = [c.weight if t is a.weight else t for t in ex]
+    with pytest.raises(SparseRewriteError, match=r"built for the sparse-marked weight .* with an unmarked tensor"):
+        run(new, args)
+    mark_sparse(c, sparsity=0.75)
+    with pytest.raises(SparseRewriteError, match=r"\(k=4\) and is now called with a weight marked with k=2"):
+        run(new, args)
 
 
 def test_training_gathers_from_the_dense_weight(zoo):
@@ -64,8 +87,8 @@ def test_training_gathers_from_the_dense_weight(zoo):
     x = torch.randn(4, 12)
     gm, ex = capture(net, x)
     new, report = rewrite_dynamo(gm, ex)
-    assert report.count == zoo.NET_SITES and {s.state for s in report.sites} == {"extract"}
-    new(*ex)[0].square().sum().backward()
+    assert report.count == zoo.NET_SITES and {s.state for s in report.sites} == {"gathered"}
+    run(new, ex).square().sum().backward()
     ref(x).square().sum().backward()
     for name, p in net.named_parameters():
         if name.endswith(("fc1.weight", "fc2.weight", "head.w")):
@@ -85,13 +108,16 @@ def test_top_k_marks_are_pinned(zoo):
     net = zoo.make_net()
     w = net.blocks[0].fc1.weight
     assert get_sparse_mark(w).offsets is None
-    gm, ex = capture(net, torch.randn(2, 12))
-    rewrite_dynamo(gm, ex, pin=False)
-    assert get_sparse_mark(w).offsets is None
     expected = get_sparse_mark(w).resolve_offsets(w).tolist()
+    gm, ex = capture(net, torch.randn(2, 12))
     rewrite_dynamo(gm, ex)
     assert list(get_sparse_mark(w).offsets) == expected
     assert get_sparse_mark(net.blocks[0].fc2.weight).offsets == (0, 3, 7, 19)  # explicit marks unchanged
+    with torch.no_grad():  # training moves the weight; the diagonals stay those pinned
+        w.mul_(torch.rand_like(w))
+    gm, ex = capture(net, torch.randn(5, 12))
+    _, report = rewrite_dynamo(gm, ex)
+    assert list(get_sparse_mark(w).offsets) == expected
 
 
 def test_tied_weight_is_one_placeholder_two_sites(zoo):
@@ -100,8 +126,8 @@ def test_tied_weight_is_one_placeholder_two_sites(zoo):
     gm, ex = capture(net, x, grad=False)
     new, report = rewrite_dynamo(gm, ex, training=False)
     assert report.count == 2 and len(report.weights) == 1
-    assert sum(n.op == "get_attr" and n.target.endswith("values") for n in new.graph.nodes) == 1
-    torch.testing.assert_close(new(*ex)[0], masked_dense_copy(net)(x))
+    assert len(diag_inputs(new)) == 2  # one (values, offsets) pair for the shared weight
+    torch.testing.assert_close(run(new, ex), masked_dense_copy(net)(x))
 
 
 def test_nothing_marked_returns_the_same_module(zoo):
@@ -117,7 +143,7 @@ def test_autocast_site_dtype(zoo):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         gm, ex = capture(net, x, grad=False)
         new, report = rewrite_dynamo(gm, ex, training=False)
-        ours = new(*ex)[0]
+        ours = run(new, ex)
         eager = masked_dense_copy(net)(x)
     assert report.count == zoo.NET_SITES
     assert ours.dtype == eager.dtype == torch.bfloat16
@@ -138,16 +164,20 @@ def test_example_inputs_must_match_placeholders(zoo):
         rewrite_dynamo(gm, ex[:-1])
 
 
-def test_converted_values_are_shared_across_recompiles_until_the_weight_changes(zoo):
+def test_converted_values_follow_the_weight_version(zoo):
+    """Converted once per weight (shared by every graph), refreshed in place when the weight changes."""
     net = zoo.make_net()
-    first = capture(net, torch.randn(2, 12), grad=False)
-    second = capture(net, torch.randn(5, 12), grad=False)
+    x = torch.randn(2, 12)
     with torch.no_grad():
-        a, _ = rewrite_dynamo(*first)
-        b, _ = rewrite_dynamo(*second)
-    assert a.get_buffer("_diag0_values") is b.get_buffer("_diag0_values")
+        a, _ = rewrite_dynamo(*capture(net, x, grad=False))
+        b, _ = rewrite_dynamo(*capture(net, torch.randn(5, 12), grad=False))
+    _, ex_a = capture(net, x, grad=False)
+    va, vb = diag_inputs(a)(ex_a)[1], diag_inputs(b)(ex_a)[1]
+    assert va is vb  # (offsets, values) of blocks.0.fc1: one tensor for both graphs
+    before = va.clone()
     with torch.no_grad():
         net.blocks[0].fc1.weight.add_(1.0)  # bumps the version counter
-        c, _ = rewrite_dynamo(*second)
-    assert c.get_buffer("_diag0_values") is not a.get_buffer("_diag0_values")
-    assert not torch.equal(c.get_buffer("_diag0_values"), a.get_buffer("_diag0_values"))
+        torch.testing.assert_close(run(a, ex_a), masked_dense_copy(net)(x), rtol=1e-5, atol=1e-5)
+    assert diag_inputs(a)(ex_a)[1] is va and not torch.equal(va, before)
+    again = diag_inputs(a)(ex_a)
+    assert diag_inputs(a)(ex_a) is again  # unchanged weights: the cached inputs come back as they are
