@@ -4,6 +4,7 @@ One pass per IR (``passes/README.md`` states each one's target and invariants):
 
 * ``rewrite_traced(gm)``: ``torch.fx.symbolic_trace`` graphs (``call_module`` / ``F.linear`` on attributes);
 * ``rewrite_dynamo(gm, example_inputs)``: Dynamo graphs (``F.linear`` on lifted parameter placeholders);
+  the result takes each marked weight's diagonal state as extra inputs, ``diag_inputs(gm)(args)``;
 * ``rewrite_exported(ep.module())`` / ``rewrite_exported_program(ep)``: ``torch.export`` graphs
   (``aten.linear``);
 * ``diagcompile_backend`` (``torch.compile(model, backend="diagcompile")``) and ``compile(model)``.

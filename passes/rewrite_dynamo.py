@@ -69,9 +69,10 @@ class _WeightState:
     ``copy.deepcopy`` (which drops tensor attributes) starts afresh.
     """
 
-    __slots__ = ("offsets", "k", "_index", "_values")
+    __slots__ = ("mark", "offsets", "k", "_index", "_values")
 
-    def __init__(self, offsets: Tensor) -> None:
+    def __init__(self, mark: SparseMark, offsets: Tensor) -> None:
+        self.mark = mark  # the (pinned) mark this state was built for
         self.offsets = offsets
         self.k = int(offsets.numel())
         self._index: Tensor | None = None
@@ -102,14 +103,20 @@ def weight_state(weight: Tensor, mark: SparseMark | None = None, *, pin: bool = 
     if mark is None:
         raise SparseRewriteError("the weight is not marked sparse")
     state: _WeightState | None = weight.__dict__.get(_STATE)
-    if state is not None and (mark.offsets is None or tuple(state.offsets.tolist()) == mark.offsets):
+    if state is not None and state.mark == mark:
         return state
+    # A new weight, or one marked anew since its state was built: resolve (top-k: from the current values).
     offsets = mark.resolve_offsets(weight).to(device=weight.device, dtype=OFFSET_DTYPE)
     if mark.offsets is None and pin:
         mark_sparse(weight, offsets=offsets)
-    state = _WeightState(offsets)
+        mark = get_sparse_mark(weight)
+    state = _WeightState(mark, offsets)
     weight.__dict__[_STATE] = state
     return state
+
+
+def _same_mark(a: SparseMark | None, b: SparseMark | None) -> bool:
+    return a is b or a == b
 
 
 class DiagInputs:
@@ -153,7 +160,7 @@ class DiagInputs:
         for spec, slot in zip(self.specs, self._slots):
             weight = weights[slot]
             state = weight.__dict__.get(_STATE) if isinstance(weight, Tensor) else None
-            if state is None or state.k != spec.k:
+            if state is None or state.k != spec.k or not _same_mark(state.mark, get_sparse_mark(weight)):
                 state = self._state_for(weight, spec)
             if spec.kind == "values":
                 out.append(state.values(weight, spec.dtype))

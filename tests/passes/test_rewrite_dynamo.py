@@ -181,3 +181,23 @@ def test_converted_values_follow_the_weight_version(zoo):
     assert diag_inputs(a)(ex_a)[1] is va and not torch.equal(va, before)
     again = diag_inputs(a)(ex_a)
     assert diag_inputs(a)(ex_a) is again  # unchanged weights: the cached inputs come back as they are
+
+
+def test_marking_anew_rebuilds_the_state_and_stale_graphs_refuse():
+    lin = nn.Linear(8, 8)
+    mark_sparse(lin, sparsity=0.5)
+    x = torch.randn(2, 8)
+    gm, ex = capture(lin, x, grad=False)
+    new, _ = rewrite_dynamo(gm, ex)
+    run(new, ex)
+    mark_sparse(lin, sparsity=0.75)  # k 4 -> 2: the compiled graph no longer fits
+    # Marks are read at compile time; the old graph notices once it rebuilds its inputs (here: the weight
+    # changed in place) and refuses rather than run the new diagonals through a graph built for others.
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    with pytest.raises(SparseRewriteError, match=r"k=2.*torch._dynamo.reset\(\) after changing marks"):
+        run(new, ex)
+    gm, ex = capture(lin, x, grad=False)  # a fresh compile follows the new mark
+    new, report = rewrite_dynamo(gm, ex)
+    assert report.sites[0].k == 2
+    torch.testing.assert_close(run(new, ex), masked_dense_copy(lin)(x))
