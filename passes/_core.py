@@ -64,8 +64,8 @@ __all__ = [
     "rewrite_marked_linears",
     "has_marked_sites",
     "flat_index",
+    "convert_values",
     "pin_marks_",
-    "resolve_and_pin",
     "resolve_mark",
 ]
 
@@ -352,7 +352,8 @@ def _free_name(owner: nn.Module, base: str) -> str:
 
 
 @torch.no_grad()
-def _diagonals(weight: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
+def convert_values(weight: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(k, D)`` copies of the kept entries of a dense weight, in ``dtype``, contiguous, no autograd."""
     # Outside inference mode: a buffer created under torch.inference_mode() could not be used later by
     # a graph that records autograd.
     with torch.inference_mode(False):
@@ -417,7 +418,7 @@ class _Emitter:
     def _place_parameter_state(self) -> None:
         gm, w = self.gm, self.w
         self.param = nn.Parameter(
-            _diagonals(w.tensor, self.offsets, w.tensor.dtype), requires_grad=w.tensor.requires_grad
+            convert_values(w.tensor, self.offsets, w.tensor.dtype), requires_grad=w.tensor.requires_grad
         )
         for site in w.sites:
             path = site.module_path
@@ -512,7 +513,7 @@ Resolver = Callable[[Tensor, SparseMark], Tensor]
 
 
 def resolve_mark(weight: Tensor, mark: SparseMark) -> Tensor:
-    """The offsets a mark selects for a weight (no side effects): ``mark.resolve_offsets(weight)``."""
+    """The offsets a mark selects for a weight, without pinning: ``mark.resolve_offsets(weight)``."""
     return mark.resolve_offsets(weight)
 
 
@@ -646,16 +647,3 @@ def pin_marks_(model: nn.Module) -> int:
         mark_sparse(m, offsets=list(offsets))
         n += 1
     return n
-
-
-def resolve_and_pin(weight: Tensor, mark: SparseMark) -> Tensor:
-    """A ``resolve`` for ``rewrite_marked_linears`` that pins a top-k choice on the weight.
-
-    A top-k mark picks the diagonals of largest norm *of the current weight*. Training changes the weight,
-    so a later recompile (a new batch size, say) would pick other diagonals mid-run; pinning the first
-    choice as explicit offsets on the weight's mark makes it final.
-    """
-    offsets = mark.resolve_offsets(weight)
-    if mark.offsets is None:
-        mark_sparse(weight, offsets=offsets)
-    return offsets

@@ -50,7 +50,7 @@ from diagcompile.passes._core import (
     RewriteReport,
     SparseRewriteError,
     StateMode,
-    _diagonals,
+    convert_values,
     flat_index,
     has_marked_sites,
     rewrite_sites,
@@ -83,11 +83,11 @@ class _WeightState:
         cached = self._values.get(dtype)
         version = weight._version
         if cached is None:
-            self._values[dtype] = (_diagonals(weight, self.offsets, dtype), version)
+            self._values[dtype] = (convert_values(weight, self.offsets, dtype), version)
         elif cached[1] != version:
             # In place: the tensor keeps its address, which CUDA graphs recorded as a static input.
             with torch.no_grad():
-                cached[0].copy_(_diagonals(weight, self.offsets, dtype))
+                cached[0].copy_(convert_values(weight, self.offsets, dtype))
             self._values[dtype] = (cached[0], version)
         return self._values[dtype][0]
 
