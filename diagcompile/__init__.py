@@ -7,6 +7,8 @@ Importing this package registers the ``torch.ops.diagcompile.*`` ops. It does no
 the compiler/export/DST layers, and does not initialize CUDA.
 """
 
+from typing import Any
+
 from diagcompile import ops as ops  # registers torch.ops.diagcompile.*
 from diagcompile.api import sparsify_
 from diagcompile.config import DiagSparsityConfig
@@ -16,10 +18,26 @@ from diagcompile.modules import DiagLinear
 
 __version__ = "0.1.0"
 
+
+# --- passes: diagcompile.compile (a thin lazy wrapper: `import diagcompile` must not import the compiler layer).
+def compile(model: Any, **kwargs: Any) -> Any:  # noqa: A001 - mirrors torch.compile
+    """``torch.compile(model, backend="diagcompile", **kwargs)``: sparse-marked linears become diagonal ops.
+
+    ``sparsify=True`` first swaps marked linears for ``DiagLinear`` (compact trainable state; build the
+    optimizer after this call). ``on_rewrite=fn`` receives each graph's ``RewriteReport``. Everything else
+    (``fullgraph``, ``dynamic``, ``mode``, ``options``) goes to ``torch.compile``. See
+    ``diagcompile.passes.backend.compile``.
+    """
+    from diagcompile.passes.backend import compile as _compile
+
+    return _compile(model, **kwargs)
+
+
 __all__ = [
     "DiagLinear",
     "DiagSparsityConfig",
     "SparseMark",
+    "compile",
     "diag_linear",
     "get_sparse_mark",
     "is_sparse_marked",

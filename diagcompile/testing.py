@@ -6,15 +6,17 @@ regardless of how pytest sets up ``sys.path``. Nothing here imports pytest at mo
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from diagcompile.ops import OFFSET_DTYPE, diag_shape
+from diagcompile.marking import get_sparse_mark, unmark_sparse
+from diagcompile.ops import OFFSET_DTYPE, diag_shape, extract_diagonals, to_dense
 
 __all__ = [
     "LAYER_SHAPES",
@@ -32,6 +34,10 @@ __all__ = [
     "digits_split",
     "ExportTestModel",
     "make_export_model",
+    "masks_of",
+    "masked_dense_copy",
+    "masked_training_copy",
+    "dense_original",
 ]
 
 #: (out_features, in_features): wide, tall, square, odd and prime sizes, and the degenerate 1xN / Nx1.
@@ -215,3 +221,74 @@ def make_export_model(seed: int = 0, batch: Sequence[int] = (3, 5)) -> tuple[Exp
 
 
 # ---- end export test models -------------------------------------------------------------------------
+# Dense references for sparse-marked models (passes, backend; usable by export/DST tests too)
+# ----------------------------------------------------------------------------------------------------
+def _marked_params(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Parameter, object]]:
+    """(owner module, attribute name, parameter, mark) for every marked parameter, tied ones once."""
+    seen = set()
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            mark = get_sparse_mark(p)
+            if mark is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield mod, name, p, mark
+
+
+def masks_of(model: nn.Module) -> dict[int, torch.Tensor]:
+    """id(weight) -> 0/1 dense mask of the diagonals its mark selects (for the current weight)."""
+    out = {}
+    for _, _, p, mark in _marked_params(model):
+        off = mark.resolve_offsets(p)
+        out[id(p)] = to_dense(torch.ones(off.numel(), min(p.shape), dtype=p.dtype), off, *p.shape)
+    return out
+
+
+def masked_dense_copy(model: nn.Module) -> nn.Module:
+    """A dense, unmarked deep copy of ``model`` whose marked weights are zero off their kept diagonals."""
+    ref = copy.deepcopy(model)
+    originals = {id(p): (p, mark) for _, _, p, mark in _marked_params(model)}
+    for (_, p_ref), (_, p) in zip(
+        ref.named_parameters(remove_duplicate=False), model.named_parameters(remove_duplicate=False)
+    ):
+        if id(p) in originals:
+            off = originals[id(p)][1].resolve_offsets(p)
+            with torch.no_grad():
+                p_ref.copy_(to_dense(extract_diagonals(p.detach(), off), off, *p.shape))
+    for m in ref.modules():
+        if isinstance(m, nn.Linear):
+            unmark_sparse(m)
+    for p in ref.parameters():
+        p.__dict__.pop("_diagcompile_sparse_mark", None)
+    return ref
+
+
+class _Mask(nn.Module):
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def masked_training_copy(model: nn.Module) -> nn.Module:
+    """An unmarked deep copy whose marked weights are parametrized as ``W * mask`` (so the gradient is
+    masked too): the eager reference for training a diagonal model through its dense weights. The dense
+    tensor that trains is ``dense_original(ref, fqn)``. Untied models only."""
+    from torch.nn.utils import parametrize
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    want = {names[i]: m for i, m in masks_of(model).items()}
+    ref = copy.deepcopy(model)
+    for fqn, mask in want.items():
+        owner, _, attr = fqn.rpartition(".")
+        parametrize.register_parametrization(ref.get_submodule(owner), attr, _Mask(mask))
+    for m in ref.modules():
+        m.__dict__.pop("_diagcompile_sparse_mark", None)
+    return ref
+
+
+def dense_original(ref: nn.Module, fqn: str) -> torch.Tensor:
+    """The trainable dense tensor behind a parametrized weight of ``masked_training_copy``."""
+    owner, _, attr = fqn.rpartition(".")
+    return ref.get_submodule(owner).parametrizations[attr].original

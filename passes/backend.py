@@ -1,0 +1,143 @@
+"""The ``diagcompile`` ``torch.compile`` backend: rewrite sparse-marked linears, then Inductor.
+
+Registered through the ``torch_dynamo_backends`` entry point, so after installing diagcompile::
+
+    torch.compile(model, backend="diagcompile")                     # no import of diagcompile needed
+    torch.compile(model, backend="diagcompile", mode="reduce-overhead")
+    diagcompile.compile(model, fullgraph=True)                       # the same, plus conveniences
+
+``mode`` and ``options`` are translated exactly as for ``backend="inductor"``
+(``torch._inductor.list_mode_options`` + Inductor config patches). See ``rewrite_dynamo`` for what happens
+to a marked dense weight (inference: converted once per weight version; training: diagonals gathered from
+the live weight, gradient on the kept diagonals only).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from diagcompile.marking import get_sparse_mark, mark_sparse
+from diagcompile.passes._core import RewriteReport
+from diagcompile.passes.rewrite_dynamo import diag_inputs, rewrite_dynamo
+
+__all__ = ["diagcompile_backend", "compile", "inductor_config"]
+
+
+def inductor_config(mode: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Inductor config patches for a ``torch.compile`` ``mode`` and ``options``, as ``backend="inductor"``
+    computes them. Unknown modes or options raise ``ValueError`` naming them."""
+    from torch._inductor import config, list_mode_options
+
+    patches: dict[str, Any] = {}
+    if mode and mode != "default":
+        try:
+            patches.update(list_mode_options(mode))
+        except RuntimeError as e:
+            raise ValueError(f"diagcompile backend: {e}") from None
+    if options:
+        if not isinstance(options, dict):
+            raise TypeError(f"options must be a dict of Inductor config values, got {type(options).__name__}")
+        known = config.get_config_copy()
+        for key, value in options.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(
+                    f"diagcompile backend: unknown Inductor option {key!r} (torch._inductor.list_options() lists them)"
+                )
+            patches[name] = value
+    return patches
+
+
+def diagcompile_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[object],
+    *,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    on_rewrite: Callable[[RewriteReport], None] | None = None,
+) -> Callable[..., Any]:
+    """A ``torch.compile`` backend: ``rewrite_dynamo`` the graph, then compile it with Inductor.
+
+    Args:
+        gm, example_inputs: from Dynamo.
+        mode, options: ``torch.compile``'s, passed through to Inductor (``"reduce-overhead"`` = CUDA graphs).
+        on_rewrite: called with each graph's ``RewriteReport`` (also logged at INFO on
+            ``diagcompile.passes``). Bind it with ``functools.partial`` or ``diagcompile.compile``.
+
+    Returns:
+        Inductor's compiled callable. A graph without marked weights goes to Inductor unchanged.
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = inductor_config(mode, options)
+    gm, report = rewrite_dynamo(gm, example_inputs)
+    if on_rewrite is not None:
+        on_rewrite(report)
+    extra = diag_inputs(gm)
+    if not extra:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    compiled = compile_fx(gm, [*example_inputs, *extra(example_inputs)], config_patches=patches)
+    # The rewritten graph takes the diagonal state of the weights actually passed after Dynamo's inputs.
+    # Dynamo calls a backend's result as fn(*args) (compile_fx's own result is such a function, although
+    # it carries the `_boxed_call` attribute of the boxed function it wraps).
+
+    def run(*args: object) -> Any:
+        return compiled(*args, *extra(args))
+
+    return run
+
+
+def _restore_weight_marks(model: nn.Module) -> None:
+    """Give each marked linear's weight its module's mark where the weight has none (``copy.deepcopy``
+    drops tensor attributes). Unlike ``sync_marks`` it never overwrites a weight's own (pinned) mark."""
+    for m in model.modules():
+        mark = m.__dict__.get("_diagcompile_sparse_mark")
+        if mark is not None and isinstance(m, nn.Linear) and get_sparse_mark(m.weight) is None:
+            if mark.offsets is None:
+                mark_sparse(m.weight, sparsity=mark.sparsity)
+            else:
+                mark_sparse(m.weight, offsets=list(mark.offsets))
+
+
+def compile(
+    model: nn.Module | Callable[..., Any],
+    *,
+    sparsify: bool = False,
+    on_rewrite: Callable[[RewriteReport], None] | None = None,
+    **kwargs: Any,
+) -> Callable[..., Any]:
+    """``torch.compile(model, backend="diagcompile", **kwargs)``, plus two conveniences.
+
+    Args:
+        model: a module (or function) whose linears are marked with ``mark_sparse``.
+        sparsify: first swap the marked linears of ``model`` for ``DiagLinear`` in place
+            (``sparsify_(model, DiagSparsityConfig(only_marked=True))``): the parameters become the compact
+            ``(k, D)`` values, so the optimizer (build it *after* this call) and its state see only the kept
+            diagonals. Recommended for training. Without it, marked weights stay dense parameters and the
+            backend rewrites them per graph (see ``rewrite_dynamo``).
+        on_rewrite: called with each compiled graph's ``RewriteReport``.
+        **kwargs: ``torch.compile`` arguments (``fullgraph``, ``dynamic``, ``mode``, ``options``, ...).
+
+    Returns:
+        The compiled module or function (``sparsify=True`` on a bare ``nn.Linear`` compiles its replacement).
+    """
+    if "backend" in kwargs:
+        raise TypeError("diagcompile.compile always uses the diagcompile backend; do not pass backend=")
+    if isinstance(model, nn.Module):
+        _restore_weight_marks(model)
+        if sparsify:
+            from diagcompile.api import sparsify_
+            from diagcompile.config import DiagSparsityConfig
+
+            model = sparsify_(model, DiagSparsityConfig(only_marked=True))
+    elif sparsify:
+        raise TypeError(f"sparsify=True needs an nn.Module, got {type(model).__name__}")
+    backend = diagcompile_backend
+    if on_rewrite is not None:
+        backend = functools.partial(diagcompile_backend, on_rewrite=on_rewrite)
+    return torch.compile(model, backend=backend, **kwargs)

@@ -1,0 +1,263 @@
+"""Pass for Dynamo graphs (what a ``torch.compile`` backend receives).
+
+Targets: ``F.linear`` (``torch._C._nn.linear``) whose weight is a placeholder or ``get_attr`` holding a
+marked tensor, and ``call_module`` of a marked ``nn.Linear`` in graphs built that way. Dynamo inlines
+``nn.Module`` calls and lifts parameters to graph inputs, so a weight's mark is read from the matching entry
+of ``example_inputs``: the user's real ``Parameter``.
+
+**One graph, many weights.** Dynamo reuses a compiled graph for every call that passes its guards, and its
+guards check a parameter's shape and dtype, not its identity: a block whose forward has a graph break is
+compiled once and then run for all twelve blocks of a model, each with its own weights. So the rewritten
+graph never bakes one weight's diagonals in. For each marked weight input it takes extra inputs, appended
+after Dynamo's own: ``offsets`` plus either the converted ``values`` (inference) or a flat ``index``
+(training). ``DiagInputs`` produces them for the weight tensors actually passed in a call; the backend does
+this on every call. The per-weight state behind them (pinned offsets, converted values, index) is cached on
+the weight tensor itself, so it lives and dies with the weight and costs a few attribute reads per call.
+
+What happens to the dense weight, per weight:
+
+* **inference** (grad disabled, or the weight does not require grad): its values are converted once per
+  weight *version* (the tensor's in-place version counter), so ``load_state_dict`` or an optimizer step
+  between calls is picked up by the next call, at the cost of one re-conversion. The dense input goes
+  unused by the graph. (In-place writes through ``.data`` bypass the version counter and are not seen.)
+* **training** (grad enabled and the weight requires grad): the values are gathered from the live dense
+  weight inside the graph at every call (``torch.take`` with the flat index), then go through
+  ``diag_linear`` and its backward ops. The gradient reaches the dense weight on the kept diagonals only
+  (exactly zero elsewhere), so the optimizer trains exactly the kept entries and the forward never reads
+  the others: the model trains as the diagonal model would, while parameter, gradient and optimizer state
+  stay dense in memory. For compact training state, swap the modules first
+  (``diagcompile.compile(model, sparsify=True)`` or ``sparsify_``).
+
+Top-k marks are resolved when a weight is first compiled and pinned on the weight's mark, so recompiles
+and later conversions keep the same diagonals. A graph compiled for marked weights refuses, with a clear
+error, a call that passes an unmarked weight or one marked with a different ``k`` in the same place.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, fx
+
+from diagcompile.marking import SparseMark, get_sparse_mark, mark_sparse
+from diagcompile.ops import OFFSET_DTYPE
+from diagcompile.passes._core import (
+    InputSpec,
+    PassResult,
+    RewriteReport,
+    SparseRewriteError,
+    StateMode,
+    convert_values,
+    flat_index,
+    has_marked_sites,
+    rewrite_sites,
+)
+
+__all__ = ["rewrite_dynamo", "DiagInputs", "diag_inputs"]
+
+_STATE = "_diagcompile_state"
+_INPUTS_META = "diagcompile_inputs"
+
+
+class _WeightState:
+    """The diagonal state of one dense weight, shared by every graph compiled for it.
+
+    Attached to the weight tensor (``weight._diagcompile_state``), so it is freed with the weight and a
+    ``copy.deepcopy`` (which drops tensor attributes) starts afresh.
+    """
+
+    __slots__ = ("mark", "offsets", "k", "_index", "_values")
+
+    def __init__(self, mark: SparseMark, offsets: Tensor) -> None:
+        self.mark = mark  # the (pinned) mark this state was built for
+        self.offsets = offsets
+        self.k = int(offsets.numel())
+        self._index: Tensor | None = None
+        self._values: dict[torch.dtype, tuple[Tensor, int]] = {}  # dtype -> (values, weight version)
+
+    def values(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(k, D)`` values of ``weight`` in ``dtype``, re-converted in place if the weight changed."""
+        cached = self._values.get(dtype)
+        version = weight._version
+        if cached is None:
+            self._values[dtype] = (convert_values(weight, self.offsets, dtype), version)
+        elif cached[1] != version:
+            # In place: the tensor keeps its address, which CUDA graphs recorded as a static input.
+            with torch.no_grad():
+                cached[0].copy_(convert_values(weight, self.offsets, dtype))
+            self._values[dtype] = (cached[0], version)
+        return self._values[dtype][0]
+
+    def index(self, weight: Tensor) -> Tensor:
+        if self._index is None:
+            self._index = flat_index(weight, self.offsets)
+        return self._index
+
+
+def weight_state(weight: Tensor, mark: SparseMark | None = None, *, pin: bool = True) -> _WeightState:
+    """The state of a marked weight, created (and its top-k mark pinned) on first use."""
+    mark = mark if mark is not None else get_sparse_mark(weight)
+    if mark is None:
+        raise SparseRewriteError("the weight is not marked sparse")
+    state: _WeightState | None = weight.__dict__.get(_STATE)
+    if state is not None and state.mark == mark:
+        return state
+    # A new weight, or one marked anew since its state was built: resolve (top-k: from the current values).
+    offsets = mark.resolve_offsets(weight).to(device=weight.device, dtype=OFFSET_DTYPE)
+    if mark.offsets is None and pin:
+        mark_sparse(weight, offsets=offsets)
+        mark = get_sparse_mark(weight)
+    state = _WeightState(mark, offsets)
+    weight.__dict__[_STATE] = state
+    return state
+
+
+def _same_mark(a: SparseMark | None, b: SparseMark | None) -> bool:
+    return a is b or a == b
+
+
+class DiagInputs:
+    """Produces the extra inputs of a rewritten Dynamo graph for one call's inputs.
+
+    ``graph(*args, *diag_inputs(args))`` runs the rewritten graph; the backend does exactly this on every
+    call. The common case (the same weight tensors as in the previous call, none changed in place) costs
+    an identity and a version check per weight.
+    """
+
+    def __init__(self, specs: Sequence[InputSpec]) -> None:
+        self.specs = tuple(specs)
+        keys: dict[object, int] = {}
+        for spec in self.specs:
+            keys.setdefault(spec.source if isinstance(spec.source, int) else id(spec.source), len(keys))
+        self._slots = tuple(keys[s.source if isinstance(s.source, int) else id(s.source)] for s in self.specs)
+        # Per weight slot: the graph input that carries it, or the (get_attr) tensor itself.
+        first = {}
+        for spec, slot in zip(self.specs, self._slots):
+            first.setdefault(slot, spec.source)
+        self._arg_index = tuple(first[i] if isinstance(first[i], int) else None for i in range(len(keys)))
+        self._fixed = tuple(None if isinstance(first[i], int) else first[i] for i in range(len(keys)))
+        self._refs: list[weakref.ref] = []
+        self._key: list[int] | None = None  # ids, then versions, of the weights of the cached call
+        self._out: tuple[Tensor, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __call__(self, args: Sequence[object]) -> tuple[Tensor, ...]:
+        weights = [args[i] if i is not None else f for i, f in zip(self._arg_index, self._fixed)]
+        try:
+            key = [*map(id, weights), *(w._version for w in weights)]
+        except AttributeError:  # not a tensor: the slow path names the problem
+            key = None
+        # Ids are safe to compare: the weak references below drop this cache as soon as a weight dies,
+        # before its id can be reused.
+        if key is not None and key == self._key:
+            return self._out
+        out = []
+        for spec, slot in zip(self.specs, self._slots):
+            weight = weights[slot]
+            state = weight.__dict__.get(_STATE) if isinstance(weight, Tensor) else None
+            if state is None or state.k != spec.k or not _same_mark(state.mark, get_sparse_mark(weight)):
+                state = self._state_for(weight, spec)
+            if spec.kind == "values":
+                out.append(state.values(weight, spec.dtype))
+            elif spec.kind == "index":
+                out.append(state.index(weight))
+            else:
+                out.append(state.offsets)
+        self._refs = [weakref.ref(w, self._forget) for w in weights]
+        self._key = [*map(id, weights), *(w._version for w in weights)]
+        self._out = tuple(out)
+        return self._out
+
+    def _forget(self, _: object = None) -> None:
+        self._key, self._out = None, ()
+
+    @staticmethod
+    def _state_for(weight: object, spec: InputSpec) -> _WeightState:
+        mark = get_sparse_mark(weight) if isinstance(weight, Tensor) else None
+        state = weight_state(weight, mark) if mark is not None else None
+        if state is None or state.k != spec.k:
+            got = "an unmarked tensor" if state is None else f"a weight marked with k={state.k}"
+            raise SparseRewriteError(
+                f"this compiled graph was built for the sparse-marked weight '{spec.weight}' (k={spec.k}) and is "
+                f"now called with {got} in its place. Dynamo shares one graph between modules of the same "
+                f"shapes (a graph break inside a repeated block, one compiled function called on several "
+                f"modules): mark them alike, or call torch._dynamo.reset() after changing marks"
+            )
+        return state
+
+
+def diag_inputs(gm: fx.GraphModule) -> DiagInputs:
+    """The ``DiagInputs`` of a graph module rewritten by ``rewrite_dynamo`` (empty if nothing was)."""
+    return gm.meta.get(_INPUTS_META, DiagInputs(()))
+
+
+def _copy_dynamo_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new graph module over a copy of Dynamo's graph, with the metadata AOTAutograd reads back.
+
+    Dynamo keeps using its own graph after the backend returns (it generates the call from the graph's
+    placeholders), so the rewrite, which appends inputs, must not edit it. AOTAutograd recognizes a Dynamo
+    graph by ``meta["dynamo_compile_id"]``, ``_param_name_to_source`` and each placeholder's
+    ``_dynamo_source``; from them it marks parameters as static inputs (CUDA graphs do not copy static
+    inputs on every replay). Propagated exactly as torch's own DDPOptimizer does for its split graphs
+    (``torch._dynamo.backends.distributed.propagate_metadata`` / ``propagate_dynamo_source``).
+    """
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    new.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
+    for old_node, new_node in zip(gm.graph.find_nodes(op="placeholder"), new.graph.find_nodes(op="placeholder")):
+        if hasattr(old_node, "_dynamo_source"):
+            new_node._dynamo_source = old_node._dynamo_source
+    return new
+
+
+def rewrite_dynamo(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[object],
+    *,
+    training: bool | None = None,
+) -> PassResult:
+    """Rewrite the sparse-marked linears of a Dynamo graph into ``diagcompile::diag_linear``.
+
+    Args:
+        gm: the graph module a ``torch.compile`` backend receives.
+        example_inputs: the backend's ``example_inputs`` (one per placeholder, in order).
+        training: ``None`` (default) decides per weight from ``torch.is_grad_enabled()`` and
+            ``weight.requires_grad``, which is what AOTAutograd will do; ``True`` / ``False`` forces the
+            training (gathered from the dense weight every call) or inference (converted) treatment for
+            weights that require grad. A weight without ``requires_grad`` is always converted.
+
+    Returns:
+        ``(graph_module, report)``: ``gm`` itself, untouched, when nothing is marked; otherwise a new graph
+        module (Dynamo's is left as it is) that takes extra inputs after Dynamo's: call it as
+        ``new(*args, *diag_inputs(new)(args))``.
+
+    Raises:
+        SparseRewriteError: a marked weight is used other than as a linear's weight, or tied across
+            linears marked differently.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"rewrite_dynamo expects a torch.fx.GraphModule, got {type(gm).__name__}")
+    grad = torch.is_grad_enabled() if training is None else training
+    if not has_marked_sites(gm, list(example_inputs), "dynamo"):
+        return PassResult(gm, RewriteReport("dynamo"))
+    gm = _copy_dynamo_graph_module(gm)
+
+    def mode(weight: Tensor) -> StateMode:
+        return "gathered" if grad and weight.requires_grad else "converted"
+
+    result, specs = rewrite_sites(
+        gm,
+        ir="dynamo",
+        state_mode=mode,
+        placeholder_tensors=list(example_inputs),
+        resolve=lambda weight, mark: weight_state(weight, mark).offsets,
+    )
+    if specs:
+        result.graph_module.meta[_INPUTS_META] = DiagInputs(specs)
+    return result

@@ -1,0 +1,262 @@
+"""The diagcompile torch.compile backend with real Inductor: graph counts, numerics, training semantics.
+
+Inductor compiles cost seconds each on CI's CPUs, so every test here compiles one model and checks as
+much as it can on it. Graph counts rely on the fresh ``TORCHINDUCTOR_CACHE_DIR`` that tests/conftest.py
+sets per session (automatic-dynamic PGO would otherwise remember decisions across runs).
+"""
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.decorators import mark_unbacked
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import diagcompile
+from diagcompile import DiagLinear, DiagSparsityConfig, get_sparse_mark, mark_sparse, sparsify_, unmark_sparse
+from diagcompile.ops import extract_diagonals
+from diagcompile.passes import diagcompile_backend, inductor_config, pin_marks_
+from diagcompile.testing import (
+    dense_original,
+    masked_dense_copy,
+    masked_training_copy,
+    requires_cuda,
+    run_python,
+)
+
+BATCHES = (1, 2, 3, 7, 64)
+MARKED = ("fc1.weight", "fc2.weight", "head.w")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_registered_by_entry_point_in_a_fresh_process():
+    """``backend="diagcompile"`` resolves without importing diagcompile, and compiles through it."""
+    out = run_python(
+        """
+import sys, torch
+from torch._dynamo.backends.registry import lookup_backend
+assert "diagcompile" in torch._dynamo.list_backends(), torch._dynamo.list_backends()
+assert "diagcompile" not in sys.modules
+fn = lookup_backend("diagcompile")
+print(fn.__module__, fn.__name__)
+f = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, backend="diagcompile", fullgraph=True)
+x = torch.randn(4, 8)
+torch.testing.assert_close(f(x), torch.nn.functional.gelu(x) * 2)
+print("compiled", "diagcompile.passes.backend" in sys.modules)
+"""
+    )
+    assert "diagcompile.passes.backend diagcompile_backend" in out
+    assert "compiled True" in out
+
+
+def test_diagcompile_compile_is_lazy():
+    out = run_python(
+        "import sys, diagcompile; print(callable(diagcompile.compile), 'diagcompile.passes' in sys.modules)"
+    )
+    assert out.split() == ["True", "False"]
+    with pytest.raises(TypeError, match="sparsify=True needs an nn.Module"):
+        diagcompile.compile(lambda x: x, sparsify=True)
+
+
+def test_inference_fullgraph_batch_sizes_compile_at_most_twice(zoo):
+    net = zoo.make_net()
+    ref = masked_dense_copy(net)
+    counter = CompileCounterWithBackend("diagcompile")  # the string backend, as users name it
+    compiled = torch.compile(net, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for b in BATCHES:
+            x = torch.randn(b, 12)
+            torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert counter.frame_count <= 2, counter.frame_count
+        # Converted once per weight version: an in-place change (load_state_dict, an optimizer step) is
+        # picked up by the next call, without recompiling.
+        net.load_state_dict({k: v * 3 for k, v in net.state_dict().items()})
+        x = torch.randn(3, 12)
+        torch.testing.assert_close(compiled(x), masked_dense_copy(net)(x), rtol=1e-5, atol=1e-5)
+        assert counter.frame_count <= 2
+
+
+class _BreakingBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.fc(x))
+        torch._dynamo.graph_break()
+        return y * 2
+
+
+def test_graph_shared_by_repeated_blocks():
+    """A graph break inside a repeated block: Dynamo compiles the block once and runs that graph for every
+    block, each with its own weights and diagonals."""
+    model = nn.Sequential(*[_BreakingBlock() for _ in range(3)])
+    for block in model:
+        mark_sparse(block.fc, sparsity=0.75)
+    reports = []
+    compiled = diagcompile.compile(model, on_rewrite=reports.append)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), masked_dense_copy(model)(x), rtol=1e-5, atol=1e-5)
+    assert sum(r.count for r in reports) < len(model)  # fewer rewritten graphs than blocks: they are shared
+
+
+def test_training_dynamic_batch_one_graph_matches_masked_dense(zoo):
+    """mark_unbacked batch: one graph for every size; forward, gradients and SGD steps match the eager
+    dense model whose weights are masked (W * mask) to the same diagonals."""
+    net = zoo.make_net()
+    ref = masked_training_copy(net)
+    reports = []
+    compiled = diagcompile.compile(net, fullgraph=True, on_rewrite=reports.append)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+
+    def ref_param(name):
+        return dense_original(ref, name) if name.endswith(MARKED) else ref.get_parameter(name)
+
+    for b in BATCHES:
+        x = torch.randn(b, 12)
+        mark_unbacked(x, 0)
+        loss = compiled(x).square().mean()
+        loss_ref = ref(x).square().mean()
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        loss.backward()
+        loss_ref.backward()
+        for name, p in net.named_parameters():
+            torch.testing.assert_close(p.grad, ref_param(name).grad, rtol=1e-4, atol=1e-6, msg=name)
+        opt.step()
+        opt_ref.step()
+    assert len(reports) == 1, [str(r) for r in reports]
+    assert reports[0].count == zoo.NET_SITES and {s.state for s in reports[0].sites} == {"gathered"}
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p, ref_param(name), rtol=1e-4, atol=1e-6, msg=name)
+
+    # Getting the trained values back: the backend pinned its top-k choice on each weight; pin_marks_
+    # carries it to the modules, and sparsify_ then keeps exactly the trained diagonals.
+    w = net.blocks[1].fc1.weight.detach().clone()
+    offsets = get_sparse_mark(net.blocks[1].fc1.weight).offsets
+    assert offsets is not None
+    pin_marks_(net)
+    sparsify_(net, DiagSparsityConfig(only_marked=True))
+    layer = net.blocks[1].fc1
+    assert isinstance(layer, DiagLinear) and tuple(layer.offsets.tolist()) == offsets
+    assert torch.equal(layer.values, extract_diagonals(w, layer.offsets))
+
+
+def test_compile_sparsify_trains_compact_values(zoo):
+    """diagcompile.compile(sparsify=True): the optimizer holds (k, D) values; same steps as eager DiagLinear.
+    Also passes mode= through (reduce-overhead = CUDA graphs, a no-op for CPU tensors)."""
+    net = zoo.make_net()
+    unmark_sparse(net.head.w)
+    ref = sparsify_(copy.deepcopy(net), DiagSparsityConfig(only_marked=True))
+    reports = []
+    compiled = diagcompile.compile(
+        net, sparsify=True, fullgraph=True, mode="reduce-overhead", on_rewrite=reports.append
+    )
+    assert isinstance(net.blocks[0].fc1, DiagLinear)
+    names = [n for n, _ in net.named_parameters()]
+    assert not any(n.endswith(("fc1.weight", "fc2.weight")) for n in names) and "blocks.0.fc1.values" in names
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        x = torch.randn(5, 12)
+        for model, o in ((compiled, opt), (ref, opt_ref)):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            o.step()
+    assert reports and all(r.count == 0 for r in reports)  # nothing marked is left: DiagLinear ops pass through
+    ref_params = dict(ref.named_parameters())
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p, ref_params[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_errors_surface_through_torch_compile():
+    w = nn.Parameter(torch.randn(8, 8))
+    mark_sparse(w, sparsity=0.5)
+    f = torch.compile(lambda x: x @ w.t(), backend="diagcompile", fullgraph=True)
+    with pytest.raises(Exception, match="marked sparse but node .* uses it other than as the weight of a linear"):
+        f(torch.randn(2, 8))
+    torch._dynamo.reset()
+    g = torch.compile(nn.Linear(4, 4), backend="diagcompile", options={"no_such_option": 1})
+    with pytest.raises(Exception, match="unknown Inductor option 'no_such_option'"):
+        g(torch.randn(2, 4))
+    with pytest.raises(TypeError, match="always uses the diagcompile backend"):
+        diagcompile.compile(nn.Linear(4, 4), backend="inductor")
+
+
+def test_inductor_config_matches_torch_modes():
+    from torch._inductor import list_mode_options
+
+    assert inductor_config() == {}
+    assert inductor_config("default") == {}
+    assert inductor_config("reduce-overhead") == list_mode_options("reduce-overhead") == {"triton.cudagraphs": True}
+    assert inductor_config("max-autotune", {"epilogue-fusion": False})["epilogue_fusion"] is False
+    with pytest.raises(ValueError, match="Unrecognized mode"):
+        inductor_config("fastest")
+    with pytest.raises(TypeError, match="dict"):
+        inductor_config(options=[("a", 1)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU (run on the H100 machine; skipped here with a reason)
+# ----------------------------------------------------------------------------------------------------
+def _cuda_net(zoo, dtype):
+    net = zoo.make_net().to("cuda", dtype)
+    # .to() keeps Parameter objects (and marks) when converting dtype in place.
+    assert get_sparse_mark(net.blocks[0].fc1.weight) is not None
+    return net
+
+
+@requires_cuda()
+def test_cuda_inference_bf16_dynamic_batch(zoo):
+    net = _cuda_net(zoo, torch.bfloat16)
+    ref = masked_dense_copy(net)
+    reports = []
+    compiled = torch.compile(
+        net, backend=functools.partial(diagcompile_backend, on_rewrite=reports.append), fullgraph=True
+    )
+    with torch.no_grad():
+        for b in BATCHES:
+            x = torch.randn(b, 12, device="cuda", dtype=torch.bfloat16)
+            mark_unbacked(x, 0)
+            torch.testing.assert_close(compiled(x).float(), ref(x).float(), rtol=2e-2, atol=2e-2)
+    assert len(reports) == 1 and reports[0].count == zoo.NET_SITES
+
+
+@requires_cuda()
+def test_cuda_reduce_overhead_uses_cuda_graphs(zoo):
+    from torch._dynamo.utils import counters
+
+    net = _cuda_net(zoo, torch.float32)
+    ref = masked_dense_copy(net)
+    counters.clear()
+    compiled = torch.compile(net, backend="diagcompile", mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(8, 12, device="cuda")
+    with torch.no_grad():
+        for _ in range(4):  # warm-up, record, replay
+            out = compiled(x).clone()
+    torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-4)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+@requires_cuda()
+def test_cuda_training_matches_masked_dense(zoo):
+    net = _cuda_net(zoo, torch.float32)
+    ref = masked_training_copy(net)
+    compiled = diagcompile.compile(net, fullgraph=True)
+    x = torch.randn(16, 12, device="cuda")
+    compiled(x).square().mean().backward()
+    ref(x).square().mean().backward()
+    for name, p in net.named_parameters():
+        r = dense_original(ref, name) if name.endswith(MARKED) else ref.get_parameter(name)
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-3, atol=1e-5, msg=name)
