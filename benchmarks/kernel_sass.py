@@ -64,7 +64,9 @@ def compile_like_jit(fn, args: dict, constexprs: dict, num_warps: int, num_stage
             if div16:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
 
 
 def _sass(compiled) -> tuple[str, str]:
