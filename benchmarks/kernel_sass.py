@@ -128,10 +128,11 @@ def report(kind: str, n_out: int, n_in: int, M: int, sparsity: float, dtype: str
     if kind == "dv":
         cfg = T.sddmm_config(M, k, D, elem_size=elem)
         args = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "off_ptr": "*i32", "M": M, "L": L, "D": D, "K": k}
+        args["SPLIT"] = cfg.SPLIT
         args["out_ptr"] = f"*{dtype}" if cfg.SPLIT == 1 else "*fp32"
         const = {"STRIDE_AM": D, "STRIDE_BM": L}
         fn = T._sddmm_kernel
-        const.update(BLOCK_M=cfg.BLOCK_M, BLOCK_J=cfg.BLOCK_J, BLOCK_N=cfg.BLOCK_N, SPLIT=cfg.SPLIT)
+        const.update(BLOCK_M=cfg.BLOCK_M, BLOCK_J=cfg.BLOCK_J, BLOCK_N=cfg.BLOCK_N)
     else:
         # fwd: wide -> gather of x (M, L); tall -> masked gather of x (M, D). dx: the other one, of dy.
         masked = tall if kind == "fwd" else not tall
@@ -139,13 +140,13 @@ def report(kind: str, n_out: int, n_in: int, M: int, sparsity: float, dtype: str
         n_cols = L if masked else D
         cfg = T.gather_config(M, n_cols, k, D, masked=masked, elem_size=elem)
         args = {"a_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "off_ptr": "*i32", "bias_ptr": f"*{dtype}"}
-        args.update(M=M, L=L, D=D, K=k, out_ptr=f"*{dtype}" if cfg.SPLIT == 1 else "*fp32")
+        args.update(M=M, L=L, D=D, K=k, SPLIT=cfg.SPLIT, out_ptr=f"*{dtype}" if cfg.SPLIT == 1 else "*fp32")
         const = {"STRIDE_AM": (D if masked else L) if M > 1 else (D if masked else L), "STRIDE_VK": D}
         const.update(
             BLOCK_M=cfg.BLOCK_M,
             BLOCK_J=cfg.BLOCK_J,
             BLOCK_N=cfg.BLOCK_N,
-            SPLIT=cfg.SPLIT,
+            PARTIAL=cfg.SPLIT > 1,
             HAS_BIAS=kind == "fwd",
         )
     compiled = compile_like_jit(fn, args, const, cfg.num_warps, cfg.num_stages)

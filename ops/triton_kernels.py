@@ -136,13 +136,14 @@ def _gather_kernel(
     L,
     D,
     K,
-    # output: (M, D) contiguous in the output dtype, or, when SPLIT > 1, fp32 partials (SPLIT, M, D)
+    SPLIT,  # programs along grid axis 1 sharing each output tile (split-K); 1 = none
+    # output: (M, D) contiguous in the output dtype, or, when PARTIAL, fp32 partials (SPLIT, M, D)
     out_ptr,
     # constexprs
     BLOCK_M: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr,
+    PARTIAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STRIDE_AM: tl.constexpr,
     STRIDE_VK: tl.constexpr,
@@ -195,7 +196,7 @@ def _gather_kernel(
 
     out = tl.sum(acc, axis=1)
     o_ptrs = out_ptr + (pid_s.to(tl.int64) * M + rm.to(tl.int64))[:, None] * D + rn[None, :]
-    if SPLIT == 1:
+    if not PARTIAL:
         if HAS_BIAS:
             out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -213,13 +214,14 @@ def _mgather_kernel(
     L,
     D,
     K,
-    # output: (M, L) contiguous, or fp32 partials (SPLIT, M, L) when SPLIT > 1
+    SPLIT,  # programs along grid axis 1 sharing each output tile (split-K); 1 = none
+    # output: (M, L) contiguous, or fp32 partials (SPLIT, M, L) when PARTIAL
     out_ptr,
     # constexprs
     BLOCK_M: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr,
+    PARTIAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STRIDE_AM: tl.constexpr,
     STRIDE_VK: tl.constexpr,
@@ -283,7 +285,7 @@ def _mgather_kernel(
 
     out = tl.sum(acc, axis=1)
     o_ptrs = out_ptr + (pid_s.to(tl.int64) * M + rm.to(tl.int64))[:, None] * L + rr[None, :]
-    if SPLIT == 1:
+    if not PARTIAL:
         if HAS_BIAS:
             out += tl.load(bias_ptr + rr, mask=r_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
@@ -298,11 +300,11 @@ def _sddmm_kernel(
     L,
     D,
     K,
+    SPLIT,  # programs along grid axis 1 sharing each dV tile (split-M); 1 = none
     out_ptr,  # (k, D) contiguous in the output dtype, or fp32 partials (SPLIT, k, D) when SPLIT > 1
     BLOCK_M: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr,
     STRIDE_AM: tl.constexpr,
     STRIDE_BM: tl.constexpr,
 ):
@@ -374,9 +376,9 @@ def _split_reduce_kernel(
     bias_ptr,  # (C,), read only if HAS_BIAS
     R,
     C,
+    SPLIT,
     stride_or,
     out_ptr,  # (R, C) with row stride stride_or
-    SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -390,7 +392,7 @@ def _split_reduce_kernel(
     idx = (rr.to(tl.int64) * C)[:, None] + rc[None, :]
     plane = R.to(tl.int64) * C
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
+    for s in range(0, SPLIT):
         acc += tl.load(ws_ptr + s * plane + idx, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rc, mask=rc < C, other=0.0).to(tl.float32)[None, :]
@@ -649,9 +651,9 @@ def _reduce_splits(ws: Tensor, bias: Tensor | None, out: Tensor) -> None:
         bias if has_bias else ws,
         R,
         C,
+        split,
         out.stride(0),
         out,
-        SPLIT=split,
         HAS_BIAS=has_bias,
         BLOCK_R=br,
         BLOCK_C=bc,
@@ -693,11 +695,12 @@ def _launch_gather_family(
         L,
         D,
         k,
+        cfg.SPLIT,
         target,
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_J=cfg.BLOCK_J,
         BLOCK_N=cfg.BLOCK_N,
-        SPLIT=cfg.SPLIT,
+        PARTIAL=cfg.SPLIT > 1,
         HAS_BIAS=has_bias,
         STRIDE_AM=_row_stride(a),
         STRIDE_VK=_row_stride(values),
@@ -802,11 +805,11 @@ def values_grad(dy2: Tensor, x2: Tensor, offsets: Tensor, *, config: KernelConfi
         L,
         D,
         k,
+        cfg.SPLIT,
         target,
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_J=cfg.BLOCK_J,
         BLOCK_N=cfg.BLOCK_N,
-        SPLIT=cfg.SPLIT,
         STRIDE_AM=_row_stride(a),
         STRIDE_BM=_row_stride(b),
         num_warps=cfg.num_warps,
@@ -975,7 +978,8 @@ def aot_forward_spec(
         "BLOCK_M": cfg.BLOCK_M,
         "BLOCK_J": cfg.BLOCK_J,
         "BLOCK_N": cfg.BLOCK_N,
-        "SPLIT": 1,
+        "SPLIT": 1,  # a run-time int of the kernel, bound here: no split-K, so not a plugin argument
+        "PARTIAL": False,
         "HAS_BIAS": bool(has_bias),
         "STRIDE_AM": in_features,
         "STRIDE_VK": D,
