@@ -26,8 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from diagcompile.ops import k_from_sparsity  # noqa: E402
 from diagcompile.ops import triton_kernels as T  # noqa: E402
@@ -36,37 +34,9 @@ LAYERS = ["768x768", "2304x768", "3072x768", "768x3072", "14336x4096", "4096x143
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def _specialize(value: int) -> tuple[str, bool]:
-    """How the JIT types an int argument: (type, divisible by 16); value 1 becomes a constexpr."""
-    from triton._C.libtriton import native_specialize_impl
-
-    ty, spec = native_specialize_impl(BaseBackend, value, False, True, True)
-    return ty, spec == "D"
-
-
 def compile_like_jit(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int = 1):
-    """``triton.compile`` with the signature the JIT would build for these argument values."""
-    sig, consts, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name], consts[name] = "constexpr", constexprs[name]
-            continue
-        a = args[name]
-        if isinstance(a, str):  # a pointer type string: fresh torch allocations are 16-byte aligned
-            sig[name] = a
-            attrs[(i,)] = [["tt.divisibility", 16]]
-            continue
-        ty, div16 = _specialize(a)
-        if ty == "constexpr":
-            sig[name], consts[name] = "constexpr", a
-        else:
-            sig[name] = ty
-            if div16:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn, sig, consts, attrs)
-    return triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
+    """``triton.compile`` for sm_90 with the signature the JIT would build for these argument values."""
+    return T.cross_compile(fn, args, constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
 def _sass(compiled) -> tuple[str, str]:

@@ -105,6 +105,7 @@ __all__ = [
     "sddmm_config",
     "AOTSpec",
     "aot_forward_spec",
+    "cross_compile",
 ]
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
@@ -390,10 +391,17 @@ def _split_reduce_kernel(
     rc = (pid % num_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rr < R)[:, None] & (rc < C)[None, :]
     idx = (rr.to(tl.int64) * C)[:, None] + rc[None, :]
-    plane = R.to(tl.int64) * C
+    plane = tl.cast(R, tl.int64) * C  # tl.cast: R may arrive as the constant 1 (JIT specialization)
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for s in range(0, SPLIT):
-        acc += tl.load(ws_ptr + s * plane + idx, mask=mask, other=0.0)
+    # Unrolled by 4: the 4 partial loads of a step are independent and in flight together (a plain run-time
+    # loop would wait one memory latency per split). The adds stay in the fixed order s = 0, 1, 2, ...
+    for s0 in range(0, SPLIT, 4):
+        base = ws_ptr + s0 * plane + idx
+        p0 = tl.load(base, mask=mask, other=0.0)
+        p1 = tl.load(base + plane, mask=mask & (s0 + 1 < SPLIT), other=0.0)
+        p2 = tl.load(base + 2 * plane, mask=mask & (s0 + 2 < SPLIT), other=0.0)
+        p3 = tl.load(base + 3 * plane, mask=mask & (s0 + 3 < SPLIT), other=0.0)
+        acc = (((acc + p0) + p1) + p2) + p3
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rc, mask=rc < C, other=0.0).to(tl.float32)[None, :]
     o_ptrs = out_ptr + (rr.to(tl.int64) * stride_or)[:, None] + rc[None, :]
@@ -643,7 +651,7 @@ def _same_device(*named: tuple[str, Tensor]) -> None:
 
 def _reduce_splits(ws: Tensor, bias: Tensor | None, out: Tensor) -> None:
     split, R, C = ws.shape
-    br, bc = 16, 128
+    br, bc = min(16, _pow2_at_least(R)), 128  # M = 1 (decode): one row per program, 128 columns
     grid = (triton.cdiv(R, br) * triton.cdiv(C, bc),)
     has_bias = bias is not None
     _split_reduce_kernel[grid](
@@ -1007,4 +1015,49 @@ def aot_forward_spec(
         block_m=cfg.BLOCK_M,
         block_n=cfg.BLOCK_N,
         attrs=attrs,
+    )
+
+
+def cross_compile(
+    fn: Any,
+    args: dict[str, Any],
+    constexprs: dict[str, Any],
+    *,
+    num_warps: int,
+    num_stages: int = 1,
+    arch: int = 90,
+) -> Any:
+    """Compile a kernel for ``sm_<arch>`` the way the JIT would specialize these argument values.
+
+    Needs no GPU (Triton ships ``ptxas``). ``args`` maps each run-time parameter to a pointer type string
+    (``"*bf16"``; declared 16-byte aligned, as fresh torch allocations are) or to an int value, which gets
+    the JIT's specializations: ``1`` becomes a compile-time constant and multiples of 16 are declared so.
+    Used by the tests (every kernel must compile at the edge values) and ``benchmarks/kernel_sass.py``.
+    """
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+
+    sig: dict[str, str] = {}
+    consts: dict[str, Any] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name], consts[name] = "constexpr", constexprs[name]
+            continue
+        a = args[name]
+        if isinstance(a, str):
+            sig[name] = a
+            attrs[(i,)] = [["tt.divisibility", 16]]
+            continue
+        ty, spec = native_specialize_impl(BaseBackend, a, False, True, True)
+        if ty == "constexpr":
+            sig[name], consts[name] = "constexpr", a
+        else:
+            sig[name] = ty
+            if spec == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, consts, attrs)
+    return triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
     )

@@ -328,3 +328,54 @@ def test_aot_forward_spec_cross_compiles_to_ptx_for_sm90(dtype_name, n_out, n_in
     assert compiled.metadata.global_scratch_size == 0
     assert compiled.metadata.num_warps == spec.num_warps
     assert compiled.asm["cubin"]  # ptxas (shipped with triton) assembled it too
+
+
+def _edge_cases():
+    """(kernel name, run-time args, constexprs, warps): the launchers' calls at edge values, where sizes or
+    strides equal to 1 turn into compile-time constants (the interpreter never sees that specialization)."""
+    g_const = {"BLOCK_M": 1, "BLOCK_J": 4, "BLOCK_N": 128, "PARTIAL": False, "HAS_BIAS": True}
+    cases = []
+    for kern in ("_gather_kernel", "_mgather_kernel"):
+        for t, M, L, D, K, split, partial in [
+            ("bf16", 1, 7, 1, 1, 1, False),  # a 1 x 7 layer, one diagonal, one row
+            ("fp32", 1, 1, 1, 1, 1, False),  # 1 x 1
+            ("fp16", 16, 4096, 768, 308, 3, True),  # split-K, partials
+            ("bf16", 197, 14336, 4096, 1434, 1, False),
+        ]:
+            args = {"a_ptr": f"*{t}", "v_ptr": f"*{t}", "off_ptr": "*i32", "bias_ptr": f"*{t}"}
+            args.update(M=M, L=L, D=D, K=K, SPLIT=split, out_ptr="*fp32" if partial else f"*{t}")
+            stride_am = L if kern == "_gather_kernel" else D
+            const = dict(g_const, PARTIAL=partial, STRIDE_AM=stride_am, STRIDE_VK=D, BLOCK_M=min(32, M))
+            cases.append((kern, args, const, 4))
+    for M, K, D, L, split in [(1, 1, 1, 1, 1), (1, 1, 1, 9, 1), (3152, 308, 768, 3072, 2)]:
+        args = {"a_ptr": "*bf16", "b_ptr": "*bf16", "off_ptr": "*i32", "M": M, "L": L, "D": D, "K": K}
+        args.update(SPLIT=split, out_ptr="*fp32" if split > 1 else "*bf16")
+        const = {"BLOCK_M": min(4, M), "BLOCK_J": 8, "BLOCK_N": 128, "STRIDE_AM": D, "STRIDE_BM": L}
+        cases.append(("_sddmm_kernel", args, const, 4))
+    for R, C, split in [(1, 1, 1), (1, 14336, 19), (197, 768, 3)]:
+        args = {"ws_ptr": "*fp32", "bias_ptr": "*bf16", "R": R, "C": C, "SPLIT": split, "stride_or": C}
+        args["out_ptr"] = "*bf16"
+        cases.append(("_split_reduce_kernel", args, {"HAS_BIAS": True, "BLOCK_R": min(16, R), "BLOCK_C": 128}, 4))
+    cases.append(
+        ("_inverse_offsets_kernel", {"off_ptr": "*i32", "K": 1, "P": 1, "inv_ptr": "*i32"}, {"BLOCK": 1024}, 8)
+    )
+    for n_out, n_in in [(1, 1), (1, 7), (3072, 768)]:
+        args = {"v_ptr": "*bf16", "inv_ptr": "*i32", "N_OUT": n_out, "N_IN": n_in, "stride_vk": min(n_out, n_in)}
+        args["w_ptr"] = "*bf16"
+        const = {"TALL": n_out > n_in, "BLOCK_R": 32, "BLOCK_C": 128}
+        cases.append(("_to_dense_kernel", args, const, 4))
+        args = {"g_ptr": "*bf16", "off_ptr": "*i32", "K": 1, "D": min(n_out, n_in), "L": max(n_out, n_in)}
+        args.update(stride_gr=n_in, stride_gc=1, out_ptr="*fp32")
+        cases.append(("_extract_kernel", args, {"TALL": n_out > n_in, "BLOCK_J": 8, "BLOCK_N": 128}, 4))
+    return cases
+
+
+@pytest.mark.timeout(600)
+def test_every_kernel_compiles_for_sm90_at_edge_values():
+    """Compile (to PTX and cubin, for an H100) every kernel as the JIT would specialize the launchers'
+    arguments at the edges: M = 1, k = 1, D = 1, a 1 x 1 layer, split and no split, each dtype."""
+    T = _T()
+    for kern, args, const, warps in _edge_cases():
+        compiled = T.cross_compile(getattr(T, kern), args, const, num_warps=warps)
+        assert compiled.asm["cubin"], kern
+        assert compiled.metadata.global_scratch_size == 0, kern
