@@ -409,48 +409,47 @@ def _split_reduce_kernel(
 
 
 @triton.jit
-def _inverse_offsets_kernel(off_ptr, K, P, inv_ptr, BLOCK: tl.constexpr):
-    """One program: ``inv[p] = j`` where ``offsets[j] == p``, else -1. The barrier orders the two passes."""
-    for p0 in range(0, P, BLOCK):
-        rp = p0 + tl.arange(0, BLOCK)
-        tl.store(inv_ptr + rp, tl.full([BLOCK], -1, tl.int32), mask=rp < P)
-    tl.debug_barrier()
-    for j0 in range(0, K, BLOCK):
-        rj = j0 + tl.arange(0, BLOCK)
-        o = tl.load(off_ptr + rj, mask=rj < K, other=0)
-        tl.store(inv_ptr + o, rj, mask=rj < K)
-
-
-@triton.jit
 def _to_dense_kernel(
-    v_ptr,  # (k, D) values, row stride stride_vk
-    inv_ptr,  # (P,) int32: position of diagonal p in offsets, or -1
+    v_ptr,  # (k, D) values, unit column stride, row stride stride_vk
+    off_ptr,  # (k,) int32
     N_OUT,
     N_IN,
+    K,
     stride_vk,
-    w_ptr,  # (N_out, N_in) contiguous, every element written exactly once
-    TALL: tl.constexpr,
+    w_ptr,  # (N_out, N_in) contiguous: every element written by exactly one program
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
-    """Materialize ``W`` tile by tile: zeros and values in one coalesced write (no memset, no scatter)."""
-    num_c = tl.cdiv(N_IN, BLOCK_C)
+    """Materialize ``W`` in one launch. Each program owns rows [r0, r0 + BLOCK_R) of ``W``: it writes their
+    zeros (coalesced), synchronizes its threads, then writes the k diagonal entries of those rows. Both
+    passes hit the same few KB, which stay in L2, so DRAM sees ``W`` about once; no inverse table needed."""
     pid = tl.program_id(0)
-    rr = (pid // num_c) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rc = (pid % num_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rr < N_OUT)[:, None] & (rc < N_IN)[None, :]
-    if TALL:  # W[(t + p) mod N_out, t]: t = column, p = (row - column) mod N_out
-        p = rr[:, None] - rc[None, :]
-        p = tl.where(p < 0, p + N_OUT, p)
-        t = rc[None, :] + 0 * rr[:, None]
-    else:  # W[t, (t + p) mod N_in]: t = row, p = (column - row) mod N_in
-        p = rc[None, :] - rr[:, None]
-        p = tl.where(p < 0, p + N_IN, p)
-        t = rr[:, None] + 0 * rc[None, :]
-    j = tl.load(inv_ptr + p, mask=mask, other=-1)
-    present = mask & (j >= 0)
-    w = tl.load(v_ptr + j.to(tl.int64) * stride_vk + t, mask=present, other=0.0)
-    tl.store(w_ptr + (rr.to(tl.int64) * N_IN)[:, None] + rc[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+    rr = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = rr < N_OUT
+    row_ptrs = w_ptr + rr.to(tl.int64) * N_IN
+    zeros = tl.zeros([BLOCK_R, BLOCK_C], dtype=w_ptr.dtype.element_ty)
+    for c0 in range(0, N_IN, BLOCK_C):
+        rc = c0 + tl.arange(0, BLOCK_C)
+        tl.store(row_ptrs[:, None] + rc[None, :], zeros, mask=r_mask[:, None] & (rc < N_IN)[None, :])
+    # Order the zeros before the values: the same addresses are written by different threads of this CTA.
+    tl.debug_barrier()
+    for j0 in range(0, K, BLOCK_J):
+        rj = j0 + tl.arange(0, BLOCK_J)
+        j_mask = rj < K
+        o = tl.load(off_ptr + rj, mask=j_mask, other=0)
+        if N_OUT <= N_IN:  # wide: row t holds diagonal j at column (t + o_j) mod N_in, value V[j, t]
+            c = rr[None, :] + o[:, None]
+            c = tl.where(c >= N_IN, c - N_IN, c)
+            t = rr[None, :] + 0 * o[:, None]
+            ok = j_mask[:, None] & r_mask[None, :]
+        else:  # tall: row r holds diagonal j at column t = (r - o_j) mod N_out if t < N_in, value V[j, t]
+            c = rr[None, :] - o[:, None]
+            c = tl.where(c < 0, c + N_OUT, c)
+            t = c
+            ok = j_mask[:, None] & r_mask[None, :] & (c < N_IN)
+        val = tl.load(v_ptr + rj.to(tl.int64)[:, None] * stride_vk + t, mask=ok, other=0.0)
+        tl.store(row_ptrs[None, :] + c, val.to(w_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -829,34 +828,37 @@ def values_grad(dy2: Tensor, x2: Tensor, offsets: Tensor, *, config: KernelConfi
 
 
 def to_dense(values: Tensor, offsets: Tensor, out_features: int, in_features: int) -> Tensor:
-    """The dense ``(N_out, N_in)`` weight in ``values.dtype``, written once, coalesced (two small launches).
+    """The dense ``(N_out, N_in)`` weight in ``values.dtype``, in one launch, every element written once.
 
     Same result as ``reference.to_dense`` (bit-exact: entries are copies), for the ``dense`` dispatch path.
     """
     _check_2d("values", values)
     _check_float("values", values)
-    P, D = max(out_features, in_features), min(out_features, in_features)
+    D = min(out_features, in_features)
     if values.shape[1] != D:
         raise ValueError(f"values has {values.shape[1]} columns, expected D={D}")
     _same_device(("values", values), ("offsets", offsets))
     k = values.shape[0]
     offsets = _prep_offsets(offsets, k)
     values = _unit_cols(values)
-    inv = torch.empty(P, device=values.device, dtype=torch.int32)
-    _inverse_offsets_kernel[(1,)](offsets, k, P, inv, BLOCK=1024, num_warps=8)
     w = torch.empty((out_features, in_features), device=values.device, dtype=values.dtype)
-    br, bc = 32, 128
-    grid = (triton.cdiv(out_features, br) * triton.cdiv(in_features, bc),)
+    if w.numel() == 0:
+        return w
+    # ~16 KB of W per program (a few programs per SM at once), at most 64 rows.
+    br = max(1, min(64, (16384 // (in_features * w.element_size())) or 1))
+    br = 1 << (br.bit_length() - 1)
+    grid = (triton.cdiv(out_features, br),)
     _to_dense_kernel[grid](
         values,
-        inv,
+        offsets,
         out_features,
         in_features,
-        values.stride(0),
+        k,
+        _row_stride(values),
         w,
-        TALL=out_features > in_features,
         BLOCK_R=br,
-        BLOCK_C=bc,
+        BLOCK_C=max(128, 2048 // br),
+        BLOCK_J=max(1, min(32, 2048 // (br * 32))),
         num_warps=4,
     )
     return w

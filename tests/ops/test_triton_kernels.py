@@ -356,14 +356,10 @@ def _edge_cases():
         args = {"ws_ptr": "*fp32", "bias_ptr": "*bf16", "R": R, "C": C, "SPLIT": split, "stride_or": C}
         args["out_ptr"] = "*bf16"
         cases.append(("_split_reduce_kernel", args, {"HAS_BIAS": True, "BLOCK_R": min(16, R), "BLOCK_C": 128}, 4))
-    cases.append(
-        ("_inverse_offsets_kernel", {"off_ptr": "*i32", "K": 1, "P": 1, "inv_ptr": "*i32"}, {"BLOCK": 1024}, 8)
-    )
-    for n_out, n_in in [(1, 1), (1, 7), (3072, 768)]:
-        args = {"v_ptr": "*bf16", "inv_ptr": "*i32", "N_OUT": n_out, "N_IN": n_in, "stride_vk": min(n_out, n_in)}
-        args["w_ptr"] = "*bf16"
-        const = {"TALL": n_out > n_in, "BLOCK_R": 32, "BLOCK_C": 128}
-        cases.append(("_to_dense_kernel", args, const, 4))
+    for n_out, n_in in [(1, 1), (1, 7), (7, 1), (3072, 768)]:
+        args = {"v_ptr": "*bf16", "off_ptr": "*i32", "N_OUT": n_out, "N_IN": n_in, "K": 1}
+        args.update(stride_vk=min(n_out, n_in), w_ptr="*bf16")
+        cases.append(("_to_dense_kernel", args, {"BLOCK_R": 4, "BLOCK_C": 128, "BLOCK_J": 8}, 4))
         args = {"g_ptr": "*bf16", "off_ptr": "*i32", "K": 1, "D": min(n_out, n_in), "L": max(n_out, n_in)}
         args.update(stride_gr=n_in, stride_gc=1, out_ptr="*fp32")
         cases.append(("_extract_kernel", args, {"TALL": n_out > n_in, "BLOCK_J": 8, "BLOCK_N": 128}, 4))
