@@ -12,11 +12,11 @@ plus the dense-path helpers ``to_dense`` / ``extract_diagonals`` (one launch eac
 of ``ops/diag_linear.py`` on CUDA) and ``aot_forward_spec`` (what the TensorRT plugin compiles ahead of time).
 Outputs are fresh tensors in the input dtype; products accumulate in float32.
 
-Design note (reasoned from the roofline; nothing here was timed: see the UNVERIFIED list in the README)
-======================================================================================================
+Design note (reasoned from the roofline and read off the sm_90 SASS; nothing here was timed on a GPU)
+=======================================================================================================
 Notation: ``L = P = max(N_out, N_in)`` (long side, wraps), ``D = min(N_out, N_in)``, ``k`` diagonals,
-``M`` rows. Useful work is ``2·M·k·D`` FLOPs for every one of forward, dx and dV. Three primitives
-(``ops/reference.py``) cover all six products, so there are three kernels:
+``M`` rows. Useful work is ``2·M·k·D`` FLOPs for each of forward, dx and dV. Three primitives
+(``ops/reference.py``) cover all six products, so there are three main kernels:
 
 =============  =====================================================  ===============================
 kernel         computes                                               used for
@@ -27,59 +27,70 @@ kernel         computes                                               used for
 ``_sddmm``     ``dV[j,t] = Σ_m a[m,t]·b[m,(t+o_j) mod L]``            dV, both orientations
 =============  =====================================================  ===============================
 
-All three are *output-stationary* (every output element is written once by one program: no atomics, so
-results are deterministic run to run), and all three work on a 3-D register tile ``[BLOCK_M, BLOCK_J,
-BLOCK_N]``: ``BLOCK_J`` diagonals per loop iteration, so ``BLOCK_J`` independent gathers are in flight per
-thread before the first FMA needs them (the loads are gathers, not ``cp.async``-able, so Triton's software
-pipeliner does not overlap iterations; in-flight bytes come from the tile width and from co-resident
-programs). The ``BLOCK_J`` partial sums stay in a 3-D fp32 accumulator and are reduced once at the end.
+All are *output-stationary*: each output element is owned by one program (or one split of it, reduced in
+a fixed order by ``_split_reduce``), so results are deterministic; no atomics anywhere.
 
-Regimes (H100 SXM: ~3.35 TB/s HBM, 132 SMs, ~67 TFLOP/s fp32 FMA, ~128 B/clk/SM L1, 4 issue slots/clk/SM):
+H100 SXM budget: ~3.35 TB/s HBM, 132 SMs x 4 warp-instructions/clock x ~1.75 GHz ≈ 30e12 thread-
+instructions/s. With scattered offsets there is no tensor-core formulation of the diagonal product (each
+output is a sum of *shifted* elementwise products), so the kernels run on the FMA pipes, and every FMA
+needs one gathered element of ``a``: the cost is instructions per FMA (``benchmarks/kernel_sass.py``
+measures it in the compiled hot loop, ``benchmarks/results/kernel_sass.md``).
 
-1. **Small M (decode, M <= 8): bound by the bytes of ``values``.** ``k·D`` values are read once per call
-   (≈ 1/10 of dense weight bytes at 90%); ``x`` and ``y`` are tiny. E.g. 4096->14336 at 90%: 11.7 MB of
-   values -> ≈ 3.9 µs at ~3 TB/s vs ≈ 39 µs for dense's 117 MB. To approach bandwidth the GPU needs
-   ~20 KB of loads in flight per SM, but the output is only ``M x N_out`` (e.g. 4096 columns = 64 tiles of
-   64), so the grid would be far smaller than the machine. Hence **split-K over diagonals**: ``SPLIT``
-   programs share an output tile, each over ``k/SPLIT`` diagonals, writing fp32 partials; a second tiny
-   kernel (``_split_reduce``) sums them in a fixed order (deterministic), adds the bias and casts. The
-   partials are ``SPLIT·M·N·4`` bytes (≈ 0.5 MB here), small against the values. ``values`` tiles are
-   ``[BLOCK_J, 64]`` rows of 64 contiguous elements at 64-aligned column starts (``_gather``) so Triton can
-   emit 16-byte vector loads; in ``_mgather`` the values window is shifted by the offset (misaligned, 2-byte
-   loads) but DRAM traffic is still the values bytes once. Predicted: ~5-6 µs including the reduce kernel,
-   i.e. ~6-7x vs dense (target 7x); the reduce launch is the main loss (≈ 1 µs in a CUDA graph).
-2. **Mid M (16 ... ~200): bound by issue slots of the gathers.** Every FMA needs one gathered element of
-   ``a`` (from L1/L2: ``a`` is small) with a per-element address (the shift differs per diagonal and the
-   window is misaligned, so no vector loads): ≈ 5-7 instructions per FMA (address, mask, load, convert,
-   FMA) -> roughly 20 FMAs/clk/SM ≈ 10 TFLOP/s effective. ``values`` are reused across the ``BLOCK_M``
-   rows of a tile. At M=16 on the 4096x14336 layers this predicts ≈ 12-20 µs vs dense ≈ 40 µs (2-3x;
-   target 6x: NOT expected to be met without the next step below). At M=197 (ViT-B fc1/fc2, 90%) ≈ 8-10 µs
-   vs dense ≈ 6-8 µs: the dispatch table sends such calls to the dense path until measurements say
-   otherwise (target 1.8x: NOT expected with this kernel).
-3. **Large M (>= ~256 at 90%): dense tensor cores win.** The diagonal kernel stays at ≈ 10-30 TFLOP/s
-   effective whatever M is, while cuBLAS runs the (10x larger) dense product at ≈ 600 TFLOP/s. The
-   ``dense`` path materializes ``W`` in one write-once kernel (``to_dense``: ``N_out·N_in`` writes + the
-   values read, ≈ 5% of the GEMM time at M=4096) and calls cuBLAS; dV uses cuBLAS ``dY^T X`` then one
-   gather kernel (``extract_diagonals``). At 99% density 1% the diagonal kernel does 100x fewer FLOPs and
-   wins at every M (3072x768, M=50432: ≈ 2.4 GFLOP of gathers + 310 MB of ``x`` streamed once ->
-   predicted ≈ 100-200 µs vs dense ≈ 400 µs, 2-4x; target 4x).
+Structure (each choice was checked in the SASS; the first straightforward version spent ~16
+instructions per FMA and laid its lanes across diagonals, i.e. uncoalesced):
 
-Where the design avoids known costs:
-* Wrap without a per-element modulo: ``t + o < 2L`` and ``r - o > -L``, so one compare-and-select
-  replaces ``%`` (integer division is ~20 instructions; and Triton's ``%`` is C-style, wrong for negatives).
-* ``_mgather`` skips a whole ``BLOCK_J`` chunk with one scalar branch when none of its diagonals reaches
-  the output tile (in a tall layer only ``≈ D/L`` of the (row, diagonal) pairs are valid; with sorted
-  offsets the valid diagonals of a tile are contiguous, so almost every chunk is all-or-nothing).
-* Row offsets are int64 (``M·stride`` can exceed 2^31: M=50432 x 14336 is 7.2e8, a few x more overflows);
-  column indices stay int32 (``< 2L``). Values rows use int64 too (``k·D`` can exceed 2^31 for huge layers).
-* Block sizes come from a fixed table of shapes (``_gather_config`` / ``_sddmm_config``), never from
-  run-time autotuning: dispatch must be deterministic in the shapes, and so must the summation order.
-* The forward kernels take (inputs, int scalars, output, constexprs) in that order so the same
-  ``@triton.jit`` function compiles ahead of time for a TensorRT Quick Deploy Plugin (``aot_forward_spec``).
+* **Lanes and warps along the output columns**, so each thread owns *every* row (``BLOCK_M``) and
+  diagonal (``BLOCK_J``) of its columns: the per-(diagonal, column) address and values work is shared by
+  its rows, and the per-chunk reductions (``max`` of the chunk's offsets) stay inside a thread.
+* **Compile-time row strides** (``STRIDE_AM`` constexpr): the ``BLOCK_M`` loads of one column share one
+  address and use immediate offsets; column arithmetic in int64 so constant parts fold the same way.
+* **Unmasked hot path, two-segment slow path.** A chunk whose windows do not wrap past ``L`` (almost
+  all of them), with full rows and diagonals, loads with no mask and no modulo. Otherwise two masked,
+  still contiguous segments: columns ``o + t < L`` and ``o + t - L`` (one compare, never ``%``: Triton's
+  integer ``%`` is C-style and costs ~20 instructions). Row tails use an overlapping last row tile
+  (recomputed bit-identically) instead of masks whenever ``M >= BLOCK_M``.
+* ``_mgather`` (tall forward) skips a whole chunk with one uniform branch when no diagonal of it reaches
+  the output tile (only ``≈ D/L`` of (row, diagonal) pairs are valid); split-K takes chunks interleaved
+  so every split sees the same mix of hitting and skipped chunks.
 
-Next steps worth measuring (not done: no GPU here): 4-byte pair loads of 16-bit ``a`` with a funnel shift
-for odd offsets (≈ 1.5x fewer issue slots per FMA in regime 2); a single-launch split-K (last-arriving
-program reduces, semaphore per tile) to drop the reduce launch in regime 1; a persistent grid.
+Result, hot loop, bf16 (``kernel_sass.md``): ``_gather`` 3.7 (M >= 32) / 4.4-4.9 (M = 16), ``_mgather``
+4.0-4.2 / 5.1-5.4, ``_sddmm`` 4.4 instructions per FMA, no spills; decode (M = 1) 8-10, 16 on the ViT
+shapes (DRAM- or launch-bound there, see below).
+
+Regimes and predictions (bf16, 90% sparse unless stated; ``dense`` = cuBLAS ``F.linear``; UNVERIFIED):
+
+1. **Decode, M <= 8: bound by the bytes of ``values``** (1/10 of dense at 90%). 4096 <-> 14336: 11.7 MB
+   -> ≈ 3.9 µs at ~3 TB/s; issue ≈ 5.9e6 FMAs x 9 / 30e12 ≈ 1.8 µs, hidden. The output (4096 or 14336
+   columns) is far too narrow to fill 132 SMs, so **split-K** over diagonals (fp32 partials, at most 1/8 of
+   the values bytes) and ``_split_reduce`` (partials read 4 splits at a time, bias, cast). Predicted
+   ≈ 5-6 µs including the second launch vs dense ≈ 37-40 µs: **≈ 6.5-7.5x** (target 7x: borderline).
+2. **Mid M (16 ... few hundred): issue-bound on the gathers.** M = 16 on 4096 <-> 14336: 94e6 FMAs x
+   4.4-5.2 / 30e12 ≈ 14-16 µs vs dense ≈ 40 µs: **≈ 2.5-3x (target 6x: not expected)**. ViT-B fc1/fc2
+   at M = 197: 47e6 FMAs x 3.8-4.1 ≈ 6-6.5 µs vs dense ≈ 5-8 µs: ≈ 1x, so dispatch prefers dense there
+   (**target 1.8x: not expected**). Closing these gaps needs fewer instructions per FMA than one load +
+   one convert + one FMA allows (see next steps).
+3. **Large M at 90%: dense tensor cores win** (≈ 600 TFLOP/s on 10x the FLOPs beats ≈ 15-30 TFLOP/s
+   effective). The ``dense`` path materializes ``W`` with ``to_dense`` (one launch, ``W`` written once,
+   ≈ 5% of the GEMM at M = 4096 for 4096 x 14336, more for the small ViT layers) and calls cuBLAS; dV is
+   cuBLAS ``dY^T X`` + ``extract_diagonals`` (one launch). Predicted 0.85-0.95x at M = 4096 (ViT layers
+   at the low end: materializing per call costs ~10% there), ≈ 0.99x at M = 50432 (target 0.95x).
+4. **99% sparse: the kernel wins at every M.** 3072 -> 768 at M = 50432: 2.4e9 FLOPs at ≈ 3.7 instr/FMA
+   ≈ 40 µs of issue, 310 MB of ``x`` streamed ≈ 100 µs vs dense ≈ 350-450 µs: **≈ 3.5-4.5x** (target 4x).
+
+Other choices: int64 row offsets everywhere (``M·stride`` exceeds 2^31 for large batches); block sizes from
+a fixed table of shapes (``gather_config`` / ``sddmm_config``), never run-time autotuning, so the path and
+the summation order are functions of the shapes; the split factor is a run-time argument (a new split
+count does not compile a new kernel). The forward kernels take (inputs, int scalars, output, constexprs)
+so the same ``@triton.jit`` function compiles ahead of time for a TensorRT plugin (``aot_forward_spec``).
+
+Next steps worth measuring (not done: no GPU to measure them here):
+* Fused diagonal->dense tiles + ``tl.dot`` for M ≈ 64-1024: build each ``W`` tile on chip from ``values``
+  (≈ 6-8 instructions per ``W`` element per 128-row tile instead of ≈ 4 per FMA x M x density), then
+  wgmma; predicted ViT fc1/fc2 at M = 197 ≈ 3 µs (≈ 2x). Needs an offset -> diagonal lookup per tile
+  (sorted offsets + binary search, or an inverse table from an extra launch).
+* 4-byte bf16-pair loads with a funnel shift for odd offsets (≈ 1.5x fewer instructions per FMA).
+* A single-launch split-K (the last-arriving program of a tile reduces, with a per-tile semaphore) to
+  drop the reduce launch in decode; a persistent grid; CUDA graphs for the host launch cost.
 """
 
 from __future__ import annotations
