@@ -966,6 +966,18 @@ class AOTSpec:
         """The int scalars of one launch, in ``scalar_args`` order."""
         return tuple(_aot_scalar(a, M, self.out_features, self.in_features, k) for a in self.scalar_args)
 
+    def runner_args(
+        self, x: Any, values: Any, offsets: Any, bias: Any, out: Any, M: int, k: int | None = None
+    ) -> list[Any]:
+        """Every parameter in kernel order, for Triton's own launcher: ``compiled[spec.grid(M)](*args)``.
+
+        Triton 3.6's ``CompiledKernel`` launcher takes all parameters, constexpr positions included (their
+        values are ignored there); the PTX entry itself has only the non-constexpr ones (see the class doc).
+        """
+        vals = {"a_ptr": x, "v_ptr": values, "off_ptr": offsets, "bias_ptr": bias, "out_ptr": out}
+        vals.update(zip(self.scalar_args, self.scalar_values(M, values.shape[0] if k is None else k)))
+        return [vals[n] if n in vals else self.constexprs[n] for n in self.fn.arg_names]
+
     def ast_source(self) -> Any:
         """A ``triton.compiler.ASTSource`` for ``triton.compile``."""
         from triton.compiler import ASTSource

@@ -199,7 +199,7 @@ def test_aot_compiled_forward_runs_with_the_documented_launch():
             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
         )
         out = torch.full((197, n_out), float("nan"), device=DEV, dtype=torch.bfloat16)
-        compiled[spec.grid(197)](x, v, offs, b, *spec.scalar_values(197, v.shape[0]), out)
+        compiled[spec.grid(197)](*spec.runner_args(x, v, offs, b, out, M=197))
         hi, lo = _refs(x, v, offs, b, torch.zeros_like(out), n_out, n_in, big=False)
         bf16_oracle_check(out, lo["fwd"], hi["fwd"], f"aot {n_in}->{n_out}")
 

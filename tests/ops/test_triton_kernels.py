@@ -310,6 +310,10 @@ def test_aot_forward_spec_cross_compiles_to_ptx_for_sm90(dtype_name, n_out, n_in
     assert spec.grid(197) == (triton.cdiv(197, spec.block_m) * triton.cdiv(n_out, spec.block_n), 1, 1)
     assert spec.grid(0)[0] == 0
     assert spec.fn is (T._mgather_kernel if n_out > n_in else T._gather_kernel)
+    args = spec.runner_args("x", "v", "o", "b", "y", M=197, k=308)  # every parameter, for CompiledKernel[grid](*args)
+    assert len(args) == len(spec.fn.arg_names)
+    assert args[:4] == ["x", "v", "o", "b"] and args[4:8] == list(spec.scalar_values(197, 308))
+    assert args[spec.fn.arg_names.index("out_ptr")] == "y"
     compiled = triton.compile(
         spec.ast_source(),
         target=GPUTarget("cuda", 90, 32),
