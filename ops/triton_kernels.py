@@ -912,13 +912,21 @@ def extract_diagonals(weight: Tensor, offsets: Tensor, out_dtype: torch.dtype | 
 # ====================================================================================================
 # Ahead-of-time compilation spec (TensorRT Quick Deploy Plugin)
 # ====================================================================================================
-#: The forward kernels' int scalars, in parameter order, as expressions of (M, N_out, N_in, k). The row
-#: strides of ``x`` (N_in) and ``values`` (D) are compiled in as constexprs: inputs must be contiguous.
-_AOT_SCALARS: dict[str, str] = {"M": "M", "L": "max(N_out, N_in)", "D": "min(N_out, N_in)", "K": "k"}
+#: The forward kernels' int scalar parameters, in order: rows, long side, short side, diagonals.
+_AOT_SCALARS: tuple[str, ...] = ("M", "L", "D", "K")
 
 
-def _aot_scalar(name: str, M: int, n_out: int, n_in: int, k: int) -> int:
-    return {"M": M, "L": max(n_out, n_in), "D": min(n_out, n_in), "K": k}[name]
+def _aot_scalar_exprs(out_features: int, in_features: int) -> tuple[str, ...]:
+    """Each scalar of ``_AOT_SCALARS`` as an expression of ``M, N_out, N_in, k`` for this orientation.
+
+    Plain names, so any evaluator of size expressions (TensorRT's symbolic sizes included) handles them.
+    """
+    long_side, short_side = ("N_out", "N_in") if out_features > in_features else ("N_in", "N_out")
+    return ("M", long_side, short_side, "k")
+
+
+def _eval_scalar(expr: str, M: int, n_out: int, n_in: int, k: int) -> int:
+    return {"M": M, "N_out": n_out, "N_in": n_in, "k": k}[expr]
 
 
 @dataclass(frozen=True)
@@ -926,8 +934,10 @@ class AOTSpec:
     """Everything needed to compile the forward kernel of one layer shape ahead of time.
 
     Kernel parameters once Triton drops the constexprs: ``x, values, offsets, bias`` (pointers), then the
-    int32 scalars named by ``scalar_args`` (``scalar_exprs`` gives each as an expression of
-    ``M, N_out, N_in, k``), then the output pointer: TensorRT's AOT order (inputs, extra scalars, outputs).
+    int32 scalars ``scalar_names`` = ``(M, L, D, K)`` (rows, long side, short side, diagonals), then the
+    output pointer: TensorRT's AOT order (inputs, extra scalars, outputs). ``scalar_args`` gives the same
+    scalars, in the same order, as expressions of ``M, N_out, N_in, k`` (``("M", "N_out", "N_in", "k")`` for a
+    tall layer, ``("M", "N_in", "N_out", "k")`` for a wide one), ready for a size-expression evaluator.
     ``x`` (M, N_in), ``values`` (k, D) and the output (M, N_out) must be contiguous; ``bias`` must be a
     valid pointer even when ``constexprs["HAS_BIAS"]`` is false (it is never read then). Triton 3.6
     appends two hidden pointer parameters (global and profile scratch) after the output; this kernel uses
@@ -949,22 +959,25 @@ class AOTSpec:
     num_warps: int
     num_stages: int
     scalar_args: tuple[str, ...]
-    scalar_exprs: dict[str, str]
+    scalar_names: tuple[str, ...]
     out_features: int
     in_features: int
     block_m: int
     block_n: int
     attrs: dict[tuple[int, ...], list] = field(default_factory=dict)
 
-    def grid(self, M: int) -> tuple[int, int, int]:
-        """Launch grid for ``M`` rows: one program per ``[block_m, block_n]`` tile of the ``(M, N_out)`` output."""
-        if M < 0:
+    def grid(self, M: Any) -> tuple[Any, int, int]:
+        """Launch grid for ``M`` rows: one program per ``[block_m, block_n]`` tile of the ``(M, N_out)`` output.
+
+        ``M`` may be an int or a symbolic size (only ``+``, ``//`` and ``*`` with the symbol on the left).
+        """
+        if isinstance(M, int) and M < 0:
             raise ValueError(f"M must be >= 0, got {M}")
-        return (triton.cdiv(M, self.block_m) * triton.cdiv(self.out_features, self.block_n), 1, 1)
+        return ((M + (self.block_m - 1)) // self.block_m * triton.cdiv(self.out_features, self.block_n), 1, 1)
 
     def scalar_values(self, M: int, k: int) -> tuple[int, ...]:
-        """The int scalars of one launch, in ``scalar_args`` order."""
-        return tuple(_aot_scalar(a, M, self.out_features, self.in_features, k) for a in self.scalar_args)
+        """The int scalars of one launch, in parameter order."""
+        return tuple(_eval_scalar(e, M, self.out_features, self.in_features, k) for e in self.scalar_args)
 
     def runner_args(
         self, x: Any, values: Any, offsets: Any, bias: Any, out: Any, M: int, k: int | None = None
@@ -975,7 +988,7 @@ class AOTSpec:
         values are ignored there); the PTX entry itself has only the non-constexpr ones (see the class doc).
         """
         vals = {"a_ptr": x, "v_ptr": values, "off_ptr": offsets, "bias_ptr": bias, "out_ptr": out}
-        vals.update(zip(self.scalar_args, self.scalar_values(M, values.shape[0] if k is None else k)))
+        vals.update(zip(self.scalar_names, self.scalar_values(M, values.shape[0] if k is None else k)))
         return [vals[n] if n in vals else self.constexprs[n] for n in self.fn.arg_names]
 
     def ast_source(self) -> Any:
@@ -1023,9 +1036,9 @@ def aot_forward_spec(
     if scalars != tuple(_AOT_SCALARS):  # the kernel and this table must agree
         raise AssertionError(f"kernel scalars {scalars} != {tuple(_AOT_SCALARS)}")
     attrs: dict[tuple[int, ...], list] = {}
+    sizes = {"L": max(out_features, in_features), "D": min(out_features, in_features)}
     for i, name in enumerate(fn.arg_names):
-        known = _aot_scalar(name, 1, out_features, in_features, 1) if name in ("L", "D") else None
-        if signature[name].startswith("*") or (known is not None and known % 16 == 0):
+        if signature[name].startswith("*") or (name in sizes and sizes[name] % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return AOTSpec(
         fn=fn,
@@ -1033,8 +1046,8 @@ def aot_forward_spec(
         constexprs=constexprs,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        scalar_args=scalars,
-        scalar_exprs=dict(_AOT_SCALARS),
+        scalar_args=_aot_scalar_exprs(out_features, in_features),
+        scalar_names=scalars,
         out_features=out_features,
         in_features=in_features,
         block_m=cfg.BLOCK_M,

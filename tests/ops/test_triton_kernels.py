@@ -305,10 +305,27 @@ def test_aot_forward_spec_cross_compiles_to_ptx_for_sm90(dtype_name, n_out, n_in
 
     T = _T()
     spec = T.aot_forward_spec(getattr(torch, dtype_name), n_out, n_in, has_bias=has_bias)
-    assert spec.scalar_args == ("M", "L", "D", "K")
+    assert spec.scalar_names == ("M", "L", "D", "K")
+    assert spec.scalar_args == (("M", "N_out", "N_in", "k") if n_out > n_in else ("M", "N_in", "N_out", "k"))
     assert spec.scalar_values(M=197, k=308) == (197, max(n_out, n_in), min(n_out, n_in), 308)
     assert spec.grid(197) == (triton.cdiv(197, spec.block_m) * triton.cdiv(n_out, spec.block_n), 1, 1)
     assert spec.grid(0)[0] == 0
+
+    class Sym:  # like TensorRT's symbolic sizes: + // * with the symbol on the left, no comparisons
+        def __init__(self, text):
+            self.text = text
+
+        def __add__(self, o):
+            return Sym(f"({self.text} + {o})")
+
+        def __floordiv__(self, o):
+            return Sym(f"({self.text} // {o})")
+
+        def __mul__(self, o):
+            return Sym(f"({self.text} * {o})")
+
+    gx = spec.grid(Sym("M"))[0].text
+    assert eval(gx, {"M": 197}) == spec.grid(197)[0]  # noqa: S307 - our own arithmetic string
     assert spec.fn is (T._mgather_kernel if n_out > n_in else T._gather_kernel)
     args = spec.runner_args("x", "v", "o", "b", "y", M=197, k=308)  # every parameter, for CompiledKernel[grid](*args)
     assert len(args) == len(spec.fn.arg_names)
