@@ -105,6 +105,11 @@ def kernel_module(device_type: str) -> ModuleType | None:
     Imported lazily so that ``import diagcompile`` never imports triton or numba.
     """
     name = _KERNEL_MODULES.get(device_type)
+    # ---- triton-kernels: test hook. With DIAGCOMPILE_TRITON_ON_CPU=1 (and TRITON_INTERPRET=1 set before
+    # triton is imported) CPU tensors use the Triton provider, so CI can run the CUDA kernels through the op.
+    if device_type == "cpu" and os.environ.get("DIAGCOMPILE_TRITON_ON_CPU", "") == "1":
+        name = _KERNEL_MODULES["cuda"]
+    # ---- end triton-kernels
     if name is None:
         return None
     try:

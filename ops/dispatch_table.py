@@ -29,7 +29,25 @@ _CPU: dict[str, dict[str, Rule]] = {}
 # END CPU TABLE
 
 # ---- cuda (Triton kernels; ops/triton_kernels.py). BEGIN CUDA TABLE
-_CUDA: dict[str, dict[str, Rule]] = {}
+# NOT MEASURED: hand-derived from the roofline, to be replaced by `python benchmarks/tune_dispatch.py
+# --device cuda` on the H100. Model (bf16, H100 SXM; per layer of N_out x N_in weights, density d = k/P):
+#   kernel ≈ max(d·N·2 B / 3 TB/s, M·d·N·c / 29.7e12 instr/s),  c ≈ 4 instructions per FMA (M >= 16, from
+#            the SASS of the hot loop: benchmarks/kernel_sass.py), ≈ 10 at M <= 8 (bandwidth-bound there)
+#   dense  ≈ N·2 B / 3 TB/s (materialize W, to_dense) + max(N·2 B / 3 TB/s, 2·M·N / 600e12) (cuBLAS)
+# The kernel wins while M·d < ~10, and at every M once d < ~0.025 (its per-row cost d·c/29.7e12 drops
+# below the tensor cores' 2/600e12). The limits below are about half of those crossovers (when unsure,
+# dense is never meaningfully slower than dense), and "always" (2**62) at 99%+ sparsity.
+# Edges carry ~4% slack: k rounds up, so "90% sparse" is density 0.1003.
+_CUDA_EDGES = [0.013, 0.026, 0.052, 0.104, 0.208, 0.52, 1.0]
+_CUDA_KERNEL_MAX_M = [2**62, 512, 96, 48, 24, 8, 4]
+_CUDA: dict[str, dict[str, Rule]] = {
+    op: {
+        "kernel": {"density_edges": _CUDA_EDGES, "max_m": _CUDA_KERNEL_MAX_M},
+        # The torch reference is never the fast path on a GPU (it launches a handful of kernels per call).
+        "reference": {"density_edges": [1.0], "max_m": [0]},
+    }
+    for op in ("fwd", "dx", "dv")
+}
 # END CUDA TABLE
 
 TABLE: dict[tuple[str, str], dict[str, Rule]] = {
