@@ -408,10 +408,13 @@ def _split_reduce_kernel(
     # loop would wait one memory latency per split). The adds stay in the fixed order s = 0, 1, 2, ...
     for s0 in range(0, SPLIT, 4):
         base = ws_ptr + s0 * plane + idx
+        # The split index as a block-shaped tensor: a scalar comparison folded into the mask is a plain bool
+        # under newer Triton interpreters, which refuse it as a load mask ("mask has unsupported dtype").
+        s_blk = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32) + s0
         p0 = tl.load(base, mask=mask, other=0.0)
-        p1 = tl.load(base + plane, mask=mask & (s0 + 1 < SPLIT), other=0.0)
-        p2 = tl.load(base + 2 * plane, mask=mask & (s0 + 2 < SPLIT), other=0.0)
-        p3 = tl.load(base + 3 * plane, mask=mask & (s0 + 3 < SPLIT), other=0.0)
+        p1 = tl.load(base + plane, mask=mask & (s_blk + 1 < SPLIT), other=0.0)
+        p2 = tl.load(base + 2 * plane, mask=mask & (s_blk + 2 < SPLIT), other=0.0)
+        p3 = tl.load(base + 3 * plane, mask=mask & (s_blk + 3 < SPLIT), other=0.0)
         acc = (((acc + p0) + p1) + p2) + p3
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rc, mask=rc < C, other=0.0).to(tl.float32)[None, :]
