@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -194,7 +195,7 @@ def measure(device: str, op: str, path: str, dtype: torch.dtype, grid: Grid, mar
 # ----------------------------------------------------------------------------------------------------
 def render(device: str, rules: dict[str, dict[str, list[int]]], header: list[str]) -> str:
     var = f"_{device.upper()}"
-    lines = [f"# {h}" for h in header]
+    lines = [f"# {line}" for h in header for line in textwrap.wrap(h, 116)]
     lines.append("_ANY_M = 2**31 - 1  # no upper limit on M")
     lines.append(f"{var}: dict[str, dict[str, Rule]] = {{")
     for op in OPS:
