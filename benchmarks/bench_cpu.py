@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare_ms, median_time_ms, write_results  # noqa: E402
+from common import median_time_ms, write_results  # noqa: E402
 
 import diagcompile  # noqa: E402,F401
 from diagcompile import DiagLinear  # noqa: E402
@@ -64,8 +64,26 @@ class _Rotor:
         return self.items[self.i]
 
 
+def median_cpu_ms(fn, warmup: int = 3, reps: int = 20, min_time_s: float = 0.0) -> float:
+    """Median CPU time of ``fn()`` on the calling thread, in ms: immune to being descheduled by other
+    processes (only meaningful with one torch thread, where all the work runs on the calling thread)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.thread_time()
+        fn()
+        times.append(time.thread_time() - t0)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+_TIMER = {"fn": median_time_ms}
+
+
 def _compare_adaptive(fns: dict, rounds: int, reps: int) -> dict[str, float]:
     """``compare_ms`` with fewer repetitions for slow functions (the reference path at large M takes seconds)."""
+    median = _TIMER["fn"]
     cost = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -76,7 +94,7 @@ def _compare_adaptive(fns: dict, rounds: int, reps: int) -> dict[str, float]:
         for name, fn in fns.items():
             slow = cost[name] > 0.1
             kw = {"warmup": 1, "reps": 3, "min_time_s": 0.0} if slow else {"warmup": 3, "reps": reps}
-            best[name] = min(best[name], median_time_ms(fn, **kw))
+            best[name] = min(best[name], median(fn, **kw))
     return best
 
 
@@ -169,7 +187,7 @@ def run_train(batches: list[int], sparsity: float, rounds: int) -> list[dict]:
                 opt.step()
 
         fns = {name: (lambda name=name: step(name)) for name in models}
-        t = compare_ms(fns, rounds=rounds, reps=5, warmup=2, min_time_s=0.0)
+        t = _compare_adaptive(fns, rounds=rounds, reps=5)
         M = B * 197
         k1 = models["diag auto"].fc1.values.shape[0]
         fc1_paths = "/".join(
@@ -222,12 +240,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (best counts)")
     ap.add_argument("--repeat", type=int, default=1, help="repeat the whole table; report median and range")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="one thread, timed by the thread's CPU time (not wall clock): a comparison that other processes "
+        "on a shared machine cannot distort by descheduling us; results go to cpu_*_cputime.*",
+    )
     args = ap.parse_args()
+    if args.cpu_time:
+        args.threads = 1
+        _TIMER["fn"] = median_cpu_ms
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    noise = f" Repeated {args.repeat}x: ratios are medians, `_range` columns give min-max." if args.repeat > 1 else ""
+    suffix = "_cputime" if args.cpu_time else ""
+    timing = (
+        " Timed by the calling thread's CPU time with 1 thread (immune to descheduling by other processes)."
+        if args.cpu_time
+        else " Timed by wall clock."
+    )
+    repeated = f" Repeated {args.repeat}x: ratios are medians, `_range` columns give min-max."
+    noise = timing + (repeated if args.repeat > 1 else "")
     if not args.train_only:
         shapes = SHAPES[2:3] if args.quick else SHAPES
         ms = [1] if args.quick else [int(m) for m in args.ms.split(",")]
@@ -235,7 +269,7 @@ def main() -> None:
         runs = [run_ops(shapes, ms, args.ops.split(","), args.sparsity, paths, args.rounds) for _ in range(args.repeat)]
         keys = ["baseline_ms", "kernel_GBps"] + [f"{p}_{s}" for p in paths for s in ("ms", "x")]
         md = write_results(
-            "cpu_ops_quick" if args.quick else "cpu_ops",
+            ("cpu_ops_quick" if args.quick else "cpu_ops") + suffix,
             _spread(runs, keys),
             f"CPU diagonal ops, float32, {int(args.sparsity * 100)}% sparsity, {threads} threads: vs dense",
             notes="`baseline_ms` = the dense baseline (fwd: `F.linear`; dx: `dy @ W`; dv: `dy^T @ x`). `<path>_x` = "
@@ -251,7 +285,7 @@ def main() -> None:
         batches = [1] if args.quick else [1, 8]
         runs = [run_train(batches, args.sparsity, args.rounds) for _ in range(args.repeat)]
         md = write_results(
-            "cpu_train_quick" if args.quick else "cpu_train",
+            ("cpu_train_quick" if args.quick else "cpu_train") + suffix,
             _spread(runs, ["dense_ms", "diag_auto_ms", "diag_auto_x", "diag_kernel_ms", "diag_kernel_x"]),
             f"CPU training step, ViT-B MLP block, float32, {int(args.sparsity * 100)}% sparsity, {threads} threads",
             notes="One step = forward, backward, AdamW step, on `x` of shape (batch, 197, 768); loss = mean "
