@@ -143,7 +143,8 @@ def choose_path(p: Problem) -> str:
     if p.M == 0:
         return "reference"
     rules = dispatch_table.TABLE.get((p.device_type, p.op)) or dispatch_table.TABLE[("default", p.op)]
-    if _kernel_supports(p) and p.M <= _threshold(rules["kernel"], p.density):
+    # Threshold first: the kernel module (numba, triton) is imported only where the table may pick it.
+    if p.M <= _threshold(rules["kernel"], p.density) and _kernel_supports(p):
         return "kernel"
     if p.M <= _threshold(rules["reference"], p.density):
         return "reference"

@@ -1,0 +1,299 @@
+"""Regenerate one device's section of ``ops/dispatch_table.py`` from measurements.
+
+    python benchmarks/tune_dispatch.py --device cpu            # rewrites the _CPU section
+    python benchmarks/tune_dispatch.py --device cuda           # rewrites the _CUDA section (on the GPU machine)
+    python benchmarks/tune_dispatch.py --device cpu --dry-run  # print the table, write nothing
+
+For each op (``fwd``, ``dx``, ``dv``), each density bucket of the table (measured at the bucket's upper
+edge, its most expensive density), each layer shape of the grid and each ``M`` of the grid, the script times
+the real op with the path forced (``diagcompile.ops.force_path``): ``kernel`` and ``dense`` in the kernel
+dtype, ``reference`` and ``dense`` in the reference dtype. A path *wins* at ``M`` when it is faster than
+``dense`` by the margin (default 10%). The table keeps, per bucket, the largest ``M`` up to which the path
+wins at every grid point and on every shape (a loss anywhere ends the run of wins), made non-increasing in
+density, so dispatch never picks a path where it was measured slower than dense. Where the kernel still
+wins by 1.5x at the largest ``M`` of the grid (both sides are compute bound there: their ratio no longer
+changes with ``M``), the threshold is unbounded.
+
+Timing: on the CPU, the median of repeated wall-clock runs in interleaved rounds (best round), rotating
+over several copies of the weights so they come from DRAM like in a real model (``benchmarks/common.py``);
+on CUDA, ``triton.testing.do_bench`` medians (it flushes the L2 between runs). Dtypes: the kernel is timed
+in float32 on the CPU and bfloat16 on CUDA; the reference rule matters where no kernel runs, so on the CPU
+(whose kernel covers float32/float64) it is timed in bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import compare_ms, env_stamp  # noqa: E402
+
+import diagcompile  # noqa: E402,F401  (registers the ops)
+from diagcompile.ops import dispatch, dispatch_table, force_path  # noqa: E402
+from diagcompile.testing import random_offsets  # noqa: E402
+
+OPS = ("fwd", "dx", "dv")
+TABLE_FILE = Path(dispatch_table.__file__)
+UNBOUNDED = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Grid:
+    shapes: tuple[tuple[int, int], ...]  # (in_features, out_features)
+    ms: tuple[int, ...]
+    kernel_dtype: torch.dtype
+    reference_dtype: torch.dtype
+
+
+GRIDS = {
+    # ViT-B shapes: tall, wide and square. M up to a few thousand rows, as in CPU training of small models.
+    "cpu": Grid(
+        shapes=((768, 3072), (3072, 768), (768, 768)),
+        ms=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+        kernel_dtype=torch.float32,
+        reference_dtype=torch.bfloat16,
+    ),
+    "cuda": Grid(
+        shapes=((4096, 14336), (14336, 4096), (768, 3072), (3072, 768)),
+        ms=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536),
+        kernel_dtype=torch.bfloat16,
+        reference_dtype=torch.bfloat16,
+    ),
+}
+QUICK = {
+    "cpu": Grid(((768, 3072), (3072, 768)), (1, 16, 256), torch.float32, torch.bfloat16),
+    "cuda": Grid(((4096, 14336), (3072, 768)), (1, 64, 4096), torch.bfloat16, torch.bfloat16),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------
+def _copies(device: str, n_in: int, n_out: int, dtype: torch.dtype) -> int:
+    if device != "cpu":
+        return 1  # do_bench flushes the L2 itself
+    # Enough copies of the dense weight to overflow a 32 MB L3 twice (as benchmarks/bench_cpu.py).
+    return max(2, min(16, (64 << 20) // (dtype.itemsize * n_in * n_out) + 1))
+
+
+def _time(device: str, fns: dict[str, Callable[[], object]], cost_hint_s: float) -> dict[str, float]:
+    """Milliseconds per call for each function (CPU: interleaved wall-clock medians; CUDA: do_bench)."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return {name: float(do_bench(fn, return_mode="median")) for name, fn in fns.items()}
+    # Fewer repetitions for slow calls so that the grid finishes in minutes.
+    reps = 20 if cost_hint_s < 2e-3 else 7 if cost_hint_s < 50e-3 else 3
+    return compare_ms(fns, rounds=3, reps=reps, warmup=1 if cost_hint_s > 50e-3 else 3, min_time_s=0.05)
+
+
+class Problem:
+    """Random inputs for one (op, shape, k, M, dtype), with the weights rotated over several copies."""
+
+    def __init__(self, device: str, op: str, n_in: int, n_out: int, k: int, M: int, dtype: torch.dtype):
+        g = torch.Generator().manual_seed(0)
+        D = min(n_in, n_out)
+        c = _copies(device, n_in, n_out, dtype)
+        self.op, self.n_in, self.n_out = op, n_in, n_out
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+        self.values = [rnd(k, D) for _ in range(c)]
+        self.offsets = random_offsets(n_out, n_in, k, g).to(device)
+        self.bias = rnd(n_out)
+        self.x = rnd(M, n_in)
+        self.dy = rnd(M, n_out)
+        self.i = 0
+
+    def __call__(self) -> torch.Tensor:
+        self.i = (self.i + 1) % len(self.values)
+        v = self.values[self.i]
+        ops = torch.ops.diagcompile
+        if self.op == "fwd":
+            return ops.diag_linear(self.x, v, self.offsets, self.bias, self.n_out)
+        if self.op == "dx":
+            return ops.diag_linear_dx(self.dy, v, self.offsets, self.n_in)
+        return ops.diag_linear_dv(self.dy, self.x, self.offsets)
+
+
+def _forced(path: str, prob: Problem) -> Callable[[], object]:
+    def fn():
+        with force_path(path):
+            return prob()
+
+    return fn
+
+
+def _compare(device: str, op: str, path: str, dtype: torch.dtype, n_in: int, n_out: int, k: int, M: int, log):
+    """``dense_ms / path_ms`` for one point of the grid (above 1: the path is faster)."""
+    prob = Problem(device, op, n_in, n_out, k, M, dtype)
+    if path == "kernel" and not dispatch._kernel_supports(dispatch.Problem(op, device, dtype, M, n_out, n_in, k)):
+        raise SystemExit(f"no {device} kernel for {dtype}: cannot tune the kernel rule")
+    with torch.no_grad():
+        # One untimed call: the JIT compile / autotune and the cost estimate for the repetition count.
+        t0 = time.perf_counter()
+        _forced("dense", prob)()
+        cost = time.perf_counter() - t0
+        t = _time(device, {path: _forced(path, prob), "dense": _forced("dense", prob)}, cost)
+    ratio = t["dense"] / t[path]
+    log(
+        f"{op:3s} {path:9s} {n_in}->{n_out} k={k} (density {k / max(n_in, n_out):.3f}) M={M}: "
+        f"{path} {t[path]:.3f} ms, dense {t['dense']:.3f} ms, x{ratio:.2f}"
+    )
+    return ratio
+
+
+def measure(device: str, op: str, path: str, dtype: torch.dtype, grid: Grid, margin: float, log) -> list[int]:
+    """For each density bucket, the largest M up to which ``path`` beats ``dense`` on every shape.
+
+    The advantage of a diagonal path shrinks as ``M`` grows (from weight-bandwidth bound to compute bound)
+    and as the density grows, so: a clear win (1.5x) at the top of the M grid, checked at its bottom and
+    middle too, makes the bucket unbounded for that shape; otherwise M is scanned upwards to the first loss.
+    Thresholds are then made non-increasing in density, so measurement noise can never make a denser
+    bucket more permissive than a sparser one.
+    """
+    out = []
+    for edge in dispatch_table._EDGES:
+        best_m = UNBOUNDED
+        for n_in, n_out in grid.shapes:
+            P = max(n_in, n_out)
+            k = max(1, min(P, math.floor(edge * P)))
+
+            def ratio(M, k=k, n_in=n_in, n_out=n_out):
+                return _compare(device, op, path, dtype, n_in, n_out, k, M, log)
+
+            ms = grid.ms
+            if path == "kernel" and ratio(ms[-1]) >= 1.5 and all(ratio(m) >= margin for m in (ms[len(ms) // 2], ms[0])):
+                continue  # unbounded for this shape
+            last_win = 0
+            for M in ms:
+                if M > best_m or ratio(M) < margin:  # another shape already ended the bucket, or a loss
+                    break
+                last_win = M
+            best_m = min(best_m, last_win)
+        out.append(best_m)
+    for i in range(1, len(out)):
+        out[i] = min(out[i], out[i - 1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing the table
+# ----------------------------------------------------------------------------------------------------
+def render(device: str, rules: dict[str, dict[str, list[int]]], header: list[str]) -> str:
+    var = f"_{device.upper()}"
+    lines = [f"# {line}" for h in header for line in textwrap.wrap(h, 116)]
+    lines.append("_ANY_M = 2**31 - 1  # no upper limit on M")
+    lines.append(f"{var}: dict[str, dict[str, Rule]] = {{")
+    for op in OPS:
+        lines.append(f'    "{op}": {{')
+        for path in ("kernel", "reference"):
+            ms = ", ".join("_ANY_M" if m == UNBOUNDED else str(m) for m in rules[op][path])
+            lines.append(f'        "{path}": {{"density_edges": _EDGES, "max_m": [{ms}]}},')
+        lines.append("    },")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def write_section(device: str, body: str, path: Path = TABLE_FILE) -> None:
+    """Replace the lines between ``BEGIN <DEV> TABLE`` and ``# END <DEV> TABLE``; atomic."""
+    text = path.read_text()
+    tag = device.upper()
+    pat = re.compile(rf"(BEGIN {tag} TABLE\n)(.*?)(# END {tag} TABLE)", re.S)
+    if not pat.search(text):
+        raise SystemExit(f"{path}: no 'BEGIN {tag} TABLE' ... '# END {tag} TABLE' markers")
+    new = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text, count=1)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dispatch_table.", suffix=".py")
+    with os.fdopen(fd, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), required=True)
+    ap.add_argument("--quick", action="store_true", help="a small grid, for a smoke test (implies --dry-run)")
+    ap.add_argument("--dry-run", action="store_true", help="print the table, do not rewrite dispatch_table.py")
+    ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--paths", default="kernel,reference", help="rules to re-measure; the others are kept")
+    ap.add_argument("--margin", type=float, default=1.1, help="a path wins when margin * its time < dense's")
+    ap.add_argument(
+        "--threads",
+        default=None,
+        help="CPU: comma-separated torch thread counts to measure with (e.g. 1,2); each rule keeps the smallest "
+        "threshold over them. Default: torch's current count",
+    )
+    ap.add_argument("--log", default=None, help="also write the measurements to this file")
+    args = ap.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU")
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    grid = (QUICK if args.quick else GRIDS)[args.device]
+    ops = [o for o in args.ops.split(",") if o]
+    log_file = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed below
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        if log_file:
+            log_file.write(msg + "\n")
+
+    torch.manual_seed(0)
+    start = time.time()
+    current = {op: dispatch_table.TABLE.get((args.device, op)) for op in OPS}
+    rules: dict[str, dict[str, list[int]]] = {}
+    paths = [p for p in args.paths.split(",") if p]
+    if set(paths) - {"kernel", "reference"}:
+        raise SystemExit(f"--paths takes kernel and/or reference, got {args.paths}")
+    for op in OPS:
+        rules[op] = {}
+        for path in ("kernel", "reference"):
+            if op in ops and path in paths:
+                dtype = grid.kernel_dtype if path == "kernel" else grid.reference_dtype
+                per_count = []
+                for n in thread_counts:
+                    torch.set_num_threads(n)
+                    log(f"# {op} {path}: {n} thread(s)")
+                    per_count.append(measure(args.device, op, path, dtype, grid, args.margin, log))
+                rules[op][path] = [min(ms) for ms in zip(*per_count)]
+            elif current[op] is not None:  # keep the rule not re-measured
+                rules[op][path] = list(current[op][path]["max_m"])
+            else:
+                raise SystemExit(f"the {args.device} table has no '{op}' rules yet: measure all of them")
+    stamp = env_stamp()
+    header = [
+        f"Generated by `python benchmarks/tune_dispatch.py --device {args.device}` "
+        f"({time.time() - start:.0f} s, margin {args.margin}):",
+        f"{stamp['date']}, git {stamp['git']}, torch {stamp['torch']}, {stamp.get('gpu', stamp['cpu'])}; "
+        f"thresholds = the smallest over torch thread counts {thread_counts}.",
+        f"kernel timed in {grid.kernel_dtype}, reference in {grid.reference_dtype}; shapes (in, out) "
+        f"{list(grid.shapes)}; M {list(grid.ms)}.",
+    ]
+    if set(ops) != set(OPS) or set(paths) != {"kernel", "reference"}:
+        header.append(f"This run re-measured ops {ops}, rules {paths}; the other rules were kept from before.")
+    body = render(args.device, rules, header)
+    print(body)
+    if log_file:
+        log_file.write(body + "\n")
+        log_file.close()
+    if args.dry_run or args.quick:
+        return
+    write_section(args.device, body)
+    print(f"wrote the {args.device.upper()} section of {TABLE_FILE}")
+
+
+if __name__ == "__main__":
+    main()

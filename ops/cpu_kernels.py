@@ -1,0 +1,586 @@
+"""Native CPU kernels for the diagonal op (numba), the ``kernel`` path of ``ops/dispatch.py`` on ``cpu``.
+
+Dispatch imports this module lazily (``import diagcompile`` never imports numba) and calls four functions:
+
+* ``supports(dtype)``                                   float32 and float64
+* ``forward(x2, values, offsets, bias, out_features)``  ``(M, N_in) -> (M, N_out)``, bias fused
+* ``input_grad(dy2, values, offsets, in_features)``     ``(M, N_out) -> (M, N_in)``
+* ``values_grad(dy2, x2, offsets)``                     ``-> (k, D)``
+
+They map onto the three primitives of ``ops/reference.py`` exactly as its table says (wide forward = gather,
+tall forward = masked gather, and so on). Inputs may be non-contiguous; outputs are fresh tensors in the
+input dtype (float32 accumulates in float32, float64 in float64).
+
+Design
+------
+* **Output-stationary.** Every kernel owns a tile of its output and reads what it needs (a gather), so
+  threads never write the same memory: no scatter, no atomics. In the gather ``x[(t + o_j) mod L]`` is at
+  most two contiguous runs per diagonal and tile; in the masked gather ``c = (r - o_j) mod L`` likewise.
+  Inner loops run over contiguous 1-D slices so LLVM vectorizes them (AVX2/AVX-512); indexing with a
+  possibly negative index does not vectorize (numba's wraparound check), hence the slices.
+* **Four terms per pass.** The inner loop adds four diagonals (four rows of ``M`` for the values gradient)
+  per load/store of the accumulator: ``y = (((y + v0 x0) + v1 x1) + v2 x2) + v3 x3``. That is the same
+  sequence of float operations as four separate passes (numba compiles without fast-math: no
+  reassociation, no FMA contraction), with a quarter of the accumulator traffic.
+* **Deterministic, independent of the thread count.** Each output element is reduced in a fixed order
+  (diagonals ascending for the gathers, rows ascending for the values gradient), whatever the tiling, and
+  the tiling is a function of the shapes only. Outputs are therefore bit-identical run to run and with
+  any number of threads, which dynamic sparse training needs for bit-identical resume.
+* **Threads.** The kernels are serial ``nogil`` functions over a range of work items; a small thread pool
+  owned by this module runs ``torch.get_num_threads()`` contiguous ranges of the items, one of them on the
+  calling thread. We deliberately do not use ``parallel=True``: numba's threading layers are each unsafe
+  somewhere we run (``workqueue`` aborts the process when two Python threads launch kernels concurrently;
+  ``omp`` on Linux is GNU OpenMP, which numba refuses to use in a child forked after use, as DataLoader and
+  ``multiprocessing`` do; ``tbb`` is an extra dependency), and selecting one is a process-global setting
+  that a library should not take from its user. Plain Python threads around ``nogil`` code are thread-safe,
+  fork-safe (the pool is rebuilt in a forked child) and never touch torch's OpenMP runtime.
+* **Compile once.** Kernels are compiled lazily (only the dtypes used) with ``cache=True``: numba stores the
+  machine code next to this file when that is writable, else in ``$NUMBA_CACHE_DIR`` or the user cache
+  directory (``~/.cache/numba``), so only the very first process pays the compile. Where no cache location
+  is writable the kernels still work, compiled per process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["supports", "forward", "input_grad", "values_grad", "warmup", "SUPPORTED_DTYPES"]
+
+#: dtypes with a native kernel. bf16/fp16 are left to dispatch's other paths: numpy has no bfloat16 and
+#: numba does no float16 arithmetic, so a kernel would have to upcast whole operands and lose the win.
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+
+# A call below this many multiply-adds runs on the calling thread alone: waking a pool thread costs tens
+# of microseconds, more than such a call takes.
+_MIN_PARALLEL_WORK = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------------
+# JIT settings
+# ----------------------------------------------------------------------------------------------------
+def _jit(fn: Callable) -> Callable:
+    """``njit`` with the GIL released, numpy error model, no fast-math (see the module docstring).
+
+    ``cache=True`` needs a writable cache location; numba raises at decoration time when it finds none
+    (read-only install, no writable home), in which case we compile per process instead of failing.
+    """
+    opts = {"nogil": True, "error_model": "numpy", "boundscheck": False, "fastmath": False}
+    try:
+        return numba.njit(cache=True, **opts)(fn)
+    except RuntimeError:
+        return numba.njit(cache=False, **opts)(fn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inner loops: y[yr, yc + i] += sum_q A[ar_q, ac_q + i] * B[br_q, bc_q + i], q in order, i in [0, n)
+#
+# Every index is uint64: numba wraps negative signed indices around (``a[-1]``), and that per-element check
+# stops LLVM from vectorizing; unsigned indices have no such check, and inlined into the caller (no array
+# slices built per call) the loops vectorize to full-width SIMD with a single runtime alias check per
+# operand array. Callers guarantee every index is in bounds.
+# ----------------------------------------------------------------------------------------------------
+_U = np.uint64
+
+
+def _inline(fn: Callable) -> Callable:
+    return numba.njit(inline="always", nogil=True, error_model="numpy", boundscheck=False, fastmath=False)(fn)
+
+
+@_inline
+def _fma1(y, yr, yc, A, ar0, ac0, B, br0, bc0, n):
+    for i in range(n):
+        y[yr, yc + i] += A[ar0, ac0 + i] * B[br0, bc0 + i]
+
+
+@_inline
+def _fma2(y, yr, yc, A, ar0, ac0, ar1, ac1, B, br0, bc0, br1, bc1, n):
+    for i in range(n):
+        y[yr, yc + i] = (y[yr, yc + i] + A[ar0, ac0 + i] * B[br0, bc0 + i]) + A[ar1, ac1 + i] * B[br1, bc1 + i]
+
+
+@_inline
+def _fma3(y, yr, yc, A, ar0, ac0, ar1, ac1, ar2, ac2, B, br0, bc0, br1, bc1, br2, bc2, n):
+    for i in range(n):
+        y[yr, yc + i] = ((y[yr, yc + i] + A[ar0, ac0 + i] * B[br0, bc0 + i]) + A[ar1, ac1 + i] * B[br1, bc1 + i]) + A[
+            ar2, ac2 + i
+        ] * B[br2, bc2 + i]
+
+
+@_inline
+def _fma4(y, yr, yc, A, ar0, ac0, ar1, ac1, ar2, ac2, ar3, ac3, B, br0, bc0, br1, bc1, br2, bc2, br3, bc3, n):
+    for i in range(n):
+        y[yr, yc + i] = (
+            ((y[yr, yc + i] + A[ar0, ac0 + i] * B[br0, bc0 + i]) + A[ar1, ac1 + i] * B[br1, bc1 + i])
+            + A[ar2, ac2 + i] * B[br2, bc2 + i]
+        ) + A[ar3, ac3 + i] * B[br3, bc3 + i]
+
+
+@_inline
+def _add_row(y, yr, yc, b, n):
+    for i in range(n):
+        y[yr, yc + i] += b[yc + i]
+
+
+@_inline
+def _zero_row(y, yr, yc, n):
+    for i in range(n):
+        y[yr, yc + i] = 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The three primitives. Each processes work items [item0, item1) of a fixed tiling of its output.
+# Outer-loop arithmetic is int64; values cross into the uint64 inner loops only once known non-negative.
+# ----------------------------------------------------------------------------------------------------
+@_jit
+def _gather_kernel(a, v, off, bias, out, tb, mb, item0, item1):
+    """out[m, t] = bias[t] + sum_j v[j, t] * a[m, (t + off[j]) mod L].   a (M, L), v (k, D), out (M, D).
+
+    Items are (column tile of width tb) x (block of mb rows), tile-major.
+    """
+    M, L = a.shape
+    k, D = v.shape
+    n_mb = (M + mb - 1) // mb
+    for item in range(item0, item1):
+        tile = item // n_mb
+        m0 = (item - tile * n_mb) * mb
+        m1 = min(m0 + mb, M)
+        t0 = tile * tb
+        t1 = min(t0 + tb, D)
+        for m in range(m0, m1):
+            _zero_row(out, _U(m), _U(t0), _U(t1 - t0))
+        j = 0
+        while j + 4 <= k:
+            o0 = np.int64(off[j])
+            o1 = np.int64(off[j + 1])
+            o2 = np.int64(off[j + 2])
+            o3 = np.int64(off[j + 3])
+            s = t0
+            while s < t1:
+                # Cut [s, t1) at the next wrap point L - o of any of the four: inside each piece every
+                # diagonal reads a at a constant shift (o before its wrap point, o - L after it).
+                e = t1
+                for w in (L - o0, L - o1, L - o2, L - o3):
+                    if s < w < e:
+                        e = w
+                c0 = s + o0 if s < L - o0 else s + o0 - L
+                c1 = s + o1 if s < L - o1 else s + o1 - L
+                c2 = s + o2 if s < L - o2 else s + o2 - L
+                c3 = s + o3 if s < L - o3 else s + o3 - L
+                uj, us, un = _U(j), _U(s), _U(e - s)
+                for m in range(m0, m1):
+                    um = _U(m)
+                    _fma4(
+                        out, um, us,
+                        v, uj, us, uj + _U(1), us, uj + _U(2), us, uj + _U(3), us,
+                        a, um, _U(c0), um, _U(c1), um, _U(c2), um, _U(c3),
+                        un,
+                    )  # fmt: skip
+                s = e
+            j += 4
+        while j < k:
+            o = np.int64(off[j])
+            w = min(max(L - o, t0), t1)  # columns [t0, w) read a[t + o], [w, t1) read a[t + o - L]
+            uj = _U(j)
+            for m in range(m0, m1):
+                um = _U(m)
+                if w > t0:
+                    _fma1(out, um, _U(t0), v, uj, _U(t0), a, um, _U(t0 + o), _U(w - t0))
+                if t1 > w:
+                    _fma1(out, um, _U(w), v, uj, _U(w), a, um, _U(w + o - L), _U(t1 - w))
+            j += 1
+        if bias.shape[0] > 0:
+            for m in range(m0, m1):
+                _add_row(out, _U(m), _U(t0), bias, _U(t1 - t0))
+
+
+@_jit
+def _masked_gather_kernel(a, v, off, bias, out, tb, mb, item0, item1):
+    """out[m, r] = bias[r] + sum_j [c < D] v[j, c] * a[m, c], c = (r - off[j]) mod L.   a (M, D), out (M, L).
+
+    Diagonal j covers rows [o, o + D) with c = r - o and, when o + D > L, rows [0, o + D - L) with
+    c = r - o + L. Items are (row tile of width tb) x (block of mb rows of a), tile-major.
+    """
+    M, D = a.shape
+    k = v.shape[0]
+    L = out.shape[1]
+    n_mb = (M + mb - 1) // mb
+    act_j = np.empty(4, np.uint64)
+    act_c = np.empty(4, np.uint64)
+    for item in range(item0, item1):
+        tile = item // n_mb
+        m0 = (item - tile * n_mb) * mb
+        m1 = min(m0 + mb, M)
+        r0 = tile * tb
+        r1 = min(r0 + tb, L)
+        for m in range(m0, m1):
+            _zero_row(out, _U(m), _U(r0), _U(r1 - r0))
+        j = 0
+        while j < k:
+            g = min(4, k - j)
+            s = r0
+            while s < r1:
+                # Cut [s, r1) where any of the g diagonals starts, ends or wraps; inside a piece each is
+                # either absent or reads v and a at the constant column c = r - o (mod L).
+                e = r1
+                for q in range(g):
+                    o = np.int64(off[j + q])
+                    for cut in (o, o + D, o + D - L):
+                        if s < cut < e:
+                            e = cut
+                n = 0
+                for q in range(g):  # the diagonals present on [s, e), in ascending j
+                    o = np.int64(off[j + q])
+                    c = s - o if s >= o else s - o + L
+                    if c < D:
+                        act_j[n] = j + q
+                        act_c[n] = c
+                        n += 1
+                us, un = _U(s), _U(e - s)
+                if n == 4:
+                    j0, j1, j2, j3 = act_j[0], act_j[1], act_j[2], act_j[3]
+                    c0, c1, c2, c3 = act_c[0], act_c[1], act_c[2], act_c[3]
+                    for m in range(m0, m1):
+                        um = _U(m)
+                        _fma4(
+                            out, um, us,
+                            v, j0, c0, j1, c1, j2, c2, j3, c3,
+                            a, um, c0, um, c1, um, c2, um, c3,
+                            un,
+                        )  # fmt: skip
+                elif n == 3:
+                    j0, j1, j2 = act_j[0], act_j[1], act_j[2]
+                    c0, c1, c2 = act_c[0], act_c[1], act_c[2]
+                    for m in range(m0, m1):
+                        um = _U(m)
+                        _fma3(out, um, us, v, j0, c0, j1, c1, j2, c2, a, um, c0, um, c1, um, c2, un)
+                elif n == 2:
+                    j0, j1 = act_j[0], act_j[1]
+                    c0, c1 = act_c[0], act_c[1]
+                    for m in range(m0, m1):
+                        um = _U(m)
+                        _fma2(out, um, us, v, j0, c0, j1, c1, a, um, c0, um, c1, un)
+                elif n == 1:
+                    j0, c0 = act_j[0], act_c[0]
+                    for m in range(m0, m1):
+                        um = _U(m)
+                        _fma1(out, um, us, v, j0, c0, a, um, c0, un)
+                s = e
+            j += g
+        if bias.shape[0] > 0:
+            for m in range(m0, m1):
+                _add_row(out, _U(m), _U(r0), bias, _U(r1 - r0))
+
+
+@_jit
+def _sddmm_kernel(a, b, off, out, jc, tb, item0, item1):
+    """out[j, t] = sum_m a[m, t] * b[m, (t + off[j]) mod L], rows m ascending.   a (M, D), b (M, L).
+
+    Items are (block of jc diagonals) x (column tile of width tb), diagonal-block-major.
+    """
+    M, D = a.shape
+    L = b.shape[1]
+    k = off.shape[0]
+    n_tt = (D + tb - 1) // tb
+    for item in range(item0, item1):
+        jb = item // n_tt
+        t0 = (item - jb * n_tt) * tb
+        t1 = min(t0 + tb, D)
+        j0 = jb * jc
+        j1 = min(j0 + jc, k)
+        for j in range(j0, j1):
+            _zero_row(out, _U(j), _U(t0), _U(t1 - t0))
+        m = 0
+        while m < M:
+            g = min(4, M - m)
+            # g rows of a and b stay in cache while every diagonal of the block consumes them.
+            um0 = _U(m)
+            um1, um2, um3 = um0 + _U(1), um0 + _U(2), um0 + _U(3)
+            for j in range(j0, j1):
+                o = np.int64(off[j])
+                w = min(max(L - o, t0), t1)  # columns [t0, w) read b[t + o], [w, t1) read b[t + o - L]
+                for ys, ye, h in ((t0, w, o), (w, t1, o - L)):
+                    if ye > ys:
+                        uj, uy, un, ub = _U(j), _U(ys), _U(ye - ys), _U(ys + h)
+                        if g == 4:
+                            _fma4(
+                                out, uj, uy,
+                                a, um0, uy, um1, uy, um2, uy, um3, uy,
+                                b, um0, ub, um1, ub, um2, ub, um3, ub,
+                                un,
+                            )  # fmt: skip
+                        elif g == 3:
+                            _fma3(out, uj, uy, a, um0, uy, um1, uy, um2, uy, b, um0, ub, um1, ub, um2, ub, un)
+                        elif g == 2:
+                            _fma2(out, uj, uy, a, um0, uy, um1, uy, b, um0, ub, um1, ub, un)
+                        else:
+                            _fma1(out, uj, uy, a, um0, uy, b, um0, ub, un)
+            m += g
+
+
+@_jit
+def _offsets_in_range(off, L):
+    for j in range(off.shape[0]):
+        if off[j] < 0 or off[j] >= L:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiling. Results never depend on it: every output element is reduced in the same order whatever the
+# tiles (see the module docstring), so tiles may be sized for the thread count.
+# ----------------------------------------------------------------------------------------------------
+def _round_up(n: int, q: int) -> int:
+    return (n + q - 1) // q * q
+
+
+def _gather_tiling(M: int, n_cols: int, threads: int) -> tuple[int, int, int]:
+    """``(tb, mb, n_items)`` for the two gathers: column tiles of ``tb`` x blocks of ``mb`` rows.
+
+    The ``mb x tb`` accumulator block (<= 32 KiB in float32) stays in L1 while ``values[j, tile]`` is reused
+    by the ``mb`` rows. At small ``M`` the kernel streams the values from DRAM, and long contiguous runs of
+    ``values[j]`` stream best (measured: 512-wide tiles reach ~60% of the bandwidth of 2048-wide ones), so
+    the tiles are as wide as possible while giving every thread the same number of them.
+    """
+    mb = min(M, 8)
+    tb_max = max(256, min(4096, 8192 // mb))
+    n_mb = math.ceil(M / mb)
+    n_tiles = math.ceil(n_cols / tb_max)
+    if n_mb < 4 * threads:
+        n_tiles = threads * math.ceil(n_cols / (threads * tb_max))
+    tb = _round_up(math.ceil(n_cols / n_tiles), 16)  # equal tiles with 64-byte aligned starts
+    return tb, mb, math.ceil(n_cols / tb) * n_mb
+
+
+def _sddmm_tiling(k: int, D: int, threads: int) -> tuple[int, int, int]:
+    """``(jc, tb, n_items)``: blocks of ``jc`` diagonals x column tiles of ``tb`` (a block is <= 64 KiB)."""
+    n_tiles = math.ceil(D / 512)
+    tb = _round_up(math.ceil(D / n_tiles), 16)
+    n_tiles = math.ceil(D / tb)
+    jc = max(1, min(k, 16384 // tb))
+    while jc > 1 and math.ceil(k / jc) * n_tiles < 4 * threads:
+        jc //= 2
+    return jc, tb, math.ceil(k / jc) * n_tiles
+
+
+# ----------------------------------------------------------------------------------------------------
+# Threads
+# ----------------------------------------------------------------------------------------------------
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+
+
+def _get_pool(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_workers
+    with _pool_lock:
+        if _pool is None or _pool_workers < workers:
+            old = _pool
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diagcompile-cpu")
+            _pool_workers = workers
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool
+
+
+def _reset_pool_after_fork() -> None:
+    # A forked child inherits the executor object but not its threads: submitting to it would hang.
+    global _pool, _pool_workers, _pool_lock
+    _pool, _pool_workers, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
+
+
+def _num_threads(work: int) -> int:
+    """Threads for a call of ``work`` multiply-adds: ``torch.get_num_threads()``, fewer for small calls."""
+    return max(1, min(torch.get_num_threads(), work // _MIN_PARALLEL_WORK))
+
+
+def _run(kernel: Callable, args: tuple, n_items: int, threads: int) -> None:
+    """Run ``kernel(*args, i0, i1)`` over ``[0, n_items)`` in ``threads`` contiguous, equal ranges.
+
+    Ranges are disjoint sets of output tiles, so the threads never write the same memory.
+    """
+    n = max(1, min(threads, n_items))
+    if n == 1:
+        kernel(*args, 0, n_items)
+        return
+    bounds = [n_items * i // n for i in range(n + 1)]
+    pool = _get_pool(n - 1)
+    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, n)]
+    try:
+        kernel(*args, bounds[0], bounds[1])
+    finally:
+        # Wait for every range even if ours raised: they write into the output we are about to return.
+        errors = [f.exception() for f in futures]
+    for err in errors:
+        if err is not None:
+            raise err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public functions (the provider interface of ops/dispatch.py)
+# ----------------------------------------------------------------------------------------------------
+def supports(dtype: torch.dtype) -> bool:
+    """Whether a native kernel exists for ``dtype`` (float32, float64)."""
+    return dtype in SUPPORTED_DTYPES
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if not supports(dtype):
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(f"the CPU diagonal kernel supports {names}, got {dtype}; use the reference or dense path")
+
+
+def _np(t: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A C-contiguous numpy view of a CPU tensor in ``dtype``; copies only when it must."""
+    if t.device.type != "cpu":
+        raise ValueError(f"the CPU diagonal kernel got a tensor on {t.device}")
+    t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.is_neg():  # a lazily negated view (torch._neg_view); numpy cannot see the flag
+        t = t.resolve_neg()
+    return t.numpy()
+
+
+def _np_offsets(offsets: Tensor, L: int) -> np.ndarray:
+    if offsets.dim() != 1:
+        raise ValueError(f"offsets must be 1-D (k,), got shape {tuple(offsets.shape)}")
+    off = _np(offsets, torch.int32)
+    # One pass over k integers, and the kernels index without bounds checks: never trust them blindly.
+    if not _offsets_in_range(off, L):
+        raise ValueError(f"offsets must lie in [0, P={L}); got min {int(off.min())}, max {int(off.max())}")
+    return off
+
+
+def _check_values(values: Tensor, offsets: Tensor, D: int) -> None:
+    if values.dim() != 2 or values.shape[1] != D or values.shape[0] != offsets.shape[0]:
+        raise ValueError(f"values must be (k, D) = ({offsets.shape[0]}, {D}) for this layer, got {tuple(values.shape)}")
+
+
+def _check_2d(t: Tensor, name: str) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (M, features), got shape {tuple(t.shape)}")
+
+
+def forward(x2: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
+    """``y = x2 @ W.T + bias`` (wide: gather, tall: masked gather; bias fused).
+
+    Args:
+        x2: ``(M, N_in)``.
+        values: ``(k, D)``.
+        offsets: ``(k,)`` int32 in ``[0, P)``.
+        bias: ``(N_out,)``, or empty ``(0,)`` for no bias.
+        out_features: ``N_out``.
+
+    Returns:
+        ``(M, N_out)`` in ``x2.dtype``.
+    """
+    dtype = x2.dtype
+    _check_dtype(dtype)
+    _check_2d(x2, "x2")
+    M, n_in = x2.shape
+    P, D = max(out_features, n_in), min(out_features, n_in)
+    _check_values(values, offsets, D)
+    if bias.numel() not in (0, out_features):
+        raise ValueError(f"bias must have out_features={out_features} entries or none, got {bias.numel()}")
+    out = torch.empty(M, out_features, dtype=dtype)
+    if M == 0:
+        return out
+    off = _np_offsets(offsets, P)
+    a, v, b = _np(x2, dtype), _np(values, dtype), _np(bias.reshape(-1), dtype)
+    n = _num_threads(M * v.shape[0] * D)
+    tb, mb, n_items = _gather_tiling(M, out_features, n)
+    kernel = _masked_gather_kernel if out_features > n_in else _gather_kernel
+    _run(kernel, (a, v, off, b, out.numpy(), tb, mb), n_items, n)
+    return out
+
+
+def input_grad(dy2: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> Tensor:
+    """``dx = dy2 @ W`` (tall: gather, wide: masked gather).
+
+    Args:
+        dy2: ``(M, N_out)``.
+        values: ``(k, D)``.
+        offsets: ``(k,)`` int32 in ``[0, P)``.
+        in_features: ``N_in``.
+
+    Returns:
+        ``(M, N_in)`` in ``dy2.dtype``.
+    """
+    dtype = dy2.dtype
+    _check_dtype(dtype)
+    _check_2d(dy2, "dy2")
+    M, n_out = dy2.shape
+    P, D = max(n_out, in_features), min(n_out, in_features)
+    _check_values(values, offsets, D)
+    out = torch.empty(M, in_features, dtype=dtype)
+    if M == 0:
+        return out
+    off = _np_offsets(offsets, P)
+    a, v = _np(dy2, dtype), _np(values, dtype)
+    n = _num_threads(M * v.shape[0] * D)
+    tb, mb, n_items = _gather_tiling(M, in_features, n)
+    # W^T is diagonal with the same offsets in the other orientation: tall dx is a gather, wide a masked one.
+    kernel = _gather_kernel if n_out > in_features else _masked_gather_kernel
+    _run(kernel, (a, v, off, np.empty(0, a.dtype), out.numpy(), tb, mb), n_items, n)
+    return out
+
+
+def values_grad(dy2: Tensor, x2: Tensor, offsets: Tensor) -> Tensor:
+    """``dV[j, t] = sum_m dy2[m, row(j, t)] * x2[m, col(j, t)]`` (sddmm), rows summed in order.
+
+    Args:
+        dy2: ``(M, N_out)``.
+        x2: ``(M, N_in)``.
+        offsets: ``(k,)`` int32 in ``[0, P)``.
+
+    Returns:
+        ``(k, D)`` in ``x2.dtype``.
+    """
+    dtype = x2.dtype
+    _check_dtype(dtype)
+    _check_2d(dy2, "dy2")
+    _check_2d(x2, "x2")
+    if dy2.shape[0] != x2.shape[0]:
+        raise ValueError(f"dy2 and x2 disagree on M: {dy2.shape[0]} vs {x2.shape[0]}")
+    M, n_out = dy2.shape
+    n_in = x2.shape[1]
+    P, D = max(n_out, n_in), min(n_out, n_in)
+    k = offsets.shape[0]
+    off = _np_offsets(offsets, P)
+    out = torch.empty(k, D, dtype=dtype)
+    if M == 0 or k == 0:
+        return out.zero_()
+    # The short side is the "a" operand, the long (wrapping) side "b".
+    a, b = (_np(x2, dtype), _np(dy2, dtype)) if n_out > n_in else (_np(dy2, dtype), _np(x2, dtype))
+    n = _num_threads(M * k * D)
+    jc, tb, n_items = _sddmm_tiling(k, D, n)
+    _run(_sddmm_kernel, (a, b, off, out.numpy(), jc, tb), n_items, n)
+    return out
+
+
+def warmup(dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
+    """Compile (or load from numba's cache) every kernel for ``dtypes`` now, instead of on first use."""
+    for dtype in dtypes:
+        x = torch.randn(5, 3, dtype=dtype)
+        offsets = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
+        values = torch.randn(5, 3, dtype=dtype)
+        for n_out, n_in in ((3, 5), (5, 3)):
+            xi = torch.randn(5, n_in, dtype=dtype)
+            forward(xi, values, offsets, torch.randn(n_out, dtype=dtype), n_out)
+            input_grad(torch.randn(5, n_out, dtype=dtype), values, offsets, n_in)
+        values_grad(x, torch.randn(5, 5, dtype=dtype), offsets)

@@ -1,0 +1,358 @@
+"""The numba CPU kernels (ops/cpu_kernels.py): exactness vs the reference and an independent dense
+construction, the op contract through ``force_path("kernel")``, determinism across thread counts,
+thread/fork safety, the JIT cache fallbacks, and dispatch."""
+
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import diagcompile  # noqa: F401  (registers the ops)
+from diagcompile.ops import cpu_kernels as K
+from diagcompile.ops import dispatch, dispatch_table, force_path
+from diagcompile.ops import reference as R
+from diagcompile.testing import LAYER_SHAPES, dense_from_convention, random_problem, rel_err, run_python
+
+OPS = torch.ops.diagcompile
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+# (out, in): the shared small shapes plus wider/taller/odd ones where tiles, 4-diagonal groups and wrap
+# points all land at different places.
+SHAPES = LAYER_SHAPES + [(31, 97), (97, 31), (64, 200), (200, 64), (257, 257), (33, 1000), (1000, 33)]
+
+
+def _ks(n_out, n_in):
+    P = max(n_out, n_in)
+    return sorted({1, min(P, 3), min(P, 4), min(P, 5), max(1, P // 3), P})
+
+
+def _wrap_heavy_offsets(n_out, n_in, k):
+    """The k largest offsets: nearly every entry of these diagonals wraps around the long side."""
+    P = max(n_out, n_in)
+    return torch.arange(P - k, P, dtype=torch.int32)
+
+
+def _all_three(n_out, n_in, x, values, offsets, bias):
+    dy = torch.randn(x.shape[0], n_out, dtype=x.dtype)
+    ours = (
+        K.forward(x, values, offsets, bias, n_out),
+        K.input_grad(dy, values, offsets, n_in),
+        K.values_grad(dy, x, offsets),
+    )
+    ref = (
+        R.diag_linear_ref(x, values, offsets, bias, n_out),
+        R.diag_linear_dx_ref(dy, values, offsets, n_in),
+        R.diag_linear_dv_ref(dy, x, offsets),
+    )
+    return ours, ref, dy
+
+
+@pytest.mark.parametrize("n_out,n_in", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
+@pytest.mark.parametrize("M", [0, 1, 5, 13])
+@pytest.mark.parametrize("offsets_kind", ["random", "wrap-heavy"])
+def test_kernels_equal_the_reference_fp64(n_out, n_in, M, offsets_kind):
+    for k in _ks(n_out, n_in):
+        x, values, offsets, bias = random_problem(n_out, n_in, k, batch=(M,), dtype=torch.float64, seed=k)
+        if offsets_kind == "wrap-heavy":
+            offsets = _wrap_heavy_offsets(n_out, n_in, k)
+        for b in (bias, bias.new_empty(0)):
+            ours, ref, _ = _all_three(n_out, n_in, x, values, offsets, b)
+            for what, o, r in zip(("forward", "input_grad", "values_grad"), ours, ref):
+                assert o.shape == r.shape and o.dtype == r.dtype, what
+                assert rel_err(o, r) < 1e-13, f"{what} k={k}: {rel_err(o, r):.2e}"
+
+
+@pytest.mark.parametrize("n_out,n_in", [(7, 13), (13, 7), (12, 12), (31, 97), (97, 31), (1, 5), (5, 1)])
+def test_kernels_equal_the_independent_dense_construction(n_out, n_in):
+    P = max(n_out, n_in)
+    for k in sorted({1, 4, max(1, P // 2), P}):
+        if k > P:
+            continue
+        x, values, offsets, bias = random_problem(n_out, n_in, k, batch=(6,), dtype=torch.float64, seed=k)
+        W = dense_from_convention(values, offsets, n_out, n_in)
+        dy = torch.randn(6, n_out, dtype=torch.float64)
+        assert rel_err(K.forward(x, values, offsets, bias, n_out), x @ W.T + bias) < 1e-13
+        assert rel_err(K.input_grad(dy, values, offsets, n_in), dy @ W) < 1e-13
+        dv_dense = R.extract_diagonals(dy.T @ x, offsets)
+        assert rel_err(K.values_grad(dy, x, offsets), dv_dense) < 1e-13
+
+
+@pytest.mark.parametrize("n_out,n_in", [(96, 320), (320, 96), (128, 128)])
+def test_fp32_accumulates_like_the_reference(n_out, n_in):
+    x, values, offsets, bias = random_problem(n_out, n_in, 40, batch=(9,), dtype=torch.float32)
+    ours, ref, dy = _all_three(n_out, n_in, x, values, offsets, bias)
+    ref64 = (
+        R.diag_linear_ref(x.double(), values.double(), offsets, bias.double(), n_out),
+        R.diag_linear_dx_ref(dy.double(), values.double(), offsets, n_in),
+        R.diag_linear_dv_ref(dy.double(), x.double(), offsets),
+    )
+    for o, r, r64 in zip(ours, ref, ref64):
+        assert o.dtype == torch.float32
+        assert rel_err(o, r64) < 1e-6
+        assert rel_err(o, r) < 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_out=st.integers(1, 70),
+    n_in=st.integers(1, 70),
+    M=st.integers(0, 10),
+    data=st.data(),
+)
+def test_property_kernels_equal_reference(n_out, n_in, M, data):
+    P = max(n_out, n_in)
+    k = data.draw(st.integers(1, P))
+    offsets = torch.tensor(sorted(data.draw(st.sets(st.integers(0, P - 1), min_size=k, max_size=k))), dtype=torch.int32)
+    x, values, _, bias = random_problem(n_out, n_in, k, batch=(M,), dtype=torch.float64)
+    ours, ref, _ = _all_three(n_out, n_in, x, values, offsets, bias)
+    for o, r in zip(ours, ref):
+        assert rel_err(o, r) < 1e-13
+
+
+def test_non_contiguous_inputs_and_fresh_outputs():
+    n_out, n_in, k = 40, 90, 17
+    x, values, offsets, bias = random_problem(n_out, n_in, k, batch=(11,), dtype=torch.float64)
+    xt = x.T.contiguous().T  # same values, column-major
+    vt = values.T.contiguous().T
+    ot = torch.stack([offsets, offsets], 1)[:, 0]  # strided offsets
+    bt = torch.stack([bias, bias], 1)[:, 1]
+    dy = torch.randn(n_out, 11, dtype=torch.float64).T
+    assert not (xt.is_contiguous() or vt.is_contiguous() or ot.is_contiguous() or dy.is_contiguous())
+    y = K.forward(xt, vt, ot, bt, n_out)
+    assert torch.equal(y, K.forward(x, values, offsets, bias, n_out))
+    assert torch.equal(K.input_grad(dy, vt, ot, n_in), K.input_grad(dy.contiguous(), values, offsets, n_in))
+    assert torch.equal(K.values_grad(dy, xt, ot), K.values_grad(dy.contiguous(), x, offsets))
+    # Fresh tensors, never views of an input (a kernel may not alias; see the opcheck below).
+    for out in (y, K.input_grad(dy, values, offsets, n_in), K.values_grad(dy, x, offsets)):
+        assert out.is_contiguous()
+        assert out.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in (x, values, dy)}
+
+
+OPCHECK_CASES = [  # (n_out, n_in, batch, dtype, k, bias): both orientations, empty/1/3-D batch, k = 1 and k = P
+    (7, 13, (2, 3), torch.float32, 1, True),
+    (13, 7, (2, 3), torch.float32, 13, False),
+    (13, 7, (0,), torch.float32, 3, True),
+    (12, 12, (1,), torch.float64, 5, True),
+]
+
+
+@pytest.mark.parametrize("n_out,n_in,batch,dtype,k,with_bias", OPCHECK_CASES)
+def test_opcheck_with_the_kernel_forced(n_out, n_in, batch, dtype, k, with_bias):
+    x, values, offsets, b = random_problem(n_out, n_in, k, batch=batch, dtype=dtype, bias=with_bias)
+    b = b if b is not None else values.new_empty(0)
+    for t in (x, values, b):
+        t.requires_grad_(True)
+    dy = torch.randn(*batch, n_out, dtype=dtype, requires_grad=True)
+    with force_path("kernel"):
+        torch.library.opcheck(OPS.diag_linear, (x, values, offsets, b, n_out), test_utils=OPCHECK_UTILS)
+        torch.library.opcheck(OPS.diag_linear_dx, (dy, values, offsets, n_in), test_utils=OPCHECK_UTILS)
+        torch.library.opcheck(OPS.diag_linear_dv, (dy, x, offsets), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("n_out,n_in", [(7, 13), (13, 7), (16, 16)])
+def test_3d_op_with_kernel_forced_matches_dense_autograd(n_out, n_in):
+    x, values, offsets, b = random_problem(n_out, n_in, 5, batch=(2, 3), dtype=torch.float64)
+    x.requires_grad_(True)
+    values.requires_grad_(True)
+    b.requires_grad_(True)
+    W = dense_from_convention(values, offsets, n_out, n_in).requires_grad_(True)
+    xd, bd = x.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    y_ref = xd @ W.T + bd
+    g = torch.randn_like(y_ref)
+    dx_ref, dW_ref, db_ref = torch.autograd.grad(y_ref, (xd, W, bd), g)
+    with force_path("kernel"):
+        y = OPS.diag_linear(x, values, offsets, b, n_out)
+        dx, dv, db = torch.autograd.grad(y, (x, values, b), g)
+    assert y.shape == (2, 3, n_out) and dx.shape == x.shape
+    assert rel_err(y, y_ref) < 1e-13
+    assert rel_err(dx, dx_ref) < 1e-13
+    assert rel_err(dv, R.extract_diagonals(dW_ref, offsets)) < 1e-13
+    assert rel_err(db, db_ref) < 1e-13
+
+
+def test_gradcheck_with_kernel_forced():
+    x, values, offsets, b = random_problem(9, 5, 3, batch=(4,), dtype=torch.float64)
+    for t in (x, values, b):
+        t.requires_grad_(True)
+
+    def f(x, values, b):
+        return OPS.diag_linear(x, values, offsets, b, 9)
+
+    with force_path("kernel"):
+        assert torch.autograd.gradcheck(f, (x, values, b))
+        assert torch.autograd.gradgradcheck(f, (x, values, b))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Determinism and threads
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def many_threads(monkeypatch):
+    """Let every call use several threads (normally small calls stay on one), restoring the count after."""
+    monkeypatch.setattr(K, "_MIN_PARALLEL_WORK", 1)
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_out,n_in", [(300, 1000), (1000, 300), (512, 512)])
+def test_bit_identical_across_thread_counts_and_runs(many_threads, n_out, n_in):
+    for M in (1, 7, 33):
+        x, values, offsets, bias = random_problem(n_out, n_in, 60, batch=(M,), dtype=torch.float32, seed=M)
+        dy = torch.randn(M, n_out)
+        results = []
+        for threads in (1, 2, 3, 2):
+            torch.set_num_threads(threads)
+            results.append(
+                (
+                    K.forward(x, values, offsets, bias, n_out),
+                    K.input_grad(dy, values, offsets, n_in),
+                    K.values_grad(dy, x, offsets),
+                )
+            )
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                assert torch.equal(a, b), f"M={M}: results differ between thread counts"
+
+
+def test_concurrent_callers_from_python_threads(many_threads):
+    torch.set_num_threads(2)
+    x, values, offsets, bias = random_problem(200, 700, 50, batch=(9,), dtype=torch.float32)
+    expected = K.forward(x, values, offsets, bias, 200)
+    ok: list[bool] = []
+
+    def work():
+        for _ in range(10):
+            ok.append(torch.equal(K.forward(x, values, offsets, bias, 200), expected))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ok) == 40 and all(ok)
+
+
+def test_no_numba_threading_layer_is_started(many_threads):
+    """The kernels run on our own threads; numba's threading layer (omp/tbb/workqueue) is never launched."""
+    import numba
+
+    torch.set_num_threads(2)
+    x, values, offsets, bias = random_problem(100, 300, 20, batch=(3,))
+    K.forward(x, values, offsets, bias, 100)
+    with pytest.raises(ValueError, match="not initialized"):
+        numba.threading_layer()
+
+
+FORK = """
+import os, torch
+from diagcompile.ops import cpu_kernels as K
+from diagcompile.testing import random_problem
+K._MIN_PARALLEL_WORK = 1
+torch.set_num_threads(2)
+x, values, offsets, bias = random_problem(300, 1000, 40, batch=(9,))
+expected = K.forward(x, values, offsets, bias, 300)   # starts the thread pool
+pid = os.fork()
+if pid == 0:
+    ok = torch.equal(K.forward(x, values, offsets, bias, 300), expected)  # 2 threads in the child
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_kernels_work_in_a_child_forked_after_use():
+    assert run_python(FORK, timeout=120).strip() == "child 0"
+
+
+# ----------------------------------------------------------------------------------------------------
+# JIT cache
+# ----------------------------------------------------------------------------------------------------
+CACHE = """
+import torch
+from diagcompile.ops import cpu_kernels as K
+from diagcompile.testing import random_problem
+x, values, offsets, bias = random_problem(5, 9, 3, batch=(2,))
+K.forward(x, values, offsets, bias, 5)
+st = K._gather_kernel.stats
+print(type(K._gather_kernel._cache).__name__, sum(st.cache_hits.values()), sum(st.cache_misses.values()))
+"""
+
+
+def test_jit_cache_falls_back_to_the_user_cache_dir(tmp_path):
+    """A read-only install makes numba skip the in-tree ``__pycache__`` and use the user cache dir: the
+    second process loads the machine code instead of compiling it again."""
+    env = {"NUMBA_CACHE_LOCATOR_CLASSES": "UserWideCacheLocator", "XDG_CACHE_HOME": str(tmp_path)}
+    first = run_python(CACHE, env=env, timeout=300).split()
+    second = run_python(CACHE, env=env, timeout=300).split()
+    assert first == ["FunctionCache", "0", "1"]  # compiled and saved
+    assert second == ["FunctionCache", "1", "0"]  # loaded
+    assert list((tmp_path / "numba").rglob("cpu_kernels._gather_kernel-*.nbi"))
+
+
+def test_kernels_compile_without_a_writable_cache_dir():
+    """Where no cache location is writable numba raises at decoration time; ``_jit`` compiles per process
+    instead. A function whose source file does not exist has no cache location at all."""
+    scope: dict = {}
+    exec(compile("def f(a):\n    return a[0] * 2.0\n", "<no file>", "exec"), scope)
+    f = K._jit(scope["f"])
+    assert f(torch.ones(3).numpy()) == 2.0
+    assert type(f._cache).__name__ == "NullCache"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation and dispatch
+# ----------------------------------------------------------------------------------------------------
+def test_supports_and_unsupported_dtypes_raise_clearly():
+    assert K.supports(torch.float32) and K.supports(torch.float64)
+    assert not K.supports(torch.bfloat16) and not K.supports(torch.float16)
+    x, values, offsets, bias = random_problem(6, 10, 3, batch=(2,), dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        K.forward(x, values, offsets, bias, 6)
+    with force_path("kernel"), pytest.raises(RuntimeError, match="no diagonal kernel for torch.bfloat16"):
+        OPS.diag_linear(x, values, offsets, bias, 6)
+    with force_path("kernel"), pytest.raises(RuntimeError, match="no diagonal kernel for torch.float16"):
+        OPS.diag_linear_dv(torch.randn(2, 6).half(), x.half(), offsets)
+
+
+def test_bad_arguments_raise_value_errors():
+    x, values, offsets, bias = random_problem(6, 10, 3, batch=(2,))
+    with pytest.raises(ValueError, match=r"offsets must lie in \[0, P=10\)"):
+        K.forward(x, values, torch.tensor([0, 4, 10], dtype=torch.int32), bias, 6)
+    with pytest.raises(ValueError, match=r"offsets must lie"):
+        K.values_grad(torch.randn(2, 6), x, torch.tensor([-1, 2, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"values must be \(k, D\)"):
+        K.forward(x, values[:, :5], offsets, bias, 6)
+    with pytest.raises(ValueError, match="bias"):
+        K.forward(x, values, offsets, bias[:4], 6)
+    with pytest.raises(ValueError, match="disagree on M"):
+        K.values_grad(torch.randn(3, 6), x, offsets)
+
+
+def _table_cases(op):
+    rule = dispatch_table.TABLE[("cpu", op)]["kernel"]
+    lo = 0.0
+    for edge, max_m in zip(rule["density_edges"], rule["max_m"]):
+        yield (lo + edge) / 2, max_m
+        lo = edge
+
+
+@pytest.mark.parametrize("op", ["fwd", "dx", "dv"])
+def test_dispatch_picks_the_kernel_where_the_cpu_table_says(op):
+    assert ("cpu", op) in dispatch_table.TABLE, "the CPU section of ops/dispatch_table.py is empty"
+    n_out, n_in = 3072, 768
+    P = max(n_out, n_in)
+    for density, max_m in _table_cases(op):
+        k = max(1, round(density * P))
+        assert dispatch._threshold(dispatch_table.TABLE[("cpu", op)]["kernel"], k / P) == max_m
+        if max_m > 0:
+            p = dispatch.Problem(op, "cpu", torch.float32, max_m, n_out, n_in, k)
+            assert dispatch.choose_path(p) == "kernel"
+            p64 = dispatch.Problem(op, "cpu", torch.float64, 1, n_out, n_in, k)
+            assert dispatch.choose_path(p64) == "kernel"
+        above = dispatch.Problem(op, "cpu", torch.float32, max_m + 1, n_out, n_in, k)
+        assert dispatch.choose_path(above) != "kernel"
+        # No kernel for bf16: dispatch falls back to another path instead of failing.
+        assert dispatch.choose_path(dispatch.Problem(op, "cpu", torch.bfloat16, 1, n_out, n_in, k)) != "kernel"
