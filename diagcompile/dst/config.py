@@ -1,0 +1,175 @@
+"""``DSTConfig``: the frozen, validated configuration of a dynamic sparse training run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+__all__ = ["DSTConfig", "METHODS", "RELAXATIONS", "TEMPERATURE_SCHEDULES", "OFFSET_INITS"]
+
+METHODS = ("dynadiag", "diagheur")
+RELAXATIONS = ("threshold", "softmax_clamp")
+TEMPERATURE_SCHEDULES = ("cosine", "linear", "exponential", "constant")
+OFFSET_INITS = ("random", "even", "topk")
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class DSTConfig:
+    """How ``DiagSparsifier`` trains diagonal-sparse layers.
+
+    Steps are *optimizer* steps: ``DiagSparsifier.step()`` is called once after each ``optimizer.step()``.
+
+    Attributes:
+        total_steps: length of the run in optimizer steps; fractions below are of this.
+        method: ``"dynadiag"`` (learned importance ``alpha`` over candidate diagonals, relaxed top-k, hard
+            freeze) or ``"diagheur"`` (RigL on whole diagonals, sparse from step 0).
+        sparsity: target sparsity of every converted layer (a ``mark_sparse`` mark overrides it per layer);
+            ``k = k_from_sparsity(N_out, N_in, sparsity)``.
+
+        update_every: ``Delta T``: steps between topology updates (diagheur drop/grow, dynadiag pool refresh).
+        drop_fraction: RigL's ``alpha``: the fraction of the ``k`` diagonals (diagheur) or of the ``c*k - k``
+            non-selected pool members (dynadiag pool) replaced at an update, decayed by
+            ``f(t) = drop_fraction / 2 * (1 + cos(pi * t / t_end))``.
+        update_end: diagheur: fraction of ``total_steps`` after which the topology stops changing (RigL's
+            ``T_end``). dynadiag pool refreshes stop at the freeze instead.
+        offset_init: initial diagonals of diagheur layers and initial pool members of dynadiag pool layers:
+            ``"random"`` (torch's RNG), ``"even"`` (evenly spaced) or ``"topk"`` (largest L2 norm of the dense
+            weight the layer replaces).
+        rescale_init: multiply the dense weight's diagonals by ``sqrt(P / k)`` when they become the initial
+            values, so each output row has the scale of ``nn.Linear``'s init at its *sparse* fan-in (as
+            ``DiagLinear`` draws it). ``False`` copies the dense weight as is.
+
+        relaxation: dynadiag's relaxed top-k: ``"threshold"`` (``sigmoid((alpha - tau) / T)`` with ``tau``
+            solved so the weights sum to ``k``; default) or ``"softmax_clamp"`` (the paper's Eq. 5,
+            ``clamp(k * softmax(alpha / T), 0, 1)``, which collapses towards top-1 at low ``T``).
+        temperature_schedule: ``"cosine"``, ``"linear"``, ``"exponential"`` (geometric) or ``"constant"``,
+            from ``temperature_start`` at step 0 to ``temperature_end`` at the freeze, constant after.
+        temperature_start, temperature_end: ``T`` at step 0 and at the freeze (> 0).
+        freeze_at: when dynadiag hardens to exactly ``k`` diagonals: a ``float`` in ``[0, 1]`` is a fraction of
+            ``total_steps``, an ``int`` in ``[0, total_steps]`` an absolute step. ``0`` freezes at construction
+            (a static top-k of the initial ``alpha``).
+        fold_at_freeze: fold ``alpha~`` into the kept values at the freeze so the function is continuous
+            (``V <- alpha~ * V``). ``False`` reproduces the paper's code: ``alpha~`` jumps to 1 on the top-k.
+        alpha_lr: learning rate of the ``alpha`` parameter group (which has no weight decay).
+        alpha_l1: weight of the optional ``l1(alpha)`` term returned by ``regularization_loss()``.
+        alpha_init: initial ``alpha`` of every candidate; ``None`` uses the paper's ``1 / P``.
+        alpha_init_noise: std of Gaussian noise added to the initial ``alpha`` (torch's RNG) so ties between
+            candidates break reproducibly; ``0`` disables it.
+        active_eps: dynadiag's forward computes with the candidates whose ``alpha~ > active_eps`` (and always
+            the current top-``k``); the others contribute less than ``active_eps * |V|`` and are skipped.
+        pool: ``None``: every layer holds values for all ``P`` candidates (faithful to the paper). A number
+            ``c >= 1``: hold at most ``ceil(c * k)`` candidates, refreshed every ``update_every`` steps before
+            the freeze from probe scores (sparse-to-sparse; memory proportional to density).
+    """
+
+    total_steps: int
+    method: Literal["dynadiag", "diagheur"] = "dynadiag"
+    sparsity: float = 0.9
+
+    update_every: int = 100
+    drop_fraction: float = 0.3
+    update_end: float = 0.75
+    offset_init: Literal["random", "even", "topk"] = "random"
+    rescale_init: bool = True
+
+    relaxation: Literal["threshold", "softmax_clamp"] = "threshold"
+    temperature_schedule: Literal["cosine", "linear", "exponential", "constant"] = "cosine"
+    temperature_start: float = 1.0
+    temperature_end: float = 0.01
+    freeze_at: float | int = 0.5
+    fold_at_freeze: bool = True
+    alpha_lr: float = 0.01
+    alpha_l1: float = 0.0
+    alpha_init: float | None = None
+    alpha_init_noise: float = 1e-3
+    active_eps: float = 1e-4
+    pool: float | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str, exc: type[Exception] = ValueError) -> Exception:
+            return exc(f"DSTConfig.{name}={getattr(self, name)!r} {why}")
+
+        def need_int(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(name, "must be an int", TypeError)
+            if v < lo:
+                raise bad(name, f"must be >= {lo}")
+
+        def need_real(name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+            v = getattr(self, name)
+            if not _is_real(v):
+                raise bad(name, "must be a real number", TypeError)
+            if math.isnan(v) or (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+                lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+                raise bad(name, f"must be in {lb}{lo}, {hi}{rb}")
+
+        def need_choice(name: str, choices: tuple[str, ...]) -> None:
+            if getattr(self, name) not in choices:
+                raise bad(name, f"must be one of {', '.join(map(repr, choices))}")
+
+        def need_bool(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be a bool", TypeError)
+
+        need_int("total_steps", 1)
+        need_choice("method", METHODS)
+        need_real("sparsity", 0.0, 1.0, hi_open=True)
+        need_int("update_every", 1)
+        need_real("drop_fraction", 0.0, 1.0)
+        need_real("update_end", 0.0, 1.0)
+        need_choice("offset_init", OFFSET_INITS)
+        need_bool("rescale_init")
+        need_choice("relaxation", RELAXATIONS)
+        need_choice("temperature_schedule", TEMPERATURE_SCHEDULES)
+        need_real("temperature_start", 0.0, math.inf, lo_open=True, hi_open=True)
+        need_real("temperature_end", 0.0, math.inf, lo_open=True, hi_open=True)
+        if isinstance(self.freeze_at, bool) or not _is_real(self.freeze_at):
+            raise bad("freeze_at", "must be a float fraction of total_steps or an int step", TypeError)
+        if isinstance(self.freeze_at, int):
+            if not 0 <= self.freeze_at <= self.total_steps:
+                raise bad("freeze_at", f"(an absolute step) must be in [0, total_steps={self.total_steps}]")
+        elif math.isnan(self.freeze_at) or not 0.0 <= self.freeze_at <= 1.0:
+            raise bad("freeze_at", "(a fraction of total_steps) must be in [0.0, 1.0]; pass an int for a step")
+        need_bool("fold_at_freeze")
+        need_real("alpha_lr", 0.0, math.inf, hi_open=True)
+        need_real("alpha_l1", 0.0, math.inf, hi_open=True)
+        if self.alpha_init is not None:
+            need_real("alpha_init", -math.inf, math.inf, lo_open=True, hi_open=True)
+        need_real("alpha_init_noise", 0.0, math.inf, hi_open=True)
+        need_real("active_eps", 0.0, 0.5, hi_open=True)
+        if self.pool is not None:
+            need_real("pool", 1.0, math.inf, hi_open=True)
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def freeze_step(self) -> int:
+        """The optimizer step at which dynadiag hardens (``round(freeze_at * total_steps)`` for a fraction)."""
+        if isinstance(self.freeze_at, int):
+            return self.freeze_at
+        return int(round(self.freeze_at * self.total_steps))
+
+    @property
+    def update_end_step(self) -> int:
+        """The step after which topology updates stop: diagheur ``update_end``, dynadiag the freeze."""
+        if self.method == "diagheur":
+            return int(round(self.update_end * self.total_steps))
+        return self.freeze_step
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain python (str/int/float/bool/None) for checkpoints loadable with ``weights_only=True``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DSTConfig:
+        """Inverse of ``to_dict``; unknown keys raise ``ValueError``."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"DSTConfig.from_dict: unknown fields {unknown}")
+        return cls(**d)

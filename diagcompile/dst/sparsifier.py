@@ -1,0 +1,653 @@
+"""``DiagSparsifier``: dynamic sparse training of diagonal layers, driven like an optimizer.
+
+Usage (single process or DDP)::
+
+    model = build_model()                                               # plain nn.Linear layers
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)   # no state yet
+    sparsifier = DiagSparsifier(model, optimizer, DSTConfig(total_steps=T, method="dynadiag"),
+                                filter_fn=lambda m, fqn: fqn != "head")
+    # (DDP: torch.distributed initialized, construct the sparsifier first, then wrap in DDP.)
+    # (LR schedulers: create them after the sparsifier, which adds the ``alpha`` param group.)
+    for x, y in loader:
+        loss = loss_fn(model(x), y) + sparsifier.regularization_loss()
+        loss.backward()
+        optimizer.step()
+        sparsifier.step()          # after every optimizer.step()
+        optimizer.zero_grad()
+    model = sparsifier.finalize()  # compact DiagLinear (k x D) everywhere, for inference and export
+
+Construction converts the selected ``nn.Linear`` layers in place (``dynadiag``: ``DynaDiagLinear``;
+``diagheur``: ``DiagLinear``) and rewires the optimizer: each dense weight is replaced in its param group by
+the new values (same hyper-parameters); the importances ``alpha`` get their own group (``alpha_lr``, no
+weight decay); biases are kept as the same ``Parameter`` objects.
+
+Probe scores without extra work for the caller: a topology update at step ``t`` needs ``dL/dV`` of every
+candidate diagonal on the batch of step ``t``. On (and only on) the steps whose ``sparsifier.step()`` will
+update the topology, a forward hook on each layer that needs it captures the input ``x`` and registers a
+hook on the output that, during backward, adds ``diag_linear_dv(dy, x, arange(P))`` (a ``(P, D)`` float32
+buffer, the size of the dense weight) to the layer's probe. Gradient accumulation (several
+forward/backward per optimizer step) sums naturally. ``sparsifier.step()`` ranks candidates by
+``||dV_p||`` and frees the buffers. So the only requirement is the order forward -> backward ->
+``optimizer.step()`` -> ``sparsifier.step()``.
+
+Distributed: with an initialized process group (or ``process_group=``), the constructor broadcasts the
+initial layers from rank 0, probe ``dV`` buffers are all-reduced (mean: the gradient on the global batch)
+before ranking, and every decision (new offsets, pool members, kept rows at the freeze) is broadcast from
+rank 0, so every rank ends every update with identical offsets. ``alpha`` and ``V`` gradients are averaged
+by DDP itself.
+
+Checkpoints: the topology lives in the model's buffers (``offsets``, ``candidate_offsets``, ``keep_idx``,
+``frozen_flag``, ``temperature``); ``state_dict()`` holds the step counter, the config and per-layer
+statistics (tensors and plain python only: ``torch.load(weights_only=True)`` reads it). No decision uses
+randomness after construction, so model + optimizer + sparsifier state (+ the data order) resume
+bit-for-bit. Load order after building a fresh model, optimizer and sparsifier: any.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diagcompile.dst.config import DSTConfig
+from diagcompile.dst.criteria import drop_grow, probe_dv, probe_scores, refresh_pool
+from diagcompile.dst.layers import DynaDiagLinear
+from diagcompile.dst.optim import (
+    add_alpha_group,
+    remap_rows_,
+    remove_param_,
+    replace_param_,
+    state_bytes,
+    transfer_rows_,
+    zero_state_,
+)
+from diagcompile.dst.relax import boundary_alpha, hard_topk
+from diagcompile.dst.schedules import TemperatureSchedule, UpdateSchedule
+from diagcompile.functional import check_sparsity
+from diagcompile.marking import get_sparse_mark
+from diagcompile.modules import DiagLinear
+from diagcompile.ops import (
+    OFFSET_DTYPE,
+    diag_shape,
+    evenly_spaced_offsets,
+    extract_diagonals,
+    k_from_sparsity,
+    topk_offsets,
+)
+
+__all__ = ["DiagSparsifier"]
+
+logger = logging.getLogger("diagcompile.dst")
+
+FilterFn = Callable[[nn.Module, str], bool]
+_STATE_VERSION = 1
+
+
+@dataclass
+class _Layer:
+    """Book-keeping for one converted layer."""
+
+    fqn: str
+    kind: str  # "dynadiag" | "diagheur"
+    module: nn.Module
+    n_out: int
+    n_in: int
+    k: int
+    probe: Tensor | None = None
+    offsets_changed: int = 0
+    offsets_changed_total: int = 0
+    updates: int = 0
+    last_kept: Tensor | None = None
+    handle: Any = None
+
+    @property
+    def P(self) -> int:
+        return max(self.n_out, self.n_in)
+
+    @property
+    def D(self) -> int:
+        return min(self.n_out, self.n_in)
+
+    @property
+    def needs_probe(self) -> bool:
+        return self.kind == "diagheur" or self.module.is_pool
+
+
+class DiagSparsifier:
+    """Dynamic sparse training of diagonal-sparse layers (DynaDiag or DiagHeur); see the module docstring.
+
+    Args:
+        model: the model; its selected ``nn.Linear`` layers are converted in place. Not yet DDP-wrapped.
+        optimizer: built over ``model.parameters()`` and not stepped yet (no state), or ``None`` (no rewiring:
+            useful for inference-only experiments).
+        config: a ``DSTConfig``.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` rejects linears (keep heads/embeddings dense). Default
+            selection: the ``mark_sparse``-marked linears if any are marked, else every ``nn.Linear``
+            (except the internal projections of ``nn.MultiheadAttention``, which it reads by attribute).
+        process_group: the group to keep in sync (default: the default group when initialized).
+
+    Raises:
+        TypeError: wrong argument types.
+        ValueError: the optimizer has state, a selected weight is tied or not in the optimizer, a layer
+            cannot reach its sparsity, or ``model`` is itself a linear / already DDP-wrapped.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        config: DSTConfig,
+        filter_fn: FilterFn | None = None,
+        *,
+        process_group: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(config, DSTConfig):
+            raise TypeError(f"config must be a DSTConfig, got {type(config).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if optimizer is not None and len(optimizer.state) > 0:
+            raise ValueError(
+                "the optimizer already has state: construct DiagSparsifier before the first optimizer.step() "
+                "(it replaces the dense weights in the param groups)"
+            )
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("construct DiagSparsifier on the bare model, then wrap it in DistributedDataParallel")
+        if isinstance(model, nn.Linear):
+            raise ValueError("model is a single nn.Linear, which cannot be converted in place: wrap it in a module")
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self._group = process_group
+        self._world = self._world_size(process_group)
+        self._step = 0
+        self._finalized = False
+        self._armed = False
+        self._updates = UpdateSchedule(config.update_every, config.update_end_step, config.drop_fraction)
+        self._temperature = TemperatureSchedule(
+            config.temperature_schedule, config.temperature_start, config.temperature_end, config.freeze_step
+        )
+
+        self._layers: list[_Layer] = []
+        for fqn, linear in self._select(model, filter_fn):
+            self._layers.append(self._convert(fqn, linear))
+        if not self._layers:
+            warnings.warn("DiagSparsifier: no nn.Linear was selected; nothing will be sparse", stacklevel=2)
+        if config.method == "dynadiag":
+            add_alpha_group(optimizer, [rec.module.alpha for rec in self._layers], config.alpha_lr)
+        self._broadcast_initial_state()
+        if config.method == "dynadiag":
+            for rec in self._layers:
+                rec.module.set_temperature(self._temperature(0))
+            if config.freeze_step == 0:
+                self._freeze_all()
+        for rec in self._layers:
+            rec.last_kept = self._kept_offsets(rec).clone()
+            if rec.needs_probe:
+                rec.handle = rec.module.register_forward_hook(self._make_probe_hook(rec))
+        self._armed = self._updates.is_update_step(1)
+        logger.info(
+            "DiagSparsifier(%s): %d layers, world size %d%s",
+            config.method,
+            len(self._layers),
+            self._world,
+            "".join(f"\n  {r.fqn}: {r.n_out}x{r.n_in} k={r.k}/{r.P} {r.module.extra_repr()}" for r in self._layers),
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Construction
+    # ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _world_size(group: Any) -> int:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            if group is not None:
+                raise ValueError("process_group was given but torch.distributed is not initialized")
+            return 1
+        return dist.get_world_size(group)
+
+    @staticmethod
+    def _select(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear]]:
+        mha_children = {
+            f"{fqn}.{name}" if fqn else name
+            for fqn, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)
+            for name, _ in m.named_children()
+        }
+        linears = [
+            (fqn, m)
+            for fqn, m in model.named_modules()
+            if isinstance(m, nn.Linear) and fqn not in mha_children and fqn != ""
+        ]
+        if filter_fn is not None:
+            linears = [(fqn, m) for fqn, m in linears if filter_fn(m, fqn)]
+        if any(get_sparse_mark(m) is not None for _, m in linears):
+            linears = [(fqn, m) for fqn, m in linears if get_sparse_mark(m) is not None]
+        owners: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(name)
+        for fqn, m in linears:
+            names = owners.get(id(m.weight), [])
+            if len(names) > 1:
+                raise ValueError(
+                    f"DiagSparsifier: the weight of '{fqn}' is shared with {[n for n in names if n != fqn + '.weight']}"
+                    " (tied weights); converting it would untie them. Exclude it with filter_fn."
+                )
+        return linears
+
+    def _layer_k(self, fqn: str, linear: nn.Linear) -> tuple[int, Tensor | None]:
+        n_out, n_in = linear.weight.shape
+        mark = get_sparse_mark(linear)
+        if mark is not None and mark.offsets is not None:
+            offsets = mark.resolve_offsets(linear.weight)
+            return offsets.numel(), offsets
+        sparsity = mark.sparsity if mark is not None else self.config.sparsity
+        check_sparsity(sparsity, n_out, n_in, where=f"DiagSparsifier: layer '{fqn}' ({n_out}x{n_in})")
+        return k_from_sparsity(n_out, n_in, sparsity), None
+
+    def _initial_offsets(self, weight: Tensor, count: int) -> Tensor:
+        n_out, n_in = weight.shape
+        P, _ = diag_shape(n_out, n_in)
+        init = self.config.offset_init
+        if init == "random":
+            return torch.randperm(P)[:count].sort().values.to(weight.device, OFFSET_DTYPE)
+        if init == "even":
+            return evenly_spaced_offsets(n_out, n_in, count, device=weight.device)
+        return topk_offsets(weight, count)
+
+    def _convert(self, fqn: str, linear: nn.Linear) -> _Layer:
+        cfg = self.config
+        W = linear.weight.detach()
+        n_out, n_in = W.shape
+        P, _ = diag_shape(n_out, n_in)
+        k, mark_offsets = self._layer_k(fqn, linear)
+        if cfg.method == "diagheur":
+            offsets = mark_offsets if mark_offsets is not None else self._initial_offsets(W, k)
+            values = extract_diagonals(W, offsets)
+            if cfg.rescale_init:
+                values = values * math.sqrt(P / k)
+            new: nn.Module = DiagLinear._assemble(
+                values.contiguous(), offsets, None, n_out, n_in, requires_grad=linear.weight.requires_grad
+            )
+            new.bias = linear.bias
+        else:
+            C = P if cfg.pool is None else min(P, math.ceil(cfg.pool * k))
+            candidates = None if C == P else self._initial_offsets(W, C)
+            new = DynaDiagLinear.from_linear(
+                linear,
+                k,
+                candidates,
+                alpha_init=cfg.alpha_init,
+                alpha_init_noise=cfg.alpha_init_noise,
+                rescale_init=cfg.rescale_init,
+                relaxation=cfg.relaxation,
+                temperature=cfg.temperature_start,
+                active_eps=cfg.active_eps,
+            )
+        new.train(linear.training)
+        replace_param_(self.optimizer, linear.weight, [new.values])
+        parent_name, _, name = fqn.rpartition(".")
+        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, name, new)
+        return _Layer(fqn, cfg.method, new, n_out, n_in, k)
+
+    # ------------------------------------------------------------------------------------------------
+    # Distributed helpers
+    # ------------------------------------------------------------------------------------------------
+    def _src_rank(self) -> int:
+        import torch.distributed as dist
+
+        return 0 if self._group is None else dist.get_global_rank(self._group, 0)
+
+    def _agree(self, *tensors: Tensor) -> None:
+        """Overwrite each tensor with rank 0's copy (every rank then applies the same decision)."""
+        if self._world <= 1:
+            return
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.broadcast(t, self._src_rank(), group=self._group)
+
+    @torch.no_grad()
+    def _broadcast_initial_state(self) -> None:
+        if self._world <= 1:
+            return
+        for rec in self._layers:
+            self._agree(*(p.data for p in rec.module.parameters()), *rec.module.buffers())
+
+    def _reduced_scores(self, rec: _Layer) -> Tensor | None:
+        """``(P,)`` probe scores of the global batch, or ``None`` if no rank captured a probe."""
+        dv = rec.probe
+        have = torch.tensor([0.0 if dv is None else 1.0], device=rec.module.values.device)
+        if dv is None:
+            dv = torch.zeros(rec.P, rec.D, device=rec.module.values.device, dtype=torch.float32)
+        if self._world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(dv, group=self._group)
+            dist.all_reduce(have, group=self._group)
+            dv = dv / self._world
+        if float(have) == 0:
+            warnings.warn(
+                f"DiagSparsifier: no probe gradient was captured for '{rec.fqn}' at step {self._step + 1} "
+                "(was forward/backward run through it before sparsifier.step()?); its topology update is skipped",
+                stacklevel=3,
+            )
+            return None
+        return probe_scores(dv)
+
+    # ------------------------------------------------------------------------------------------------
+    # Probe capture
+    # ------------------------------------------------------------------------------------------------
+    def _make_probe_hook(self, rec: _Layer) -> Callable:
+        def forward_hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if not self._armed or not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_grad(dy: Tensor) -> None:
+                with torch.no_grad():
+                    dv = probe_dv(dy.detach(), x, rec.P).float()
+                    rec.probe = dv if rec.probe is None else rec.probe.add_(dv)
+
+            output.register_hook(on_grad)
+
+        return forward_hook
+
+    def _clear_probes(self) -> None:
+        for rec in self._layers:
+            rec.probe = None
+
+    # ------------------------------------------------------------------------------------------------
+    # The step
+    # ------------------------------------------------------------------------------------------------
+    def _check_live(self, what: str) -> None:
+        if self._finalized:
+            raise RuntimeError(f"DiagSparsifier.{what}() after finalize(): the layers are compact DiagLinear now")
+
+    @property
+    def step_count(self) -> int:
+        """Completed optimizer steps (calls to ``step()``)."""
+        return self._step
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """The converted layers by fully-qualified name."""
+        return {rec.fqn: rec.module for rec in self._layers}
+
+    def step(self) -> None:
+        """Advance one optimizer step: topology update / pool refresh / freeze when due, then the temperature."""
+        self._check_live("step")
+        t = self._step + 1
+        cfg = self.config
+        if cfg.method == "diagheur":
+            if self._updates.is_update_step(t):
+                self._update_diagheur(t)
+        else:
+            if self._updates.is_update_step(t):
+                self._refresh_pools(t)
+            if t == cfg.freeze_step:
+                self._freeze_all()
+            T = self._temperature(t)
+            for rec in self._layers:
+                if not rec.module.frozen:
+                    rec.module.set_temperature(T)
+            self._track_churn()
+        self._step = t
+        self._clear_probes()
+        self._armed = self._updates.is_update_step(t + 1)
+
+    def _kept_offsets(self, rec: _Layer) -> Tensor:
+        return rec.module.offsets if isinstance(rec.module, DiagLinear) else rec.module.kept_offsets()
+
+    def _track_churn(self) -> None:
+        for rec in self._layers:
+            kept = self._kept_offsets(rec)
+            if rec.last_kept is not None:
+                changed = int((~torch.isin(kept, rec.last_kept)).sum())
+                if changed:
+                    rec.offsets_changed = changed
+                    rec.offsets_changed_total += changed
+            rec.last_kept = kept.clone()
+
+    @torch.no_grad()
+    def _update_diagheur(self, t: int) -> None:
+        for rec in self._layers:
+            n = self._updates.count_at(t, rec.k)
+            if n == 0:
+                continue
+            scores = self._reduced_scores(rec)
+            if scores is None:
+                continue
+            layer = rec.module
+            norms = layer.values.detach().float().norm(dim=1)
+            new_offsets, src = drop_grow(layer.offsets, norms, scores, n)
+            new_offsets, src = new_offsets.to(layer.offsets.device), src.to(layer.offsets.device)
+            self._agree(new_offsets, src)
+            remap_rows_(layer.values, src, self.optimizer, fill=0.0)
+            layer.offsets.copy_(new_offsets)
+            rec.offsets_changed = int((src < 0).sum())
+            rec.offsets_changed_total += rec.offsets_changed
+            rec.updates += 1
+            rec.last_kept = layer.offsets.clone()
+            logger.debug("step %d: %s drop/grow n=%d, %d new offsets", t, rec.fqn, n, rec.offsets_changed)
+
+    @torch.no_grad()
+    def _refresh_pools(self, t: int) -> None:
+        for rec in self._layers:
+            layer = rec.module
+            if not layer.is_pool or layer.frozen:
+                continue
+            n = self._updates.count_at(t, layer.num_candidates - rec.k)
+            if n == 0:
+                continue
+            scores = self._reduced_scores(rec)
+            if scores is None:
+                continue
+            a_new = boundary_alpha(layer.relaxation, layer.alpha, rec.k, float(layer.temperature))
+            new_cand, src = refresh_pool(layer.candidate_offsets, layer.alpha, rec.k, scores, n)
+            new_cand, src = new_cand.to(layer.values.device), src.to(layer.values.device)
+            self._agree(new_cand, src)
+            remap_rows_(layer.values, src, self.optimizer, fill=0.0)
+            remap_rows_(layer.alpha, src, self.optimizer, fill=a_new)
+            layer.candidate_offsets.copy_(new_cand)
+            rec.updates += 1
+            logger.debug("step %d: %s pool refresh: %d newcomers", t, rec.fqn, int((src < 0).sum()))
+
+    @torch.no_grad()
+    def _freeze_all(self) -> None:
+        for rec in self._layers:
+            layer = rec.module
+            if layer.frozen:
+                continue
+            keep = hard_topk(layer.alpha, rec.k)
+            self._agree(keep)
+            layer.freeze_(fold=self.config.fold_at_freeze, keep_idx=keep)
+            # alpha keeps a zero gradient (see DynaDiagLinear); with zero momentum no optimizer moves it.
+            zero_state_(self.optimizer, layer.alpha)
+            layer.alpha.grad = None
+        logger.info("step %d: dynadiag freeze: %d layers now train values only", self._step + 1, len(self._layers))
+
+    # ------------------------------------------------------------------------------------------------
+    # Loss term, diagnostics
+    # ------------------------------------------------------------------------------------------------
+    def regularization_loss(self) -> Tensor:
+        """``alpha_l1 * sum |alpha|`` over the layers not yet frozen (a zero tensor when off)."""
+        self._check_live("regularization_loss")
+        params = [rec.module.alpha for rec in self._layers if rec.kind == "dynadiag" and not rec.module.frozen]
+        device = params[0].device if params else next(iter(self.model.parameters()), torch.zeros(())).device
+        if self.config.alpha_l1 == 0 or not params:
+            return torch.zeros((), device=device)
+        return self.config.alpha_l1 * sum(p.abs().sum() for p in params)
+
+    def _layer_bytes(self, rec: _Layer) -> int:
+        return sum(p.numel() * p.element_size() + state_bytes(self.optimizer, p) for p in rec.module.parameters())
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, dict[str, float]]:
+        """Per layer (by fqn): ``k``, ``k_eff`` (candidates with ``alpha~ > active_eps``, the ones the forward
+        computes with), ``k_half`` (``alpha~ >= 1/2``), ``sum_alpha_tilde``, ``temperature``, ``candidates``
+        (``C``), ``offsets_changed`` (hard top-k offsets changed by the most recent change; total in
+        ``offsets_changed_total``), ``updates``, ``frozen`` (0/1), ``memory_bytes`` (parameters + optimizer
+        state). DiagHeur layers are hard masks: ``k_eff = sum_alpha_tilde = k``, ``temperature = 0``, and
+        ``frozen`` once the updates have ended.
+        """
+        out: dict[str, dict[str, float]] = {}
+        for rec in self._layers:
+            layer = rec.module
+            d: dict[str, float] = {"k": float(rec.k), "P": float(rec.P)}
+            if isinstance(layer, DynaDiagLinear):
+                at = layer.alpha_tilde().detach().double()
+                d.update(
+                    k_eff=float((at > layer.active_eps).sum()),
+                    k_half=float((at >= 0.5).sum()),
+                    sum_alpha_tilde=float(at.sum()),
+                    temperature=0.0 if layer.frozen else float(layer.temperature),
+                    candidates=float(layer.num_candidates),
+                    frozen=float(layer.frozen),
+                )
+            else:
+                d.update(
+                    k_eff=float(rec.k),
+                    k_half=float(rec.k),
+                    sum_alpha_tilde=float(rec.k),
+                    temperature=0.0,
+                    candidates=float(rec.k),
+                    frozen=float(self._step >= self._updates.end),
+                )
+            d.update(
+                offsets_changed=float(rec.offsets_changed),
+                offsets_changed_total=float(rec.offsets_changed_total),
+                updates=float(rec.updates),
+                memory_bytes=float(self._layer_bytes(rec)),
+            )
+            out[rec.fqn] = d
+        return out
+
+    def log(self, level: int = logging.INFO) -> dict[str, dict[str, float]]:
+        """Log ``diagnostics()`` (one line per layer on the ``diagcompile.dst`` logger) and return them."""
+        diag = self.diagnostics()
+        for fqn, d in diag.items():
+            logger.log(
+                level,
+                "step %d %s: k=%d k_eff=%d k_half=%d sum_alpha~=%.4g T=%.4g changed=%d (total %d) frozen=%d mem=%dB",
+                self._step,
+                fqn,
+                d["k"],
+                d["k_eff"],
+                d["k_half"],
+                d["sum_alpha_tilde"],
+                d["temperature"],
+                d["offsets_changed"],
+                d["offsets_changed_total"],
+                d["frozen"],
+                d["memory_bytes"],
+            )
+        return diag
+
+    # ------------------------------------------------------------------------------------------------
+    # State
+    # ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter, config and per-layer statistics: tensors and plain python only.
+
+        The topology itself is in the model's buffers (save ``model.state_dict()`` next to this).
+        """
+        return {
+            "version": _STATE_VERSION,
+            "step": self._step,
+            "finalized": self._finalized,
+            "config": self.config.to_dict(),
+            "layers": {
+                rec.fqn: {
+                    "kind": rec.kind,
+                    "k": rec.k,
+                    "offsets_changed": rec.offsets_changed,
+                    "offsets_changed_total": rec.offsets_changed_total,
+                    "updates": rec.updates,
+                    "last_kept": None if rec.last_kept is None else rec.last_kept.detach().cpu().clone(),
+                }
+                for rec in self._layers
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` into a sparsifier built the same way (same model, config).
+
+        Raises ``ValueError`` naming what differs (config fields, layers, k).
+        """
+        self._check_live("load_state_dict")
+        if state_dict.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported DiagSparsifier state version {state_dict.get('version')!r}")
+        if state_dict.get("finalized"):
+            raise ValueError("this state was saved after finalize(); it cannot resume training")
+        mine, theirs = self.config.to_dict(), dict(state_dict["config"])
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ValueError(
+                "DiagSparsifier.load_state_dict: config differs in "
+                + ", ".join(f"{k} (saved {theirs.get(k)!r}, here {mine.get(k)!r})" for k in diff)
+            )
+        saved = state_dict["layers"]
+        here = {rec.fqn: rec for rec in self._layers}
+        if set(saved) != set(here):
+            raise ValueError(
+                f"DiagSparsifier.load_state_dict: layers differ: saved-only {sorted(set(saved) - set(here))}, "
+                f"here-only {sorted(set(here) - set(saved))}"
+            )
+        for fqn, s in saved.items():
+            rec = here[fqn]
+            if s["kind"] != rec.kind or s["k"] != rec.k:
+                raise ValueError(f"layer '{fqn}': saved {s['kind']} k={s['k']}, here {rec.kind} k={rec.k}")
+        for fqn, s in saved.items():
+            rec = here[fqn]
+            rec.offsets_changed = int(s["offsets_changed"])
+            rec.offsets_changed_total = int(s["offsets_changed_total"])
+            rec.updates = int(s["updates"])
+            lk = s["last_kept"]
+            rec.last_kept = None if lk is None else lk.to(self._kept_offsets(rec).device)
+        self._step = int(state_dict["step"])
+        if self.config.method == "dynadiag":
+            T = self._temperature(self._step)
+            for rec in self._layers:
+                rec.module.set_temperature(T)
+        self._clear_probes()
+        self._armed = self._updates.is_update_step(self._step + 1)
+
+    # ------------------------------------------------------------------------------------------------
+    # Finalize
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def finalize(self) -> nn.Module:
+        """Replace every DST layer by a compact ``DiagLinear`` (``k x D`` values, sorted offsets); return the model.
+
+        Unfrozen DynaDiag layers are frozen first (hard top-k, folded). The optimizer, if any, follows: each
+        layer's values are replaced by the compact ones with the kept rows of their state, and ``alpha``
+        leaves the optimizer, so training can continue (fine-tuning) on the compact model. Hooks are removed;
+        the sparsifier cannot step afterwards.
+        """
+        self._check_live("finalize")
+        if self.config.method == "dynadiag":
+            self._freeze_all()
+        for rec in self._layers:
+            if rec.handle is not None:
+                rec.handle.remove()
+                rec.handle = None
+            layer = rec.module
+            if not isinstance(layer, DynaDiagLinear):
+                continue
+            compact = layer.to_diag_linear()
+            compact.train(layer.training)
+            transfer_rows_(self.optimizer, layer.values, compact.values, layer.keep_idx)
+            remove_param_(self.optimizer, layer.alpha)
+            parent_name, _, name = rec.fqn.rpartition(".")
+            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, name, compact)
+            rec.module = compact
+        self._finalized = True
+        self._clear_probes()
+        return self.model
