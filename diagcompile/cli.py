@@ -193,6 +193,13 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
         metavar="VARIANT:KEY=VALUE",
         help="DSTConfig field for one variant only (repeat)",
     )
+    p.add_argument(
+        "--variant-train",
+        action="append",
+        default=[],
+        metavar="VARIANT:KEY=VALUE",
+        help="training option (TrainConfig field, e.g. lr) for one variant only (repeat)",
+    )
     p.add_argument("--notes", help="markdown file appended to the results table")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild tables/plot from existing runs")
     _run_options(p)
@@ -204,13 +211,15 @@ def _sweep(args: argparse.Namespace) -> int:
 
     from diagcompile.sweep import SweepConfig, aggregate, run_sweep
 
-    variant_dst: dict[str, dict] = {}
-    for item in args.variant_dst:
-        variant, sep, kv = item.partition(":")
-        if not sep:
-            raise SystemExit(f"--variant-dst expects VARIANT:KEY=VALUE, got {item!r}")
-        k, v = _kv(kv)
-        variant_dst.setdefault(variant, {})[k] = v
+    per_variant: dict[str, dict[str, dict]] = {"dst": {}, "train": {}}
+    for what, items in (("dst", args.variant_dst), ("train", args.variant_train)):
+        for item in items:
+            variant, sep, kv = item.partition(":")
+            if not sep:
+                raise SystemExit(f"--variant-{what} expects VARIANT:KEY=VALUE, got {item!r}")
+            k, v = _kv(kv)
+            key = k.replace("-", "_")
+            per_variant[what].setdefault(variant, {})[key] = v
     cfg = SweepConfig(
         task=args.task,
         out=args.out,
@@ -221,7 +230,8 @@ def _sweep(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         threads=args.threads,
         train=_common_train_kwargs(args),
-        variant_dst=variant_dst,
+        variant_dst=per_variant["dst"],
+        variant_train=per_variant["train"],
         quiet=args.quiet,
         notes=Path(args.notes).read_text() if args.notes else "",
     )

@@ -8,7 +8,7 @@
 * ``out/<name>.md``        the same as a markdown table, headed by date, device, versions and hyper-parameters;
 * ``out/<name>.png``       metric vs sparsity per variant (error bars: std), dense as a horizontal band.
 
-Method variants are named ``<method>[-<modifier>...]``: ``dense``, ``diagheur``, ``dynadiag`` (threshold
+Method variants are named ``<method>[-<modifier>...][@label]``: ``dense``, ``diagheur``, ``dynadiag`` (threshold
 relaxation, all ``P`` candidates), ``dynadiag-softmax`` (the paper's ``softmax_clamp``), ``dynadiag-pool2``
 (candidate pool of ``2k``: sparse-to-sparse), combinable (``dynadiag-softmax-pool2``). Dense ignores the
 sparsity and runs once per seed.
@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -39,11 +40,16 @@ def parse_variant(name: str) -> dict[str, Any]:
     """``"dynadiag-softmax-pool2"`` -> ``{"method": "dynadiag", "relaxation": "softmax_clamp", "pool": 2.0}``.
 
     Modifiers (dynadiag only): ``softmax`` / ``threshold`` (relaxation), ``pool<c>`` (candidate pool of
-    ``c*k``), ``faithful`` (all ``P`` candidates, the default).
+    ``c*k``), ``faithful`` (all ``P`` candidates, the default). A trailing ``@label`` names a configuration
+    of the same variant (e.g. ``dynadiag@t0.1`` with ``variant_dst={"dynadiag@t0.1": {...}}``, for tuning
+    grids); it does not change the parsed settings.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"method variant must be a non-empty string, got {name!r}")
-    method, *mods = name.split("-")
+    base, at, label = name.partition("@")
+    if at and not re.fullmatch(r"[A-Za-z0-9_.=+-]+", label):
+        raise ValueError(f"variant {name!r}: the label after '@' may use only letters, digits and _ . = + -")
+    method, *mods = base.split("-")
     if method not in ("dense", "dynadiag", "diagheur"):
         raise ValueError(f"unknown method {method!r} in variant {name!r} (expected dense, dynadiag or diagheur)")
     out: dict[str, Any] = {"method": method}
@@ -76,7 +82,8 @@ def run_name(task: str, variant: str, sparsity: float | None, seed: int) -> str:
 @dataclass(frozen=True)
 class SweepConfig:
     """A grid of runs. ``train`` holds overrides for every run (``TrainConfig`` fields such as ``epochs``,
-    ``lr``, ``tune``, ``dst``, ``model``); ``variant_dst`` holds ``DSTConfig`` overrides per variant name.
+    ``lr``, ``tune``, ``dst``, ``model``); ``variant_dst`` / ``variant_train`` hold ``DSTConfig`` /
+    ``TrainConfig`` overrides per variant name (on top of ``train``).
     """
 
     task: str
@@ -89,6 +96,7 @@ class SweepConfig:
     threads: int | None = None
     train: Mapping[str, Any] = field(default_factory=dict)
     variant_dst: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    variant_train: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     quiet: bool = False
     notes: str = ""
 
@@ -103,15 +111,21 @@ class SweepConfig:
             raise ValueError("SweepConfig: DST methods need at least one sparsity")
         if not isinstance(self.jobs, int) or self.jobs < 1:
             raise ValueError(f"SweepConfig.jobs must be a positive int, got {self.jobs!r}")
-        unknown = set(self.variant_dst) - set(self.methods)
-        if unknown:
-            raise ValueError(f"SweepConfig.variant_dst names variants not in methods: {sorted(unknown)}")
-        bad = set(self.train) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if bad:
-            raise ValueError(f"SweepConfig.train: unknown TrainConfig fields {sorted(bad)}")
-        for f in ("task", "method", "sparsity", "seed", "out", "resume", "relaxation", "pool"):
-            if f in self.train:
-                raise ValueError(f"SweepConfig.train may not set {f!r}: the sweep sets it per run")
+        for what in ("variant_dst", "variant_train"):
+            unknown = set(getattr(self, what)) - set(self.methods)
+            if unknown:
+                raise ValueError(f"SweepConfig.{what} names variants not in methods: {sorted(unknown)}")
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        for what, overrides in [
+            ("train", self.train),
+            *((f"variant_train[{v!r}]", o) for v, o in self.variant_train.items()),
+        ]:
+            bad = set(overrides) - fields
+            if bad:
+                raise ValueError(f"SweepConfig.{what}: unknown TrainConfig fields {sorted(bad)}")
+            for f in ("task", "method", "sparsity", "seed", "out", "resume", "relaxation", "pool"):
+                if f in overrides:
+                    raise ValueError(f"SweepConfig.{what} may not set {f!r}: the sweep sets it per run")
 
 
 def plan_runs(cfg: SweepConfig) -> list[tuple[str, TrainConfig]]:
@@ -123,7 +137,7 @@ def plan_runs(cfg: SweepConfig) -> list[tuple[str, TrainConfig]]:
         sparsities: Sequence[float | None] = [None] if spec["method"] == "dense" else list(cfg.sparsities)
         for sp in sparsities:
             for seed in cfg.seeds:
-                kw = dict(base)
+                kw = {**base, **dict(cfg.variant_train.get(variant, {}))}
                 if spec["method"] != "dense":
                     dst = {**dict(base.get("dst", {})), **dict(cfg.variant_dst.get(variant, {}))}
                     kw.update(dst=dst, **{k: v for k, v in spec.items() if k != "method"})
@@ -362,7 +376,7 @@ def _write_markdown(cfg: SweepConfig, runs: list[dict], agg: list[dict], metric:
 
 
 def _is_dense(variant: str) -> bool:
-    return variant.split("-")[0] == "dense"
+    return parse_variant(variant)["method"] == "dense"
 
 
 def plot(agg: list[dict], metric: str, higher: bool, path: Path, title: str = "") -> Path:

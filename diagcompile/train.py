@@ -131,6 +131,9 @@ class TrainConfig:
         model: overrides of the task's model config fields (``ViTConfig`` / ``GPTConfig``).
         out: output folder (``None``: nothing is written). resume: continue from ``out/checkpoint.pt``.
         quiet: no progress bar. stop_after: stop (with a checkpoint) after this many steps, as an interruption would.
+        nproc: data-parallel CPU workers (``torch.distributed`` gloo + ``DistributedDataParallel``); each takes
+            ``batch_size / nproc`` of every global batch, so the run matches the single-process one up to
+            floating-point summation order.
     """
 
     task: str
@@ -159,6 +162,7 @@ class TrainConfig:
     resume: bool = False
     quiet: bool = False
     stop_after: int | None = None
+    nproc: int = 1
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -187,6 +191,12 @@ class TrainConfig:
             raise ValueError("TrainConfig: warmup_frac must be in [0, 1), min_lr_frac in [0, 1], grad_clip >= 0")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"TrainConfig.seed must be an int, got {type(self.seed).__name__}")
+        if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ValueError(f"TrainConfig.nproc must be a positive int, got {self.nproc!r}")
+        if self.nproc > 1 and self.device != "cpu":
+            raise ValueError("TrainConfig.nproc > 1 runs gloo workers on the CPU; use device='cpu'")
+        if self.nproc > 1 and self.get("batch_size") % self.nproc:
+            raise ValueError(f"TrainConfig.batch_size={self.get('batch_size')} must be divisible by nproc={self.nproc}")
         if self.resume and self.out is None:
             raise ValueError("TrainConfig.resume needs out= (the folder holding checkpoint.pt)")
         if self.method == "dense" and (self.relaxation is not None or self.pool is not None or self.dst):
@@ -213,7 +223,7 @@ class TrainConfig:
         return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     #: Fields that may differ between a run and its resumption.
-    RUNTIME_FIELDS = ("out", "resume", "quiet", "stop_after")
+    RUNTIME_FIELDS = ("out", "resume", "quiet", "stop_after", "nproc")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -593,10 +603,51 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
     """Run one training job and return its metrics dict (also written to ``cfg.out/metrics.json``).
 
-    ``progress(step, total, info)`` is called after every step (for callers with their own progress display).
+    ``progress(step, total, info)`` is called after every step (for callers with their own progress display;
+    not with ``nproc > 1``). With ``cfg.nproc > 1`` the job runs in that many spawned gloo workers.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train expects a TrainConfig, got {type(cfg).__name__}")
+    if cfg.nproc > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return _spawn(cfg)
+        if dist.get_world_size() != cfg.nproc:
+            raise ValueError(f"nproc={cfg.nproc} but the process group has {dist.get_world_size()} ranks")
+    return _train(cfg, progress)
+
+
+def _spawn(cfg: TrainConfig) -> dict[str, Any]:
+    """Run ``cfg`` in ``cfg.nproc`` spawned CPU workers; rank 0's metrics come back through a file."""
+    import torch.multiprocessing as mp
+
+    threads = max(1, torch.get_num_threads() // cfg.nproc)
+    with tempfile.TemporaryDirectory(prefix="diagcompile-ddp-") as td:
+        result = os.path.join(td, "result.json")
+        mp.spawn(_worker, args=(cfg, os.path.join(td, "rendezvous"), result, threads), nprocs=cfg.nproc, join=True)
+        with open(result) as f:
+            return json.load(f)
+
+
+def _worker(rank: int, cfg: TrainConfig, rendezvous: str, result: str, threads: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=cfg.nproc)
+    try:
+        metrics = _train(cfg, None)
+        if rank == 0:
+            atomic_write_text(json.dumps(metrics, default=_json_default), result)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     t_start = time.perf_counter()
     device = torch.device(cfg.device)
     out = Path(cfg.out) if cfg.out is not None else None
@@ -609,6 +660,8 @@ def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None
         stream: _DigitsStream | _CharStream = _DigitsStream(ds.x_train, ds.y_train, cfg.get("batch_size"), cfg.seed)
     else:
         stream = _CharStream(ds.train, cfg.get("batch_size"), mcfg.block_size, cfg.seed)
+    if cfg.get("batch_size") % world:
+        raise ValueError(f"batch_size={cfg.get('batch_size')} must be divisible by nproc={world}")
     total = _total_steps(cfg, stream.steps_per_epoch)
     eval_every = cfg.get("eval_every") or (stream.steps_per_epoch if cfg.task == "digits-vit" else 100)
     ckpt_every = cfg.ckpt_every or eval_every
@@ -648,7 +701,7 @@ def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None
         print(f"[train] no checkpoint at {ckpt_path}; starting from step 0", file=sys.stderr)
 
     def save_checkpoint() -> None:
-        if ckpt_path is None:
+        if ckpt_path is None or rank != 0:
             return
         atomic_torch_save(
             {
@@ -671,7 +724,12 @@ def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None
             ckpt_path,
         )
 
-    show_bar = not cfg.quiet and progress is None and sys.stderr.isatty()
+    # Data parallel: every rank draws the same global batch (same generator) and trains on its slice.
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+
+    show_bar = rank == 0 and not cfg.quiet and progress is None and sys.stderr.isatty()
     bar = None
     if show_bar:
         from tqdm.auto import tqdm
@@ -684,9 +742,11 @@ def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None
         t_loop = time.perf_counter()
         while step < stop_at:
             x, y = stream.next()
+            if world > 1:
+                x, y = x.chunk(world)[rank], y.chunk(world)[rank]
             x, y = x.to(device), y.to(device)
             lr = _set_lr(optimizer, _lr_factor(step, total, cfg.warmup_frac, cfg.min_lr_frac))
-            loss = _task_loss(cfg.task, model, x, y)
+            loss = _task_loss(cfg.task, net, x, y)
             full = loss + sparsifier.regularization_loss() if sparsifier is not None else loss
             full.backward()
             if cfg.grad_clip > 0:
@@ -696,7 +756,14 @@ def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None
                 sparsifier.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            lv = loss.item()
+            if world > 1:
+                # The logged loss is the global batch's; the stop flag must be agreed (a rank that stopped
+                # alone would leave the others waiting in the next all-reduce).
+                red = torch.tensor([loss.item(), float(flag.stop)], dtype=torch.float64)
+                dist.all_reduce(red)
+                lv, flag.stop = red[0].item() / world, bool(red[1].item() > 0)
+            else:
+                lv = loss.item()
             if not math.isfinite(lv):
                 raise FloatingPointError(f"training loss became {lv} at step {step} ({cfg.task}, {cfg.method})")
             loss_sum, loss_n = loss_sum + lv, loss_n + 1
@@ -818,9 +885,9 @@ def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None
             "process_peak_rss_bytes": _peak_rss_bytes(),
         },
         "dst": dst_info,
-        "env": env_stamp(cfg.device),
+        "env": {**env_stamp(cfg.device), "world_size": world},
     }
-    if out is not None:
+    if out is not None and rank == 0:
         save_model(final_model, mcfg, out / MODEL_NAME, task=cfg.task, method=cfg.method)
         atomic_write_text(json.dumps(metrics, indent=1, default=_json_default) + "\n", out / METRICS_NAME)
     return metrics

@@ -32,6 +32,8 @@ def test_parse_variant():
     assert parse_variant("dynadiag-softmax") == {"method": "dynadiag", "relaxation": "softmax_clamp"}
     assert parse_variant("dynadiag-threshold-pool1.5") == {"method": "dynadiag", "relaxation": "threshold", "pool": 1.5}
     assert parse_variant("dynadiag-pool2-faithful") == {"method": "dynadiag"}
+    assert parse_variant("dynadiag-softmax@t0.1_f=0.3") == parse_variant("dynadiag-softmax")
+    assert parse_variant("dense@lr2e-3") == {"method": "dense"}
     for bad, msg in [
         ("rigl", "unknown method"),
         ("dense-softmax", "takes no modifiers"),
@@ -39,6 +41,7 @@ def test_parse_variant():
         ("dynadiag-poolx", "pool modifier"),
         ("dynadiag-fast", "unknown modifier"),
         ("", "non-empty"),
+        ("dynadiag@a/b", "label"),
     ]:
         with pytest.raises(ValueError, match=msg):
             parse_variant(bad)
@@ -53,6 +56,7 @@ def test_plan_runs_grid(tmp_path):
         seeds=(0, 1, 2),
         train={"steps": 10, "dst": {"update_every": 5}},
         variant_dst={"diagheur": {"drop_fraction": 0.1}},
+        variant_train={"dense": {"lr": 0.01}},
     )
     plan = plan_runs(cfg)
     assert len(plan) == 3 + 2 * 2 * 3  # dense once per seed
@@ -64,6 +68,7 @@ def test_plan_runs_grid(tmp_path):
     assert soft.relaxation == "softmax_clamp" and soft.sparsity == 0.9 and soft.seed == 1 and soft.steps == 10
     assert dict(by[run_name("digits-vit", "diagheur", 0.5, 0)].dst) == {"update_every": 5, "drop_fraction": 0.1}
     assert not by[run_name("digits-vit", "dense", None, 0)].dst
+    assert by[run_name("digits-vit", "dense", None, 0)].lr == 0.01 and soft.lr is None
 
 
 def test_sweep_config_validation(tmp_path):
@@ -73,6 +78,8 @@ def test_sweep_config_validation(tmp_path):
         SweepConfig(task="digits-vit", out=str(tmp_path), train={"seed": 3})
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         SweepConfig(task="digits-vit", out=str(tmp_path), train={"epoch": 3})
+    with pytest.raises(ValueError, match="may not set 'pool'"):
+        SweepConfig(task="digits-vit", out=str(tmp_path), methods=("dense",), variant_train={"dense": {"pool": 2}})
     with pytest.raises(ValueError, match="jobs"):
         SweepConfig(task="digits-vit", out=str(tmp_path), jobs=0)
 

@@ -302,3 +302,24 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     m2 = json.loads((out / METRICS_NAME).read_text())
     assert m2["final"] == m["final"] and m2["resumed_from_step"] == 12
     assert math.isfinite(m2["final"]["acc"])
+
+
+def test_ddp_two_workers_match_one_process(tmp_path):
+    # gloo workers on the CPU; each takes half of every global batch, so the run matches the single-process
+    # one up to floating-point summation order (the topology decisions are made on all-reduced probes).
+    kw = dict(method="dynadiag", pool=2.0)
+    one = train(_quick(out=str(tmp_path / "one"), **kw))
+    two = train(_quick(out=str(tmp_path / "two"), nproc=2, **kw))
+    assert two["status"] == "complete" and two["env"]["world_size"] == 2 and one["env"]["world_size"] == 1
+    a = torch.load(tmp_path / "one" / MODEL_NAME, weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "two" / MODEL_NAME, weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith("offsets"):
+            assert torch.equal(a[k], b[k]), k  # the same diagonals were chosen
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for ca, cb in zip(one["curve"], two["curve"]):
+        assert ca["train_loss"] == pytest.approx(cb["train_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="divisible by nproc"):
+        train(_quick(batch_size=15, nproc=2))
