@@ -102,6 +102,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--relaxation", choices=("threshold", "softmax_clamp"), help="dynadiag relaxed top-k")
     p.add_argument("--pool", type=_pool, help="dynadiag candidate pool c (c*k candidates) or 'faithful' (all P)")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: --eval-every)")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel CPU workers (torch.distributed gloo)")
     _run_options(p)
 
 
@@ -136,6 +137,8 @@ def _train(args: argparse.Namespace) -> int:
     kw = _common_train_kwargs(args)
     if args.ckpt_every is not None:
         kw["ckpt_every"] = args.ckpt_every
+    if args.nproc != 1:
+        kw["nproc"] = args.nproc
     cfg = TrainConfig(
         task=args.task,
         method=args.method,
