@@ -339,11 +339,13 @@ def _write_markdown(cfg: SweepConfig, runs: list[dict], agg: list[dict], metric:
         cells = []
         for s in sps:
             a = by.get((variant, 0.0)) if _is_dense(variant) else by.get((variant, s))
-            cells.append(
-                "—" if a is None else f"{a[f'{metric}_mean']:.3f} ± {a[f'{metric}_std']:.3f} (n={a['n_seeds']})"
-            )
+            cells.append("—" if a is None else _cell(a, metric))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    lines += ["", "Time per run and training-state memory (parameters + buffers + optimizer state, peak):", ""]
+    dates = sorted(m["env"]["date"] for m in runs if m.get("env", {}).get("date"))
+    if dates:
+        lines += ["", f"Runs dated {dates[0]} to {dates[-1]}."]
+    lines += ["", "Time per run (wall clock of the training loop, 1 thread; the machine was shared, so times are"]
+    lines += ["noisy) and training-state memory (parameters + buffers + optimizer state, peak over the run):", ""]
     lines += ["| method | sparsity | train s / run | train state | DST layers (params + opt. state) |"]
     lines += ["|---|---|---|---|---|"]
     for a in agg:
@@ -373,6 +375,12 @@ def _write_markdown(cfg: SweepConfig, runs: list[dict], agg: list[dict], metric:
     path = Path(cfg.out) / f"{cfg.name}.md"
     atomic_write_text("\n".join(lines) + "\n", path)
     return path
+
+
+def _cell(a: dict, metric: str) -> str:
+    digits = 2 if metric == "acc" else 3
+    mean, std, n = a[f"{metric}_mean"], a[f"{metric}_std"], a["n_seeds"]
+    return f"{mean:.{digits}f} (n=1)" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})"
 
 
 def _is_dense(variant: str) -> bool:

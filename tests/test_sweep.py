@@ -173,7 +173,7 @@ def test_aggregate_math_on_known_numbers(tmp_path):
     assert float(rows["dynadiag"]["acc_mean"]) == 82.0
     assert float(rows["dynadiag"]["acc_std"]) == pytest.approx(12**0.5)  # sample std of 80, 80, 86
     md = open(files["md"]).read()
-    assert "| dynadiag | 82.000 ± 3.464 (n=3) |" in md and "| dense | 92.000 ± 2.000 (n=3) |" in md
+    assert "| dynadiag | 82.00 ± 3.46 (n=3) |" in md and "| dense | 92.00 ± 2.00 (n=3) |" in md
 
 
 def test_cli_sweep_end_to_end(tmp_path, capsys):
