@@ -26,6 +26,10 @@ __all__ = [
     "bf16_oracle_check",
     "run_python",
     "requires_cuda",
+    # dynamic sparse training helpers
+    "tiny_mlp",
+    "not_head",
+    "digits_split",
 ]
 
 #: (out_features, in_features): wide, tall, square, odd and prime sizes, and the degenerate 1xN / Nx1.
@@ -119,3 +123,53 @@ def requires_cuda():
     import pytest
 
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dynamic sparse training helpers (tests/dst)
+# ----------------------------------------------------------------------------------------------------
+def tiny_mlp(n_in: int = 16, hidden: int = 32, n_out: int = 5, depth: int = 2, seed: int | None = None):
+    """``Linear(n_in, hidden) -> ReLU -> ... -> Linear(hidden, n_out)`` named ``body.{i}`` and ``head``.
+
+    With ``seed``, the init draws from its own generator state (the global RNG is restored afterwards).
+    """
+    from torch import nn
+
+    class TinyMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            dims = [n_in] + [hidden] * depth
+            layers: list[nn.Module] = []
+            for a, b in zip(dims[:-1], dims[1:]):
+                layers += [nn.Linear(a, b), nn.ReLU()]
+            self.body = nn.Sequential(*layers)
+            self.head = nn.Linear(dims[-1], n_out)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.body(x))
+
+    if seed is None:
+        return TinyMLP()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyMLP()
+
+
+def not_head(module: torch.nn.Module, fqn: str) -> bool:
+    """``filter_fn`` that keeps a module named ``head`` dense."""
+    return fqn != "head"
+
+
+def digits_split(n_train: int = 1400, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's bundled digits (8x8 images, 10 classes, no download), standardized, shuffled:
+    ``(X_train (n_train, 64), y_train, X_test, y_test)``. Imports sklearn lazily."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.int64)
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
+    X, y = X[perm], y[perm]
+    mu, sd = X[:n_train].mean(0), X[:n_train].std(0) + 1e-3
+    X = (X - mu) / sd
+    return X[:n_train], y[:n_train], X[n_train:], y[n_train:]

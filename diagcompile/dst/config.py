@@ -48,8 +48,9 @@ class DSTConfig:
             solved so the weights sum to ``k``; default) or ``"softmax_clamp"`` (the paper's Eq. 5,
             ``clamp(k * softmax(alpha / T), 0, 1)``, which collapses towards top-1 at low ``T``).
         temperature_schedule: ``"cosine"``, ``"linear"``, ``"exponential"`` (geometric) or ``"constant"``,
-            from ``temperature_start`` at step 0 to ``temperature_end`` at the freeze, constant after.
-        temperature_start, temperature_end: ``T`` at step 0 and at the freeze (> 0).
+            per optimizer step from ``temperature_start`` at step 0 to ``temperature_end`` at the last step
+            before the freeze (so the freeze folds the ``alpha~`` of ``T_end``), constant after.
+        temperature_start, temperature_end: ``T`` at step 0 and on the last soft step (> 0).
         freeze_at: when dynadiag hardens to exactly ``k`` diagonals: a ``float`` in ``[0, 1]`` is a fraction of
             ``total_steps``, an ``int`` in ``[0, total_steps]`` an absolute step. ``0`` freezes at construction
             (a static top-k of the initial ``alpha``).
@@ -64,7 +65,10 @@ class DSTConfig:
             the current top-``k``); the others contribute less than ``active_eps * |V|`` and are skipped.
         pool: ``None``: every layer holds values for all ``P`` candidates (faithful to the paper). A number
             ``c >= 1``: hold at most ``ceil(c * k)`` candidates, refreshed every ``update_every`` steps before
-            the freeze from probe scores (sparse-to-sparse; memory proportional to density).
+            the freeze from probe scores (sparse-to-sparse; memory proportional to density). A refresh keeps
+            the current top-``k`` and swaps the ``floor(f(t) (C - k))`` members of smallest ``alpha`` for the
+            non-members of largest probe score ``||dV_p||``; newcomers start with values 0, zero optimizer
+            state and ``alpha`` at the current boundary (``alpha~ = 1/2``: ``tau`` for ``threshold``).
     """
 
     total_steps: int
@@ -80,7 +84,7 @@ class DSTConfig:
     relaxation: Literal["threshold", "softmax_clamp"] = "threshold"
     temperature_schedule: Literal["cosine", "linear", "exponential", "constant"] = "cosine"
     temperature_start: float = 1.0
-    temperature_end: float = 0.01
+    temperature_end: float = 0.001
     freeze_at: float | int = 0.5
     fold_at_freeze: bool = True
     alpha_lr: float = 0.01

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from diagcompile.dst.relax import hard_topk, relax, threshold_tau
+from diagcompile.dst.relax import hard_topk, relax
 from diagcompile.functional import diag_linear
 from diagcompile.modules import DiagLinear
 from diagcompile.ops import OFFSET_DTYPE, diag_shape, extract_diagonals
@@ -270,8 +270,3 @@ class DynaDiagLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}/{P} diagonals, "
             f"{mode}, relaxation={self.relaxation}, frozen={self._frozen}, bias={self.bias is not None}"
         )
-
-
-def tau_of(layer: DynaDiagLinear) -> float:
-    """The current threshold ``tau`` of a ``threshold``-relaxed layer (diagnostics)."""
-    return threshold_tau(layer.alpha, layer.k, float(layer.temperature))

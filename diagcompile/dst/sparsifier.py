@@ -169,13 +169,18 @@ class DiagSparsifier:
         self._finalized = False
         self._armed = False
         self._updates = UpdateSchedule(config.update_every, config.update_end_step, config.drop_fraction)
+        # T reaches temperature_end on the last soft step (freeze_step - 1): the freeze then folds the alpha~
+        # that the last forward actually used at T_end.
         self._temperature = TemperatureSchedule(
-            config.temperature_schedule, config.temperature_start, config.temperature_end, config.freeze_step
+            config.temperature_schedule,
+            config.temperature_start,
+            config.temperature_end,
+            max(config.freeze_step - 1, 0),
         )
 
-        self._layers: list[_Layer] = []
-        for fqn, linear in self._select(model, filter_fn):
-            self._layers.append(self._convert(fqn, linear))
+        # Resolve every layer's k first: a layer that cannot reach its sparsity raises before anything changed.
+        plans = [(fqn, linear, *self._layer_k(fqn, linear)) for fqn, linear in self._select(model, filter_fn)]
+        self._layers: list[_Layer] = [self._convert(*plan) for plan in plans]
         if not self._layers:
             warnings.warn("DiagSparsifier: no nn.Linear was selected; nothing will be sparse", stacklevel=2)
         if config.method == "dynadiag":
@@ -261,12 +266,11 @@ class DiagSparsifier:
             return evenly_spaced_offsets(n_out, n_in, count, device=weight.device)
         return topk_offsets(weight, count)
 
-    def _convert(self, fqn: str, linear: nn.Linear) -> _Layer:
+    def _convert(self, fqn: str, linear: nn.Linear, k: int, mark_offsets: Tensor | None) -> _Layer:
         cfg = self.config
         W = linear.weight.detach()
         n_out, n_in = W.shape
         P, _ = diag_shape(n_out, n_in)
-        k, mark_offsets = self._layer_k(fqn, linear)
         if cfg.method == "diagheur":
             offsets = mark_offsets if mark_offsets is not None else self._initial_offsets(W, k)
             values = extract_diagonals(W, offsets)
@@ -470,7 +474,6 @@ class DiagSparsifier:
             layer.freeze_(fold=self.config.fold_at_freeze, keep_idx=keep)
             # alpha keeps a zero gradient (see DynaDiagLinear); with zero momentum no optimizer moves it.
             zero_state_(self.optimizer, layer.alpha)
-            layer.alpha.grad = None
         logger.info("step %d: dynadiag freeze: %d layers now train values only", self._step + 1, len(self._layers))
 
     # ------------------------------------------------------------------------------------------------
@@ -491,7 +494,8 @@ class DiagSparsifier:
     @torch.no_grad()
     def diagnostics(self) -> dict[str, dict[str, float]]:
         """Per layer (by fqn): ``k``, ``k_eff`` (candidates with ``alpha~ > active_eps``, the ones the forward
-        computes with), ``k_half`` (``alpha~ >= 1/2``), ``sum_alpha_tilde``, ``temperature``, ``candidates``
+        computes with), ``k_half`` (``alpha~ >= 1/2``), ``sum_alpha_tilde``, ``mass_outside_topk`` (the part of
+        ``sum_alpha_tilde`` outside the hard top-k: what a freeze now would drop), ``temperature``, ``candidates``
         (``C``), ``offsets_changed`` (hard top-k offsets changed by the most recent change; total in
         ``offsets_changed_total``), ``updates``, ``frozen`` (0/1), ``memory_bytes`` (parameters + optimizer
         state). DiagHeur layers are hard masks: ``k_eff = sum_alpha_tilde = k``, ``temperature = 0``, and
@@ -503,10 +507,12 @@ class DiagSparsifier:
             d: dict[str, float] = {"k": float(rec.k), "P": float(rec.P)}
             if isinstance(layer, DynaDiagLinear):
                 at = layer.alpha_tilde().detach().double()
+                top = at.index_select(0, layer.current_topk())
                 d.update(
                     k_eff=float((at > layer.active_eps).sum()),
                     k_half=float((at >= 0.5).sum()),
                     sum_alpha_tilde=float(at.sum()),
+                    mass_outside_topk=float(at.sum() - top.sum()),
                     temperature=0.0 if layer.frozen else float(layer.temperature),
                     candidates=float(layer.num_candidates),
                     frozen=float(layer.frozen),
@@ -516,6 +522,7 @@ class DiagSparsifier:
                     k_eff=float(rec.k),
                     k_half=float(rec.k),
                     sum_alpha_tilde=float(rec.k),
+                    mass_outside_topk=0.0,
                     temperature=0.0,
                     candidates=float(rec.k),
                     frozen=float(self._step >= self._updates.end),

@@ -1,0 +1,68 @@
+"""DSTConfig: defaults, validation with named errors, derived steps, dict round trip."""
+
+import dataclasses
+
+import pytest
+
+from diagcompile.dst import DSTConfig
+
+
+def test_defaults_are_the_papers_and_riGLs():
+    cfg = DSTConfig(total_steps=1000)
+    assert cfg.method == "dynadiag" and cfg.relaxation == "threshold" and cfg.pool is None
+    assert (cfg.update_every, cfg.drop_fraction, cfg.update_end) == (100, 0.3, 0.75)
+    assert cfg.freeze_step == 500
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sparsity = 0.5
+
+
+def test_freeze_at_fraction_vs_absolute_step():
+    assert DSTConfig(total_steps=1000, freeze_at=0.25).freeze_step == 250
+    assert DSTConfig(total_steps=1000, freeze_at=1).freeze_step == 1  # an int is a step, not a fraction
+    assert DSTConfig(total_steps=1000, freeze_at=1.0).freeze_step == 1000
+    assert DSTConfig(total_steps=1000, freeze_at=0).freeze_step == 0
+
+
+def test_update_end_step_depends_on_method():
+    assert DSTConfig(total_steps=1000, method="diagheur").update_end_step == 750
+    assert DSTConfig(total_steps=1000, method="dynadiag", freeze_at=0.4).update_end_step == 400
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"total_steps": 0}, ValueError, "total_steps"),
+        ({"total_steps": 10.0}, TypeError, "total_steps"),
+        ({"method": "rigl"}, ValueError, "method"),
+        ({"sparsity": 1.0}, ValueError, "sparsity"),
+        ({"sparsity": -0.1}, ValueError, "sparsity"),
+        ({"sparsity": True}, TypeError, "sparsity"),
+        ({"update_every": 0}, ValueError, "update_every"),
+        ({"drop_fraction": 1.5}, ValueError, "drop_fraction"),
+        ({"offset_init": "spiral"}, ValueError, "offset_init"),
+        ({"relaxation": "gumbel"}, ValueError, "relaxation"),
+        ({"temperature_schedule": "step"}, ValueError, "temperature_schedule"),
+        ({"temperature_start": 0.0}, ValueError, "temperature_start"),
+        ({"temperature_end": float("nan")}, ValueError, "temperature_end"),
+        ({"freeze_at": 1.5}, ValueError, "freeze_at"),
+        ({"freeze_at": 101}, ValueError, "freeze_at"),
+        ({"freeze_at": True}, TypeError, "freeze_at"),
+        ({"alpha_lr": -1.0}, ValueError, "alpha_lr"),
+        ({"active_eps": 0.5}, ValueError, "active_eps"),
+        ({"pool": 0.5}, ValueError, "pool"),
+        ({"rescale_init": 1}, TypeError, "rescale_init"),
+    ],
+)
+def test_validation_names_the_field(kwargs, exc, match):
+    kwargs = {"total_steps": 100, **kwargs}
+    with pytest.raises(exc, match=match):
+        DSTConfig(**kwargs)
+
+
+def test_dict_round_trip_is_plain_python():
+    cfg = DSTConfig(total_steps=77, method="diagheur", pool=2.0, freeze_at=5)
+    d = cfg.to_dict()
+    assert all(isinstance(v, (str, int, float, bool, type(None))) for v in d.values())
+    assert DSTConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        DSTConfig.from_dict({**d, "beta": 1})

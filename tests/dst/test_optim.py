@@ -1,0 +1,98 @@
+"""Optimizer surgery for Adam/AdamW and SGD with momentum."""
+
+import pytest
+import torch
+from torch import nn
+
+from diagcompile.dst.optim import (
+    add_alpha_group,
+    find_group,
+    remap_rows_,
+    remove_param_,
+    replace_param_,
+    transfer_rows_,
+    zero_state_,
+)
+
+
+def _stepped(opt_cls, **kw):
+    p = nn.Parameter(torch.randn(5, 3))
+    opt = opt_cls([p], lr=0.1, **kw)
+    for _ in range(2):
+        p.grad = torch.randn(5, 3)
+        opt.step()
+    return p, opt
+
+
+OPTIMIZERS = [
+    pytest.param(torch.optim.Adam, {}, ["exp_avg", "exp_avg_sq"], id="adam"),
+    pytest.param(torch.optim.AdamW, {"amsgrad": True}, ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], id="adamw-ams"),
+    pytest.param(torch.optim.SGD, {"momentum": 0.9}, ["momentum_buffer"], id="sgd-momentum"),
+]
+
+
+@pytest.mark.parametrize("opt_cls,kw,names", OPTIMIZERS)
+def test_remap_rows_moves_values_and_state_and_zeroes_new_rows(opt_cls, kw, names):
+    p, opt = _stepped(opt_cls, **kw)
+    before_p = p.detach().clone()
+    before = {n: opt.state[p][n].clone() for n in names}
+    step_before = opt.state[p].get("step")
+    step_before = step_before.clone() if isinstance(step_before, torch.Tensor) else step_before
+    src = torch.tensor([4, -1, 0, 2, -1])
+    remap_rows_(p, src, opt, fill=0.0)
+    for i, s in enumerate(src.tolist()):
+        if s >= 0:
+            assert torch.equal(p[i], before_p[s])
+            for n in names:
+                assert torch.equal(opt.state[p][n][i], before[n][s]), n
+        else:
+            assert torch.count_nonzero(p[i]) == 0
+            for n in names:
+                assert torch.count_nonzero(opt.state[p][n][i]) == 0, n
+    if step_before is not None:
+        assert torch.equal(torch.as_tensor(opt.state[p]["step"]), torch.as_tensor(step_before))
+
+
+def test_remap_rows_fill_tensor_and_no_state_and_bad_src():
+    p = nn.Parameter(torch.arange(4.0))
+    remap_rows_(p, torch.tensor([3, -1, 1, -1]), None, fill=7.5)
+    assert p.tolist() == [3.0, 7.5, 1.0, 7.5]
+    with pytest.raises(ValueError, match="src"):
+        remap_rows_(p, torch.tensor([0, 1]), None)
+
+
+def test_unsupported_state_shape_raises():
+    p = nn.Parameter(torch.randn(4, 2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p]["odd"] = torch.zeros(3)
+    with pytest.raises(NotImplementedError, match="odd"):
+        remap_rows_(p, torch.arange(4), opt)
+
+
+def test_replace_add_remove_transfer():
+    a, b = nn.Parameter(torch.randn(4, 2)), nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([{"params": [a], "weight_decay": 0.3}, {"params": [b]}], lr=1e-3)
+    new = nn.Parameter(torch.randn(6, 2))
+    replace_param_(opt, a, [new])
+    assert find_group(opt, new)["weight_decay"] == 0.3 and find_group(opt, a) is None
+    with pytest.raises(ValueError, match="not in any param group"):
+        replace_param_(opt, a, [new])
+    alpha = nn.Parameter(torch.randn(6))
+    add_alpha_group(opt, [alpha], lr=0.05)
+    g = find_group(opt, alpha)
+    assert g["lr"] == 0.05 and g["weight_decay"] == 0.0 and g["betas"] == opt.defaults["betas"]
+    add_alpha_group(opt, [], lr=0.05)  # an empty group is allowed (group count independent of the model)
+    assert len(opt.param_groups) == 4 and opt.param_groups[-1]["params"] == []
+    for p in (new, b, alpha):
+        p.grad = torch.randn_like(p)
+    opt.step()  # the empty group does not break stepping
+    zero_state_(opt, alpha)
+    assert torch.count_nonzero(opt.state[alpha]["exp_avg"]) == 0
+    compact = nn.Parameter(new.detach()[[1, 4]].clone())
+    old_state = {n: t.clone() for n, t in opt.state[new].items()}
+    transfer_rows_(opt, new, compact, torch.tensor([1, 4]))
+    assert find_group(opt, compact) is not None and new not in opt.state
+    assert torch.equal(opt.state[compact]["exp_avg"], old_state["exp_avg"][[1, 4]])
+    assert torch.equal(opt.state[compact]["step"], old_state["step"])
+    remove_param_(opt, alpha)
+    assert find_group(opt, alpha) is None and alpha not in opt.state

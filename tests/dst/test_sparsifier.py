@@ -1,0 +1,580 @@
+"""DiagSparsifier: conversion and optimizer rewiring, topology updates, freeze, state, finalize."""
+
+import io
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diagcompile import DiagLinear, mark_sparse
+from diagcompile.dst import DiagSparsifier, DSTConfig, DynaDiagLinear, memory_report
+from diagcompile.dst.optim import find_group
+from diagcompile.dst.relax import threshold_tau
+from diagcompile.functional import canonical_offsets
+from diagcompile.ops import extract_diagonals, k_from_sparsity
+from diagcompile.testing import dense_from_convention, not_head, tiny_mlp
+
+MODES = {
+    "diagheur": {"method": "diagheur"},
+    "dynadiag": {"method": "dynadiag"},
+    "dynadiag-pool": {"method": "dynadiag", "pool": 2.0},
+    "softmax-clamp": {"method": "dynadiag", "relaxation": "softmax_clamp"},
+}
+
+
+def _make(opt="adamw", seed=0, **cfg):
+    torch.manual_seed(seed)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    if opt == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cfg = {"total_steps": 40, "sparsity": 0.8, "update_every": 5, "alpha_lr": 0.05, **cfg}
+    sp = DiagSparsifier(model, optimizer, DSTConfig(**cfg), filter_fn=not_head)
+    return model, optimizer, sp
+
+
+def _batch(t: int, n: int = 16):
+    g = torch.Generator().manual_seed(1000 + t)
+    x = torch.randn(n, 16, generator=g)
+    return x, (x[:, :5] * 2).sin() + 0.1 * torch.randn(n, 5, generator=g)
+
+
+def _train(model, opt, sp, steps, start=0, check=None):
+    losses = []
+    for t in range(start, start + steps):
+        x, y = _batch(t)
+        loss = nn.functional.mse_loss(model(x), y) + sp.regularization_loss()
+        loss.backward()
+        opt.step()
+        sp.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        if check is not None:
+            check(t + 1)
+    return losses
+
+
+def _topology(sp):
+    out = {}
+    for fqn, m in sp.layers.items():
+        out[fqn] = (m.offsets if isinstance(m, DiagLinear) else m.kept_offsets()).clone()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversion
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_conversion_rewires_the_optimizer(mode):
+    torch.manual_seed(0)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    biases = {n: m.bias for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": 0.1},
+            {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+    )
+    sp = DiagSparsifier(model, opt, DSTConfig(total_steps=10, sparsity=0.8, **MODES[mode]), filter_fn=not_head)
+    expected_cls = DiagLinear if MODES[mode]["method"] == "diagheur" else DynaDiagLinear
+    assert set(sp.layers) == {"body.0", "body.2"} and isinstance(model.head, nn.Linear)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    for fqn, layer in sp.layers.items():
+        assert isinstance(layer, expected_cls)
+        assert id(weights[fqn]) not in in_opt, "the dense weight must leave the optimizer"
+        assert find_group(opt, layer.values)["weight_decay"] == 0.1, "values join the weight's group"
+        assert layer.bias is biases[fqn] and find_group(opt, layer.bias)["weight_decay"] == 0.0
+        k = k_from_sparsity(layer.out_features, layer.in_features, 0.8)
+        assert (layer.k if isinstance(layer, DiagLinear) else layer.k) == k
+    if expected_cls is DynaDiagLinear:
+        g = find_group(opt, model.body[0].alpha)
+        assert g is find_group(opt, model.body[2].alpha) and g["lr"] == 0.01 and g["weight_decay"] == 0.0
+    assert len(opt.param_groups) == (3 if expected_cls is DynaDiagLinear else 2)
+
+
+def test_conversion_errors_and_selection():
+    model = tiny_mlp()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="already has state"):
+        DiagSparsifier(model, opt, DSTConfig(total_steps=10))
+    with pytest.raises(ValueError, match="single nn.Linear"):
+        DiagSparsifier(nn.Linear(4, 4), None, DSTConfig(total_steps=10))
+    with pytest.raises(TypeError, match="DSTConfig"):
+        DiagSparsifier(tiny_mlp(), None, {"total_steps": 10})
+    tied = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match="tied"):
+        DiagSparsifier(tied, None, DSTConfig(total_steps=10))
+    bad = tiny_mlp(n_in=256, hidden=8, n_out=4)  # body.0 (P=256) can reach 99%, body.2 (8x8) cannot
+    with pytest.raises(ValueError, match="layer 'body.2'.*0.99"):
+        DiagSparsifier(bad, None, DSTConfig(total_steps=10, sparsity=0.99))
+    assert all(type(m) is nn.Linear for m in (bad.body[0], bad.body[2], bad.head)), "nothing converted on error"
+    # a weight outside the optimizer
+    m = tiny_mlp()
+    with pytest.raises(ValueError, match="not in any param group"):
+        DiagSparsifier(m, torch.optim.SGD(m.head.parameters(), lr=0.1), DSTConfig(total_steps=10))
+
+
+def test_marked_linears_win_and_mha_projections_are_skipped():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+            self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(self.attn(x, x, x)[0])))
+
+    net = Net()
+    assert DiagSparsifier(net, None, DSTConfig(total_steps=5, sparsity=0.5)).layers.keys() == {"a", "b", "c"}
+    net = Net()
+    mark_sparse(net.b, sparsity=0.75)
+    mark_sparse(net.c, offsets=[1, 6])
+    sp = DiagSparsifier(net, None, DSTConfig(total_steps=5, method="diagheur"))
+    assert set(sp.layers) == {"b", "c"} and isinstance(net.a, nn.Linear)
+    assert net.b.k == k_from_sparsity(8, 16, 0.75) and net.c.offsets.tolist() == [1, 6]
+    net(torch.randn(3, 2, 8))  # the attention block still works
+
+
+def test_rescaled_init_copies_the_dense_diagonals():
+    torch.manual_seed(0)
+    model = tiny_mlp()
+    w = model.body[0].weight.detach().clone()
+    sp = DiagSparsifier(model, None, DSTConfig(total_steps=5, method="diagheur", sparsity=0.75))
+    layer = sp.layers["body.0"]
+    assert torch.allclose(layer.values, extract_diagonals(w, layer.offsets) * math.sqrt(32 / layer.k))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Topology updates
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_k_constant_offsets_valid_and_shapes_fixed_after_every_step(mode):
+    model, opt, sp = _make(**MODES[mode])
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+
+    def check(t):
+        assert {n: p.shape for n, p in model.named_parameters()} == shapes
+        for layer in sp.layers.values():
+            kept = layer.offsets if isinstance(layer, DiagLinear) else layer.kept_offsets()
+            assert kept.numel() == layer.k
+            canonical_offsets(kept, layer.out_features, layer.in_features)  # raises if unsorted/dup/out of range
+            if isinstance(layer, DynaDiagLinear):
+                canonical_offsets(layer.candidate_offsets, layer.out_features, layer.in_features)
+
+    _train(model, opt, sp, 40, check=check)
+    d = sp.diagnostics()
+    if mode != "dynadiag" and mode != "softmax-clamp":
+        assert all(v["updates"] > 0 for v in d.values()), "no topology update happened"
+    assert all(v["offsets_changed_total"] > 0 for v in d.values()), "the topology never changed"
+
+
+@pytest.mark.parametrize("opt_kind", ["adamw", "sgd"])
+def test_diagheur_grows_by_the_batch_gradient_with_zero_values_and_state(opt_kind):
+    model, opt, sp = _make(opt=opt_kind, method="diagheur", update_every=3, drop_fraction=0.5)
+    _train(model, opt, sp, 2)
+    layer = sp.layers["body.2"]
+    # The dense weight gradient on the step-3 batch, computed independently of the probe hooks.
+    x, y = _batch(2)
+    dense = nn.Linear(32, 32)
+    with torch.no_grad():
+        dense.weight.copy_(layer.to_dense())
+        dense.bias.copy_(layer.bias)
+    nn.functional.mse_loss(model.head(model.body[3](dense(model.body[:2](x)))), y).backward()
+    scores = extract_diagonals(dense.weight.grad, torch.arange(32)).norm(dim=1)
+    opt.zero_grad()
+    old_offsets = layer.offsets.tolist()
+    _train(model, opt, sp, 1, start=2)  # step 3: forward, backward, optimizer.step(), the update
+    new_offsets = layer.offsets.tolist()
+    grown = set(new_offsets) - set(old_offsets)
+    assert 0 < len(grown) <= sp._updates.count_at(3, layer.k)
+    # every grown offset beats every candidate left outside, by the batch's dense gradient
+    outside = [p for p in range(32) if p not in set(new_offsets)]
+    assert min(scores[list(grown)]) >= max(scores[outside]) - 1e-6
+    state = opt.state[layer.values]
+    names = [n for n, t in state.items() if t.dim() == 2]
+    assert names, "no per-element optimizer state"
+    for i, off in enumerate(new_offsets):
+        if off in grown:
+            assert torch.count_nonzero(layer.values[i]) == 0
+            for name in names:
+                assert torch.count_nonzero(state[name][i]) == 0, name
+
+
+def test_diagheur_state_rows_follow_their_diagonal_exactly():
+    model, opt, sp = _make(method="diagheur", update_every=3, drop_fraction=0.5)
+    _train(model, opt, sp, 2)
+    x, y = _batch(2)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    layer = sp.layers["body.0"]
+    before = {
+        int(o): (layer.values[i].detach().clone(), opt.state[layer.values]["exp_avg"][i].clone())
+        for i, o in enumerate(layer.offsets)
+    }
+    sp.step()  # the update, right after the optimizer step: nothing else moves the rows
+    opt.zero_grad()
+    assert sp.diagnostics()["body.0"]["offsets_changed"] > 0
+    for i, o in enumerate(layer.offsets.tolist()):
+        if o in before:
+            assert torch.equal(layer.values[i], before[o][0])
+            assert torch.equal(opt.state[layer.values]["exp_avg"][i], before[o][1])
+        else:
+            assert torch.count_nonzero(layer.values[i]) == 0
+            assert torch.count_nonzero(opt.state[layer.values]["exp_avg"][i]) == 0
+            assert torch.count_nonzero(opt.state[layer.values]["exp_avg_sq"][i]) == 0
+
+
+def test_pool_refresh_newcomers_start_at_the_boundary_with_zero_state():
+    model, opt, sp = _make(method="dynadiag", pool=2.0, update_every=3, drop_fraction=0.6)
+    _train(model, opt, sp, 2)
+    x, y = _batch(2)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    layer = sp.layers["body.2"]
+    top_before = set(layer.kept_offsets().tolist())
+    tau = threshold_tau(layer.alpha, layer.k, float(layer.temperature))
+    old = {int(o): i for i, o in enumerate(layer.candidate_offsets)}
+    old_alpha = layer.alpha.detach().clone()
+    sp.step()
+    opt.zero_grad()
+    cand = layer.candidate_offsets.tolist()
+    assert len(cand) == len(set(cand)) == layer.num_candidates
+    assert top_before <= set(cand), "the current top-k never leaves the pool"
+    new = [i for i, o in enumerate(cand) if o not in old]
+    assert new, "no newcomer"
+    for i in new:
+        assert torch.count_nonzero(layer.values[i]) == 0
+        assert layer.alpha[i].item() == pytest.approx(tau, abs=1e-6)
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[layer.values][name][i].abs().sum() == 0
+            assert opt.state[layer.alpha][name][i] == 0
+    for i, o in enumerate(cand):
+        if o in old:
+            assert layer.alpha[i] == old_alpha[old[o]]
+
+
+def test_probes_are_captured_only_on_update_steps_and_accumulate():
+    model, opt, sp = _make(method="diagheur", update_every=4)
+    rec = sp._layers[0]
+    for t in range(3):
+        x, y = _batch(t)
+        nn.functional.mse_loss(model(x), y).backward()
+        assert rec.probe is None, "probe captured on a step without an update"
+        opt.step()
+        sp.step()
+        opt.zero_grad()
+    # step 4 updates: two micro-batches (gradient accumulation) sum into the probe
+    x, y = _batch(3, n=32)
+    nn.functional.mse_loss(model(x[:16]), y[:16]).div(2).backward()
+    first = rec.probe.clone()
+    nn.functional.mse_loss(model(x[16:]), y[16:]).div(2).backward()
+    with torch.no_grad():
+        model(x)  # no-grad forwards do not capture
+    assert not torch.equal(first, rec.probe)
+    layer = sp.layers["body.0"]
+    ref = nn.Linear(16, 32)
+    with torch.no_grad():
+        ref.weight.copy_(layer.to_dense())
+        ref.bias.copy_(layer.bias)
+    nn.functional.mse_loss(model.head(model.body[1:](ref(x))), y).backward()
+    full = extract_diagonals(ref.weight.grad, torch.arange(32))
+    assert torch.allclose(rec.probe, full, atol=1e-6)
+
+
+def test_missing_probe_warns_and_skips():
+    model, opt, sp = _make(method="diagheur", update_every=1)
+    before = sp.layers["body.0"].offsets.clone()
+    with pytest.warns(UserWarning, match="no probe gradient"):
+        sp.step()
+    assert torch.equal(sp.layers["body.0"].offsets, before)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Temperature and freeze
+# ----------------------------------------------------------------------------------------------------
+def test_temperature_follows_the_schedule_per_step():
+    model, opt, sp = _make(temperature_start=2.0, temperature_end=0.1, freeze_at=20, temperature_schedule="linear")
+    seen = []
+    _train(model, opt, sp, 19, check=lambda t: seen.append(float(sp.layers["body.0"].temperature)))
+    # linear from T_start at step 0 to T_end at step 19, the last soft step before the freeze at 20
+    assert seen == pytest.approx([2.0 + (0.1 - 2.0) * t / 19 for t in range(1, 20)])
+    assert seen[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("opt_kind", ["adamw", "sgd"])
+def test_freeze_is_continuous_and_then_alpha_stays_put(opt_kind):
+    # SGD moves alpha by lr * grad (Adam by ~lr): it needs a larger alpha_lr for the same separation.
+    model, opt, sp = _make(
+        opt=opt_kind, freeze_at=25, temperature_end=1e-4, alpha_lr=0.05 if opt_kind == "adamw" else 1.0
+    )
+    _train(model, opt, sp, 24)
+    x, y = _batch(24)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    probe = torch.randn(64, 16)
+    with torch.no_grad():
+        before = model(probe)
+    assert all(d["mass_outside_topk"] < 1e-6 for d in sp.diagnostics().values())
+    sp.step()  # step 25: the freeze
+    opt.zero_grad()
+    with torch.no_grad():
+        after = model(probe)
+    assert all(layer.frozen for layer in sp.layers.values())
+    assert torch.equal(after, before), f"max jump {float((after - before).abs().max())}"
+    alphas = [layer.alpha.detach().clone() for layer in sp.layers.values()]
+    values = [layer.values.detach().clone() for layer in sp.layers.values()]
+    _train(model, opt, sp, 10, start=25)
+    for a, layer in zip(alphas, sp.layers.values()):
+        assert torch.equal(layer.alpha, a), "alpha moved after the freeze"
+    assert any(not torch.equal(v, layer.values) for v, layer in zip(values, sp.layers.values()))
+    d = sp.diagnostics()
+    assert all(v["frozen"] == 1 and v["k_eff"] == v["k"] == v["sum_alpha_tilde"] for v in d.values())
+
+
+def test_paper_mode_freeze_jumps_and_fold_does_not():
+    # softmax_clamp at a low temperature has collapsed (sum alpha~ << k): the paper's hardening (alpha~ := 1
+    # on the top-k, V unchanged) changes the function a lot; folding alpha~ into V keeps it.
+    jumps = {}
+    for fold in (True, False):
+        model, opt, sp = _make(relaxation="softmax_clamp", freeze_at=30, temperature_end=0.01, fold_at_freeze=fold)
+        _train(model, opt, sp, 29)
+        x, y = _batch(29)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        assert max(d["sum_alpha_tilde"] / d["k"] for d in sp.diagnostics().values()) < 0.9  # collapsed
+        probe = torch.randn(64, 16)
+        with torch.no_grad():
+            before = model(probe)
+        sp.step()  # the freeze
+        with torch.no_grad():
+            jumps[fold] = float((model(probe) - before).norm() / before.norm())
+    assert jumps[False] > 10 * jumps[True] and jumps[False] > 0.05, jumps
+
+
+def test_freeze_at_zero_is_a_static_topk():
+    model, opt, sp = _make(freeze_at=0)
+    assert all(layer.frozen for layer in sp.layers.values())
+    top = _topology(sp)
+    _train(model, opt, sp, 10)
+    assert all(torch.equal(top[f], o) for f, o in _topology(sp).items())
+
+
+def test_regularization_loss():
+    model, opt, sp = _make(alpha_l1=0.5, freeze_at=3)
+    expected = 0.5 * sum(layer.alpha.abs().sum() for layer in sp.layers.values())
+    assert torch.allclose(sp.regularization_loss(), expected)
+    sp.regularization_loss().backward()
+    assert sp.layers["body.0"].alpha.grad is not None
+    opt.zero_grad()
+    _train(model, opt, sp, 3)
+    assert sp.regularization_loss().item() == 0.0  # frozen: the term is gone
+    _, _, off = _make()
+    assert off.regularization_loss().item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Diagnostics, state, finalize
+# ----------------------------------------------------------------------------------------------------
+def test_diagnostics_and_log(caplog):
+    model, opt, sp = _make(freeze_at=20)
+    _train(model, opt, sp, 5)
+    d = sp.diagnostics()
+    keys = {
+        "k",
+        "k_eff",
+        "k_half",
+        "sum_alpha_tilde",
+        "mass_outside_topk",
+        "temperature",
+        "offsets_changed",
+        "offsets_changed_total",
+        "frozen",
+        "memory_bytes",
+        "candidates",
+        "updates",
+        "P",
+    }
+    assert set(d) == {"body.0", "body.2"} and all(set(v) == keys for v in d.values())
+    assert all(isinstance(x, float) for v in d.values() for x in v.values())
+    assert d["body.0"]["sum_alpha_tilde"] == pytest.approx(d["body.0"]["k"], rel=1e-5)
+    assert d["body.0"]["memory_bytes"] == memory_report(model, opt)["body.0"]["total"]
+    with caplog.at_level(logging.INFO, logger="diagcompile.dst"):
+        sp.log()
+    assert sum("k_eff=" in r.getMessage() for r in caplog.records) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_round_trip_weights_only(mode):
+    model, opt, sp = _make(**MODES[mode])
+    _train(model, opt, sp, 13)
+    buf = io.BytesIO()
+    torch.save(sp.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    _, _, fresh = _make(seed=1, **MODES[mode])
+    fresh.load_state_dict(state)
+    assert fresh.step_count == 13
+    a, b = sp.state_dict(), fresh.state_dict()
+    assert a["config"] == b["config"] and a["step"] == b["step"]
+    for fqn in a["layers"]:
+        for key, v in a["layers"][fqn].items():
+            assert torch.equal(v, b["layers"][fqn][key]) if isinstance(v, torch.Tensor) else v == b["layers"][fqn][key]
+
+
+def test_load_state_dict_rejects_a_different_run():
+    _, _, sp = _make()
+    _, _, other = _make(sparsity=0.5)
+    with pytest.raises(ValueError, match="sparsity"):
+        other.load_state_dict(sp.state_dict())
+    bad = sp.state_dict()
+    bad["layers"].pop("body.0")
+    with pytest.raises(ValueError, match="layers differ"):
+        sp.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("split", [17, 23], ids=["before-freeze", "after-freeze"])
+@pytest.mark.parametrize("mode", MODES)
+def test_resume_is_bit_identical(mode, split):
+    cfg = {**MODES[mode], "freeze_at": 20}
+    model, opt, sp = _make(**cfg)
+    losses = _train(model, opt, sp, 30)
+    reference = {n: t.clone() for n, t in model.state_dict().items()}
+
+    model, opt, sp = _make(**cfg)
+    first = _train(model, opt, sp, split)  # 17: after a topology update, before the freeze; 23: after it
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "dst": sp.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    model, opt, sp = _make(seed=123, **cfg)  # a different init: everything must come from the checkpoint
+    sp.load_state_dict(ckpt["dst"])
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    second = _train(model, opt, sp, 30 - split, start=split)
+    assert first + second == losses
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, reference[n]), n
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_finalize_gives_compact_diaglinears_with_the_same_outputs(mode):
+    model, opt, sp = _make(**MODES[mode], freeze_at=12)
+    _train(model, opt, sp, 15)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        before = model(x)
+    out = sp.finalize()
+    assert out is model
+    for fqn in ("body.0", "body.2"):
+        layer = model.get_submodule(fqn)
+        assert type(layer) is DiagLinear
+        assert layer.values.shape == (layer.k, 32 if fqn == "body.2" else 16)
+        canonical_offsets(layer.offsets, layer.out_features, layer.in_features)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-6, rtol=1e-5)
+    # the optimizer follows: it can keep training the compact model
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in in_opt for p in model.parameters())
+    x, y = _batch(99)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="finalize"):
+        sp.step()
+
+
+def test_pool_holds_less_memory_than_faithful():
+    reports = {}
+    for name, pool in (("faithful", None), ("pool", 2.0)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 256))
+        opt = torch.optim.AdamW(model.parameters())
+        DiagSparsifier(model, opt, DSTConfig(total_steps=5, sparsity=0.9, pool=pool))
+        model(torch.randn(4, 256)).sum().backward()
+        opt.step()
+        reports[name] = memory_report(model, opt)["0"]
+    k, P, D = k_from_sparsity(256, 256, 0.9), 256, 256
+    C = math.ceil(2.0 * k)
+    # values + alpha + bias, each with AdamW's two moments (+ a scalar step per parameter)
+    assert reports["faithful"]["params"] == 4 * (P * D + P + 256)
+    assert reports["pool"]["params"] == 4 * (C * D + C + 256)
+    assert reports["pool"]["optimizer_state"] == 2 * reports["pool"]["params"] + 3 * 4
+    assert reports["pool"]["total"] < 0.25 * reports["faithful"]["total"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiagHeur end to end against an independent dense-masked implementation
+# ----------------------------------------------------------------------------------------------------
+def _diagonal_mask(offsets, n_out, n_in):
+    return dense_from_convention(torch.ones(len(offsets), min(n_out, n_in)), offsets, n_out, n_in).bool()
+
+
+def test_diagheur_matches_a_dense_masked_rigl_reference():
+    """RigL on whole diagonals written densely (masked weights, plain AdamW, masks and Adam moments edited by
+    hand) must follow the same loss curve and topology as DiagSparsifier's compact diagonal implementation."""
+    steps, every, frac = 30, 5, 0.5
+    model, opt, sp = _make(method="diagheur", update_every=every, drop_fraction=frac, total_steps=steps)
+    names = ["body.0", "body.2"]
+    # the reference starts from the sparsifier's initial state
+    ref_w, ref_b, offsets, masks = {}, {}, {}, {}
+    for n in names:
+        layer = sp.layers[n]
+        ref_w[n] = nn.Parameter(layer.to_dense().detach().clone())
+        ref_b[n] = nn.Parameter(layer.bias.detach().clone())
+        offsets[n] = layer.offsets.tolist()
+        masks[n] = _diagonal_mask(offsets[n], layer.out_features, layer.in_features)
+    head_w = nn.Parameter(model.head.weight.detach().clone())
+    head_b = nn.Parameter(model.head.bias.detach().clone())
+    ref_opt = torch.optim.AdamW([*ref_w.values(), *ref_b.values(), head_w, head_b], lr=1e-2, weight_decay=0.1)
+
+    losses, ref_losses = [], []
+    for t in range(steps):
+        losses += _train(model, opt, sp, 1, start=t)  # the two runs advance in lockstep
+        x, y = _batch(t)
+        eff = {}
+        h = x
+        for n in names:
+            eff[n] = ref_w[n] * masks[n]
+            eff[n].retain_grad()
+            h = torch.relu(nn.functional.linear(h, eff[n], ref_b[n]))
+        loss = nn.functional.mse_loss(nn.functional.linear(h, head_w, head_b), y)
+        loss.backward()
+        ref_opt.step()
+        step = t + 1
+        if step % every == 0 and step < int(round(0.75 * steps)):
+            f = frac / 2 * (1 + math.cos(math.pi * step / round(0.75 * steps)))
+            for n in names:
+                W = ref_w[n]
+                n_out, n_in = W.shape
+                P, k = max(n_out, n_in), len(offsets[n])
+                drop = math.floor(f * k)
+                if drop == 0:
+                    continue
+                norms = {p: float(W.detach()[_diagonal_mask([p], n_out, n_in)].norm()) for p in offsets[n]}
+                scores = {p: float(eff[n].grad[_diagonal_mask([p], n_out, n_in)].norm()) for p in range(P)}
+                kept = sorted(offsets[n], key=lambda p: (norms[p], p))[drop:]  # weakest first; ties: lower
+                grow = sorted((p for p in range(P) if p not in kept), key=lambda p: (-scores[p], p))[:drop]
+                new = sorted(kept + grow)
+                fresh = _diagonal_mask([p for p in new if p not in offsets[n]], n_out, n_in)
+                gone = _diagonal_mask([p for p in offsets[n] if p not in new], n_out, n_in)
+                with torch.no_grad():
+                    W[fresh | gone] = 0.0
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        ref_opt.state[W][key][fresh | gone] = 0.0
+                offsets[n], masks[n] = new, _diagonal_mask(new, n_out, n_in)
+        ref_opt.zero_grad()
+        ref_losses.append(loss.item())
+        for n in names:
+            assert sp.layers[n].offsets.tolist() == offsets[n], f"step {step}, {n}: topology differs"
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert sp.diagnostics()["body.0"]["offsets_changed_total"] > 0
+    for n in names:
+        assert torch.allclose(sp.layers[n].to_dense(), ref_w[n] * masks[n], atol=1e-5)
