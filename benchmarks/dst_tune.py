@@ -24,6 +24,7 @@ from diagcompile.sweep import SweepConfig, aggregate, run_sweep
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Each DST variant gets the same five configurations of its own knobs (the first is DSTConfig's default).
+# A "_train" entry holds TrainConfig overrides (for dense, every entry is one).
 _DYNADIAG_GRID = {
     "default": {},
     "t0.1": {"temperature_start": 0.1},
@@ -42,7 +43,7 @@ _DIAGHEUR_GRID = {
 # The shared training recipe (lr) checked on the dense model; every method then uses the chosen one.
 _DENSE_GRID = {"default": {}, "lr1e-3": {"lr": 1e-3}, "lr4e-3": {"lr": 4e-3}}
 
-ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
+DIGITS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
     # Round 1: one seed, every configuration.
     1: {
         "dense": _DENSE_GRID,
@@ -59,17 +60,40 @@ ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
         "dynadiag-softmax": {k: _DYNADIAG_GRID[k] for k in ("default", "t0.1", "t0.02")},
         "diagheur": {k: _DIAGHEUR_GRID[k] for k in ("default", "dt50", "drop0.1")},
     },
+    # Round 3: dense preferred lr 1e-3 in round 2, so every DST method's round-2 winner also gets lr 1e-3
+    # (each method then uses the better of its two learning rates).
+    3: {
+        "dynadiag": {"t0.1_lr1e-3": {"temperature_start": 0.1, "_train": {"lr": 1e-3}}},
+        "dynadiag-softmax": {
+            "t0.02_lr1e-3": {"temperature_start": 0.02, "temperature_end": 0.002, "_train": {"lr": 1e-3}}
+        },
+        "diagheur": {"dt50_lr1e-3": {"update_every": 50, "_train": {"lr": 1e-3}}},
+    },
 }
+
+# chars-gpt runs take minutes each on the shared CPU: only the shared learning rate is checked (on dense);
+# the DST methods use their digits-tuned settings (schedules are fractions of the run, so they transfer).
+CHARS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
+    1: {"dense": {"default": {}, "lr1e-3": {"lr": 1e-3}, "lr4e-3": {"lr": 4e-3}}},
+}
+
+ROUNDS = {"digits-vit": DIGITS_ROUNDS, "chars-gpt": CHARS_ROUNDS}
 
 
 def build(task: str, rnd: int, out: str, seeds: tuple[int, ...], extra_train: dict) -> SweepConfig:
     methods, variant_dst, variant_train = [], {}, {}
-    for variant, grid in ROUNDS[rnd].items():
+    for variant, grid in ROUNDS[task][rnd].items():
         for label, overrides in grid.items():
             name = f"{variant}@{label}"
             methods.append(name)
+            overrides = dict(overrides)
+            train_over = overrides.pop("_train", {})
+            if variant == "dense":
+                train_over, overrides = {**train_over, **overrides}, {}
             if overrides:
-                (variant_train if variant == "dense" else variant_dst)[name] = overrides
+                variant_dst[name] = overrides
+            if train_over:
+                variant_train[name] = train_over
     return SweepConfig(
         task=task,
         out=out,
@@ -87,7 +111,7 @@ def build(task: str, rnd: int, out: str, seeds: tuple[int, ...], extra_train: di
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="digits-vit", choices=("digits-vit", "chars-gpt"))
-    p.add_argument("--round", type=int, default=1, choices=sorted(ROUNDS))
+    p.add_argument("--round", type=int, default=1, choices=sorted(DIGITS_ROUNDS))
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (runs already done are reused)")
     p.add_argument("--out", default="/tmp/dst-tune")
     p.add_argument("--aggregate-only", action="store_true")

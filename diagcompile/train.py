@@ -122,7 +122,7 @@ class TrainConfig:
         device: torch device string.
         batch_size, lr, weight_decay: AdamW hyper-parameters (peak lr; no decay on biases/norms/embeddings).
         warmup_frac: fraction of the steps with linear warm-up; then cosine to ``min_lr_frac * lr``.
-        grad_clip: max global gradient norm (``0`` disables).
+        grad_clip: max global gradient norm of the weights (``0`` disables; DynaDiag's ``alpha`` is not clipped).
         eval_every: evaluate every this many steps (default: once per epoch for digits) and at the end.
         ckpt_every: checkpoint every this many steps (default: ``eval_every``) and at the end; needs ``out``.
         eval_blocks / final_eval_blocks: chars only, how many evaluation blocks during / at the end of training.
@@ -401,6 +401,17 @@ def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
+def _clipped_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters whose global gradient norm is clipped: all but DynaDiag's importances ``alpha``.
+
+    ``d alpha~ / d alpha`` scales with ``1 / T``; at the low temperatures of the end of the soft phase the
+    ``alpha`` gradients would dominate the global norm, and clipping it would shrink every weight's update.
+    ``alpha`` has its own param group (tagged ``diagcompile_alpha`` by the sparsifier) and Adam normalises its
+    step anyway.
+    """
+    return [p for g in optimizer.param_groups if not g.get("diagcompile_alpha") for p in g["params"]]
+
+
 def _make_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int):
     from diagcompile.dst import DiagSparsifier, DSTConfig
 
@@ -410,8 +421,8 @@ def _make_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
     if cfg.pool is not None:
         kwargs["pool"] = cfg.pool
     kwargs.update(dict(cfg.dst))
-    if "seed" in {f.name for f in dataclasses.fields(DSTConfig)} and "seed" not in kwargs:
-        kwargs["seed"] = cfg.seed
+    # The sparsifier draws its random choices (initial offsets, alpha noise) from torch's global RNG, which
+    # train() seeds with cfg.seed before building the model.
     return DiagSparsifier(model, optimizer, DSTConfig(**kwargs), filter_fn=sparse_filter)
 
 
@@ -442,7 +453,7 @@ def _evaluate(cfg: TrainConfig, model: nn.Module, ds: Any, device: torch.device,
             return {"acc": acc, "loss": loss}
         from diagcompile.data import eval_blocks
 
-        block = model.config.block_size if hasattr(model, "config") else cfg.model_config().block_size
+        block = cfg.model_config().block_size
         n = cfg.get("final_eval_blocks" if final else "eval_blocks")
         xs, ys = eval_blocks(ds.eval, block, n)
         total, count = 0.0, 0
@@ -750,7 +761,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
             full = loss + sparsifier.regularization_loss() if sparsifier is not None else loss
             full.backward()
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(_clipped_params(optimizer), cfg.grad_clip)
             optimizer.step()
             if sparsifier is not None:
                 sparsifier.step()
@@ -818,11 +829,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
     if sparsifier is not None:
         diag = sparsifier.diagnostics()
         dst_info = {
-            "config": _plain_diagnostics(
-                {k: v for k, v in dataclasses.asdict(sparsifier.config).items()}
-                if hasattr(sparsifier, "config") and dataclasses.is_dataclass(sparsifier.config)
-                else {}
-            ),
+            "config": sparsifier.config.to_dict(),
             "diagnostics": _plain_diagnostics(diag),
             "summary": _dst_summary(diag),
             "history": history["dst"],
