@@ -171,6 +171,18 @@ def _run_one(args: tuple[str, dict, str, int | None]) -> tuple[str, float, dict]
     return name, dt, {m["metric"]: m["final"][m["metric"]]}
 
 
+def _check_same_config(path: Path, tc: TrainConfig) -> None:
+    """A finished run is reused only if it was trained with the configuration the grid asks for now."""
+    saved = json.loads(path.read_text()).get("config", {})
+    now = tc.to_dict()
+    diff = sorted(
+        k for k in set(now) | set(saved) if k not in TrainConfig.RUNTIME_FIELDS and saved.get(k) != now.get(k)
+    )
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} there vs {now.get(k)!r} now" for k in diff)
+        raise ValueError(f"{path} was trained with another configuration ({detail}); delete it or use another out")
+
+
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Run the missing runs of the grid, then :func:`aggregate`; returns ``{"ran": n, "skipped": n, "files": ...}``."""
     out = Path(cfg.out)
@@ -179,6 +191,10 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     plan = plan_runs(cfg)
     todo = [(n, tc) for n, tc in plan if not (runs_dir / f"{n}.json").exists()]
     skipped = len(plan) - len(todo)
+    for n, tc in plan:
+        p = runs_dir / f"{n}.json"
+        if p.exists():
+            _check_same_config(p, tc)
     threads = cfg.threads
     if threads is None and cfg.jobs > 1:
         threads = max(1, (os.cpu_count() or 1) // cfg.jobs)

@@ -1,6 +1,7 @@
 """Sweeps: variant names, the run grid, skipping finished runs, aggregation (mean ± std), the plot, the CLI."""
 
 import csv
+import dataclasses
 import json
 import statistics
 
@@ -133,6 +134,10 @@ def test_run_sweep_aggregates_and_skips_finished_runs(tmp_path, monkeypatch):
     monkeypatch.undo()
     (tmp_path / "runs" / f"{run_name('digits-vit', 'diagheur', 0.9, 1)}.json").unlink()
     assert run_sweep(cfg)["ran"] == 1
+    # Finished runs of another configuration are not silently reused.
+    changed = dataclasses.replace(cfg, train={**TINY, "dst": {"update_every": 3}})
+    with pytest.raises(ValueError, match="another configuration.*dst"):
+        run_sweep(changed)
 
 
 def _fake_run(variant: str, sparsity: float, seed: int, acc: float) -> dict:
