@@ -103,6 +103,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", type=_pool, help="dynadiag candidate pool c (c*k candidates) or 'faithful' (all P)")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: --eval-every)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel CPU workers (torch.distributed gloo)")
+    p.add_argument("--offsets-from", help="model.pt of an earlier run: start from its diagonals (diagheur)")
     _run_options(p)
 
 
@@ -139,6 +140,8 @@ def _train(args: argparse.Namespace) -> int:
         kw["ckpt_every"] = args.ckpt_every
     if args.nproc != 1:
         kw["nproc"] = args.nproc
+    if args.offsets_from:
+        kw["offsets_from"] = args.offsets_from
     cfg = TrainConfig(
         task=args.task,
         method=args.method,

@@ -276,7 +276,9 @@ def _run_row(m: dict) -> dict[str, Any]:
         "train_state_bytes_peak": m["memory"]["train_state_bytes_peak"],
         "dst_memory_bytes_peak": dst.get("max_memory_bytes"),
         "sparse_layer_density": m["params"]["sparse_layer_density"],
-        "offsets_changed_total": (dst.get("summary") or {}).get("offsets_changed_total"),
+        "offsets_changed_total": sum(d.get("offsets_changed_total", 0) for d in (dst.get("diagnostics") or {}).values())
+        if dst
+        else None,
     }
 
 

@@ -131,6 +131,9 @@ class TrainConfig:
         model: overrides of the task's model config fields (``ViTConfig`` / ``GPTConfig``).
         out: output folder (``None``: nothing is written). resume: continue from ``out/checkpoint.pt``.
         quiet: no progress bar. stop_after: stop (with a checkpoint) after this many steps, as an interruption would.
+        offsets_from: a ``model.pt`` of a previous run: its diagonal layers' offsets become the initial offsets
+            (``mark_sparse``) of the same layers here (diagheur; with ``dst={"update_end": 0.0}`` they stay fixed:
+            retraining a found topology from scratch).
         nproc: data-parallel CPU workers (``torch.distributed`` gloo + ``DistributedDataParallel``); each takes
             ``batch_size / nproc`` of every global batch, so the run matches the single-process one up to
             floating-point summation order.
@@ -163,6 +166,7 @@ class TrainConfig:
     quiet: bool = False
     stop_after: int | None = None
     nproc: int = 1
+    offsets_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -199,8 +203,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.batch_size={self.get('batch_size')} must be divisible by nproc={self.nproc}")
         if self.resume and self.out is None:
             raise ValueError("TrainConfig.resume needs out= (the folder holding checkpoint.pt)")
-        if self.method == "dense" and (self.relaxation is not None or self.pool is not None or self.dst):
-            raise ValueError("TrainConfig: relaxation/pool/dst options apply to DST methods, not 'dense'")
+        if self.method == "dense" and (
+            self.relaxation is not None or self.pool is not None or self.dst or self.offsets_from is not None
+        ):
+            raise ValueError("TrainConfig: relaxation/pool/dst/offsets_from apply to DST methods, not 'dense'")
         # Model overrides are validated by building the config now (a typo should fail before training).
         self.model_config()
 
@@ -412,6 +418,23 @@ def _clipped_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for g in optimizer.param_groups if not g.get("diagcompile_alpha") for p in g["params"]]
 
 
+def _mark_offsets_from(model: nn.Module, path: str) -> None:
+    """Mark each linear of ``model`` that is a ``DiagLinear`` in the saved model ``path`` with its offsets."""
+    from diagcompile.marking import mark_sparse
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != _MODEL_FORMAT:
+        raise ValueError(f"offsets_from={path!r} is not a diagcompile model file")
+    if not blob["diag_layers"]:
+        raise ValueError(f"offsets_from={path!r} has no diagonal layers (a dense run?)")
+    for fqn in blob["diag_layers"]:
+        try:
+            layer = model.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"offsets_from: layer {fqn!r} of {path} does not exist in this model") from None
+        mark_sparse(layer, offsets=blob["state_dict"][f"{fqn}.offsets"])
+
+
 def _make_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int):
     from diagcompile.dst import DiagSparsifier, DSTConfig
 
@@ -502,7 +525,7 @@ def _dst_summary(diag: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
     out: dict[str, Any] = {"layers": len(diag)}
-    for key in ("k", "k_eff", "sum_alpha_tilde", "offsets_changed", "memory_bytes"):
+    for key in ("k", "k_eff", "sum_alpha_tilde", "offsets_changed", "offsets_changed_total", "updates", "memory_bytes"):
         vals = [num(d.get(key)) for d in diag.values()]
         vals = [v for v in vals if v is not None]
         if vals:
@@ -683,6 +706,8 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
     model = build_model(mcfg).to(device)
     dense_params = _count_params(model)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.get("weight_decay")), lr=cfg.get("lr"), betas=(0.9, 0.95))
+    if cfg.offsets_from is not None:
+        _mark_offsets_from(model, cfg.offsets_from)
     sparsifier = _make_sparsifier(cfg, model, optimizer, total) if cfg.method != "dense" else None
     train_params_start = _count_params(model)
 

@@ -323,3 +323,18 @@ def test_ddp_two_workers_match_one_process(tmp_path):
         assert ca["train_loss"] == pytest.approx(cb["train_loss"], rel=1e-5)
     with pytest.raises(ValueError, match="divisible by nproc"):
         train(_quick(batch_size=15, nproc=2))
+
+
+def test_offsets_from_retrains_a_found_topology(tmp_path):
+    train(_quick(out=str(tmp_path / "found"), method="dynadiag", pool=2.0, sparsity=0.8))
+    found = torch.load(tmp_path / "found" / MODEL_NAME, weights_only=True)["state_dict"]
+    kw = dict(method="diagheur", dst={"update_end": 0.0}, offsets_from=str(tmp_path / "found" / MODEL_NAME))
+    m = train(_quick(out=str(tmp_path / "again"), **kw))
+    again = torch.load(tmp_path / "again" / MODEL_NAME, weights_only=True)["state_dict"]
+    offs = [k for k in found if k.endswith(".offsets")]
+    assert len(offs) == 4 and all(torch.equal(found[k], again[k]) for k in offs)  # static: the same diagonals
+    assert m["dst"]["summary"]["offsets_changed_total"] == 0
+    with pytest.raises(ValueError, match="not a diagcompile model file"):
+        train(_quick(method="diagheur", offsets_from=str(tmp_path / "found" / CHECKPOINT_NAME)))
+    with pytest.raises(ValueError, match="not 'dense'"):
+        _quick(offsets_from=str(tmp_path / "found" / MODEL_NAME))
