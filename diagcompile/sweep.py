@@ -339,7 +339,8 @@ def aggregate(cfg: SweepConfig) -> dict[str, str]:
     _write_csv(out / f"{cfg.name}.csv", agg)
     files = {"runs_csv": str(out / f"{cfg.name}_runs.csv"), "csv": str(out / f"{cfg.name}.csv")}
     files["md"] = str(_write_markdown(cfg, runs, agg, metric, higher))
-    files["png"] = str(plot(agg, metric, higher, out / f"{cfg.name}.png", title=f"{cfg.task}"))
+    title = f"{cfg.task}: mean ± std over {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}"
+    files["png"] = str(plot(agg, metric, higher, out / f"{cfg.name}.png", title=title))
     return files
 
 
@@ -376,13 +377,19 @@ def _write_markdown(cfg: SweepConfig, runs: list[dict], agg: list[dict], metric:
     lines += [f"- **{k}**: {v}" for k, v in env.items()]
     lines += [f"- **data**: `{json.dumps(r0['data'])}`"]
     lines += [f"- **model**: `{json.dumps(r0['model_config'])}`"]
-    lines += [f"- **training** (every method): `{json.dumps(r0['resolved'])}`"]
+    resolved: dict[str, dict] = {}
+    for m in runs:
+        resolved.setdefault(m["variant"], m["resolved"])
+    common = {k: v for k, v in r0["resolved"].items() if all(r.get(k) == v for r in resolved.values())}
+    lines += [f"- **training** (every method): `{json.dumps(common)}`"]
+    for v, r in resolved.items():
+        own = {k: x for k, x in r.items() if k not in common}
+        if own:
+            lines += [f"- **{v}** training: `{json.dumps(own)}`"]
     dst_cfgs: dict[str, dict] = {}
     for m in runs:
         if m.get("dst") and m["variant"] not in dst_cfgs:
-            c = dict(m["dst"].get("config") or {})
-            c.pop("sparsity", None)
-            dst_cfgs[m["variant"]] = c
+            dst_cfgs[m["variant"]] = _relevant_dst_fields(dict(m["dst"].get("config") or {}))
     for v, c in dst_cfgs.items():
         lines += [f"- **{v}** DSTConfig: `{json.dumps(c)}`"]
     lines += [
@@ -393,6 +400,31 @@ def _write_markdown(cfg: SweepConfig, runs: list[dict], agg: list[dict], metric:
     path = Path(cfg.out) / f"{cfg.name}.md"
     atomic_write_text("\n".join(lines) + "\n", path)
     return path
+
+
+_DYNADIAG_ONLY = (
+    "relaxation",
+    "temperature_schedule",
+    "temperature_start",
+    "temperature_end",
+    "freeze_at",
+    "fold_at_freeze",
+    "alpha_lr",
+    "alpha_l1",
+    "alpha_init",
+    "alpha_init_noise",
+    "active_eps",
+    "pool",
+)
+
+
+def _relevant_dst_fields(c: dict) -> dict:
+    """The DSTConfig fields the method reads (the per-run sparsity is in the table)."""
+    c.pop("sparsity", None)
+    if c.get("method") == "diagheur":
+        return {k: v for k, v in c.items() if k not in _DYNADIAG_ONLY}
+    drop = ("update_end",) if c.get("pool") is not None else ("update_end", "update_every", "drop_fraction")
+    return {k: v for k, v in c.items() if k not in drop}
 
 
 def _cell(a: dict, metric: str) -> str:
