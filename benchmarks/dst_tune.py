@@ -1,0 +1,136 @@
+"""Hyper-parameter tuning for the DST results, on the *tune* split (a held-out part of the training data).
+
+The test set (digits) and the validation text (chars) are never used to choose anything here. Every method
+gets the same training budget (epochs / steps, batch, lr, weight decay: the task defaults, which were set on
+the dense model) and the same number of configurations of its own hyper-parameters. The winners go into
+``benchmarks/dst_sweep.sh``.
+
+    nice -n 10 python benchmarks/dst_tune.py --task digits-vit --round 1 --out /tmp/dst-tune
+    nice -n 10 python benchmarks/dst_tune.py --task digits-vit --round 1 --out /tmp/dst-tune --aggregate-only
+
+Writes ``benchmarks/results/dst_tuning_<task>_r<round>.{md,csv,png}`` (per-run rows in ``..._runs.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from diagcompile.sweep import SweepConfig, aggregate, run_sweep
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Each DST variant gets the same five configurations of its own knobs (the first is DSTConfig's default).
+# A "_train" entry holds TrainConfig overrides (for dense, every entry is one).
+_DYNADIAG_GRID = {
+    "default": {},
+    "t0.1": {"temperature_start": 0.1},
+    "t0.02": {"temperature_start": 0.02, "temperature_end": 0.002},
+    "a0.05": {"alpha_lr": 0.05},
+    "f0.25": {"freeze_at": 0.25},
+}
+_DIAGHEUR_GRID = {
+    "default": {},
+    "dt50": {"update_every": 50},
+    "drop0.1": {"drop_fraction": 0.1},
+    "drop0.5": {"drop_fraction": 0.5},
+    "end0.5": {"update_end": 0.5},
+}
+
+# The shared training recipe (lr) checked on the dense model; every method then uses the chosen one.
+_DENSE_GRID = {"default": {}, "lr1e-3": {"lr": 1e-3}, "lr4e-3": {"lr": 4e-3}}
+
+DIGITS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
+    # Round 1: one seed, every configuration.
+    1: {
+        "dense": _DENSE_GRID,
+        "dynadiag": _DYNADIAG_GRID,
+        "dynadiag-softmax": _DYNADIAG_GRID,
+        "diagheur": _DIAGHEUR_GRID,
+    },
+    # Round 2: the default and the two best of round 1 per method, on three seeds (round 1's seed 0 is reused),
+    # plus a diagnostic: dynadiag frozen at step 0 (= the static top-k of the initial, noise-only alpha: a
+    # random set of diagonals trained for the whole run).
+    2: {
+        "dense": {"default": {}, "lr1e-3": {"lr": 1e-3}},
+        "dynadiag": {k: _DYNADIAG_GRID[k] for k in ("default", "t0.1", "t0.02")} | {"f0": {"freeze_at": 0.0}},
+        "dynadiag-softmax": {k: _DYNADIAG_GRID[k] for k in ("default", "t0.1", "t0.02")},
+        "diagheur": {k: _DIAGHEUR_GRID[k] for k in ("default", "dt50", "drop0.1")},
+    },
+    # Round 3: dense preferred lr 1e-3 in round 2, so every DST method's round-2 winner also gets lr 1e-3
+    # (each method then uses the better of its two learning rates).
+    3: {
+        "dynadiag": {"t0.1_lr1e-3": {"temperature_start": 0.1, "_train": {"lr": 1e-3}}},
+        "dynadiag-softmax": {
+            "t0.02_lr1e-3": {"temperature_start": 0.02, "temperature_end": 0.002, "_train": {"lr": 1e-3}}
+        },
+        "diagheur": {"dt50_lr1e-3": {"update_every": 50, "_train": {"lr": 1e-3}}},
+    },
+}
+
+# chars-gpt runs take minutes each on the shared CPU: only the shared learning rate is checked (on dense);
+# the DST methods use their digits-tuned settings (schedules are fractions of the run, so they transfer).
+CHARS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
+    1: {"dense": {"default": {}, "lr1e-3": {"lr": 1e-3}, "lr4e-3": {"lr": 4e-3}}},
+}
+
+ROUNDS = {"digits-vit": DIGITS_ROUNDS, "chars-gpt": CHARS_ROUNDS}
+
+
+def build(task: str, rnd: int, out: str, seeds: tuple[int, ...], extra_train: dict) -> SweepConfig:
+    methods, variant_dst, variant_train = [], {}, {}
+    for variant, grid in ROUNDS[task][rnd].items():
+        for label, overrides in grid.items():
+            name = f"{variant}@{label}"
+            methods.append(name)
+            overrides = dict(overrides)
+            train_over = overrides.pop("_train", {})
+            if variant == "dense":
+                train_over, overrides = {**train_over, **overrides}, {}
+            if overrides:
+                variant_dst[name] = overrides
+            if train_over:
+                variant_train[name] = train_over
+    return SweepConfig(
+        task=task,
+        out=out,
+        methods=tuple(methods),
+        sparsities=(0.9,),
+        seeds=seeds,
+        name=f"dst_tuning_{task.split('-')[0]}_r{rnd}",
+        threads=1,
+        train={"tune": True, **extra_train},
+        variant_dst=variant_dst,
+        variant_train=variant_train,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="digits-vit", choices=("digits-vit", "chars-gpt"))
+    p.add_argument("--round", type=int, default=1, choices=sorted(DIGITS_ROUNDS))
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (runs already done are reused)")
+    p.add_argument("--out", default="/tmp/dst-tune")
+    p.add_argument("--aggregate-only", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    cfg = build(args.task, args.round, f"{args.out}/{args.task}", tuple(range(args.seeds)), {})
+    if args.aggregate_only:
+        files = aggregate(cfg)
+    else:
+        res = run_sweep(cfg)
+        files = res["files"]
+        print(f"ran {res['ran']}, skipped {res['skipped']}, {res['seconds']:.0f} s", file=sys.stderr)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for path in files.values():
+        src = Path(path)
+        (RESULTS / src.name).write_bytes(src.read_bytes())
+        print(f"wrote {RESULTS / src.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
