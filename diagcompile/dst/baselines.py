@@ -550,7 +550,9 @@ class MaskSparsifier:
                 rec.ablated = ablated
                 rec.fan_in = srigl_fan_in(rec.target_nnz, layer.in_features, int((~ablated).sum()))
             grown = new & ~old
-            self._mask_param_(rec, new, zero=grown)  # new connections: weight 0, optimizer state 0
+            # New connections: weight 0, optimizer state 0 (already so, since inactive entries are re-masked every
+            # step; explicit so that the rule does not rest on that).
+            self._mask_param_(rec, new, zero=grown)
             layer.mask.copy_(new)
             rec.ever |= new
             rec.changed = int(grown.sum())

@@ -311,6 +311,43 @@ def test_regrown_weights_and_their_optimizer_state_start_at_zero(method, opt_nam
     assert sp.diagnostics()["body.2"]["mask_changed"] == int(grown.sum())
 
 
+class _Drift(torch.optim.Optimizer):
+    """An optimizer that moves every weight, gradient or not, and keeps per-element state (worst case)."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.01})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                buf = self.state[p].setdefault("buf", torch.zeros_like(p))
+                buf.add_(1.0)
+                p.add_(group["lr"] * buf)
+
+
+@pytest.mark.parametrize("method", ["rigl", "srigl"])
+def test_masks_hold_whatever_the_optimizer_does(method):
+    torch.manual_seed(0)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    opt = _Drift(model.parameters())
+    sp = MaskSparsifier(model, opt, MaskConfig(total_steps=20, method=method, sparsity=0.8, update_every=5), not_head)
+    for t in range(12):
+        before = {f: m.mask.clone() for f, m in sp.layers.items()}
+        _fwd_bwd(model, t)
+        opt.step()
+        sp.step()
+        opt.zero_grad()
+        for fqn, layer in sp.layers.items():
+            off, grown = ~layer.mask, layer.mask & ~before[fqn]
+            buf = opt.state[layer.weight]["buf"]
+            assert (layer.weight[off] == 0).all() and (buf[off] == 0).all()
+            assert (buf[grown] == 0).all() and (layer.weight[grown] == 0).all()
+            assert (buf[layer.mask & before[fqn]] > 0).all()
+        assert any((m.mask != before[f]).any() for f, m in sp.layers.items()) == ((t + 1) % 5 == 0)
+    _check_pattern(sp, method)
+
+
 def test_rigl_update_is_the_rule_applied_to_the_global_gradient():
     from diagcompile.dst.mask_rules import rigl_drop_grow
 
