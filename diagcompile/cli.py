@@ -38,6 +38,220 @@ def _check(args: argparse.Namespace) -> int:
     return run_selfcheck(seed=args.seed, device=args.device)
 
 
+# ---- train / sweep (diagcompile/train.py, diagcompile/sweep.py) -------------------------------------
+_TASKS = ("digits-vit", "chars-gpt")
+
+
+def _kv(text: str) -> tuple[str, object]:
+    """``key=value`` with the value parsed as JSON when it can be (numbers, true/false, null), else a string."""
+    import json
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def _pool(text: str) -> float | None:
+    if text.lower() in ("none", "faithful", "all"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pool takes a number c >= 1 or 'faithful', got {text!r}") from None
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by train and sweep (everything but method/sparsity/seed/out)."""
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, help="training length in epochs (digits default: 40)")
+    length.add_argument("--steps", type=int, help="training length in optimizer steps (chars default: 800)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (AdamW; warm-up then cosine)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: each epoch / 100 steps)")
+    p.add_argument("--tune", action="store_true", help="evaluate on a held-out part of train (for tuning)")
+    p.add_argument(
+        "--dst", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="extra DSTConfig field (repeat)"
+    )
+    p.add_argument(
+        "--model", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="model config override (repeat)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads per run (default 1: these models are too small to gain from more, and one thread "
+        "does not stall on a busy machine; use sweep --jobs for parallelism)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=_TASKS)
+    p.add_argument("--method", default="dense", choices=("dense", "dynadiag", "diagheur"))
+    p.add_argument("--sparsity", type=float, default=0.9, help="target sparsity of the converted layers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for checkpoint.pt, model.pt, metrics.json")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--relaxation", choices=("threshold", "softmax_clamp"), help="dynadiag relaxed top-k")
+    p.add_argument("--pool", type=_pool, help="dynadiag candidate pool c (c*k candidates) or 'faithful' (all P)")
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: --eval-every)")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel CPU workers (torch.distributed gloo)")
+    _run_options(p)
+
+
+def _common_train_kwargs(args: argparse.Namespace) -> dict:
+    kw: dict = {}
+    for name in ("epochs", "steps", "batch_size", "lr", "weight_decay", "eval_every"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.device != "cpu":
+        kw["device"] = args.device
+    if args.tune:
+        kw["tune"] = True
+    if args.dst:
+        kw["dst"] = dict(args.dst)
+    if args.model:
+        kw["model"] = dict(args.model)
+    return kw
+
+
+@command(
+    "train", "train a model on bundled data (digits-vit, chars-gpt) dense or with dynamic sparse training", _train_args
+)
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from diagcompile.train import METRICS_NAME, MODEL_NAME, TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kw = _common_train_kwargs(args)
+    if args.ckpt_every is not None:
+        kw["ckpt_every"] = args.ckpt_every
+    if args.nproc != 1:
+        kw["nproc"] = args.nproc
+    cfg = TrainConfig(
+        task=args.task,
+        method=args.method,
+        sparsity=args.sparsity,
+        seed=args.seed,
+        out=args.out,
+        resume=args.resume,
+        quiet=args.quiet,
+        relaxation=args.relaxation,
+        pool=args.pool,
+        **kw,
+    )
+    m = train(cfg)
+    key = m["metric"]
+    unit = "% test accuracy" if key == "acc" else " validation bits/char"
+    summary = {
+        "final": m["final"][key],
+        "best": m["best"],
+        "train_s": round(m["time"]["train_s"], 1),
+        "final_params": m["params"]["final_model"],
+    }
+    print(f"{args.task} {args.method}: {m['final'][key]:.4g}{unit}  {json.dumps(summary)}")
+    print(f"wrote {args.out}/{METRICS_NAME}, {args.out}/{MODEL_NAME}")
+    return 0
+
+
+def _csv(kind: Callable[[str], object]) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(t.strip()) for t in text.split(",") if t.strip())
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=_TASKS)
+    p.add_argument(
+        "--methods",
+        type=_csv(str),
+        default=("dense", "dynadiag", "dynadiag-softmax", "diagheur"),
+        help="comma-separated variants: dense, dynadiag[-softmax][-pool<c>], diagheur",
+    )
+    p.add_argument("--sparsities", type=_csv(float), default=(0.5, 0.8, 0.9, 0.95))
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
+    p.add_argument("--seed-start", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder: runs/*.json and the tables/plot")
+    p.add_argument("--name", default="results", help="file stem of the tables and plot (default: results)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument(
+        "--variant-dst",
+        action="append",
+        default=[],
+        metavar="VARIANT:KEY=VALUE",
+        help="DSTConfig field for one variant only (repeat)",
+    )
+    p.add_argument(
+        "--variant-train",
+        action="append",
+        default=[],
+        metavar="VARIANT:KEY=VALUE",
+        help="training option (TrainConfig field, e.g. lr) for one variant only (repeat)",
+    )
+    p.add_argument("--notes", help="markdown file appended to the results table")
+    p.add_argument("--aggregate-only", action="store_true", help="only rebuild tables/plot from existing runs")
+    _run_options(p)
+
+
+@command("sweep", "run methods x sparsities x seeds, write a results table (CSV, markdown) and a plot", _sweep_args)
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from diagcompile.sweep import SweepConfig, aggregate, run_sweep
+
+    per_variant: dict[str, dict[str, dict]] = {"dst": {}, "train": {}}
+    for what, items in (("dst", args.variant_dst), ("train", args.variant_train)):
+        for item in items:
+            variant, sep, kv = item.partition(":")
+            if not sep:
+                raise SystemExit(f"--variant-{what} expects VARIANT:KEY=VALUE, got {item!r}")
+            k, v = _kv(kv)
+            key = k.replace("-", "_")
+            per_variant[what].setdefault(variant, {})[key] = v
+    cfg = SweepConfig(
+        task=args.task,
+        out=args.out,
+        methods=tuple(args.methods),
+        sparsities=tuple(args.sparsities),
+        seeds=tuple(range(args.seed_start, args.seed_start + args.seeds)),
+        name=args.name,
+        jobs=args.jobs,
+        threads=args.threads,
+        train=_common_train_kwargs(args),
+        variant_dst=per_variant["dst"],
+        variant_train=per_variant["train"],
+        quiet=args.quiet,
+        notes=Path(args.notes).read_text() if args.notes else "",
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.aggregate_only:
+        files = aggregate(cfg)
+        print("\n".join(f"wrote {p}" for p in files.values()))
+        return 0
+    res = run_sweep(cfg)
+    print(f"sweep: ran {res['ran']}, skipped {res['skipped']} (done before), {res['seconds']:.0f} s")
+    print("\n".join(f"wrote {p}" for p in res["files"].values()))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diagcompile", description="diagonal-sparse networks: train, run, ship")

@@ -1,0 +1,948 @@
+"""The training harness: ``train(TrainConfig) -> metrics``, checkpoints that resume bit-for-bit, ``load_model``.
+
+One loop trains both bundled tasks (``digits-vit``: a small ViT on scikit-learn's digits; ``chars-gpt``: a
+character GPT on the standard library's source, see :mod:`diagcompile.data` / :mod:`diagcompile.models`)
+with three methods: ``dense``, ``dynadiag`` and ``diagheur`` (``diagcompile.dst``; the transformer-block
+linears are converted, embeddings and heads stay dense). AdamW (no weight decay on biases, norms,
+embeddings), linear warm-up then cosine decay to 10% of the peak learning rate, gradient clipping at 1.0.
+
+Files written to ``TrainConfig.out`` (each atomically: a temp file in the same folder, then ``os.replace``):
+
+* ``checkpoint.pt``  every ``ckpt_every`` steps and at the end: model, optimizer, sparsifier, schedule, RNG
+  states (torch, Python ``random``, the data generator) and the data stream position. Only tensors and plain
+  containers, so ``torch.load(path, weights_only=True)`` reads it. ``resume=True`` continues from it and
+  reproduces the uninterrupted run bit-for-bit on CPU (same machine, same thread count).
+* ``model.pt``       the final model (for DST methods: after ``sparsifier.finalize()``, compact ``DiagLinear``s),
+  with its config: :func:`load_model` rebuilds it.
+* ``metrics.json``   written when the run completes: final/best metric, curves, time, parameter counts,
+  memory, DST diagnostics, the data description and an environment stamp.
+
+Ctrl-C stops at the end of the current step, writes a checkpoint, and raises ``KeyboardInterrupt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import random
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diagcompile.models import (
+    GPTConfig,
+    ViTConfig,
+    build_model,
+    config_from_dict,
+    sparse_filter,
+)
+
+__all__ = [
+    "TASKS",
+    "METHODS",
+    "TASK_DEFAULTS",
+    "TrainConfig",
+    "train",
+    "load_model",
+    "load_checkpoint",
+    "atomic_torch_save",
+    "atomic_write_text",
+    "env_stamp",
+    "CHECKPOINT_NAME",
+    "MODEL_NAME",
+    "METRICS_NAME",
+]
+
+TASKS = ("digits-vit", "chars-gpt")
+METHODS = ("dense", "dynadiag", "diagheur")
+CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_NAME = "model.pt"
+METRICS_NAME = "metrics.json"
+_CKPT_FORMAT = "diagcompile.train.checkpoint/1"
+_MODEL_FORMAT = "diagcompile.model/1"
+_METRICS_FORMAT = "diagcompile.train.metrics/1"
+
+#: Per-task defaults for every ``TrainConfig`` field left as ``None`` (documented in benchmarks/results).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits-vit": {
+        "epochs": 40,
+        "batch_size": 64,
+        "lr": 2e-3,
+        "weight_decay": 0.05,
+        "eval_blocks": None,
+        "final_eval_blocks": None,
+    },
+    "chars-gpt": {
+        "steps": 800,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "weight_decay": 0.1,
+        "eval_every": 100,
+        # Evaluation uses evenly spaced non-overlapping blocks over the whole val text (see data.eval_blocks).
+        "eval_blocks": 128,
+        "final_eval_blocks": 1024,
+    },
+}
+
+
+def _to_plain(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _to_plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_to_plain(x) for x in v]
+    return v
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``None`` fields take the task's default (:data:`TASK_DEFAULTS`).
+
+    Attributes:
+        task: ``"digits-vit"`` or ``"chars-gpt"``.
+        method: ``"dense"``, ``"dynadiag"`` or ``"diagheur"``.
+        sparsity: target sparsity of every converted layer (ignored by ``dense``).
+        epochs / steps: training length; give at most one. For chars an epoch is one pass worth of characters.
+        seed: seeds the model init (torch), the data order and the sparsifier.
+        device: torch device string.
+        batch_size, lr, weight_decay: AdamW hyper-parameters (peak lr; no decay on biases/norms/embeddings).
+        warmup_frac: fraction of the steps with linear warm-up; then cosine to ``min_lr_frac * lr``.
+        grad_clip: max global gradient norm (``0`` disables).
+        eval_every: evaluate every this many steps (default: once per epoch for digits) and at the end.
+        ckpt_every: checkpoint every this many steps (default: ``eval_every``) and at the end; needs ``out``.
+        eval_blocks / final_eval_blocks: chars only, how many evaluation blocks during / at the end of training.
+        tune: evaluate on a held-out part of the training data instead of the reported split (for tuning).
+        relaxation, pool: passed to ``DSTConfig`` when set. ``dst``: further ``DSTConfig`` fields.
+        model: overrides of the task's model config fields (``ViTConfig`` / ``GPTConfig``).
+        out: output folder (``None``: nothing is written). resume: continue from ``out/checkpoint.pt``.
+        quiet: no progress bar. stop_after: stop (with a checkpoint) after this many steps, as an interruption would.
+        nproc: data-parallel CPU workers (``torch.distributed`` gloo + ``DistributedDataParallel``); each takes
+            ``batch_size / nproc`` of every global batch, so the run matches the single-process one up to
+            floating-point summation order.
+    """
+
+    task: str
+    method: str = "dense"
+    sparsity: float = 0.9
+    epochs: float | None = None
+    steps: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_frac: float = 0.05
+    min_lr_frac: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int | None = None
+    ckpt_every: int | None = None
+    eval_blocks: int | None = None
+    final_eval_blocks: int | None = None
+    tune: bool = False
+    relaxation: str | None = None
+    pool: Any = None
+    dst: Mapping[str, Any] = field(default_factory=dict)
+    model: Mapping[str, Any] = field(default_factory=dict)
+    out: str | None = None
+    resume: bool = False
+    quiet: bool = False
+    stop_after: int | None = None
+    nproc: int = 1
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"TrainConfig.task={self.task!r} must be one of {TASKS}")
+        if self.method not in METHODS:
+            raise ValueError(f"TrainConfig.method={self.method!r} must be one of {METHODS}")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise TypeError(f"TrainConfig.sparsity must be a float, got {type(self.sparsity).__name__}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"TrainConfig.sparsity={self.sparsity} must be in [0, 1)")
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("TrainConfig: give epochs or steps, not both")
+        for name in ("steps", "batch_size", "eval_every", "ckpt_every", "eval_blocks", "final_eval_blocks"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"TrainConfig.{name} must be a positive int or None, got {v!r}")
+        if self.stop_after is not None and (not isinstance(self.stop_after, int) or self.stop_after < 0):
+            raise ValueError(f"TrainConfig.stop_after must be a non-negative int or None, got {self.stop_after!r}")
+        if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
+            raise ValueError(f"TrainConfig.epochs must be positive, got {self.epochs!r}")
+        for name in ("lr", "weight_decay"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ValueError(f"TrainConfig.{name} must be a finite non-negative number, got {v!r}")
+        if not 0.0 <= self.warmup_frac < 1.0 or not 0.0 <= self.min_lr_frac <= 1.0 or self.grad_clip < 0:
+            raise ValueError("TrainConfig: warmup_frac must be in [0, 1), min_lr_frac in [0, 1], grad_clip >= 0")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"TrainConfig.seed must be an int, got {type(self.seed).__name__}")
+        if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ValueError(f"TrainConfig.nproc must be a positive int, got {self.nproc!r}")
+        if self.nproc > 1 and self.device != "cpu":
+            raise ValueError("TrainConfig.nproc > 1 runs gloo workers on the CPU; use device='cpu'")
+        if self.nproc > 1 and self.get("batch_size") % self.nproc:
+            raise ValueError(f"TrainConfig.batch_size={self.get('batch_size')} must be divisible by nproc={self.nproc}")
+        if self.resume and self.out is None:
+            raise ValueError("TrainConfig.resume needs out= (the folder holding checkpoint.pt)")
+        if self.method == "dense" and (self.relaxation is not None or self.pool is not None or self.dst):
+            raise ValueError("TrainConfig: relaxation/pool/dst options apply to DST methods, not 'dense'")
+        # Model overrides are validated by building the config now (a typo should fail before training).
+        self.model_config()
+
+    # ------------------------------------------------------------------------------------------------
+    def get(self, name: str) -> Any:
+        """The field's value, or the task default when it is ``None``."""
+        v = getattr(self, name)
+        return TASK_DEFAULTS[self.task].get(name) if v is None else v
+
+    def model_config(self) -> ViTConfig | GPTConfig:
+        base = ViTConfig if self.task == "digits-vit" else GPTConfig
+        known = {f.name for f in dataclasses.fields(base)}
+        unknown = set(self.model) - known
+        if unknown:
+            raise ValueError(f"TrainConfig.model: unknown {base.__name__} fields {sorted(unknown)}")
+        return base(**dict(self.model))
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON- and ``weights_only``-safe)."""
+        return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    #: Fields that may differ between a run and its resumption.
+    RUNTIME_FIELDS = ("out", "resume", "quiet", "stop_after", "nproc")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Environment stamp, atomic writes
+# ----------------------------------------------------------------------------------------------------
+def _git_sha() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=here,
+            timeout=10,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except Exception:  # noqa: BLE001 - a run must still work outside a checkout
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def env_stamp(device: str = "cpu") -> dict[str, Any]:
+    """Date, machine, versions and git SHA, for metrics files and result tables."""
+    import numpy
+
+    stamp: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "git": _git_sha(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+    }
+    try:
+        import sklearn
+
+        stamp["sklearn"] = sklearn.__version__
+    except ImportError:  # pragma: no cover - sklearn is a dependency
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        stamp["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return stamp
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file next to ``path``, fsync, then ``os.replace``: readers never see a partial
+    file, and a failure (or Ctrl-C) during the save leaves any previous ``path`` intact."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write a text file atomically (see :func:`atomic_torch_save`)."""
+    _atomic_write(path, lambda f: f.write(text), "w")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data streams (their state goes into the checkpoint)
+# ----------------------------------------------------------------------------------------------------
+class _DigitsStream:
+    """Shuffled mini-batches, a fresh permutation per epoch (last partial batch dropped)."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch: int, seed: int) -> None:
+        if batch > x.shape[0]:
+            raise ValueError(f"batch_size={batch} exceeds the {x.shape[0]} training images")
+        self.x, self.y, self.batch = x, y, batch
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm: Tensor | None = None
+        self.pos = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.x.shape[0] // self.batch
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        if self.perm is None or self.pos + self.batch > self.perm.numel():
+            self.perm = torch.randperm(self.x.shape[0], generator=self.gen)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return self.x[idx], self.y[idx]
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.gen.set_state(sd["gen"])
+        self.perm, self.pos = sd["perm"], int(sd["pos"])
+
+
+class _CharStream:
+    """Random contiguous blocks of the training text (``data.sample_blocks``)."""
+
+    def __init__(self, text: Tensor, batch: int, block: int, seed: int) -> None:
+        self.text, self.batch, self.block = text, batch, block
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.text.numel() // (self.batch * self.block))
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        from diagcompile.data import sample_blocks
+
+        return sample_blocks(self.text, self.batch, self.block, self.gen)
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.gen.set_state(sd["gen"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks of a run
+# ----------------------------------------------------------------------------------------------------
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on linear weights only (not on biases, norms, embeddings, position/cls tokens)."""
+    decay, no_decay = [], []
+    for m in model.modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (decay if isinstance(m, nn.Linear) and pname == "weight" else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_factor(step: int, total: int, warmup_frac: float, min_lr_frac: float) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up, then cosine."""
+    warm = int(round(warmup_frac * total))
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    for g in optimizer.param_groups:
+        # ``initial_lr`` is what torch's schedulers use too; a group the sparsifier adds keeps its own peak lr.
+        g.setdefault("initial_lr", g["lr"])
+        g["lr"] = g["initial_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+def _make_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int):
+    from diagcompile.dst import DiagSparsifier, DSTConfig
+
+    kwargs: dict[str, Any] = {"method": cfg.method, "sparsity": cfg.sparsity, "total_steps": total_steps}
+    if cfg.relaxation is not None:
+        kwargs["relaxation"] = cfg.relaxation
+    if cfg.pool is not None:
+        kwargs["pool"] = cfg.pool
+    kwargs.update(dict(cfg.dst))
+    if "seed" in {f.name for f in dataclasses.fields(DSTConfig)} and "seed" not in kwargs:
+        kwargs["seed"] = cfg.seed
+    return DiagSparsifier(model, optimizer, DSTConfig(**kwargs), filter_fn=sparse_filter)
+
+
+def _load_data(cfg: TrainConfig):
+    from diagcompile import data
+
+    split = "tune" if cfg.tune else "test"
+    return data.load_digits_split(split) if cfg.task == "digits-vit" else data.load_chars(split)
+
+
+def _task_loss(task: str, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    out = model(x)
+    if task == "digits-vit":
+        return F.cross_entropy(out, y)
+    return F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+@torch.no_grad()
+def _evaluate(cfg: TrainConfig, model: nn.Module, ds: Any, device: torch.device, final: bool) -> dict[str, float]:
+    """digits: accuracy (%) and loss on the eval split; chars: bits per character and loss (nats)."""
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.task == "digits-vit":
+            logits = torch.cat([model(xb.to(device)) for xb in ds.x_eval.split(512)]).float().cpu()
+            loss = F.cross_entropy(logits, ds.y_eval).item()
+            acc = 100.0 * (logits.argmax(-1) == ds.y_eval).double().mean().item()
+            return {"acc": acc, "loss": loss}
+        from diagcompile.data import eval_blocks
+
+        block = model.config.block_size if hasattr(model, "config") else cfg.model_config().block_size
+        n = cfg.get("final_eval_blocks" if final else "eval_blocks")
+        xs, ys = eval_blocks(ds.eval, block, n)
+        total, count = 0.0, 0
+        for xb, yb in zip(xs.split(64), ys.split(64)):
+            logits = model(xb.to(device)).float()
+            total += F.cross_entropy(logits.flatten(0, 1), yb.to(device).flatten(), reduction="sum").item()
+            count += yb.numel()
+        loss = total / count
+        return {"bpc": loss / math.log(2), "loss": loss, "eval_chars": count}
+    finally:
+        model.train(was_training)
+
+
+def _primary(task: str) -> tuple[str, bool]:
+    """(metric name, higher is better)."""
+    return ("acc", True) if task == "digits-vit" else ("bpc", False)
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _train_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of parameters, buffers and optimizer state: what training must keep resident besides activations."""
+    opt = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, Tensor) and v.dim() > 0]
+    return _tensor_bytes([*model.parameters(), *model.buffers(), *opt])
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS; it is the process-wide peak (not per run).
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def _dst_summary(diag: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Aggregate the per-layer diagnostics: sums of k / k_eff / memory, mean temperature, offsets changed."""
+
+    def num(v: Any) -> float | None:
+        if isinstance(v, Tensor):
+            v = v.item() if v.numel() == 1 else None
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    out: dict[str, Any] = {"layers": len(diag)}
+    for key in ("k", "k_eff", "sum_alpha_tilde", "offsets_changed", "memory_bytes"):
+        vals = [num(d.get(key)) for d in diag.values()]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            out[key] = sum(vals)
+    temps = [num(d.get("temperature")) for d in diag.values()]
+    temps = [t for t in temps if t is not None]
+    if temps:
+        out["temperature"] = sum(temps) / len(temps)
+    return out
+
+
+def _plain_diagnostics(diag: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    def conv(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            return v.item() if v.numel() == 1 else v.tolist()
+        if isinstance(v, Mapping):
+            return {str(k): conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return {str(k): conv(v) for k, v in diag.items()}
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    py = st["python"]
+    # weights_only loading turns the inner tuple into a list; random.setstate wants tuples.
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _diag_layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    from diagcompile.modules import DiagLinear
+
+    return {
+        fqn: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None, "k": m.k}
+        for fqn, m in model.named_modules()
+        if isinstance(m, DiagLinear)
+    }
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class _StopFlag:
+    """Turns the first SIGINT into "stop after this step" (the second one interrupts at once)."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._prev: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                self.stop = True
+                signal.signal(signal.SIGINT, self._prev)
+
+            signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------
+def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    steps = cfg.get("steps") if cfg.epochs is None else None
+    if steps is not None:
+        return int(steps)
+    epochs = cfg.get("epochs")
+    if epochs is None:  # a task whose default is steps, given nothing
+        raise ValueError(f"{cfg.task}: give epochs or steps")
+    return max(1, int(math.ceil(epochs * steps_per_epoch)))
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    now = cfg.to_dict()
+    diff = sorted(
+        k for k in set(now) | set(saved) if k not in TrainConfig.RUNTIME_FIELDS and saved.get(k) != now.get(k)
+    )
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
+        raise ValueError(f"cannot resume: the checkpoint was written by a different configuration ({detail})")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a training checkpoint with ``torch.load(weights_only=True)`` and check its format tag."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
+        raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT})")
+    return ckpt
+
+
+def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
+    """Run one training job and return its metrics dict (also written to ``cfg.out/metrics.json``).
+
+    ``progress(step, total, info)`` is called after every step (for callers with their own progress display;
+    not with ``nproc > 1``). With ``cfg.nproc > 1`` the job runs in that many spawned gloo workers.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train expects a TrainConfig, got {type(cfg).__name__}")
+    if cfg.nproc > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return _spawn(cfg)
+        if dist.get_world_size() != cfg.nproc:
+            raise ValueError(f"nproc={cfg.nproc} but the process group has {dist.get_world_size()} ranks")
+    return _train(cfg, progress)
+
+
+def _spawn(cfg: TrainConfig) -> dict[str, Any]:
+    """Run ``cfg`` in ``cfg.nproc`` spawned CPU workers; rank 0's metrics come back through a file."""
+    import torch.multiprocessing as mp
+
+    threads = max(1, torch.get_num_threads() // cfg.nproc)
+    with tempfile.TemporaryDirectory(prefix="diagcompile-ddp-") as td:
+        result = os.path.join(td, "result.json")
+        mp.spawn(_worker, args=(cfg, os.path.join(td, "rendezvous"), result, threads), nprocs=cfg.nproc, join=True)
+        with open(result) as f:
+            return json.load(f)
+
+
+def _worker(rank: int, cfg: TrainConfig, rendezvous: str, result: str, threads: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=cfg.nproc)
+    try:
+        metrics = _train(cfg, None)
+        if rank == 0:
+            atomic_write_text(json.dumps(metrics, default=_json_default), result)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    t_start = time.perf_counter()
+    device = torch.device(cfg.device)
+    out = Path(cfg.out) if cfg.out is not None else None
+    ckpt_path = out / CHECKPOINT_NAME if out is not None else None
+    metric_name, higher_better = _primary(cfg.task)
+
+    ds = _load_data(cfg)
+    mcfg = cfg.model_config()
+    if cfg.task == "digits-vit":
+        stream: _DigitsStream | _CharStream = _DigitsStream(ds.x_train, ds.y_train, cfg.get("batch_size"), cfg.seed)
+    else:
+        stream = _CharStream(ds.train, cfg.get("batch_size"), mcfg.block_size, cfg.seed)
+    if cfg.get("batch_size") % world:
+        raise ValueError(f"batch_size={cfg.get('batch_size')} must be divisible by nproc={world}")
+    total = _total_steps(cfg, stream.steps_per_epoch)
+    eval_every = cfg.get("eval_every") or (stream.steps_per_epoch if cfg.task == "digits-vit" else 100)
+    ckpt_every = cfg.ckpt_every or eval_every
+
+    # Model, optimizer, sparsifier: the same construction (and RNG use) on a fresh start and on resume.
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_model(mcfg).to(device)
+    dense_params = _count_params(model)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.get("weight_decay")), lr=cfg.get("lr"), betas=(0.9, 0.95))
+    sparsifier = _make_sparsifier(cfg, model, optimizer, total) if cfg.method != "dense" else None
+    train_params_start = _count_params(model)
+
+    step = 0
+    history: dict[str, Any] = {"curve": [], "dst": [], "best": None, "train_s": 0.0, "eval_s": 0.0}
+    loss_sum, loss_n = 0.0, 0
+    max_state_bytes = 0
+    max_dst_memory = 0
+    resumed_from = None
+    if cfg.resume and ckpt_path is not None and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resumable(ckpt["config"], cfg)
+        if sparsifier is not None:
+            sparsifier.load_state_dict(ckpt["sparsifier"])
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        stream.load_state_dict(ckpt["data"])
+        _set_rng_state(ckpt["rng"])
+        step = int(ckpt["step"])
+        history = ckpt["history"]
+        loss_sum, loss_n = float(ckpt["loss_acc"][0]), int(ckpt["loss_acc"][1])
+        max_state_bytes = int(ckpt["max_state_bytes"])
+        max_dst_memory = int(ckpt.get("max_dst_memory", 0))
+        resumed_from = step
+        del ckpt
+    elif cfg.resume and not cfg.quiet:
+        print(f"[train] no checkpoint at {ckpt_path}; starting from step 0", file=sys.stderr)
+
+    def save_checkpoint() -> None:
+        if ckpt_path is None or rank != 0:
+            return
+        atomic_torch_save(
+            {
+                "format": _CKPT_FORMAT,
+                "config": cfg.to_dict(),
+                "model_config": mcfg.to_dict(),
+                "step": step,
+                "total_steps": total,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "sparsifier": sparsifier.state_dict() if sparsifier is not None else None,
+                "scheduler": {"step": step, "total": total, "warmup_frac": cfg.warmup_frac},
+                "data": stream.state_dict(),
+                "rng": _rng_state(),
+                "history": history,
+                "loss_acc": [loss_sum, loss_n],
+                "max_state_bytes": max_state_bytes,
+                "max_dst_memory": max_dst_memory,
+            },
+            ckpt_path,
+        )
+
+    # Data parallel: every rank draws the same global batch (same generator) and trains on its slice.
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+
+    show_bar = rank == 0 and not cfg.quiet and progress is None and sys.stderr.isatty()
+    bar = None
+    if show_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=f"{cfg.task} {cfg.method}", unit="step", dynamic_ncols=True)
+
+    stop_at = total if cfg.stop_after is None else min(total, cfg.stop_after)
+    model.train()
+    with _StopFlag() as flag:
+        t_loop = time.perf_counter()
+        while step < stop_at:
+            x, y = stream.next()
+            if world > 1:
+                x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+            x, y = x.to(device), y.to(device)
+            lr = _set_lr(optimizer, _lr_factor(step, total, cfg.warmup_frac, cfg.min_lr_frac))
+            loss = _task_loss(cfg.task, net, x, y)
+            full = loss + sparsifier.regularization_loss() if sparsifier is not None else loss
+            full.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if sparsifier is not None:
+                sparsifier.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if world > 1:
+                # The logged loss is the global batch's; the stop flag must be agreed (a rank that stopped
+                # alone would leave the others waiting in the next all-reduce).
+                red = torch.tensor([loss.item(), float(flag.stop)], dtype=torch.float64)
+                dist.all_reduce(red)
+                lv, flag.stop = red[0].item() / world, bool(red[1].item() > 0)
+            else:
+                lv = loss.item()
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"training loss became {lv} at step {step} ({cfg.task}, {cfg.method})")
+            loss_sum, loss_n = loss_sum + lv, loss_n + 1
+            if step == 1 or step % eval_every == 0:
+                max_state_bytes = max(max_state_bytes, _train_state_bytes(model, optimizer))
+
+            if step % eval_every == 0 or step == total:
+                now = time.perf_counter()
+                history["train_s"] += now - t_loop
+                ev = _evaluate(cfg, model, ds, device, final=False)
+                entry = {"step": step, "lr": lr, "train_loss": loss_sum / max(1, loss_n), **ev}
+                history["curve"].append(entry)
+                loss_sum, loss_n = 0.0, 0
+                best = history["best"]
+                v = ev[metric_name]
+                if best is None or (v > best["value"] if higher_better else v < best["value"]):
+                    history["best"] = {"value": v, "step": step}
+                if sparsifier is not None:
+                    diag = sparsifier.diagnostics()
+                    summ = _dst_summary(diag)
+                    max_dst_memory = max(max_dst_memory, int(summ.get("memory_bytes", 0)))
+                    history["dst"].append({"step": step, **summ})
+                t_loop = time.perf_counter()
+                history["eval_s"] += t_loop - now
+                if bar is not None:
+                    bar.set_postfix({"loss": f"{entry['train_loss']:.3f}", metric_name: f"{v:.3f}"})
+            if bar is not None:
+                bar.update(1)
+            if progress is not None:
+                progress(step, total, {"loss": lv})
+            stopping = flag.stop or step == stop_at
+            if step % ckpt_every == 0 or stopping:
+                history["train_s"] += time.perf_counter() - t_loop
+                save_checkpoint()
+                t_loop = time.perf_counter()
+            if flag.stop:
+                if bar is not None:
+                    bar.close()
+                raise KeyboardInterrupt(f"stopped at step {step}/{total}; resume with resume=True")
+        history["train_s"] += time.perf_counter() - t_loop
+    if bar is not None:
+        bar.close()
+
+    if step < total:  # stop_after: an interruption on purpose
+        return {"status": "interrupted", "step": step, "total_steps": total, "checkpoint": str(ckpt_path)}
+
+    # ---- final evaluation (and finalize for DST) -------------------------------------------------
+    t_eval = time.perf_counter()
+    before = _evaluate(cfg, model, ds, device, final=True)
+    dst_info: dict[str, Any] | None = None
+    final_model = model
+    if sparsifier is not None:
+        diag = sparsifier.diagnostics()
+        dst_info = {
+            "config": _plain_diagnostics(
+                {k: v for k, v in dataclasses.asdict(sparsifier.config).items()}
+                if hasattr(sparsifier, "config") and dataclasses.is_dataclass(sparsifier.config)
+                else {}
+            ),
+            "diagnostics": _plain_diagnostics(diag),
+            "summary": _dst_summary(diag),
+            "history": history["dst"],
+            "max_memory_bytes": max(max_dst_memory, int(_dst_summary(diag).get("memory_bytes", 0))),
+        }
+        final_model = sparsifier.finalize()
+    after = _evaluate(cfg, final_model, ds, device, final=True)
+    eval_final_s = time.perf_counter() - t_eval
+
+    specs = _diag_layer_specs(final_model)
+    sparse_dense_equiv = sum(s["in_features"] * s["out_features"] for s in specs.values())
+    # Stored diagonal values only (biases stay dense).
+    sparse_stored = sum(s["k"] * min(s["in_features"], s["out_features"]) for s in specs.values())
+    metrics: dict[str, Any] = {
+        "format": _METRICS_FORMAT,
+        "status": "complete",
+        "task": cfg.task,
+        "method": cfg.method,
+        "sparsity": cfg.sparsity if cfg.method != "dense" else 0.0,
+        "seed": cfg.seed,
+        "metric": metric_name,
+        "higher_is_better": higher_better,
+        "final": after,
+        "final_before_finalize": before,
+        "best": history["best"],
+        "curve": history["curve"],
+        "steps": total,
+        "resumed_from_step": resumed_from,
+        "config": cfg.to_dict(),
+        "resolved": {
+            "steps": total,
+            "epochs": total / stream.steps_per_epoch,
+            "batch_size": cfg.get("batch_size"),
+            "lr": cfg.get("lr"),
+            "weight_decay": cfg.get("weight_decay"),
+            "eval_every": eval_every,
+            "optimizer": "AdamW(betas=(0.9, 0.95)), no decay on biases/norms/embeddings",
+            "schedule": f"linear warm-up {cfg.warmup_frac:.0%}, cosine to {cfg.min_lr_frac:g} x lr",
+            "grad_clip": cfg.grad_clip,
+        },
+        "model_config": mcfg.to_dict(),
+        "data": ds.info(),
+        "time": {
+            "train_s": history["train_s"],
+            "eval_s": history["eval_s"] + eval_final_s,
+            "wall_s_this_process": time.perf_counter() - t_start,
+            "steps_per_s": total / history["train_s"] if history["train_s"] > 0 else None,
+        },
+        "params": {
+            "dense_model": dense_params,
+            "training_model": train_params_start,
+            "final_model": _count_params(final_model),
+            "sparse_layers": len(specs),
+            "sparse_layer_weights_dense": sparse_dense_equiv,
+            "sparse_layer_weights_stored": sparse_stored,
+            "sparse_layer_density": sparse_stored / sparse_dense_equiv if sparse_dense_equiv else None,
+        },
+        "memory": {
+            "train_state_bytes_peak": max_state_bytes,
+            "process_peak_rss_bytes": _peak_rss_bytes(),
+        },
+        "dst": dst_info,
+        "env": {**env_stamp(cfg.device), "world_size": world},
+    }
+    if out is not None and rank == 0:
+        save_model(final_model, mcfg, out / MODEL_NAME, task=cfg.task, method=cfg.method)
+        atomic_write_text(json.dumps(metrics, indent=1, default=_json_default) + "\n", out / METRICS_NAME)
+    return metrics
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finalized models
+# ----------------------------------------------------------------------------------------------------
+def save_model(model: nn.Module, model_config: ViTConfig | GPTConfig, path: str | os.PathLike, **meta: Any) -> None:
+    """Save an inference model (dense or with compact ``DiagLinear``s) so :func:`load_model` can rebuild it."""
+    atomic_torch_save(
+        {
+            "format": _MODEL_FORMAT,
+            "model_config": model_config.to_dict(),
+            "diag_layers": _diag_layer_specs(model),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "meta": {k: _to_plain(v) for k, v in meta.items()},
+        },
+        path,
+    )
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, tuple[Tensor, ...]]:
+    """Rebuild a model saved by ``train`` (``model.pt``): returns ``(model in eval mode, example inputs)``.
+
+    Diagonal layers come back as compact ``DiagLinear``s with the saved offsets. Loading uses
+    ``torch.load(weights_only=True)`` and does not touch the caller's RNG state. The example input is a batch of
+    2 (digits: ``(2, 16, 4)`` float; chars: ``(2, block_size)`` int64 ids).
+    """
+    from diagcompile.modules import DiagLinear
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != _MODEL_FORMAT:
+        raise ValueError(f"{path} is not a diagcompile model file (format {_MODEL_FORMAT})")
+    sd = blob["state_dict"]
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config_from_dict(blob["model_config"]))
+        for fqn, spec in blob["diag_layers"].items():
+            key = f"{fqn}.offsets"
+            if key not in sd:
+                raise ValueError(f"{path}: diagonal layer {fqn!r} has no offsets in the state dict")
+            parent_name, _, name = fqn.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if not isinstance(getattr(parent, name, None), nn.Linear):
+                raise ValueError(f"{path}: {fqn!r} is not a linear layer of this model")
+            layer = DiagLinear(spec["in_features"], spec["out_features"], bias=spec["bias"], offsets=sd[key])
+            setattr(parent, name, layer)
+        example = model.example_input(2)
+    model.load_state_dict(sd, strict=True)
+    return model.to(device).eval(), tuple(t.to(device) for t in example)

@@ -1,0 +1,202 @@
+"""Sweeps: variant names, the run grid, skipping finished runs, aggregation (mean ± std), the plot, the CLI."""
+
+import csv
+import json
+import statistics
+
+import pytest
+import torch
+
+from diagcompile import cli
+from diagcompile import sweep as sweep_mod
+from diagcompile.sweep import SweepConfig, aggregate, parse_variant, plan_runs, run_name, run_sweep
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = {"steps": 6, "batch_size": 16, "model": {"dim": 16, "depth": 1}, "eval_every": 3}
+
+
+def test_parse_variant():
+    assert parse_variant("dense") == {"method": "dense"}
+    assert parse_variant("diagheur") == {"method": "diagheur"}
+    assert parse_variant("dynadiag") == {"method": "dynadiag"}
+    assert parse_variant("dynadiag-softmax") == {"method": "dynadiag", "relaxation": "softmax_clamp"}
+    assert parse_variant("dynadiag-threshold-pool1.5") == {"method": "dynadiag", "relaxation": "threshold", "pool": 1.5}
+    assert parse_variant("dynadiag-pool2-faithful") == {"method": "dynadiag"}
+    assert parse_variant("dynadiag-softmax@t0.1_f=0.3") == parse_variant("dynadiag-softmax")
+    assert parse_variant("dense@lr2e-3") == {"method": "dense"}
+    for bad, msg in [
+        ("rigl", "unknown method"),
+        ("dense-softmax", "takes no modifiers"),
+        ("diagheur-pool2", "takes no modifiers"),
+        ("dynadiag-poolx", "pool modifier"),
+        ("dynadiag-fast", "unknown modifier"),
+        ("", "non-empty"),
+        ("dynadiag@a/b", "label"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            parse_variant(bad)
+
+
+def test_plan_runs_grid(tmp_path):
+    cfg = SweepConfig(
+        task="digits-vit",
+        out=str(tmp_path),
+        methods=("dense", "dynadiag-softmax", "diagheur"),
+        sparsities=(0.5, 0.9),
+        seeds=(0, 1, 2),
+        train={"steps": 10, "dst": {"update_every": 5}},
+        variant_dst={"diagheur": {"drop_fraction": 0.1}},
+        variant_train={"dense": {"lr": 0.01}},
+    )
+    plan = plan_runs(cfg)
+    assert len(plan) == 3 + 2 * 2 * 3  # dense once per seed
+    names = [n for n, _ in plan]
+    assert len(set(names)) == len(names)
+    by = dict(plan)
+    assert by[run_name("digits-vit", "dense", None, 2)].method == "dense"
+    soft = by[run_name("digits-vit", "dynadiag-softmax", 0.9, 1)]
+    assert soft.relaxation == "softmax_clamp" and soft.sparsity == 0.9 and soft.seed == 1 and soft.steps == 10
+    assert dict(by[run_name("digits-vit", "diagheur", 0.5, 0)].dst) == {"update_every": 5, "drop_fraction": 0.1}
+    assert not by[run_name("digits-vit", "dense", None, 0)].dst
+    assert by[run_name("digits-vit", "dense", None, 0)].lr == 0.01 and soft.lr is None
+
+
+def test_sweep_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="variant_dst names variants"):
+        SweepConfig(task="digits-vit", out=str(tmp_path), methods=("dense",), variant_dst={"diagheur": {}})
+    with pytest.raises(ValueError, match="may not set 'seed'"):
+        SweepConfig(task="digits-vit", out=str(tmp_path), train={"seed": 3})
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        SweepConfig(task="digits-vit", out=str(tmp_path), train={"epoch": 3})
+    with pytest.raises(ValueError, match="may not set 'pool'"):
+        SweepConfig(task="digits-vit", out=str(tmp_path), methods=("dense",), variant_train={"dense": {"pool": 2}})
+    with pytest.raises(ValueError, match="jobs"):
+        SweepConfig(task="digits-vit", out=str(tmp_path), jobs=0)
+
+
+def test_run_sweep_aggregates_and_skips_finished_runs(tmp_path, monkeypatch):
+    cfg = SweepConfig(
+        task="digits-vit",
+        out=str(tmp_path),
+        methods=("dense", "dynadiag-pool2", "diagheur"),
+        sparsities=(0.5, 0.9),
+        seeds=(0, 1),
+        train={**TINY, "dst": {"update_every": 2}},
+        quiet=True,
+        name="tab",
+    )
+    res = run_sweep(cfg)
+    assert res["ran"] == 2 + 2 * 2 * 2 and res["skipped"] == 0
+    runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")}
+    assert len(runs) == 10
+
+    # The aggregate table against an independent computation from the run files.
+    with open(tmp_path / "tab.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 + 2 * 2
+    for row in rows:
+        variant, sp = row["variant"], float(row["sparsity"])
+        accs = [
+            m["final"]["acc"]
+            for name, m in runs.items()
+            if name.split("__")[1] == variant and (variant == "dense" or f"__s{sp:g}__" in name)
+        ]
+        assert len(accs) == 2 == int(row["n_seeds"])
+        assert float(row["acc_mean"]) == pytest.approx(statistics.fmean(accs))
+        assert float(row["acc_std"]) == pytest.approx(statistics.stdev(accs))
+    with open(tmp_path / "tab_runs.csv") as f:
+        assert len(list(csv.DictReader(f))) == 10
+
+    md = (tmp_path / "tab.md").read_text()
+    assert "| dynadiag-pool2 |" in md and "± " in md and "torch" in md and "DSTConfig" in md
+    png = (tmp_path / "tab.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    # A second invocation finds every run done: it must not train anything.
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(sweep_mod, "train", no_training)
+    res2 = run_sweep(cfg)
+    assert res2["ran"] == 0 and res2["skipped"] == 10
+    # A missing run (deleted JSON) is the only one redone.
+    monkeypatch.undo()
+    (tmp_path / "runs" / f"{run_name('digits-vit', 'diagheur', 0.9, 1)}.json").unlink()
+    assert run_sweep(cfg)["ran"] == 1
+
+
+def _fake_run(variant: str, sparsity: float, seed: int, acc: float) -> dict:
+    return {
+        "metric": "acc",
+        "higher_is_better": True,
+        "method": variant.split("-")[0],
+        "sparsity": sparsity,
+        "seed": seed,
+        "final": {"acc": acc},
+        "best": {"value": acc + 1, "step": 5},
+        "steps": 10,
+        "time": {"train_s": 1.0},
+        "memory": {"train_state_bytes_peak": 1000},
+        "params": {"sparse_layer_density": 1 - sparsity},
+        "dst": None if variant == "dense" else {"max_memory_bytes": 500, "summary": {}, "config": {"pool": None}},
+        "data": {"eval_split": "test"},
+        "model_config": {},
+        "resolved": {},
+        "env": {"torch": "x"},
+    }
+
+
+def test_aggregate_math_on_known_numbers(tmp_path):
+    cfg = SweepConfig(
+        task="digits-vit", out=str(tmp_path), methods=("dense", "dynadiag"), sparsities=(0.9,), seeds=(0, 1, 2)
+    )
+    (tmp_path / "runs").mkdir()
+    values = {"dense": [90.0, 92.0, 94.0], "dynadiag": [80.0, 80.0, 86.0]}
+    for v, accs in values.items():
+        for seed, acc in enumerate(accs):
+            sp = None if v == "dense" else 0.9
+            m = _fake_run(v, 0.0 if sp is None else sp, seed, acc)
+            (tmp_path / "runs" / f"{run_name('digits-vit', v, sp, seed)}.json").write_text(json.dumps(m))
+    files = aggregate(cfg)
+    rows = {r["variant"]: r for r in csv.DictReader(open(files["csv"]))}
+    assert float(rows["dense"]["acc_mean"]) == 92.0 and float(rows["dense"]["acc_std"]) == 2.0
+    assert float(rows["dynadiag"]["acc_mean"]) == 82.0
+    assert float(rows["dynadiag"]["acc_std"]) == pytest.approx(12**0.5)  # sample std of 80, 80, 86
+    md = open(files["md"]).read()
+    assert "| dynadiag | 82.000 ± 3.464 (n=3) |" in md and "| dense | 92.000 ± 2.000 (n=3) |" in md
+
+
+def test_cli_sweep_end_to_end(tmp_path, capsys):
+    argv = ["sweep", "--task", "chars-gpt", "--methods", "dense,diagheur", "--sparsities", "0.9", "--seeds", "1"]
+    argv += ["--steps", "4", "--batch-size", "8", "--model", "dim=16", "--model", "depth=1"]
+    argv += ["--model", "block_size=16", "--out", str(tmp_path), "--name", "dst_chars", "--quiet"]
+    argv += ["--variant-dst", "diagheur:update_every=2"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ran 2, skipped 0" in out
+    for suffix in (".csv", "_runs.csv", ".md", ".png"):
+        assert (tmp_path / f"dst_chars{suffix}").exists(), suffix
+    md = (tmp_path / "dst_chars.md").read_text()
+    assert "bits per character" in md and "| diagheur |" in md
+    assert cli.main([*argv, "--aggregate-only"]) == 0
+
+
+def test_parallel_jobs_give_the_same_results(tmp_path):
+    kw = dict(task="digits-vit", methods=("dense", "diagheur"), sparsities=(0.8,), seeds=(0,), quiet=True)
+    kw["train"] = {**TINY, "dst": {"update_every": 2}}
+    run_sweep(SweepConfig(out=str(tmp_path / "seq"), jobs=1, threads=1, **kw))
+    res = run_sweep(SweepConfig(out=str(tmp_path / "par"), jobs=2, threads=1, **kw))
+    assert res["ran"] == 2
+    for p in (tmp_path / "seq" / "runs").glob("*.json"):
+        a, b = json.loads(p.read_text()), json.loads((tmp_path / "par" / "runs" / p.name).read_text())
+        assert a["final"] == b["final"] and a["curve"] == b["curve"], p.name

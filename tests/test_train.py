@@ -1,0 +1,325 @@
+"""The training harness: learning on real data, checkpoints (weights_only, atomic), bit-identical resume,
+load_model, metrics, the ``train`` CLI."""
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from diagcompile import DiagLinear, cli
+from diagcompile import train as train_mod
+from diagcompile.data import VOCAB_SIZE, load_chars, load_digits_split
+from diagcompile.train import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    MODEL_NAME,
+    TrainConfig,
+    atomic_torch_save,
+    load_checkpoint,
+    load_model,
+    train,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread is as fast, and deterministic regardless of the machine's core count.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY_VIT = {"dim": 32, "depth": 1}
+TINY_GPT = {"dim": 32, "depth": 1, "block_size": 32}
+# A short digits run that learns: 8 epochs of 35 steps.
+LEARN = dict(task="digits-vit", epochs=8, batch_size=32, lr=1e-2, model=TINY_VIT, quiet=True)
+DST_VARIANTS = {
+    "dynadiag": dict(method="dynadiag"),
+    "dynadiag-softmax": dict(method="dynadiag", relaxation="softmax_clamp"),
+    "dynadiag-pool2": dict(method="dynadiag", pool=2.0),
+    "diagheur": dict(method="diagheur"),
+}
+
+
+# ---- learning ----------------------------------------------------------------------------------------
+def test_dense_digits_beats_chance():
+    m = train(TrainConfig(**LEARN))
+    assert m["status"] == "complete" and m["final"]["acc"] >= 70.0, m["final"]  # chance: 10%
+    assert m["curve"][-1]["train_loss"] < 0.5 * m["curve"][0]["train_loss"]
+
+
+@pytest.mark.parametrize("variant", list(DST_VARIANTS))
+def test_dst_digits_beats_chance(variant):
+    m = train(TrainConfig(**LEARN, sparsity=0.9, dst={"update_every": 10}, **DST_VARIANTS[variant]))
+    assert m["final"]["acc"] >= 50.0, m["final"]  # chance: 10%
+    # Every converted layer ends compact at the target density: k / P ~ 0.1.
+    assert m["params"]["sparse_layers"] == 4
+    assert 0.09 <= m["params"]["sparse_layer_density"] <= 0.13
+    assert m["final"]["acc"] == pytest.approx(m["final_before_finalize"]["acc"], abs=0.5)
+    assert m["dst"]["summary"]["k_eff"] == m["dst"]["summary"]["k"]  # hard top-k at the end
+
+
+def _unigram_bpc() -> float:
+    counts = torch.bincount(load_chars("test").train.long(), minlength=VOCAB_SIZE).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+@pytest.mark.parametrize("method", ["dense", "dynadiag-pool2"])
+def test_chars_gpt_learns_context(method):
+    kw = dict(method="dense") if method == "dense" else dict(method="dynadiag", pool=2.0, dst={"update_every": 10})
+    m = train(
+        TrainConfig(
+            task="chars-gpt",
+            steps=120,
+            batch_size=16,
+            lr=1e-2,
+            model=TINY_GPT,
+            eval_every=60,
+            eval_blocks=32,
+            final_eval_blocks=64,
+            quiet=True,
+            sparsity=0.8,
+            **kw,
+        )
+    )
+    # Chance is log2(97) = 6.6 bpc; a model without context can reach the unigram entropy (~4.5) at best.
+    assert m["final"]["bpc"] < _unigram_bpc() - 0.3, (m["final"], _unigram_bpc())
+    assert m["data"]["file_list_sha256"] and m["data"]["train_chars"] > 1_000_000
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------
+def _quick(task="digits-vit", **kw):
+    base = dict(task=task, steps=24, eval_every=6, batch_size=16, quiet=True)
+    if task == "digits-vit":
+        base["model"] = {"dim": 16, "depth": 1}
+    else:
+        base.update(model={"dim": 16, "depth": 1, "block_size": 16}, eval_blocks=8, final_eval_blocks=16)
+    if kw.get("method", "dense") != "dense":
+        # Topology updates every 4 steps; the dynadiag freeze at step 12, after the interruption at 11.
+        kw.setdefault("dst", {"update_every": 4, "freeze_at": 0.5})
+    return TrainConfig(**{**base, **kw})
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def _strip_time(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k not in ("time", "env", "memory", "resumed_from_step", "config")}
+
+
+RESUME_CASES = {
+    "dense": dict(method="dense"),
+    **DST_VARIANTS,
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_is_bit_identical(tmp_path, case):
+    straight = train(_quick(out=str(tmp_path / "a"), **RESUME_CASES[case]))
+    part = train(_quick(out=str(tmp_path / "b"), stop_after=11, **RESUME_CASES[case]))
+    assert part["status"] == "interrupted" and part["step"] == 11
+    assert not (tmp_path / "b" / METRICS_NAME).exists()
+    # The resumed process starts from a different global RNG state: the checkpoint must restore it.
+    torch.manual_seed(12345)
+    resumed = train(_quick(out=str(tmp_path / "b"), resume=True, **RESUME_CASES[case]))
+    assert resumed["resumed_from_step"] == 11
+    assert _strip_time(resumed) == _strip_time(straight)
+    for name in (MODEL_NAME, CHECKPOINT_NAME):
+        a = torch.load(tmp_path / "a" / name, weights_only=True)
+        b = torch.load(tmp_path / "b" / name, weights_only=True)
+        _assert_same_state(*(x["state_dict"] if name == MODEL_NAME else x["model"] for x in (a, b)))
+
+
+def test_resume_chars_is_bit_identical(tmp_path):
+    kw = dict(task="chars-gpt", method="diagheur")
+    straight = train(_quick(out=str(tmp_path / "a"), **kw))
+    train(_quick(out=str(tmp_path / "b"), stop_after=13, **kw))
+    resumed = train(_quick(out=str(tmp_path / "b"), resume=True, **kw))
+    assert _strip_time(resumed) == _strip_time(straight)
+    a = torch.load(tmp_path / "a" / MODEL_NAME, weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / MODEL_NAME, weights_only=True)["state_dict"]
+    _assert_same_state(a, b)
+
+
+def test_checkpoint_is_weights_only_loadable(tmp_path):
+    train(_quick(out=str(tmp_path), method="dynadiag", pool=2.0, stop_after=5))
+    path = tmp_path / CHECKPOINT_NAME
+    ckpt = torch.load(path, weights_only=True)  # raises on any pickled object
+    assert ckpt["step"] == 5 and ckpt["config"]["method"] == "dynadiag" and ckpt["config"]["pool"] == 2.0
+    for key in ("model", "optimizer", "sparsifier", "scheduler", "data", "rng", "history"):
+        assert ckpt[key] is not None, key
+    assert isinstance(ckpt["rng"]["torch"], torch.Tensor) and isinstance(ckpt["data"]["gen"], torch.Tensor)
+    assert any(k.endswith("candidate_offsets") for k in ckpt["model"])
+    assert load_checkpoint(path)["step"] == 5
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a diagcompile training checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    atomic_torch_save({"v": torch.arange(3)}, path)
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"partial bytes that are not a checkpoint")
+        f.flush()
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"v": torch.arange(1000)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(3))  # the old one, intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temp file left behind
+
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(torch, "save", dying_save)
+        atomic_torch_save({"v": 1}, tmp_path / "fresh.pt")
+    assert not (tmp_path / "fresh.pt").exists()
+
+
+def test_sigint_checkpoints_then_resumes(tmp_path):
+    cfg = _quick(out=str(tmp_path / "b"), method="diagheur")
+
+    def interrupt_at_7(step, total, info):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 7"):
+        train(cfg, progress=interrupt_at_7)
+    assert load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)["step"] == 7
+    resumed = train(_quick(out=str(tmp_path / "b"), method="diagheur", resume=True))
+    straight = train(_quick(out=str(tmp_path / "a"), method="diagheur"))
+    assert _strip_time(resumed) == _strip_time(straight)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train(_quick(out=str(tmp_path), stop_after=3))
+    with pytest.raises(ValueError, match=r"different configuration \(lr"):
+        train(_quick(out=str(tmp_path), resume=True, lr=0.5))
+
+
+# ---- outputs -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["dense", "dynadiag", "diagheur"])
+def test_load_model_roundtrip(tmp_path, method):
+    m = train(_quick(out=str(tmp_path), method=method, sparsity=0.8))
+    rng = torch.get_rng_state()
+    model, example = load_model(tmp_path / MODEL_NAME)
+    assert torch.equal(torch.get_rng_state(), rng)  # loading does not consume the caller's randomness
+    assert not model.training and example[0].shape == (2, 16, 4)
+    diag = [mod for mod in model.modules() if isinstance(mod, DiagLinear)]
+    assert len(diag) == (0 if method == "dense" else 4)
+    assert all(0.18 <= d.density <= 0.25 for d in diag)
+    ds = load_digits_split("test")
+    with torch.no_grad():
+        acc = 100.0 * (model(ds.x_eval).argmax(-1) == ds.y_eval).double().mean().item()
+    assert acc == m["final"]["acc"]  # the saved model is the one that was evaluated
+    assert model(*example).shape == (2, 10)
+
+
+def test_load_model_chars_example_and_bad_files(tmp_path):
+    train(_quick(task="chars-gpt", out=str(tmp_path), method="diagheur"))
+    model, (idx,) = load_model(tmp_path / MODEL_NAME)
+    assert idx.dtype == torch.int64 and idx.shape == (2, 16)
+    assert model(idx).shape == (2, 16, VOCAB_SIZE)
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.blocks[0].mlp.fc1, DiagLinear)
+    with pytest.raises(ValueError, match="not a diagcompile model file"):
+        load_model(tmp_path / CHECKPOINT_NAME)
+
+
+def test_metrics_json(tmp_path):
+    m = train(_quick(out=str(tmp_path), method="dynadiag", pool=2.0))
+    on_disk = json.loads((tmp_path / METRICS_NAME).read_text())
+    assert on_disk["final"] == m["final"] and on_disk["status"] == "complete"
+    for key in ("curve", "best", "time", "params", "memory", "dst", "env", "data", "resolved", "model_config"):
+        assert on_disk[key], key
+    assert [c["step"] for c in on_disk["curve"]] == [6, 12, 18, 24]
+    assert on_disk["env"]["torch"] == torch.__version__ and on_disk["env"]["device"] == "cpu"
+    dst = on_disk["dst"]
+    assert set(dst["diagnostics"]) == {
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+    }
+    assert dst["max_memory_bytes"] > 0 and len(dst["history"]) == 4
+    assert dst["config"]["pool"] == 2.0 and dst["config"]["total_steps"] == 24
+    assert on_disk["params"]["final_model"] < on_disk["params"]["dense_model"]
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="task"):
+        TrainConfig(task="mnist")
+    with pytest.raises(ValueError, match="method"):
+        TrainConfig(task="digits-vit", method="rigl")
+    with pytest.raises(ValueError, match="epochs or steps"):
+        TrainConfig(task="digits-vit", epochs=1, steps=3)
+    with pytest.raises(ValueError, match="sparsity"):
+        TrainConfig(task="digits-vit", sparsity=1.0)
+    with pytest.raises(ValueError, match="resume needs out"):
+        TrainConfig(task="digits-vit", resume=True)
+    with pytest.raises(ValueError, match="DST methods"):
+        TrainConfig(task="digits-vit", relaxation="threshold")
+    with pytest.raises(ValueError, match="unknown ViTConfig fields"):
+        TrainConfig(task="digits-vit", model={"width": 3})
+    with pytest.raises(TypeError, match="TrainConfig"):
+        train({"task": "digits-vit"})
+
+
+def test_lr_schedule_shape():
+    f = [train_mod._lr_factor(s, 100, 0.1, 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warm-up over 10 steps
+    assert max(f) == pytest.approx(1.0) and f[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # then non-increasing (cosine)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+def test_cli_train_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--task", "digits-vit", "--method", "dynadiag", "--pool", "2", "--sparsity", "0.8"]
+    argv += ["--steps", "12", "--batch-size", "16", "--model", "dim=16", "--model", "depth=1", "--out", str(out)]
+    argv += ["--dst", "update_every=4", "--quiet"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "digits-vit dynadiag" in text and "test accuracy" in text
+    m = json.loads((out / METRICS_NAME).read_text())
+    assert m["config"]["pool"] == 2.0 and m["config"]["dst"] == {"update_every": 4} and m["steps"] == 12
+    assert m["env"]["torch_threads"] == 1
+    # --resume of a finished run only re-evaluates.
+    assert cli.main([*argv, "--resume"]) == 0
+    m2 = json.loads((out / METRICS_NAME).read_text())
+    assert m2["final"] == m["final"] and m2["resumed_from_step"] == 12
+    assert math.isfinite(m2["final"]["acc"])
+
+
+def test_ddp_two_workers_match_one_process(tmp_path):
+    # gloo workers on the CPU; each takes half of every global batch, so the run matches the single-process
+    # one up to floating-point summation order (the topology decisions are made on all-reduced probes).
+    kw = dict(method="dynadiag", pool=2.0)
+    one = train(_quick(out=str(tmp_path / "one"), **kw))
+    two = train(_quick(out=str(tmp_path / "two"), nproc=2, **kw))
+    assert two["status"] == "complete" and two["env"]["world_size"] == 2 and one["env"]["world_size"] == 1
+    a = torch.load(tmp_path / "one" / MODEL_NAME, weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "two" / MODEL_NAME, weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith("offsets"):
+            assert torch.equal(a[k], b[k]), k  # the same diagonals were chosen
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for ca, cb in zip(one["curve"], two["curve"]):
+        assert ca["train_loss"] == pytest.approx(cb["train_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="divisible by nproc"):
+        train(_quick(batch_size=15, nproc=2))
