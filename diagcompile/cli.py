@@ -166,6 +166,8 @@ def _export(args: argparse.Namespace) -> int:
 # ---- end export -------------------------------------------------------------------------------------
 # ---- train / sweep (diagcompile/train.py, diagcompile/sweep.py) -------------------------------------
 _TASKS = ("digits-vit", "chars-gpt")
+# diagcompile.train.METHODS, literal so the CLI does not import the harness to build its parser (a test checks)
+_METHODS = ("dense", "dynadiag", "diagheur", "rigl", "srigl", "nm-srste", "nm-mask-decay", "nm-structure-decay")
 
 
 def _kv(text: str) -> tuple[str, object]:
@@ -203,7 +205,12 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: each epoch / 100 steps)")
     p.add_argument("--tune", action="store_true", help="evaluate on a held-out part of train (for tuning)")
     p.add_argument(
-        "--dst", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="extra DSTConfig field (repeat)"
+        "--dst",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra DSTConfig field (MaskConfig for the mask baselines; repeat)",
     )
     p.add_argument(
         "--model", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="model config override (repeat)"
@@ -220,7 +227,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=_TASKS)
-    p.add_argument("--method", default="dense", choices=("dense", "dynadiag", "diagheur"))
+    p.add_argument("--method", default="dense", choices=_METHODS)
     p.add_argument("--sparsity", type=float, default=0.9, help="target sparsity of the converted layers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for checkpoint.pt, model.pt, metrics.json")
@@ -310,7 +317,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
         "--methods",
         type=_csv(str),
         default=("dense", "dynadiag", "dynadiag-softmax", "diagheur"),
-        help="comma-separated variants: dense, dynadiag[-softmax][-pool<c>], diagheur",
+        help="comma-separated variants: dense, dynadiag[-softmax][-pool<c>], diagheur; mask baselines: rigl, srigl, "
+        "nm-srste, nm-mask-decay, nm-structure-decay",
     )
     p.add_argument("--sparsities", type=_csv(float), default=(0.5, 0.8, 0.9, 0.95))
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")

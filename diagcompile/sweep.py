@@ -11,7 +11,8 @@
 Method variants are named ``<method>[-<modifier>...][@label]``: ``dense``, ``diagheur``, ``dynadiag`` (threshold
 relaxation, all ``P`` candidates), ``dynadiag-softmax`` (the paper's ``softmax_clamp``), ``dynadiag-pool2``
 (candidate pool of ``2k``: sparse-to-sparse), combinable (``dynadiag-softmax-pool2``). Dense ignores the
-sparsity and runs once per seed.
+sparsity and runs once per seed. The mask baselines (``rigl``, ``srigl``, ``nm-srste``, ``nm-mask-decay``,
+``nm-structure-decay``) take no modifiers: set their ``MaskConfig`` options with ``variant_dst`` (and ``@label``).
 """
 
 from __future__ import annotations
@@ -49,9 +50,16 @@ def parse_variant(name: str) -> dict[str, Any]:
     base, at, label = name.partition("@")
     if at and not re.fullmatch(r"[A-Za-z0-9_.=+-]+", label):
         raise ValueError(f"variant {name!r}: the label after '@' may use only letters, digits and _ . = + -")
+    from diagcompile.train import BASELINE_METHODS
+
+    if base in BASELINE_METHODS:  # mask baselines (dst-baselines): no modifiers; options via variant_dst + @label
+        return {"method": base}
     method, *mods = base.split("-")
     if method not in ("dense", "dynadiag", "diagheur"):
-        raise ValueError(f"unknown method {method!r} in variant {name!r} (expected dense, dynadiag or diagheur)")
+        raise ValueError(
+            f"unknown method {method!r} in variant {name!r} (expected dense, dynadiag, diagheur or one of "
+            f"{', '.join(BASELINE_METHODS)})"
+        )
     out: dict[str, Any] = {"method": method}
     for m in mods:
         if method != "dynadiag":

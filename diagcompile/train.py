@@ -71,6 +71,11 @@ __all__ = [
 
 TASKS = ("digits-vit", "chars-gpt")
 METHODS = ("dense", "dynadiag", "diagheur")
+# --- mask-based baselines (dst-baselines): diagcompile.dst.MaskSparsifier via make_sparsifier ---
+#: Kept literal so that importing the harness does not import diagcompile.dst; a test checks it against
+#: ``diagcompile.dst.SPARSIFIER_METHODS``.
+BASELINE_METHODS = ("rigl", "srigl", "nm-srste", "nm-mask-decay", "nm-structure-decay")
+METHODS = METHODS + BASELINE_METHODS
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
 METRICS_NAME = "metrics.json"
@@ -115,7 +120,9 @@ class TrainConfig:
 
     Attributes:
         task: ``"digits-vit"`` or ``"chars-gpt"``.
-        method: ``"dense"``, ``"dynadiag"`` or ``"diagheur"``.
+        method: ``"dense"``, ``"dynadiag"`` or ``"diagheur"``; or a mask baseline (``BASELINE_METHODS``:
+            ``"rigl"``, ``"srigl"``, ``"nm-srste"``, ``"nm-mask-decay"``, ``"nm-structure-decay"``;
+            ``diagcompile.dst.MaskSparsifier``, whose finalized layers are plain ``nn.Linear``s, pruned weights 0).
         sparsity: target sparsity of every converted layer (ignored by ``dense``).
         epochs / steps: training length; give at most one. For chars an epoch is one pass worth of characters.
         seed: seeds the model init (torch), the data order and the sparsifier.
@@ -127,7 +134,8 @@ class TrainConfig:
         ckpt_every: checkpoint every this many steps (default: ``eval_every``) and at the end; needs ``out``.
         eval_blocks / final_eval_blocks: chars only, how many evaluation blocks during / at the end of training.
         tune: evaluate on a held-out part of the training data instead of the reported split (for tuning).
-        relaxation, pool: passed to ``DSTConfig`` when set. ``dst``: further ``DSTConfig`` fields.
+        relaxation, pool: passed to ``DSTConfig`` when set. ``dst``: further ``DSTConfig`` fields (``MaskConfig``
+            fields for the mask baselines).
         model: overrides of the task's model config fields (``ViTConfig`` / ``GPTConfig``).
         out: output folder (``None``: nothing is written). resume: continue from ``out/checkpoint.pt``.
         quiet: no progress bar. stop_after: stop (with a checkpoint) after this many steps, as an interruption would.
@@ -207,6 +215,13 @@ class TrainConfig:
             self.relaxation is not None or self.pool is not None or self.dst or self.offsets_from is not None
         ):
             raise ValueError("TrainConfig: relaxation/pool/dst/offsets_from apply to DST methods, not 'dense'")
+        if self.method in BASELINE_METHODS and (
+            self.relaxation is not None or self.pool is not None or self.offsets_from is not None
+        ):
+            raise ValueError(
+                f"TrainConfig: relaxation/pool/offsets_from apply to diagonal methods, not the mask baseline "
+                f"{self.method!r}"
+            )
         # Model overrides are validated by building the config now (a typo should fail before training).
         self.model_config()
 
@@ -436,17 +451,19 @@ def _mark_offsets_from(model: nn.Module, path: str) -> None:
 
 
 def _make_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int):
-    from diagcompile.dst import DiagSparsifier, DSTConfig
+    from diagcompile.dst import config_class, make_sparsifier
 
-    kwargs: dict[str, Any] = {"method": cfg.method, "sparsity": cfg.sparsity, "total_steps": total_steps}
+    options: dict[str, Any] = {}
     if cfg.relaxation is not None:
-        kwargs["relaxation"] = cfg.relaxation
+        options["relaxation"] = cfg.relaxation
     if cfg.pool is not None:
-        kwargs["pool"] = cfg.pool
-    kwargs.update(dict(cfg.dst))
-    # The sparsifier draws its random choices (initial offsets, alpha noise) from torch's global RNG, which
-    # train() seeds with cfg.seed before building the model.
-    return DiagSparsifier(model, optimizer, DSTConfig(**kwargs), filter_fn=sparse_filter)
+        options["pool"] = cfg.pool
+    options.update(dict(cfg.dst))
+    # Dynadiag/diagheur draw their random choices (initial offsets, alpha noise) from torch's global RNG, which
+    # train() seeds with cfg.seed before building the model; the mask baselines take an explicit seed.
+    if "seed" in {f.name for f in dataclasses.fields(config_class(cfg.method))} and "seed" not in options:
+        options["seed"] = cfg.seed
+    return make_sparsifier(model, optimizer, cfg.method, cfg.sparsity, total_steps, filter_fn=sparse_filter, **options)
 
 
 def _load_data(cfg: TrainConfig):
@@ -530,6 +547,13 @@ def _dst_summary(diag: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         vals = [v for v in vals if v is not None]
         if vals:
             out[key] = sum(vals)
+    # mask baselines (dst-baselines): total active weights and the realised density of the sparse layers
+    for key in ("nnz", "numel", "mask_changed"):
+        vals = [v for v in (num(d.get(key)) for d in diag.values()) if v is not None]
+        if vals:
+            out[key] = sum(vals)
+    if out.get("numel"):
+        out["density"] = out["nnz"] / out["numel"]
     temps = [num(d.get("temperature")) for d in diag.values()]
     temps = [t for t in temps if t is not None]
     if temps:
@@ -868,6 +892,12 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
     sparse_dense_equiv = sum(s["in_features"] * s["out_features"] for s in specs.values())
     # Stored diagonal values only (biases stay dense).
     sparse_stored = sum(s["k"] * min(s["in_features"], s["out_features"]) for s in specs.values())
+    n_sparse_layers = len(specs)
+    # mask baselines (dst-baselines): their finalized layers are plain nn.Linear with zeroed weights; count the
+    # weights their masks keep (a dense weight is still stored: the masks only simulate sparsity).
+    if cfg.method in BASELINE_METHODS and dst_info is not None:
+        summ = dst_info["summary"]
+        n_sparse_layers, sparse_dense_equiv, sparse_stored = summ["layers"], int(summ["numel"]), int(summ["nnz"])
     metrics: dict[str, Any] = {
         "format": _METRICS_FORMAT,
         "status": "complete",
@@ -907,7 +937,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
             "dense_model": dense_params,
             "training_model": train_params_start,
             "final_model": _count_params(final_model),
-            "sparse_layers": len(specs),
+            "sparse_layers": n_sparse_layers,
             "sparse_layer_weights_dense": sparse_dense_equiv,
             "sparse_layer_weights_stored": sparse_stored,
             "sparse_layer_density": sparse_stored / sparse_dense_equiv if sparse_dense_equiv else None,

@@ -36,7 +36,8 @@ def test_parse_variant():
     assert parse_variant("dynadiag-softmax@t0.1_f=0.3") == parse_variant("dynadiag-softmax")
     assert parse_variant("dense@lr2e-3") == {"method": "dense"}
     for bad, msg in [
-        ("rigl", "unknown method"),
+        ("set", "unknown method"),
+        ("rigl-erk", "unknown method"),
         ("dense-softmax", "takes no modifiers"),
         ("diagheur-pool2", "takes no modifiers"),
         ("dynadiag-poolx", "pool modifier"),

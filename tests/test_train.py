@@ -263,7 +263,7 @@ def test_train_config_validation():
     with pytest.raises(ValueError, match="task"):
         TrainConfig(task="mnist")
     with pytest.raises(ValueError, match="method"):
-        TrainConfig(task="digits-vit", method="rigl")
+        TrainConfig(task="digits-vit", method="set")
     with pytest.raises(ValueError, match="epochs or steps"):
         TrainConfig(task="digits-vit", epochs=1, steps=3)
     with pytest.raises(ValueError, match="sparsity"):

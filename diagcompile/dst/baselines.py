@@ -1,0 +1,803 @@
+"""The baselines DynaDiag is measured against, behind the same API as ``DiagSparsifier``; and ``make_sparsifier``.
+
+``MaskSparsifier`` trains ``nn.Linear`` layers under element masks (no diagonal kernel: the layers stay dense
+matrices whose pruned entries are zero, as in the papers' own implementations)::
+
+    model = build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)          # fresh: no state yet
+    sp = make_sparsifier(model, optimizer, "srigl", sparsity=0.9, total_steps=T, filter_fn=not_head)
+    # (DDP: torch.distributed initialized, construct the sparsifier first, then wrap in DDP.)
+    for x, y in loader:
+        loss = loss_fn(model(x), y) + sp.regularization_loss()         # always 0 here (kept for the contract)
+        loss.backward()
+        optimizer.step()
+        sp.step()                                                      # after every optimizer.step()
+        optimizer.zero_grad()
+    model = sp.finalize()             # plain nn.Linear layers with the pruned weights zeroed
+
+Methods (``MaskConfig.method``; algorithms and defaults from the research digest of baselines):
+
+* ``rigl`` / ``srigl`` (sparse-to-sparse, simulated with masks). The weights, their gradients and their
+  optimizer state are kept masked: a hook on each weight masks its gradient during backward, and
+  ``step()`` re-masks the weights and per-element optimizer state after the optimizer step (the reference
+  PyTorch code does both). On the steps whose ``step()`` updates the topology (every ``update_every`` until
+  ``T_end``) the same hook also captures the *dense* gradient (summed over the backward passes of that step,
+  all-reduced over DDP ranks) that ranks the candidates to grow; no other step pays for it. As in the
+  reference PyTorch trainers (not TF RigL), the optimizer step of an update step happens first and the
+  topology update after it. New connections start at 0 with zero optimizer state; a weight dropped and
+  regrown in the same update keeps its value and state.
+* ``nm-srste`` / ``nm-mask-decay`` / ``nm-structure-decay`` (dense-to-sparse: dense weights and optimizer
+  state are kept). Every forward computes the N:M mask ``E`` of ``|W|`` (groups of ``M`` along the input
+  dimension) and uses ``W * (E + beta (1 - E))`` (``beta = 0`` except under mask decay); see
+  ``MaskConfig`` for the backward of each method. ``step()`` advances ``beta`` / the structure-decay frame
+  and counts mask flips (SR-STE's "sparse architecture divergence").
+
+Distributed: with an initialized process group, construction broadcasts every selected layer (weights,
+bias, mask) from rank 0; dense gradients are all-reduced (mean) before ranking and every new mask (and
+SRigL's ablated set) is broadcast from rank 0, so all ranks hold identical masks. N:M masks are functions
+of the weights, which DDP keeps identical.
+
+Checkpoints: the masks, ablated sets, fan-ins and statistics live in ``state_dict()`` (tensors and plain
+python: ``torch.load(weights_only=True)`` reads it); ``model.state_dict()`` keeps the plain ``nn.Linear``
+keys (``weight``, ``bias``). Nothing after construction draws random numbers, so model + optimizer +
+sparsifier state resume bit-for-bit on CPU. Load order after building a fresh model, optimizer and
+sparsifier: any.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diagcompile.dst.config import METHODS as DST_METHODS
+from diagcompile.dst.config import DSTConfig
+from diagcompile.dst.mask_config import MASK_METHODS, MaskConfig
+from diagcompile.dst.mask_rules import (
+    choose_nm,
+    erk_nnz,
+    frame_at,
+    mask_decay_beta,
+    nm_mask,
+    random_fan_in_mask,
+    random_mask,
+    rigl_drop_grow,
+    srigl_fan_in,
+    srigl_update,
+    structure_decay_frames,
+)
+from diagcompile.dst.optim import _row_state_tensors, find_group, state_bytes
+from diagcompile.dst.schedules import UpdateSchedule
+from diagcompile.dst.sparsifier import DiagSparsifier
+from diagcompile.functional import check_sparsity
+from diagcompile.marking import get_sparse_mark
+from diagcompile.ops import k_from_sparsity
+
+__all__ = ["MaskSparsifier", "MaskedLinear", "make_sparsifier", "config_class", "SPARSIFIER_METHODS"]
+
+logger = logging.getLogger("diagcompile.dst")
+
+FilterFn = Callable[[nn.Module, str], bool]
+_STATE_VERSION = 1
+
+#: Every method ``make_sparsifier`` accepts: the diagonal methods, then the mask baselines.
+SPARSIFIER_METHODS: tuple[str, ...] = tuple(DST_METHODS) + tuple(MASK_METHODS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The layer
+# ----------------------------------------------------------------------------------------------------
+class _NMWeight(torch.autograd.Function):
+    """``W~ = W * s`` with ``s = E + beta (1 - E)``; backward ``dW = dW~ * (s or 1) + lam (1 - E) W``."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, keep: Tensor, beta: Tensor, lam: float, scaled: bool) -> Tensor:
+        scale = torch.where(keep, torch.ones((), dtype=weight.dtype, device=weight.device), beta.to(weight.dtype))
+        ctx.lam, ctx.scaled = lam, scaled
+        ctx.save_for_backward(weight if lam else None, keep, scale if scaled else None)
+        return weight * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weight, keep, scale = ctx.saved_tensors
+        dw = grad * scale if ctx.scaled else grad
+        if ctx.lam:
+            dw = dw + ctx.lam * weight.masked_fill(keep, 0)
+        return dw, None, None, None, None
+
+
+class MaskedLinear(nn.Linear):
+    """An ``nn.Linear`` trained under a mask by ``MaskSparsifier``; same parameters, same state-dict keys.
+
+    ``mode="hard"`` (RigL, SRigL): the forward is ``F.linear``; the sparsifier keeps ``weight`` zero outside
+    ``mask``. ``mode="nm"``: the forward recomputes the ``nm_n:nm_m`` mask ``E`` of ``|weight|`` and uses
+    ``weight * (E + beta (1 - E))``; the backward is straight-through (``grad_scaled=False``) or the exact
+    derivative (``True``), plus ``srste_lambda * (1 - E) * weight``.
+
+    Buffers (not in ``state_dict``: ``MaskSparsifier.state_dict()`` holds them): ``mask`` ``(N_out, N_in)`` bool
+    (hard: the topology; nm: the mask of the last ``MaskSparsifier.step()``) and ``beta`` (0-dim float32).
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        mode: str,
+        nm: tuple[int, int] = (0, 0),
+        srste_lambda: float = 0.0,
+        grad_scaled: bool = False,
+    ) -> None:
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a new weight
+        if mode not in ("hard", "nm"):
+            raise ValueError(f"MaskedLinear mode must be 'hard' or 'nm', got {mode!r}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        w = linear.weight
+        self.register_buffer("mask", torch.ones(w.shape, dtype=torch.bool, device=w.device), persistent=False)
+        self.register_buffer("beta", torch.zeros((), dtype=torch.float32, device=w.device), persistent=False)
+        self.mode = mode
+        self.nm_n, self.nm_m = nm
+        self.srste_lambda, self.grad_scaled = float(srste_lambda), bool(grad_scaled)
+        self.train(linear.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(..., N_in) -> (..., N_out)``."""
+        if self.mode == "nm":
+            keep = nm_mask(self.weight, self.nm_n, self.nm_m)
+            w = _NMWeight.apply(self.weight, keep, self.beta, self.srste_lambda, self.grad_scaled)
+            return F.linear(x, w, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        if self.mode == "nm":
+            return f"{base}, {self.nm_n}:{self.nm_m}, beta={float(self.beta):.3g}"
+        return f"{base}, density={float(self.mask.float().mean()):.4f}"
+
+
+def _plain_linear(layer: MaskedLinear) -> nn.Linear:
+    """A plain ``nn.Linear`` holding the same ``Parameter`` objects (no new allocation)."""
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    out.weight = layer.weight
+    out.bias = layer.bias
+    out.train(layer.training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sparsifier
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    """Book-keeping for one masked layer."""
+
+    fqn: str
+    module: MaskedLinear
+    target_nnz: int
+    protected: bool = False  # SRigL: never ablated (heads)
+    fan_in: int = 0  # SRigL's constant fan-in k
+    ablated: Tensor | None = None  # SRigL: (N_out,) bool
+    nm: tuple[int, int] = (0, 0)  # the target N:M
+    frames: list[int] = field(default_factory=list)  # N per structure-decay frame (else [N])
+    dense_grad: Tensor | None = None
+    ever: Tensor | None = None  # union of all masks so far (ITOP)
+    changed: int = 0
+    changed_total: int = 0
+    updates: int = 0
+    handle: Any = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.module.out_features, self.module.in_features
+
+
+class MaskSparsifier:
+    """RigL, SRigL and N:M (SR-STE, mask decay, structure decay) training of ``nn.Linear`` layers.
+
+    The same contract as ``DiagSparsifier`` (see the module docstring), so a training harness swaps one for
+    the other by method name (``make_sparsifier``).
+
+    Args:
+        model: the model; its selected ``nn.Linear`` layers become ``MaskedLinear`` (same parameters, same
+            state-dict keys). Not yet DDP-wrapped.
+        optimizer: built over ``model.parameters()`` and not stepped yet (no state), or ``None``.
+        config: a ``MaskConfig``.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` rejects linears (keep heads/embeddings dense). Default
+            selection: the ``mark_sparse``-marked linears if any are marked (their mark's sparsity applies),
+            else every ``nn.Linear`` (except the internal projections of ``nn.MultiheadAttention``).
+        process_group: the group to keep in sync (default: the default group when initialized).
+
+    Raises:
+        TypeError: wrong argument types.
+        ValueError: the optimizer has state, a selected weight is tied or not in the optimizer, a layer
+            cannot reach its sparsity / N:M pattern, a mark carries explicit diagonal offsets, or ``model``
+            is itself a linear / already DDP-wrapped.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        config: MaskConfig,
+        filter_fn: FilterFn | None = None,
+        *,
+        process_group: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(config, MaskConfig):
+            raise TypeError(f"config must be a MaskConfig, got {type(config).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if optimizer is not None and len(optimizer.state) > 0:
+            raise ValueError(
+                "the optimizer already has state: construct MaskSparsifier before the first optimizer.step() "
+                "(the masks must apply to the optimizer state from the start)"
+            )
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("construct MaskSparsifier on the bare model, then wrap it in DistributedDataParallel")
+        if isinstance(model, nn.Linear):
+            raise ValueError("model is a single nn.Linear, which cannot be converted in place: wrap it in a module")
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self._group = process_group
+        self._world = DiagSparsifier._world_size(process_group)
+        self._step = 0
+        self._finalized = False
+        self._armed = False
+        self._updates = UpdateSchedule(config.update_every, config.update_end_step, config.drop_fraction)
+
+        plans = self._plan(model, filter_fn)  # validates everything before any layer changes
+        gen = None if config.seed is None else torch.Generator().manual_seed(config.seed)
+        self._layers: list[_Layer] = [self._convert(*plan, gen) for plan in plans]
+        if not self._layers:
+            warnings.warn("MaskSparsifier: no nn.Linear was selected; nothing will be sparse", stacklevel=2)
+        self._broadcast_initial_state()
+        self._set_schedule(0)
+        for rec in self._layers:
+            if config.is_nm:
+                rec.module.mask.copy_(self._nm_mask_now(rec))
+            rec.ever = rec.module.mask.clone()
+            if not config.is_nm:
+                rec.handle = rec.module.weight.register_hook(self._make_grad_hook(rec))
+        self._armed = not config.is_nm and self._updates.is_update_step(1)
+        logger.info(
+            "MaskSparsifier(%s): %d layers, world size %d%s",
+            config.method,
+            len(self._layers),
+            self._world,
+            "".join(f"\n  {r.fqn}: {r.module.extra_repr()} target_nnz={r.target_nnz}" for r in self._layers),
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Construction
+    # ------------------------------------------------------------------------------------------------
+    def _plan(self, model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear, int, tuple, bool]]:
+        cfg = self.config
+        selected = DiagSparsifier._select(model, filter_fn)
+        shapes, budgets = [], []
+        for fqn, linear in selected:
+            n_out, n_in = linear.weight.shape
+            mark = get_sparse_mark(linear)
+            if mark is not None and mark.offsets is not None:
+                raise ValueError(
+                    f"MaskSparsifier: layer '{fqn}' is marked with explicit diagonal offsets, which only the "
+                    f"diagonal methods can honour ({cfg.method} learns element masks)"
+                )
+            s = mark.sparsity if mark is not None else cfg.sparsity
+            where = f"MaskSparsifier: layer '{fqn}' ({n_out}x{n_in})"
+            if cfg.is_nm and cfg.nm_n is not None:
+                nnz = n_out * n_in * cfg.nm_n // cfg.nm_m  # an explicit N:M fixes the density; sparsity is unused
+            elif cfg.budget == "diagonal":
+                check_sparsity(s, n_out, n_in, where=where)
+                nnz = k_from_sparsity(n_out, n_in, s) * min(n_out, n_in)
+            else:
+                if not 0.0 <= s < 1.0:
+                    raise ValueError(f"{where}: sparsity={s} must be in [0, 1)")
+                nnz = math.floor((1.0 - s) * n_out * n_in)
+                if nnz < 1:
+                    raise ValueError(f"{where}: sparsity={s} leaves no weight (budget='floor')")
+            if self.optimizer is not None and find_group(self.optimizer, linear.weight) is None:
+                raise ValueError(
+                    f"MaskSparsifier: the weight of '{fqn}' is not in any param group of the optimizer: build the "
+                    "optimizer over model.parameters() before the sparsifier, or exclude the layer with filter_fn"
+                )
+            shapes.append((n_out, n_in))
+            budgets.append(nnz)
+        if cfg.distribution == "erk" and selected:
+            budgets = erk_nnz(shapes, budgets, cfg.erk_power)
+
+        linear_names = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and fqn]
+        module_names = {fqn for fqn, _ in model.named_modules()}
+        unknown = sorted(set(cfg.no_ablation) - module_names)
+        if unknown:
+            raise ValueError(f"MaskConfig.no_ablation names modules the model does not have: {unknown}")
+        protected = set(cfg.no_ablation) | ({linear_names[-1]} if linear_names else set())
+
+        plans = []
+        for (fqn, linear), (n_out, n_in), nnz in zip(selected, shapes, budgets):
+            where = f"MaskSparsifier: layer '{fqn}' ({n_out}x{n_in})"
+            nm: tuple[int, int] = (0, 0)
+            if cfg.method == "srigl" and nnz // n_out < 1:
+                raise ValueError(f"{where}: a budget of {nnz} weights leaves no constant fan-in for {n_out} neurons")
+            if cfg.is_nm:
+                try:
+                    if cfg.nm_n is not None and cfg.nm_m is not None:
+                        choose_nm(n_in, 0.5, m=cfg.nm_m)  # validates M against the fan-in
+                        nm = (cfg.nm_n, cfg.nm_m)
+                    else:
+                        nm = choose_nm(n_in, nnz / (n_out * n_in), cfg.nm_max_m, cfg.nm_m)
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
+            plans.append((fqn, linear, nnz, nm, fqn in protected))
+        return plans
+
+    def _convert(
+        self, fqn: str, linear: nn.Linear, nnz: int, nm: tuple[int, int], protected: bool, gen: torch.Generator | None
+    ) -> _Layer:
+        cfg = self.config
+        n_out, n_in = linear.weight.shape
+        if cfg.is_nm:
+            frames = structure_decay_frames(*nm) if cfg.method == "nm-structure-decay" else [nm[0]]
+            new = MaskedLinear(
+                linear,
+                "nm",
+                (frames[0], nm[1]),
+                srste_lambda=cfg.srste_lambda if cfg.method == "nm-srste" else 0.0,
+                grad_scaled=cfg.method == "nm-mask-decay" and cfg.mask_decay_grad == "scaled",
+            )
+            rec = _Layer(fqn, new, nnz, protected, nm=nm, frames=frames)
+        else:
+            new = MaskedLinear(linear, "hard")
+            rec = _Layer(fqn, new, nnz, protected)
+            if cfg.method == "srigl":
+                rec.fan_in = nnz // n_out
+                mask = random_fan_in_mask(n_out, n_in, rec.fan_in, gen)
+                rec.ablated = torch.zeros(n_out, dtype=torch.bool, device=linear.weight.device)
+            else:
+                mask = random_mask(n_out, n_in, nnz, gen)
+            mask = mask.to(linear.weight.device)
+            new.mask.copy_(mask)
+            with torch.no_grad():
+                w = linear.weight
+                if cfg.rescale_init:
+                    fan = mask.sum(1, keepdim=True).to(torch.float64)
+                    scale = torch.where(fan > 0, (n_in / fan.clamp_min(1)).sqrt(), torch.zeros_like(fan))
+                    w.mul_(scale.to(w.dtype))
+                w.masked_fill_(~mask, 0)
+        parent_name, _, name = fqn.rpartition(".")
+        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, name, new)
+        return rec
+
+    # ------------------------------------------------------------------------------------------------
+    # Distributed helpers
+    # ------------------------------------------------------------------------------------------------
+    def _src_rank(self) -> int:
+        import torch.distributed as dist
+
+        return 0 if self._group is None else dist.get_global_rank(self._group, 0)
+
+    def _agree(self, *tensors: Tensor) -> None:
+        """Overwrite each tensor with rank 0's copy (bool tensors travel as uint8)."""
+        if self._world <= 1:
+            return
+        import torch.distributed as dist
+
+        for t in tensors:
+            if t.dtype == torch.bool:
+                u = t.to(torch.uint8)
+                dist.broadcast(u, self._src_rank(), group=self._group)
+                t.copy_(u.bool())
+            else:
+                dist.broadcast(t, self._src_rank(), group=self._group)
+
+    @torch.no_grad()
+    def _broadcast_initial_state(self) -> None:
+        if self._world <= 1:
+            return
+        for rec in self._layers:
+            self._agree(*(p.data for p in rec.module.parameters()), rec.module.mask)
+
+    def _reduced_grad(self, rec: _Layer) -> Tensor | None:
+        """The dense gradient of the global batch (mean over ranks), or ``None`` if no rank captured one."""
+        g = rec.dense_grad
+        w = rec.module.weight
+        have = torch.tensor([0.0 if g is None else 1.0], device=w.device)
+        if g is None:
+            g = torch.zeros(w.shape, device=w.device, dtype=torch.float32)
+        if self._world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(g, group=self._group)
+            dist.all_reduce(have, group=self._group)
+            g = g / self._world
+        if float(have) == 0:
+            warnings.warn(
+                f"MaskSparsifier: no dense gradient was captured for '{rec.fqn}' at step {self._step + 1} (was "
+                "forward/backward run through it before sparsifier.step()?); its topology update is skipped",
+                stacklevel=3,
+            )
+            return None
+        return g
+
+    # ------------------------------------------------------------------------------------------------
+    # Gradient capture and masking
+    # ------------------------------------------------------------------------------------------------
+    def _make_grad_hook(self, rec: _Layer) -> Callable[[Tensor], Tensor]:
+        def hook(grad: Tensor) -> Tensor:
+            if self._armed:
+                with torch.no_grad():
+                    d = grad.detach().float()
+                    rec.dense_grad = d.clone() if rec.dense_grad is None else rec.dense_grad.add_(d)
+            return grad.masked_fill(~rec.module.mask, 0)
+
+        return hook
+
+    @torch.no_grad()
+    def _mask_param_(self, rec: _Layer, mask: Tensor, zero: Tensor | None = None) -> None:
+        """Zero the weight, its gradient and its per-element optimizer state outside ``mask`` (and on ``zero``)."""
+        off = ~mask if zero is None else (~mask | zero)
+        w = rec.module.weight
+        w.masked_fill_(off, 0)
+        if w.grad is not None:
+            w.grad.masked_fill_(off, 0)
+        for _, t in _row_state_tensors(self.optimizer, w):
+            t.masked_fill_(off, 0)
+
+    def _clear_grads(self) -> None:
+        for rec in self._layers:
+            rec.dense_grad = None
+
+    # ------------------------------------------------------------------------------------------------
+    # The step
+    # ------------------------------------------------------------------------------------------------
+    def _check_live(self, what: str) -> None:
+        if self._finalized:
+            raise RuntimeError(f"MaskSparsifier.{what}() after finalize(): the layers are plain nn.Linear now")
+
+    @property
+    def step_count(self) -> int:
+        """Completed optimizer steps (calls to ``step()``)."""
+        return self._step
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """The masked layers by fully-qualified name."""
+        return {rec.fqn: rec.module for rec in self._layers}
+
+    def _nm_n_at(self, rec: _Layer, step: int) -> int:
+        if self.config.method != "nm-structure-decay":
+            return rec.nm[0]
+        return rec.frames[frame_at(step, len(rec.frames), self.config.update_end_step)]
+
+    def _nm_mask_now(self, rec: _Layer) -> Tensor:
+        return nm_mask(rec.module.weight, rec.module.nm_n, rec.module.nm_m)
+
+    def _set_schedule(self, step: int) -> None:
+        """N:M: ``beta`` and the structure-decay ``N`` that the forward after ``step`` steps uses."""
+        cfg = self.config
+        if not cfg.is_nm:
+            return
+        beta = 0.0
+        if cfg.method == "nm-mask-decay":
+            beta = mask_decay_beta(step, cfg.mask_decay_shape, cfg.decay_c, cfg.update_end_step)
+        for rec in self._layers:
+            rec.module.beta.fill_(beta)
+            rec.module.nm_n = self._nm_n_at(rec, step)
+
+    def step(self) -> None:
+        """Advance one optimizer step: re-mask (RigL/SRigL), topology update when due / N:M schedule."""
+        self._check_live("step")
+        t = self._step + 1
+        if self.config.is_nm:
+            self._set_schedule(t)
+            self._track_nm(t)
+        else:
+            for rec in self._layers:
+                self._mask_param_(rec, rec.module.mask)
+            if self._updates.is_update_step(t):
+                self._update(t)
+        self._step = t
+        self._clear_grads()
+        self._armed = not self.config.is_nm and self._updates.is_update_step(t + 1)
+
+    @torch.no_grad()
+    def _track_nm(self, t: int) -> None:
+        for rec in self._layers:
+            new = self._nm_mask_now(rec)
+            rec.changed = int((new != rec.module.mask).sum())
+            rec.changed_total += rec.changed
+            rec.module.mask.copy_(new)
+            rec.ever |= new
+
+    @torch.no_grad()
+    def _update(self, t: int) -> None:
+        cfg = self.config
+        for rec in self._layers:
+            layer = rec.module
+            old = layer.mask.clone()
+            if cfg.method == "rigl":
+                n = self._updates.count_at(t, int(old.sum()))
+                if n == 0:
+                    continue
+                grad = self._reduced_grad(rec)
+                if grad is None:
+                    continue
+                new = rigl_drop_grow(old, layer.weight, grad, n)
+                self._agree(new)
+            else:
+                grad = self._reduced_grad(rec)
+                if grad is None:
+                    continue
+                dec = srigl_update(
+                    old,
+                    layer.weight,
+                    grad,
+                    fraction=self._updates.fraction_at(t),
+                    target_nnz=rec.target_nnz,
+                    gamma_sal=cfg.gamma_sal,
+                    ablation=cfg.ablation and not rec.protected,
+                )
+                new, ablated = dec.mask, dec.ablated
+                self._agree(new, ablated)
+                rec.ablated = ablated
+                rec.fan_in = srigl_fan_in(rec.target_nnz, layer.in_features, int((~ablated).sum()))
+            grown = new & ~old
+            # New connections: weight 0, optimizer state 0 (already so, since inactive entries are re-masked every
+            # step; explicit so that the rule does not rest on that).
+            self._mask_param_(rec, new, zero=grown)
+            layer.mask.copy_(new)
+            rec.ever |= new
+            rec.changed = int(grown.sum())
+            rec.changed_total += rec.changed
+            rec.updates += 1
+            logger.debug("step %d: %s %d connections regrown", t, rec.fqn, rec.changed)
+
+    # ------------------------------------------------------------------------------------------------
+    # Loss term, diagnostics
+    # ------------------------------------------------------------------------------------------------
+    def regularization_loss(self) -> Tensor:
+        """A zero tensor: no baseline adds a loss term (SR-STE's decay acts on the gradient). Kept so that the
+        training loop is the same for every sparsifier."""
+        self._check_live("regularization_loss")
+        device = next(iter(self.model.parameters()), torch.zeros(())).device
+        return torch.zeros((), device=device)
+
+    def _layer_bytes(self, rec: _Layer) -> int:
+        return sum(p.numel() * p.element_size() + state_bytes(self.optimizer, p) for p in rec.module.parameters())
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, dict[str, float]]:
+        """Per layer (by fqn), as floats:
+
+        * ``nnz`` / ``numel`` / ``density``: active entries of the current hard mask (N:M: of the mask the next
+          forward uses), ``target_nnz`` / ``target_density``: the budget (N:M: ``N / M`` of the target pattern).
+        * ``active_neurons`` (rows with an active entry), ``fan_in_min`` / ``fan_in_max`` (over active rows),
+          ``fan_in`` (SRigL's constant ``k``; N:M: the current ``N * N_in / M``; RigL: the mean).
+        * ``nm_n`` / ``nm_m`` (current ``N`` and ``M``; 0 for RigL/SRigL), ``beta`` (mask decay).
+        * ``mask_changed`` (connections regrown by the last update; N:M: mask entries flipped by the last
+          step), ``mask_changed_total``, ``updates``, ``itop`` (fraction of entries ever active: the
+          in-time over-parameterization rate), ``frozen`` (1 once the topology no longer changes).
+        * ``memory_bytes``: parameters + optimizer state (dense: the masks only simulate sparsity).
+        """
+        cfg = self.config
+        out: dict[str, dict[str, float]] = {}
+        for rec in self._layers:
+            layer = rec.module
+            n_out, n_in = rec.shape
+            mask = layer.mask
+            rows = mask.sum(1)
+            active = rows > 0
+            d: dict[str, float] = {
+                "nnz": float(mask.sum()),
+                "numel": float(mask.numel()),
+                "density": float(mask.sum()) / mask.numel(),
+                "target_nnz": float(rec.target_nnz),
+                "target_density": rec.target_nnz / mask.numel() if not cfg.is_nm else rec.nm[0] / rec.nm[1],
+                "active_neurons": float(active.sum()),
+                "fan_in_min": float(rows[active].min()) if bool(active.any()) else 0.0,
+                "fan_in_max": float(rows.max()),
+            }
+            if cfg.method == "srigl":
+                d["fan_in"] = float(rec.fan_in)
+            elif cfg.is_nm:
+                d["fan_in"] = float(layer.nm_n * n_in // layer.nm_m)
+            else:
+                d["fan_in"] = float(rows.double().mean())
+            d.update(
+                nm_n=float(layer.nm_n if cfg.is_nm else 0),
+                nm_m=float(layer.nm_m if cfg.is_nm else 0),
+                beta=float(layer.beta),
+                mask_changed=float(rec.changed),
+                mask_changed_total=float(rec.changed_total),
+                updates=float(rec.updates),
+                itop=float(rec.ever.sum()) / rec.ever.numel() if rec.ever is not None else 0.0,
+                frozen=float(self._frozen()),
+                memory_bytes=float(self._layer_bytes(rec)),
+            )
+            out[rec.fqn] = d
+        return out
+
+    def _frozen(self) -> bool:
+        if self.config.is_nm:
+            return False  # N:M masks follow |W| at every step
+        last = (self._updates.end - 1) // self._updates.every * self._updates.every  # the last update step
+        return last <= 0 or self._step >= last
+
+    def log(self, level: int = logging.INFO) -> dict[str, dict[str, float]]:
+        """Log ``diagnostics()`` (one line per layer on the ``diagcompile.dst`` logger) and return them."""
+        diag = self.diagnostics()
+        for fqn, d in diag.items():
+            logger.log(
+                level,
+                "step %d %s: density=%.4f (target %.4f) active_neurons=%d fan_in=%g changed=%d (total %d) itop=%.3f",
+                self._step,
+                fqn,
+                d["density"],
+                d["target_density"],
+                d["active_neurons"],
+                d["fan_in"],
+                d["mask_changed"],
+                d["mask_changed_total"],
+                d["itop"],
+            )
+        return diag
+
+    # ------------------------------------------------------------------------------------------------
+    # State
+    # ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter, config, and per layer the mask, SRigL's ablated set and fan-in, and statistics.
+
+        Tensors and plain python only. Save ``model.state_dict()`` (the weights) next to this.
+        """
+        return {
+            "version": _STATE_VERSION,
+            "kind": "mask",
+            "step": self._step,
+            "finalized": self._finalized,
+            "config": self.config.to_dict(),
+            "layers": {
+                rec.fqn: {
+                    "shape": list(rec.shape),
+                    "target_nnz": rec.target_nnz,
+                    "nm": list(rec.nm),
+                    "mask": rec.module.mask.detach().cpu().clone(),
+                    "ever": rec.ever.detach().cpu().clone(),
+                    "ablated": None if rec.ablated is None else rec.ablated.detach().cpu().clone(),
+                    "fan_in": rec.fan_in,
+                    "changed": rec.changed,
+                    "changed_total": rec.changed_total,
+                    "updates": rec.updates,
+                }
+                for rec in self._layers
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` into a sparsifier built the same way (same model, config).
+
+        Raises ``ValueError`` naming what differs (config fields, layers, shapes, budgets).
+        """
+        self._check_live("load_state_dict")
+        if state_dict.get("version") != _STATE_VERSION or state_dict.get("kind") != "mask":
+            raise ValueError(
+                f"not a MaskSparsifier state (version {state_dict.get('version')!r}, kind {state_dict.get('kind')!r})"
+            )
+        if state_dict.get("finalized"):
+            raise ValueError("this state was saved after finalize(); it cannot resume training")
+        mine, theirs = self.config.to_dict(), MaskConfig.from_dict(dict(state_dict["config"])).to_dict()
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ValueError(
+                "MaskSparsifier.load_state_dict: config differs in "
+                + ", ".join(f"{k} (saved {theirs.get(k)!r}, here {mine.get(k)!r})" for k in diff)
+            )
+        saved = state_dict["layers"]
+        here = {rec.fqn: rec for rec in self._layers}
+        if set(saved) != set(here):
+            raise ValueError(
+                f"MaskSparsifier.load_state_dict: layers differ: saved-only {sorted(set(saved) - set(here))}, "
+                f"here-only {sorted(set(here) - set(saved))}"
+            )
+        for fqn, s in saved.items():
+            rec = here[fqn]
+            if (
+                list(s["shape"]) != list(rec.shape)
+                or s["target_nnz"] != rec.target_nnz
+                or list(s["nm"]) != list(rec.nm)
+            ):
+                raise ValueError(
+                    f"layer '{fqn}': saved shape {s['shape']} budget {s['target_nnz']} N:M {s['nm']}, here "
+                    f"{list(rec.shape)} budget {rec.target_nnz} N:M {list(rec.nm)}"
+                )
+        for fqn, s in saved.items():
+            rec = here[fqn]
+            dev = rec.module.weight.device
+            rec.module.mask.copy_(s["mask"].to(dev))
+            rec.ever = s["ever"].to(dev).clone()
+            rec.ablated = None if s["ablated"] is None else s["ablated"].to(dev).clone()
+            rec.fan_in = int(s["fan_in"])
+            rec.changed, rec.changed_total, rec.updates = int(s["changed"]), int(s["changed_total"]), int(s["updates"])
+        self._step = int(state_dict["step"])
+        self._set_schedule(self._step)
+        self._clear_grads()
+        self._armed = not self.config.is_nm and self._updates.is_update_step(self._step + 1)
+
+    # ------------------------------------------------------------------------------------------------
+    # Finalize
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def finalize(self) -> nn.Module:
+        """Apply the final hard masks and put plain ``nn.Linear`` layers back; return the model.
+
+        RigL/SRigL: the current mask. N:M: the target ``N:M`` mask of ``|W|`` (whatever the decay reached).
+        The pruned weights and their optimizer state are zeroed; the layers keep the same ``Parameter``
+        objects, so the optimizer stays valid (but nothing keeps pruned weights at zero any more if training
+        continues). Hooks are removed; the sparsifier cannot step afterwards.
+        """
+        self._check_live("finalize")
+        for rec in self._layers:
+            if rec.handle is not None:
+                rec.handle.remove()
+                rec.handle = None
+            layer = rec.module
+            if self.config.is_nm:
+                layer.nm_n = rec.nm[0]
+                layer.mask.copy_(self._nm_mask_now(rec))
+            self._mask_param_(rec, layer.mask)
+            plain = _plain_linear(layer)
+            parent_name, _, name = rec.fqn.rpartition(".")
+            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, name, plain)
+        self._finalized = True
+        self._clear_grads()
+        return self.model
+
+
+# ----------------------------------------------------------------------------------------------------
+# One entry point for every method
+# ----------------------------------------------------------------------------------------------------
+def config_class(method: str) -> type[DSTConfig] | type[MaskConfig]:
+    """The config class of a method: ``DSTConfig`` (dynadiag, diagheur) or ``MaskConfig`` (the baselines)."""
+    if method in DST_METHODS:
+        return DSTConfig
+    if method in MASK_METHODS:
+        return MaskConfig
+    raise ValueError(f"unknown sparse training method {method!r}; choose one of {', '.join(SPARSIFIER_METHODS)}")
+
+
+def make_sparsifier(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    method: str,
+    sparsity: float,
+    total_steps: int,
+    filter_fn: FilterFn | None = None,
+    *,
+    process_group: Any = None,
+    **options: Any,
+) -> DiagSparsifier | MaskSparsifier:
+    """Build the sparsifier of any method in ``SPARSIFIER_METHODS`` with the shared contract.
+
+    ``dynadiag``/``diagheur`` give a ``DiagSparsifier`` (``DSTConfig``); ``rigl``, ``srigl``, ``nm-srste``,
+    ``nm-mask-decay``, ``nm-structure-decay`` give a ``MaskSparsifier`` (``MaskConfig``). ``options`` are further
+    fields of that config (e.g. ``update_every=50``, ``distribution="erk"``, ``pool=2.0``); one that the method's
+    config does not have raises ``ValueError`` naming it (``config_class(method)`` tells which apply).
+    """
+    cls = config_class(method)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        valid = sorted(names - {"method", "sparsity", "total_steps"})
+        raise ValueError(f"option(s) {unknown} do not apply to method {method!r} ({cls.__name__}); valid: {valid}")
+    config = cls(total_steps=total_steps, method=method, sparsity=sparsity, **options)
+    if isinstance(config, DSTConfig):
+        return DiagSparsifier(model, optimizer, config, filter_fn, process_group=process_group)
+    return MaskSparsifier(model, optimizer, config, filter_fn, process_group=process_group)

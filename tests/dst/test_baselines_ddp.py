@@ -1,0 +1,49 @@
+"""A real 2-process gloo DDP run of the mask baselines: identical masks on both ranks after every step, and
+the same losses and masks as one process on the same global batches."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+WORKER = pathlib.Path(__file__).with_name("baselines_ddp_worker.py")
+CONFIGS = ["rigl", "srigl", "nm-mask-decay"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    # A script file, not `python -c`: torch.multiprocessing's spawn re-imports the main module by path.
+    out = tmp_path_factory.mktemp("ddp")
+    proc = subprocess.run([sys.executable, str(WORKER), str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tuple(torch.load(out / f, weights_only=True) for f in ("rank0.pt", "rank1.pt", "single.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_both_ranks_hold_identical_masks_and_parameters(results, name):
+    r0, r1, _ = (r[name] for r in results)
+    for t, (a, b) in enumerate(zip(r0["masks"], r1["masks"])):
+        for fqn in a:
+            assert torch.equal(a[fqn], b[fqn]), f"step {t + 1}, {fqn}: masks differ across ranks"
+    for key in r0["state"]:
+        assert torch.equal(r0["state"][key], r1["state"][key]), key
+    assert r0["losses"] == r1["losses"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_ddp_matches_one_process_on_the_global_batch(results, name):
+    r0, single = results[0][name], results[2][name]
+    changed = 0
+    for t, (a, b) in enumerate(zip(r0["masks"], single["masks"])):
+        for fqn in a:
+            assert torch.equal(a[fqn], b[fqn]), f"step {t + 1}, {fqn}: DDP and single-process masks differ"
+        if t and any(not torch.equal(a[f], r0["masks"][t - 1][f]) for f in a):
+            changed += 1
+    assert changed > 0, "the masks never changed: the test would prove nothing"
+    assert r0["losses"] == pytest.approx(single["losses"], rel=1e-4, abs=1e-6)
+    for key, v in single["state"].items():
+        assert torch.allclose(r0["state"][key].double(), v.double(), rtol=1e-3, atol=1e-5), key

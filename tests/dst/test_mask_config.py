@@ -1,0 +1,66 @@
+"""MaskConfig: defaults from the baselines digest, validation, (de)serialization."""
+
+import math
+
+import pytest
+
+from diagcompile.dst import MaskConfig
+
+
+def test_defaults_are_the_papers():
+    c = MaskConfig(total_steps=1000)
+    assert (c.method, c.update_every, c.drop_fraction, c.update_end) == ("rigl", 100, 0.3, 0.75)
+    assert c.gamma_sal == 0.3 and c.ablation and c.srste_lambda == 2e-4
+    assert c.update_end_step == 750
+    assert c.decay_c == pytest.approx(10 / 750)
+    assert math.exp(-c.decay_c * 750) < 1e-4
+    assert MaskConfig(total_steps=1000, mask_decay_shape="linear").decay_c == pytest.approx(1 / 750)
+    assert MaskConfig(total_steps=1000, mask_decay_c=1e-4).decay_c == 1e-4
+    assert not c.is_nm and MaskConfig(total_steps=5, method="nm-srste").is_nm
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"total_steps": 0}, ValueError, "total_steps"),
+        ({"total_steps": 1.5}, TypeError, "total_steps"),
+        ({"method": "set"}, ValueError, "method"),
+        ({"method": "dynadiag"}, ValueError, "method"),
+        ({"sparsity": 1.0}, ValueError, "sparsity"),
+        ({"sparsity": True}, TypeError, "sparsity"),
+        ({"update_every": 0}, ValueError, "update_every"),
+        ({"drop_fraction": 1.5}, ValueError, "drop_fraction"),
+        ({"update_end": -0.1}, ValueError, "update_end"),
+        ({"distribution": "er"}, ValueError, "distribution"),
+        ({"budget": "ceil"}, ValueError, "budget"),
+        ({"rescale_init": 1}, TypeError, "rescale_init"),
+        ({"seed": 1.0}, TypeError, "seed"),
+        ({"gamma_sal": -1.0}, ValueError, "gamma_sal"),
+        ({"no_ablation": "head"}, TypeError, "no_ablation"),
+        ({"no_ablation": (1,)}, TypeError, "no_ablation"),
+        ({"nm_m": 1}, ValueError, "nm_m"),
+        ({"nm_n": 2}, ValueError, "needs nm_m"),
+        ({"nm_n": 5, "nm_m": 4}, ValueError, "nm_n"),
+        ({"nm_max_m": 1}, ValueError, "nm_max_m"),
+        ({"srste_lambda": -1e-4}, ValueError, "srste_lambda"),
+        ({"mask_decay_shape": "cosine"}, ValueError, "mask_decay_shape"),
+        ({"mask_decay_c": 0.0}, ValueError, "mask_decay_c"),
+        ({"mask_decay_grad": "none"}, ValueError, "mask_decay_grad"),
+        ({"method": "nm-srste", "distribution": "erk"}, ValueError, "uniform"),
+    ],
+)
+def test_validation(kwargs, exc, match):
+    kwargs = {"total_steps": 10, **kwargs}
+    with pytest.raises(exc, match=match):
+        MaskConfig(**kwargs)
+
+
+def test_round_trip_and_list_names():
+    c = MaskConfig(total_steps=10, method="srigl", no_ablation=["body.0"], seed=3)
+    assert c.no_ablation == ("body.0",)
+    assert MaskConfig.from_dict(c.to_dict()) == c
+    d = c.to_dict()
+    d["no_ablation"] = list(d["no_ablation"])  # e.g. after JSON
+    assert MaskConfig.from_dict(d) == c
+    with pytest.raises(ValueError, match="unknown fields"):
+        MaskConfig.from_dict({**c.to_dict(), "pool": 2.0})
