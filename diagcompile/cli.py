@@ -26,6 +26,41 @@ def command(name: str, help: str, add_arguments: AddArgs) -> Callable[[Run], Run
 
 
 # ----------------------------------------------------------------------------------------------------
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--sparsity", type=float, default=0.9, help="DynaDiag's target sparsity (default: 0.9)")
+    p.add_argument("--epochs", type=float, default=None, help="training epochs per model (default: 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile step")
+    p.add_argument("--no-layer-timing", action="store_true", help="skip timing the decode-sized layer")
+
+
+@command(
+    "demo",
+    "the whole story on bundled data: train dense and DynaDiag, compile, export, check, time, plot",
+    _demo_args,
+)
+def _demo(args: argparse.Namespace) -> int:
+    from diagcompile.demo import DemoConfig, run_demo
+
+    try:
+        cfg = DemoConfig(
+            out=args.out,
+            sparsity=args.sparsity,
+            epochs=args.epochs,
+            seed=args.seed,
+            device=args.device,
+            compile=not args.no_compile,
+            layer_timing=not args.no_layer_timing,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_demo(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
 def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="device to check on (default: cpu)")
