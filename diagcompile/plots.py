@@ -40,6 +40,10 @@ def plot_diagonal_pattern(layer: torch.nn.Module, path: str | os.PathLike, title
     The top panel is ``|W|`` (``N_out x N_in``, log colour scale) — the wrapped diagonals are visible as
     stripes; the bottom strip marks which of the ``P`` candidate offsets the layer keeps.
     """
+    from diagcompile.modules import DiagLinear
+
+    if not isinstance(layer, DiagLinear):
+        raise TypeError(f"plot_diagonal_pattern needs a DiagLinear, got {type(layer).__name__}")
     from matplotlib.colors import LogNorm
 
     plt = _pyplot()
@@ -92,6 +96,8 @@ def plot_training_curves(
 
     ``markers`` are ``(label, step)`` vertical lines (e.g. DynaDiag's freeze).
     """
+    if not any(m.get("curve") for m in runs.values()):
+        raise ValueError("plot_training_curves: no run has a 'curve' (the metrics JSON of diagcompile.train)")
     plt = _pyplot()
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     for label, m in runs.items():
