@@ -39,8 +39,10 @@ def test_method_lists_agree():
     assert cli._METHODS == train_mod.METHODS
     for m in MASK_METHODS:
         assert parse_variant(m) == {"method": m} and parse_variant(f"{m}@erk") == {"method": m}
-    with pytest.raises(ValueError, match="relaxation/pool apply to dynadiag"):
+    with pytest.raises(ValueError, match="relaxation/pool/offsets_from apply to diagonal methods"):
         TrainConfig(task="digits-vit", method="rigl", pool=2.0)
+    with pytest.raises(ValueError, match="not the mask baseline 'srigl'"):
+        TrainConfig(task="digits-vit", method="srigl", offsets_from="model.pt")
     with pytest.raises(ValueError, match=r"\['freeze_at'\] do not apply to method 'srigl'"):
         train(_quick(method="srigl", dst={"freeze_at": 0.5}))
 
