@@ -107,11 +107,11 @@ class _Layer:
 
     @property
     def P(self) -> int:
-        return max(self.n_out, self.n_in)
+        return diag_shape(self.n_out, self.n_in)[0]
 
     @property
     def D(self) -> int:
-        return min(self.n_out, self.n_in)
+        return diag_shape(self.n_out, self.n_in)[1]
 
     @property
     def needs_probe(self) -> bool:
