@@ -11,12 +11,16 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from diagcompile.marking import get_sparse_mark, unmark_sparse
 from diagcompile.ops import OFFSET_DTYPE, diag_shape, extract_diagonals, to_dense
+
+if TYPE_CHECKING:  # dst is a higher layer: only its names, for the hints
+    from diagcompile.dst import DiagSparsifier, MaskSparsifier
 
 __all__ = [
     "LAYER_SHAPES",
@@ -38,6 +42,10 @@ __all__ = [
     "masked_dense_copy",
     "masked_training_copy",
     "dense_original",
+    # sparse training runs shared by the DiagSparsifier and MaskSparsifier tests
+    "digits_mlp",
+    "train_sparse",
+    "accuracy",
 ]
 
 #: (out_features, in_features): wide, tall, square, odd and prime sizes, and the degenerate 1xN / Nx1.
@@ -292,3 +300,41 @@ def dense_original(ref: nn.Module, fqn: str) -> torch.Tensor:
     """The trainable dense tensor behind a parametrized weight of ``masked_training_copy``."""
     owner, _, attr = fqn.rpartition(".")
     return ref.get_submodule(owner).parametrizations[attr].original
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sparse training runs shared by the DiagSparsifier and MaskSparsifier tests
+# ----------------------------------------------------------------------------------------------------
+def digits_mlp(seed: int = 0) -> nn.Sequential:
+    """MLP 64 -> 128 -> 128 -> 10 for the digits (8x8 = 64 features, 10 classes), seeded; the head is ``"4"``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def train_sparse(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sparsifier: DiagSparsifier | MaskSparsifier,
+    X: Tensor,
+    y: Tensor,
+    steps: int,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> None:
+    """``steps`` optimizer steps of cross-entropy (plus ``sparsifier.regularization_loss()``) on random batches
+    of ``X`` ``(N, F)`` / ``y`` ``(N,)`` (own generator seeded ``seed``), with ``sparsifier.step()`` after each
+    ``optimizer.step()``: the contract every sparsifier follows."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(X), (batch_size,), generator=g)
+        loss = nn.functional.cross_entropy(model(X[idx]), y[idx]) + sparsifier.regularization_loss()
+        loss.backward()
+        optimizer.step()
+        sparsifier.step()
+        optimizer.zero_grad()
+
+
+def accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
+    """Top-1 accuracy of ``model`` on ``X`` ``(N, F)`` / ``y`` ``(N,)``, without gradients."""
+    with torch.no_grad():
+        return (model(X).argmax(1) == y).float().mean().item()
