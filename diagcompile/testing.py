@@ -10,7 +10,7 @@ import copy
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,6 +46,8 @@ __all__ = [
     "digits_mlp",
     "train_sparse",
     "accuracy",
+    "toy_batch",
+    "train_toy",
 ]
 
 #: (out_features, in_features): wide, tall, square, odd and prime sizes, and the degenerate 1xN / Nx1.
@@ -338,3 +340,36 @@ def accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
     """Top-1 accuracy of ``model`` on ``X`` ``(N, F)`` / ``y`` ``(N,)``, without gradients."""
     with torch.no_grad():
         return (model(X).argmax(1) == y).float().mean().item()
+
+
+def toy_batch(t: int, n: int = 16) -> tuple[Tensor, Tensor]:
+    """Batch ``t`` of a deterministic toy regression: ``x`` ``(n, 16)``, ``y = sin(2 x[:, :5]) + noise`` ``(n, 5)``
+    (its own generator seeded ``1000 + t``, so every process and every run sees the same batches)."""
+    g = torch.Generator().manual_seed(1000 + t)
+    x = torch.randn(n, 16, generator=g)
+    return x, (x[:, :5] * 2).sin() + 0.1 * torch.randn(n, 5, generator=g)
+
+
+def train_toy(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sparsifier: DiagSparsifier | MaskSparsifier,
+    steps: int,
+    start: int = 0,
+    check: Callable[[int], object] | None = None,
+) -> list[float]:
+    """Train ``model`` (16 -> 5, e.g. ``tiny_mlp(n_in=16, n_out=5)``) on ``toy_batch(start) ...`` with MSE plus
+    ``sparsifier.regularization_loss()``, ``sparsifier.step()`` after each ``optimizer.step()``; call
+    ``check(completed_steps)`` after each step. Returns the losses."""
+    losses = []
+    for t in range(start, start + steps):
+        x, y = toy_batch(t)
+        loss = nn.functional.mse_loss(model(x), y) + sparsifier.regularization_loss()
+        loss.backward()
+        optimizer.step()
+        sparsifier.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if check is not None:
+            check(t + 1)
+    return losses

@@ -18,7 +18,7 @@ from torch import nn
 
 from diagcompile import DiagLinear
 from diagcompile.dst import DiagSparsifier, DSTConfig, MaskConfig, MaskSparsifier
-from diagcompile.testing import not_head, tiny_mlp
+from diagcompile.testing import not_head, tiny_mlp, toy_batch
 
 WORLD = 2
 GLOBAL_BATCH = 32
@@ -42,12 +42,6 @@ CONFIGS = {
 }
 
 
-def batch(t: int):
-    g = torch.Generator().manual_seed(1000 + t)
-    x = torch.randn(GLOBAL_BATCH, 16, generator=g)
-    return x, (x[:, :5] * 2).sin() + 0.1 * torch.randn(GLOBAL_BATCH, 5, generator=g)
-
-
 def topology(sp):
     if isinstance(sp, MaskSparsifier):
         return {f: m.mask.clone() for f, m in sp.layers.items()}
@@ -67,7 +61,7 @@ def run(name: str, rank: int, world: int) -> dict:
     per = GLOBAL_BATCH // world
     losses, topo = [], []
     for t in range(STEPS):
-        x, y = batch(t)
+        x, y = toy_batch(t, GLOBAL_BATCH)
         x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
         loss = nn.functional.mse_loss(net(x), y)
         loss.backward()

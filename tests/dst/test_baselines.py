@@ -22,6 +22,8 @@ from diagcompile.dst import (
 )
 from diagcompile.ops import k_from_sparsity
 from diagcompile.testing import not_head, tiny_mlp
+from diagcompile.testing import toy_batch as _batch
+from diagcompile.testing import train_toy as _train
 
 METHODS = ["rigl", "srigl", "nm-srste", "nm-mask-decay", "nm-structure-decay"]
 NM = [m for m in METHODS if m.startswith("nm-")]
@@ -43,30 +45,11 @@ def _make(method, opt="adamw", seed=0, filter_fn=not_head, **cfg):
     return model, optimizer, sp
 
 
-def _batch(t: int, n: int = 16):
-    g = torch.Generator().manual_seed(1000 + t)
-    x = torch.randn(n, 16, generator=g)
-    return x, (x[:, :5] * 2).sin() + 0.1 * torch.randn(n, 5, generator=g)
-
-
 def _fwd_bwd(model, t):
     x, y = _batch(t)
     loss = F.mse_loss(model(x), y)
     loss.backward()
     return loss
-
-
-def _train(model, opt, sp, steps, start=0, check=None):
-    losses = []
-    for t in range(start, start + steps):
-        loss = _fwd_bwd(model, t) + sp.regularization_loss()
-        opt.step()
-        sp.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-        if check is not None:
-            check(t + 1)
-    return losses
 
 
 def _topk_mask(w, n, m):
