@@ -8,10 +8,6 @@ weights come from DRAM as they would in a real model (a single copy would sit in
 from __future__ import annotations
 
 import csv
-import datetime as _dt
-import os
-import platform
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,40 +19,23 @@ __all__ = ["env_stamp", "median_time_ms", "compare_ms", "write_results", "RESULT
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001 - a benchmark must still run outside a checkout
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def env_stamp() -> dict[str, str]:
-    """Who/what/when of a benchmark run: device, versions, git SHA, UTC date."""
+    """Who/what/when of a benchmark run: device, versions, git SHA, UTC date.
+
+    Built from ``diagcompile.train.env_stamp`` (the one home of these facts) in the benchmark tables' layout.
+    """
+    from diagcompile.train import env_stamp as library_stamp
+
+    lib = library_stamp("cuda" if torch.cuda.is_available() else "cpu")
     stamp = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "git": _git_sha(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": f"{_cpu_name()} ({os.cpu_count()} logical cores, torch threads={torch.get_num_threads()})",
+        "date": lib["date"],
+        "git": lib["git"],
+        "torch": lib["torch"],
+        "python": lib["python"],
+        "cpu": f"{lib['cpu']} ({lib['cpu_count']} logical cores, torch threads={lib['torch_threads']})",
     }
-    if torch.cuda.is_available():
-        stamp["gpu"] = torch.cuda.get_device_name()
+    if "gpu" in lib:
+        stamp["gpu"] = lib["gpu"]
         try:
             import triton
 

@@ -10,13 +10,17 @@ import copy
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from diagcompile.marking import get_sparse_mark, unmark_sparse
 from diagcompile.ops import OFFSET_DTYPE, diag_shape, extract_diagonals, to_dense
+
+if TYPE_CHECKING:  # dst is a higher layer: only its names, for the hints
+    from diagcompile.dst import DiagSparsifier, MaskSparsifier
 
 __all__ = [
     "LAYER_SHAPES",
@@ -38,6 +42,12 @@ __all__ = [
     "masked_dense_copy",
     "masked_training_copy",
     "dense_original",
+    # sparse training runs shared by the DiagSparsifier and MaskSparsifier tests
+    "digits_mlp",
+    "train_sparse",
+    "accuracy",
+    "toy_batch",
+    "train_toy",
 ]
 
 #: (out_features, in_features): wide, tall, square, odd and prime sizes, and the degenerate 1xN / Nx1.
@@ -292,3 +302,74 @@ def dense_original(ref: nn.Module, fqn: str) -> torch.Tensor:
     """The trainable dense tensor behind a parametrized weight of ``masked_training_copy``."""
     owner, _, attr = fqn.rpartition(".")
     return ref.get_submodule(owner).parametrizations[attr].original
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sparse training runs shared by the DiagSparsifier and MaskSparsifier tests
+# ----------------------------------------------------------------------------------------------------
+def digits_mlp(seed: int = 0) -> nn.Sequential:
+    """MLP 64 -> 128 -> 128 -> 10 for the digits (8x8 = 64 features, 10 classes), seeded; the head is ``"4"``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def train_sparse(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sparsifier: DiagSparsifier | MaskSparsifier,
+    X: Tensor,
+    y: Tensor,
+    steps: int,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> None:
+    """``steps`` optimizer steps of cross-entropy (plus ``sparsifier.regularization_loss()``) on random batches
+    of ``X`` ``(N, F)`` / ``y`` ``(N,)`` (own generator seeded ``seed``), with ``sparsifier.step()`` after each
+    ``optimizer.step()``: the contract every sparsifier follows."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(X), (batch_size,), generator=g)
+        loss = nn.functional.cross_entropy(model(X[idx]), y[idx]) + sparsifier.regularization_loss()
+        loss.backward()
+        optimizer.step()
+        sparsifier.step()
+        optimizer.zero_grad()
+
+
+def accuracy(model: nn.Module, X: Tensor, y: Tensor) -> float:
+    """Top-1 accuracy of ``model`` on ``X`` ``(N, F)`` / ``y`` ``(N,)``, without gradients."""
+    with torch.no_grad():
+        return (model(X).argmax(1) == y).float().mean().item()
+
+
+def toy_batch(t: int, n: int = 16) -> tuple[Tensor, Tensor]:
+    """Batch ``t`` of a deterministic toy regression: ``x`` ``(n, 16)``, ``y = sin(2 x[:, :5]) + noise`` ``(n, 5)``
+    (its own generator seeded ``1000 + t``, so every process and every run sees the same batches)."""
+    g = torch.Generator().manual_seed(1000 + t)
+    x = torch.randn(n, 16, generator=g)
+    return x, (x[:, :5] * 2).sin() + 0.1 * torch.randn(n, 5, generator=g)
+
+
+def train_toy(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sparsifier: DiagSparsifier | MaskSparsifier,
+    steps: int,
+    start: int = 0,
+    check: Callable[[int], object] | None = None,
+) -> list[float]:
+    """Train ``model`` (16 -> 5, e.g. ``tiny_mlp(n_in=16, n_out=5)``) on ``toy_batch(start) ...`` with MSE plus
+    ``sparsifier.regularization_loss()``, ``sparsifier.step()`` after each ``optimizer.step()``; call
+    ``check(completed_steps)`` after each step. Returns the losses."""
+    losses = []
+    for t in range(start, start + steps):
+        x, y = toy_batch(t)
+        loss = nn.functional.mse_loss(model(x), y) + sparsifier.regularization_loss()
+        loss.backward()
+        optimizer.step()
+        sparsifier.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if check is not None:
+            check(t + 1)
+    return losses

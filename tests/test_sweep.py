@@ -6,21 +6,12 @@ import json
 import statistics
 
 import pytest
-import torch
 
 from diagcompile import cli
 from diagcompile import sweep as sweep_mod
 from diagcompile.sweep import SweepConfig, aggregate, parse_variant, plan_runs, run_name, run_sweep
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 TINY = {"steps": 6, "batch_size": 16, "model": {"dim": 16, "depth": 1}, "eval_every": 3}

@@ -24,16 +24,7 @@ from diagcompile.train import (
     train,
 )
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is as fast, and deterministic regardless of the machine's core count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 TINY_VIT = {"dim": 32, "depth": 1}

@@ -16,15 +16,7 @@ from diagcompile.dst.mask_config import MASK_METHODS
 from diagcompile.sweep import parse_variant
 from diagcompile.train import CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, TrainConfig, load_model, train
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def _quick(**kw):

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diagcompile.dst._base import FilterFn, SparsifierBase, select_linears
 from diagcompile.dst.config import METHODS as DST_METHODS
 from diagcompile.dst.config import DSTConfig
 from diagcompile.dst.mask_config import MASK_METHODS, MaskConfig
@@ -74,8 +75,7 @@ from diagcompile.dst.mask_rules import (
     srigl_update,
     structure_decay_frames,
 )
-from diagcompile.dst.optim import _row_state_tensors, find_group, state_bytes
-from diagcompile.dst.schedules import UpdateSchedule
+from diagcompile.dst.optim import _row_state_tensors, find_group
 from diagcompile.dst.sparsifier import DiagSparsifier
 from diagcompile.functional import check_sparsity
 from diagcompile.marking import get_sparse_mark
@@ -85,7 +85,6 @@ __all__ = ["MaskSparsifier", "MaskedLinear", "make_sparsifier", "config_class", 
 
 logger = logging.getLogger("diagcompile.dst")
 
-FilterFn = Callable[[nn.Module, str], bool]
 _STATE_VERSION = 1
 
 #: Every method ``make_sparsifier`` accepts: the diagonal methods, then the mask baselines.
@@ -199,7 +198,7 @@ class _Layer:
         return self.module.out_features, self.module.in_features
 
 
-class MaskSparsifier:
+class MaskSparsifier(SparsifierBase):
     """RigL, SRigL and N:M (SR-STE, mask decay, structure decay) training of ``nn.Linear`` layers.
 
     The same contract as ``DiagSparsifier`` (see the module docstring), so a training harness swaps one for
@@ -222,6 +221,12 @@ class MaskSparsifier:
             is itself a linear / already DDP-wrapped.
     """
 
+    _name = "MaskSparsifier"
+    _config_cls = MaskConfig
+    _fresh_optimizer_why = "the masks must apply to the optimizer state from the start"
+    _finalized_layers = "plain nn.Linear"
+    config: MaskConfig
+
     def __init__(
         self,
         model: nn.Module,
@@ -231,28 +236,7 @@ class MaskSparsifier:
         *,
         process_group: Any = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(config, MaskConfig):
-            raise TypeError(f"config must be a MaskConfig, got {type(config).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        if optimizer is not None and len(optimizer.state) > 0:
-            raise ValueError(
-                "the optimizer already has state: construct MaskSparsifier before the first optimizer.step() "
-                "(the masks must apply to the optimizer state from the start)"
-            )
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ValueError("construct MaskSparsifier on the bare model, then wrap it in DistributedDataParallel")
-        if isinstance(model, nn.Linear):
-            raise ValueError("model is a single nn.Linear, which cannot be converted in place: wrap it in a module")
-        self.model, self.optimizer, self.config = model, optimizer, config
-        self._group = process_group
-        self._world = DiagSparsifier._world_size(process_group)
-        self._step = 0
-        self._finalized = False
-        self._armed = False
-        self._updates = UpdateSchedule(config.update_every, config.update_end_step, config.drop_fraction)
+        self._init_common(model, optimizer, config, process_group)
 
         plans = self._plan(model, filter_fn)  # validates everything before any layer changes
         gen = None if config.seed is None else torch.Generator().manual_seed(config.seed)
@@ -281,7 +265,7 @@ class MaskSparsifier:
     # ------------------------------------------------------------------------------------------------
     def _plan(self, model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear, int, tuple, bool]]:
         cfg = self.config
-        selected = DiagSparsifier._select(model, filter_fn)
+        selected = select_linears(model, filter_fn)
         shapes, budgets = [], []
         for fqn, linear in selected:
             n_out, n_in = linear.weight.shape
@@ -372,32 +356,12 @@ class MaskSparsifier:
                     scale = torch.where(fan > 0, (n_in / fan.clamp_min(1)).sqrt(), torch.zeros_like(fan))
                     w.mul_(scale.to(w.dtype))
                 w.masked_fill_(~mask, 0)
-        parent_name, _, name = fqn.rpartition(".")
-        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, name, new)
+        self._set_module(fqn, new)
         return rec
 
     # ------------------------------------------------------------------------------------------------
     # Distributed helpers
     # ------------------------------------------------------------------------------------------------
-    def _src_rank(self) -> int:
-        import torch.distributed as dist
-
-        return 0 if self._group is None else dist.get_global_rank(self._group, 0)
-
-    def _agree(self, *tensors: Tensor) -> None:
-        """Overwrite each tensor with rank 0's copy (bool tensors travel as uint8)."""
-        if self._world <= 1:
-            return
-        import torch.distributed as dist
-
-        for t in tensors:
-            if t.dtype == torch.bool:
-                u = t.to(torch.uint8)
-                dist.broadcast(u, self._src_rank(), group=self._group)
-                t.copy_(u.bool())
-            else:
-                dist.broadcast(t, self._src_rank(), group=self._group)
-
     @torch.no_grad()
     def _broadcast_initial_state(self) -> None:
         if self._world <= 1:
@@ -407,18 +371,9 @@ class MaskSparsifier:
 
     def _reduced_grad(self, rec: _Layer) -> Tensor | None:
         """The dense gradient of the global batch (mean over ranks), or ``None`` if no rank captured one."""
-        g = rec.dense_grad
         w = rec.module.weight
-        have = torch.tensor([0.0 if g is None else 1.0], device=w.device)
+        g = self._mean_over_ranks(rec.dense_grad, tuple(w.shape), w.device)
         if g is None:
-            g = torch.zeros(w.shape, device=w.device, dtype=torch.float32)
-        if self._world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(g, group=self._group)
-            dist.all_reduce(have, group=self._group)
-            g = g / self._world
-        if float(have) == 0:
             warnings.warn(
                 f"MaskSparsifier: no dense gradient was captured for '{rec.fqn}' at step {self._step + 1} (was "
                 "forward/backward run through it before sparsifier.step()?); its topology update is skipped",
@@ -458,15 +413,6 @@ class MaskSparsifier:
     # ------------------------------------------------------------------------------------------------
     # The step
     # ------------------------------------------------------------------------------------------------
-    def _check_live(self, what: str) -> None:
-        if self._finalized:
-            raise RuntimeError(f"MaskSparsifier.{what}() after finalize(): the layers are plain nn.Linear now")
-
-    @property
-    def step_count(self) -> int:
-        """Completed optimizer steps (calls to ``step()``)."""
-        return self._step
-
     @property
     def layers(self) -> dict[str, nn.Module]:
         """The masked layers by fully-qualified name."""
@@ -569,9 +515,6 @@ class MaskSparsifier:
         self._check_live("regularization_loss")
         device = next(iter(self.model.parameters()), torch.zeros(())).device
         return torch.zeros((), device=device)
-
-    def _layer_bytes(self, rec: _Layer) -> int:
-        return sum(p.numel() * p.element_size() + state_bytes(self.optimizer, p) for p in rec.module.parameters())
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, dict[str, float]]:
@@ -693,20 +636,10 @@ class MaskSparsifier:
             )
         if state_dict.get("finalized"):
             raise ValueError("this state was saved after finalize(); it cannot resume training")
-        mine, theirs = self.config.to_dict(), MaskConfig.from_dict(dict(state_dict["config"])).to_dict()
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            raise ValueError(
-                "MaskSparsifier.load_state_dict: config differs in "
-                + ", ".join(f"{k} (saved {theirs.get(k)!r}, here {mine.get(k)!r})" for k in diff)
-            )
+        self._check_saved_config(self.config.to_dict(), MaskConfig.from_dict(dict(state_dict["config"])).to_dict())
         saved = state_dict["layers"]
         here = {rec.fqn: rec for rec in self._layers}
-        if set(saved) != set(here):
-            raise ValueError(
-                f"MaskSparsifier.load_state_dict: layers differ: saved-only {sorted(set(saved) - set(here))}, "
-                f"here-only {sorted(set(here) - set(saved))}"
-            )
+        self._check_saved_layers(saved, here)
         for fqn, s in saved.items():
             rec = here[fqn]
             if (
@@ -754,8 +687,7 @@ class MaskSparsifier:
                 layer.mask.copy_(self._nm_mask_now(rec))
             self._mask_param_(rec, layer.mask)
             plain = _plain_linear(layer)
-            parent_name, _, name = rec.fqn.rpartition(".")
-            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, name, plain)
+            self._set_module(rec.fqn, plain)
         self._finalized = True
         self._clear_grads()
         return self.model

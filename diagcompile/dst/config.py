@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
+
+from diagcompile.dst._validate import FieldChecker, check_schedule_fields, config_from_dict, is_real
 
 __all__ = ["DSTConfig", "METHODS", "RELAXATIONS", "TEMPERATURE_SCHEDULES", "OFFSET_INITS"]
 
@@ -12,10 +14,6 @@ METHODS = ("dynadiag", "diagheur")
 RELAXATIONS = ("threshold", "softmax_clamp")
 TEMPERATURE_SCHEDULES = ("cosine", "linear", "exponential", "constant")
 OFFSET_INITS = ("random", "even", "topk")
-
-
-def _is_real(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -95,60 +93,30 @@ class DSTConfig:
     pool: float | None = None
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str, exc: type[Exception] = ValueError) -> Exception:
-            return exc(f"DSTConfig.{name}={getattr(self, name)!r} {why}")
-
-        def need_int(name: str, lo: int) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise bad(name, "must be an int", TypeError)
-            if v < lo:
-                raise bad(name, f"must be >= {lo}")
-
-        def need_real(name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
-            v = getattr(self, name)
-            if not _is_real(v):
-                raise bad(name, "must be a real number", TypeError)
-            if math.isnan(v) or (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
-                lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-                raise bad(name, f"must be in {lb}{lo}, {hi}{rb}")
-
-        def need_choice(name: str, choices: tuple[str, ...]) -> None:
-            if getattr(self, name) not in choices:
-                raise bad(name, f"must be one of {', '.join(map(repr, choices))}")
-
-        def need_bool(name: str) -> None:
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "must be a bool", TypeError)
-
-        need_int("total_steps", 1)
-        need_choice("method", METHODS)
-        need_real("sparsity", 0.0, 1.0, hi_open=True)
-        need_int("update_every", 1)
-        need_real("drop_fraction", 0.0, 1.0)
-        need_real("update_end", 0.0, 1.0)
-        need_choice("offset_init", OFFSET_INITS)
-        need_bool("rescale_init")
-        need_choice("relaxation", RELAXATIONS)
-        need_choice("temperature_schedule", TEMPERATURE_SCHEDULES)
-        need_real("temperature_start", 0.0, math.inf, lo_open=True, hi_open=True)
-        need_real("temperature_end", 0.0, math.inf, lo_open=True, hi_open=True)
-        if isinstance(self.freeze_at, bool) or not _is_real(self.freeze_at):
-            raise bad("freeze_at", "must be a float fraction of total_steps or an int step", TypeError)
+        c = FieldChecker(self, "DSTConfig")
+        check_schedule_fields(c, METHODS)
+        c.need_choice("offset_init", OFFSET_INITS)
+        c.need_bool("rescale_init")
+        c.need_choice("relaxation", RELAXATIONS)
+        c.need_choice("temperature_schedule", TEMPERATURE_SCHEDULES)
+        c.need_real("temperature_start", 0.0, math.inf, lo_open=True, hi_open=True)
+        c.need_real("temperature_end", 0.0, math.inf, lo_open=True, hi_open=True)
+        if isinstance(self.freeze_at, bool) or not is_real(self.freeze_at):
+            raise c.bad("freeze_at", "must be a float fraction of total_steps or an int step", TypeError)
         if isinstance(self.freeze_at, int):
             if not 0 <= self.freeze_at <= self.total_steps:
-                raise bad("freeze_at", f"(an absolute step) must be in [0, total_steps={self.total_steps}]")
+                raise c.bad("freeze_at", f"(an absolute step) must be in [0, total_steps={self.total_steps}]")
         elif math.isnan(self.freeze_at) or not 0.0 <= self.freeze_at <= 1.0:
-            raise bad("freeze_at", "(a fraction of total_steps) must be in [0.0, 1.0]; pass an int for a step")
-        need_bool("fold_at_freeze")
-        need_real("alpha_lr", 0.0, math.inf, hi_open=True)
-        need_real("alpha_l1", 0.0, math.inf, hi_open=True)
+            raise c.bad("freeze_at", "(a fraction of total_steps) must be in [0.0, 1.0]; pass an int for a step")
+        c.need_bool("fold_at_freeze")
+        c.need_real("alpha_lr", 0.0, math.inf, hi_open=True)
+        c.need_real("alpha_l1", 0.0, math.inf, hi_open=True)
         if self.alpha_init is not None:
-            need_real("alpha_init", -math.inf, math.inf, lo_open=True, hi_open=True)
-        need_real("alpha_init_noise", 0.0, math.inf, hi_open=True)
-        need_real("active_eps", 0.0, 0.5, hi_open=True)
+            c.need_real("alpha_init", -math.inf, math.inf, lo_open=True, hi_open=True)
+        c.need_real("alpha_init_noise", 0.0, math.inf, hi_open=True)
+        c.need_real("active_eps", 0.0, 0.5, hi_open=True)
         if self.pool is not None:
-            need_real("pool", 1.0, math.inf, hi_open=True)
+            c.need_real("pool", 1.0, math.inf, hi_open=True)
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -172,8 +140,4 @@ class DSTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DSTConfig:
         """Inverse of ``to_dict``; unknown keys raise ``ValueError``."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"DSTConfig.from_dict: unknown fields {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d, "DSTConfig")

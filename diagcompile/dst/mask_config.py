@@ -10,8 +10,10 @@ options would accept (and silently ignore) half of its fields for any given meth
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
+
+from diagcompile.dst._validate import FieldChecker, check_schedule_fields, config_from_dict
 
 __all__ = ["MaskConfig", "MASK_METHODS", "NM_METHODS", "DISTRIBUTIONS", "BUDGETS"]
 
@@ -21,10 +23,6 @@ DISTRIBUTIONS = ("uniform", "erk")
 BUDGETS = ("diagonal", "floor")
 MASK_DECAY_SHAPES = ("exponential", "linear")
 MASK_DECAY_GRADS = ("scaled", "ste")
-
-
-def _is_real(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -120,67 +118,35 @@ class MaskConfig:
     mask_decay_grad: Literal["scaled", "ste"] = "scaled"
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str, exc: type[Exception] = ValueError) -> Exception:
-            return exc(f"MaskConfig.{name}={getattr(self, name)!r} {why}")
-
-        def need_int(name: str, lo: int, optional: bool = False) -> None:
-            v = getattr(self, name)
-            if optional and v is None:
-                return
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise bad(name, "must be an int" + (" or None" if optional else ""), TypeError)
-            if v < lo:
-                raise bad(name, f"must be >= {lo}")
-
-        def need_real(name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
-            v = getattr(self, name)
-            if not _is_real(v):
-                raise bad(name, "must be a real number", TypeError)
-            if math.isnan(v) or (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
-                lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-                raise bad(name, f"must be in {lb}{lo}, {hi}{rb}")
-
-        def need_choice(name: str, choices: tuple[str, ...]) -> None:
-            if getattr(self, name) not in choices:
-                raise bad(name, f"must be one of {', '.join(map(repr, choices))}")
-
-        def need_bool(name: str) -> None:
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "must be a bool", TypeError)
-
-        need_int("total_steps", 1)
-        need_choice("method", MASK_METHODS)
-        need_real("sparsity", 0.0, 1.0, hi_open=True)
-        need_int("update_every", 1)
-        need_real("drop_fraction", 0.0, 1.0)
-        need_real("update_end", 0.0, 1.0)
-        need_choice("distribution", DISTRIBUTIONS)
-        need_real("erk_power", 0.0, math.inf, hi_open=True)
-        need_choice("budget", BUDGETS)
-        need_bool("rescale_init")
-        need_int("seed", -(2**63), optional=True)
-        need_bool("ablation")
-        need_real("gamma_sal", 0.0, math.inf, hi_open=True)
+        c = FieldChecker(self, "MaskConfig")
+        check_schedule_fields(c, MASK_METHODS)
+        c.need_choice("distribution", DISTRIBUTIONS)
+        c.need_real("erk_power", 0.0, math.inf, hi_open=True)
+        c.need_choice("budget", BUDGETS)
+        c.need_bool("rescale_init")
+        c.need_int("seed", -(2**63), optional=True)
+        c.need_bool("ablation")
+        c.need_real("gamma_sal", 0.0, math.inf, hi_open=True)
         if isinstance(self.no_ablation, str) or not isinstance(self.no_ablation, (tuple, list)):
-            raise bad("no_ablation", "must be a tuple of layer names", TypeError)
+            raise c.bad("no_ablation", "must be a tuple of layer names", TypeError)
         if not all(isinstance(n, str) for n in self.no_ablation):
-            raise bad("no_ablation", "must hold only str layer names", TypeError)
+            raise c.bad("no_ablation", "must hold only str layer names", TypeError)
         object.__setattr__(self, "no_ablation", tuple(self.no_ablation))  # lists (JSON, CLI) -> tuple
-        need_int("nm_m", 2, optional=True)
-        need_int("nm_n", 1, optional=True)
+        c.need_int("nm_m", 2, optional=True)
+        c.need_int("nm_n", 1, optional=True)
         if self.nm_n is not None:
             if self.nm_m is None:
-                raise bad("nm_n", "needs nm_m (N:M fixes both)")
+                raise c.bad("nm_n", "needs nm_m (N:M fixes both)")
             if self.nm_n > self.nm_m:
-                raise bad("nm_n", f"must be <= nm_m={self.nm_m}")
-        need_int("nm_max_m", 2)
-        need_real("srste_lambda", 0.0, math.inf, hi_open=True)
-        need_choice("mask_decay_shape", MASK_DECAY_SHAPES)
+                raise c.bad("nm_n", f"must be <= nm_m={self.nm_m}")
+        c.need_int("nm_max_m", 2)
+        c.need_real("srste_lambda", 0.0, math.inf, hi_open=True)
+        c.need_choice("mask_decay_shape", MASK_DECAY_SHAPES)
         if self.mask_decay_c is not None:
-            need_real("mask_decay_c", 0.0, math.inf, lo_open=True, hi_open=True)
-        need_choice("mask_decay_grad", MASK_DECAY_GRADS)
+            c.need_real("mask_decay_c", 0.0, math.inf, lo_open=True, hi_open=True)
+        c.need_choice("mask_decay_grad", MASK_DECAY_GRADS)
         if self.method in NM_METHODS and self.distribution != "uniform":
-            raise bad("distribution", f"must be 'uniform' for {self.method} (N:M fixes every layer's density)")
+            raise c.bad("distribution", f"must be 'uniform' for {self.method} (N:M fixes every layer's density)")
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -208,8 +174,4 @@ class MaskConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MaskConfig:
         """Inverse of ``to_dict``; unknown keys raise ``ValueError``."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"MaskConfig.from_dict: unknown fields {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d, "MaskConfig")

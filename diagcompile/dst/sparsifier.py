@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diagcompile.dst._base import FilterFn, SparsifierBase, select_linears
 from diagcompile.dst.config import DSTConfig
 from diagcompile.dst.criteria import drop_grow, probe_dv, probe_scores, refresh_pool
 from diagcompile.dst.layers import DynaDiagLinear
@@ -63,12 +64,11 @@ from diagcompile.dst.optim import (
     remap_rows_,
     remove_param_,
     replace_param_,
-    state_bytes,
     transfer_rows_,
     zero_state_,
 )
 from diagcompile.dst.relax import boundary_alpha, hard_topk
-from diagcompile.dst.schedules import TemperatureSchedule, UpdateSchedule
+from diagcompile.dst.schedules import TemperatureSchedule
 from diagcompile.functional import check_sparsity
 from diagcompile.marking import get_sparse_mark
 from diagcompile.modules import DiagLinear
@@ -85,7 +85,6 @@ __all__ = ["DiagSparsifier"]
 
 logger = logging.getLogger("diagcompile.dst")
 
-FilterFn = Callable[[nn.Module, str], bool]
 _STATE_VERSION = 1
 
 
@@ -108,18 +107,18 @@ class _Layer:
 
     @property
     def P(self) -> int:
-        return max(self.n_out, self.n_in)
+        return diag_shape(self.n_out, self.n_in)[0]
 
     @property
     def D(self) -> int:
-        return min(self.n_out, self.n_in)
+        return diag_shape(self.n_out, self.n_in)[1]
 
     @property
     def needs_probe(self) -> bool:
         return self.kind == "diagheur" or self.module.is_pool
 
 
-class DiagSparsifier:
+class DiagSparsifier(SparsifierBase):
     """Dynamic sparse training of diagonal-sparse layers (DynaDiag or DiagHeur); see the module docstring.
 
     Args:
@@ -138,6 +137,12 @@ class DiagSparsifier:
             cannot reach its sparsity, or ``model`` is itself a linear / already DDP-wrapped.
     """
 
+    _name = "DiagSparsifier"
+    _config_cls = DSTConfig
+    _fresh_optimizer_why = "it replaces the dense weights in the param groups"
+    _finalized_layers = "compact DiagLinear"
+    config: DSTConfig
+
     def __init__(
         self,
         model: nn.Module,
@@ -147,28 +152,7 @@ class DiagSparsifier:
         *,
         process_group: Any = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(config, DSTConfig):
-            raise TypeError(f"config must be a DSTConfig, got {type(config).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        if optimizer is not None and len(optimizer.state) > 0:
-            raise ValueError(
-                "the optimizer already has state: construct DiagSparsifier before the first optimizer.step() "
-                "(it replaces the dense weights in the param groups)"
-            )
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ValueError("construct DiagSparsifier on the bare model, then wrap it in DistributedDataParallel")
-        if isinstance(model, nn.Linear):
-            raise ValueError("model is a single nn.Linear, which cannot be converted in place: wrap it in a module")
-        self.model, self.optimizer, self.config = model, optimizer, config
-        self._group = process_group
-        self._world = self._world_size(process_group)
-        self._step = 0
-        self._finalized = False
-        self._armed = False
-        self._updates = UpdateSchedule(config.update_every, config.update_end_step, config.drop_fraction)
+        self._init_common(model, optimizer, config, process_group)
         # T reaches temperature_end on the last soft step (freeze_step - 1): the freeze then folds the alpha~
         # that the last forward actually used at T_end.
         self._temperature = TemperatureSchedule(
@@ -179,7 +163,7 @@ class DiagSparsifier:
         )
 
         # Resolve every layer's k first: a layer that cannot reach its sparsity raises before anything changed.
-        plans = [(fqn, linear, *self._layer_k(fqn, linear)) for fqn, linear in self._select(model, filter_fn)]
+        plans = [(fqn, linear, *self._layer_k(fqn, linear)) for fqn, linear in select_linears(model, filter_fn)]
         self._layers: list[_Layer] = [self._convert(*plan) for plan in plans]
         if not self._layers:
             warnings.warn("DiagSparsifier: no nn.Linear was selected; nothing will be sparse", stacklevel=2)
@@ -207,45 +191,6 @@ class DiagSparsifier:
     # ------------------------------------------------------------------------------------------------
     # Construction
     # ------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _world_size(group: Any) -> int:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            if group is not None:
-                raise ValueError("process_group was given but torch.distributed is not initialized")
-            return 1
-        return dist.get_world_size(group)
-
-    @staticmethod
-    def _select(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear]]:
-        mha_children = {
-            f"{fqn}.{name}" if fqn else name
-            for fqn, m in model.named_modules()
-            if isinstance(m, nn.MultiheadAttention)
-            for name, _ in m.named_children()
-        }
-        linears = [
-            (fqn, m)
-            for fqn, m in model.named_modules()
-            if isinstance(m, nn.Linear) and fqn not in mha_children and fqn != ""
-        ]
-        if filter_fn is not None:
-            linears = [(fqn, m) for fqn, m in linears if filter_fn(m, fqn)]
-        if any(get_sparse_mark(m) is not None for _, m in linears):
-            linears = [(fqn, m) for fqn, m in linears if get_sparse_mark(m) is not None]
-        owners: dict[int, list[str]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            owners.setdefault(id(p), []).append(name)
-        for fqn, m in linears:
-            names = owners.get(id(m.weight), [])
-            if len(names) > 1:
-                raise ValueError(
-                    f"DiagSparsifier: the weight of '{fqn}' is shared with {[n for n in names if n != fqn + '.weight']}"
-                    " (tied weights); converting it would untie them. Exclude it with filter_fn."
-                )
-        return linears
-
     def _layer_k(self, fqn: str, linear: nn.Linear) -> tuple[int, Tensor | None]:
         n_out, n_in = linear.weight.shape
         mark = get_sparse_mark(linear)
@@ -296,27 +241,12 @@ class DiagSparsifier:
             )
         new.train(linear.training)
         replace_param_(self.optimizer, linear.weight, [new.values])
-        parent_name, _, name = fqn.rpartition(".")
-        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, name, new)
+        self._set_module(fqn, new)
         return _Layer(fqn, cfg.method, new, n_out, n_in, k)
 
     # ------------------------------------------------------------------------------------------------
     # Distributed helpers
     # ------------------------------------------------------------------------------------------------
-    def _src_rank(self) -> int:
-        import torch.distributed as dist
-
-        return 0 if self._group is None else dist.get_global_rank(self._group, 0)
-
-    def _agree(self, *tensors: Tensor) -> None:
-        """Overwrite each tensor with rank 0's copy (every rank then applies the same decision)."""
-        if self._world <= 1:
-            return
-        import torch.distributed as dist
-
-        for t in tensors:
-            dist.broadcast(t, self._src_rank(), group=self._group)
-
     @torch.no_grad()
     def _broadcast_initial_state(self) -> None:
         if self._world <= 1:
@@ -326,17 +256,8 @@ class DiagSparsifier:
 
     def _reduced_scores(self, rec: _Layer) -> Tensor | None:
         """``(P,)`` probe scores of the global batch, or ``None`` if no rank captured a probe."""
-        dv = rec.probe
-        have = torch.tensor([0.0 if dv is None else 1.0], device=rec.module.values.device)
+        dv = self._mean_over_ranks(rec.probe, (rec.P, rec.D), rec.module.values.device)
         if dv is None:
-            dv = torch.zeros(rec.P, rec.D, device=rec.module.values.device, dtype=torch.float32)
-        if self._world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(dv, group=self._group)
-            dist.all_reduce(have, group=self._group)
-            dv = dv / self._world
-        if float(have) == 0:
             warnings.warn(
                 f"DiagSparsifier: no probe gradient was captured for '{rec.fqn}' at step {self._step + 1} "
                 "(was forward/backward run through it before sparsifier.step()?); its topology update is skipped",
@@ -370,15 +291,6 @@ class DiagSparsifier:
     # ------------------------------------------------------------------------------------------------
     # The step
     # ------------------------------------------------------------------------------------------------
-    def _check_live(self, what: str) -> None:
-        if self._finalized:
-            raise RuntimeError(f"DiagSparsifier.{what}() after finalize(): the layers are compact DiagLinear now")
-
-    @property
-    def step_count(self) -> int:
-        """Completed optimizer steps (calls to ``step()``)."""
-        return self._step
-
     @property
     def layers(self) -> dict[str, nn.Module]:
         """The converted layers by fully-qualified name."""
@@ -488,9 +400,6 @@ class DiagSparsifier:
             return torch.zeros((), device=device)
         return self.config.alpha_l1 * sum(p.abs().sum() for p in params)
 
-    def _layer_bytes(self, rec: _Layer) -> int:
-        return sum(p.numel() * p.element_size() + state_bytes(self.optimizer, p) for p in rec.module.parameters())
-
     @torch.no_grad()
     def diagnostics(self) -> dict[str, dict[str, float]]:
         """Per layer (by fqn): ``k``, ``k_eff`` (candidates with ``alpha~ > active_eps``, the ones the forward
@@ -593,20 +502,10 @@ class DiagSparsifier:
             raise ValueError(f"unsupported DiagSparsifier state version {state_dict.get('version')!r}")
         if state_dict.get("finalized"):
             raise ValueError("this state was saved after finalize(); it cannot resume training")
-        mine, theirs = self.config.to_dict(), dict(state_dict["config"])
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            raise ValueError(
-                "DiagSparsifier.load_state_dict: config differs in "
-                + ", ".join(f"{k} (saved {theirs.get(k)!r}, here {mine.get(k)!r})" for k in diff)
-            )
+        self._check_saved_config(self.config.to_dict(), dict(state_dict["config"]))
         saved = state_dict["layers"]
         here = {rec.fqn: rec for rec in self._layers}
-        if set(saved) != set(here):
-            raise ValueError(
-                f"DiagSparsifier.load_state_dict: layers differ: saved-only {sorted(set(saved) - set(here))}, "
-                f"here-only {sorted(set(here) - set(saved))}"
-            )
+        self._check_saved_layers(saved, here)
         for fqn, s in saved.items():
             rec = here[fqn]
             if s["kind"] != rec.kind or s["k"] != rec.k:
@@ -652,8 +551,7 @@ class DiagSparsifier:
             compact.train(layer.training)
             transfer_rows_(self.optimizer, layer.values, compact.values, layer.keep_idx)
             remove_param_(self.optimizer, layer.alpha)
-            parent_name, _, name = rec.fqn.rpartition(".")
-            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, name, compact)
+            self._set_module(rec.fqn, compact)
             rec.module = compact
         self._finalized = True
         self._clear_probes()

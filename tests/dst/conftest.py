@@ -1,13 +1,8 @@
-"""DST tests run tiny models: one intra-op thread avoids thread hand-off costs that dominate such small ops
-(and that explode when the 2 CI cores are shared)."""
+"""DST tests run tiny models on one intra-op thread (see ``one_thread`` in ``tests/conftest.py``)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)

@@ -22,6 +22,8 @@ from diagcompile.dst import (
 )
 from diagcompile.ops import k_from_sparsity
 from diagcompile.testing import not_head, tiny_mlp
+from diagcompile.testing import toy_batch as _batch
+from diagcompile.testing import train_toy as _train
 
 METHODS = ["rigl", "srigl", "nm-srste", "nm-mask-decay", "nm-structure-decay"]
 NM = [m for m in METHODS if m.startswith("nm-")]
@@ -43,30 +45,11 @@ def _make(method, opt="adamw", seed=0, filter_fn=not_head, **cfg):
     return model, optimizer, sp
 
 
-def _batch(t: int, n: int = 16):
-    g = torch.Generator().manual_seed(1000 + t)
-    x = torch.randn(n, 16, generator=g)
-    return x, (x[:, :5] * 2).sin() + 0.1 * torch.randn(n, 5, generator=g)
-
-
 def _fwd_bwd(model, t):
     x, y = _batch(t)
     loss = F.mse_loss(model(x), y)
     loss.backward()
     return loss
-
-
-def _train(model, opt, sp, steps, start=0, check=None):
-    losses = []
-    for t in range(start, start + steps):
-        loss = _fwd_bwd(model, t) + sp.regularization_loss()
-        opt.step()
-        sp.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-        if check is not None:
-            check(t + 1)
-    return losses
 
 
 def _topk_mask(w, n, m):
@@ -202,20 +185,7 @@ def test_erk_redistributes_the_same_total():
 
 
 def test_conversion_errors_leave_the_model_untouched():
-    model = tiny_mlp()
-    opt = torch.optim.Adam(model.parameters())
-    model(torch.randn(2, 16)).sum().backward()
-    opt.step()
-    with pytest.raises(ValueError, match="already has state"):
-        MaskSparsifier(model, opt, MaskConfig(total_steps=10))
-    with pytest.raises(ValueError, match="single nn.Linear"):
-        MaskSparsifier(nn.Linear(4, 4), None, MaskConfig(total_steps=10))
-    with pytest.raises(TypeError, match="MaskConfig"):
-        MaskSparsifier(tiny_mlp(), None, DSTConfig(total_steps=10))
-    tied = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    tied[1].weight = tied[0].weight
-    with pytest.raises(ValueError, match="tied"):
-        MaskSparsifier(tied, None, MaskConfig(total_steps=10))
+    # (the checks both sparsifiers share are in tests/dst/test_base.py)
     checks = [
         (tiny_mlp(n_in=15), {"method": "nm-srste", "nm_m": 4}, "layer 'body.0'.*divide the fan-in 15"),
         (tiny_mlp(n_in=37, hidden=40), {"method": "nm-srste"}, "layer 'body.0'.*nm_m"),

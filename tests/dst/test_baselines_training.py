@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from diagcompile.dst import make_sparsifier
-from diagcompile.testing import digits_split
+from diagcompile.testing import accuracy, digits_mlp, digits_split, train_sparse
 
 STEPS = 400
 METHODS = {
@@ -35,19 +35,11 @@ def digits():
 @pytest.mark.parametrize("name", METHODS)
 def test_short_training_beats_chance_by_a_wide_margin(name, digits):
     Xtr, ytr, Xte, yte = digits
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    model = digits_mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     method = name.split("-erk")[0]
     sp = make_sparsifier(model, opt, method, 0.9, STEPS, filter_fn=lambda m, fqn: fqn != "4", seed=0, **METHODS[name])
-    g = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
-        idx = torch.randint(0, len(Xtr), (64,), generator=g)
-        loss = nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]) + sp.regularization_loss()
-        loss.backward()
-        opt.step()
-        sp.step()
-        opt.zero_grad()
+    train_sparse(model, opt, sp, Xtr, ytr, STEPS)
     diag = sp.diagnostics()
     sp.finalize()
     assert all(type(model[i]) is nn.Linear for i in (0, 2, 4))
@@ -58,7 +50,6 @@ def test_short_training_beats_chance_by_a_wide_margin(name, digits):
             assert diag[str(i)]["nnz"] == 13 * (64 if i == 0 else 128)  # the diagonal layer's non-zeros
         if method.startswith("nm-"):
             assert (diag[str(i)]["nm_n"], diag[str(i)]["nm_m"]) == (3, 32)
-    with torch.no_grad():
-        acc = (model(Xte).argmax(1) == yte).float().mean().item()
+    acc = accuracy(model, Xte, yte)
     print(f"{name}: test accuracy {acc:.3f}, realised density {density}, diagnostics {diag['2']}")
     assert acc >= 0.85, f"{name}: accuracy {acc:.3f}"

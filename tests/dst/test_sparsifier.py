@@ -15,6 +15,8 @@ from diagcompile.dst.relax import threshold_tau
 from diagcompile.functional import canonical_offsets
 from diagcompile.ops import extract_diagonals, k_from_sparsity
 from diagcompile.testing import dense_from_convention, not_head, tiny_mlp
+from diagcompile.testing import toy_batch as _batch
+from diagcompile.testing import train_toy as _train
 
 MODES = {
     "diagheur": {"method": "diagheur"},
@@ -34,27 +36,6 @@ def _make(opt="adamw", seed=0, **cfg):
     cfg = {"total_steps": 40, "sparsity": 0.8, "update_every": 5, "alpha_lr": 0.05, **cfg}
     sp = DiagSparsifier(model, optimizer, DSTConfig(**cfg), filter_fn=not_head)
     return model, optimizer, sp
-
-
-def _batch(t: int, n: int = 16):
-    g = torch.Generator().manual_seed(1000 + t)
-    x = torch.randn(n, 16, generator=g)
-    return x, (x[:, :5] * 2).sin() + 0.1 * torch.randn(n, 5, generator=g)
-
-
-def _train(model, opt, sp, steps, start=0, check=None):
-    losses = []
-    for t in range(start, start + steps):
-        x, y = _batch(t)
-        loss = nn.functional.mse_loss(model(x), y) + sp.regularization_loss()
-        loss.backward()
-        opt.step()
-        sp.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-        if check is not None:
-            check(t + 1)
-    return losses
 
 
 def _topology(sp):
@@ -98,20 +79,7 @@ def test_conversion_rewires_the_optimizer(mode):
 
 
 def test_conversion_errors_and_selection():
-    model = tiny_mlp()
-    opt = torch.optim.Adam(model.parameters())
-    model(torch.randn(2, 16)).sum().backward()
-    opt.step()
-    with pytest.raises(ValueError, match="already has state"):
-        DiagSparsifier(model, opt, DSTConfig(total_steps=10))
-    with pytest.raises(ValueError, match="single nn.Linear"):
-        DiagSparsifier(nn.Linear(4, 4), None, DSTConfig(total_steps=10))
-    with pytest.raises(TypeError, match="DSTConfig"):
-        DiagSparsifier(tiny_mlp(), None, {"total_steps": 10})
-    tied = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
-    tied[1].weight = tied[0].weight
-    with pytest.raises(ValueError, match="tied"):
-        DiagSparsifier(tied, None, DSTConfig(total_steps=10))
+    # (the checks both sparsifiers share are in tests/dst/test_base.py)
     bad = tiny_mlp(n_in=256, hidden=8, n_out=4)  # body.0 (P=256) can reach 99%, body.2 (8x8) cannot
     with pytest.raises(ValueError, match="layer 'body.2'.*0.99"):
         DiagSparsifier(bad, None, DSTConfig(total_steps=10, sparsity=0.99))

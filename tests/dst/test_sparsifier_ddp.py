@@ -1,5 +1,6 @@
-"""A real 2-process gloo DDP run: identical offsets on both ranks after every update, and the same losses
-and topology as one process on the same global batches."""
+"""A real 2-process gloo DDP run of every sparsifier family (DiagSparsifier: offsets; MaskSparsifier: masks):
+identical topology and parameters on both ranks after every step, and the same losses and topology as one
+process on the same global batches."""
 
 import pathlib
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 WORKER = pathlib.Path(__file__).with_name("ddp_worker.py")
+CONFIGS = ["diagheur", "dynadiag-pool", "dynadiag", "rigl", "srigl", "nm-mask-decay"]
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +22,13 @@ def results(tmp_path_factory):
     return tuple(torch.load(out / f, weights_only=True) for f in ("rank0.pt", "rank1.pt", "single.pt"))
 
 
-CONFIGS = ["diagheur", "dynadiag-pool", "dynadiag"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
-def test_both_ranks_hold_identical_offsets_and_parameters(results, name):
+def test_both_ranks_hold_identical_topology_and_parameters(results, name):
     r0, r1, _ = (r[name] for r in results)
     for t, (a, b) in enumerate(zip(r0["topology"], r1["topology"])):
         for fqn in a:
-            assert torch.equal(a[fqn], b[fqn]), f"step {t + 1}, {fqn}: offsets differ across ranks"
+            assert torch.equal(a[fqn], b[fqn]), f"step {t + 1}, {fqn}: offsets/masks differ across ranks"
     for key in r0["state"]:
         assert torch.equal(r0["state"][key], r1["state"][key]), key
     assert r0["losses"] == r1["losses"]

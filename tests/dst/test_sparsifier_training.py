@@ -8,11 +8,10 @@ accuracy), so the test catches a method that does not learn, not small regressio
 
 import pytest
 import torch
-from torch import nn
 
 from diagcompile import DiagLinear
 from diagcompile.dst import DiagSparsifier, DSTConfig
-from diagcompile.testing import digits_split
+from diagcompile.testing import accuracy, digits_mlp, digits_split, train_sparse
 
 STEPS = 400
 
@@ -32,24 +31,15 @@ def digits():
 @pytest.mark.parametrize("name", METHODS)
 def test_short_training_beats_chance_by_a_wide_margin(name, digits):
     Xtr, ytr, Xte, yte = digits
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    model = digits_mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     cfg = DSTConfig(total_steps=STEPS, sparsity=0.9, **METHODS[name])
     sp = DiagSparsifier(model, opt, cfg, filter_fn=lambda m, fqn: fqn != "4")
-    g = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
-        idx = torch.randint(0, len(Xtr), (64,), generator=g)
-        loss = nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx]) + sp.regularization_loss()
-        loss.backward()
-        opt.step()
-        sp.step()
-        opt.zero_grad()
+    train_sparse(model, opt, sp, Xtr, ytr, STEPS)
     diag = sp.diagnostics()
     sp.finalize()
     assert isinstance(model[0], DiagLinear) and isinstance(model[2], DiagLinear)
     assert model[0].k == model[2].k == 13
-    with torch.no_grad():
-        acc = (model(Xte).argmax(1) == yte).float().mean().item()
+    acc = accuracy(model, Xte, yte)
     print(f"{name}: test accuracy {acc:.3f}, diagnostics {diag['2']}")
     assert acc >= 0.85, f"{name}: accuracy {acc:.3f}"

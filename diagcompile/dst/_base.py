@@ -1,0 +1,177 @@
+"""What ``DiagSparsifier`` and ``MaskSparsifier`` share: argument checks, layer selection, rank agreement,
+state-dict consistency checks. Private: the two public classes keep their own APIs and state formats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diagcompile.dst.optim import state_bytes
+from diagcompile.dst.schedules import UpdateSchedule
+from diagcompile.marking import get_sparse_mark
+
+__all__: list[str] = []
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def world_size(group: Any) -> int:
+    """The size of ``group`` (the default group when ``None``); 1 without an initialized process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("process_group was given but torch.distributed is not initialized")
+        return 1
+    return dist.get_world_size(group)
+
+
+def select_linears(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` layers a sparsifier converts: not ``nn.MultiheadAttention``'s own projections, passing
+    ``filter_fn``, and only the ``mark_sparse``-marked ones if any is marked. Tied weights raise ``ValueError``."""
+    mha_children = {
+        f"{fqn}.{name}" if fqn else name
+        for fqn, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for name, _ in m.named_children()
+    }
+    linears = [
+        (fqn, m)
+        for fqn, m in model.named_modules()
+        if isinstance(m, nn.Linear) and fqn not in mha_children and fqn != ""
+    ]
+    if filter_fn is not None:
+        linears = [(fqn, m) for fqn, m in linears if filter_fn(m, fqn)]
+    if any(get_sparse_mark(m) is not None for _, m in linears):
+        linears = [(fqn, m) for fqn, m in linears if get_sparse_mark(m) is not None]
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for fqn, m in linears:
+        names = owners.get(id(m.weight), [])
+        if len(names) > 1:
+            raise ValueError(
+                f"DiagSparsifier: the weight of '{fqn}' is shared with {[n for n in names if n != fqn + '.weight']}"
+                " (tied weights); converting it would untie them. Exclude it with filter_fn."
+            )
+    return linears
+
+
+class SparsifierBase:
+    """The common skeleton of the sparsifiers. Subclasses set the class attributes below."""
+
+    #: the public class name that messages use
+    _name: str
+    #: the config class the constructor accepts
+    _config_cls: type
+    #: why the optimizer must have no state yet (ends the constructor's error message)
+    _fresh_optimizer_why: str
+    #: what the layers are after ``finalize()`` (in the error of a call after it)
+    _finalized_layers: str
+
+    config: Any
+    _layers: list[Any]
+
+    def _init_common(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, config: Any, process_group: Any
+    ) -> None:
+        """Check the constructor's arguments and set the state every sparsifier starts from."""
+        name = self._name
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(config, self._config_cls):
+            raise TypeError(f"config must be a {self._config_cls.__name__}, got {type(config).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if optimizer is not None and len(optimizer.state) > 0:
+            raise ValueError(
+                f"the optimizer already has state: construct {name} before the first optimizer.step() "
+                f"({self._fresh_optimizer_why})"
+            )
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(f"construct {name} on the bare model, then wrap it in DistributedDataParallel")
+        if isinstance(model, nn.Linear):
+            raise ValueError("model is a single nn.Linear, which cannot be converted in place: wrap it in a module")
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self._group = process_group
+        self._world = world_size(process_group)
+        self._step = 0
+        self._finalized = False
+        self._armed = False
+        self._updates = UpdateSchedule(config.update_every, config.update_end_step, config.drop_fraction)
+
+    def _set_module(self, fqn: str, new: nn.Module) -> None:
+        """Put ``new`` in place of the submodule ``fqn`` of the model."""
+        parent_name, _, name = fqn.rpartition(".")
+        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, name, new)
+
+    # ------------------------------------------------------------------------------------------------
+    # Distributed helpers
+    # ------------------------------------------------------------------------------------------------
+    def _src_rank(self) -> int:
+        import torch.distributed as dist
+
+        return 0 if self._group is None else dist.get_global_rank(self._group, 0)
+
+    def _agree(self, *tensors: Tensor) -> None:
+        """Overwrite each tensor with rank 0's copy (every rank then applies the same decision; bool tensors
+        travel as uint8)."""
+        if self._world <= 1:
+            return
+        import torch.distributed as dist
+
+        for t in tensors:
+            if t.dtype == torch.bool:
+                u = t.to(torch.uint8)
+                dist.broadcast(u, self._src_rank(), group=self._group)
+                t.copy_(u.bool())
+            else:
+                dist.broadcast(t, self._src_rank(), group=self._group)
+
+    def _mean_over_ranks(self, captured: Tensor | None, shape: tuple[int, ...], device: torch.device) -> Tensor | None:
+        """The mean over ranks of a per-rank ``captured`` float32 buffer of ``shape`` (a rank that captured
+        nothing contributes zeros), or ``None`` when no rank captured one."""
+        have = torch.tensor([0.0 if captured is None else 1.0], device=device)
+        if captured is None:
+            captured = torch.zeros(shape, device=device, dtype=torch.float32)
+        if self._world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(captured, group=self._group)
+            dist.all_reduce(have, group=self._group)
+            captured = captured / self._world
+        return None if float(have) == 0 else captured
+
+    # ------------------------------------------------------------------------------------------------
+    # Shared API
+    # ------------------------------------------------------------------------------------------------
+    def _check_live(self, what: str) -> None:
+        if self._finalized:
+            raise RuntimeError(f"{self._name}.{what}() after finalize(): the layers are {self._finalized_layers} now")
+
+    @property
+    def step_count(self) -> int:
+        """Completed optimizer steps (calls to ``step()``)."""
+        return self._step
+
+    def _layer_bytes(self, rec: Any) -> int:
+        return sum(p.numel() * p.element_size() + state_bytes(self.optimizer, p) for p in rec.module.parameters())
+
+    def _check_saved_config(self, mine: dict[str, Any], theirs: dict[str, Any]) -> None:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ValueError(
+                f"{self._name}.load_state_dict: config differs in "
+                + ", ".join(f"{k} (saved {theirs.get(k)!r}, here {mine.get(k)!r})" for k in diff)
+            )
+
+    def _check_saved_layers(self, saved: dict[str, Any], here: dict[str, Any]) -> None:
+        if set(saved) != set(here):
+            raise ValueError(
+                f"{self._name}.load_state_dict: layers differ: saved-only {sorted(set(saved) - set(here))}, "
+                f"here-only {sorted(set(here) - set(saved))}"
+            )

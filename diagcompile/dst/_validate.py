@@ -1,0 +1,80 @@
+"""Field checks shared by the frozen DST config dataclasses (``DSTConfig``, ``MaskConfig``).
+
+Private: one home for the ``__post_init__`` checks so both configs word their errors the same way,
+``"<ClassName>.<field>=<value!r> <why>"`` (tests match on these messages).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import Any, TypeVar
+
+__all__: list[str] = []
+
+_C = TypeVar("_C")
+
+
+def is_real(v: object) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool``."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class FieldChecker:
+    """Validates the fields of config instance ``obj``; errors start ``"<name>.<field>="``."""
+
+    def __init__(self, obj: object, name: str) -> None:
+        self.obj = obj
+        self.prefix = name
+
+    def bad(self, name: str, why: str, exc: type[Exception] = ValueError) -> Exception:
+        """The exception to raise for field ``name`` (returned, so callers ``raise`` it explicitly)."""
+        return exc(f"{self.prefix}.{name}={getattr(self.obj, name)!r} {why}")
+
+    def need_int(self, name: str, lo: int, optional: bool = False) -> None:
+        """An ``int`` (not ``bool``) ``>= lo``; ``None`` also passes when ``optional``."""
+        v = getattr(self.obj, name)
+        if optional and v is None:
+            return
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.bad(name, "must be an int" + (" or None" if optional else ""), TypeError)
+        if v < lo:
+            raise self.bad(name, f"must be >= {lo}")
+
+    def need_real(self, name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+        """A real number (not NaN) in ``[lo, hi]``, each end open when asked."""
+        v = getattr(self.obj, name)
+        if not is_real(v):
+            raise self.bad(name, "must be a real number", TypeError)
+        if math.isnan(v) or (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+            lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+            raise self.bad(name, f"must be in {lb}{lo}, {hi}{rb}")
+
+    def need_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        """One of ``choices``."""
+        if getattr(self.obj, name) not in choices:
+            raise self.bad(name, f"must be one of {', '.join(map(repr, choices))}")
+
+    def need_bool(self, name: str) -> None:
+        """A ``bool``."""
+        if not isinstance(getattr(self.obj, name), bool):
+            raise self.bad(name, "must be a bool", TypeError)
+
+
+def check_schedule_fields(c: FieldChecker, methods: tuple[str, ...]) -> None:
+    """The fields ``DSTConfig`` and ``MaskConfig`` share (same names, meanings and RigL defaults)."""
+    c.need_int("total_steps", 1)
+    c.need_choice("method", methods)
+    c.need_real("sparsity", 0.0, 1.0, hi_open=True)
+    c.need_int("update_every", 1)
+    c.need_real("drop_fraction", 0.0, 1.0)
+    c.need_real("update_end", 0.0, 1.0)
+
+
+def config_from_dict(cls: type[_C], d: dict[str, Any], name: str) -> _C:
+    """``cls(**d)`` for a dataclass ``cls``; keys that are not fields raise ``ValueError`` naming ``name``."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{name}.from_dict: unknown fields {unknown}")
+    return cls(**d)
