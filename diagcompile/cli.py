@@ -102,13 +102,8 @@ def _resolve_export_source(source: str):
     from pathlib import Path
 
     if Path(source).is_file():
-        try:
-            from diagcompile.train import load_model  # type: ignore[import-not-found]
-        except ImportError as e:
-            raise ValueError(
-                f"{source} is a file, but loading a training checkpoint needs diagcompile.train.load_model, which "
-                f"this installation does not have ({e}); pass package.module:factory instead"
-            ) from None
+        from diagcompile.train import load_model
+
         try:
             return load_model(source)
         except Exception as e:  # noqa: BLE001 - any failure to read the checkpoint is a bad SOURCE

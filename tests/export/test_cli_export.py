@@ -1,6 +1,5 @@
 """``diagcompile export``: the CLI block in diagcompile/cli.py."""
 
-import importlib.util
 import sys
 
 import onnx
@@ -74,15 +73,11 @@ def test_bad_source_is_a_clear_error(source, message, factory, tmp_path, capsys)
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("diagcompile.train") is not None,
-    reason="diagcompile.train exists, so the missing-harness message does not apply",
-)
-def test_checkpoint_source_without_the_training_harness(tmp_path, capsys):
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path, capsys):
     ckpt = tmp_path / "run.ckpt"
-    ckpt.write_bytes(b"checkpoint")
+    ckpt.write_bytes(b"not a checkpoint")
     assert cli.main(["export", str(ckpt), "--out", str(tmp_path / "m.pt2")]) == 2
-    assert "diagcompile.train" in capsys.readouterr().err
+    assert f"could not load the checkpoint {ckpt}" in capsys.readouterr().err
 
 
 def test_unsupported_opset_is_reported(factory, tmp_path, capsys):
@@ -94,3 +89,15 @@ def test_help_lists_the_formats(capsys):
     with pytest.raises(SystemExit):
         cli.main(["export", "--help"])
     assert "pt2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt, suffix", [("pt2", "pt2"), ("onnx", "onnx")])
+def test_export_a_trained_model_file(fmt, suffix, tmp_path, capsys):
+    from diagcompile.train import MODEL_NAME, TrainConfig, train
+
+    out = tmp_path / "run"
+    train(TrainConfig(task="digits-vit", method="dynadiag", sparsity=0.9, steps=4, out=str(out), quiet=True))
+    target = tmp_path / f"m.{suffix}"
+    assert cli.main(["export", str(out / MODEL_NAME), "--format", fmt, "--out", str(target)]) == 0
+    printed = capsys.readouterr().out
+    assert target.is_file() and "check:" in printed and "CHECK FAILED" not in printed
