@@ -93,6 +93,18 @@ DIGITS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
         },
         "diagheur": {"dt50_lr1e-2": {"update_every": 50, "_train": {"lr": 1e-2}}},
     },
+    # Round 6: bracket the optimum: every method gets lr 2e-2 (dynadiag's best in round 5); 4e-2 for the two
+    # methods still improving or at their best there.
+    6: {
+        "dynadiag": {"t0.1_lr4e-2": {"temperature_start": 0.1, "_train": {"lr": 4e-2}}},
+        "dynadiag-softmax": {
+            "t0.02_lr2e-2": {"temperature_start": 0.02, "temperature_end": 0.002, "_train": {"lr": 2e-2}}
+        },
+        "diagheur": {
+            "dt50_lr2e-2": {"update_every": 50, "_train": {"lr": 2e-2}},
+            "dt50_lr4e-2": {"update_every": 50, "_train": {"lr": 4e-2}},
+        },
+    },
 }
 
 # chars-gpt runs take minutes each on the shared CPU: only the shared learning rate is checked (on dense);

@@ -146,13 +146,6 @@ def check_sparse_model(model: nn.Module, sparsity: float) -> Check:
     return Check("sparse model", True, detail)
 
 
-#: The settings of the committed digits results (benchmarks/dst_sweep.sh, tuned on a held-out part of train).
-_TUNED: dict[str, dict[str, Any]] = {
-    "dense": {"lr": 1e-3},
-    "dynadiag": {"dst": {"temperature_start": 0.1}},
-}
-
-
 # ----------------------------------------------------------------------------------------------------
 def _device(cfg: DemoConfig) -> str:
     if cfg.device == "auto":

@@ -57,6 +57,7 @@ __all__ = [
     "TASKS",
     "METHODS",
     "TASK_DEFAULTS",
+    "DST_RECIPE",
     "TrainConfig",
     "train",
     "load_model",
@@ -84,11 +85,16 @@ _MODEL_FORMAT = "diagcompile.model/1"
 _METRICS_FORMAT = "diagcompile.train.metrics/1"
 
 #: Per-task defaults for every ``TrainConfig`` field left as ``None`` (documented in benchmarks/results).
+# ``lr`` is the dense model's; the diagonal DST methods (dynadiag, diagheur) default to ``sparse_lr``: a
+# 90%-sparse layer wants a much larger step (tuned on the digits tune split, benchmarks/dst_tuning_digits_r4-6:
+# every sparse method gained 3-6 points going from 2e-3 to 2e-2; DynaDiag's soft phase also scales each
+# weight by alpha~ ~ k/P at the start, which slows its weights further).
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits-vit": {
         "epochs": 40,
         "batch_size": 64,
-        "lr": 2e-3,
+        "lr": 1e-3,
+        "sparse_lr": 2e-2,
         "weight_decay": 0.05,
         "eval_blocks": None,
         "final_eval_blocks": None,
@@ -97,6 +103,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 800,
         "batch_size": 32,
         "lr": 2e-3,
+        "sparse_lr": 1e-2,
         "weight_decay": 0.1,
         "eval_every": 100,
         # Evaluation uses evenly spaced non-overlapping blocks over the whole val text (see data.eval_blocks).
@@ -104,6 +111,16 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "final_eval_blocks": 1024,
     },
 }
+
+#: DSTConfig settings the harness starts from (``TrainConfig.dst`` and ``relaxation``/``pool`` override them),
+#: tuned on the digits tune split (benchmarks/dst_tuning_digits_r*.md). Schedules are fractions of the run,
+#: so they carry over to chars-gpt. Keyed by (method, relaxation).
+DST_RECIPE: dict[tuple[str, str | None], dict[str, Any]] = {
+    ("dynadiag", "threshold"): {"temperature_start": 0.1},
+    ("dynadiag", "softmax_clamp"): {"temperature_start": 0.02, "temperature_end": 0.002},
+    ("diagheur", None): {"update_every": 50},
+}
+_SPARSE_LR_METHODS = ("dynadiag", "diagheur")
 
 
 def _to_plain(v: Any) -> Any:
@@ -127,7 +144,8 @@ class TrainConfig:
         epochs / steps: training length; give at most one. For chars an epoch is one pass worth of characters.
         seed: seeds the model init (torch), the data order and the sparsifier.
         device: torch device string.
-        batch_size, lr, weight_decay: AdamW hyper-parameters (peak lr; no decay on biases/norms/embeddings).
+        batch_size, lr, weight_decay: AdamW hyper-parameters (peak lr; no decay on biases/norms/embeddings). The
+            default lr of dynadiag / diagheur is the task's ``sparse_lr``.
         warmup_frac: fraction of the steps with linear warm-up; then cosine to ``min_lr_frac * lr``.
         grad_clip: max global gradient norm of the weights (``0`` disables; DynaDiag's ``alpha`` is not clipped).
         eval_every: evaluate every this many steps (default: once per epoch for digits) and at the end.
@@ -135,7 +153,7 @@ class TrainConfig:
         eval_blocks / final_eval_blocks: chars only, how many evaluation blocks during / at the end of training.
         tune: evaluate on a held-out part of the training data instead of the reported split (for tuning).
         relaxation, pool: passed to ``DSTConfig`` when set. ``dst``: further ``DSTConfig`` fields (``MaskConfig``
-            fields for the mask baselines).
+            fields for the mask baselines), on top of the tuned :data:`DST_RECIPE`.
         model: overrides of the task's model config fields (``ViTConfig`` / ``GPTConfig``).
         out: output folder (``None``: nothing is written). resume: continue from ``out/checkpoint.pt``.
         quiet: no progress bar. stop_after: stop (with a checkpoint) after this many steps, as an interruption would.
@@ -229,6 +247,8 @@ class TrainConfig:
     def get(self, name: str) -> Any:
         """The field's value, or the task default when it is ``None``."""
         v = getattr(self, name)
+        if v is None and name == "lr" and self.method in _SPARSE_LR_METHODS:
+            return TASK_DEFAULTS[self.task]["sparse_lr"]
         return TASK_DEFAULTS[self.task].get(name) if v is None else v
 
     def model_config(self) -> ViTConfig | GPTConfig:
@@ -453,7 +473,8 @@ def _mark_offsets_from(model: nn.Module, path: str) -> None:
 def _make_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int):
     from diagcompile.dst import config_class, make_sparsifier
 
-    options: dict[str, Any] = {}
+    relaxation = (cfg.relaxation or "threshold") if cfg.method == "dynadiag" else None
+    options: dict[str, Any] = dict(DST_RECIPE.get((cfg.method, relaxation), {}))
     if cfg.relaxation is not None:
         options["relaxation"] = cfg.relaxation
     if cfg.pool is not None:

@@ -298,7 +298,9 @@ def test_cli_train_end_to_end(tmp_path, capsys):
 def test_ddp_two_workers_match_one_process(tmp_path):
     # gloo workers on the CPU; each takes half of every global batch, so the run matches the single-process
     # one up to floating-point summation order (the topology decisions are made on all-reduced probes).
-    kw = dict(method="dynadiag", pool=2.0)
+    # A moderate lr: with dynadiag's default (sparse_lr, 10x larger) the summation-order differences grow past
+    # the tolerance over the run, which says nothing about DDP.
+    kw = dict(method="dynadiag", pool=2.0, lr=2e-3)
     one = train(_quick(out=str(tmp_path / "one"), **kw))
     two = train(_quick(out=str(tmp_path / "two"), nproc=2, **kw))
     assert two["status"] == "complete" and two["env"]["world_size"] == 2 and one["env"]["world_size"] == 1
