@@ -239,7 +239,6 @@ def run_demo(cfg: DemoConfig) -> int:
             seed=cfg.seed,
             device=device,
             out=str(out / method),
-            **_TUNED[method],
         )
         metrics[label] = train(tc)
         models[label], example = load_model(out / method / "model.pt", device=device)
