@@ -32,6 +32,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=float, default=None, help="training epochs per model (default: 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
+    p.add_argument("--pool", type=float, default=2.0, help="DynaDiag candidate pool, x k diagonals (default: 2)")
+    p.add_argument("--faithful", action="store_true", help="DynaDiag with all P candidates instead of a pool")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile step")
     p.add_argument("--no-layer-timing", action="store_true", help="skip timing the decode-sized layer")
 
@@ -53,6 +55,7 @@ def _demo(args: argparse.Namespace) -> int:
             device=args.device,
             compile=not args.no_compile,
             layer_timing=not args.no_layer_timing,
+            pool=None if args.faithful else args.pool,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -41,6 +41,9 @@ class DemoConfig:
         compile: run the ``torch.compile`` step (Inductor needs a C++ compiler on CPU).
         layer_timing: also time one decode-sized layer (4096 -> 14336, batch 1).
         min_accuracy: the sparse model's test accuracy (%) below which the "learned" check fails.
+        pool: DynaDiag's candidate pool (``DSTConfig.pool``): at most ``pool * k`` candidate diagonals per layer
+            (sparse-to-sparse training; 2 is the best setting in benchmarks/results/dst_digits.md), or ``None``
+            for the faithful form that trains all ``P`` candidates.
     """
 
     out: str = "demo_out"
@@ -51,6 +54,7 @@ class DemoConfig:
     compile: bool = True
     layer_timing: bool = True
     min_accuracy: float = 50.0
+    pool: float | None = 2.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.sparsity < 1.0:
@@ -59,6 +63,8 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.device={self.device!r} must be 'auto', 'cpu' or 'cuda'")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("DemoConfig.device='cuda' but no CUDA device is available")
+        if self.pool is not None and not self.pool >= 1.0:
+            raise ValueError(f"DemoConfig.pool={self.pool} must be >= 1 (or None for all P candidates)")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"DemoConfig.epochs={self.epochs} must be positive")
 
@@ -219,7 +225,8 @@ def run_demo(cfg: DemoConfig) -> int:
     rep = _Report()
     n = 6
     print(
-        f"diagcompile demo: digits ViT, dense vs DynaDiag at {cfg.sparsity:.0%} sparsity, on {device}; "
+        f"diagcompile demo: digits ViT, dense vs DynaDiag at {cfg.sparsity:.0%} sparsity "
+        f"({'all P candidates' if cfg.pool is None else f'candidate pool {cfg.pool:g}k'}), on {device}; "
         f"output in {out}/",
         flush=True,
     )
@@ -239,6 +246,7 @@ def run_demo(cfg: DemoConfig) -> int:
             seed=cfg.seed,
             device=device,
             out=str(out / method),
+            pool=cfg.pool if method == "dynadiag" else None,
         )
         metrics[label] = train(tc)
         models[label], example = load_model(out / method / "model.pt", device=device)

@@ -111,7 +111,12 @@ def test_check_artifact_turns_a_crash_into_a_failed_check(tmp_path):
 # ---- configuration and the end-to-end run -------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs, needle",
-    [({"sparsity": 1.0}, "sparsity"), ({"device": "tpu"}, "device"), ({"epochs": 0}, "epochs")],
+    [
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"device": "tpu"}, "device"),
+        ({"epochs": 0}, "epochs"),
+        ({"pool": 0.5}, "pool"),
+    ],
 )
 def test_demo_config_rejects_bad_settings(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
