@@ -105,6 +105,20 @@ DIGITS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
             "dt50_lr4e-2": {"update_every": 50, "_train": {"lr": 4e-2}},
         },
     },
+    # Round 7: faithful DynaDiag (all P candidates) still trails DiagHeur and its own pool=2 form; the soft phase
+    # (alpha~ ~ k/P) is where it learns slowly, so try a shorter soft phase and a faster alpha at lr 2e-2.
+    7: {
+        "dynadiag": {
+            "t0.1_lr2e-2_f0.25": {"temperature_start": 0.1, "freeze_at": 0.25, "_train": {"lr": 2e-2}},
+            "t0.1_lr2e-2_a0.05": {"temperature_start": 0.1, "alpha_lr": 0.05, "_train": {"lr": 2e-2}},
+            "t0.1_lr2e-2_f0.25_a0.05": {
+                "temperature_start": 0.1,
+                "freeze_at": 0.25,
+                "alpha_lr": 0.05,
+                "_train": {"lr": 2e-2},
+            },
+        },
+    },
 }
 
 # chars-gpt runs take minutes each on the shared CPU: only the shared learning rate is checked (on dense);
