@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,6 +38,8 @@ from common import compare_ms, write_results  # noqa: E402
 
 import diagcompile  # noqa: E402
 from diagcompile import mark_sparse  # noqa: E402
+from diagcompile.models import Block  # noqa: E402
+from diagcompile.ops.reference import k_from_sparsity  # noqa: E402
 from diagcompile.testing import masked_dense_copy, rel_err  # noqa: E402
 
 
@@ -62,34 +62,6 @@ VIT_B16 = ViTConfig()
 SMOKE = ViTConfig(depth=2, dim=64, mlp=256, heads=4, image=32, patch=8, classes=10)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(B, N, C))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.attn = Attention(cfg.dim, cfg.heads)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.fc1 = nn.Linear(cfg.dim, cfg.mlp)
-        self.fc2 = nn.Linear(cfg.mlp, cfg.dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
 class ViT(nn.Module):
     """ViT-B/16 layout (timm ``vit_base_patch16_224``), randomly initialized."""
 
@@ -98,7 +70,10 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(3, cfg.dim, kernel_size=cfg.patch, stride=cfg.patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.tokens, cfg.dim) * 0.02)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        # The library's pre-norm block (qkv/proj attention + fc1/GELU/fc2 MLP), as in timm's ViT-B/16.
+        self.blocks = nn.ModuleList(
+            Block(cfg.dim, cfg.heads, cfg.mlp // cfg.dim, causal=False) for _ in range(cfg.depth)
+        )
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.head = nn.Linear(cfg.dim, cfg.classes)
 
@@ -111,7 +86,7 @@ class ViT(nn.Module):
 
 
 def block_linears(model: ViT) -> list[nn.Linear]:
-    return [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.fc1, b.fc2)]
+    return [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)]
 
 
 def _timer(device: str):
@@ -199,7 +174,7 @@ def main() -> None:
         cfg, device, dtype, batches, name = VIT_B16, "cuda", torch.bfloat16, args.batches or [1, 64], "vit_compile"
         out = args.out
     rows, notes = run(cfg, batches, device, dtype, args.sparsity)
-    k_fc1 = math.ceil(math.floor((1 - args.sparsity) * cfg.dim * cfg.mlp) / min(cfg.dim, cfg.mlp))
+    k_fc1 = k_from_sparsity(cfg.mlp, cfg.dim, args.sparsity)
     title = (
         f"ViT ({cfg.depth} blocks, width {cfg.dim}, MLP {cfg.mlp}, {cfg.tokens} tokens), {dtype}, inference: "
         f"block linears {args.sparsity:.0%} diagonal-sparse (diagcompile backend) vs dense (Inductor)"
