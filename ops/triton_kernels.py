@@ -137,6 +137,38 @@ def supports(dtype: torch.dtype) -> bool:
 # Kernels
 # ====================================================================================================
 @triton.jit
+def _row_tile(a_ptr, pid_m, M, BLOCK_M: tl.constexpr, STRIDE_AM: tl.constexpr):
+    """The rows of one output tile: ``(full_m, rm, m_mask, a_tile, row_off)``.
+
+    With ``M >= BLOCK_M`` the last tile is shifted back to overlap its neighbour (its rows are computed twice,
+    bit-identically) so that every row load is in bounds and unmasked (``full_m``). The row stride is a
+    compile-time constant: the BLOCK_M row loads of one column share one address (immediate offsets).
+    """
+    full_m = M >= BLOCK_M
+    m0 = pid_m * BLOCK_M
+    m0 = tl.where(full_m, tl.minimum(m0, M - BLOCK_M), m0)
+    rm = m0 + tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    a_tile = a_ptr + m0.to(tl.int64) * STRIDE_AM
+    row_off = tl.arange(0, BLOCK_M).to(tl.int64) * STRIDE_AM
+    return full_m, rm, m_mask, a_tile, row_off
+
+
+@triton.jit
+def _store_tile(
+    acc, out_ptr, bias_ptr, pid_s, M, C, rm, m_mask, rc, c_mask, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    """Reduce ``acc`` [BLOCK_M, BLOCK_J, BLOCK_N] over the diagonals and store it into the (M, C) output tile:
+    with the bias, in the output dtype, or (``PARTIAL``) as split ``pid_s``'s fp32 partial of (SPLIT, M, C)."""
+    out = tl.sum(acc, axis=1)
+    o_ptrs = out_ptr + (pid_s.to(tl.int64) * M + rm.to(tl.int64))[:, None] * C + rc[None, :]
+    if not PARTIAL:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rc, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
 def _gather_kernel(
     # inputs
     a_ptr,  # (M, L) the long-side operand: x (wide forward) or dy (tall dx); unit column stride
@@ -167,16 +199,7 @@ def _gather_kernel(
     pid_n = pid % num_n  # consecutive programs sweep the columns of one row block: its rows of `a` stay in L2
     pid_m = pid // num_n
 
-    # Rows: with M >= BLOCK_M the last tile is shifted back to overlap its neighbour (its rows are computed
-    # twice, bit-identically) so that every row load is in bounds and unmasked.
-    full_m = M >= BLOCK_M
-    m0 = pid_m * BLOCK_M
-    m0 = tl.where(full_m, tl.minimum(m0, M - BLOCK_M), m0)
-    rm = m0 + tl.arange(0, BLOCK_M)
-    m_mask = rm < M
-    # Compile-time row stride: the BLOCK_M row loads of one column share one address (immediate offsets).
-    a_tile = a_ptr + m0.to(tl.int64) * STRIDE_AM
-    row_off = tl.arange(0, BLOCK_M).to(tl.int64) * STRIDE_AM
+    full_m, rm, m_mask, a_tile, row_off = _row_tile(a_ptr, pid_m, M, BLOCK_M, STRIDE_AM)
     n0 = pid_n * BLOCK_N
     rn = n0 + tl.arange(0, BLOCK_N)
     rn64 = n0.to(tl.int64) + tl.arange(0, BLOCK_N).to(tl.int64)  # int64 so constant parts fold into immediates
@@ -206,12 +229,7 @@ def _gather_kernel(
                 a += tl.load(ptr - L, mask=mask & (c >= L)[None, :, :], other=0.0).to(tl.float32)
         acc += a * v.to(tl.float32)[None, :, :]
 
-    out = tl.sum(acc, axis=1)
-    o_ptrs = out_ptr + (pid_s.to(tl.int64) * M + rm.to(tl.int64))[:, None] * D + rn[None, :]
-    if not PARTIAL:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _store_tile(acc, out_ptr, bias_ptr, pid_s, M, D, rm, m_mask, rn, n_mask, PARTIAL, HAS_BIAS)
 
 
 @triton.jit
@@ -245,13 +263,7 @@ def _mgather_kernel(
     pid_n = pid % num_n
     pid_m = pid // num_n
 
-    full_m = M >= BLOCK_M
-    m0 = pid_m * BLOCK_M
-    m0 = tl.where(full_m, tl.minimum(m0, M - BLOCK_M), m0)
-    rm = m0 + tl.arange(0, BLOCK_M)
-    m_mask = rm < M
-    a_tile = a_ptr + m0.to(tl.int64) * STRIDE_AM
-    row_off = tl.arange(0, BLOCK_M).to(tl.int64) * STRIDE_AM
+    full_m, rm, m_mask, a_tile, row_off = _row_tile(a_ptr, pid_m, M, BLOCK_M, STRIDE_AM)
     r0 = pid_n * BLOCK_N
     rr = r0 + tl.arange(0, BLOCK_N)
     rr64 = r0.to(tl.int64) + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -295,12 +307,7 @@ def _mgather_kernel(
                     a = tl.load(a_ptrs + L, mask=m_mask[:, None, None] & ok2[None, :, :], other=0.0).to(tl.float32)
                     acc += a * v[None, :, :]
 
-    out = tl.sum(acc, axis=1)
-    o_ptrs = out_ptr + (pid_s.to(tl.int64) * M + rm.to(tl.int64))[:, None] * L + rr[None, :]
-    if not PARTIAL:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rr, mask=r_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+    _store_tile(acc, out_ptr, bias_ptr, pid_s, M, L, rm, m_mask, rr, r_mask, PARTIAL, HAS_BIAS)
 
 
 @triton.jit
