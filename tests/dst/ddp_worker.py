@@ -77,11 +77,24 @@ def run(name: str, rank: int, world: int) -> dict:
     return {"losses": losses, "topology": topo, "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
+def constructed(name: str, rank: int) -> dict:
+    """Topology and parameters right after construction, with no DDP wrapper (which would broadcast rank 0's
+    parameters and buffers itself): agreement here comes from the sparsifier alone."""
+    torch.manual_seed(rank)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sparsifier_cls, config_cls, options = CONFIGS[name]
+    sp = sparsifier_cls(model, opt, config_cls(total_steps=STEPS, sparsity=0.8, **options), filter_fn=not_head)
+    return {"topology": topology(sp), "layers": {f: dict(m.state_dict()) for f, m in sp.layers.items()}}
+
+
 def worker(rank: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=WORLD)
     try:
-        torch.save({name: run(name, rank, WORLD) for name in CONFIGS}, os.path.join(out, f"rank{rank}.pt"))
+        results = {name: run(name, rank, WORLD) for name in CONFIGS}
+        results["constructed"] = {name: constructed(name, rank) for name in CONFIGS}
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

@@ -36,6 +36,19 @@ def test_both_ranks_hold_identical_topology_and_parameters(results, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
+def test_construction_alone_makes_ranks_agree(results, name):
+    # Each rank seeded differently and no DDP wrapper: only the sparsifier's own broadcast can make the converted
+    # layers (values, offsets, masks, alpha, buffers) identical.
+    r0, r1 = results[0]["constructed"][name], results[1]["constructed"][name]
+    for fqn in r0["topology"]:
+        assert torch.equal(r0["topology"][fqn], r1["topology"][fqn]), f"{fqn}: initial topology differs"
+    for fqn, state in r0["layers"].items():
+        for key, v in state.items():
+            assert torch.equal(v, r1["layers"][fqn][key]), f"{fqn}.{key} differs across ranks after construction"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
 def test_ddp_matches_one_process_on_the_global_batch(results, name):
     r0, single = results[0][name], results[2][name]
     changed = 0
