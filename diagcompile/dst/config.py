@@ -51,7 +51,7 @@ class DSTConfig:
         temperature_start, temperature_end: ``T`` at step 0 and on the last soft step (> 0).
         freeze_at: when dynadiag hardens to exactly ``k`` diagonals: a ``float`` in ``[0, 1]`` is a fraction of
             ``total_steps``, an ``int`` in ``[0, total_steps]`` an absolute step. ``0`` freezes at construction
-            (a static top-k of the initial ``alpha``).
+            (a static top-k of the initial ``alpha``, values as initialised: no fold).
         fold_at_freeze: fold ``alpha~`` into the kept values at the freeze so the function is continuous
             (``V <- alpha~ * V``). ``False`` reproduces the paper's code: ``alpha~`` jumps to 1 on the top-k.
         alpha_lr: learning rate of the ``alpha`` parameter group (which has no weight decay).

@@ -174,7 +174,9 @@ class DiagSparsifier(SparsifierBase):
             for rec in self._layers:
                 rec.module.set_temperature(self._temperature(0))
             if config.freeze_step == 0:
-                self._freeze_all()
+                # Nothing has been trained whose function a fold would preserve, and folding the initial
+                # alpha~ (~ k/P for every candidate) would shrink the kept values P/k-fold below their init.
+                self._freeze_all(fold=False)
         for rec in self._layers:
             rec.last_kept = self._kept_offsets(rec).clone()
             if rec.needs_probe:
@@ -376,14 +378,15 @@ class DiagSparsifier(SparsifierBase):
             logger.debug("step %d: %s pool refresh: %d newcomers", t, rec.fqn, int((src < 0).sum()))
 
     @torch.no_grad()
-    def _freeze_all(self) -> None:
+    def _freeze_all(self, fold: bool | None = None) -> None:
+        fold = self.config.fold_at_freeze if fold is None else fold
         for rec in self._layers:
             layer = rec.module
             if layer.frozen:
                 continue
             keep = hard_topk(layer.alpha, rec.k)
             self._agree(keep)
-            layer.freeze_(fold=self.config.fold_at_freeze, keep_idx=keep)
+            layer.freeze_(fold=fold, keep_idx=keep)
             # alpha keeps a zero gradient (see DynaDiagLinear); with zero momentum no optimizer moves it.
             zero_state_(self.optimizer, layer.alpha)
         logger.info("step %d: dynadiag freeze: %d layers now train values only", self._step + 1, len(self._layers))

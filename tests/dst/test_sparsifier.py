@@ -328,8 +328,19 @@ def test_paper_mode_freeze_jumps_and_fold_does_not():
 
 
 def test_freeze_at_zero_is_a_static_topk():
+    torch.manual_seed(0)
+    dense = {
+        n: m.weight.detach().clone()
+        for n, m in tiny_mlp(n_in=16, hidden=32, n_out=5).named_modules()
+        if isinstance(m, nn.Linear)
+    }
     model, opt, sp = _make(freeze_at=0)
     assert all(layer.frozen for layer in sp.layers.values())
+    for fqn, layer in sp.layers.items():
+        # Values as initialised (the dense diagonals times sqrt(P/k)), not folded with the initial alpha~ ~ k/P.
+        P = max(layer.in_features, layer.out_features)
+        want = extract_diagonals(dense[fqn], layer.kept_offsets()) * math.sqrt(P / layer.k)
+        assert torch.allclose(layer.to_diag_linear().values, want), fqn
     top = _topology(sp)
     _train(model, opt, sp, 10)
     assert all(torch.equal(top[f], o) for f, o in _topology(sp).items())
