@@ -55,6 +55,9 @@ DIGITS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
     # Round 2: the default and the two best of round 1 per method, on three seeds (round 1's seed 0 is reused),
     # plus a diagnostic: dynadiag frozen at step 0 (= the static top-k of the initial, noise-only alpha: a
     # random set of diagonals trained for the whole run).
+    # The committed f0 rows (rounds 2, 4, 5) predate commit bc1c54e: a freeze at step 0 then folded the initial
+    # alpha~ ~ k/P into the values, starting them ~P/k = 10x below their init, so they understate random static
+    # diagonals (dst_diagnosis.md measures those properly: 95.95 on the tune split, 3 seeds).
     2: {
         "dense": {"default": {}, "lr1e-3": {"lr": 1e-3}},
         "dynadiag": {k: _DYNADIAG_GRID[k] for k in ("default", "t0.1", "t0.02")} | {"f0": {"freeze_at": 0.0}},
