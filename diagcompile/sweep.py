@@ -181,13 +181,9 @@ def _run_one(args: tuple[str, dict, str, int | None]) -> tuple[str, float, dict]
 
 def _check_same_config(path: Path, tc: TrainConfig) -> None:
     """A finished run is reused only if it was trained with the configuration the grid asks for now."""
-    saved = json.loads(path.read_text()).get("config", {})
-    now = tc.to_dict()
-    diff = sorted(
-        k for k in set(now) | set(saved) if k not in TrainConfig.RUNTIME_FIELDS and saved.get(k) != now.get(k)
-    )
+    diff = tc.differences(json.loads(path.read_text()).get("config", {}))
     if diff:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} there vs {now.get(k)!r} now" for k in diff)
+        detail = ", ".join(f"{k}: {was!r} there vs {now!r} now" for k, was, now in diff)
         raise ValueError(f"{path} was trained with another configuration ({detail}); delete it or use another out")
 
 

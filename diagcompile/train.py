@@ -266,6 +266,13 @@ class TrainConfig:
     #: Fields that may differ between a run and its resumption.
     RUNTIME_FIELDS = ("out", "resume", "quiet", "stop_after", "nproc")
 
+    def differences(self, saved: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+        """``(field, saved value, value now)`` for every field (except ``RUNTIME_FIELDS``) where the saved
+        ``to_dict()`` of another run differs from this one, sorted by field name."""
+        now = self.to_dict()
+        keys = sorted(k for k in set(now) | set(saved) if k not in self.RUNTIME_FIELDS)
+        return [(k, saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)]
+
 
 # ----------------------------------------------------------------------------------------------------
 # Environment stamp, atomic writes
@@ -662,12 +669,9 @@ def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
-    now = cfg.to_dict()
-    diff = sorted(
-        k for k in set(now) | set(saved) if k not in TrainConfig.RUNTIME_FIELDS and saved.get(k) != now.get(k)
-    )
+    diff = cfg.differences(saved)
     if diff:
-        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff)
+        detail = ", ".join(f"{k}: checkpoint {was!r} vs now {now!r}" for k, was, now in diff)
         raise ValueError(f"cannot resume: the checkpoint was written by a different configuration ({detail})")
 
 
