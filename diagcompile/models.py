@@ -44,11 +44,17 @@ __all__ = [
 SPARSE_LAYER_NAMES = ("qkv", "proj", "fc1", "fc2")
 
 
-def _check_positive(obj: Any, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
+def _check_transformer(cfg: Any, *positive: str) -> None:
+    """The checks both model configs share: the ``positive`` int fields, ``dim % heads``, ``dropout``."""
+    name = type(cfg).__name__
+    for n in positive:
+        v = getattr(cfg, n)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{type(obj).__name__}.{n} must be a positive int, got {v!r}")
+            raise ValueError(f"{name}.{n} must be a positive int, got {v!r}")
+    if cfg.dim % cfg.heads:
+        raise ValueError(f"{name}.dim={cfg.dim} must be divisible by heads={cfg.heads}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"{name}.dropout={cfg.dropout} must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -67,11 +73,7 @@ class ViTConfig:
     kind = "vit"
 
     def __post_init__(self) -> None:
-        _check_positive(self, "n_tokens", "patch_dim", "n_classes", "dim", "depth", "heads", "mlp_ratio")
-        if self.dim % self.heads:
-            raise ValueError(f"ViTConfig.dim={self.dim} must be divisible by heads={self.heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ViTConfig.dropout={self.dropout} must be in [0, 1)")
+        _check_transformer(self, "n_tokens", "patch_dim", "n_classes", "dim", "depth", "heads", "mlp_ratio")
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
@@ -92,11 +94,7 @@ class GPTConfig:
     kind = "gpt"
 
     def __post_init__(self) -> None:
-        _check_positive(self, "vocab_size", "block_size", "dim", "depth", "heads", "mlp_ratio")
-        if self.dim % self.heads:
-            raise ValueError(f"GPTConfig.dim={self.dim} must be divisible by heads={self.heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout={self.dropout} must be in [0, 1)")
+        _check_transformer(self, "vocab_size", "block_size", "dim", "depth", "heads", "mlp_ratio")
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
