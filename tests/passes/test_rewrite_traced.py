@@ -151,6 +151,17 @@ class _Scaled(nn.Linear):
         return F.linear(x, self.weight * 2, self.bias)
 
 
+class _Attn(nn.Module):
+    """A marked linear hidden inside an opaque leaf (``nn.MultiheadAttention`` reads ``out_proj`` by attribute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
 @pytest.mark.parametrize(
     "build, match",
     [
@@ -172,16 +183,7 @@ def test_unrewritable_marks_raise(build, match):
         model.add_module("fc", _Scaled(8, 8))
         mark_sparse(model.fc, sparsity=0.5)
     else:
-
-        class Attn(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.attn(x, x, x, need_weights=False)[0]
-
-        model = Attn()
+        model = _Attn()
         mark_sparse(model.attn.out_proj, sparsity=0.5)
     traced = fx.symbolic_trace(model)
     with pytest.raises(SparseRewriteError, match=match):
@@ -226,15 +228,7 @@ def test_module_only_mark_inside_opaque_module_raises():
     """After a deepcopy only module marks survive; a marked linear hidden in a leaf is still reported."""
     import copy
 
-    class Attn(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.attn(x, x, x, need_weights=False)[0]
-
-    model = Attn()
+    model = _Attn()
     mark_sparse(model.attn.out_proj, sparsity=0.5)
     clone = copy.deepcopy(model)
     assert get_sparse_mark(clone.attn.out_proj.weight) is None
