@@ -19,6 +19,13 @@ it the points. This script tests one hypothesis per row, every row on the same s
   phase), and the same with the freeze at 75%.
 * ``t0.02`` / ``t0.02_f0.25``: a low starting temperature (near-hard from the first steps; the top-k then
   changes by alpha crossings), and the same with the freeze at 25%.
+* ``rms_scale`` / ``rms_scale_grad``: the forward's ``alpha~`` times ``g = sqrt(k / sum(alpha~^2))`` over the
+  active candidates (without / with a gradient through ``g``): the layer keeps the output scale of its final
+  ``k``-diagonal form while ``alpha~`` is spread (a faithful layer then starts as the dense layer it replaced).
+  ``rms_scale_pool2`` / ``rms_scale_grad_pool2`` / ``rms_scale_pool1.5`` / ``rms_scale_pool2_f0.3`` /
+  ``rms_scale_pool2_f0.7``: the same with a candidate pool, and with an earlier / later freeze. These rows were
+  run with the hook below, which sums ``alpha~^2`` in float32 and does not fold ``g`` at the freeze (``g`` is
+  ~1 there); the library's form of it is ``DSTConfig(soft_scale="rms")`` (results: ``dst_soft_phase_rms*.md``).
 * ``pool2``: DynaDiag with a pool of ``2k`` candidates (the demo's setting), for reference.
 * ``diagheur``: the baseline DynaDiag must match, for reference.
 
@@ -28,6 +35,12 @@ the sparsifier's freeze of the harness's run), because none of them earned a pla
     nice -n 10 python benchmarks/dst_soft_phase.py --jobs 2       # writes results/dst_soft_phase.md
     nice -n 10 python benchmarks/dst_soft_phase.py --jobs 2 --variants baseline,diagheur --epochs 120 --seeds 4
                                                                   # writes results/dst_soft_phase_e120.md
+    nice -n 10 python benchmarks/dst_soft_phase.py --jobs 2 --variants rms_scale,rms_scale_grad,rms_scale_pool2 \
+        --out dst_soft_phase_rms.md
+    nice -n 10 python benchmarks/dst_soft_phase.py --jobs 2 --out dst_soft_phase_rms2.md \
+        --variants rms_scale_grad_pool2,rms_scale_pool2_f0.3,rms_scale_pool2_f0.7,rms_scale_pool1.5
+    nice -n 10 python benchmarks/dst_soft_phase.py --jobs 2 --seeds 4 --epochs 120 --variants pool2,rms_scale_pool2 \
+        --out dst_soft_phase_e120_pool.md
 """
 
 from __future__ import annotations
@@ -58,6 +71,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str | None]] = {
     "exp_schedule_f0.75": ({}, {"temperature_schedule": "exponential", "freeze_at": 0.75}, None),
     "t0.02": ({}, {"temperature_start": 0.02}, None),
     "t0.02_f0.25": ({}, {"temperature_start": 0.02, "freeze_at": 0.25}, None),
+    "rms_scale": ({}, {}, "rms_scale"),
+    "rms_scale_grad": ({}, {}, "rms_scale_grad"),
+    "rms_scale_pool2": ({}, {"pool": 2.0}, "rms_scale"),
+    "rms_scale_grad_pool2": ({}, {"pool": 2.0}, "rms_scale_grad"),
+    "rms_scale_pool2_f0.3": ({}, {"pool": 2.0, "freeze_at": 0.3}, "rms_scale"),
+    "rms_scale_pool2_f0.7": ({}, {"pool": 2.0, "freeze_at": 0.7}, "rms_scale"),
+    "rms_scale_pool1.5": ({}, {"pool": 1.5}, "rms_scale"),
     "pool2": ({}, {"pool": 2.0}, None),
     "diagheur": ({"method": "diagheur"}, {}, None),
 }
@@ -124,7 +144,27 @@ def _hook_reset_at_freeze(sp: Any, model: torch.nn.Module, optimizer: torch.opti
     sp._freeze_all = frozen
 
 
+def _hook_rms_scale(detach: bool) -> Callable:
+    def install(sp: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        for m in _soft_layers(model):
+            active = m._active
+
+            def scaled(m: DynaDiagLinear = m, active: Callable = active) -> tuple[torch.Tensor, torch.Tensor]:
+                idx, scale = active()
+                if m.frozen:
+                    return idx, scale
+                # The inactive candidates (alpha~ <= active_eps) add < C * eps^2 to the sum: negligible.
+                g = torch.sqrt(m.k / scale.pow(2).sum())
+                return idx, scale * (g.detach() if detach else g)
+
+            m._active = scaled
+
+    return install
+
+
 HOOKS: dict[str, Callable] = {
+    "rms_scale": _hook_rms_scale(detach=True),
+    "rms_scale_grad": _hook_rms_scale(detach=False),
     "alpha_nsgd": _hook_alpha_nsgd,
     "v_step_div_at": _hook_v_step(lambda m, at: 1.0 / at.clamp_min(_floor(m))),
     "v_step_mul_at": _hook_v_step(lambda m, at: at),
@@ -162,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=6)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--epochs", type=int, default=None, help="training length (default: the task's 40 epochs)")
+    p.add_argument("--out", default=None, help="results file name (default: dst_soft_phase[_e<epochs>].md)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     args = p.parse_args(argv)
     names = args.variants.split(",")
@@ -199,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines += ["", "## Setup", "", *[f"- **{k}**: {v}" for k, v in env.items()]]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("dst_soft_phase.md" if args.epochs is None else f"dst_soft_phase_e{args.epochs}.md")
+    default = "dst_soft_phase.md" if args.epochs is None else f"dst_soft_phase_e{args.epochs}.md"
+    out = RESULTS / (args.out or default)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     return 0
