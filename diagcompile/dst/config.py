@@ -8,12 +8,13 @@ from typing import Any, Literal
 
 from diagcompile.dst._validate import FieldChecker, check_schedule_fields, config_from_dict, is_real
 
-__all__ = ["DSTConfig", "METHODS", "RELAXATIONS", "TEMPERATURE_SCHEDULES", "OFFSET_INITS"]
+__all__ = ["DSTConfig", "METHODS", "RELAXATIONS", "TEMPERATURE_SCHEDULES", "OFFSET_INITS", "SOFT_SCALES"]
 
 METHODS = ("dynadiag", "diagheur")
 RELAXATIONS = ("threshold", "softmax_clamp")
 TEMPERATURE_SCHEDULES = ("cosine", "linear", "exponential", "constant")
 OFFSET_INITS = ("random", "even", "topk")
+SOFT_SCALES = ("none", "rms")  # DynaDiagLinear.soft_scale
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ class DSTConfig:
             candidates break reproducibly; ``0`` disables it.
         active_eps: dynadiag's forward computes with the candidates whose ``alpha~ > active_eps`` (and always
             the current top-``k``); the others contribute less than ``active_eps * |V|`` and are skipped.
+        soft_scale: dynadiag's soft-phase gain: ``"none"`` (the paper: the layer computes ``alpha~ * V``) or
+            ``"rms"`` (``g * alpha~ * V`` with ``g = sqrt(k / sum(alpha~^2))``, no gradient through ``g``). While
+            ``alpha~`` is spread (``k/P`` everywhere at the start) the paper's layer is ``sqrt(P/k)``-times too
+            small in output scale and learns up to ``P/k`` times slower (Adam's step on ``V`` is scale-free);
+            ``g`` restores the scale of the final ``k``-diagonal layer and tends to 1 as ``alpha~`` hardens, and
+            the freeze folds it. Measured on digits (``benchmarks/results/dst_soft_phase_rms*.md``).
         pool: ``None``: every layer holds values for all ``P`` candidates (faithful to the paper). A number
             ``c >= 1``: hold at most ``ceil(c * k)`` candidates, refreshed every ``update_every`` steps before
             the freeze from probe scores (sparse-to-sparse; memory proportional to density). A refresh keeps
@@ -90,6 +97,7 @@ class DSTConfig:
     alpha_init: float | None = None
     alpha_init_noise: float = 1e-3
     active_eps: float = 1e-4
+    soft_scale: Literal["none", "rms"] = "none"
     pool: float | None = None
 
     def __post_init__(self) -> None:
@@ -115,6 +123,7 @@ class DSTConfig:
             c.need_real("alpha_init", -math.inf, math.inf, lo_open=True, hi_open=True)
         c.need_real("alpha_init_noise", 0.0, math.inf, hi_open=True)
         c.need_real("active_eps", 0.0, 0.5, hi_open=True)
+        c.need_choice("soft_scale", SOFT_SCALES)
         if self.pool is not None:
             c.need_real("pool", 1.0, math.inf, hi_open=True)
 

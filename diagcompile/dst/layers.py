@@ -6,11 +6,15 @@ candidates' offsets ``candidate_offsets`` ``(C,)`` (sorted). Every forward:
 
 1. relaxed top-k: ``alpha~ = relax(alpha, k, T)`` in ``[0, 1]`` (``diagcompile.dst.relax``),
 2. active set: the candidates with ``alpha~ > active_eps``, plus the current top-``k`` (so at least ``k``),
-3. ``y = diag_linear(x, alpha~[a] * V[a], offsets[a], bias)`` through ``torch.ops.diagcompile.diag_linear``:
+3. ``y = diag_linear(x, g * alpha~[a] * V[a], offsets[a], bias)`` through ``torch.ops.diagcompile.diag_linear``:
    the op's ``dV`` gives the gradient of both ``V`` and ``alpha`` (by the chain rule through the product).
+   ``g = 1`` (``soft_scale="none"``, the paper) or ``g = sqrt(k / sum(alpha~[a]^2))`` (``"rms"``, no gradient):
+   ``sum alpha~^2 = k`` for the hard top-k, so ``g`` keeps the layer's output scale at that of its final
+   ``k``-diagonal form while ``alpha~`` is spread; at ``alpha~ = k/P`` everywhere it undoes the ``k/P`` that
+   otherwise shrinks the layer (and, Adam's step on ``V`` being scale-free, its learning) at the start.
 
 ``freeze_()`` hardens it: ``keep_idx`` = the hard top-``k`` of ``alpha`` (ties to the smaller offset), and with
-``fold=True`` ``V[keep] <- alpha~[keep] * V[keep]`` so the function does not jump. From then on the forward
+``fold=True`` ``V[keep] <- g * alpha~[keep] * V[keep]`` so the function does not jump. From then on the forward
 uses exactly those ``k`` rows (scale 1) and only ``V`` (and the bias) train. ``alpha`` stays in the graph
 with an exactly zero gradient (``alpha * 0``): a ``DistributedDataParallel`` reducer built before the freeze
 still expects a gradient for it every step, and with its momentum zeroed at the freeze by
@@ -27,6 +31,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from diagcompile.dst.config import SOFT_SCALES
 from diagcompile.dst.relax import hard_topk, relax
 from diagcompile.functional import diag_linear
 from diagcompile.modules import DiagLinear
@@ -49,6 +54,7 @@ class DynaDiagLinear(nn.Module):
         relaxation: ``"threshold"`` or ``"softmax_clamp"``.
         temperature: initial ``T``.
         active_eps: forward threshold on ``alpha~``.
+        soft_scale: ``"none"`` or ``"rms"``: the soft phase's gain ``g`` (module doc).
 
     Attributes:
         values: ``(C, D)`` parameter. alpha: ``(C,)`` parameter. bias: ``(N_out,)`` parameter or ``None``.
@@ -74,6 +80,7 @@ class DynaDiagLinear(nn.Module):
         relaxation: str = "threshold",
         temperature: float = 1.0,
         active_eps: float = 1e-4,
+        soft_scale: str = "none",
     ) -> None:
         super().__init__()
         P, D = diag_shape(out_features, in_features)
@@ -94,9 +101,11 @@ class DynaDiagLinear(nn.Module):
             )
         if relaxation not in ("threshold", "softmax_clamp"):
             raise ValueError(f"relaxation must be 'threshold' or 'softmax_clamp', got {relaxation!r}")
+        if soft_scale not in SOFT_SCALES:
+            raise ValueError(f"soft_scale must be one of {SOFT_SCALES}, got {soft_scale!r}")
         order = torch.argsort(cand)
         self.in_features, self.out_features, self.k = in_features, out_features, k
-        self.relaxation, self.active_eps = relaxation, float(active_eps)
+        self.relaxation, self.active_eps, self.soft_scale = relaxation, float(active_eps), soft_scale
         self.values = nn.Parameter(values.detach()[order].clone().contiguous())
         self.alpha = nn.Parameter(alpha.detach()[order].clone().to(values.dtype))
         self.bias = bias
@@ -120,12 +129,14 @@ class DynaDiagLinear(nn.Module):
         relaxation: str = "threshold",
         temperature: float = 1.0,
         active_eps: float = 1e-4,
+        soft_scale: str = "none",
     ) -> DynaDiagLinear:
         """Build from a dense ``nn.Linear``: the candidates' values are its diagonals (bit-exact, or times
         ``sqrt(P / k)`` with ``rescale_init``), the bias is the same ``Parameter`` object.
 
         ``alpha`` starts at ``alpha_init`` (default ``1 / P``, the paper's) plus ``N(0, alpha_init_noise^2)``
-        noise from torch's global RNG.
+        noise from torch's global RNG. With every candidate, ``rescale_init`` and ``soft_scale="rms"`` the layer
+        starts as the dense layer itself (``g * (k / P) * sqrt(P / k) = 1`` with ``g = sqrt(P / k)``).
         """
         W = linear.weight.detach()
         n_out, n_in = W.shape
@@ -151,6 +162,7 @@ class DynaDiagLinear(nn.Module):
             relaxation=relaxation,
             temperature=temperature,
             active_eps=active_eps,
+            soft_scale=soft_scale,
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -183,6 +195,14 @@ class DynaDiagLinear(nn.Module):
             return at.index_fill_(0, self.keep_idx, 1.0)
         return relax(self.relaxation, self.alpha, self.k, float(self.temperature))
 
+    @torch.no_grad()
+    def soft_gain(self) -> float:
+        """The soft phase's current gain ``g`` (module doc): 1 for ``soft_scale="none"`` and once frozen."""
+        if self._frozen or self.soft_scale != "rms":
+            return 1.0
+        at = self.alpha_tilde()
+        return float(self._gain(at.index_select(0, self._active_rows(at))))
+
     def current_topk(self) -> Tensor:
         """``(k,)`` rows (ascending) of the hard top-k: ``keep_idx`` once frozen, else top-k of ``alpha``."""
         return self.keep_idx if self._frozen else hard_topk(self.alpha, self.k)
@@ -198,12 +218,23 @@ class DynaDiagLinear(nn.Module):
             # Exactly 1, but through alpha so that alpha receives an (exactly zero) gradient; see module doc.
             return self.keep_idx, self.alpha.index_select(0, self.keep_idx) * 0.0 + 1.0
         at = self.alpha_tilde()
-        with torch.no_grad():
-            mask = at.detach() > self.active_eps
-            # Top-k of alpha, not of alpha~: saturated alpha~ tie at 1.0 in float32, alpha does not.
-            mask[hard_topk(self.alpha, self.k)] = True
-            idx = mask.nonzero().squeeze(1)
-        return idx, at.index_select(0, idx)
+        idx = self._active_rows(at)
+        scale = at.index_select(0, idx)
+        return idx, scale * self._gain(scale) if self.soft_scale == "rms" else scale
+
+    @torch.no_grad()
+    def _active_rows(self, at: Tensor) -> Tensor:
+        """``(a,)`` ascending rows with ``alpha~ > active_eps``, plus the hard top-``k`` (so ``a >= k``)."""
+        mask = at.detach() > self.active_eps
+        # Top-k of alpha, not of alpha~: saturated alpha~ tie at 1.0 in float32, alpha does not.
+        mask[hard_topk(self.alpha, self.k)] = True
+        return mask.nonzero().squeeze(1)
+
+    def _gain(self, scale: Tensor) -> Tensor:
+        """``()`` ``g = sqrt(k / sum(scale^2))`` of the active ``alpha~`` (``soft_scale="rms"``), no gradient:
+        ``alpha`` learns which candidates matter, not how spread ``alpha~`` is. The skipped candidates
+        (``alpha~ <= active_eps``) would add less than ``C * eps^2`` to the sum."""
+        return torch.sqrt(self.k / scale.detach().double().square().sum()).to(scale.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features) -> (..., out_features)``."""
@@ -222,12 +253,14 @@ class DynaDiagLinear(nn.Module):
     def freeze_(self, fold: bool = True, keep_idx: Tensor | None = None) -> Tensor:
         """Harden to the top-``k`` (or the given ``keep_idx`` rows); returns the ``(k,)`` kept rows.
 
-        With ``fold`` the kept values are multiplied by their current ``alpha~`` (computed exactly as the
-        last forward did), so the output changes only by the contribution of the dropped candidates.
+        With ``fold`` the kept values are multiplied by their current scale ``g * alpha~`` (computed exactly as
+        the last forward did), so the output changes only by the contribution of the dropped candidates.
         """
         if self._frozen:
             return self.keep_idx
         at = self.alpha_tilde().detach()
+        if self.soft_scale == "rms":
+            at = at * self._gain(at.index_select(0, self._active_rows(at)))
         keep = hard_topk(self.alpha, self.k) if keep_idx is None else keep_idx.to(self.keep_idx.device)
         if fold:
             rows = self.values.index_select(0, keep) * at.index_select(0, keep).unsqueeze(1)
@@ -268,5 +301,6 @@ class DynaDiagLinear(nn.Module):
         mode = f"pool={self.num_candidates}" if self.is_pool else "faithful"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}/{P} diagonals, "
-            f"{mode}, relaxation={self.relaxation}, frozen={self._frozen}, bias={self.bias is not None}"
+            f"{mode}, relaxation={self.relaxation}, soft_scale={self.soft_scale}, frozen={self._frozen}, "
+            f"bias={self.bias is not None}"
         )

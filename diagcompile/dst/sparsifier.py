@@ -240,6 +240,7 @@ class DiagSparsifier(SparsifierBase):
                 relaxation=cfg.relaxation,
                 temperature=cfg.temperature_start,
                 active_eps=cfg.active_eps,
+                soft_scale=cfg.soft_scale,
             )
         new.train(linear.training)
         replace_param_(self.optimizer, linear.weight, [new.values])
@@ -407,7 +408,8 @@ class DiagSparsifier(SparsifierBase):
     def diagnostics(self) -> dict[str, dict[str, float]]:
         """Per layer (by fqn): ``k``, ``k_eff`` (candidates with ``alpha~ > active_eps``, the ones the forward
         computes with), ``k_half`` (``alpha~ >= 1/2``), ``sum_alpha_tilde``, ``mass_outside_topk`` (the part of
-        ``sum_alpha_tilde`` outside the hard top-k: what a freeze now would drop), ``temperature``, ``candidates``
+        ``sum_alpha_tilde`` outside the hard top-k: what a freeze now would drop), ``temperature``, ``soft_gain``
+        (dynadiag's ``g``; 1 unless ``soft_scale="rms"``), ``candidates``
         (``C``), ``offsets_changed`` (hard top-k offsets changed by the most recent change; total in
         ``offsets_changed_total``), ``updates``, ``frozen`` (0/1), ``memory_bytes`` (parameters + optimizer
         state). DiagHeur layers are hard masks: ``k_eff = sum_alpha_tilde = k``, ``temperature = 0``, and
@@ -426,6 +428,7 @@ class DiagSparsifier(SparsifierBase):
                     sum_alpha_tilde=float(at.sum()),
                     mass_outside_topk=float(at.sum() - top.sum()),
                     temperature=0.0 if layer.frozen else float(layer.temperature),
+                    soft_gain=layer.soft_gain(),
                     candidates=float(layer.num_candidates),
                     frozen=float(layer.frozen),
                 )
@@ -436,6 +439,7 @@ class DiagSparsifier(SparsifierBase):
                     sum_alpha_tilde=float(rec.k),
                     mass_outside_topk=0.0,
                     temperature=0.0,
+                    soft_gain=1.0,
                     candidates=float(rec.k),
                     frozen=float(self._step >= self._updates.end),
                 )

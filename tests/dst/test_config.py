@@ -50,6 +50,7 @@ def test_update_end_step_depends_on_method():
         ({"alpha_lr": -1.0}, ValueError, "alpha_lr"),
         ({"active_eps": 0.5}, ValueError, "active_eps"),
         ({"pool": 0.5}, ValueError, "pool"),
+        ({"soft_scale": "l2"}, ValueError, "soft_scale"),
         ({"rescale_init": 1}, TypeError, "rescale_init"),
     ],
 )

@@ -59,10 +59,40 @@ def test_forward_goes_through_the_op_and_matches_the_relaxed_weight(n_out, n_in)
     assert torch.allclose(y, nn.functional.linear(x, W, lin.bias), atol=1e-5)
 
 
-def test_gradients_of_values_and_alpha_match_a_dense_autograd_reference():
+@pytest.mark.parametrize("n_out,n_in", SHAPES)
+def test_rms_soft_scale_starts_as_the_dense_layer_it_replaces(n_out, n_in):
+    lin = nn.Linear(n_in, n_out)
+    # alpha~ = k/P everywhere, values sqrt(P/k) * W's diagonals, g = sqrt(P/k): g * (k/P) * sqrt(P/k) = 1
+    layer = DynaDiagLinear.from_linear(lin, k=3, alpha_init_noise=0.0, soft_scale="rms")
+    x = torch.randn(5, n_in)
+    assert torch.allclose(layer(x), lin(x), atol=1e-5, rtol=1e-5)
+    assert layer.soft_gain() == pytest.approx(math.sqrt(max(n_out, n_in) / 3))
+    layer.freeze_()
+    assert layer.soft_gain() == 1.0
+    paper = DynaDiagLinear.from_linear(lin, k=3, alpha_init_noise=0.0)
+    assert not torch.allclose(paper(x), lin(x), atol=1e-3)  # the paper's layer starts sqrt(P/k) too small
+
+
+def test_rms_soft_scale_is_one_for_a_hard_topk_and_rejects_unknown_names():
+    lin = nn.Linear(12, 12)
+    hard = dict(k=3, alpha_init_noise=1.0, temperature=1e-4)
+    torch.manual_seed(0)
+    a = DynaDiagLinear.from_linear(lin, soft_scale="rms", **hard)
+    torch.manual_seed(0)
+    b = DynaDiagLinear.from_linear(lin, **hard)
+    x = torch.randn(4, 12)
+    assert torch.allclose(a(x), b(x), atol=1e-6)
+    with pytest.raises(ValueError, match="soft_scale"):
+        DynaDiagLinear.from_linear(lin, k=3, soft_scale="l2")
+
+
+@pytest.mark.parametrize("soft_scale", ["none", "rms"])
+def test_gradients_of_values_and_alpha_match_a_dense_autograd_reference(soft_scale):
     n_out, n_in, k, T = 10, 6, 3, 0.5
     lin = nn.Linear(n_in, n_out).double()
-    layer = DynaDiagLinear.from_linear(lin, k=k, alpha_init_noise=0.5, temperature=T, active_eps=0.0)
+    layer = DynaDiagLinear.from_linear(
+        lin, k=k, alpha_init_noise=0.5, temperature=T, active_eps=0.0, soft_scale=soft_scale
+    )
     x = torch.randn(7, n_in, dtype=torch.float64)
     layer(x).sin().sum().backward()
     # Reference: the same function written densely, every candidate, autograd all the way.
@@ -70,6 +100,8 @@ def test_gradients_of_values_and_alpha_match_a_dense_autograd_reference():
     alpha = layer.alpha.detach().clone().requires_grad_(True)
     P = values.shape[0]
     at = threshold(alpha, k, T)
+    if soft_scale == "rms":  # g = sqrt(k / sum(alpha~^2)), a constant for autograd
+        at = at * torch.sqrt(k / at.detach().square().sum())
     D = min(n_out, n_in)
     W = torch.zeros(n_out, n_in, dtype=torch.float64)
     for p in range(P):
@@ -92,9 +124,12 @@ def test_inactive_candidates_get_no_value_gradient():
     assert torch.count_nonzero(layer.values.grad[~inactive]) > 0
 
 
+@pytest.mark.parametrize("soft_scale", ["none", "rms"])
 @pytest.mark.parametrize("n_out,n_in", SHAPES)
-def test_freeze_folds_alpha_so_the_output_does_not_move(n_out, n_in):
-    layer = DynaDiagLinear.from_linear(nn.Linear(n_in, n_out), k=4, alpha_init_noise=1.0, temperature=1e-3)
+def test_freeze_folds_alpha_so_the_output_does_not_move(n_out, n_in, soft_scale):
+    layer = DynaDiagLinear.from_linear(
+        nn.Linear(n_in, n_out), k=4, alpha_init_noise=1.0, temperature=1e-3, soft_scale=soft_scale
+    )
     x = torch.randn(6, n_in)
     before = layer(x)
     keep = layer.freeze_()
@@ -107,10 +142,17 @@ def test_freeze_folds_alpha_so_the_output_does_not_move(n_out, n_in):
     assert torch.allclose(compact(x), before, atol=1e-6, rtol=1e-6)
 
 
-def test_freeze_at_high_temperature_drops_the_mass_outside_the_topk():
+@pytest.mark.parametrize("soft_scale", ["none", "rms"])
+def test_freeze_at_high_temperature_drops_the_mass_outside_the_topk(soft_scale):
     n_out = n_in = 12
-    layer = DynaDiagLinear.from_linear(nn.Linear(n_in, n_out), k=3, alpha_init_noise=0.1, temperature=1.0)
+    layer = DynaDiagLinear.from_linear(
+        nn.Linear(n_in, n_out), k=3, alpha_init_noise=0.1, temperature=1.0, active_eps=0.0, soft_scale=soft_scale
+    )
     at = layer.alpha_tilde().detach()
+    if soft_scale == "rms":  # the kept rows are folded with the gain the forward used, over all C candidates
+        at = at * torch.sqrt(3 / at.square().sum())
+        x0 = torch.randn(5, n_in)
+        assert torch.allclose(layer(x0), nn.functional.linear(x0, _dense_weight(layer, at), layer.bias), atol=1e-6)
     keep = layer.alpha.topk(3).indices.sort().values
     expected = _dense_weight(layer, torch.zeros_like(at).index_copy(0, keep, at[keep]))
     x = torch.randn(5, n_in)

@@ -23,6 +23,7 @@ MODES = {
     "dynadiag": {"method": "dynadiag"},
     "dynadiag-pool": {"method": "dynadiag", "pool": 2.0},
     "softmax-clamp": {"method": "dynadiag", "relaxation": "softmax_clamp"},
+    "dynadiag-rms": {"method": "dynadiag", "soft_scale": "rms"},
 }
 
 
@@ -76,6 +77,25 @@ def test_conversion_rewires_the_optimizer(mode):
         g = find_group(opt, model.body[0].alpha)
         assert g is find_group(opt, model.body[2].alpha) and g["lr"] == 0.01 and g["weight_decay"] == 0.0
     assert len(opt.param_groups) == (3 if expected_cls is DynaDiagLinear else 2)
+
+
+@pytest.mark.parametrize("soft_scale", ["none", "rms"])
+def test_rms_soft_scale_keeps_a_trained_model_s_function_at_conversion(soft_scale):
+    # Sparsifying a trained dense model: with soft_scale="rms" the faithful layers start as the dense layers
+    # they replace (so DST fine-tunes from the trained function); the paper's layers start sqrt(k/P) smaller.
+    torch.manual_seed(0)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        dense = model(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cfg = DSTConfig(total_steps=10, sparsity=0.8, alpha_init_noise=0.0, soft_scale=soft_scale)
+    sp = DiagSparsifier(model, opt, cfg, filter_fn=not_head)
+    with torch.no_grad():
+        same = torch.allclose(model(x), dense, atol=1e-5, rtol=1e-5)
+    assert same == (soft_scale == "rms")
+    P, k = 32, sp.layers["body.2"].k
+    assert sp.diagnostics()["body.2"]["soft_gain"] == (pytest.approx(math.sqrt(P / k)) if same else 1.0)
 
 
 def test_conversion_errors_and_selection():
@@ -139,7 +159,7 @@ def test_k_constant_offsets_valid_and_shapes_fixed_after_every_step(mode):
 
     _train(model, opt, sp, 40, check=check)
     d = sp.diagnostics()
-    if mode != "dynadiag" and mode != "softmax-clamp":
+    if MODES[mode]["method"] == "diagheur" or "pool" in MODES[mode]:  # the modes with topology updates
         assert all(v["updates"] > 0 for v in d.values()), "no topology update happened"
     assert all(v["offsets_changed_total"] > 0 for v in d.values()), "the topology never changed"
 
@@ -277,11 +297,16 @@ def test_temperature_follows_the_schedule_per_step():
     assert seen[-1] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("soft_scale", ["none", "rms"])
 @pytest.mark.parametrize("opt_kind", ["adamw", "sgd"])
-def test_freeze_is_continuous_and_then_alpha_stays_put(opt_kind):
+def test_freeze_is_continuous_and_then_alpha_stays_put(opt_kind, soft_scale):
     # SGD moves alpha by lr * grad (Adam by ~lr): it needs a larger alpha_lr for the same separation.
     model, opt, sp = _make(
-        opt=opt_kind, freeze_at=25, temperature_end=1e-4, alpha_lr=0.05 if opt_kind == "adamw" else 1.0
+        opt=opt_kind,
+        freeze_at=25,
+        temperature_end=1e-4,
+        alpha_lr=0.05 if opt_kind == "adamw" else 1.0,
+        soft_scale=soft_scale,
     )
     _train(model, opt, sp, 24)
     x, y = _batch(24)
@@ -373,6 +398,7 @@ def test_diagnostics_and_log(caplog):
         "sum_alpha_tilde",
         "mass_outside_topk",
         "temperature",
+        "soft_gain",
         "offsets_changed",
         "offsets_changed_total",
         "frozen",

@@ -20,6 +20,7 @@ METHODS = {
     "dynadiag": {"method": "dynadiag"},
     "dynadiag-pool": {"method": "dynadiag", "pool": 2.0, "update_every": 25},
     "dynadiag-softmax-clamp": {"method": "dynadiag", "relaxation": "softmax_clamp"},
+    "dynadiag-rms": {"method": "dynadiag", "soft_scale": "rms"},
 }
 
 
