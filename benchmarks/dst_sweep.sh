@@ -42,6 +42,15 @@ if [[ $what == all || $what == chars ]]; then
     --out "$OUT/chars" --name dst_chars --threads 1 --jobs "${JOBS:-1}" --quiet ${NOTES_CHARS:+--notes "$NOTES_CHARS"}
   cp "$OUT"/chars/dst_chars{.csv,_runs.csv,.md,.png} "$RES"/
 fi
+if [[ $what == digits-e120 ]]; then
+  # The same protocol at 3x the epochs (120), sparsity 0.9: does DynaDiag catch DiagHeur with a longer budget?
+  nice -n 10 "$PY" -m diagcompile.cli sweep --task digits-vit --epochs 120 \
+    --methods dense,dynadiag,diagheur --sparsities 0.9 --seeds 10 \
+    --variant-train dense:lr=0.001 --variant-train "dynadiag:lr=$SPARSE_LR" --variant-train "diagheur:lr=$SPARSE_LR" \
+    --variant-dst dynadiag:temperature_start=0.1 --variant-dst diagheur:update_every=50 \
+    --out "$OUT/digits-e120" --name dst_digits_e120 --threads 1 --jobs "${JOBS:-1}" --quiet
+  cp "$OUT"/digits-e120/dst_digits_e120{.csv,_runs.csv,.md,.png} "$RES"/
+fi
 if [[ $what == all || $what == memory ]]; then
   nice -n 10 "$PY" benchmarks/dst_memory.py
 fi
