@@ -42,14 +42,19 @@ if [[ $what == all || $what == chars ]]; then
     --out "$OUT/chars" --name dst_chars --threads 1 --jobs "${JOBS:-1}" --quiet ${NOTES_CHARS:+--notes "$NOTES_CHARS"}
   cp "$OUT"/chars/dst_chars{.csv,_runs.csv,.md,.png} "$RES"/
 fi
-if [[ $what == digits-e120 ]]; then
-  # The same protocol at 3x the epochs (120), sparsity 0.9: does DynaDiag catch DiagHeur with a longer budget?
-  nice -n 10 "$PY" -m diagcompile.cli sweep --task digits-vit --epochs 120 \
-    --methods dense,dynadiag,diagheur --sparsities 0.9 --seeds 10 \
-    --variant-train dense:lr=0.001 --variant-train "dynadiag:lr=$SPARSE_LR" --variant-train "diagheur:lr=$SPARSE_LR" \
+if [[ $what == digits-long ]]; then
+  # The same protocol with a longer budget at sparsity 0.9: does DynaDiag catch DiagHeur given more epochs?
+  # Committed: EPOCHS=120 LONG_SEEDS=10 (dst_digits_e120.*), EPOCHS=360 LONG_SEEDS=5 METHODS=dynadiag,diagheur.
+  E=${EPOCHS:-120}
+  METHODS=${METHODS:-dense,dynadiag,diagheur}
+  DENSE_LR=()
+  if [[ ,$METHODS, == *,dense,* ]]; then DENSE_LR=(--variant-train dense:lr=0.001); fi
+  nice -n 10 "$PY" -m diagcompile.cli sweep --task digits-vit --epochs "$E" \
+    --methods "$METHODS" --sparsities 0.9 --seeds "${LONG_SEEDS:-10}" "${DENSE_LR[@]}" \
+    --variant-train "dynadiag:lr=$SPARSE_LR" --variant-train "diagheur:lr=$SPARSE_LR" \
     --variant-dst dynadiag:temperature_start=0.1 --variant-dst diagheur:update_every=50 \
-    --out "$OUT/digits-e120" --name dst_digits_e120 --threads 1 --jobs "${JOBS:-1}" --quiet
-  cp "$OUT"/digits-e120/dst_digits_e120{.csv,_runs.csv,.md,.png} "$RES"/
+    --out "$OUT/digits-e$E" --name "dst_digits_e$E" --threads 1 --jobs "${JOBS:-1}" --quiet
+  cp "$OUT/digits-e$E/dst_digits_e$E"{.csv,_runs.csv,.md,.png} "$RES"/
 fi
 if [[ $what == all || $what == memory ]]; then
   nice -n 10 "$PY" benchmarks/dst_memory.py
