@@ -220,7 +220,7 @@ class DynaDiagLinear(nn.Module):
         at = self.alpha_tilde()
         idx = self._active_rows(at)
         scale = at.index_select(0, idx)
-        return idx, scale * self._gain(scale) if self.soft_scale == "rms" else scale
+        return idx, (scale * self._gain(scale) if self.soft_scale == "rms" else scale)
 
     @torch.no_grad()
     def _active_rows(self, at: Tensor) -> Tensor:
