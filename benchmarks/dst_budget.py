@@ -5,7 +5,7 @@ Reads the per-run tables the sweeps wrote (nothing is trained here):
 * 40 epochs (the task default): ``results/dst_digits_runs.csv`` (``dst_sweep.sh digits``, 5 seeds),
 * 120 epochs: ``results/dst_digits_e120_runs.csv`` (``EPOCHS=120 LONG_SEEDS=10 dst_sweep.sh digits-long``),
 * 360 epochs: ``results/dst_digits_e360_runs.csv``
-  (``EPOCHS=360 LONG_SEEDS=5 METHODS=dynadiag,diagheur dst_sweep.sh digits-long``; no dense run at 360),
+  (``EPOCHS=360 LONG_SEEDS=10 METHODS=dynadiag,diagheur dst_sweep.sh digits-long``; no dense run at 360),
 
 and writes ``results/dst_budget.md`` (mean ± std per method and budget, and the seed-paired difference
 DynaDiag − DiagHeur with its t statistic) and ``results/dst_budget.png`` (accuracy vs epochs).

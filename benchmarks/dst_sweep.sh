@@ -44,7 +44,7 @@ if [[ $what == all || $what == chars ]]; then
 fi
 if [[ $what == digits-long ]]; then
   # The same protocol with a longer budget at sparsity 0.9: does DynaDiag catch DiagHeur given more epochs?
-  # Committed: EPOCHS=120 LONG_SEEDS=10 (dst_digits_e120.*), EPOCHS=360 LONG_SEEDS=5 METHODS=dynadiag,diagheur.
+  # Committed: EPOCHS=120 LONG_SEEDS=10 (dst_digits_e120.*), EPOCHS=360 LONG_SEEDS=10 METHODS=dynadiag,diagheur.
   E=${EPOCHS:-120}
   METHODS=${METHODS:-dense,dynadiag,diagheur}
   DENSE_LR=()
