@@ -258,9 +258,7 @@ class DynaDiagLinear(nn.Module):
         """
         if self._frozen:
             return self.keep_idx
-        at = self.alpha_tilde().detach()
-        if self.soft_scale == "rms":
-            at = at * self._gain(at.index_select(0, self._active_rows(at)))
+        at = self.alpha_tilde().detach() * self.soft_gain()  # the g the last forward used (1 for "none")
         keep = hard_topk(self.alpha, self.k) if keep_idx is None else keep_idx.to(self.keep_idx.device)
         if fold:
             rows = self.values.index_select(0, keep) * at.index_select(0, keep).unsqueeze(1)
