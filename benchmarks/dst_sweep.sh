@@ -42,19 +42,25 @@ if [[ $what == all || $what == chars ]]; then
     --out "$OUT/chars" --name dst_chars --threads 1 --jobs "${JOBS:-1}" --quiet ${NOTES_CHARS:+--notes "$NOTES_CHARS"}
   cp "$OUT"/chars/dst_chars{.csv,_runs.csv,.md,.png} "$RES"/
 fi
-if [[ $what == digits-long ]]; then
-  # The same protocol with a longer budget at sparsity 0.9: does DynaDiag catch DiagHeur given more epochs?
-  # Committed: EPOCHS=120 LONG_SEEDS=10 (dst_digits_e120.*), EPOCHS=360 LONG_SEEDS=10 METHODS=dynadiag,diagheur.
-  E=${EPOCHS:-120}
-  METHODS=${METHODS:-dense,dynadiag,diagheur}
-  DENSE_LR=()
-  if [[ ,$METHODS, == *,dense,* ]]; then DENSE_LR=(--variant-train dense:lr=0.001); fi
-  nice -n 10 "$PY" -m diagcompile.cli sweep --task digits-vit --epochs "$E" \
-    --methods "$METHODS" --sparsities 0.9 --seeds "${LONG_SEEDS:-10}" "${DENSE_LR[@]}" \
-    --variant-train "dynadiag:lr=$SPARSE_LR" --variant-train "diagheur:lr=$SPARSE_LR" \
+# The same protocol with a longer budget at sparsity 0.9: does DynaDiag catch DiagHeur given more training?
+# Committed: digits-long with EPOCHS=120 LONG_SEEDS=10 (dst_digits_e120.*) and EPOCHS=360 LONG_SEEDS=10
+# METHODS=dynadiag,diagheur (dst_digits_e360.*); chars-long with STEPS=2400 LONG_SEEDS=3 METHODS=dynadiag,diagheur
+# (dst_chars_s2400.*).
+long_sweep() {  # task, --epochs|--steps, length, name, dense lr, sparse lr
+  local methods=${METHODS:-dense,dynadiag,diagheur} lr=()
+  if [[ ,$methods, == *,dense,* && -n $5 ]]; then lr=(--variant-train "dense:lr=$5"); fi
+  nice -n 10 "$PY" -m diagcompile.cli sweep --task "$1" "$2" "$3" \
+    --methods "$methods" --sparsities 0.9 --seeds "${LONG_SEEDS:-10}" "${lr[@]}" \
+    --variant-train "dynadiag:lr=$6" --variant-train "diagheur:lr=$6" \
     --variant-dst dynadiag:temperature_start=0.1 --variant-dst diagheur:update_every=50 \
-    --out "$OUT/digits-e$E" --name "dst_digits_e$E" --threads 1 --jobs "${JOBS:-1}" --quiet
-  cp "$OUT/digits-e$E/dst_digits_e$E"{.csv,_runs.csv,.md,.png} "$RES"/
+    --out "$OUT/${4//_/-}" --name "dst_$4" --threads 1 --jobs "${JOBS:-1}" --quiet
+  cp "$OUT/${4//_/-}/dst_$4"{.csv,_runs.csv,.md,.png} "$RES"/
+}
+if [[ $what == digits-long ]]; then
+  long_sweep digits-vit --epochs "${EPOCHS:-120}" "digits_e${EPOCHS:-120}" 0.001 "$SPARSE_LR"
+fi
+if [[ $what == chars-long ]]; then
+  long_sweep chars-gpt --steps "${STEPS:-2400}" "chars_s${STEPS:-2400}" "${CHARS_LR:-}" "${CHARS_SPARSE_LR:-0.01}"
 fi
 if [[ $what == all || $what == memory ]]; then
   nice -n 10 "$PY" benchmarks/dst_memory.py
