@@ -26,6 +26,12 @@ it the points. This script tests one hypothesis per row, every row on the same s
   ``rms_scale_pool2_f0.7``: the same with a candidate pool, and with an earlier / later freeze. These rows were
   run with the hook below, which sums ``alpha~^2`` in float32 and does not fold ``g`` at the freeze (``g`` is
   ~1 there); the library's form of it is ``DSTConfig(soft_scale="rms")`` (results: ``dst_soft_phase_rms*.md``).
+* ``ste`` / ``ste_ghost``: a straight-through relaxation (``dynadiag.md`` section 7.1 lists it): the forward is
+  exactly the hard top-``k`` layer at full scale (as DiagHeur's), and ``alpha`` gets the soft relaxation's
+  gradient ``<V_j, G_j> * d alpha~_j / d alpha`` for every active candidate. Without ghost, the values outside the
+  top-``k`` are not trained (they stay as initialised); with ghost, every candidate's values are stepped as if
+  the forward were the soft one, so ``<V_j, G_j>`` says what candidate ``j`` would add. No fold at the freeze
+  (the forward already used scale 1). Results: ``dst_soft_phase_ste.md``.
 * ``pool2``: DynaDiag with a pool of ``2k`` candidates (the demo's setting), for reference.
 * ``diagheur``: the baseline DynaDiag must match, for reference.
 
@@ -41,6 +47,7 @@ the sparsifier's freeze of the harness's run), because none of them earned a pla
         --variants rms_scale_grad_pool2,rms_scale_pool2_f0.3,rms_scale_pool2_f0.7,rms_scale_pool1.5
     nice -n 10 python benchmarks/dst_soft_phase.py --jobs 2 --seeds 4 --epochs 120 --variants pool2,rms_scale_pool2 \
         --out dst_soft_phase_e120_pool.md
+    nice -n 10 python benchmarks/dst_soft_phase.py --variants ste,ste_ghost --out dst_soft_phase_ste.md
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ import torch
 
 import diagcompile.train as harness
 from diagcompile.dst.layers import DynaDiagLinear
+from diagcompile.dst.relax import hard_topk
+from diagcompile.functional import diag_linear
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,6 +87,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], str | None]] = {
     "rms_scale_pool2_f0.3": ({}, {"pool": 2.0, "freeze_at": 0.3}, "rms_scale"),
     "rms_scale_pool2_f0.7": ({}, {"pool": 2.0, "freeze_at": 0.7}, "rms_scale"),
     "rms_scale_pool1.5": ({}, {"pool": 1.5}, "rms_scale"),
+    "ste": ({}, {"fold_at_freeze": False}, "ste"),
+    "ste_ghost": ({}, {"fold_at_freeze": False}, "ste_ghost"),
     "pool2": ({}, {"pool": 2.0}, None),
     "diagheur": ({"method": "diagheur"}, {}, None),
 }
@@ -162,6 +173,31 @@ def _hook_rms_scale(detach: bool) -> Callable:
     return install
 
 
+def _hook_ste(ghost: bool) -> Callable:
+    def install(sp: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        for m in _soft_layers(model):
+            forward = m.forward
+
+            def ste(x: torch.Tensor, m: DynaDiagLinear = m, forward: Callable = forward) -> torch.Tensor:
+                if m.frozen:
+                    return forward(x)
+                at = m.alpha_tilde()
+                idx = m._active_rows(at)
+                a = at.index_select(0, idx).unsqueeze(1)
+                hard = torch.isin(idx, hard_topk(m.alpha, m.k)).to(a.dtype).unsqueeze(1)
+                v = m.values.index_select(0, idx)
+                # Forward: exactly the hard top-k layer. Backward: alpha sees d/d(alpha~) = <V_j, G_j> for every
+                # active candidate; with ghost, V_j is also stepped as if the forward were the soft one.
+                soft = v * a
+                w = v * hard + (soft - soft.detach()) if ghost else v * (hard + a - a.detach())
+                offsets = m.candidate_offsets.index_select(0, idx)
+                return diag_linear(x, w, offsets, m.bias, m.out_features, check_offsets=False)
+
+            m.forward = ste
+
+    return install
+
+
 HOOKS: dict[str, Callable] = {
     "rms_scale": _hook_rms_scale(detach=True),
     "rms_scale_grad": _hook_rms_scale(detach=False),
@@ -169,6 +205,8 @@ HOOKS: dict[str, Callable] = {
     "v_step_div_at": _hook_v_step(lambda m, at: 1.0 / at.clamp_min(_floor(m))),
     "v_step_mul_at": _hook_v_step(lambda m, at: at),
     "reset_at_freeze": _hook_reset_at_freeze,
+    "ste": _hook_ste(ghost=False),
+    "ste_ghost": _hook_ste(ghost=True),
 }
 
 
