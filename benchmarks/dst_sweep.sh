@@ -44,15 +44,16 @@ if [[ $what == all || $what == chars ]]; then
 fi
 # The same protocol with a longer budget at sparsity 0.9: does DynaDiag catch DiagHeur given more training?
 # Committed: digits-long with EPOCHS=120 LONG_SEEDS=10 (dst_digits_e120.*) and EPOCHS=360 LONG_SEEDS=10
-# METHODS=dynadiag,diagheur (dst_digits_e360.*); chars-long with STEPS=2400 LONG_SEEDS=3 METHODS=dynadiag,diagheur
-# (dst_chars_s2400.*).
+# METHODS=dynadiag,diagheur (dst_digits_e360.*); chars-long with STEPS=2400 LONG_SEEDS=3
+# METHODS=dynadiag-pool2,dense,dynadiag,diagheur (dst_chars_s2400.*). dynadiag-pool2 is DynaDiag with a pool of 2k.
 long_sweep() {  # task, --epochs|--steps, length, name, dense lr, sparse lr
   local methods=${METHODS:-dense,dynadiag,diagheur} lr=()
   if [[ ,$methods, == *,dense,* && -n $5 ]]; then lr=(--variant-train "dense:lr=$5"); fi
   nice -n 10 "$PY" -m diagcompile.cli sweep --task "$1" "$2" "$3" \
     --methods "$methods" --sparsities 0.9 --seeds "${LONG_SEEDS:-10}" "${lr[@]}" \
-    --variant-train "dynadiag:lr=$6" --variant-train "diagheur:lr=$6" \
-    --variant-dst dynadiag:temperature_start=0.1 --variant-dst diagheur:update_every=50 \
+    --variant-train "dynadiag:lr=$6" --variant-train "dynadiag-pool2:lr=$6" --variant-train "diagheur:lr=$6" \
+    --variant-dst dynadiag:temperature_start=0.1 --variant-dst dynadiag-pool2:temperature_start=0.1 \
+    --variant-dst diagheur:update_every=50 \
     --out "$OUT/${4//_/-}" --name "dst_$4" --threads 1 --jobs "${JOBS:-1}" --quiet
   cp "$OUT/${4//_/-}/dst_$4"{.csv,_runs.csv,.md,.png} "$RES"/
 }
