@@ -1,14 +1,22 @@
-"""DynaDiag vs DiagHeur vs training budget: digits-vit, test split, sparsity 0.9 (from committed runs).
+"""DynaDiag vs DiagHeur vs training budget, sparsity 0.9, from committed runs (nothing is trained here).
 
-Reads the per-run tables the sweeps wrote (nothing is trained here):
+Reads the per-run tables the sweeps wrote (``benchmarks/dst_sweep.sh``; every budget of a task uses the same
+protocol and hyper-parameters):
 
-* 40 epochs (the task default): ``results/dst_digits_runs.csv`` (``dst_sweep.sh digits``, 5 seeds),
-* 120 epochs: ``results/dst_digits_e120_runs.csv`` (``EPOCHS=120 LONG_SEEDS=10 dst_sweep.sh digits-long``),
-* 360 epochs: ``results/dst_digits_e360_runs.csv``
-  (``EPOCHS=360 LONG_SEEDS=10 METHODS=dynadiag,diagheur dst_sweep.sh digits-long``; no dense run at 360),
+* digits-vit, test accuracy:
+  40 epochs (the task default) ``results/dst_digits_runs.csv`` (``dst_sweep.sh digits``, 5 seeds);
+  120 epochs ``results/dst_digits_e120_runs.csv``
+  (``EPOCHS=120 LONG_SEEDS=10 METHODS=dense,dynadiag,diagheur,dynadiag-pool2 dst_sweep.sh digits-long``);
+  360 epochs ``results/dst_digits_e360_runs.csv``
+  (``EPOCHS=360 LONG_SEEDS=10 METHODS=dynadiag,diagheur dst_sweep.sh digits-long``; no dense or pool run).
+* chars-gpt, validation bits per character:
+  800 steps (the task default) ``results/dst_chars_runs.csv`` (``CHARS_SEEDS=3 dst_sweep.sh chars``);
+  2400 steps ``results/dst_chars_s2400_runs.csv``
+  (``STEPS=2400 LONG_SEEDS=3 METHODS=dynadiag-pool2,dense,dynadiag,diagheur dst_sweep.sh chars-long``).
 
-and writes ``results/dst_budget.md`` (mean ± std per method and budget, and the seed-paired difference
-DynaDiag − DiagHeur with its t statistic) and ``results/dst_budget.png`` (accuracy vs epochs).
+and writes ``results/dst_budget.md`` (mean ± std per method and budget, and the seed-paired differences
+DynaDiag − DiagHeur, in both of DynaDiag's memory modes, with their t statistics) and ``results/dst_budget.png``
+(metric vs budget, one panel per task).
 
     python benchmarks/dst_budget.py
 """
@@ -19,67 +27,105 @@ import csv
 import math
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, env_stamp  # noqa: E402
 
-#: epochs -> per-run CSV (every budget uses the same protocol and hyper-parameters; see dst_sweep.sh)
-SOURCES = {40: "dst_digits_runs.csv", 120: "dst_digits_e120_runs.csv", 360: "dst_digits_e360_runs.csv"}
-METHODS = ("dense", "dynadiag", "diagheur")
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+METHODS = ("dense", "dynadiag", "dynadiag-pool2", "diagheur")
+#: the paired differences reported: DynaDiag in both memory modes (faithful, pool of 2k) minus DiagHeur
+PAIRS = (("dynadiag", "diagheur"), ("dynadiag-pool2", "diagheur"))
 SPARSITY = 0.9
 
 
-def load(path: Path) -> dict[str, dict[int, float]]:
-    """``variant -> seed -> test accuracy`` for dense and the two diagonal methods at :data:`SPARSITY`."""
+@dataclass(frozen=True)
+class Task:
+    """One task's budget series: which column of which per-run CSV, per budget."""
+
+    name: str
+    metric: str  # the per-run CSV column
+    label: str  # axis / table label
+    unit: str  # what the budget counts
+    higher_is_better: bool
+    sources: dict[int, str]  # budget -> per-run CSV under results/
+    digits: int  # decimals shown
+
+
+TASKS = (
+    Task(
+        "digits-vit",
+        "acc",
+        "test accuracy (%)",
+        "epochs",
+        True,
+        {40: "dst_digits_runs.csv", 120: "dst_digits_e120_runs.csv", 360: "dst_digits_e360_runs.csv"},
+        2,
+    ),
+    Task(
+        "chars-gpt",
+        "bpc",
+        "validation bits per character",
+        "steps",
+        False,
+        {800: "dst_chars_runs.csv", 2400: "dst_chars_s2400_runs.csv"},
+        3,
+    ),
+)
+
+
+def load(path: Path, metric: str) -> dict[str, dict[int, float]]:
+    """``variant -> seed -> metric`` for dense and the two diagonal methods at :data:`SPARSITY`."""
     out: dict[str, dict[int, float]] = {}
     with path.open() as f:
         for row in csv.DictReader(f):
             v = row["variant"]
             if v not in METHODS or (v != "dense" and float(row["sparsity"]) != SPARSITY):
                 continue
-            out.setdefault(v, {})[int(row["seed"])] = float(row["acc"])
+            out.setdefault(v, {})[int(row["seed"])] = float(row[metric])
     return out
 
 
-def _mean_std(xs: list[float]) -> str:
-    return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f} (n={len(xs)})" if len(xs) > 1 else "—"
+def _mean_std(xs: list[float], digits: int) -> str:
+    if len(xs) < 2:
+        return "—"
+    return f"{statistics.fmean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f} (n={len(xs)})"
 
 
-def main() -> int:
-    data = {e: load(RESULTS_DIR / name) for e, name in SOURCES.items()}
+def _paired(d: dict[str, dict[int, float]], a: str, b: str, digits: int) -> list[str]:
+    """``[a − b paired mean ± std (n), t]`` over the seeds both ran, or dashes if fewer than two."""
+    seeds = sorted(set(d.get(a, {})) & set(d.get(b, {})))
+    if len(seeds) < 2:
+        return ["—", "—"]
+    diff = [d[a][s] - d[b][s] for s in seeds]
+    mean, std = statistics.fmean(diff), statistics.stdev(diff)
+    return [f"{mean:+.{digits}f} ± {std:.{digits}f} (n={len(diff)})", f"{mean / (std / math.sqrt(len(diff))):+.1f}"]
+
+
+def _table(task: Task, data: dict[int, dict[str, dict[int, float]]]) -> list[str]:
+    better = "higher" if task.higher_is_better else "lower"
+    pairs = [f"{a} − {b} (paired) | t" for a, b in PAIRS]
     lines = [
-        "# DynaDiag vs DiagHeur vs training budget (digits-vit, test split, sparsity 0.9)",
+        f"## {task.name}: {task.label} ({better} is better)",
         "",
-        "Test accuracy (%), mean ± sample std over seeds, from the committed sweep runs (`benchmarks/dst_budget.py`"
-        " lists them). Paired: DynaDiag − DiagHeur on the same seed (same init and data order), mean ± std, and",
-        "t = mean / (std / sqrt(n)).",
-        "",
-        "| epochs | dense | dynadiag | diagheur | dynadiag − diagheur (paired) | t |",
-        "|---|---|---|---|---|---|",
+        f"| {task.unit} | {' | '.join(METHODS)} | {' | '.join(pairs)} |",
+        "|---" * (1 + len(METHODS) + 2 * len(PAIRS)) + "|",
     ]
-    for e, d in data.items():
-        seeds = sorted(set(d.get("dynadiag", {})) & set(d.get("diagheur", {})))
-        diff = [d["dynadiag"][s] - d["diagheur"][s] for s in seeds]
-        t = statistics.fmean(diff) / (statistics.stdev(diff) / math.sqrt(len(diff)))
-        cells = [_mean_std(list(d.get(m, {}).values())) for m in METHODS]
-        lines.append(
-            f"| {e} | {' | '.join(cells)} | {statistics.fmean(diff):+.2f} ± {statistics.stdev(diff):.2f} "
-            f"(n={len(diff)}) | {t:+.1f} |"
-        )
-    lines += ["", "## Setup (of this aggregation; each run's own stamp is in its sweep's .md)", ""]
-    lines += [f"- **{k}**: {v}" for k, v in env_stamp().items()]
-    (RESULTS_DIR / "dst_budget.md").write_text("\n".join(lines) + "\n")
+    for budget, d in data.items():
+        cells = [_mean_std(list(d.get(m, {}).values()), task.digits) for m in METHODS]
+        cells += [c for a, b in PAIRS for c in _paired(d, a, b, task.digits)]
+        lines.append(f"| {budget} | {' | '.join(cells)} |")
+    return lines + [""]
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+def _panel(ax: Axes, task: Task, data: dict[int, dict[str, dict[int, float]]]) -> None:
     for i, m in enumerate(METHODS):
-        pts = [(e, list(d[m].values())) for e, d in data.items() if len(d.get(m, {})) > 1]
-        x = [e * (1 + 0.03 * (i - 1)) for e, _ in pts]  # a small offset so the error bars do not overlap
+        pts = [(b, list(d[m].values())) for b, d in data.items() if len(d.get(m, {})) > 1]
+        x = [b * (1 + 0.03 * (i - 1.5)) for b, _ in pts]  # a small offset so the error bars do not overlap
         ax.errorbar(
             x,
             [statistics.fmean(v) for _, v in pts],
@@ -91,12 +137,41 @@ def main() -> int:
         )
     ax.set_xscale("log")
     ax.minorticks_off()  # only the budgets measured are labelled
-    ax.set_xticks(list(SOURCES), [str(e) for e in SOURCES])
-    ax.set_xlabel("training epochs (log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("digits-vit at sparsity 0.9: mean ± std over seeds")
+    ax.set_xticks(list(task.sources), [str(b) for b in task.sources])
+    ax.set_xlabel(f"training {task.unit} (log scale)")
+    ax.set_ylabel(task.label)
+    ax.set_title(f"{task.name}, sparsity {SPARSITY}")
     ax.grid(alpha=0.3)
     ax.legend()
+
+
+def main() -> int:
+    data = {t.name: {b: load(RESULTS_DIR / f, t.metric) for b, f in t.sources.items()} for t in TASKS}
+    lines = [
+        "# DynaDiag vs DiagHeur vs training budget (sparsity 0.9)",
+        "",
+        "Mean ± sample std over seeds, from the committed sweep runs (`benchmarks/dst_budget.py` lists them).",
+        "Paired: DynaDiag − DiagHeur on the same seed (same init and data order), mean ± std, and",
+        "t = mean / (std / sqrt(n)). DynaDiag is ahead where the difference is positive on digits (accuracy)",
+        "and negative on chars (bits per character). `dynadiag` holds values for all P candidates (the paper's",
+        'form), `dynadiag-pool2` a pool of 2k (sparse-to-sparse); both are `method="dynadiag"`. A dash: not run.',
+        "",
+    ]
+    for t in TASKS:
+        lines += _table(t, data[t.name])
+    lines += ["## Setup (of this aggregation; each run's own stamp is in its sweep's .md)", ""]
+    lines += [f"- **{k}**: {v}" for k, v in env_stamp().items()]
+    (RESULTS_DIR / "dst_budget.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(6.0 * len(TASKS), 4.2))
+    for ax, t in zip(axes, TASKS):
+        _panel(ax, t, data[t.name])
+    fig.suptitle("DynaDiag vs DiagHeur vs training budget: mean ± std over seeds")
     fig.savefig(RESULTS_DIR / "dst_budget.png", dpi=130, bbox_inches="tight")
     print(f"wrote {RESULTS_DIR / 'dst_budget.md'} and .png")
     return 0
