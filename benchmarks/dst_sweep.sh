@@ -12,33 +12,35 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-/tmp/dst-final}
 RES=benchmarks/results
-DST_FLAGS=(
-  --variant-dst dynadiag:temperature_start=0.1
-  --variant-dst dynadiag-pool2:temperature_start=0.1
-  --variant-dst dynadiag-softmax:temperature_start=0.02
-  --variant-dst dynadiag-softmax:temperature_end=0.002
-  --variant-dst diagheur:update_every=50
-)
 SPARSE_LR=${SPARSE_LR:-0.02}
-LR_FLAGS=()
-for v in dynadiag dynadiag-pool2 dynadiag-softmax diagheur; do LR_FLAGS+=(--variant-train "$v:lr=$SPARSE_LR"); done
+ALL_SPARSE=dynadiag,dynadiag-softmax,diagheur,dynadiag-pool2
+# The tuned per-variant settings, one home: variant_flags METHODS SPARSE_LR prints the --variant-dst /
+# --variant-train flags of the sparse variants in METHODS (the sweep rejects flags for variants it does not run).
+variant_flags() {
+  local v
+  for v in ${1//,/ }; do
+    case $v in
+      dynadiag | dynadiag-pool2) printf '%s ' --variant-dst "$v:temperature_start=0.1" ;;
+      dynadiag-softmax) printf '%s ' --variant-dst "$v:temperature_start=0.02" --variant-dst "$v:temperature_end=0.002" ;;
+      diagheur) printf '%s ' --variant-dst "$v:update_every=50" ;;
+      *) continue ;;
+    esac
+    printf '%s ' --variant-train "$v:lr=$2"
+  done
+}
 
 what=${1:-all}
 if [[ $what == all || $what == digits ]]; then
   nice -n 10 "$PY" -m diagcompile.cli sweep --task digits-vit \
-    --methods dense,dynadiag,dynadiag-softmax,diagheur,dynadiag-pool2 --sparsities 0.5,0.8,0.9,0.95 --seeds 5 \
-    --variant-train dense:lr=0.001 "${LR_FLAGS[@]}" "${DST_FLAGS[@]}" \
+    --methods dense,$ALL_SPARSE --sparsities 0.5,0.8,0.9,0.95 --seeds 5 \
+    --variant-train dense:lr=0.001 $(variant_flags $ALL_SPARSE "$SPARSE_LR") \
     --out "$OUT/digits" --name dst_digits --threads 1 --jobs "${JOBS:-1}" --quiet ${NOTES_DIGITS:+--notes "$NOTES_DIGITS"}
   cp "$OUT"/digits/dst_digits{.csv,_runs.csv,.md,.png} "$RES"/
 fi
 if [[ $what == all || $what == chars ]]; then
-  CHARS_LR_FLAGS=()
-  for v in dynadiag dynadiag-pool2 dynadiag-softmax diagheur; do
-    CHARS_LR_FLAGS+=(--variant-train "$v:lr=${CHARS_SPARSE_LR:-0.01}")
-  done
   nice -n 10 "$PY" -m diagcompile.cli sweep --task chars-gpt \
-    --methods dense,dynadiag,dynadiag-softmax,diagheur,dynadiag-pool2 --sparsities 0.9 --seeds "${CHARS_SEEDS:-2}" \
-    ${CHARS_LR:+--lr "$CHARS_LR"} "${CHARS_LR_FLAGS[@]}" "${DST_FLAGS[@]}" \
+    --methods dense,$ALL_SPARSE --sparsities 0.9 --seeds "${CHARS_SEEDS:-2}" \
+    ${CHARS_LR:+--lr "$CHARS_LR"} $(variant_flags $ALL_SPARSE "${CHARS_SPARSE_LR:-0.01}") \
     --out "$OUT/chars" --name dst_chars --threads 1 --jobs "${JOBS:-1}" --quiet ${NOTES_CHARS:+--notes "$NOTES_CHARS"}
   cp "$OUT"/chars/dst_chars{.csv,_runs.csv,.md,.png} "$RES"/
 fi
@@ -50,10 +52,7 @@ long_sweep() {  # task, --epochs|--steps, length, name, dense lr, sparse lr
   local methods=${METHODS:-dense,dynadiag,diagheur} lr=()
   if [[ ,$methods, == *,dense,* && -n $5 ]]; then lr=(--variant-train "dense:lr=$5"); fi
   nice -n 10 "$PY" -m diagcompile.cli sweep --task "$1" "$2" "$3" \
-    --methods "$methods" --sparsities 0.9 --seeds "${LONG_SEEDS:-10}" "${lr[@]}" \
-    --variant-train "dynadiag:lr=$6" --variant-train "dynadiag-pool2:lr=$6" --variant-train "diagheur:lr=$6" \
-    --variant-dst dynadiag:temperature_start=0.1 --variant-dst dynadiag-pool2:temperature_start=0.1 \
-    --variant-dst diagheur:update_every=50 \
+    --methods "$methods" --sparsities 0.9 --seeds "${LONG_SEEDS:-10}" "${lr[@]}" $(variant_flags "$methods" "$6") \
     --out "$OUT/${4//_/-}" --name "dst_$4" --threads 1 --jobs "${JOBS:-1}" --quiet
   cp "$OUT/${4//_/-}/dst_$4"{.csv,_runs.csv,.md,.png} "$RES"/
 }
