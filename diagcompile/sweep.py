@@ -181,7 +181,8 @@ def _run_one(args: tuple[str, dict, str, int | None]) -> tuple[str, float, dict]
 
 def _check_same_config(path: Path, tc: TrainConfig) -> None:
     """A finished run is reused only if it was trained with the configuration the grid asks for now."""
-    diff = tc.differences(json.loads(path.read_text()).get("config", {}))
+    run = json.loads(path.read_text())
+    diff = tc.differences(run.get("config", {}), run.get("resolved"))
     if diff:
         detail = ", ".join(f"{k}: {was!r} there vs {now!r} now" for k, was, now in diff)
         raise ValueError(f"{path} was trained with another configuration ({detail}); delete it or use another out")

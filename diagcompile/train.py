@@ -265,13 +265,29 @@ class TrainConfig:
 
     #: Fields that may differ between a run and its resumption.
     RUNTIME_FIELDS = ("out", "resume", "quiet", "stop_after", "nproc")
+    #: Fields whose ``None`` means a task default, recorded as used in a run's ``"resolved"``.
+    RESOLVED_FIELDS = ("batch_size", "lr", "weight_decay")
 
-    def differences(self, saved: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    def differences(
+        self, saved: Mapping[str, Any], resolved: Mapping[str, Any] | None = None
+    ) -> list[tuple[str, Any, Any]]:
         """``(field, saved value, value now)`` for every field (except ``RUNTIME_FIELDS``) where the saved
-        ``to_dict()`` of another run differs from this one, sorted by field name."""
+        ``to_dict()`` of another run differs from this one, sorted by field name.
+
+        ``resolved`` is that run's record of the values it actually used (its metrics' ``"resolved"``). With it,
+        a field left to the task default on one side and set explicitly on the other is no difference when the
+        value used was the same: the default is judged by what the run recorded, not by today's default.
+        """
         now = self.to_dict()
         keys = sorted(k for k in set(now) | set(saved) if k not in self.RUNTIME_FIELDS)
-        return [(k, saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)]
+        diff = [(k, saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)]
+        if resolved is not None:
+            diff = [
+                d
+                for d in diff
+                if not (d[0] in self.RESOLVED_FIELDS and d[0] in resolved and resolved[d[0]] == self.get(d[0]))
+            ]
+        return diff
 
 
 # ----------------------------------------------------------------------------------------------------

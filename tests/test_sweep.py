@@ -130,6 +130,17 @@ def test_run_sweep_aggregates_and_skips_finished_runs(tmp_path, monkeypatch):
     changed = dataclasses.replace(cfg, train={**TINY, "dst": {"update_every": 3}})
     with pytest.raises(ValueError, match="another configuration.*dst"):
         run_sweep(changed)
+    # A learning rate left to the task default matches the same value given explicitly (judged by what each
+    # run recorded it used), and only that value.
+    used = {m["variant"]: m["resolved"]["lr"] for m in runs.values()}
+    assert runs[run_name("digits-vit", "diagheur", 0.9, 0)]["config"]["lr"] is None
+    assert used["dense"] != used["diagheur"]  # the two defaults differ, so the check below is per variant
+    explicit = dataclasses.replace(cfg, variant_train={v: {"lr": used[v]} for v in cfg.methods})
+    monkeypatch.setattr(sweep_mod, "train", no_training)
+    assert run_sweep(explicit)["ran"] == 0
+    other = dataclasses.replace(cfg, variant_train={"diagheur": {"lr": 2 * used["diagheur"]}})
+    with pytest.raises(ValueError, match="another configuration.*lr"):
+        run_sweep(other)
 
 
 def _fake_run(variant: str, sparsity: float, seed: int, acc: float) -> dict:
