@@ -8,7 +8,7 @@ protocol and hyper-parameters):
   120 epochs ``results/dst_digits_e120_runs.csv``
   (``EPOCHS=120 LONG_SEEDS=10 METHODS=dense,dynadiag,diagheur,dynadiag-pool2 dst_sweep.sh digits-long``);
   360 epochs ``results/dst_digits_e360_runs.csv``
-  (``EPOCHS=360 LONG_SEEDS=10 METHODS=dynadiag,diagheur dst_sweep.sh digits-long``; no dense or pool run).
+  (``EPOCHS=360 LONG_SEEDS=10 METHODS=dynadiag,diagheur,dynadiag-pool2 dst_sweep.sh digits-long``; no dense run).
 * chars-gpt, validation bits per character:
   800 steps (the task default) ``results/dst_chars_runs.csv`` (``CHARS_SEEDS=3 dst_sweep.sh chars``);
   2400 steps ``results/dst_chars_s2400_runs.csv``
