@@ -345,7 +345,10 @@ def aggregate(cfg: SweepConfig) -> dict[str, str]:
     files = {"runs_csv": str(out / f"{cfg.name}_runs.csv"), "csv": str(out / f"{cfg.name}.csv")}
     files["md"] = str(_write_markdown(cfg, runs, agg, metric, higher))
     title = f"{cfg.task}: mean ± std over {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}"
-    files["png"] = str(plot(agg, metric, higher, out / f"{cfg.name}.png", title=title))
+    ylabel = None
+    if runs[0]["data"].get("eval_split") == "tune":
+        ylabel = "tune-split accuracy (%)" if metric == "acc" else "tune-split bits / char (lower is better)"
+    files["png"] = str(plot(agg, metric, higher, out / f"{cfg.name}.png", title=title, ylabel=ylabel))
     return files
 
 
@@ -355,6 +358,8 @@ def _write_markdown(cfg: SweepConfig, runs: list[dict], agg: list[dict], metric:
     if runs[0]["data"].get("eval_split") == "tune":
         unit = unit.replace("test", "tune-split").replace("validation", "tune-split")
     sps = sorted({a["sparsity"] for a in agg if a["variant"] != "dense" and not _is_dense(a["variant"])})
+    # dense rows are shown in every sparsity column; a dense-only sweep (an lr search) gets the one column "0"
+    sps = sps or [0.0]
     lines = [f"# {cfg.task}: {unit} vs sparsity", ""]
     lines += [f"Mean ± sample std over seeds {list(cfg.seeds)} ({'higher' if higher else 'lower'} is better)."]
     lines += ["", "| method | " + " | ".join(f"{s:g}" for s in sps) + " |", "|---|" + "---|" * len(sps)]
@@ -442,8 +447,10 @@ def _is_dense(variant: str) -> bool:
     return parse_variant(variant)["method"] == "dense"
 
 
-def plot(agg: list[dict], metric: str, higher: bool, path: Path, title: str = "") -> Path:
-    """Metric vs sparsity per variant (error bars = std), dense as a band (mean ± std). Agg backend."""
+def plot(agg: list[dict], metric: str, higher: bool, path: Path, title: str = "", ylabel: str | None = None) -> Path:
+    """Metric vs sparsity per variant (error bars = std), dense as a band (mean ± std). Agg backend.
+
+    ``ylabel`` defaults to the test / validation metric's name."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -451,12 +458,16 @@ def plot(agg: list[dict], metric: str, higher: bool, path: Path, title: str = ""
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     variants = list(dict.fromkeys(a["variant"] for a in agg))
+    dense_seen = 0
     for v in variants:
         rows = sorted((a for a in agg if a["variant"] == v), key=lambda a: a["sparsity"])
         if _is_dense(v):
+            # the first dense line is grey; further ones (an lr search) need their own colour to be told apart
+            color = "0.3" if dense_seen == 0 else ("C3", "C2", "C4", "C1", "C9", "C6")[(dense_seen - 1) % 6]
             m, s = rows[0][f"{metric}_mean"], rows[0][f"{metric}_std"]
             ax.axhspan(m - s, m + s, color="0.85", zorder=0)
-            ax.axhline(m, color="0.3", ls="--", lw=1, label=f"{v} (mean ± std)")
+            ax.axhline(m, color=color, ls="--", lw=1, label=f"{v} (mean ± std)")
+            dense_seen += 1
             continue
         xs = [a["sparsity"] for a in rows]
         ax.errorbar(
@@ -468,7 +479,7 @@ def plot(agg: list[dict], metric: str, higher: bool, path: Path, title: str = ""
             label=v,
         )
     ax.set_xlabel("sparsity of the converted layers")
-    ax.set_ylabel("test accuracy (%)" if metric == "acc" else "validation bits / char (lower is better)")
+    ax.set_ylabel(ylabel or ("test accuracy (%)" if metric == "acc" else "validation bits / char (lower is better)"))
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)

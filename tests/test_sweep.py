@@ -184,6 +184,17 @@ def test_aggregate_math_on_known_numbers(tmp_path):
     assert "| dynadiag | 82.00 ± 3.46 (n=3) |" in md and "| dense | 92.00 ± 2.00 (n=3) |" in md
 
 
+def test_dense_only_table_shows_its_values(tmp_path):
+    # a dense-only sweep (a learning-rate search) has no sparsity column of its own; its values must still show
+    cfg = SweepConfig(task="digits-vit", out=str(tmp_path), methods=("dense", "dense@lr4e-3"), seeds=(0,))
+    (tmp_path / "runs").mkdir()
+    for v, acc in (("dense", 90.0), ("dense@lr4e-3", 93.0)):
+        m = _fake_run(v, 0.0, 0, acc)
+        (tmp_path / "runs" / f"{run_name('digits-vit', v, None, 0)}.json").write_text(json.dumps(m))
+    md = open(aggregate(cfg)["md"]).read()
+    assert "| dense | 90.00 (n=1) |" in md and "| dense@lr4e-3 | 93.00 (n=1) |" in md
+
+
 def test_cli_sweep_end_to_end(tmp_path, capsys):
     argv = ["sweep", "--task", "chars-gpt", "--methods", "dense,diagheur", "--sparsities", "0.9", "--seeds", "1"]
     argv += ["--steps", "4", "--batch-size", "8", "--model", "dim=16", "--model", "depth=1"]
