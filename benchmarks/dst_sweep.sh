@@ -46,7 +46,7 @@ if [[ $what == all || $what == digits ]]; then
 fi
 if [[ $what == all || $what == chars ]]; then
   nice -n 10 "$PY" -m diagcompile.cli sweep --task chars-gpt \
-    --methods dense,$ALL_SPARSE --sparsities 0.9 --seeds "${CHARS_SEEDS:-3}" \
+    --methods dense,$ALL_SPARSE --sparsities 0.9 --seeds "${CHARS_SEEDS:-5}" \
     --variant-train "dense:lr=$CHARS_LR" $(variant_flags $ALL_SPARSE "$CHARS_SPARSE_LR") \
     --out "$OUT/chars" --name "$CHARS_NAME" --threads 1 --jobs "${JOBS:-1}" --quiet ${NOTES_CHARS:+--notes "$NOTES_CHARS"}
   cp "$OUT/chars/$CHARS_NAME"{.csv,_runs.csv,.md,.png} "$RES"/
