@@ -5,8 +5,9 @@
 #   soft phase scales each weight by alpha~ ~ k/P, slowing it further) | dynadiag: temperature_start 0.1 |
 #   dynadiag-softmax: temperature_start 0.02, temperature_end 0.002 | diagheur: update_every 50.
 # chars-gpt uses the same DST settings; its learning rates were tuned on its own tune split (dst_tuning_chars_r*.md,
-# 800 steps, one seed): dense 8e-3 (of 2e-3..1.6e-2, which diverged) | every sparse method 4e-2 (DynaDiag, pool 2 and DiagHeur were each
-# best at 4e-2 of 1e-2..8e-2). CHARS_LR / CHARS_SPARSE_LR override them; CHARS_NAME names the chars table.
+# 800 steps, one seed): dense 8e-3 (of 2e-3..1.6e-2, which diverged) | every sparse method 4e-2 (DynaDiag, pool 2
+# and DiagHeur were each best at 4e-2 of 1e-2..8e-2). CHARS_LR / CHARS_SPARSE_LR override them; CHARS_NAME names
+# the chars table.
 # Committed before the tuning, with dense's default lr and 5x it for the sparse layers (CHARS_LR=0.002
 # CHARS_SPARSE_LR=0.01): dst_chars_lr1e-2.* (CHARS_SEEDS=3 CHARS_NAME=dst_chars_lr1e-2) and dst_chars_s2400.*.
 # One thread per run, niced (the machine is shared); JOBS=N runs N at once. Runs already done (runs/*.json) are

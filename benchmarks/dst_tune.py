@@ -126,6 +126,12 @@ DIGITS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
 
 # chars-gpt runs take minutes each on the shared CPU: only the learning rates are checked, one seed each; the
 # DST methods keep their digits-tuned settings (schedules are fractions of the run, so they transfer).
+#: the digits-tuned knobs each chars DST variant keeps while its learning rate is searched
+_CHARS_KNOBS: dict[str, dict] = {
+    "dynadiag": {"temperature_start": 0.1},
+    "dynadiag-pool2": {"temperature_start": 0.1},
+    "diagheur": {"update_every": 50},
+}
 CHARS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
     # Round 1: dense's learning rate. Upward only: at 800 steps every sparse method kept improving up to 20-40x
     # dense's default (rounds 2-3), so dense gets the same chance to use a larger step.
@@ -135,20 +141,12 @@ CHARS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
     # analogy with digits, where sparse methods wanted ~20x dense's lr). Each DST method keeps its digits-tuned
     # knobs and gets the same three learning rates, so the comparison stays even.
     2: {
-        variant: {f"lr{lr}": {**knobs, "_train": {"lr": float(lr)}} for lr in ("1e-2", "2e-2", "4e-2")}
-        for variant, knobs in (
-            ("dynadiag", {"temperature_start": 0.1}),
-            ("dynadiag-pool2", {"temperature_start": 0.1}),
-            ("diagheur", {"update_every": 50}),
-        )
+        v: {f"lr{lr}": {**knobs, "_train": {"lr": float(lr)}} for lr in ("1e-2", "2e-2", "4e-2")}
+        for v, knobs in _CHARS_KNOBS.items()
     },
     # Round 3: bracket the optimum for the methods still improving at round 2's largest lr.
     # All three were still improving at 4e-2, so each gets 8e-2 too.
-    3: {
-        "dynadiag": {"lr8e-2": {"temperature_start": 0.1, "_train": {"lr": 8e-2}}},
-        "dynadiag-pool2": {"lr8e-2": {"temperature_start": 0.1, "_train": {"lr": 8e-2}}},
-        "diagheur": {"lr8e-2": {"update_every": 50, "_train": {"lr": 8e-2}}},
-    },
+    3: {v: {"lr8e-2": {**knobs, "_train": {"lr": 8e-2}}} for v, knobs in _CHARS_KNOBS.items()},
 }
 
 ROUNDS = {"digits-vit": DIGITS_ROUNDS, "chars-gpt": CHARS_ROUNDS}

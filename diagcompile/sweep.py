@@ -345,18 +345,22 @@ def aggregate(cfg: SweepConfig) -> dict[str, str]:
     files = {"runs_csv": str(out / f"{cfg.name}_runs.csv"), "csv": str(out / f"{cfg.name}.csv")}
     files["md"] = str(_write_markdown(cfg, runs, agg, metric, higher))
     title = f"{cfg.task}: mean ± std over {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}"
-    ylabel = None
-    if runs[0]["data"].get("eval_split") == "tune":
-        ylabel = "tune-split accuracy (%)" if metric == "acc" else "tune-split bits / char (lower is better)"
-    files["png"] = str(plot(agg, metric, higher, out / f"{cfg.name}.png", title=title, ylabel=ylabel))
+    png = out / f"{cfg.name}.png"
+    files["png"] = str(plot(agg, metric, higher, png, title=title, split=_split_name(runs, metric)))
     return files
+
+
+def _split_name(runs: list[dict], metric: str) -> str:
+    """What the runs' final metric was measured on: ``test`` (digits) / ``validation`` (chars), or ``tune-split``."""
+    if runs[0]["data"].get("eval_split") == "tune":
+        return "tune-split"
+    return "test" if metric == "acc" else "validation"
 
 
 def _write_markdown(cfg: SweepConfig, runs: list[dict], agg: list[dict], metric: str, higher: bool) -> Path:
     env = runs[0].get("env") or env_stamp()
-    unit = "test accuracy (%)" if metric == "acc" else "validation bits per character"
-    if runs[0]["data"].get("eval_split") == "tune":
-        unit = unit.replace("test", "tune-split").replace("validation", "tune-split")
+    split = _split_name(runs, metric)
+    unit = f"{split} accuracy (%)" if metric == "acc" else f"{split} bits per character"
     sps = sorted({a["sparsity"] for a in agg if a["variant"] != "dense" and not _is_dense(a["variant"])})
     # dense rows are shown in every sparsity column; a dense-only sweep (an lr search) gets the one column "0"
     sps = sps or [0.0]
@@ -447,10 +451,10 @@ def _is_dense(variant: str) -> bool:
     return parse_variant(variant)["method"] == "dense"
 
 
-def plot(agg: list[dict], metric: str, higher: bool, path: Path, title: str = "", ylabel: str | None = None) -> Path:
+def plot(agg: list[dict], metric: str, higher: bool, path: Path, title: str = "", split: str | None = None) -> Path:
     """Metric vs sparsity per variant (error bars = std), dense as a band (mean ± std). Agg backend.
 
-    ``ylabel`` defaults to the test / validation metric's name."""
+    ``split`` names what the metric was measured on (default: test for accuracy, validation for bpc)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -479,7 +483,8 @@ def plot(agg: list[dict], metric: str, higher: bool, path: Path, title: str = ""
             label=v,
         )
     ax.set_xlabel("sparsity of the converted layers")
-    ax.set_ylabel(ylabel or ("test accuracy (%)" if metric == "acc" else "validation bits / char (lower is better)"))
+    split = split or ("test" if metric == "acc" else "validation")
+    ax.set_ylabel(f"{split} accuracy (%)" if metric == "acc" else f"{split} bits / char (lower is better)")
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
