@@ -147,6 +147,23 @@ CHARS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
     # Round 3: bracket the optimum for the methods still improving at round 2's largest lr.
     # All three were still improving at 4e-2, so each gets 8e-2 too.
     3: {v: {"lr8e-2": {**knobs, "_train": {"lr": 8e-2}}} for v, knobs in _CHARS_KNOBS.items()},
+    # Round 4: each DST method's own knobs on chars at the chosen lr 4e-2, two configurations each. DynaDiag's
+    # alpha kept digits' alpha_lr 1e-2 while its values' lr went to 4e-2, and its soft phase (half the run) is
+    # where it learns slowly (dst_diagnosis.md): alpha at the values' lr, and a freeze at 25%. DiagHeur gets the
+    # paper's update interval (100) and a smaller drop fraction, so the comparison stays even.
+    4: {
+        **{
+            v: {
+                "a4e-2_lr4e-2": {**_CHARS_KNOBS[v], "alpha_lr": 4e-2, "_train": {"lr": 4e-2}},
+                "f0.25_lr4e-2": {**_CHARS_KNOBS[v], "freeze_at": 0.25, "_train": {"lr": 4e-2}},
+            }
+            for v in ("dynadiag", "dynadiag-pool2")
+        },
+        "diagheur": {
+            "dt100_lr4e-2": {"update_every": 100, "_train": {"lr": 4e-2}},
+            "dt50_drop0.1_lr4e-2": {**_CHARS_KNOBS["diagheur"], "drop_fraction": 0.1, "_train": {"lr": 4e-2}},
+        },
+    },
 }
 
 ROUNDS = {"digits-vit": DIGITS_ROUNDS, "chars-gpt": CHARS_ROUNDS}
@@ -183,7 +200,7 @@ def build(task: str, rnd: int, out: str, seeds: tuple[int, ...], extra_train: di
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="digits-vit", choices=("digits-vit", "chars-gpt"))
-    p.add_argument("--round", type=int, default=1, choices=sorted(DIGITS_ROUNDS))
+    p.add_argument("--round", type=int, default=1, choices=sorted(set(DIGITS_ROUNDS) | set(CHARS_ROUNDS)))
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (runs already done are reused)")
     p.add_argument("--out", default="/tmp/dst-tune")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, one thread each)")
