@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diagcompile.train import TASKS, TrainConfig, atomic_write_text, env_stamp, train
+from diagcompile.train import TASKS, TrainConfig, atomic_write_text, dst_config_dict, env_stamp, train
 
 __all__ = ["SweepConfig", "parse_variant", "run_name", "plan_runs", "run_sweep", "aggregate"]
 
@@ -183,6 +183,21 @@ def _check_same_config(path: Path, tc: TrainConfig) -> None:
     """A finished run is reused only if it was trained with the configuration the grid asks for now."""
     run = json.loads(path.read_text())
     diff = tc.differences(run.get("config", {}), run.get("resolved"))
+    # The sparsifier config a run trained with also comes from tuned defaults (DST_RECIPE, TASK_DST_RECIPE) that
+    # its TrainConfig does not hold: a run from before a default changed must not pass for one of today's.
+    saved_dst = (run.get("dst") or {}).get("config")
+    if not diff and saved_dst is not None and tc.method != "dense":
+        from diagcompile.dst import config_class  # (the harness imports diagcompile.dst only when it trains)
+
+        now_dst = json.loads(json.dumps(dst_config_dict(tc, int(run["steps"]))))
+        # A field the saved config lacks was added later, with a default that keeps the old behaviour.
+        defaults = {f.name: f.default for f in dataclasses.fields(config_class(tc.method))}
+        diff = [
+            (f"dst.{k}", saved_dst.get(k), v)
+            for k, v in sorted(now_dst.items())
+            if (saved_dst[k] != v if k in saved_dst else v != defaults.get(k))
+        ]
+        diff += [(f"dst.{k}", saved_dst[k], None) for k in sorted(set(saved_dst) - set(now_dst))]
     if diff:
         detail = ", ".join(f"{k}: {was!r} there vs {now!r} now" for k, was, now in diff)
         raise ValueError(f"{path} was trained with another configuration ({detail}); delete it or use another out")

@@ -58,7 +58,10 @@ __all__ = [
     "METHODS",
     "TASK_DEFAULTS",
     "DST_RECIPE",
+    "TASK_DST_RECIPE",
     "TrainConfig",
+    "dst_options",
+    "dst_config_dict",
     "train",
     "load_model",
     "load_checkpoint",
@@ -122,6 +125,11 @@ DST_RECIPE: dict[tuple[str, str | None], dict[str, Any]] = {
     ("dynadiag", "softmax_clamp"): {"temperature_start": 0.02, "temperature_end": 0.002},
     ("diagheur", None): {"update_every": 50},
 }
+#: Per-task overlays on :data:`DST_RECIPE`, tuned on that task's own tune split (same keys).
+TASK_DST_RECIPE: dict[str, dict[tuple[str, str | None], dict[str, Any]]] = {
+    "digits-vit": {},
+    "chars-gpt": {},
+}
 _SPARSE_LR_METHODS = ("dynadiag", "diagheur")
 
 
@@ -155,7 +163,8 @@ class TrainConfig:
         eval_blocks / final_eval_blocks: chars only, how many evaluation blocks during / at the end of training.
         tune: evaluate on a held-out part of the training data instead of the reported split (for tuning).
         relaxation, pool: passed to ``DSTConfig`` when set. ``dst``: further ``DSTConfig`` fields (``MaskConfig``
-            fields for the mask baselines), on top of the tuned :data:`DST_RECIPE`.
+            fields for the mask baselines), on top of the tuned :data:`DST_RECIPE` / :data:`TASK_DST_RECIPE`
+            (:func:`dst_options` resolves them).
         model: overrides of the task's model config fields (``ViTConfig`` / ``GPTConfig``).
         out: output folder (``None``: nothing is written). resume: continue from ``out/checkpoint.pt``.
         quiet: no progress bar. stop_after: stop (with a checkpoint) after this many steps, as an interruption would.
@@ -495,11 +504,17 @@ def _mark_offsets_from(model: nn.Module, path: str) -> None:
         mark_sparse(layer, offsets=blob["state_dict"][f"{fqn}.offsets"])
 
 
-def _make_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int):
-    from diagcompile.dst import config_class, make_sparsifier
+def dst_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The sparsifier config fields a DST run of ``cfg`` sets, in order of precedence (later wins): the tuned
+    :data:`DST_RECIPE`, the task's :data:`TASK_DST_RECIPE`, ``cfg.relaxation`` / ``cfg.pool``, ``cfg.dst``, and
+    ``seed`` for the configs that take one. Every other field keeps its dataclass default."""
+    from diagcompile.dst import config_class
 
+    if cfg.method == "dense":
+        raise ValueError("dst_options: 'dense' has no sparsifier")
     relaxation = (cfg.relaxation or "threshold") if cfg.method == "dynadiag" else None
-    options: dict[str, Any] = dict(DST_RECIPE.get((cfg.method, relaxation), {}))
+    key = (cfg.method, relaxation)
+    options: dict[str, Any] = {**DST_RECIPE.get(key, {}), **TASK_DST_RECIPE.get(cfg.task, {}).get(key, {})}
     if cfg.relaxation is not None:
         options["relaxation"] = cfg.relaxation
     if cfg.pool is not None:
@@ -509,6 +524,21 @@ def _make_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
     # train() seeds with cfg.seed before building the model; the mask baselines take an explicit seed.
     if "seed" in {f.name for f in dataclasses.fields(config_class(cfg.method))} and "seed" not in options:
         options["seed"] = cfg.seed
+    return options
+
+
+def dst_config_dict(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
+    """The full sparsifier config (``DSTConfig`` / ``MaskConfig`` ``to_dict()``) a run of ``cfg`` with
+    ``total_steps`` optimizer steps trains with: what its metrics record as ``dst.config``."""
+    from diagcompile.dst import make_config
+
+    return make_config(cfg.method, cfg.sparsity, total_steps, **dst_options(cfg)).to_dict()
+
+
+def _make_sparsifier(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int):
+    from diagcompile.dst import make_sparsifier
+
+    options = dst_options(cfg)
     return make_sparsifier(model, optimizer, cfg.method, cfg.sparsity, total_steps, filter_fn=sparse_filter, **options)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from diagcompile import cli
 from diagcompile import sweep as sweep_mod
+from diagcompile import train as train_mod
 from diagcompile.sweep import SweepConfig, aggregate, parse_variant, plan_runs, run_name, run_sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -130,6 +131,24 @@ def test_run_sweep_aggregates_and_skips_finished_runs(tmp_path, monkeypatch):
     changed = dataclasses.replace(cfg, train={**TINY, "dst": {"update_every": 3}})
     with pytest.raises(ValueError, match="another configuration.*dst"):
         run_sweep(changed)
+    # Nor are runs trained before a tuned DST default (which the TrainConfig does not hold) changed.
+    monkeypatch.setitem(train_mod.TASK_DST_RECIPE, "digits-vit", {("diagheur", None): {"drop_fraction": 0.2}})
+    with pytest.raises(ValueError, match="another configuration.*dst.drop_fraction: 0.3 there vs 0.2 now"):
+        run_sweep(cfg)
+    monkeypatch.undo()
+    # A run from before a config field existed counts as trained with that field's default (fields are added
+    # with a default that keeps the old behaviour); any other value of it is a difference.
+    for path in (tmp_path / "runs").glob("*dynadiag-pool2*.json"):
+        old = json.loads(path.read_text())
+        del old["dst"]["config"]["soft_scale"]
+        path.write_text(json.dumps(old))
+    monkeypatch.setattr(sweep_mod, "train", no_training)
+    assert run_sweep(cfg)["ran"] == 0
+    monkeypatch.undo()
+    monkeypatch.setitem(train_mod.TASK_DST_RECIPE, "digits-vit", {("dynadiag", "threshold"): {"soft_scale": "rms"}})
+    with pytest.raises(ValueError, match="dst.soft_scale: None there vs 'rms' now"):
+        run_sweep(cfg)
+    monkeypatch.undo()
     # A learning rate left to the task default matches the same value given explicitly (judged by what each
     # run recorded it used), and only that value.
     used = {m["variant"]: m["resolved"]["lr"] for m in runs.values()}

@@ -19,6 +19,8 @@ from diagcompile.train import (
     MODEL_NAME,
     TrainConfig,
     atomic_torch_save,
+    dst_config_dict,
+    dst_options,
     load_checkpoint,
     load_model,
     train,
@@ -247,6 +249,9 @@ def test_metrics_json(tmp_path):
     }
     assert dst["max_memory_bytes"] > 0 and len(dst["history"]) == 4
     assert dst["config"]["pool"] == 2.0 and dst["config"]["total_steps"] == 24
+    # The sweep's cache judges a finished run by exactly this record: it must be what dst_config_dict resolves.
+    cfg = _quick(out=str(tmp_path), method="dynadiag", pool=2.0)
+    assert dst["config"] == json.loads(json.dumps(dst_config_dict(cfg, 24)))
     assert on_disk["params"]["final_model"] < on_disk["params"]["dense_model"]
 
 
@@ -267,6 +272,23 @@ def test_train_config_validation():
         TrainConfig(task="digits-vit", model={"width": 3})
     with pytest.raises(TypeError, match="TrainConfig"):
         train({"task": "digits-vit"})
+
+
+def test_dst_options_precedence(monkeypatch):
+    # recipe < the task's overlay < relaxation/pool < cfg.dst; the seed only for configs that take one.
+    monkeypatch.setitem(
+        train_mod.TASK_DST_RECIPE, "chars-gpt", {("dynadiag", "threshold"): {"alpha_lr": 0.5, "freeze_at": 0.3}}
+    )
+    base = dict(task="chars-gpt", method="dynadiag", seed=7)
+    opts = dst_options(TrainConfig(**base, dst={"freeze_at": 0.2}))
+    assert opts == {**train_mod.DST_RECIPE[("dynadiag", "threshold")], "alpha_lr": 0.5, "freeze_at": 0.2}
+    assert "alpha_lr" not in dst_options(TrainConfig(task="digits-vit", method="dynadiag"))  # other task
+    assert "alpha_lr" not in dst_options(TrainConfig(**base, relaxation="softmax_clamp"))  # other key
+    assert dst_options(TrainConfig(task="chars-gpt", method="rigl", seed=7))["seed"] == 7
+    with pytest.raises(ValueError, match="'dense' has no sparsifier"):
+        dst_options(TrainConfig(task="chars-gpt"))
+    with pytest.raises(ValueError, match=r"option\(s\) \['bogus'\] do not apply to method 'diagheur'"):
+        dst_config_dict(TrainConfig(task="chars-gpt", method="diagheur", dst={"bogus": 1}), 10)
 
 
 def test_lr_schedule_shape():

@@ -15,7 +15,14 @@ from diagcompile.dst.sparsifier import DiagSparsifier
 
 # isort: split
 # --- mask-based baselines (dst-baselines) ---
-from diagcompile.dst.baselines import SPARSIFIER_METHODS, MaskedLinear, MaskSparsifier, config_class, make_sparsifier
+from diagcompile.dst.baselines import (
+    SPARSIFIER_METHODS,
+    MaskedLinear,
+    MaskSparsifier,
+    config_class,
+    make_config,
+    make_sparsifier,
+)
 from diagcompile.dst.mask_config import MaskConfig
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "MaskSparsifier",
     "MaskedLinear",
     "make_sparsifier",
+    "make_config",
     "config_class",
     "SPARSIFIER_METHODS",
 ]

@@ -81,7 +81,7 @@ from diagcompile.functional import check_sparsity
 from diagcompile.marking import get_sparse_mark
 from diagcompile.ops import k_from_sparsity
 
-__all__ = ["MaskSparsifier", "MaskedLinear", "make_sparsifier", "config_class", "SPARSIFIER_METHODS"]
+__all__ = ["MaskSparsifier", "MaskedLinear", "make_sparsifier", "make_config", "config_class", "SPARSIFIER_METHODS"]
 
 logger = logging.getLogger("diagcompile.dst")
 
@@ -705,6 +705,18 @@ def config_class(method: str) -> type[DSTConfig] | type[MaskConfig]:
     raise ValueError(f"unknown sparse training method {method!r}; choose one of {', '.join(SPARSIFIER_METHODS)}")
 
 
+def make_config(method: str, sparsity: float, total_steps: int, **options: Any) -> DSTConfig | MaskConfig:
+    """The validated config ``make_sparsifier`` builds for ``method`` (``config_class(method)``) from ``options``;
+    an option that config does not have raises ``ValueError`` naming it and the valid ones."""
+    cls = config_class(method)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        valid = sorted(names - {"method", "sparsity", "total_steps"})
+        raise ValueError(f"option(s) {unknown} do not apply to method {method!r} ({cls.__name__}); valid: {valid}")
+    return cls(total_steps=total_steps, method=method, sparsity=sparsity, **options)
+
+
 def make_sparsifier(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
@@ -723,13 +735,7 @@ def make_sparsifier(
     fields of that config (e.g. ``update_every=50``, ``distribution="erk"``, ``pool=2.0``); one that the method's
     config does not have raises ``ValueError`` naming it (``config_class(method)`` tells which apply).
     """
-    cls = config_class(method)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        valid = sorted(names - {"method", "sparsity", "total_steps"})
-        raise ValueError(f"option(s) {unknown} do not apply to method {method!r} ({cls.__name__}); valid: {valid}")
-    config = cls(total_steps=total_steps, method=method, sparsity=sparsity, **options)
+    config = make_config(method, sparsity, total_steps, **options)
     if isinstance(config, DSTConfig):
         return DiagSparsifier(model, optimizer, config, filter_fn, process_group=process_group)
     return MaskSparsifier(model, optimizer, config, filter_fn, process_group=process_group)
