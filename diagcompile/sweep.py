@@ -183,16 +183,19 @@ def _check_same_config(path: Path, tc: TrainConfig) -> None:
     """A finished run is reused only if it was trained with the configuration the grid asks for now."""
     run = json.loads(path.read_text())
     diff = tc.differences(run.get("config", {}), run.get("resolved"))
-    # The sparsifier config a run trained with also comes from tuned defaults (DST_RECIPE, TASK_DST_RECIPE) that
-    # its TrainConfig does not hold: a run from before a default changed must not pass for one of today's.
+    # The sparsifier config a run trained with comes from tuned defaults (DST_RECIPE, TASK_DST_RECIPE) as well as
+    # from the TrainConfig's relaxation / pool / dst, so it is judged whole, by the config the run recorded (as a
+    # default lr is judged by the lr the run used): a run from before a tuned default changed is refused, and a
+    # setting once left to a default and now given explicitly with the same value is not a difference.
     saved_dst = (run.get("dst") or {}).get("config")
-    if not diff and saved_dst is not None and tc.method != "dense":
+    if saved_dst is not None and tc.method != "dense":
         from diagcompile.dst import config_class  # (the harness imports diagcompile.dst only when it trains)
 
         now_dst = json.loads(json.dumps(dst_config_dict(tc, int(run["steps"]))))
         # A field the saved config lacks was added later, with a default that keeps the old behaviour.
         defaults = {f.name: f.default for f in dataclasses.fields(config_class(tc.method))}
-        diff = [
+        diff = [d for d in diff if d[0] not in ("relaxation", "pool", "dst")]
+        diff += [
             (f"dst.{k}", saved_dst.get(k), v)
             for k, v in sorted(now_dst.items())
             if (saved_dst[k] != v if k in saved_dst else v != defaults.get(k))

@@ -131,6 +131,11 @@ def test_run_sweep_aggregates_and_skips_finished_runs(tmp_path, monkeypatch):
     changed = dataclasses.replace(cfg, train={**TINY, "dst": {"update_every": 3}})
     with pytest.raises(ValueError, match="another configuration.*dst"):
         run_sweep(changed)
+    # The sparsifier config is judged by what the run recorded: the same value given explicitly is no difference.
+    monkeypatch.setattr(sweep_mod, "train", no_training)
+    same = dataclasses.replace(cfg, variant_dst={"diagheur": {"drop_fraction": 0.3}})  # DSTConfig's default
+    assert run_sweep(same)["ran"] == 0
+    monkeypatch.undo()
     # Nor are runs trained before a tuned DST default (which the TrainConfig does not hold) changed.
     monkeypatch.setitem(train_mod.TASK_DST_RECIPE, "digits-vit", {("diagheur", None): {"drop_fraction": 0.2}})
     with pytest.raises(ValueError, match="another configuration.*dst.drop_fraction: 0.3 there vs 0.2 now"):
