@@ -164,6 +164,35 @@ CHARS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
             "dt50_drop0.1_lr4e-2": {**_CHARS_KNOBS["diagheur"], "drop_fraction": 0.1, "_train": {"lr": 4e-2}},
         },
     },
+    # Round 5: alpha at the values' lr helped both DynaDiag forms (faithful by 0.056), so bracket it (8e-2) and
+    # combine it with the freeze at 25% (which helped faithful DynaDiag alone). DiagHeur's two round-4 knobs were
+    # noise (drop 0.1) or worse (every 100 steps), so it gets the other direction: updates every 25 steps, and
+    # drop 0.1 with it.
+    5: {
+        "dynadiag": {
+            "a8e-2_lr4e-2": {**_CHARS_KNOBS["dynadiag"], "alpha_lr": 8e-2, "_train": {"lr": 4e-2}},
+            "a4e-2_f0.25_lr4e-2": {
+                **_CHARS_KNOBS["dynadiag"],
+                "alpha_lr": 4e-2,
+                "freeze_at": 0.25,
+                "_train": {"lr": 4e-2},
+            },
+        },
+        "dynadiag-pool2": {
+            "a8e-2_lr4e-2": {**_CHARS_KNOBS["dynadiag-pool2"], "alpha_lr": 8e-2, "_train": {"lr": 4e-2}},
+        },
+        "diagheur": {
+            "dt25_lr4e-2": {"update_every": 25, "_train": {"lr": 4e-2}},
+            "dt25_drop0.1_lr4e-2": {"update_every": 25, "drop_fraction": 0.1, "_train": {"lr": 4e-2}},
+        },
+    },
+    # Round 6: pool 2 was still improving at alpha_lr 8e-2 (faithful DynaDiag was past its best there), so one
+    # step further for it.
+    6: {
+        "dynadiag-pool2": {
+            "a1.6e-1_lr4e-2": {**_CHARS_KNOBS["dynadiag-pool2"], "alpha_lr": 0.16, "_train": {"lr": 4e-2}}
+        }
+    },
 }
 
 ROUNDS = {"digits-vit": DIGITS_ROUNDS, "chars-gpt": CHARS_ROUNDS}

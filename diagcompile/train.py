@@ -125,10 +125,18 @@ DST_RECIPE: dict[tuple[str, str | None], dict[str, Any]] = {
     ("dynadiag", "softmax_clamp"): {"temperature_start": 0.02, "temperature_end": 0.002},
     ("diagheur", None): {"update_every": 50},
 }
-#: Per-task overlays on :data:`DST_RECIPE`, tuned on that task's own tune split (same keys).
-TASK_DST_RECIPE: dict[str, dict[tuple[str, str | None], dict[str, Any]]] = {
+#: Per-task overlays on :data:`DST_RECIPE`, tuned on that task's own tune split: the same keys, and a key ending
+#: in ``"pool"`` applies on top when the run holds a candidate pool (``pool=c``). chars-gpt's
+#: (benchmarks/results/dst_tuning_chars_r4-6): DynaDiag's alpha at its values' lr 4e-2 (digits' 1e-2 was a
+#: quarter of it; 8e-2 was worse), pool 2 with alpha_lr 8e-2 (of 1e-2..1.6e-1), DiagHeur dropping 10% of its
+#: diagonals per update (of 10%/30%, every 25/50/100 steps).
+TASK_DST_RECIPE: dict[str, dict[tuple[str | None, ...], dict[str, Any]]] = {
     "digits-vit": {},
-    "chars-gpt": {},
+    "chars-gpt": {
+        ("dynadiag", "threshold"): {"alpha_lr": 4e-2},
+        ("dynadiag", "threshold", "pool"): {"alpha_lr": 8e-2},
+        ("diagheur", None): {"drop_fraction": 0.1},
+    },
 }
 _SPARSE_LR_METHODS = ("dynadiag", "diagheur")
 
@@ -514,7 +522,10 @@ def dst_options(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError("dst_options: 'dense' has no sparsifier")
     relaxation = (cfg.relaxation or "threshold") if cfg.method == "dynadiag" else None
     key = (cfg.method, relaxation)
-    options: dict[str, Any] = {**DST_RECIPE.get(key, {}), **TASK_DST_RECIPE.get(cfg.task, {}).get(key, {})}
+    task = TASK_DST_RECIPE.get(cfg.task, {})
+    options: dict[str, Any] = {**DST_RECIPE.get(key, {}), **task.get(key, {})}
+    if cfg.pool is not None:
+        options.update(task.get((*key, "pool"), {}))
     if cfg.relaxation is not None:
         options["relaxation"] = cfg.relaxation
     if cfg.pool is not None:

@@ -277,11 +277,18 @@ def test_train_config_validation():
 def test_dst_options_precedence(monkeypatch):
     # recipe < the task's overlay < relaxation/pool < cfg.dst; the seed only for configs that take one.
     monkeypatch.setitem(
-        train_mod.TASK_DST_RECIPE, "chars-gpt", {("dynadiag", "threshold"): {"alpha_lr": 0.5, "freeze_at": 0.3}}
+        train_mod.TASK_DST_RECIPE,
+        "chars-gpt",
+        {
+            ("dynadiag", "threshold"): {"alpha_lr": 0.5, "freeze_at": 0.3},
+            ("dynadiag", "threshold", "pool"): {"alpha_lr": 0.7},
+        },
     )
     base = dict(task="chars-gpt", method="dynadiag", seed=7)
     opts = dst_options(TrainConfig(**base, dst={"freeze_at": 0.2}))
     assert opts == {**train_mod.DST_RECIPE[("dynadiag", "threshold")], "alpha_lr": 0.5, "freeze_at": 0.2}
+    pooled = dst_options(TrainConfig(**base, pool=2.0))
+    assert pooled["alpha_lr"] == 0.7 and pooled["freeze_at"] == 0.3 and pooled["pool"] == 2.0
     assert "alpha_lr" not in dst_options(TrainConfig(task="digits-vit", method="dynadiag"))  # other task
     assert "alpha_lr" not in dst_options(TrainConfig(**base, relaxation="softmax_clamp"))  # other key
     assert dst_options(TrainConfig(task="chars-gpt", method="rigl", seed=7))["seed"] == 7
