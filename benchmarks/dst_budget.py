@@ -11,10 +11,11 @@ protocol and hyper-parameters):
   (``EPOCHS=360 LONG_SEEDS=10 METHODS=dynadiag,diagheur,dynadiag-pool2 dst_sweep.sh digits-long``; no dense run).
 * chars-gpt, validation bits per character:
   800 steps (the task default) ``results/dst_chars_lr1e-2_runs.csv``
-  (``CHARS_LR=0.002 CHARS_SPARSE_LR=0.01 CHARS_SEEDS=3 CHARS_NAME=dst_chars_lr1e-2 dst_sweep.sh chars``);
+  (``CHARS_LR=0.002 CHARS_SPARSE_LR=0.01 CHARS_KNOBS=digits CHARS_SEEDS=3 CHARS_NAME=dst_chars_lr1e-2
+  dst_sweep.sh chars``);
   2400 steps ``results/dst_chars_s2400_runs.csv``
   (``STEPS=2400 LONG_SEEDS=3 METHODS=dynadiag-pool2,dense,dynadiag,diagheur CHARS_LR=0.002 CHARS_SPARSE_LR=0.01
-  dst_sweep.sh chars-long``).
+  CHARS_KNOBS=digits dst_sweep.sh chars-long``).
 
 and writes ``results/dst_budget.md`` (mean ± std per method and budget, and the seed-paired differences
 DynaDiag − DiagHeur, in both of DynaDiag's memory modes, with their t statistics) and ``results/dst_budget.png``
@@ -77,8 +78,8 @@ TASKS = (
         False,
         {800: "dst_chars_lr1e-2_runs.csv", 2400: "dst_chars_s2400_runs.csv"},
         3,
-        "Both budgets at the learning rates used before chars had its own lr search (dense 2e-3, every sparse "
-        "method 1e-2); with the tuned ones (dense 8e-3, sparse 4e-2), at 800 steps: `dst_chars.md`.",
+        "Both budgets with the settings used before chars had its own tuning (dense lr 2e-3, every sparse "
+        "method 1e-2, digits' DST knobs); with chars-tuned lrs and knobs, at 800 steps: `dst_chars.md`.",
     ),
 )
 

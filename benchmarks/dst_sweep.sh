@@ -12,7 +12,8 @@
 # knobs (alpha_lr 1e-2, drop 0.3, as on digits); CHARS_NAME names the chars table.
 # Committed with earlier settings: dense's default lr and 5x it for the sparse layers, digits knobs (CHARS_LR=0.002
 # CHARS_SPARSE_LR=0.01 CHARS_KNOBS=digits): dst_chars_lr1e-2.* (CHARS_SEEDS=3 CHARS_NAME=dst_chars_lr1e-2) and
-# dst_chars_s2400.*; tuned lrs, digits knobs (CHARS_KNOBS=digits): dst_chars_digits_knobs.*.
+# dst_chars_s2400.*; tuned lrs, digits knobs (CHARS_KNOBS=digits): dst_chars_digits_knobs.*. Pool 2 and DiagHeur on
+# 10 seeds: CHARS_METHODS=dynadiag-pool2,diagheur CHARS_SEEDS=10 CHARS_NAME=dst_chars_pool2_10seeds.
 # One thread per run, niced (the machine is shared); JOBS=N runs N at once. Runs already done (runs/*.json) are
 # skipped, so a new OUT is needed after changing hyper-parameters.
 set -euo pipefail
@@ -24,6 +25,7 @@ SPARSE_LR=${SPARSE_LR:-0.02}
 CHARS_LR=${CHARS_LR:-0.008}
 CHARS_SPARSE_LR=${CHARS_SPARSE_LR:-0.04}
 CHARS_NAME=${CHARS_NAME:-dst_chars}
+CHARS_METHODS=${CHARS_METHODS:-dense,dynadiag,dynadiag-softmax,diagheur,dynadiag-pool2}
 CHARS_KNOBS=${CHARS_KNOBS:-chars}
 CHARS_POOL_ALPHA_LR=${CHARS_POOL_ALPHA_LR:-0.08}
 ALL_SPARSE=dynadiag,dynadiag-softmax,diagheur,dynadiag-pool2
@@ -60,9 +62,11 @@ if [[ $what == all || $what == digits ]]; then
   cp "$OUT"/digits/dst_digits{.csv,_runs.csv,.md,.png} "$RES"/
 fi
 if [[ $what == all || $what == chars ]]; then
+  dense_lr=()
+  if [[ ,$CHARS_METHODS, == *,dense,* ]]; then dense_lr=(--variant-train "dense:lr=$CHARS_LR"); fi
   nice -n 10 "$PY" -m diagcompile.cli sweep --task chars-gpt \
-    --methods dense,$ALL_SPARSE --sparsities 0.9 --seeds "${CHARS_SEEDS:-5}" \
-    --variant-train "dense:lr=$CHARS_LR" $(variant_flags $ALL_SPARSE "$CHARS_SPARSE_LR" "$CHARS_KNOBS") \
+    --methods "$CHARS_METHODS" --sparsities 0.9 --seeds "${CHARS_SEEDS:-5}" "${dense_lr[@]}" \
+    $(variant_flags "$CHARS_METHODS" "$CHARS_SPARSE_LR" "$CHARS_KNOBS") \
     --out "$OUT/chars" --name "$CHARS_NAME" --threads 1 --jobs "${JOBS:-1}" --quiet ${NOTES_CHARS:+--notes "$NOTES_CHARS"}
   cp "$OUT/chars/$CHARS_NAME"{.csv,_runs.csv,.md,.png} "$RES"/
 fi

@@ -122,6 +122,23 @@ DIGITS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
             },
         },
     },
+    # Round 8: chars-gpt's own tuning (dst_tuning_chars_r4-6) found DynaDiag's alpha best at its values' lr
+    # (digits' alpha_lr 1e-2 is half of digits' sparse lr 2e-2) and DiagHeur best dropping 10%: the same two
+    # changes on digits, each next to its reference (the current setting) run again on the same seeds.
+    8: {
+        "dynadiag": {
+            "t0.1_lr2e-2": {"temperature_start": 0.1, "_train": {"lr": 2e-2}},
+            "t0.1_lr2e-2_a2e-2": {"temperature_start": 0.1, "alpha_lr": 2e-2, "_train": {"lr": 2e-2}},
+        },
+        "dynadiag-pool2": {
+            "t0.1_lr2e-2": {"temperature_start": 0.1, "_train": {"lr": 2e-2}},
+            "t0.1_lr2e-2_a2e-2": {"temperature_start": 0.1, "alpha_lr": 2e-2, "_train": {"lr": 2e-2}},
+        },
+        "diagheur": {
+            "dt50_lr2e-2": {"update_every": 50, "_train": {"lr": 2e-2}},
+            "dt50_lr2e-2_drop0.1": {"update_every": 50, "drop_fraction": 0.1, "_train": {"lr": 2e-2}},
+        },
+    },
 }
 
 # chars-gpt runs take minutes each on the shared CPU: only the learning rates are checked, one seed each; the
