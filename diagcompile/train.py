@@ -524,12 +524,10 @@ def dst_options(cfg: TrainConfig) -> dict[str, Any]:
     key = (cfg.method, relaxation)
     task = TASK_DST_RECIPE.get(cfg.task, {})
     options: dict[str, Any] = {**DST_RECIPE.get(key, {}), **task.get(key, {})}
-    if cfg.pool is not None:
-        options.update(task.get((*key, "pool"), {}))
     if cfg.relaxation is not None:
         options["relaxation"] = cfg.relaxation
     if cfg.pool is not None:
-        options["pool"] = cfg.pool
+        options.update(task.get((*key, "pool"), {}), pool=cfg.pool)
     options.update(dict(cfg.dst))
     # Dynadiag/diagheur draw their random choices (initial offsets, alpha noise) from torch's global RNG, which
     # train() seeds with cfg.seed before building the model; the mask baselines take an explicit seed.
