@@ -3,6 +3,7 @@
     python benchmarks/bench_cpu.py            # ops table -> benchmarks/results/cpu_ops.{csv,md}
     python benchmarks/bench_cpu.py --train    # + ViT-B MLP block training step -> cpu_train.{csv,md}
     python benchmarks/bench_cpu.py --quick    # one shape, for a smoke test (cpu_ops_quick.*)
+    python benchmarks/bench_cpu.py --narrow --cpu-time  # the bundled models' 64-512-wide layers (cpu_ops_narrow_*)
 
 Ops: ``fwd`` (``y = x W^T + b``; baseline ``F.linear``), ``dx`` (``dy W``; baseline ``dy @ W``, what
 autograd runs for ``nn.Linear``), ``dv`` (the values gradient; baseline the dense weight gradient
@@ -45,6 +46,19 @@ SHAPES = [
     ("ViT-B qkv 768->2304", 768, 2304),
     ("ViT-B proj 768->768", 768, 768),
 ]
+#: the bundled models' sparse layers (diagcompile/models.py), far narrower than the shapes the CPU dispatch
+#: table was tuned on: does dispatch still never lose to dense there?
+NARROW_SHAPES = [
+    ("digits ViT qkv 64->192", 64, 192),
+    ("digits ViT proj 64->64", 64, 64),
+    ("digits ViT fc1 64->256", 64, 256),
+    ("digits ViT fc2 256->64", 256, 64),
+    ("chars GPT qkv 128->384", 128, 384),
+    ("chars GPT fc1 128->512", 128, 512),
+    ("chars GPT fc2 512->128", 512, 128),
+]
+#: one image / one sequence, and a training batch (digits: 64 images x 16 patches; chars: 32 x 128 characters)
+NARROW_MS = "16,128,1024,4096"
 OPS = torch.ops.diagcompile
 
 
@@ -234,7 +248,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--paths", default="reference,dense,kernel,auto")
     ap.add_argument("--ops", default="fwd,dx,dv")
-    ap.add_argument("--ms", default="1,197")
+    ap.add_argument("--ms", default=None, help=f"rows M (default 1,197; with --narrow {NARROW_MS})")
+    ap.add_argument("--narrow", action="store_true", help="the bundled models' narrow layers (NARROW_SHAPES)")
     ap.add_argument("--train", action="store_true", help="also time a training step of a ViT-B MLP block")
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (best counts)")
@@ -263,13 +278,14 @@ def main() -> None:
     repeated = f" Repeated {args.repeat}x: ratios are medians, `_range` columns give min-max."
     noise = timing + (repeated if args.repeat > 1 else "")
     if not args.train_only:
-        shapes = SHAPES[2:3] if args.quick else SHAPES
-        ms = [1] if args.quick else [int(m) for m in args.ms.split(",")]
+        shapes = SHAPES[2:3] if args.quick else NARROW_SHAPES if args.narrow else SHAPES
+        ms_arg = args.ms or (NARROW_MS if args.narrow else "1,197")
+        ms = [1] if args.quick else [int(m) for m in ms_arg.split(",")]
         paths = args.paths.split(",")
         runs = [run_ops(shapes, ms, args.ops.split(","), args.sparsity, paths, args.rounds) for _ in range(args.repeat)]
         keys = ["baseline_ms", "kernel_GBps"] + [f"{p}_{s}" for p in paths for s in ("ms", "x")]
         md = write_results(
-            ("cpu_ops_quick" if args.quick else "cpu_ops") + suffix,
+            ("cpu_ops_quick" if args.quick else "cpu_ops_narrow" if args.narrow else "cpu_ops") + suffix,
             _spread(runs, keys),
             f"CPU diagonal ops, float32, {int(args.sparsity * 100)}% sparsity, {threads} threads: vs dense",
             notes="`baseline_ms` = the dense baseline (fwd: `F.linear`; dx: `dy @ W`; dv: `dy^T @ x`). `<path>_x` = "
