@@ -301,11 +301,15 @@ class TrainConfig:
         keys = sorted(k for k in set(now) | set(saved) if k not in self.RUNTIME_FIELDS)
         diff = [(k, saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)]
         if resolved is not None:
-            diff = [
-                d
-                for d in diff
-                if not (d[0] in self.RESOLVED_FIELDS and d[0] in resolved and resolved[d[0]] == self.get(d[0]))
+            used = {k: resolved[k] for k in self.RESOLVED_FIELDS if k in resolved}
+            diff = [d for d in diff if not (d[0] in used and used[d[0]] == self.get(d[0]))]
+            # Both left to the default, but the default has changed since: the run used another value.
+            diff += [
+                (k, used[k], self.get(k))
+                for k in self.RESOLVED_FIELDS
+                if k in used and saved.get(k) is None and now.get(k) is None and used[k] != self.get(k)
             ]
+            diff.sort(key=lambda d: d[0])
         return diff
 
 

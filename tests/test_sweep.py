@@ -165,6 +165,12 @@ def test_run_sweep_aggregates_and_skips_finished_runs(tmp_path, monkeypatch):
     other = dataclasses.replace(cfg, variant_train={"diagheur": {"lr": 2 * used["diagheur"]}})
     with pytest.raises(ValueError, match="another configuration.*lr"):
         run_sweep(other)
+    # Left to the default on both sides, but the task default has changed since the run: not the same run.
+    monkeypatch.setitem(
+        train_mod.TASK_DEFAULTS, "digits-vit", {**train_mod.TASK_DEFAULTS["digits-vit"], "sparse_lr": 1.0}
+    )
+    with pytest.raises(ValueError, match=rf"lr: {used['diagheur']!r} there vs 1.0 now"):
+        run_sweep(cfg)
 
 
 def _fake_run(variant: str, sparsity: float, seed: int, acc: float) -> dict:
