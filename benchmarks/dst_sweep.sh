@@ -8,8 +8,9 @@
 # steps, one seed). Learning rates (r1-3): dense 8e-3 (of 2e-3..1.6e-2, which diverged) | every sparse method 4e-2
 # (DynaDiag, pool 2 and DiagHeur were each best at 4e-2 of 1e-2..8e-2). Then each method's own knobs (r4-6):
 # dynadiag alpha_lr 4e-2 (of 1e-2..8e-2) | pool 2 alpha_lr CHARS_POOL_ALPHA_LR | diagheur drop_fraction 0.1 (update
-# every 25/50/100, drop 0.1/0.3). CHARS_LR / CHARS_SPARSE_LR override the lrs, CHARS_KNOBS=digits drops the chars
-# knobs (alpha_lr 1e-2, drop 0.3, as on digits); CHARS_NAME names the chars table.
+# every 25/50/100, drop 0.1/0.3). Then softmax_clamp's own lr (r7-8): CHARS_SOFTMAX_LR 8e-2 (of 2e-2..1.6e-1).
+# CHARS_LR / CHARS_SPARSE_LR override the lrs, CHARS_KNOBS=digits drops the chars knobs (alpha_lr 1e-2, drop 0.3,
+# as on digits; softmax_clamp at CHARS_SPARSE_LR); CHARS_NAME names the chars table.
 # Committed with earlier settings: dense's default lr and 5x it for the sparse layers, digits knobs (CHARS_LR=0.002
 # CHARS_SPARSE_LR=0.01 CHARS_KNOBS=digits): dst_chars_lr1e-2.* (CHARS_SEEDS=3 CHARS_NAME=dst_chars_lr1e-2) and
 # dst_chars_s2400.*; tuned lrs, digits knobs (CHARS_KNOBS=digits): dst_chars_digits_knobs.*. Pool 2 and DiagHeur on
@@ -28,13 +29,15 @@ CHARS_NAME=${CHARS_NAME:-dst_chars}
 CHARS_METHODS=${CHARS_METHODS:-dense,dynadiag,dynadiag-softmax,diagheur,dynadiag-pool2}
 CHARS_KNOBS=${CHARS_KNOBS:-chars}
 CHARS_POOL_ALPHA_LR=${CHARS_POOL_ALPHA_LR:-0.08}
+CHARS_SOFTMAX_LR=${CHARS_SOFTMAX_LR:-0.08}
 ALL_SPARSE=dynadiag,dynadiag-softmax,diagheur,dynadiag-pool2
 # The tuned per-variant settings, one home: variant_flags METHODS SPARSE_LR [KNOBS] prints the --variant-dst /
 # --variant-train flags of the sparse variants in METHODS (the sweep rejects flags for variants it does not run);
 # KNOBS=chars adds chars-gpt's own tuned knobs, KNOBS=digits the digits values of the same knobs.
 variant_flags() {
-  local v
+  local v lr
   for v in ${1//,/ }; do
+    lr=$2
     case $v in
       dynadiag | dynadiag-pool2) printf '%s ' --variant-dst "$v:temperature_start=0.1" ;;
       dynadiag-softmax) printf '%s ' --variant-dst "$v:temperature_start=0.02" --variant-dst "$v:temperature_end=0.002" ;;
@@ -45,11 +48,12 @@ variant_flags() {
       chars:dynadiag) printf '%s ' --variant-dst "$v:alpha_lr=0.04" ;;
       chars:dynadiag-pool2) printf '%s ' --variant-dst "$v:alpha_lr=$CHARS_POOL_ALPHA_LR" ;;
       chars:diagheur) printf '%s ' --variant-dst "$v:drop_fraction=0.1" ;;
+      chars:dynadiag-softmax) lr=$CHARS_SOFTMAX_LR ;;
       # the digits values, explicitly: the harness's chars-gpt defaults are the chars knobs
       digits:dynadiag | digits:dynadiag-pool2) printf '%s ' --variant-dst "$v:alpha_lr=0.01" ;;
       digits:diagheur) printf '%s ' --variant-dst "$v:drop_fraction=0.3" ;;
     esac
-    printf '%s ' --variant-train "$v:lr=$2"
+    printf '%s ' --variant-train "$v:lr=$lr"
   done
 }
 
@@ -74,7 +78,8 @@ fi
 # Committed: digits-long with EPOCHS=120 LONG_SEEDS=10 (dst_digits_e120.*) and EPOCHS=360 LONG_SEEDS=10
 # METHODS=dynadiag,diagheur,dynadiag-pool2 (dst_digits_e360.*); chars-long with STEPS=2400 LONG_SEEDS=3
 # METHODS=dynadiag-pool2,dense,dynadiag,diagheur CHARS_LR=0.002 CHARS_SPARSE_LR=0.01 CHARS_KNOBS=digits
-# (dst_chars_s2400.*).
+# (dst_chars_s2400.*); at the chars-tuned settings METHODS=dynadiag-pool2,diagheur STEPS=2400 LONG_SEEDS=3
+# LONG_NAME=chars_s2400_tuned (dst_chars_s2400_tuned.*).
 # dynadiag-pool2 is DynaDiag with a pool of 2k.
 long_sweep() {  # task, --epochs|--steps, length, name, dense lr, sparse lr[, knobs]
   local methods=${METHODS:-dense,dynadiag,diagheur} lr=()
@@ -88,7 +93,7 @@ if [[ $what == digits-long ]]; then
   long_sweep digits-vit --epochs "${EPOCHS:-120}" "digits_e${EPOCHS:-120}" 0.001 "$SPARSE_LR"
 fi
 if [[ $what == chars-long ]]; then
-  long_sweep chars-gpt --steps "${STEPS:-2400}" "chars_s${STEPS:-2400}" "$CHARS_LR" "$CHARS_SPARSE_LR" "$CHARS_KNOBS"
+  long_sweep chars-gpt --steps "${STEPS:-2400}" "${LONG_NAME:-chars_s${STEPS:-2400}}" "$CHARS_LR" "$CHARS_SPARSE_LR" "$CHARS_KNOBS"
 fi
 if [[ $what == all || $what == memory ]]; then
   nice -n 10 "$PY" benchmarks/dst_memory.py

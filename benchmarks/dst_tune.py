@@ -9,6 +9,11 @@ the dense model) and the same number of configurations of its own hyper-paramete
     nice -n 10 python benchmarks/dst_tune.py --task digits-vit --round 1 --out /tmp/dst-tune --aggregate-only
 
 Writes ``benchmarks/results/dst_tuning_<task>_r<round>.{md,csv,png}`` (per-run rows in ``..._runs.csv``).
+
+A configuration left to a default means that default *as the round ran it*: digits rounds 1-3 ran before the
+tuned defaults they chose (every method at lr 2e-3, DSTConfig's own knobs; each committed table records the
+config of every run). Run again today they would train at today's defaults, so the sweep refuses to mix such
+runs with the old ones (``diagcompile.sweep``: a run is reused only with the lr and DST config it recorded).
 """
 
 from __future__ import annotations
@@ -149,6 +154,7 @@ _CHARS_KNOBS: dict[str, dict] = {
     "dynadiag-pool2": {"temperature_start": 0.1},
     "diagheur": {"update_every": 50},
 }
+_SOFTMAX_KNOBS: dict = {"temperature_start": 0.02, "temperature_end": 0.002}
 CHARS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
     # Round 1: dense's learning rate. Upward only: at 800 steps every sparse method kept improving up to 20-40x
     # dense's default (rounds 2-3), so dense gets the same chance to use a larger step.
@@ -210,6 +216,18 @@ CHARS_ROUNDS: dict[int, dict[str, dict[str, dict]]] = {
             "a1.6e-1_lr4e-2": {**_CHARS_KNOBS["dynadiag-pool2"], "alpha_lr": 0.16, "_train": {"lr": 4e-2}}
         }
     },
+    # Round 7: softmax_clamp, which rounds 2-6 left at the other methods' lr (4e-2) and its digits knobs, gets
+    # the same chances they had: its own lr (2e-2 / 4e-2 / 8e-2), and alpha at its values' lr (the knob that
+    # helped faithful DynaDiag most on chars). The digits knobs (DST_RECIPE) are named explicitly.
+    7: {
+        "dynadiag-softmax": {
+            **{f"lr{lr}": {**_SOFTMAX_KNOBS, "_train": {"lr": float(lr)}} for lr in ("2e-2", "4e-2", "8e-2")},
+            "a4e-2_lr4e-2": {**_SOFTMAX_KNOBS, "alpha_lr": 4e-2, "_train": {"lr": 4e-2}},
+        }
+    },
+    # Round 8: softmax_clamp was still improving at round 7's largest lr (2.301, 2.251, 2.236 at 2e-2, 4e-2,
+    # 8e-2; alpha at the values' lr was much worse, 2.448), so one step further, as rounds 3 and 6 did.
+    8: {"dynadiag-softmax": {"lr1.6e-1": {**_SOFTMAX_KNOBS, "_train": {"lr": 0.16}}}},
 }
 
 ROUNDS = {"digits-vit": DIGITS_ROUNDS, "chars-gpt": CHARS_ROUNDS}

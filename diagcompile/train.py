@@ -109,6 +109,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 32,
         "lr": 8e-3,
         "sparse_lr": 4e-2,
+        # softmax_clamp, tuned on its own afterwards (dst_tuning_chars_r7-8): best at 8e-2 of 2e-2..1.6e-1.
+        "relaxation_lr": {"softmax_clamp": 8e-2},
         "weight_decay": 0.1,
         "eval_every": 100,
         # Evaluation uses evenly spaced non-overlapping blocks over the whole val text (see data.eval_blocks).
@@ -163,7 +165,8 @@ class TrainConfig:
         seed: seeds the model init (torch), the data order and the sparsifier.
         device: torch device string.
         batch_size, lr, weight_decay: AdamW hyper-parameters (peak lr; no decay on biases/norms/embeddings). The
-            default lr of dynadiag / diagheur is the task's ``sparse_lr``.
+            default lr of dynadiag / diagheur is the task's ``sparse_lr`` (or its ``relaxation_lr`` for the
+            relaxation, where the task tuned one).
         warmup_frac: fraction of the steps with linear warm-up; then cosine to ``min_lr_frac * lr``.
         grad_clip: max global gradient norm of the weights (``0`` disables; DynaDiag's ``alpha`` is not clipped).
         eval_every: evaluate every this many steps (default: once per epoch for digits) and at the end.
@@ -267,7 +270,9 @@ class TrainConfig:
         """The field's value, or the task default when it is ``None``."""
         v = getattr(self, name)
         if v is None and name == "lr" and self.method in _SPARSE_LR_METHODS:
-            return TASK_DEFAULTS[self.task]["sparse_lr"]
+            task = TASK_DEFAULTS[self.task]
+            by_relaxation = task.get("relaxation_lr", {}) if self.method == "dynadiag" else {}
+            return by_relaxation.get(self.relaxation or "threshold", task["sparse_lr"])
         return TASK_DEFAULTS[self.task].get(name) if v is None else v
 
     def model_config(self) -> ViTConfig | GPTConfig:

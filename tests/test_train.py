@@ -298,6 +298,31 @@ def test_dst_options_precedence(monkeypatch):
         dst_config_dict(TrainConfig(task="chars-gpt", method="diagheur", dst={"bogus": 1}), 10)
 
 
+def test_default_lr_per_method_and_relaxation(monkeypatch):
+    # dense gets the task's lr, every diagonal DST method its sparse_lr, unless the task tuned one for the
+    # relaxation; an explicit lr always wins.
+    monkeypatch.setitem(
+        train_mod.TASK_DEFAULTS,
+        "chars-gpt",
+        {**train_mod.TASK_DEFAULTS["chars-gpt"], "lr": 1.0, "sparse_lr": 2.0, "relaxation_lr": {"softmax_clamp": 3.0}},
+    )
+    lr = {
+        name: TrainConfig(task="chars-gpt", **kw).get("lr")
+        for name, kw in {
+            "dense": {},
+            "threshold": {"method": "dynadiag"},
+            "pool": {"method": "dynadiag", "pool": 2.0},
+            "softmax": {"method": "dynadiag", "relaxation": "softmax_clamp"},
+            "diagheur": {"method": "diagheur"},
+            "explicit": {"method": "dynadiag", "relaxation": "softmax_clamp", "lr": 4.0},
+        }.items()
+    }
+    assert lr == {"dense": 1.0, "threshold": 2.0, "pool": 2.0, "softmax": 3.0, "diagheur": 2.0, "explicit": 4.0}
+    # digits tuned no per-relaxation lr: softmax_clamp takes its sparse_lr
+    digits = TrainConfig(task="digits-vit", method="dynadiag", relaxation="softmax_clamp")
+    assert digits.get("lr") == train_mod.TASK_DEFAULTS["digits-vit"]["sparse_lr"]
+
+
 def test_lr_schedule_shape():
     f = [train_mod._lr_factor(s, 100, 0.1, 0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warm-up over 10 steps
