@@ -78,8 +78,8 @@ fi
 # Committed: digits-long with EPOCHS=120 LONG_SEEDS=10 (dst_digits_e120.*) and EPOCHS=360 LONG_SEEDS=10
 # METHODS=dynadiag,diagheur,dynadiag-pool2 (dst_digits_e360.*); chars-long with STEPS=2400 LONG_SEEDS=3
 # METHODS=dynadiag-pool2,dense,dynadiag,diagheur CHARS_LR=0.002 CHARS_SPARSE_LR=0.01 CHARS_KNOBS=digits
-# (dst_chars_s2400.*); at the chars-tuned settings METHODS=dynadiag-pool2,diagheur STEPS=2400 LONG_SEEDS=3
-# LONG_NAME=chars_s2400_tuned (dst_chars_s2400_tuned.*).
+# (dst_chars_s2400.*); at the chars-tuned settings METHODS=dense,dynadiag,dynadiag-pool2,diagheur STEPS=2400
+# LONG_SEEDS=3 LONG_NAME=chars_s2400_tuned (dst_chars_s2400_tuned.*).
 # dynadiag-pool2 is DynaDiag with a pool of 2k.
 long_sweep() {  # task, --epochs|--steps, length, name, dense lr, sparse lr[, knobs]
   local methods=${METHODS:-dense,dynadiag,diagheur} lr=()
