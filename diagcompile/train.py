@@ -303,19 +303,13 @@ class TrainConfig:
         value used was the same: the default is judged by what the run recorded, not by today's default.
         """
         now = self.to_dict()
+        # A field the run recorded as used is judged by that value, whether either side left it to a default
+        # (so a default that has changed since is a difference too); every other field by its saved value.
+        used = {k: resolved[k] for k in self.RESOLVED_FIELDS if k in resolved} if resolved is not None else {}
+        was = {**saved, **used}
+        is_ = {**now, **{k: self.get(k) for k in used}}
         keys = sorted(k for k in set(now) | set(saved) if k not in self.RUNTIME_FIELDS)
-        diff = [(k, saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)]
-        if resolved is not None:
-            used = {k: resolved[k] for k in self.RESOLVED_FIELDS if k in resolved}
-            diff = [d for d in diff if not (d[0] in used and used[d[0]] == self.get(d[0]))]
-            # Both left to the default, but the default has changed since: the run used another value.
-            diff += [
-                (k, used[k], self.get(k))
-                for k in self.RESOLVED_FIELDS
-                if k in used and saved.get(k) is None and now.get(k) is None and used[k] != self.get(k)
-            ]
-            diff.sort(key=lambda d: d[0])
-        return diff
+        return [(k, was.get(k), is_.get(k)) for k in keys if was.get(k) != is_.get(k)]
 
 
 # ----------------------------------------------------------------------------------------------------
