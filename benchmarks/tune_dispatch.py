@@ -4,15 +4,17 @@
     python benchmarks/tune_dispatch.py --device cuda           # rewrites the _CUDA section (on the GPU machine)
     python benchmarks/tune_dispatch.py --device cpu --dry-run  # print the table, write nothing
 
-For each op (``fwd``, ``dx``, ``dv``), each density bucket of the table (measured at the bucket's upper
-edge, its most expensive density), each layer shape of the grid and each ``M`` of the grid, the script times
-the real op with the path forced (``diagcompile.ops.force_path``): ``kernel`` and ``dense`` in the kernel
-dtype, ``reference`` and ``dense`` in the reference dtype. A path *wins* at ``M`` when it is faster than
-``dense`` by the margin (default 10%). The table keeps, per bucket, the largest ``M`` up to which the path
-wins at every grid point and on every shape (a loss anywhere ends the run of wins), made non-increasing in
-density, so dispatch never picks a path where it was measured slower than dense. Where the kernel still
-wins by 1.5x at the largest ``M`` of the grid (both sides are compute bound there: their ratio no longer
-changes with ``M``), the threshold is unbounded.
+The table has one rule per op (``fwd``, ``dx``, ``dv``) and shape class (orientation x D bucket,
+``dispatch_table.SHAPE_CLASSES``); the grid holds layer shapes of every class, narrow (the bundled models'
+64-512-wide layers) and broad (ViT-B, Llama). For each op, shape class, density bucket (measured at the
+bucket's upper edge, its most expensive density), each layer shape of that class and each ``M`` of the grid,
+the script times the real op with the path forced (``diagcompile.ops.force_path``): ``kernel`` and ``dense``
+in the kernel dtype, ``reference`` and ``dense`` in the reference dtype. A path *wins* at ``M`` when it is
+faster than ``dense`` by the margin (default 10%). The rule keeps, per bucket, the largest ``M`` up to which
+the path wins at every grid point and on every shape of the class (a loss anywhere ends the run of wins),
+made non-increasing in density, so dispatch never picks a path where it was measured slower than dense.
+Where the kernel still wins by 1.5x at the largest ``M`` of the grid (both sides are compute bound there:
+their ratio no longer changes with ``M``), the threshold is unbounded.
 
 Timing: on the CPU, the median of repeated wall-clock runs in interleaved rounds (best round), rotating
 over several copies of the weights so they come from DRAM like in a real model (``benchmarks/common.py``);
@@ -57,25 +59,40 @@ class Grid:
     reference_dtype: torch.dtype
 
 
+#: Narrow layers, D <= 256 (tall and wide): the bundled models' (diagcompile/models.py: the digits ViT's
+#: 64-wide qkv, fc1, fc2, proj; the chars GPT's 128-wide ones) and one at the bucket's edge, D = 256.
+_NARROW = ((64, 192), (64, 256), (128, 512), (256, 1024), (64, 64), (256, 64), (512, 128), (1024, 256))
+
 GRIDS = {
-    # ViT-B shapes: tall, wide and square. M up to a few thousand rows, as in CPU training of small models.
+    # Narrow layers and ViT-B's (tall, wide and square). M up to 4096 rows, as in CPU training of the bundled
+    # models (the chars GPT: batch 32 x 128 characters).
     "cpu": Grid(
-        shapes=((768, 3072), (3072, 768), (768, 768)),
-        ms=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+        shapes=(*_NARROW, (768, 3072), (3072, 768), (768, 768)),
+        ms=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
         kernel_dtype=torch.float32,
         reference_dtype=torch.bfloat16,
     ),
     "cuda": Grid(
-        shapes=((4096, 14336), (14336, 4096), (768, 3072), (3072, 768)),
+        shapes=((4096, 14336), (14336, 4096), (768, 3072), (3072, 768), (256, 1024), (1024, 256), (64, 256), (256, 64)),
         ms=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536),
         kernel_dtype=torch.bfloat16,
         reference_dtype=torch.bfloat16,
     ),
 }
-QUICK = {
-    "cpu": Grid(((768, 3072), (3072, 768)), (1, 16, 256), torch.float32, torch.bfloat16),
+QUICK = {  # not every shape class: the others keep their current rules
+    "cpu": Grid(((768, 3072), (256, 64)), (1, 16, 256), torch.float32, torch.bfloat16),
     "cuda": Grid(((4096, 14336), (3072, 768)), (1, 64, 4096), torch.bfloat16, torch.bfloat16),
 }
+
+
+def classes_of(shapes: tuple[tuple[int, int], ...]) -> dict[tuple[str, int], list[tuple[int, int]]]:
+    """The grid's shapes ``(in, out)`` grouped by dispatch's shape class, in ``SHAPE_CLASSES`` order."""
+    out: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for cls in dispatch_table.SHAPE_CLASSES:
+        members = [(n_in, n_out) for n_in, n_out in shapes if dispatch.shape_class(n_out, n_in) == cls]
+        if members:
+            out[cls] = members
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,8 +173,17 @@ def _compare(device: str, op: str, path: str, dtype: torch.dtype, n_in: int, n_o
     return ratio
 
 
-def measure(device: str, op: str, path: str, dtype: torch.dtype, grid: Grid, margin: float, log) -> list[int]:
-    """For each density bucket, the largest M up to which ``path`` beats ``dense`` on every shape.
+def measure(
+    device: str,
+    op: str,
+    path: str,
+    dtype: torch.dtype,
+    shapes: list[tuple[int, int]],
+    ms: tuple[int, ...],
+    margin: float,
+    log,
+) -> list[int]:
+    """For each density bucket, the largest M up to which ``path`` beats ``dense`` on every one of ``shapes``.
 
     The advantage of a diagonal path shrinks as ``M`` grows (from weight-bandwidth bound to compute bound)
     and as the density grows, so: a clear win (1.5x) at the top of the M grid, checked at its bottom and
@@ -168,14 +194,13 @@ def measure(device: str, op: str, path: str, dtype: torch.dtype, grid: Grid, mar
     out = []
     for edge in dispatch_table._EDGES:
         best_m = UNBOUNDED
-        for n_in, n_out in grid.shapes:
+        for n_in, n_out in shapes:
             P = max(n_in, n_out)
             k = max(1, min(P, math.floor(edge * P)))
 
             def ratio(M, k=k, n_in=n_in, n_out=n_out):
                 return _compare(device, op, path, dtype, n_in, n_out, k, M, log)
 
-            ms = grid.ms
             if path == "kernel" and ratio(ms[-1]) >= 1.5 and all(ratio(m) >= margin for m in (ms[len(ms) // 2], ms[0])):
                 continue  # unbounded for this shape
             last_win = 0
@@ -193,15 +218,22 @@ def measure(device: str, op: str, path: str, dtype: torch.dtype, grid: Grid, mar
 # ----------------------------------------------------------------------------------------------------
 # Writing the table
 # ----------------------------------------------------------------------------------------------------
-def render(device: str, rules: dict[str, dict[str, list[int]]], header: list[str]) -> str:
+RuleKey = tuple[str, str, int]  # (op, orientation, d_edge)
+
+
+def _m(m: int) -> str:
+    return "_ANY_M" if m == UNBOUNDED else str(m)
+
+
+def render(device: str, rules: dict[RuleKey, dict[str, list[int]]], header: list[str]) -> str:
+    """The device's section of ``dispatch_table.py``: one entry per (op, orientation, d_edge)."""
     var = f"_{device.upper()}"
     lines = [f"# {line}" for h in header for line in textwrap.wrap(h, 116)]
-    lines.append("_ANY_M = 2**31 - 1  # no upper limit on M")
-    lines.append(f"{var}: dict[str, dict[str, Rule]] = {{")
-    for op in OPS:
-        lines.append(f'    "{op}": {{')
+    lines.append(f"{var}: dict[tuple[str, str, int], dict[str, Rule]] = {{")
+    for op, orientation, d_edge in rules:
+        lines.append(f'    ("{op}", "{orientation}", {_m(d_edge)}): {{')
         for path in ("kernel", "reference"):
-            ms = ", ".join("_ANY_M" if m == UNBOUNDED else str(m) for m in rules[op][path])
+            ms = ", ".join(_m(m) for m in rules[(op, orientation, d_edge)][path])
             lines.append(f'        "{path}": {{"density_edges": _EDGES, "max_m": [{ms}]}},')
         lines.append("    },")
     lines.append("}")
@@ -253,37 +285,44 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     start = time.time()
-    current = {op: dispatch_table.TABLE.get((args.device, op)) for op in OPS}
-    rules: dict[str, dict[str, list[int]]] = {}
     paths = [p for p in args.paths.split(",") if p]
     if set(paths) - {"kernel", "reference"}:
         raise SystemExit(f"--paths takes kernel and/or reference, got {args.paths}")
+    by_class = classes_of(grid.shapes)
+    rules: dict[RuleKey, dict[str, list[int]]] = {}
+    kept = []
     for op in OPS:
-        rules[op] = {}
-        for path in ("kernel", "reference"):
-            if op in ops and path in paths:
-                dtype = grid.kernel_dtype if path == "kernel" else grid.reference_dtype
-                per_count = []
-                for n in thread_counts:
-                    torch.set_num_threads(n)
-                    log(f"# {op} {path}: {n} thread(s)")
-                    per_count.append(measure(args.device, op, path, dtype, grid, args.margin, log))
-                rules[op][path] = [min(ms) for ms in zip(*per_count)]
-            elif current[op] is not None:  # keep the rule not re-measured
-                rules[op][path] = list(current[op][path]["max_m"])
-            else:
-                raise SystemExit(f"the {args.device} table has no '{op}' rules yet: measure all of them")
+        for orientation, d_edge in dispatch_table.SHAPE_CLASSES:
+            key = (op, orientation, d_edge)
+            shapes = by_class.get((orientation, d_edge))
+            current = dispatch_table.TABLE.get((args.device, *key))
+            rules[key] = {}
+            for path in ("kernel", "reference"):
+                if op in ops and path in paths and shapes:
+                    dtype = grid.kernel_dtype if path == "kernel" else grid.reference_dtype
+                    per_count = []
+                    for n in thread_counts:
+                        torch.set_num_threads(n)
+                        log(f"# {op} {path} {orientation} D<={_m(d_edge)}: {n} thread(s)")
+                        per_count.append(measure(args.device, op, path, dtype, shapes, grid.ms, args.margin, log))
+                    rules[key][path] = [min(ms) for ms in zip(*per_count)]
+                elif current is not None:  # keep the rule not re-measured
+                    rules[key][path] = list(current[path]["max_m"])
+                    kept.append(f"{op}/{path}/{orientation}/D<={_m(d_edge)}")
+                else:
+                    raise SystemExit(f"the {args.device} table has no rule for {key} yet: measure it")
     stamp = env_stamp()
     header = [
         f"Generated by `python benchmarks/tune_dispatch.py --device {args.device}` "
         f"({time.time() - start:.0f} s, margin {args.margin}):",
         f"{stamp['date']}, git {stamp['git']}, torch {stamp['torch']}, {stamp.get('gpu', stamp['cpu'])}; "
         f"thresholds = the smallest over torch thread counts {thread_counts}.",
-        f"kernel timed in {grid.kernel_dtype}, reference in {grid.reference_dtype}; shapes (in, out) "
-        f"{list(grid.shapes)}; M {list(grid.ms)}.",
+        f"kernel timed in {grid.kernel_dtype}, reference in {grid.reference_dtype}; shapes (in, out) by class "
+        + "; ".join(f"{o} D<={_m(d)}: {shapes}" for (o, d), shapes in by_class.items())
+        + f"; M {list(grid.ms)}.",
     ]
-    if set(ops) != set(OPS) or set(paths) != {"kernel", "reference"}:
-        header.append(f"This run re-measured ops {ops}, rules {paths}; the other rules were kept from before.")
+    if kept:
+        header.append(f"Kept from before (not in this run's grid or options): {', '.join(kept)}.")
     body = render(args.device, rules, header)
     print(body)
     if log_file:

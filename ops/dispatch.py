@@ -11,7 +11,9 @@ Three paths compute every op (forward ``fwd``, input gradient ``dx``, values gra
 
 The choice is a pure function of ``(op, device type, dtype, M, N_out, N_in, k)``. It never times anything
 at run time, so a traced graph always does the same thing for the same shapes. The thresholds live in
-``ops/dispatch_table.py``, which ``benchmarks/tune_dispatch.py`` regenerates from measurements. For
+``ops/dispatch_table.py``, one rule per shape class (the layer's orientation and diagonal length ``D``, which
+decide how fast the kernel runs per multiply-add), which ``benchmarks/tune_dispatch.py`` regenerates from
+measurements. For
 benchmarking and debugging, ``force_path("dense")`` (or the env var ``DIAGCOMPILE_FORCE_PATH``) pins a path.
 """
 
@@ -29,8 +31,9 @@ from typing import Literal
 import torch
 
 from diagcompile.ops import dispatch_table
+from diagcompile.ops.reference import is_tall
 
-__all__ = ["Problem", "PATHS", "choose_path", "force_path", "forced_path", "kernel_module"]
+__all__ = ["Problem", "PATHS", "choose_path", "force_path", "forced_path", "kernel_module", "shape_class"]
 
 OpName = Literal["fwd", "dx", "dv"]
 PathName = Literal["kernel", "dense", "reference"]
@@ -65,6 +68,21 @@ class Problem:
     @property
     def density(self) -> float:
         return self.k / self.P
+
+    @property
+    def shape_class(self) -> tuple[str, int]:
+        return shape_class(self.n_out, self.n_in)
+
+
+def shape_class(n_out: int, n_in: int) -> tuple[str, int]:
+    """The table's shape class of a layer: ``(orientation, d_edge)``.
+
+    ``orientation`` is ``"tall"`` when ``N_out > N_in``, else ``"wide"``; ``d_edge`` is the first edge of
+    ``dispatch_table.D_EDGES`` at or above ``D = min(N_out, N_in)``.
+    """
+    D = min(n_out, n_in)
+    d_edge = next(e for e in dispatch_table.D_EDGES if D <= e)
+    return ("tall" if is_tall(n_out, n_in) else "wide"), d_edge
 
 
 def forced_path() -> str | None:
@@ -142,7 +160,8 @@ def choose_path(p: Problem) -> str:
         return forced
     if p.M == 0:
         return "reference"
-    rules = dispatch_table.TABLE.get((p.device_type, p.op)) or dispatch_table.TABLE[("default", p.op)]
+    key = (p.op, *p.shape_class)
+    rules = dispatch_table.TABLE.get((p.device_type, *key)) or dispatch_table.TABLE[("default", *key)]
     # Threshold first: the kernel module (numba, triton) is imported only where the table may pick it.
     if p.M <= _threshold(rules["kernel"], p.density) and _kernel_supports(p):
         return "kernel"

@@ -331,22 +331,43 @@ def test_bad_arguments_raise_value_errors():
         K.values_grad(torch.randn(3, 6), x, offsets)
 
 
-def _table_cases(op):
-    rule = dispatch_table.TABLE[("cpu", op)]["kernel"]
+#: One layer (N_out, N_in) per shape class of the table: narrow and broad, tall and wide.
+CLASS_LAYERS = {
+    ("tall", 256): (256, 64),
+    ("wide", 256): (64, 256),
+    ("tall", dispatch_table.D_EDGES[-1]): (3072, 768),
+    ("wide", dispatch_table.D_EDGES[-1]): (768, 3072),
+}
+
+
+def _table_cases(rule):
     lo = 0.0
     for edge, max_m in zip(rule["density_edges"], rule["max_m"]):
         yield (lo + edge) / 2, max_m
         lo = edge
 
 
+def test_shape_classes_cover_the_table_and_follow_orientation_and_width():
+    assert set(CLASS_LAYERS) == set(dispatch_table.SHAPE_CLASSES)
+    for cls, (n_out, n_in) in CLASS_LAYERS.items():
+        assert dispatch.shape_class(n_out, n_in) == cls
+    big = dispatch_table.D_EDGES[-1]
+    assert dispatch.shape_class(256, 256) == ("wide", 256)  # square is wide, as in ops/reference.py
+    assert dispatch.shape_class(257, 256) == ("tall", 256)
+    assert dispatch.shape_class(257, 257) == ("wide", big)  # D = 257: past the narrow edge
+    assert dispatch.shape_class(300, 4096) == ("wide", big)
+
+
 @pytest.mark.parametrize("op", ["fwd", "dx", "dv"])
-def test_dispatch_picks_the_kernel_where_the_cpu_table_says(op):
-    assert ("cpu", op) in dispatch_table.TABLE, "the CPU section of ops/dispatch_table.py is empty"
-    n_out, n_in = 3072, 768
+@pytest.mark.parametrize("cls", list(CLASS_LAYERS))
+def test_dispatch_picks_the_kernel_where_the_cpu_table_says(op, cls):
+    assert ("cpu", op, *cls) in dispatch_table.TABLE, f"the CPU section of ops/dispatch_table.py has no {cls}"
+    rule = dispatch_table.TABLE[("cpu", op, *cls)]["kernel"]
+    n_out, n_in = CLASS_LAYERS[cls]
     P = max(n_out, n_in)
-    for density, max_m in _table_cases(op):
+    for density, max_m in _table_cases(rule):
         k = max(1, round(density * P))
-        assert dispatch._threshold(dispatch_table.TABLE[("cpu", op)]["kernel"], k / P) == max_m
+        assert dispatch._threshold(rule, k / P) == max_m
         if max_m > 0:
             p = dispatch.Problem(op, "cpu", torch.float32, max_m, n_out, n_in, k)
             assert dispatch.choose_path(p) == "kernel"
@@ -356,3 +377,17 @@ def test_dispatch_picks_the_kernel_where_the_cpu_table_says(op):
         assert dispatch.choose_path(above) != "kernel"
         # No kernel for bf16: dispatch falls back to another path instead of failing.
         assert dispatch.choose_path(dispatch.Problem(op, "cpu", torch.bfloat16, 1, n_out, n_in, k)) != "kernel"
+
+
+def test_dispatch_reads_the_rule_of_the_layers_own_class(monkeypatch):
+    # Same op, M, density: only the shape class differs, so only the class can make the paths differ.
+    kernel_everywhere = {"density_edges": [1.0], "max_m": [2**31 - 1]}
+    never = {"density_edges": [1.0], "max_m": [0]}
+    table = dict(dispatch_table.TABLE)
+    for cls in dispatch_table.SHAPE_CLASSES:
+        kernel = kernel_everywhere if cls == ("tall", 256) else never
+        table[("cpu", "fwd", *cls)] = {"kernel": kernel, "reference": never}
+    monkeypatch.setattr(dispatch_table, "TABLE", table)
+    for cls, (n_out, n_in) in CLASS_LAYERS.items():
+        p = dispatch.Problem("fwd", "cpu", torch.float32, 64, n_out, n_in, max(1, max(n_out, n_in) // 10))
+        assert dispatch.choose_path(p) == ("kernel" if cls == ("tall", 256) else "dense"), cls
