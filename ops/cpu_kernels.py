@@ -13,18 +13,23 @@ input dtype (float32 accumulates in float32, float64 in float64).
 
 Design
 ------
-* **Output-stationary.** Every kernel owns a tile of its output and reads what it needs (a gather), so
-  threads never write the same memory: no scatter, no atomics. In the gather ``x[(t + o_j) mod L]`` is at
-  most two contiguous runs per diagonal and tile; in the masked gather ``c = (r - o_j) mod L`` likewise.
-  Inner loops run over contiguous 1-D slices so LLVM vectorizes them (AVX2/AVX-512); indexing with a
-  possibly negative index does not vectorize (numba's wraparound check), hence the slices.
-* **Four terms per pass.** The inner loop adds four diagonals (four rows of ``M`` for the values gradient)
-  per load/store of the accumulator: ``y = (((y + v0 x0) + v1 x1) + v2 x2) + v3 x3``. That is the same
+* **Output-stationary.** Every kernel owns a tile of its output and writes nothing else, so threads never
+  write the same memory: no atomics. In the gather ``x[(t + o_j) mod L]`` is at most two contiguous runs
+  per diagonal and tile; in the masked gather ``c = (r - o_j) mod L`` likewise. Inner loops run over
+  contiguous 1-D slices so LLVM vectorizes them (AVX2/AVX-512); indexing with a possibly negative index
+  does not vectorize (numba's wraparound check), hence the slices.
+* **The masked gather, two ways.** Tiled (``_masked_gather_kernel``): four diagonals per pass over pieces
+  of the tile cut wherever one starts, ends or wraps; on a narrow layer that leaves runs of a dozen
+  elements. Diagonal-major (``_masked_scatter_kernel``): each diagonal adds its whole run (D long, split
+  once at the wrap) into whole output rows held in L1; it is faster up to L = 4096 and takes those
+  layers (``_masked_gather_plan``). Both sum in the same order, so their bits are identical.
+* **Four terms per pass.** The gather's inner loop adds four diagonals (the values gradient four rows of
+  ``M``) per load/store of the accumulator: ``y = (((y + v0 x0) + v1 x1) + v2 x2) + v3 x3``. That is the same
   sequence of float operations as four separate passes (numba compiles without fast-math: no
   reassociation, no FMA contraction), with a quarter of the accumulator traffic.
 * **Deterministic, independent of the thread count.** Each output element is reduced in a fixed order
-  (diagonals ascending for the gathers, rows ascending for the values gradient), whatever the tiling, and
-  the tiling is a function of the shapes only. Outputs are therefore bit-identical run to run and with
+  (diagonals ascending for the gathers, rows ascending for the values gradient), whatever the tiling and
+  the thread count. Outputs are therefore bit-identical run to run and with
   any number of threads, which dynamic sparse training needs for bit-identical resume.
 * **Threads.** The kernels are serial ``nogil`` functions over a range of work items; a small thread pool
   owned by this module runs ``torch.get_num_threads()`` contiguous ranges of the items, one of them on the
@@ -281,6 +286,46 @@ def _masked_gather_kernel(a, v, off, bias, out, tb, mb, item0, item1):
 
 
 @_jit
+def _masked_scatter_kernel(a, v, off, bias, out, tb, mb, item0, item1):
+    """The masked gather, diagonal-major: same contract and bits as ``_masked_gather_kernel``, any tiling.
+
+    Diagonal j adds ``v[j, c] * a[m, c]`` to output rows ``r = (o + c) mod L``: the contiguous runs
+    ``[o, o + n1)`` (c from 0) and, where it wraps past L, ``[0, D - n1)`` (c from n1), each clipped to the
+    item's tile ``[r0, r1)``. Every run is as long as the diagonal allows, where cutting the tile at the
+    starts, ends and wraps of 4 diagonals at a time leaves runs of ~tb/12 elements on narrow layers. Each
+    output element still sums its diagonals in ascending j before the bias, so the bits do not change.
+    """
+    M, D = a.shape
+    k = v.shape[0]
+    L = out.shape[1]
+    n_mb = (M + mb - 1) // mb
+    for item in range(item0, item1):
+        tile = item // n_mb
+        m0 = (item - tile * n_mb) * mb
+        m1 = min(m0 + mb, M)
+        r0 = tile * tb
+        r1 = min(r0 + tb, L)
+        for m in range(m0, m1):
+            _zero_row(out, _U(m), _U(r0), _U(r1 - r0))
+        for j in range(k):
+            o = np.int64(off[j])
+            n1 = min(D, L - o)
+            # run 1: rows [o, o + n1) <- columns [0, n1); run 2: rows [0, D - n1) <- columns [n1, D)
+            s1, e1 = max(o, r0), min(o + n1, r1)
+            s2, e2 = r0, min(D - n1, r1)
+            uj = _U(j)
+            for m in range(m0, m1):
+                um = _U(m)
+                if s1 < e1:
+                    _fma1(out, um, _U(s1), v, uj, _U(s1 - o), a, um, _U(s1 - o), _U(e1 - s1))
+                if s2 < e2:
+                    _fma1(out, um, _U(s2), v, uj, _U(s2 - o + L), a, um, _U(s2 - o + L), _U(e2 - s2))
+        if bias.shape[0] > 0:
+            for m in range(m0, m1):
+                _add_row(out, _U(m), _U(r0), bias, _U(r1 - r0))
+
+
+@_jit
 def _sddmm_kernel(a, b, off, out, jc, tb, item0, item1):
     """out[j, t] = sum_m a[m, t] * b[m, (t + off[j]) mod L], rows m ascending.   a (M, D), b (M, L).
 
@@ -358,6 +403,34 @@ def _gather_tiling(M: int, n_cols: int, threads: int) -> tuple[int, int, int]:
         n_tiles = threads * math.ceil(n_cols / (threads * tb_max))
     tb = _round_up(math.ceil(n_cols / n_tiles), 16)  # equal tiles with 64-byte aligned starts
     return tb, mb, math.ceil(n_cols / tb) * n_mb
+
+
+def _scatter_tiling(M: int, L: int, threads: int) -> tuple[int, int, int]:
+    """``(tb, mb, n_items)`` for the diagonal-major masked gather: whole output rows where possible.
+
+    A block of ``mb`` rows of ``L`` outputs (<= 32 KiB in float32) stays in L1 while each diagonal's values
+    are reused by its ``mb`` rows, so the per-diagonal overhead is paid once per ``mb`` rows. Columns are
+    split only when there are too few row blocks to keep every thread busy.
+    """
+    mb = max(1, min(M, 8192 // L))
+    n_mb = math.ceil(M / mb)
+    n_tiles = 1 if n_mb >= 4 * threads else threads
+    tb = _round_up(math.ceil(L / n_tiles), 16)
+    return tb, mb, math.ceil(L / tb) * n_mb
+
+
+#: Up to this output length L the masked gather runs diagonal-major (``_masked_scatter_kernel``): measured
+#: 1.04-2.2x faster than the output-tiled kernel from L = 192 to 3072 at M = 1-4096, 1 and 2 threads; at
+#: L = 14336 it is 0.43-0.81x (a block of output rows no longer fits in L1), so long layers keep the tiled
+#: kernel (benchmarks/bench_cpu_masked_gather.py -> results/cpu_masked_gather.md).
+_SCATTER_MAX_L = 4096
+
+
+def _masked_gather_plan(M: int, L: int, threads: int) -> tuple[Callable, tuple[int, int, int]]:
+    """The masked-gather kernel for an ``(M, L)`` output and its tiling ``(tb, mb, n_items)``."""
+    if L <= _SCATTER_MAX_L:
+        return _masked_scatter_kernel, _scatter_tiling(M, L, threads)
+    return _masked_gather_kernel, _gather_tiling(M, L, threads)
 
 
 def _sddmm_tiling(k: int, D: int, threads: int) -> tuple[int, int, int]:
@@ -503,8 +576,10 @@ def forward(x2: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_featu
     off = _np_offsets(offsets, P)
     a, v, b = _np(x2, dtype), _np(values, dtype), _np(bias.reshape(-1), dtype)
     n = _num_threads(M * v.shape[0] * D)
-    tb, mb, n_items = _gather_tiling(M, out_features, n)
-    kernel = _masked_gather_kernel if out_features > n_in else _gather_kernel
+    if out_features > n_in:
+        kernel, (tb, mb, n_items) = _masked_gather_plan(M, out_features, n)
+    else:
+        kernel, (tb, mb, n_items) = _gather_kernel, _gather_tiling(M, out_features, n)
     _run(kernel, (a, v, off, b, out.numpy(), tb, mb), n_items, n)
     return out
 
@@ -533,9 +608,11 @@ def input_grad(dy2: Tensor, values: Tensor, offsets: Tensor, in_features: int) -
     off = _np_offsets(offsets, P)
     a, v = _np(dy2, dtype), _np(values, dtype)
     n = _num_threads(M * v.shape[0] * D)
-    tb, mb, n_items = _gather_tiling(M, in_features, n)
     # W^T is diagonal with the same offsets in the other orientation: tall dx is a gather, wide a masked one.
-    kernel = _gather_kernel if n_out > in_features else _masked_gather_kernel
+    if n_out > in_features:
+        kernel, (tb, mb, n_items) = _gather_kernel, _gather_tiling(M, in_features, n)
+    else:
+        kernel, (tb, mb, n_items) = _masked_gather_plan(M, in_features, n)
     _run(kernel, (a, v, off, np.empty(0, a.dtype), out.numpy(), tb, mb), n_items, n)
     return out
 

@@ -49,10 +49,20 @@ def _all_three(n_out, n_in, x, values, offsets, bias):
     return ours, ref, dy
 
 
+#: The masked gather has two kernels (ops/cpu_kernels.py picks by L): force each one everywhere.
+MASKED_PLANS = {"diagonal-major": 2**62, "tiled": 0}
+
+
+@pytest.fixture(params=list(MASKED_PLANS))
+def masked_plan(request, monkeypatch):
+    monkeypatch.setattr(K, "_SCATTER_MAX_L", MASKED_PLANS[request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("n_out,n_in", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
 @pytest.mark.parametrize("M", [0, 1, 5, 13])
 @pytest.mark.parametrize("offsets_kind", ["random", "wrap-heavy"])
-def test_kernels_equal_the_reference_fp64(n_out, n_in, M, offsets_kind):
+def test_kernels_equal_the_reference_fp64(masked_plan, n_out, n_in, M, offsets_kind):
     for k in _ks(n_out, n_in):
         x, values, offsets, bias = random_problem(n_out, n_in, k, batch=(M,), dtype=torch.float64, seed=k)
         if offsets_kind == "wrap-heavy":
@@ -197,14 +207,15 @@ def many_threads(monkeypatch):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("n_out,n_in", [(300, 1000), (1000, 300), (512, 512)])
-def test_bit_identical_across_thread_counts_and_runs(many_threads, n_out, n_in):
-    for M in (1, 7, 33):
+@pytest.mark.parametrize("n_out,n_in", [(300, 1000), (1000, 300), (512, 512), (64, 192), (192, 64)])
+def test_bit_identical_across_thread_counts_runs_and_masked_kernels(many_threads, monkeypatch, n_out, n_in):
+    for M in (1, 7, 33, 100):
         x, values, offsets, bias = random_problem(n_out, n_in, 60, batch=(M,), dtype=torch.float32, seed=M)
         dy = torch.randn(M, n_out)
         results = []
-        for threads in (1, 2, 3, 2):
+        for threads, plan in ((1, "tiled"), (1, "diagonal-major"), (2, "diagonal-major"), (3, "tiled"), (2, "tiled")):
             torch.set_num_threads(threads)
+            monkeypatch.setattr(K, "_SCATTER_MAX_L", MASKED_PLANS[plan])
             results.append(
                 (
                     K.forward(x, values, offsets, bias, n_out),
@@ -214,7 +225,7 @@ def test_bit_identical_across_thread_counts_and_runs(many_threads, n_out, n_in):
             )
         for other in results[1:]:
             for a, b in zip(results[0], other):
-                assert torch.equal(a, b), f"M={M}: results differ between thread counts"
+                assert torch.equal(a, b), f"M={M}: results differ between thread counts or masked kernels"
 
 
 def test_concurrent_callers_from_python_threads(many_threads):
