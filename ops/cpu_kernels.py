@@ -141,6 +141,29 @@ def _zero_row(y, yr, yc, n):
         y[yr, yc + i] = 0
 
 
+@_inline
+def _item_block(item, n_mb, mb, M, tb, n_cols):
+    """Work item -> its rows ``[m0, m1)`` and output columns ``[c0, c1)``: items are (column tile of
+    ``tb``) x (block of ``mb`` rows), tile-major."""
+    tile = item // n_mb
+    m0 = (item - tile * n_mb) * mb
+    c0 = tile * tb
+    return m0, min(m0 + mb, M), c0, min(c0 + tb, n_cols)
+
+
+@_inline
+def _zero_block(y, m0, m1, c0, c1):
+    for m in range(m0, m1):
+        _zero_row(y, _U(m), _U(c0), _U(c1 - c0))
+
+
+@_inline
+def _add_bias_block(y, bias, m0, m1, c0, c1):
+    if bias.shape[0] > 0:
+        for m in range(m0, m1):
+            _add_row(y, _U(m), _U(c0), bias, _U(c1 - c0))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The three primitives. Each processes work items [item0, item1) of a fixed tiling of its output.
 # Outer-loop arithmetic is int64; values cross into the uint64 inner loops only once known non-negative.
@@ -155,13 +178,8 @@ def _gather_kernel(a, v, off, bias, out, tb, mb, item0, item1):
     k, D = v.shape
     n_mb = (M + mb - 1) // mb
     for item in range(item0, item1):
-        tile = item // n_mb
-        m0 = (item - tile * n_mb) * mb
-        m1 = min(m0 + mb, M)
-        t0 = tile * tb
-        t1 = min(t0 + tb, D)
-        for m in range(m0, m1):
-            _zero_row(out, _U(m), _U(t0), _U(t1 - t0))
+        m0, m1, t0, t1 = _item_block(item, n_mb, mb, M, tb, D)
+        _zero_block(out, m0, m1, t0, t1)
         j = 0
         while j + 4 <= k:
             o0 = np.int64(off[j])
@@ -202,9 +220,7 @@ def _gather_kernel(a, v, off, bias, out, tb, mb, item0, item1):
                 if t1 > w:
                     _fma1(out, um, _U(w), v, uj, _U(w), a, um, _U(w + o - L), _U(t1 - w))
             j += 1
-        if bias.shape[0] > 0:
-            for m in range(m0, m1):
-                _add_row(out, _U(m), _U(t0), bias, _U(t1 - t0))
+        _add_bias_block(out, bias, m0, m1, t0, t1)
 
 
 @_jit
@@ -221,13 +237,8 @@ def _masked_gather_kernel(a, v, off, bias, out, tb, mb, item0, item1):
     act_j = np.empty(4, np.uint64)
     act_c = np.empty(4, np.uint64)
     for item in range(item0, item1):
-        tile = item // n_mb
-        m0 = (item - tile * n_mb) * mb
-        m1 = min(m0 + mb, M)
-        r0 = tile * tb
-        r1 = min(r0 + tb, L)
-        for m in range(m0, m1):
-            _zero_row(out, _U(m), _U(r0), _U(r1 - r0))
+        m0, m1, r0, r1 = _item_block(item, n_mb, mb, M, tb, L)
+        _zero_block(out, m0, m1, r0, r1)
         j = 0
         while j < k:
             g = min(4, k - j)
@@ -280,9 +291,7 @@ def _masked_gather_kernel(a, v, off, bias, out, tb, mb, item0, item1):
                         _fma1(out, um, us, v, j0, c0, a, um, c0, un)
                 s = e
             j += g
-        if bias.shape[0] > 0:
-            for m in range(m0, m1):
-                _add_row(out, _U(m), _U(r0), bias, _U(r1 - r0))
+        _add_bias_block(out, bias, m0, m1, r0, r1)
 
 
 @_jit
@@ -300,13 +309,8 @@ def _masked_scatter_kernel(a, v, off, bias, out, tb, mb, item0, item1):
     L = out.shape[1]
     n_mb = (M + mb - 1) // mb
     for item in range(item0, item1):
-        tile = item // n_mb
-        m0 = (item - tile * n_mb) * mb
-        m1 = min(m0 + mb, M)
-        r0 = tile * tb
-        r1 = min(r0 + tb, L)
-        for m in range(m0, m1):
-            _zero_row(out, _U(m), _U(r0), _U(r1 - r0))
+        m0, m1, r0, r1 = _item_block(item, n_mb, mb, M, tb, L)
+        _zero_block(out, m0, m1, r0, r1)
         for j in range(k):
             o = np.int64(off[j])
             n1 = min(D, L - o)
@@ -320,9 +324,7 @@ def _masked_scatter_kernel(a, v, off, bias, out, tb, mb, item0, item1):
                     _fma1(out, um, _U(s1), v, uj, _U(s1 - o), a, um, _U(s1 - o), _U(e1 - s1))
                 if s2 < e2:
                     _fma1(out, um, _U(s2), v, uj, _U(s2 - o + L), a, um, _U(s2 - o + L), _U(e2 - s2))
-        if bias.shape[0] > 0:
-            for m in range(m0, m1):
-                _add_row(out, _U(m), _U(r0), bias, _U(r1 - r0))
+        _add_bias_block(out, bias, m0, m1, r0, r1)
 
 
 @_jit
