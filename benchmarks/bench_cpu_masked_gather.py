@@ -3,8 +3,9 @@
     python benchmarks/bench_cpu_masked_gather.py     # -> benchmarks/results/cpu_masked_gather.{csv,md} (~2 min)
 
 The masked gather is the forward of a tall layer and the input gradient of a wide one. ``ops/cpu_kernels.py``
-runs it diagonal-major (``_masked_scatter_kernel``) up to ``_SCATTER_MAX_L`` outputs and output-tiled
-(``_masked_gather_kernel``) beyond; this script is the measurement behind that choice. Each kernel is
+runs it diagonal-major (``_masked_scatter_kernel``) on narrow or clearly rectangular layers up to
+``_SCATTER_MAX_L`` outputs and output-tiled (``_masked_gather_kernel``) elsewhere (``_masked_gather_plan``);
+this script is the measurement behind that choice. Each kernel is
 called directly with its own tiling (``_masked_gather_plan``'s two branches), at 1 thread (timed by the
 thread's CPU time, immune to descheduling) and at 2 threads (wall clock) where the op would use 2.
 Weights are hot: this compares the two loop structures, not the memory system. ``bit_identical``: the
@@ -27,8 +28,9 @@ from common import write_results  # noqa: E402
 from diagcompile.ops import cpu_kernels as K  # noqa: E402
 from diagcompile.testing import random_offsets  # noqa: E402
 
-#: (D, L): the bundled models' narrow layers, ViT-B's, and a Llama MLP's (L = 14336).
+#: (D, L): the bundled models' narrow layers, ViT-B's, a Llama MLP's (L = 14336), and square ones.
 SHAPES = [(64, 192), (64, 256), (128, 512), (256, 1024), (768, 3072), (4096, 14336)]
+SHAPES += [(64, 64), (128, 128), (256, 256), (768, 768), (1024, 1024)]
 MS = (1, 16, 128, 1024, 4096)
 
 
@@ -71,7 +73,7 @@ def main() -> None:
 
                     reps = 30 if M * k * D < 50_000_000 else 5
                     times[name] = min(times.get(name, math.inf), _median_ms(call, threads, reps))
-                chosen = K._masked_gather_plan(M, L, threads)[0]
+                chosen = K._masked_gather_plan(M, L, D, threads)[0]
                 rows.append(
                     {
                         "D": D,

@@ -4,8 +4,9 @@
     python benchmarks/tune_dispatch.py --device cuda           # rewrites the _CUDA section (on the GPU machine)
     python benchmarks/tune_dispatch.py --device cpu --dry-run  # print the table, write nothing
 
-The table has one rule per op (``fwd``, ``dx``, ``dv``) and shape class (orientation x D bucket,
-``dispatch_table.SHAPE_CLASSES``); the grid holds layer shapes of every class, narrow (the bundled models'
+The table has one rule per op (``fwd``, ``dx``, ``dv``), shape class (orientation x D bucket,
+``dispatch_table.SHAPE_CLASSES``) and, on the CPU, thread bucket (1 thread, or several: measured at 1 and at
+torch's default count); the grid holds layer shapes of every class, narrow (the bundled models'
 64-512-wide layers) and broad (ViT-B, Llama). For each op, shape class, density bucket (measured at the
 bucket's upper edge, its most expensive density), each layer shape of that class and each ``M`` of the grid,
 the script times the real op with the path forced (``diagcompile.ops.force_path``): ``kernel`` and ``dense``
@@ -26,6 +27,7 @@ in float32 on the CPU and bfloat16 on CUDA; the reference rule matters where no 
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import os
 import re
@@ -59,9 +61,12 @@ class Grid:
     reference_dtype: torch.dtype
 
 
-#: Narrow layers, D <= 256 (tall and wide): the bundled models' (diagcompile/models.py: the digits ViT's
-#: 64-wide qkv, fc1, fc2, proj; the chars GPT's 128-wide ones) and one at the bucket's edge, D = 256.
-_NARROW = ((64, 192), (64, 256), (128, 512), (256, 1024), (64, 64), (256, 64), (512, 128), (1024, 256))
+#: Narrow layers (tall and wide): D = 64, the digits ViT's qkv, proj, fc1, fc2 (diagcompile/models.py); D = 128,
+#: the chars GPT's, and D = 256, the edge of that bucket.
+_NARROW = (
+    *((64, 192), (64, 256), (64, 64), (256, 64)),
+    *((128, 384), (128, 512), (256, 1024), (128, 128), (512, 128), (1024, 256)),
+)
 
 GRIDS = {
     # Narrow layers and ViT-B's (tall, wide and square). M up to 4096 rows, as in CPU training of the bundled
@@ -218,7 +223,7 @@ def measure(
 # ----------------------------------------------------------------------------------------------------
 # Writing the table
 # ----------------------------------------------------------------------------------------------------
-RuleKey = tuple[str, str, int]  # (op, orientation, d_edge)
+RuleKey = tuple[str, str, int, int]  # (op, orientation, d_edge, t_edge): dispatch_table.RULE_KEYS
 
 
 def _m(m: int) -> str:
@@ -226,14 +231,15 @@ def _m(m: int) -> str:
 
 
 def render(device: str, rules: dict[RuleKey, dict[str, list[int]]], header: list[str]) -> str:
-    """The device's section of ``dispatch_table.py``: one entry per (op, orientation, d_edge)."""
+    """The device's section of ``dispatch_table.py``: one entry per (op, orientation, d_edge, t_edge)."""
     var = f"_{device.upper()}"
     lines = [f"# {line}" for h in header for line in textwrap.wrap(h, 116)]
-    lines.append(f"{var}: dict[tuple[str, str, int], dict[str, Rule]] = {{")
-    for op, orientation, d_edge in rules:
-        lines.append(f'    ("{op}", "{orientation}", {_m(d_edge)}): {{')
+    lines.append(f"{var}: dict[tuple[str, str, int, int], dict[str, Rule]] = {{")
+    for key in rules:
+        op, orientation, d_edge, t_edge = key
+        lines.append(f'    ("{op}", "{orientation}", {_m(d_edge)}, {_m(t_edge)}): {{')
         for path in ("kernel", "reference"):
-            ms = ", ".join(_m(m) for m in rules[(op, orientation, d_edge)][path])
+            ms = ", ".join(_m(m) for m in rules[key][path])
             lines.append(f'        "{path}": {{"density_edges": _EDGES, "max_m": [{ms}]}},')
         lines.append("    },")
     lines.append("}")
@@ -265,15 +271,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--threads",
         default=None,
-        help="CPU: comma-separated torch thread counts to measure with (e.g. 1,2); each rule keeps the smallest "
-        "threshold over them. Default: torch's current count",
+        help="CPU: comma-separated torch thread counts to measure with; the rule of each thread bucket "
+        "(dispatch_table.THREAD_EDGES) keeps the smallest threshold over the counts in it. Default: 1 and torch's "
+        "current count",
+    )
+    ap.add_argument(
+        "--classes",
+        default=None,
+        help="shape classes to re-measure, e.g. wide:64,tall:256,tall:any (orientation:d_edge); the others are "
+        "kept. Default: all",
     )
     ap.add_argument("--log", default=None, help="also write the measurements to this file")
     args = ap.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a CUDA GPU")
-    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    if args.threads:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    elif args.device == "cpu":
+        thread_counts = sorted({1, torch.get_num_threads()})
+    else:
+        thread_counts = [torch.get_num_threads()]
     grid = (QUICK if args.quick else GRIDS)[args.device]
     ops = [o for o in args.ops.split(",") if o]
     log_file = open(args.log, "w") if args.log else None  # noqa: SIM115 - closed below
@@ -289,40 +307,50 @@ def main(argv: list[str] | None = None) -> None:
     if set(paths) - {"kernel", "reference"}:
         raise SystemExit(f"--paths takes kernel and/or reference, got {args.paths}")
     by_class = classes_of(grid.shapes)
-    rules: dict[RuleKey, dict[str, list[int]]] = {}
+    if args.classes:
+        wanted = {(o, UNBOUNDED if d == "any" else int(d)) for o, d in (c.split(":") for c in args.classes.split(","))}
+        if wanted - set(dispatch_table.SHAPE_CLASSES):
+            raise SystemExit(f"--classes: unknown {sorted(wanted - set(dispatch_table.SHAPE_CLASSES))}")
+        by_class = {cls: shapes for cls, shapes in by_class.items() if cls in wanted}
+    rules: dict[RuleKey, dict[str, list[int]]] = {key: {} for key in dispatch_table.RULE_KEYS}
     kept = []
     for op in OPS:
         for orientation, d_edge in dispatch_table.SHAPE_CLASSES:
-            key = (op, orientation, d_edge)
             shapes = by_class.get((orientation, d_edge))
-            current = dispatch_table.TABLE.get((args.device, *key))
-            rules[key] = {}
             for path in ("kernel", "reference"):
+                measured: dict[int, list[int]] = {}  # thread count -> thresholds
                 if op in ops and path in paths and shapes:
                     dtype = grid.kernel_dtype if path == "kernel" else grid.reference_dtype
-                    per_count = []
                     for n in thread_counts:
                         torch.set_num_threads(n)
                         log(f"# {op} {path} {orientation} D<={_m(d_edge)}: {n} thread(s)")
-                        per_count.append(measure(args.device, op, path, dtype, shapes, grid.ms, args.margin, log))
-                    rules[key][path] = [min(ms) for ms in zip(*per_count)]
-                elif current is not None:  # keep the rule not re-measured
-                    rules[key][path] = list(current[path]["max_m"])
-                    kept.append(f"{op}/{path}/{orientation}/D<={_m(d_edge)}")
-                else:
-                    raise SystemExit(f"the {args.device} table has no rule for {key} yet: measure it")
+                        measured[n] = measure(args.device, op, path, dtype, shapes, grid.ms, args.margin, log)
+                for t_edge in dispatch_table.THREAD_EDGES:
+                    key = (op, orientation, d_edge, t_edge)
+                    # On the CPU each thread bucket takes the counts measured in it; a GPU has one bucket's worth.
+                    counts = [n for n in measured if args.device != "cpu" or dispatch.thread_bucket(n) == t_edge]
+                    current = dispatch_table.TABLE.get((args.device, *key))
+                    if counts:
+                        rules[key][path] = [min(ms) for ms in zip(*(measured[n] for n in counts))]
+                    elif current is not None:  # keep the rule not re-measured
+                        rules[key][path] = list(current[path]["max_m"])
+                        kept.append(f"{op}/{path}")
+                    else:
+                        raise SystemExit(f"the {args.device} table has no rule for {key} yet: measure it")
     stamp = env_stamp()
     header = [
         f"Generated by `python benchmarks/tune_dispatch.py --device {args.device}` "
         f"({time.time() - start:.0f} s, margin {args.margin}):",
         f"{stamp['date']}, git {stamp['git']}, torch {stamp['torch']}, {stamp.get('gpu', stamp['cpu'])}; "
-        f"thresholds = the smallest over torch thread counts {thread_counts}.",
+        f"torch thread counts {thread_counts} (a thread bucket's rule: the smallest threshold over its counts).",
         f"kernel timed in {grid.kernel_dtype}, reference in {grid.reference_dtype}; shapes (in, out) by class "
         + "; ".join(f"{o} D<={_m(d)}: {shapes}" for (o, d), shapes in by_class.items())
         + f"; M {list(grid.ms)}.",
     ]
     if kept:
-        header.append(f"Kept from before (not in this run's grid or options): {', '.join(kept)}.")
+        n_keys = len(dispatch_table.SHAPE_CLASSES) * len(dispatch_table.THREAD_EDGES)
+        counts = ", ".join(f"{k} ({n} of {n_keys})" for k, n in collections.Counter(kept).items())
+        header.append(f"Kept from before (not in this run's grid or options), rules per op/path: {counts}.")
     body = render(args.device, rules, header)
     print(body)
     if log_file:

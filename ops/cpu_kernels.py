@@ -21,8 +21,9 @@ Design
 * **The masked gather, two ways.** Tiled (``_masked_gather_kernel``): four diagonals per pass over pieces
   of the tile cut wherever one starts, ends or wraps; on a narrow layer that leaves runs of a dozen
   elements. Diagonal-major (``_masked_scatter_kernel``): each diagonal adds its whole run (D long, split
-  once at the wrap) into whole output rows held in L1; it is faster up to L = 4096 and takes those
-  layers (``_masked_gather_plan``). Both sum in the same order, so their bits are identical.
+  once at the wrap) into whole output rows held in L1; it is faster on narrow and on clearly
+  rectangular layers up to L = 4096 and takes those (``_masked_gather_plan``). Both sum in the same order,
+  so their bits are identical.
 * **Four terms per pass.** The gather's inner loop adds four diagonals (the values gradient four rows of
   ``M``) per load/store of the accumulator: ``y = (((y + v0 x0) + v1 x1) + v2 x2) + v3 x3``. That is the same
   sequence of float operations as four separate passes (numba compiles without fast-math: no
@@ -421,16 +422,20 @@ def _scatter_tiling(M: int, L: int, threads: int) -> tuple[int, int, int]:
     return tb, mb, math.ceil(L / tb) * n_mb
 
 
-#: Up to this output length L the masked gather runs diagonal-major (``_masked_scatter_kernel``): measured
-#: 1.04-2.2x faster than the output-tiled kernel from L = 192 to 3072 at M = 1-4096, 1 and 2 threads; at
-#: L = 14336 it is 0.43-0.81x (a block of output rows no longer fits in L1), so long layers keep the tiled
-#: kernel (benchmarks/bench_cpu_masked_gather.py -> results/cpu_masked_gather.md).
+#: The masked gather runs diagonal-major (``_masked_scatter_kernel``) up to this output length L, on layers with
+#: short diagonals (D <= 128) or a long side at least twice the short one. Measured (benchmarks/
+#: bench_cpu_masked_gather.py -> results/cpu_masked_gather.md): 1.0-2.2x the speed of the output-tiled kernel
+#: on such layers from L = 64 to 3072, at M = 1-4096, 1 and 2 threads. Near-square layers with longer
+#: diagonals keep the tiled kernel (diagonal-major: 256 x 256 0.92-1.2x, 768 x 768 0.73-0.85x): each of its
+#: 4-diagonal pieces spans most of a tile there, so it loses little to cutting and keeps its 4x lower
+#: accumulator traffic. So does L = 14336 (0.43-0.85x: a block of output rows no longer fits in L1).
 _SCATTER_MAX_L = 4096
+_SCATTER_MAX_SQUARE_D = 128
 
 
-def _masked_gather_plan(M: int, L: int, threads: int) -> tuple[Callable, tuple[int, int, int]]:
-    """The masked-gather kernel for an ``(M, L)`` output and its tiling ``(tb, mb, n_items)``."""
-    if L <= _SCATTER_MAX_L:
+def _masked_gather_plan(M: int, L: int, D: int, threads: int) -> tuple[Callable, tuple[int, int, int]]:
+    """The masked-gather kernel for an ``(M, L)`` output from ``(M, D)`` inputs, and its ``(tb, mb, n_items)``."""
+    if L <= _SCATTER_MAX_L and (D <= _SCATTER_MAX_SQUARE_D or L >= 2 * D):
         return _masked_scatter_kernel, _scatter_tiling(M, L, threads)
     return _masked_gather_kernel, _gather_tiling(M, L, threads)
 
@@ -579,7 +584,7 @@ def forward(x2: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_featu
     a, v, b = _np(x2, dtype), _np(values, dtype), _np(bias.reshape(-1), dtype)
     n = _num_threads(M * v.shape[0] * D)
     if out_features > n_in:
-        kernel, (tb, mb, n_items) = _masked_gather_plan(M, out_features, n)
+        kernel, (tb, mb, n_items) = _masked_gather_plan(M, out_features, n_in, n)
     else:
         kernel, (tb, mb, n_items) = _gather_kernel, _gather_tiling(M, out_features, n)
     _run(kernel, (a, v, off, b, out.numpy(), tb, mb), n_items, n)
@@ -614,7 +619,7 @@ def input_grad(dy2: Tensor, values: Tensor, offsets: Tensor, in_features: int) -
     if n_out > in_features:
         kernel, (tb, mb, n_items) = _gather_kernel, _gather_tiling(M, in_features, n)
     else:
-        kernel, (tb, mb, n_items) = _masked_gather_plan(M, in_features, n)
+        kernel, (tb, mb, n_items) = _masked_gather_plan(M, in_features, n_out, n)
     _run(kernel, (a, v, off, np.empty(0, a.dtype), out.numpy(), tb, mb), n_items, n)
     return out
 

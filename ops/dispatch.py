@@ -9,11 +9,11 @@ Three paths compute every op (forward ``fwd``, input gradient ``dx``, values gra
   vendor GEMM. Its cost scales with ``M * N_out * N_in`` but runs on tensor cores / MKL: it wins at large ``M``.
 * ``reference`` the vectorized torch gathers of ``ops/reference.py``: correct on any device and dtype.
 
-The choice is a pure function of ``(op, device type, dtype, M, N_out, N_in, k)``. It never times anything
-at run time, so a traced graph always does the same thing for the same shapes. The thresholds live in
-``ops/dispatch_table.py``, one rule per shape class (the layer's orientation and diagonal length ``D``, which
-decide how fast the kernel runs per multiply-add), which ``benchmarks/tune_dispatch.py`` regenerates from
-measurements. For
+The choice is a pure function of ``(op, device type, dtype, M, N_out, N_in, k, threads)`` (``threads``:
+torch's intra-op thread count when the call is made). It never times anything at run time, so the same
+shapes always take the same path. The thresholds live in ``ops/dispatch_table.py``, one rule per shape class
+(the layer's orientation and diagonal length ``D``, which decide how fast the kernel runs per multiply-add)
+and thread-count bucket, which ``benchmarks/tune_dispatch.py`` regenerates from measurements. For
 benchmarking and debugging, ``force_path("dense")`` (or the env var ``DIAGCOMPILE_FORCE_PATH``) pins a path.
 """
 
@@ -24,7 +24,7 @@ import functools
 import importlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Literal
 
@@ -33,7 +33,16 @@ import torch
 from diagcompile.ops import dispatch_table
 from diagcompile.ops.reference import is_tall
 
-__all__ = ["Problem", "PATHS", "choose_path", "force_path", "forced_path", "kernel_module", "shape_class"]
+__all__ = [
+    "Problem",
+    "PATHS",
+    "choose_path",
+    "force_path",
+    "forced_path",
+    "kernel_module",
+    "shape_class",
+    "thread_bucket",
+]
 
 OpName = Literal["fwd", "dx", "dv"]
 PathName = Literal["kernel", "dense", "reference"]
@@ -47,7 +56,7 @@ _forced: str | None = None
 
 @dataclass(frozen=True)
 class Problem:
-    """The shape of one op call: everything dispatch may look at."""
+    """The shape of one op call: everything dispatch may look at (``threads`` defaults to torch's count now)."""
 
     op: OpName
     device_type: str
@@ -56,6 +65,7 @@ class Problem:
     n_out: int
     n_in: int
     k: int
+    threads: int = field(default_factory=torch.get_num_threads)
 
     @property
     def P(self) -> int:
@@ -73,6 +83,11 @@ class Problem:
     def shape_class(self) -> tuple[str, int]:
         return shape_class(self.n_out, self.n_in)
 
+    @property
+    def rule_key(self) -> tuple[str, str, int, int]:
+        """``(op, orientation, d_edge, t_edge)``: the key of this call's rule in ``dispatch_table.TABLE``."""
+        return (self.op, *self.shape_class, thread_bucket(self.threads))
+
 
 def shape_class(n_out: int, n_in: int) -> tuple[str, int]:
     """The table's shape class of a layer: ``(orientation, d_edge)``.
@@ -83,6 +98,11 @@ def shape_class(n_out: int, n_in: int) -> tuple[str, int]:
     D = min(n_out, n_in)
     d_edge = next(e for e in dispatch_table.D_EDGES if D <= e)
     return ("tall" if is_tall(n_out, n_in) else "wide"), d_edge
+
+
+def thread_bucket(threads: int) -> int:
+    """The first edge of ``dispatch_table.THREAD_EDGES`` at or above a thread count."""
+    return next(e for e in dispatch_table.THREAD_EDGES if threads <= e)
 
 
 def forced_path() -> str | None:
@@ -160,7 +180,7 @@ def choose_path(p: Problem) -> str:
         return forced
     if p.M == 0:
         return "reference"
-    key = (p.op, *p.shape_class)
+    key = p.rule_key
     rules = dispatch_table.TABLE.get((p.device_type, *key)) or dispatch_table.TABLE[("default", *key)]
     # Threshold first: the kernel module (numba, triton) is imported only where the table may pick it.
     if p.M <= _threshold(rules["kernel"], p.density) and _kernel_supports(p):

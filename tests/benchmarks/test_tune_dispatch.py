@@ -33,9 +33,9 @@ def test_thresholds_from_synthetic_ratios(tune, monkeypatch):
 
     monkeypatch.setattr(tune, "_compare", ratio)
     got = tune.measure("cpu", "fwd", "kernel", torch.float32, SHAPES, MS, 1.1, log=lambda m: None)
-    # Edges 0.02, 0.05, 0.1: clear wins (>= 1.5x) at M = 256 on both shapes -> unbounded.
-    # 0.2: the wide shape wins everywhere but only 1.44x at M = 256 -> 256 (no extrapolation).
-    # 0.5: tall wins up to M = 16 (1.2x), wide only up to M = 4 (1.08x < 1.1 at 16) -> 4. 1.0: -> 4.
+    # Measured at k = floor(edge * 3072). Edges 0.022, 0.055, 0.11: clear wins (>= 1.5x) at M = 256 on both
+    # shapes -> unbounded. 0.22: tall 1.45x at M = 256 (< 1.5), both win everywhere -> 256 (no extrapolation).
+    # 0.55: both win up to M = 4 (tall 1.09x < 1.1 at 16) -> 4. 1.0: tall 1.5x, wide 1.35x at 4, lose at 16 -> 4.
     assert got == [tune.UNBOUNDED, tune.UNBOUNDED, tune.UNBOUNDED, 256, 4, 4]
 
 
@@ -60,19 +60,17 @@ def test_rendered_section_replaces_only_its_own_device(tune, tmp_path):
     src = ROOT / "ops" / "dispatch_table.py"
     table = tmp_path / "dispatch_table.py"
     table.write_text(src.read_text())
-    classes = tune.dispatch_table.SHAPE_CLASSES
+    keys = tune.dispatch_table.RULE_KEYS
     rules = {
-        (op, o, d): {"kernel": [tune.UNBOUNDED, 64, 32, 16, i, 0], "reference": [2, 1, 0, 0, 0, 0]}
-        for op in tune.OPS
-        for i, (o, d) in enumerate(classes)
+        key: {"kernel": [tune.UNBOUNDED, 64, 32, 16, i, 0], "reference": [2, 1, 0, 0, 0, 0]}
+        for i, key in enumerate(keys)
     }
     tune.write_section("cuda", tune.render("cuda", rules, ["a test header"]), path=table)
     new, old = _exec_table(table.read_text()), _exec_table(src.read_text())
-    for op in tune.OPS:
-        for i, (o, d) in enumerate(classes):
-            assert new[("cuda", op, o, d)]["kernel"]["max_m"] == [2**31 - 1, 64, 32, 16, i, 0]
-            assert new[("cuda", op, o, d)]["reference"]["max_m"] == [2, 1, 0, 0, 0, 0]
-            assert new[("cpu", op, o, d)] == old[("cpu", op, o, d)]
+    for i, key in enumerate(keys):
+        assert new[("cuda", *key)]["kernel"]["max_m"] == [2**31 - 1, 64, 32, 16, i, 0]
+        assert new[("cuda", *key)]["reference"]["max_m"] == [2, 1, 0, 0, 0, 0]
+        assert new[("cpu", *key)] == old[("cpu", *key)]
     # Running it again replaces the section instead of appending a second one.
     tune.write_section("cuda", tune.render("cuda", rules, ["again"]), path=table)
     text = table.read_text()
@@ -86,28 +84,56 @@ def test_full_grids_measure_every_shape_class(tune, device):
     assert sum(len(v) for v in by_class.values()) == len(tune.GRIDS[device].shapes)
 
 
-def test_main_tunes_each_shape_class_on_its_own_shapes(tune, monkeypatch, tmp_path):
-    # Synthetic timings in which only narrow tall layers lose beyond M = 16 (as the masked gather does on
-    # the bundled models' 64-wide layers): the run must give that class, and only it, a bound of 16.
+def test_main_tunes_each_shape_class_and_thread_bucket_on_its_own(tune, monkeypatch, tmp_path):
+    # Synthetic timings in which only narrow tall layers lose beyond M = 16, and only with 2 threads (as the
+    # masked gather once did on the bundled models' 64-wide layers): that rule, and only it, gets 16.
     def ratio(device, op, path, dtype, n_in, n_out, k, M, log):
-        narrow_tall = n_out > n_in and min(n_in, n_out) <= 256
-        return 0.8 if narrow_tall and M > 16 else 2.0
+        narrow_tall = n_out > n_in and min(n_in, n_out) <= 64
+        return 0.8 if narrow_tall and M > 16 and torch.get_num_threads() > 1 else 2.0
 
     monkeypatch.setattr(tune, "_compare", ratio)
     grid = tune.Grid(((64, 256), (256, 64), (768, 3072), (3072, 768)), MS, torch.float32, torch.bfloat16)
     monkeypatch.setitem(tune.GRIDS, "cpu", grid)
     written = {}
     monkeypatch.setattr(tune, "write_section", lambda device, body: written.update({device: body}))
-    tune.main(["--device", "cpu", "--ops", "fwd", "--paths", "kernel", "--log", str(tmp_path / "log")])
+    before, log = torch.get_num_threads(), str(tmp_path / "log")
+    try:
+        tune.main(["--device", "cpu", "--ops", "fwd", "--paths", "kernel", "--threads", "1,2", "--log", log])
+    finally:
+        torch.set_num_threads(before)
     src = (ROOT / "ops" / "dispatch_table.py").read_text()
     section = f"BEGIN CPU TABLE\n{written['cpu']}\n# END CPU TABLE"
     table = _exec_table(tune.re.sub(r"BEGIN CPU TABLE\n.*?# END CPU TABLE", lambda m: section, src, flags=tune.re.S))
     big = tune.dispatch_table.D_EDGES[-1]
-    assert table[("cpu", "fwd", "tall", 256)]["kernel"]["max_m"] == [16] * 6
-    for cls in (("wide", 256), ("tall", big), ("wide", big)):
-        assert table[("cpu", "fwd", *cls)]["kernel"]["max_m"] == [2**31 - 1] * 6
-    # What was not measured (dx, dv, every reference rule) is kept, and the header says so.
+    many = tune.dispatch_table.THREAD_EDGES[-1]
+    assert table[("cpu", "fwd", "tall", 64, many)]["kernel"]["max_m"] == [16] * 6
+    for cls in (("tall", 64, 1), ("wide", 64, 1), ("wide", 64, many), ("tall", big, 1), ("wide", big, many)):
+        assert table[("cpu", "fwd", *cls)]["kernel"]["max_m"] == [2**31 - 1] * 6, cls
+    # What was not measured (dx, dv, every reference rule, the D <= 256 bucket: no shape of it in this grid)
+    # is kept, and the header says so.
     for key, rule in _exec_table(src).items():
-        if key[0] == "cpu" and (key[1] != "fwd"):
-            assert table[key] == rule
-    assert "Kept from before" in written["cpu"] and "dx/kernel/tall/D<=256" in written["cpu"]
+        if key[0] == "cpu" and (key[1] != "fwd" or key[3] == 256):
+            assert table[key] == rule, key
+    n = len(tune.dispatch_table.RULE_KEYS) // len(tune.OPS)
+    header = written["cpu"].replace("\n# ", " ")  # the header is wrapped into comment lines
+    assert f"dx/kernel ({n} of {n})" in header and f"fwd/kernel (4 of {n})" in header
+
+
+def test_classes_option_remeasures_only_the_named_classes(tune, monkeypatch, tmp_path):
+    monkeypatch.setattr(tune, "_compare", lambda *args: 0.5)  # the kernel loses everywhere
+    written = {}
+    monkeypatch.setattr(tune, "write_section", lambda device, body: written.update({device: body}))
+    before, log = torch.get_num_threads(), str(tmp_path / "log")
+    try:
+        tune.main(["--device", "cpu", "--ops", "dx", "--paths", "kernel", "--threads", "1", "--classes", "wide:64"])
+        with pytest.raises(SystemExit, match="unknown"):
+            tune.main(["--device", "cpu", "--classes", "wide:100", "--log", log])
+    finally:
+        torch.set_num_threads(before)
+    src = (ROOT / "ops" / "dispatch_table.py").read_text()
+    section = f"BEGIN CPU TABLE\n{written['cpu']}\n# END CPU TABLE"
+    table = _exec_table(tune.re.sub(r"BEGIN CPU TABLE\n.*?# END CPU TABLE", lambda m: section, src, flags=tune.re.S))
+    for key, rule in _exec_table(src).items():
+        if key[0] == "cpu":
+            changed = key[1:] == ("dx", "wide", 64, 1)
+            assert (table[key]["kernel"]["max_m"] == [0] * 6) if changed else table[key] == rule, key

@@ -49,14 +49,32 @@ def _all_three(n_out, n_in, x, values, offsets, bias):
     return ours, ref, dy
 
 
-#: The masked gather has two kernels (ops/cpu_kernels.py picks by L): force each one everywhere.
-MASKED_PLANS = {"diagonal-major": 2**62, "tiled": 0}
+#: The masked gather has two kernels (ops/cpu_kernels.py picks by L and D): these settings force each everywhere.
+MASKED_PLANS = {
+    "diagonal-major": {"_SCATTER_MAX_L": 2**62, "_SCATTER_MAX_SQUARE_D": 2**62},
+    "tiled": {"_SCATTER_MAX_L": 0, "_SCATTER_MAX_SQUARE_D": 0},
+}
+
+
+def _force_masked_plan(monkeypatch, plan: str) -> None:
+    for name, value in MASKED_PLANS[plan].items():
+        monkeypatch.setattr(K, name, value)
 
 
 @pytest.fixture(params=list(MASKED_PLANS))
 def masked_plan(request, monkeypatch):
-    monkeypatch.setattr(K, "_SCATTER_MAX_L", MASKED_PLANS[request.param])
+    _force_masked_plan(monkeypatch, request.param)
     return request.param
+
+
+def test_masked_gather_plan_picks_diagonal_major_where_it_was_measured_faster():
+    def kernel(L, D):
+        return K._masked_gather_plan(64, L, D, 1)[0]
+
+    for L, D in [(192, 64), (64, 64), (128, 128), (512, 256), (3072, 768), (1536, 768), (4096, 1024)]:
+        assert kernel(L, D) is K._masked_scatter_kernel, (L, D)
+    for L, D in [(256, 256), (768, 768), (1024, 1024), (1535, 768), (14336, 4096), (8192, 64)]:
+        assert kernel(L, D) is K._masked_gather_kernel, (L, D)
 
 
 @pytest.mark.parametrize("n_out,n_in", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
@@ -215,7 +233,7 @@ def test_bit_identical_across_thread_counts_runs_and_masked_kernels(many_threads
         results = []
         for threads, plan in ((1, "tiled"), (1, "diagonal-major"), (2, "diagonal-major"), (3, "tiled"), (2, "tiled")):
             torch.set_num_threads(threads)
-            monkeypatch.setattr(K, "_SCATTER_MAX_L", MASKED_PLANS[plan])
+            _force_masked_plan(monkeypatch, plan)
             results.append(
                 (
                     K.forward(x, values, offsets, bias, n_out),
@@ -344,8 +362,10 @@ def test_bad_arguments_raise_value_errors():
 
 #: One layer (N_out, N_in) per shape class of the table: narrow and broad, tall and wide.
 CLASS_LAYERS = {
-    ("tall", 256): (256, 64),
-    ("wide", 256): (64, 256),
+    ("tall", 64): (256, 64),
+    ("wide", 64): (64, 256),
+    ("tall", 256): (512, 128),
+    ("wide", 256): (128, 512),
     ("tall", dispatch_table.D_EDGES[-1]): (3072, 768),
     ("wide", dispatch_table.D_EDGES[-1]): (768, 3072),
 }
@@ -358,47 +378,76 @@ def _table_cases(rule):
         lo = edge
 
 
-def test_shape_classes_cover_the_table_and_follow_orientation_and_width():
+#: A thread count in each thread bucket of the table.
+THREADS_IN_BUCKET = {1: 1, dispatch_table.THREAD_EDGES[-1]: 2}
+
+
+def test_shape_classes_and_thread_buckets_cover_the_table():
     assert set(CLASS_LAYERS) == set(dispatch_table.SHAPE_CLASSES)
     for cls, (n_out, n_in) in CLASS_LAYERS.items():
         assert dispatch.shape_class(n_out, n_in) == cls
     big = dispatch_table.D_EDGES[-1]
-    assert dispatch.shape_class(256, 256) == ("wide", 256)  # square is wide, as in ops/reference.py
+    assert dispatch.shape_class(64, 64) == ("wide", 64)  # square is wide, as in ops/reference.py
+    assert dispatch.shape_class(65, 64) == ("tall", 64)
+    assert dispatch.shape_class(65, 65) == ("wide", 256)
+    assert dispatch.shape_class(256, 256) == ("wide", 256)
     assert dispatch.shape_class(257, 256) == ("tall", 256)
     assert dispatch.shape_class(257, 257) == ("wide", big)  # D = 257: past the narrow edge
     assert dispatch.shape_class(300, 4096) == ("wide", big)
+    assert set(THREADS_IN_BUCKET) == set(dispatch_table.THREAD_EDGES)
+    for edge, n in THREADS_IN_BUCKET.items():
+        assert dispatch.thread_bucket(n) == edge
+    assert dispatch.thread_bucket(64) == dispatch_table.THREAD_EDGES[-1]
+    assert {key for key in dispatch_table.TABLE if key[0] == "cpu"} == {("cpu", *k) for k in dispatch_table.RULE_KEYS}
 
 
 @pytest.mark.parametrize("op", ["fwd", "dx", "dv"])
 @pytest.mark.parametrize("cls", list(CLASS_LAYERS))
-def test_dispatch_picks_the_kernel_where_the_cpu_table_says(op, cls):
-    assert ("cpu", op, *cls) in dispatch_table.TABLE, f"the CPU section of ops/dispatch_table.py has no {cls}"
-    rule = dispatch_table.TABLE[("cpu", op, *cls)]["kernel"]
+@pytest.mark.parametrize("t_edge", list(THREADS_IN_BUCKET))
+def test_dispatch_picks_the_kernel_where_the_cpu_table_says(op, cls, t_edge):
+    key = ("cpu", op, *cls, t_edge)
+    assert key in dispatch_table.TABLE, f"the CPU section of ops/dispatch_table.py has no rule {key}"
+    rule = dispatch_table.TABLE[key]["kernel"]
     n_out, n_in = CLASS_LAYERS[cls]
     P = max(n_out, n_in)
+    threads = THREADS_IN_BUCKET[t_edge]
+
+    def path(dtype, M, k):
+        return dispatch.choose_path(dispatch.Problem(op, "cpu", dtype, M, n_out, n_in, k, threads))
+
     for density, max_m in _table_cases(rule):
         k = max(1, round(density * P))
         assert dispatch._threshold(rule, k / P) == max_m
         if max_m > 0:
-            p = dispatch.Problem(op, "cpu", torch.float32, max_m, n_out, n_in, k)
-            assert dispatch.choose_path(p) == "kernel"
-            p64 = dispatch.Problem(op, "cpu", torch.float64, 1, n_out, n_in, k)
-            assert dispatch.choose_path(p64) == "kernel"
-        above = dispatch.Problem(op, "cpu", torch.float32, max_m + 1, n_out, n_in, k)
-        assert dispatch.choose_path(above) != "kernel"
+            assert path(torch.float32, max_m, k) == "kernel"
+            assert path(torch.float64, 1, k) == "kernel"
+        assert path(torch.float32, max_m + 1, k) != "kernel"
         # No kernel for bf16: dispatch falls back to another path instead of failing.
-        assert dispatch.choose_path(dispatch.Problem(op, "cpu", torch.bfloat16, 1, n_out, n_in, k)) != "kernel"
+        assert path(torch.bfloat16, 1, k) != "kernel"
 
 
-def test_dispatch_reads_the_rule_of_the_layers_own_class(monkeypatch):
-    # Same op, M, density: only the shape class differs, so only the class can make the paths differ.
+def test_dispatch_reads_the_rule_of_the_layers_own_class_and_thread_count(monkeypatch):
+    # Same op, M, density: only the shape class and thread count differ, so only they can change the path.
     kernel_everywhere = {"density_edges": [1.0], "max_m": [2**31 - 1]}
     never = {"density_edges": [1.0], "max_m": [0]}
     table = dict(dispatch_table.TABLE)
     for cls in dispatch_table.SHAPE_CLASSES:
-        kernel = kernel_everywhere if cls == ("tall", 256) else never
-        table[("cpu", "fwd", *cls)] = {"kernel": kernel, "reference": never}
+        for t_edge in dispatch_table.THREAD_EDGES:
+            kernel = kernel_everywhere if (cls, t_edge) == (("tall", 64), 1) else never
+            table[("cpu", "fwd", *cls, t_edge)] = {"kernel": kernel, "reference": never}
     monkeypatch.setattr(dispatch_table, "TABLE", table)
     for cls, (n_out, n_in) in CLASS_LAYERS.items():
-        p = dispatch.Problem("fwd", "cpu", torch.float32, 64, n_out, n_in, max(1, max(n_out, n_in) // 10))
-        assert dispatch.choose_path(p) == ("kernel" if cls == ("tall", 256) else "dense"), cls
+        for threads in (1, 2):
+            p = dispatch.Problem("fwd", "cpu", torch.float32, 64, n_out, n_in, max(1, max(n_out, n_in) // 10), threads)
+            want = "kernel" if (cls, threads) == (("tall", 64), 1) else "dense"
+            assert dispatch.choose_path(p) == want, (cls, threads)
+    # By default a call takes torch's thread count at the time it is made.
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            p = dispatch.Problem("fwd", "cpu", torch.float32, 64, 256, 64, 6)
+            assert p.threads == threads
+            assert dispatch.choose_path(p) == ("kernel" if threads == 1 else "dense")
+    finally:
+        torch.set_num_threads(before)
