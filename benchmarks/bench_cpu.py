@@ -4,6 +4,7 @@
     python benchmarks/bench_cpu.py --train    # + ViT-B MLP block training step -> cpu_train.{csv,md}
     python benchmarks/bench_cpu.py --quick    # one shape, for a smoke test (cpu_ops_quick.*)
     python benchmarks/bench_cpu.py --narrow --cpu-time  # the bundled models' 64-512-wide layers (cpu_ops_narrow_*)
+    python benchmarks/bench_cpu.py --models --cpu-time  # a training step of the bundled models (cpu_models_*)
 
 Ops: ``fwd`` (``y = x W^T + b``; baseline ``F.linear``), ``dx`` (``dy W``; baseline ``dy @ W``, what
 autograd runs for ``nn.Linear``), ``dv`` (the values gradient; baseline the dense weight gradient
@@ -33,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time_ms, write_results  # noqa: E402
 
 import diagcompile  # noqa: E402,F401
-from diagcompile import DiagLinear  # noqa: E402
+from diagcompile import DiagLinear, DiagSparsityConfig, sparsify_  # noqa: E402
+from diagcompile.models import CharGPT, DigitsViT, GPTConfig, ViTConfig, sparse_filter  # noqa: E402
 from diagcompile.ops import dispatch, force_path, k_from_sparsity  # noqa: E402
 from diagcompile.testing import random_offsets  # noqa: E402
 
@@ -227,6 +229,64 @@ def run_train(batches: list[int], sparsity: float, rounds: int) -> list[dict]:
     return rows
 
 
+#: (task, model, batch): the bundled models at `diagcompile train`'s default batch sizes (train.TASK_DEFAULTS).
+MODELS = [
+    ("digits-vit", lambda: DigitsViT(ViTConfig()), 64),
+    ("chars-gpt", lambda: CharGPT(GPTConfig()), 32),
+]
+
+
+OP_NAMES = ("fwd", "dx", "dv")
+
+
+def _layer_paths(model: nn.Module, M: int) -> str:
+    """Dispatch's fwd/dx/dv choice for each distinct sparse layer shape of ``model`` at ``M`` rows."""
+    seen = {}
+    for m in model.modules():
+        if isinstance(m, DiagLinear):
+            key = (m.in_features, m.out_features)
+            if key not in seen:
+                k = m.values.shape[0]
+                problems = (dispatch.Problem(op, "cpu", torch.float32, M, *key[::-1], k) for op in OP_NAMES)
+                seen[key] = "/".join(dispatch.choose_path(p) for p in problems)
+    return ", ".join(f"{i}->{o} {p}" for (i, o), p in seen.items())
+
+
+def run_models(sparsity: float, rounds: int) -> list[dict]:
+    """One training step (forward, cross-entropy, backward, AdamW) of each bundled model, dense vs diagonal."""
+    rows = []
+    for task, build, batch in MODELS:
+        torch.manual_seed(0)
+        dense = build()
+        diag = sparsify_(copy.deepcopy(dense), DiagSparsityConfig(sparsity=sparsity), filter_fn=sparse_filter)
+        (x,) = dense.example_input(batch)
+        models = {"dense": dense, "diag auto": diag}
+        models.update({name: copy.deepcopy(diag) for name in ("diag kernel", "diag dense")})
+        opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+        logits = dense(x)
+        target = torch.randint(0, logits.shape[-1], logits.shape[:-1])
+        M = x.shape[0] * (x.shape[1] + 1 if task == "digits-vit" else x.shape[1])  # the ViT adds a [CLS] token
+
+        def step(name, x=x, target=target):
+            m, opt = models[name], opts[name]
+            with force_path(name.removeprefix("diag ") if name in ("diag kernel", "diag dense") else None):
+                out = m(x)
+                loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        t = _compare_adaptive({name: (lambda name=name: step(name)) for name in models}, rounds=rounds, reps=5)
+        row = {"model": task, "batch": batch, "M": M, "sparsity": sparsity, "dense_ms": t["dense"]}
+        for name in ("diag auto", "diag kernel", "diag dense"):
+            col = name.replace(" ", "_")
+            row[f"{col}_ms"], row[f"{col}_x"] = t[name], t["dense"] / t[name]
+        row["paths (in->out fwd/dx/dv)"] = _layer_paths(diag, M)
+        rows.append(row)
+        print({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
+    return rows
+
+
 def _spread(runs: list[list[dict]], keys: list[str]) -> list[dict]:
     """Median over repeated runs, with min-max of each ratio column, so the table shows the noise."""
     out = []
@@ -252,6 +312,7 @@ def main() -> None:
     ap.add_argument("--narrow", action="store_true", help="the bundled models' narrow layers (NARROW_SHAPES)")
     ap.add_argument("--train", action="store_true", help="also time a training step of a ViT-B MLP block")
     ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--models", action="store_true", help="only a training step of the bundled models (MODELS)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (best counts)")
     ap.add_argument("--repeat", type=int, default=1, help="repeat the whole table; report median and range")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -277,6 +338,24 @@ def main() -> None:
     )
     repeated = f" Repeated {args.repeat}x: ratios are medians, `_range` columns give min-max."
     noise = timing + (repeated if args.repeat > 1 else "")
+    if args.models:
+        runs = [run_models(args.sparsity, args.rounds) for _ in range(args.repeat)]
+        cols = [f"{c}_{s}" for c in ("diag_auto", "diag_kernel", "diag_dense") for s in ("ms", "x")]
+        md = write_results(
+            "cpu_models" + suffix,
+            _spread(runs, ["dense_ms", *cols]),
+            f"CPU training step of the bundled models, float32, {int(args.sparsity * 100)}% sparsity, "
+            f"{threads} threads",
+            notes="One step = forward, cross-entropy, backward, AdamW step of the models `diagcompile train` "
+            "builds (diagcompile/models.py), at the tasks' default batch sizes; `M` = rows through each linear. "
+            "`dense` = nn.Linear layers; `diag auto` = their blocks' qkv/proj/fc1/fc2 as 90% DiagLinears "
+            "(`sparsify_` with `models.sparse_filter`) with shape-based dispatch; `diag kernel` / `diag dense` "
+            "= every diagonal op forced to the numba kernel / to materialize + dense GEMM. `_x` = dense time / "
+            "that time, same run. The last column is dispatch's choice per sparse layer shape." + noise,
+            out_dir=args.out,
+        )
+        print(f"wrote {md}")
+        return
     if not args.train_only:
         shapes = SHAPES[2:3] if args.quick else NARROW_SHAPES if args.narrow else SHAPES
         ms_arg = args.ms or (NARROW_MS if args.narrow else "1,197")
