@@ -70,9 +70,10 @@ _DEFAULT = _every_class(
 # Kept from before (not in this run's grid or options), rules per op/path: fwd/reference (12 of 12), fwd/kernel (4 of
 # 12), dx/reference (12 of 12), dx/kernel (4 of 12), dv/reference (12 of 12), dv/kernel (4 of 12).
 # The kept kernel rules (D > 256) are from the full run before it: 2026-11-24 01:52 UTC, git 316a99f+dirty, 1470 s,
-# the same kernels, M grid and thread counts, shapes (3072, 768), (768, 768) wide and (768, 3072) tall
-# (benchmarks/results/cpu_dispatch_tuning.log; this run: cpu_dispatch_tuning_narrow.log). The reference rules (all 0:
-# the torch reference never beats dense on this CPU) are from 2026-11-23 (git 46bcd6b).
+# same M grid and thread counts, shapes (3072, 768), (768, 768) wide and (768, 3072) tall, same kernels except that
+# the 768 x 768 input gradient then ran diagonal-major, slower than the tiled kernel it runs now (7e67e95): the
+# rule is conservative there (benchmarks/results/cpu_dispatch_tuning.log; this run: cpu_dispatch_tuning_narrow.log).
+# The reference rules (all 0: the torch reference never beats dense on this CPU) are from 2026-11-23 (git 46bcd6b).
 _CPU: dict[tuple[str, str, int, int], dict[str, Rule]] = {
     ("fwd", "wide", 64, 1): {
         "kernel": {"density_edges": _EDGES, "max_m": [_ANY_M, _ANY_M, 1024, 256, 128, 64]},
