@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from bench_cpu import median_cpu_ms  # noqa: E402
+from common import median_time_ms, write_results  # noqa: E402
 
 from diagcompile.ops import cpu_kernels as K  # noqa: E402
 from diagcompile.testing import random_offsets  # noqa: E402
@@ -35,16 +35,10 @@ MS = (1, 16, 128, 1024, 4096)
 
 
 def _median_ms(fn, threads: int, reps: int) -> float:
-    clock = time.thread_time if threads == 1 else time.perf_counter
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+    # 1 thread: the thread's CPU time (immune to descheduling); 2 threads: wall clock.
+    if threads == 1:
+        return median_cpu_ms(fn, warmup=2, reps=reps)
+    return median_time_ms(fn, warmup=2, reps=reps, min_time_s=0.0)
 
 
 def main() -> None:

@@ -56,6 +56,12 @@ def _exec_table(text: str, name: str = "dispatch_table.py") -> dict:
     return scope["TABLE"]
 
 
+def _with_cpu_section(tune, src: str, body: str) -> str:
+    """``dispatch_table.py``'s text with its CPU section replaced by ``body``, as ``write_section`` would."""
+    section = f"BEGIN CPU TABLE\n{body}\n# END CPU TABLE"
+    return tune.re.sub(r"BEGIN CPU TABLE\n.*?# END CPU TABLE", lambda m: section, src, flags=tune.re.S)
+
+
 def test_rendered_section_replaces_only_its_own_device(tune, tmp_path):
     src = ROOT / "ops" / "dispatch_table.py"
     table = tmp_path / "dispatch_table.py"
@@ -102,8 +108,7 @@ def test_main_tunes_each_shape_class_and_thread_bucket_on_its_own(tune, monkeypa
     finally:
         torch.set_num_threads(before)
     src = (ROOT / "ops" / "dispatch_table.py").read_text()
-    section = f"BEGIN CPU TABLE\n{written['cpu']}\n# END CPU TABLE"
-    table = _exec_table(tune.re.sub(r"BEGIN CPU TABLE\n.*?# END CPU TABLE", lambda m: section, src, flags=tune.re.S))
+    table = _exec_table(_with_cpu_section(tune, src, written["cpu"]))
     big = tune.dispatch_table.D_EDGES[-1]
     many = tune.dispatch_table.THREAD_EDGES[-1]
     assert table[("cpu", "fwd", "tall", 64, many)]["kernel"]["max_m"] == [16] * 6
@@ -131,8 +136,7 @@ def test_classes_option_remeasures_only_the_named_classes(tune, monkeypatch, tmp
     finally:
         torch.set_num_threads(before)
     src = (ROOT / "ops" / "dispatch_table.py").read_text()
-    section = f"BEGIN CPU TABLE\n{written['cpu']}\n# END CPU TABLE"
-    table = _exec_table(tune.re.sub(r"BEGIN CPU TABLE\n.*?# END CPU TABLE", lambda m: section, src, flags=tune.re.S))
+    table = _exec_table(_with_cpu_section(tune, src, written["cpu"]))
     for key, rule in _exec_table(src).items():
         if key[0] == "cpu":
             changed = key[1:] == ("dx", "wide", 64, 1)
