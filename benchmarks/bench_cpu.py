@@ -5,6 +5,7 @@
     python benchmarks/bench_cpu.py --quick    # one shape, for a smoke test (cpu_ops_quick.*)
     python benchmarks/bench_cpu.py --narrow --cpu-time  # the bundled models' 64-512-wide layers (cpu_ops_narrow_*)
     python benchmarks/bench_cpu.py --models --cpu-time  # a training step of the bundled models (cpu_models_*)
+    python benchmarks/bench_cpu.py --layers --cpu-time  # per-call cost of their modules at small M (cpu_layers_*)
 
 Ops: ``fwd`` (``y = x W^T + b``; baseline ``F.linear``), ``dx`` (``dy W``; baseline ``dy @ W``, what
 autograd runs for ``nn.Linear``), ``dv`` (the values gradient; baseline the dense weight gradient
@@ -165,6 +166,57 @@ def run_ops(shapes, ms, ops, sparsity: float, paths: list[str], rounds: int) -> 
 
 
 # ----------------------------------------------------------------------------------------------------
+# Layer calls: what a user's module pays per call at small M (fixed Python cost, not the kernel)
+# ----------------------------------------------------------------------------------------------------
+LAYER_MS = (1, 16, 128)
+
+
+def run_layers(shapes, ms, sparsity: float, rounds: int) -> list[dict]:
+    """``DiagLinear`` vs ``nn.Linear`` per call, through the modules (validation, dispatch and autograd
+    included): inference (``no_grad``) and a forward + backward to ``x`` and the parameters. Hot weights: at
+    these ``M`` the fixed per-call cost is what is measured."""
+    rows = []
+    for name, n_in, n_out in shapes:
+        torch.manual_seed(0)
+        dense = nn.Linear(n_in, n_out)
+        diag = DiagLinear(n_in, n_out, sparsity=sparsity)
+        for M in ms:
+            x = torch.randn(M, n_in)
+            xg = x.clone().requires_grad_()
+            dy = torch.randn(M, n_out)
+
+            def train(m, xg=xg, dy=dy):
+                m(xg).backward(dy)
+
+            fns = {
+                "dense_infer": lambda: dense(x),
+                "diag_infer": lambda: diag(x),
+                "dense_train": lambda: train(dense),
+                "diag_train": lambda: train(diag),
+            }
+            with torch.enable_grad():
+                t = {}
+                for mode in ("infer", "train"):
+                    pair = {k: f for k, f in fns.items() if k.endswith(mode)}
+                    if mode == "infer":
+                        with torch.no_grad():
+                            t.update(_compare_adaptive(pair, rounds=rounds, reps=200))
+                    else:
+                        t.update(_compare_adaptive(pair, rounds=rounds, reps=100))
+            row = {"layer": name, "M": M, "sparsity": sparsity}
+            for mode in ("infer", "train"):
+                d, s = t[f"dense_{mode}"], t[f"diag_{mode}"]
+                row[f"dense_{mode}_us"], row[f"diag_{mode}_us"], row[f"{mode}_x"] = 1e3 * d, 1e3 * s, d / s
+            row["paths fwd/dx/dv"] = "/".join(
+                dispatch.choose_path(dispatch.Problem(op, "cpu", torch.float32, M, n_out, n_in, diag.k))
+                for op in OP_NAMES
+            )
+            rows.append(row)
+            print({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training step: ViT-B MLP block (LayerNorm -> fc1 -> GELU -> fc2, residual), AdamW
 # ----------------------------------------------------------------------------------------------------
 class MLPBlock(nn.Module):
@@ -313,6 +365,7 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="also time a training step of a ViT-B MLP block")
     ap.add_argument("--train-only", action="store_true")
     ap.add_argument("--models", action="store_true", help="only a training step of the bundled models (MODELS)")
+    ap.add_argument("--layers", action="store_true", help="only per-call cost of the narrow layers' modules, small M")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (best counts)")
     ap.add_argument("--repeat", type=int, default=1, help="repeat the whole table; report median and range")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -338,6 +391,23 @@ def main() -> None:
     )
     repeated = f" Repeated {args.repeat}x: ratios are medians, `_range` columns give min-max."
     noise = timing + (repeated if args.repeat > 1 else "")
+    if args.layers:
+        ms = [int(m) for m in args.ms.split(",")] if args.ms else list(LAYER_MS)
+        runs = [run_layers(NARROW_SHAPES, ms, args.sparsity, args.rounds) for _ in range(args.repeat)]
+        cols = [f"{a}_{m}_us" for m in ("infer", "train") for a in ("dense", "diag")] + ["infer_x", "train_x"]
+        md = write_results(
+            "cpu_layers" + suffix,
+            _spread(runs, cols),
+            f"CPU per-call cost of the bundled models' layers, float32, {int(args.sparsity * 100)}% sparsity, "
+            f"{threads} threads",
+            notes="One call of the module (`nn.Linear` vs `DiagLinear`, validation, dispatch and autograd "
+            "included), hot weights, in microseconds. `infer` = forward under `no_grad`; `train` = forward and "
+            "backward to the input and the parameters. `_x` = dense time / diagonal time, same run (above 1 = "
+            "faster than dense). At these M the fixed per-call cost dominates, not the kernel." + noise,
+            out_dir=args.out,
+        )
+        print(f"wrote {md}")
+        return
     if args.models:
         runs = [run_models(args.sparsity, args.rounds) for _ in range(args.repeat)]
         cols = [f"{c}_{s}" for c in ("diag_auto", "diag_kernel", "diag_dense") for s in ("ms", "x")]

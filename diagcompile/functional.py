@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from diagcompile.ops import OFFSET_DTYPE, diag_shape
+from diagcompile.ops import OFFSET_DTYPE, call_diag_linear, diag_shape
 
 __all__ = ["diag_linear", "canonical_offsets", "check_sparsity"]
 
@@ -85,7 +85,7 @@ def canonical_offsets(
                     f"{where} must be sorted ascending, but {where}[{i}]={int(o[i])} > "
                     f"{where}[{i + 1}]={int(o[i + 1])}; sort them (and permute the rows of values the same way)"
                 )
-    return offsets.to(OFFSET_DTYPE)
+    return offsets if offsets.dtype == OFFSET_DTYPE else offsets.to(OFFSET_DTYPE)
 
 
 def diag_linear(
@@ -152,4 +152,4 @@ def diag_linear(
             raise TypeError(f"dtype mismatch: x is {x.dtype} but bias is {bias.dtype}")
         if bias.device != x.device:
             raise ValueError(f"device mismatch: x on {x.device}, bias on {bias.device}")
-    return torch.ops.diagcompile.diag_linear(x, values, offsets, bias, out_features)
+    return call_diag_linear(x, values, offsets, bias, out_features)

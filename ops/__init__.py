@@ -4,7 +4,7 @@ Importing this package registers ``torch.ops.diagcompile.diag_linear`` / ``diag_
 ``diag_linear_dv``. Kernel modules (Triton, numba) are imported lazily on first use, never here.
 """
 
-from diagcompile.ops.diag_linear import diag_linear_dv_op, diag_linear_dx_op, diag_linear_op
+from diagcompile.ops.diag_linear import call_diag_linear, diag_linear_dv_op, diag_linear_dx_op, diag_linear_op
 from diagcompile.ops.dispatch import force_path
 from diagcompile.ops.reference import (
     OFFSET_DTYPE,
@@ -21,6 +21,7 @@ from diagcompile.ops.reference import (
 
 __all__ = [
     "OFFSET_DTYPE",
+    "call_diag_linear",
     "diag_linear_op",
     "diag_linear_dx_op",
     "diag_linear_dv_op",

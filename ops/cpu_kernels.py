@@ -524,16 +524,15 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 def _np(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     """A C-contiguous numpy view of a CPU tensor in ``dtype``; copies only when it must."""
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError(f"the CPU diagonal kernel got a tensor on {t.device}")
-    t = t.detach()
     if t.dtype != dtype:
         t = t.to(dtype)
     if not t.is_contiguous():
         t = t.contiguous()
-    if t.is_neg():  # a lazily negated view (torch._neg_view); numpy cannot see the flag
-        t = t.resolve_neg()
-    return t.numpy()
+    # force=True detaches and resolves a lazily negated view (torch._neg_view), whose flag numpy cannot
+    # see; for a plain CPU tensor it is still a view, never a copy.
+    return t.numpy(force=True)
 
 
 def _np_offsets(offsets: Tensor, L: int) -> np.ndarray:
@@ -581,7 +580,7 @@ def forward(x2: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_featu
     if M == 0:
         return out
     off = _np_offsets(offsets, P)
-    a, v, b = _np(x2, dtype), _np(values, dtype), _np(bias.reshape(-1), dtype)
+    a, v, b = _np(x2, dtype), _np(values, dtype), _np(bias if bias.dim() == 1 else bias.reshape(-1), dtype)
     n = _num_threads(M * v.shape[0] * D)
     if out_features > n_in:
         kernel, (tb, mb, n_items) = _masked_gather_plan(M, out_features, n_in, n)

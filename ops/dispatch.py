@@ -40,6 +40,7 @@ __all__ = [
     "force_path",
     "forced_path",
     "kernel_module",
+    "path_for",
     "shape_class",
     "thread_bucket",
 ]
@@ -188,3 +189,29 @@ def choose_path(p: Problem) -> str:
     if p.M <= _threshold(rules["reference"], p.density):
         return "reference"
     return "dense"
+
+
+# choose_path's answers, for the op implementations: the rule lookup costs ~6 us in Python on a slow CPU, as
+# much as a small layer's kernel. Keyed by everything the choice reads; dropped whenever dispatch_table.TABLE
+# is replaced (tune_dispatch reloads, tests patch it) and bounded for callers whose M keeps changing.
+_memo: dict[tuple, str] = {}
+_memo_table: object = None
+_MEMO_MAX = 4096
+
+
+def path_for(op: OpName, device_type: str, dtype: torch.dtype, M: int, n_out: int, n_in: int, k: int) -> str:
+    """``choose_path(Problem(op, device_type, dtype, M, n_out, n_in, k))``, memoized. Forcing is never memoized."""
+    global _memo_table
+    if forced_path() is not None:
+        return choose_path(Problem(op, device_type, dtype, M, n_out, n_in, k))
+    threads = torch.get_num_threads()
+    if dispatch_table.TABLE is not _memo_table:
+        _memo.clear()
+        _memo_table = dispatch_table.TABLE
+    key = (op, device_type, dtype, M, n_out, n_in, k, threads)
+    path = _memo.get(key)
+    if path is None:
+        if len(_memo) >= _MEMO_MAX:
+            _memo.clear()
+        path = _memo[key] = choose_path(Problem(op, device_type, dtype, M, n_out, n_in, k, threads))
+    return path

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import diagcompile  # noqa: F401  (registers the ops)
-from diagcompile.ops import dispatch, force_path, to_dense
+from diagcompile.ops import call_diag_linear, dispatch, force_path, to_dense
 from diagcompile.ops import reference as R
 from diagcompile.testing import LAYER_SHAPES, dense_from_convention, random_problem, rel_err
 
@@ -128,3 +128,100 @@ def test_dispatch_is_a_pure_function_of_shapes():
     p = dispatch.Problem("fwd", "cpu", torch.float32, 4096, 3072, 768, 3072)
     assert dispatch.choose_path(p) == dispatch.choose_path(p) == "dense"
     assert dispatch.choose_path(dispatch.Problem("fwd", "cpu", torch.float32, 0, 3072, 768, 308)) == "reference"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The eager call path (call_diag_linear): same bits and gradients as the op, and the op itself wherever
+# anything but autograd could observe the call.
+# ----------------------------------------------------------------------------------------------------
+_OP_BACKWARD = "GeneratedBackwardFor_diagcompile_diag_linear_defaultBackward"
+_FAST_BACKWARD = "_DiagLinearFunctionBackward"
+
+
+def _forward_and_grads(fn, x, values, offsets, b, n_out):
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, values, b)]
+    y = fn(leaves[0], leaves[1], offsets, leaves[2], n_out)
+    name = type(y.grad_fn).__name__ if y.grad_fn is not None else None
+    if y.requires_grad:
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype))
+    return y.detach(), [t.grad for t in leaves], name
+
+
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+@pytest.mark.parametrize("n_out,n_in,bias", [(24, 10, True), (10, 24, False), (16, 16, True)])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "nograd"])
+def test_eager_call_has_the_ops_bits_and_gradients(path, n_out, n_in, bias, grad):
+    x, values, offsets, b = _args(n_out, n_in, 5, (2, 3), torch.float32, grad, bias=bias)
+    with force_path(path):
+        y_fast, g_fast, name_fast = _forward_and_grads(call_diag_linear, x, values, offsets, b, n_out)
+        y_op, g_op, name_op = _forward_and_grads(OPS.diag_linear, x, values, offsets, b, n_out)
+    assert name_fast == (_FAST_BACKWARD if grad else None) and name_op == (_OP_BACKWARD if grad else None)
+    assert torch.equal(y_fast, y_op)
+    for gf, go in zip(g_fast, g_op):
+        assert (gf is None and go is None) or torch.equal(gf, go)
+
+
+def test_eager_call_double_backward_goes_through_the_ops():
+    x, values, offsets, b = _args(9, 14, 4, (3,), torch.float64, True)
+    fn = lambda x, v, b: call_diag_linear(x, v, offsets, b, 9)  # noqa: E731
+    assert type(fn(x, values, b).grad_fn).__name__ == _FAST_BACKWARD
+    assert torch.autograd.gradgradcheck(fn, (x, values, b))
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _Subclass(torch.Tensor):
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(str(func))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_eager_call_is_the_op_wherever_something_observes_it():
+    x, values, offsets, b = _args(24, 10, 5, (4,), torch.float32, True)
+    fwd = lambda: call_diag_linear(x, values, offsets, b, 24)  # noqa: E731
+    assert type(fwd().grad_fn).__name__ == _FAST_BACKWARD
+
+    # A dispatch mode (what fake tensors, make_fx, FlopCounterMode and DebugMode are) sees every op.
+    with _RecordOps() as rec:
+        fwd().sum().backward()
+    assert {"diagcompile.diag_linear.default", "diagcompile.diag_linear_dx.default"} <= set(rec.ops)
+    assert "diagcompile.diag_linear_dv.default" in rec.ops
+
+    # The profiler lists the op.
+    with torch.profiler.profile() as prof:
+        fwd()
+    assert any(e.key == "diagcompile::diag_linear" for e in prof.key_averages())
+
+    # A torch-function mode, a tensor subclass and make_fx: the op (and its autograd) as before.
+    with torch.device("cpu"):
+        assert type(fwd().grad_fn).__name__ == _OP_BACKWARD
+    xs = x.detach().as_subclass(_Subclass)
+    _Subclass.seen.clear()
+    call_diag_linear(xs, values, offsets, b, 24)
+    assert _Subclass.seen == ["diagcompile.diag_linear"]
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: call_diag_linear(x, values, offsets, b, 24))(x)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [OPS.diag_linear.default]
+
+
+def test_eager_call_compiles_to_one_op_node():
+    x, values, offsets, b = _args(24, 10, 5, (4,), torch.float32, False)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    fn = torch.compile(lambda x: call_diag_linear(x, values, offsets, b, 24), backend=backend, fullgraph=True)
+    assert torch.equal(fn(x), OPS.diag_linear(x, values, offsets, b, 24))
+    assert [str(t).removesuffix(".default") for t in seen] == ["diagcompile.diag_linear"]
