@@ -12,8 +12,10 @@ bucket's upper edge, its most expensive density), each layer shape of that class
 the script times the real op with the path forced (``diagcompile.ops.force_path``): ``kernel`` and ``dense``
 in the kernel dtype, ``reference`` and ``dense`` in the reference dtype. A path *wins* at ``M`` when it is
 faster than ``dense`` by the margin (default 10%). The rule keeps, per bucket, the largest ``M`` up to which
-the path wins at every grid point and on every shape of the class (a loss anywhere ends the run of wins),
-made non-increasing in density, so dispatch never picks a path where it was measured slower than dense.
+the path wins at every grid point and on every shape of the class (a loss anywhere ends the run of wins;
+between the last win and the first loss, the ``M`` where the ratio interpolated in ``log M`` crosses the
+margin), made non-increasing in density, so dispatch never picks a path where it was measured slower than
+dense.
 Where the kernel still wins by 1.5x at the largest ``M`` of the grid (both sides are compute bound there:
 their ratio no longer changes with ``M``), the threshold is unbounded.
 
@@ -208,16 +210,31 @@ def measure(
 
             if path == "kernel" and ratio(ms[-1]) >= 1.5 and all(ratio(m) >= margin for m in (ms[len(ms) // 2], ms[0])):
                 continue  # unbounded for this shape
-            last_win = 0
+            last_win, last_r = 0, 0.0
             for M in ms:
-                if M > best_m or ratio(M) < margin:  # another shape already ended the bucket, or a loss
+                r = ratio(M)
+                if r < margin:  # the first loss: the threshold lies between the last win and here
+                    last_win = crossing(last_win, last_r, M, r, margin) if last_win else 0
                     break
-                last_win = M
+                last_win, last_r = M, r
+                if M >= best_m:  # wins up to where another shape already ended the bucket
+                    break
             best_m = min(best_m, last_win)
         out.append(best_m)
     for i in range(1, len(out)):
         out[i] = min(out[i], out[i - 1])
     return out
+
+
+def crossing(m_win: int, r_win: float, m_loss: int, r_loss: float, margin: float) -> int:
+    """The ``M`` between a win (ratio ``r_win >= margin`` at ``m_win``) and the next grid point's loss where the
+    ratio, interpolated linearly in ``log M``, falls to ``margin``; rounded down (from 64 on, to a multiple of
+    16) and never below ``m_win``. The ratio falls smoothly with ``M`` (from weight-bound to compute-bound), so between grid
+    points the path still wins by about the margin: a threshold at the last win alone would hand calls
+    just past it (a 64-image digits batch is M = 1088, the grid has 1024 and 2048) to the slower path."""
+    t = (r_win - margin) / (r_win - r_loss)
+    m = m_win * (m_loss / m_win) ** t
+    return max(m_win, int(m) if m < 64 else int(m) // 16 * 16)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -345,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch thread counts {thread_counts} (a thread bucket's rule: the smallest threshold over its counts).",
         f"kernel timed in {grid.kernel_dtype}, reference in {grid.reference_dtype}; shapes (in, out) by class "
         + "; ".join(f"{o} D<={_m(d)}: {shapes}" for (o, d), shapes in by_class.items())
-        + f"; M {list(grid.ms)}.",
+        + f"; M {list(grid.ms)}, thresholds between grid points interpolated to the margin in log M.",
     ]
     if kept:
         n_keys = len(dispatch_table.SHAPE_CLASSES) * len(dispatch_table.THREAD_EDGES)

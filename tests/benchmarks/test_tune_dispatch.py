@@ -35,8 +35,16 @@ def test_thresholds_from_synthetic_ratios(tune, monkeypatch):
     got = tune.measure("cpu", "fwd", "kernel", torch.float32, SHAPES, MS, 1.1, log=lambda m: None)
     # Measured at k = floor(edge * 3072). Edges 0.022, 0.055, 0.11: clear wins (>= 1.5x) at M = 256 on both
     # shapes -> unbounded. 0.22: tall 1.45x at M = 256 (< 1.5), both win everywhere -> 256 (no extrapolation).
-    # 0.55: both win up to M = 4 (tall 1.09x < 1.1 at 16) -> 4. 1.0: tall 1.5x, wide 1.35x at 4, lose at 16 -> 4.
-    assert got == [tune.UNBOUNDED, tune.UNBOUNDED, tune.UNBOUNDED, 256, 4, 4]
+    # 0.55: both win up to M = 4 and lose at 16; the ratio crosses 1.1 (log-M interpolation) at M = 15.9 on the
+    # tall shape (2.728x -> 1.091x), 14.4 on the wide one (2.455x -> 0.982x) -> 14. 1.0: tall 1.5x -> 0.6x
+    # crosses at 7.4, wide 1.35x -> 0.54x at 6.1 -> 6.
+    assert got == [tune.UNBOUNDED, tune.UNBOUNDED, tune.UNBOUNDED, 256, 14, 6]
+
+
+def test_crossing_interpolates_in_log_m_and_stays_between_grid_points(tune):
+    assert tune.crossing(1024, 1.15, 2048, 0.98, 1.1) == 1248  # 1024 * 2 ** (0.05 / 0.17) = 1250.4
+    assert tune.crossing(4, 2.0, 16, 0.5, 1.1) == 9  # 4 * 4 ** 0.6 = 9.19
+    assert tune.crossing(1024, 1.1, 2048, 0.5, 1.1) == 1024  # a win exactly at the margin: no further
 
 
 def test_thresholds_never_grow_with_density(tune, monkeypatch):
@@ -92,7 +100,8 @@ def test_full_grids_measure_every_shape_class(tune, device):
 
 def test_main_tunes_each_shape_class_and_thread_bucket_on_its_own(tune, monkeypatch, tmp_path):
     # Synthetic timings in which only narrow tall layers lose beyond M = 16, and only with 2 threads (as the
-    # masked gather once did on the bundled models' 64-wide layers): that rule, and only it, gets 16.
+    # masked gather once did on the bundled models' 64-wide layers): that rule, and only it, gets a limit, between
+    # its last win (M = 16, 2x) and first loss (M = 64, 0.8x): 16 * 4 ** 0.75 = 45.
     def ratio(device, op, path, dtype, n_in, n_out, k, M, log):
         narrow_tall = n_out > n_in and min(n_in, n_out) <= 64
         return 0.8 if narrow_tall and M > 16 and torch.get_num_threads() > 1 else 2.0
@@ -111,7 +120,7 @@ def test_main_tunes_each_shape_class_and_thread_bucket_on_its_own(tune, monkeypa
     table = _exec_table(_with_cpu_section(tune, src, written["cpu"]))
     big = tune.dispatch_table.D_EDGES[-1]
     many = tune.dispatch_table.THREAD_EDGES[-1]
-    assert table[("cpu", "fwd", "tall", 64, many)]["kernel"]["max_m"] == [16] * 6
+    assert table[("cpu", "fwd", "tall", 64, many)]["kernel"]["max_m"] == [45] * 6
     for cls in (("tall", 64, 1), ("wide", 64, 1), ("wide", 64, many), ("tall", big, 1), ("wide", big, many)):
         assert table[("cpu", "fwd", *cls)]["kernel"]["max_m"] == [2**31 - 1] * 6, cls
     # What was not measured (dx, dv, every reference rule, the D <= 256 bucket: no shape of it in this grid)
