@@ -213,6 +213,12 @@ def test_eager_call_is_the_op_wherever_something_observes_it():
     gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: call_diag_linear(x, values, offsets, b, 24))(x)
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [OPS.diag_linear.default]
 
+    # A functorch transform: vmap runs the op (through torch's batching fallback; the numba provider could not
+    # read a batched tensor's data) and gets the op's result.
+    with torch.no_grad():
+        y = torch.vmap(lambda xi: call_diag_linear(xi, values, offsets, b, 24))(x.detach().unsqueeze(1))
+    assert torch.equal(y.squeeze(1), OPS.diag_linear(x.detach(), values.detach(), offsets, b.detach(), 24))
+
 
 def test_eager_call_compiles_to_one_op_node():
     x, values, offsets, b = _args(24, 10, 5, (4,), torch.float32, False)
