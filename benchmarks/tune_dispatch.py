@@ -202,6 +202,8 @@ def measure(
     for edge in dispatch_table._EDGES:
         best_m = UNBOUNDED
         for n_in, n_out in shapes:
+            if best_m == 0:  # a shape already lost at the first grid point
+                break
             P = max(n_in, n_out)
             k = max(1, min(P, math.floor(edge * P)))
 
@@ -229,9 +231,10 @@ def measure(
 def crossing(m_win: int, r_win: float, m_loss: int, r_loss: float, margin: float) -> int:
     """The ``M`` between a win (ratio ``r_win >= margin`` at ``m_win``) and the next grid point's loss where the
     ratio, interpolated linearly in ``log M``, falls to ``margin``; rounded down (from 64 on, to a multiple of
-    16) and never below ``m_win``. The ratio falls smoothly with ``M`` (from weight-bound to compute-bound), so between grid
-    points the path still wins by about the margin: a threshold at the last win alone would hand calls
-    just past it (a 64-image digits batch is M = 1088, the grid has 1024 and 2048) to the slower path."""
+    16) and never below ``m_win``. The ratio falls smoothly with ``M`` (from weight-bound to compute-bound),
+    so between grid points the path still wins by about the margin: a threshold at the last win alone would
+    hand calls just past it (a 64-image digits batch is M = 1088, the grid has 1024 and 2048) to the slower
+    path."""
     t = (r_win - margin) / (r_win - r_loss)
     m = m_win * (m_loss / m_win) ** t
     return max(m_win, int(m) if m < 64 else int(m) // 16 * 16)

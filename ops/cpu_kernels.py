@@ -527,9 +527,9 @@ def _np(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     if not t.is_cpu:
         raise ValueError(f"the CPU diagonal kernel got a tensor on {t.device}")
     if t.dtype != dtype:
-        t = t.to(dtype)
+        t = t.detach().to(dtype)
     if not t.is_contiguous():
-        t = t.contiguous()
+        t = t.detach().contiguous()
     # force=True detaches and resolves a lazily negated view (torch._neg_view), whose flag numpy cannot
     # see; for a plain CPU tensor it is still a view, never a copy.
     return t.numpy(force=True)

@@ -24,13 +24,14 @@ Implementations: one function per op for every device, which asks ``ops/dispatch
 
 ``call_diag_linear`` is how the user API calls the forward op. In plain eager it runs the same
 implementation and autograd formulas without the dispatcher's Python layers (~40 us a call on a slow CPU);
-under compile, export, any dispatch or torch-function mode, functorch, a tensor subclass or the profiler it
-is the op call itself.
+under compile, export, any dispatch or torch-function mode, functorch, forward AD, a tensor subclass or the
+profiler it is the op call itself.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -72,6 +73,18 @@ def _diagonals_of(g: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
 # ---- end triton-kernels
 
 
+def _own_output(y2: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The 2-D result ``y2`` as a ``shape`` tensor that is not a view.
+
+    Autograd refuses in-place ops (``nn.ReLU(inplace=True)``, ``y += residual``) on an output that a custom op
+    or ``autograd.Function`` returns as a view of a tensor made inside it, which a plain ``reshape`` would be;
+    ``_unsafe_view`` shares the storage without the view relation, as ATen's own ``matmul`` does.
+    """
+    if y2._base is None and y2.shape == shape:
+        return y2
+    return torch.ops.aten._unsafe_view(y2.contiguous(), shape)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------
@@ -87,7 +100,7 @@ def _fwd_impl(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_feat
         y = F.linear(x2, W, bias if bias.numel() > 0 else None)
     else:
         y = reference.diag_linear_ref(x2, values, offsets, bias, out_features)
-    return y.reshape(*x.shape[:-1], out_features)
+    return _own_output(y, (*x.shape[:-1], out_features))
 
 
 @torch.library.custom_op("diagcompile::diag_linear", mutates_args=())
@@ -145,7 +158,7 @@ def _dx_impl(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> T
         dx = dy2 @ _dense_weight(values, offsets, n_out, in_features)
     else:
         dx = reference.diag_linear_dx_ref(dy2, values, offsets, in_features)
-    return dx.reshape(*dy.shape[:-1], in_features)
+    return _own_output(dx, (*dy.shape[:-1], in_features))
 
 
 @torch.library.custom_op("diagcompile::diag_linear_dx", mutates_args=())
@@ -237,26 +250,27 @@ diag_linear_dv_op.register_autograd(_dv_backward, setup_context=_dv_setup)
 # several times what a small layer's kernel takes. Where nothing but autograd could observe the call, we
 # run the same implementation and the same autograd formulas directly. Everything else - torch.compile,
 # torch.export, jit tracing, fake tensors, make_fx and any other dispatch or torch-function mode, functorch
-# transforms, tensor subclasses, the profiler - still sees exactly one op call.
-_C = torch._C
-
-
+# transforms, forward AD, tensor subclasses, the profiler - still sees exactly one op call.
 def _plain_eager(*tensors: Tensor) -> bool:
     """Whether a call on ``tensors`` is unobservable except through autograd (see the section comment)."""
     # is_compiling first: Dynamo folds it to True and never reaches the C queries it could not trace.
     return (
         not torch.compiler.is_compiling()
         and all(type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
-        and _C._len_torch_dispatch_stack() == 0
-        and not _C._is_torch_function_mode_enabled()
-        and _C._functorch.peek_interpreter_stack() is None
-        and _C._get_tracing_state() is None
-        and not _C._autograd._profiler_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and torch._C._get_tracing_state() is None
+        and not torch._C._autograd._profiler_enabled()
+        # Inside a forward-AD level the direct call would let torch's own ops (dense, reference paths) carry
+        # tangents that the op does not: keep the op's behaviour there too.
+        and _forward_ad._current_level < 0
     )
 
 
 def _needs_graph(*tensors: Tensor) -> bool:
-    return _C.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    """Whether autograd records a graph through a call on ``tensors`` (grad mode on and one requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class _DiagLinearFunction(torch.autograd.Function):

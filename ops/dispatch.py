@@ -37,6 +37,7 @@ __all__ = [
     "Problem",
     "PATHS",
     "choose_path",
+    "clear_path_memo",
     "force_path",
     "forced_path",
     "kernel_module",
@@ -192,11 +193,17 @@ def choose_path(p: Problem) -> str:
 
 
 # choose_path's answers, for the op implementations: the rule lookup costs ~6 us in Python on a slow CPU, as
-# much as a small layer's kernel. Keyed by everything the choice reads; dropped whenever dispatch_table.TABLE
-# is replaced (tune_dispatch reloads, tests patch it) and bounded for callers whose M keeps changing.
+# much as a small layer's kernel. Keyed by the call's shape, dtype and thread count; dropped whenever
+# dispatch_table.TABLE is replaced by another object (tests patch it so), and bounded for callers whose M
+# keeps changing. Whoever edits the table in place or patches what choose_path reads calls clear_path_memo().
 _memo: dict[tuple, str] = {}
 _memo_table: object = None
 _MEMO_MAX = 4096
+
+
+def clear_path_memo() -> None:
+    """Forget ``path_for``'s answers (after editing ``dispatch_table.TABLE`` in place)."""
+    _memo.clear()
 
 
 def path_for(op: OpName, device_type: str, dtype: torch.dtype, M: int, n_out: int, n_in: int, k: int) -> str:

@@ -42,7 +42,7 @@ def test_thresholds_from_synthetic_ratios(tune, monkeypatch):
 
 
 def test_crossing_interpolates_in_log_m_and_stays_between_grid_points(tune):
-    assert tune.crossing(1024, 1.15, 2048, 0.98, 1.1) == 1248  # 1024 * 2 ** (0.05 / 0.17) = 1250.4
+    assert tune.crossing(1024, 1.15, 2048, 0.98, 1.1) == 1248  # 1024 * 2 ** (0.05 / 0.17) = 1255.6
     assert tune.crossing(4, 2.0, 16, 0.5, 1.1) == 9  # 4 * 4 ** 0.6 = 9.19
     assert tune.crossing(1024, 1.1, 2048, 0.5, 1.1) == 1024  # a win exactly at the margin: no further
 

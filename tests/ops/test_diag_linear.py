@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import diagcompile  # noqa: F401  (registers the ops)
 from diagcompile.ops import call_diag_linear, dispatch, force_path, to_dense
 from diagcompile.ops import reference as R
+from diagcompile.ops.diag_linear import _DiagLinearFunction
 from diagcompile.testing import LAYER_SHAPES, dense_from_convention, random_problem, rel_err
 
 OPS = torch.ops.diagcompile
@@ -130,21 +132,45 @@ def test_dispatch_is_a_pure_function_of_shapes():
     assert dispatch.choose_path(dispatch.Problem("fwd", "cpu", torch.float32, 0, 3072, 768, 308)) == "reference"
 
 
+def test_path_for_is_choose_path_and_follows_the_table(monkeypatch):
+    from diagcompile.ops import dispatch_table
+
+    call = ("fwd", "cpu", torch.float32, 64, 256, 64, 26)
+    assert dispatch.path_for(*call) == dispatch.choose_path(dispatch.Problem(*call)) == "kernel"
+    never = {"density_edges": [1.0], "max_m": [0]}
+    table = {key: {"kernel": never, "reference": never} for key in dispatch_table.TABLE}
+    monkeypatch.setattr(dispatch_table, "TABLE", table)  # a new table object: the memo is dropped
+    assert dispatch.path_for(*call) == "dense"
+    table[("cpu", "fwd", "tall", 64, dispatch.thread_bucket(torch.get_num_threads()))] = dict(
+        kernel={"density_edges": [1.0], "max_m": [2**31 - 1]}, reference=never
+    )
+    assert dispatch.path_for(*call) == "dense"  # edited in place: remembered until cleared
+    dispatch.clear_path_memo()
+    assert dispatch.path_for(*call) == "kernel"
+    with force_path("reference"):  # forcing is never memoized
+        assert dispatch.path_for(*call) == "reference"
+    assert dispatch.path_for(*call) == "kernel"
+
+
 # ----------------------------------------------------------------------------------------------------
 # The eager call path (call_diag_linear): same bits and gradients as the op, and the op itself wherever
 # anything but autograd could observe the call.
 # ----------------------------------------------------------------------------------------------------
-_OP_BACKWARD = "GeneratedBackwardFor_diagcompile_diag_linear_defaultBackward"
-_FAST_BACKWARD = "_DiagLinearFunctionBackward"
+def _route(y):
+    """How ``y`` was made: ``"eager"`` (call_diag_linear's own Function), ``"op"`` (any other autograd node, the
+    op's), or ``None`` (no graph)."""
+    if y.grad_fn is None:
+        return None
+    return "eager" if isinstance(y.grad_fn, _DiagLinearFunction._backward_cls) else "op"
 
 
 def _forward_and_grads(fn, x, values, offsets, b, n_out):
     leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, values, b)]
     y = fn(leaves[0], leaves[1], offsets, leaves[2], n_out)
-    name = type(y.grad_fn).__name__ if y.grad_fn is not None else None
+    route = _route(y)
     if y.requires_grad:
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype))
-    return y.detach(), [t.grad for t in leaves], name
+    return y.detach(), [t.grad for t in leaves], route
 
 
 @pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
@@ -155,7 +181,7 @@ def test_eager_call_has_the_ops_bits_and_gradients(path, n_out, n_in, bias, grad
     with force_path(path):
         y_fast, g_fast, name_fast = _forward_and_grads(call_diag_linear, x, values, offsets, b, n_out)
         y_op, g_op, name_op = _forward_and_grads(OPS.diag_linear, x, values, offsets, b, n_out)
-    assert name_fast == (_FAST_BACKWARD if grad else None) and name_op == (_OP_BACKWARD if grad else None)
+    assert name_fast == ("eager" if grad else None) and name_op == ("op" if grad else None)
     assert torch.equal(y_fast, y_op)
     for gf, go in zip(g_fast, g_op):
         assert (gf is None and go is None) or torch.equal(gf, go)
@@ -164,7 +190,7 @@ def test_eager_call_has_the_ops_bits_and_gradients(path, n_out, n_in, bias, grad
 def test_eager_call_double_backward_goes_through_the_ops():
     x, values, offsets, b = _args(9, 14, 4, (3,), torch.float64, True)
     fn = lambda x, v, b: call_diag_linear(x, v, offsets, b, 9)  # noqa: E731
-    assert type(fn(x, values, b).grad_fn).__name__ == _FAST_BACKWARD
+    assert _route(fn(x, values, b)) == "eager"
     assert torch.autograd.gradgradcheck(fn, (x, values, b))
 
 
@@ -190,7 +216,7 @@ class _Subclass(torch.Tensor):
 def test_eager_call_is_the_op_wherever_something_observes_it():
     x, values, offsets, b = _args(24, 10, 5, (4,), torch.float32, True)
     fwd = lambda: call_diag_linear(x, values, offsets, b, 24)  # noqa: E731
-    assert type(fwd().grad_fn).__name__ == _FAST_BACKWARD
+    assert _route(fwd()) == "eager"
 
     # A dispatch mode (what fake tensors, make_fx, FlopCounterMode and DebugMode are) sees every op.
     with _RecordOps() as rec:
@@ -205,7 +231,7 @@ def test_eager_call_is_the_op_wherever_something_observes_it():
 
     # A torch-function mode, a tensor subclass and make_fx: the op (and its autograd) as before.
     with torch.device("cpu"):
-        assert type(fwd().grad_fn).__name__ == _OP_BACKWARD
+        assert _route(fwd()) == "op"
     xs = x.detach().as_subclass(_Subclass)
     _Subclass.seen.clear()
     call_diag_linear(xs, values, offsets, b, 24)
@@ -218,6 +244,43 @@ def test_eager_call_is_the_op_wherever_something_observes_it():
     with torch.no_grad():
         y = torch.vmap(lambda xi: call_diag_linear(xi, values, offsets, b, 24))(x.detach().unsqueeze(1))
     assert torch.equal(y.squeeze(1), OPS.diag_linear(x.detach(), values.detach(), offsets, b.detach(), 24))
+
+
+@pytest.mark.parametrize("path", ["kernel", "dense"])
+def test_eager_call_under_forward_ad_behaves_as_the_op(path):
+    # The op carries no tangent (custom_op has no forward-AD formula); the eager path must not start carrying
+    # one on the paths made of torch ops, so the answer would not depend on the shape.
+    x, values, offsets, b = _args(24, 10, 5, (4,), torch.float32, False)
+    with force_path(path), fwAD.dual_level():
+        xd = fwAD.make_dual(x, torch.randn_like(x))
+        got, want = call_diag_linear(xd, values, offsets, b, 24), OPS.diag_linear(xd, values, offsets, b, 24)
+        assert torch.equal(fwAD.unpack_dual(got).primal, fwAD.unpack_dual(want).primal)
+        assert (fwAD.unpack_dual(got).tangent is None) == (fwAD.unpack_dual(want).tangent is None)
+
+
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+@pytest.mark.parametrize("batch", [(5,), (2, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("fn", [call_diag_linear, OPS.diag_linear], ids=["eager", "op"])
+def test_outputs_can_be_modified_in_place_under_autograd(path, batch, fn):
+    # nn.ReLU(inplace=True) or `y += residual` after a diagonal layer: autograd refuses in-place ops on an output
+    # that a custom op or Function returns as a view of its own intermediate.
+    x, values, offsets, b = _args(24, 10, 5, batch, torch.float32, True)
+    with force_path(path):
+        y = fn(x, values, offsets, b, 24)
+        assert y._base is None
+        y.relu_()
+        y.sum().backward()
+        grads = [t.grad.clone() for t in (x, values, b)]
+        for t in (x, values, b):
+            t.grad = None
+        fn(x, values, offsets, b, 24).relu().sum().backward()
+    for got, t in zip(grads, (x, values, b)):
+        assert torch.equal(got, t.grad)
+    dy = torch.randn(*batch, 24, requires_grad=True)
+    with force_path(path):
+        dx = OPS.diag_linear_dx(dy, values, offsets, 10)
+    assert dx._base is None
+    dx.mul_(2).sum().backward()
 
 
 def test_eager_call_compiles_to_one_op_node():
