@@ -73,16 +73,15 @@ def _diagonals_of(g: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
 # ---- end triton-kernels
 
 
-def _own_output(y2: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """The 2-D result ``y2`` as a ``shape`` tensor that is not a view.
+def _own(y: Tensor) -> Tensor:
+    """``y`` as a tensor that is not a view (same storage, no copy), for an output autograd will record.
 
-    Autograd refuses in-place ops (``nn.ReLU(inplace=True)``, ``y += residual``) on an output that a custom op
-    or ``autograd.Function`` returns as a view of a tensor made inside it, which a plain ``reshape`` would be;
-    ``_unsafe_view`` shares the storage without the view relation, as ATen's own ``matmul`` does.
+    The implementations reshape their 2-D result, which makes a view of a tensor made inside the op; autograd
+    refuses in-place ops on such an output of a custom op or ``autograd.Function`` (``nn.ReLU(inplace=True)``,
+    ``y += residual``). ``_unsafe_view`` shares the storage without the view relation, as ATen's ``matmul``
+    does. It costs a few microseconds, so the direct no-graph calls of the eager path skip it.
     """
-    if y2._base is None and y2.shape == shape:
-        return y2
-    return torch.ops.aten._unsafe_view(y2.contiguous(), shape)
+    return y if y._base is None else torch.ops.aten._unsafe_view(y, y.shape)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,13 +99,13 @@ def _fwd_impl(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_feat
         y = F.linear(x2, W, bias if bias.numel() > 0 else None)
     else:
         y = reference.diag_linear_ref(x2, values, offsets, bias, out_features)
-    return _own_output(y, (*x.shape[:-1], out_features))
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 @torch.library.custom_op("diagcompile::diag_linear", mutates_args=())
 def diag_linear_op(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
     """``y = x @ to_dense(values, offsets).T + bias``. ``x``: ``(..., N_in)``; returns ``(..., N_out)``."""
-    return _fwd_impl(x, values, offsets, bias, out_features)
+    return _own(_fwd_impl(x, values, offsets, bias, out_features))
 
 
 @diag_linear_op.register_fake
@@ -158,13 +157,13 @@ def _dx_impl(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> T
         dx = dy2 @ _dense_weight(values, offsets, n_out, in_features)
     else:
         dx = reference.diag_linear_dx_ref(dy2, values, offsets, in_features)
-    return _own_output(dx, (*dy.shape[:-1], in_features))
+    return dx.reshape(*dy.shape[:-1], in_features)
 
 
 @torch.library.custom_op("diagcompile::diag_linear_dx", mutates_args=())
 def diag_linear_dx_op(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> Tensor:
     """``dx = dy @ to_dense(values, offsets)``. ``dy``: ``(..., N_out)``; returns ``(..., N_in)``."""
-    return _dx_impl(dy, values, offsets, in_features)
+    return _own(_dx_impl(dy, values, offsets, in_features))
 
 
 @diag_linear_dx_op.register_fake
@@ -280,7 +279,7 @@ class _DiagLinearFunction(torch.autograd.Function):
     # through inspect.signature, which costs as much as a small layer's kernel.
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
-        y = _fwd_impl(x, values, offsets, bias, out_features)
+        y = _own(_fwd_impl(x, values, offsets, bias, out_features))
         _fwd_setup(ctx, (x, values, offsets, bias, out_features), y)
         return y
 
