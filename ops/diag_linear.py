@@ -267,6 +267,22 @@ def _plain_eager(*tensors: Tensor) -> bool:
     )
 
 
+def _refuse_forward_mode(*tensors: Tensor) -> None:
+    """Raise if forward-mode AD would differentiate this call: the op has no forward-mode formula, and torch
+    would silently give its output a zero tangent (``torch.func.jvp``) or none (``torch.autograd.forward_ad``)."""
+    if torch.compiler.is_compiling():
+        return
+    ci = torch._C._functorch.peek_interpreter_stack()
+    jvp = ci is not None and ci.key() == torch._C._functorch.TransformType.Jvp
+    if jvp or (
+        _forward_ad._current_level >= 0 and any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    ):
+        raise NotImplementedError(
+            "diag_linear has no forward-mode AD formula (torch.func.jvp / jacfwd, torch.autograd.forward_ad): the "
+            "tangent would be dropped silently. Use reverse mode (loss.backward() or torch.autograd.grad)."
+        )
+
+
 def _needs_graph(*tensors: Tensor) -> bool:
     """Whether autograd records a graph through a call on ``tensors`` (grad mode on and one requires grad)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -294,8 +310,11 @@ def call_diag_linear(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, o
     Same arguments, result bits and gradients as the op (``x``: ``(..., N_in)`` -> ``(..., N_out)``). In plain
     eager (``_plain_eager``) it skips the dispatcher; anywhere else - compile, export, modes, subclasses,
     the profiler - it is the op call itself, so graphs and traces hold one ``diag_linear`` node as before.
+    Under forward-mode AD it raises ``NotImplementedError`` instead of returning a wrong (zero or missing)
+    tangent.
     """
     if not _plain_eager(x, values, offsets, bias):
+        _refuse_forward_mode(x, values, bias)
         return torch.ops.diagcompile.diag_linear(x, values, offsets, bias, out_features)
     if _needs_graph(x, values, bias):
         return _DiagLinearFunction.apply(x, values, offsets, bias, out_features)

@@ -247,15 +247,22 @@ def test_eager_call_is_the_op_wherever_something_observes_it():
 
 
 @pytest.mark.parametrize("path", ["kernel", "dense"])
-def test_eager_call_under_forward_ad_behaves_as_the_op(path):
-    # The op carries no tangent (custom_op has no forward-AD formula); the eager path must not start carrying
-    # one on the paths made of torch ops, so the answer would not depend on the shape.
+def test_forward_mode_ad_is_refused_not_silently_wrong(path):
+    # The op has no forward-mode formula: through torch.ops, torch.func.jvp gives a zero tangent and a dual input
+    # none. The user API raises instead; a forward-AD level without a dual input is an ordinary call.
     x, values, offsets, b = _args(24, 10, 5, (4,), torch.float32, False)
-    with force_path(path), fwAD.dual_level():
-        xd = fwAD.make_dual(x, torch.randn_like(x))
-        got, want = call_diag_linear(xd, values, offsets, b, 24), OPS.diag_linear(xd, values, offsets, b, 24)
-        assert torch.equal(fwAD.unpack_dual(got).primal, fwAD.unpack_dual(want).primal)
-        assert (fwAD.unpack_dual(got).tangent is None) == (fwAD.unpack_dual(want).tangent is None)
+    fn = lambda x: call_diag_linear(x, values, offsets, b, 24)  # noqa: E731
+    with force_path(path):
+        _, tangent = torch.func.jvp(lambda x: OPS.diag_linear(x, values, offsets, b, 24), (x,), (torch.ones_like(x),))
+        assert not tangent.any()  # what the raw op does (why the user API refuses)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            torch.func.jvp(fn, (x,), (torch.ones_like(x),))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            torch.func.jacfwd(fn)(x)
+        with fwAD.dual_level():
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                fn(fwAD.make_dual(x, torch.randn_like(x)))
+            assert torch.equal(fn(x), OPS.diag_linear(x, values, offsets, b, 24))
 
 
 @pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
