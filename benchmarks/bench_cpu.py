@@ -169,6 +169,14 @@ def run_ops(shapes, ms, ops, sparsity: float, paths: list[str], rounds: int) -> 
 # Layer calls: what a user's module pays per call at small M (fixed Python cost, not the kernel)
 # ----------------------------------------------------------------------------------------------------
 LAYER_MS = (1, 16, 128)
+OP_NAMES = ("fwd", "dx", "dv")
+
+
+def _op_paths(M: int, n_out: int, n_in: int, k: int) -> str:
+    """Dispatch's ``fwd/dx/dv`` choice for one float32 CPU layer shape at ``M`` rows."""
+    return "/".join(
+        dispatch.choose_path(dispatch.Problem(op, "cpu", torch.float32, M, n_out, n_in, k)) for op in OP_NAMES
+    )
 
 
 def run_layers(shapes, ms, sparsity: float, rounds: int) -> list[dict]:
@@ -188,29 +196,16 @@ def run_layers(shapes, ms, sparsity: float, rounds: int) -> list[dict]:
             def train(m, xg=xg, dy=dy):
                 m(xg).backward(dy)
 
-            fns = {
-                "dense_infer": lambda: dense(x),
-                "diag_infer": lambda: diag(x),
-                "dense_train": lambda: train(dense),
-                "diag_train": lambda: train(diag),
-            }
-            with torch.enable_grad():
-                t = {}
-                for mode in ("infer", "train"):
-                    pair = {k: f for k, f in fns.items() if k.endswith(mode)}
-                    if mode == "infer":
-                        with torch.no_grad():
-                            t.update(_compare_adaptive(pair, rounds=rounds, reps=200))
-                    else:
-                        t.update(_compare_adaptive(pair, rounds=rounds, reps=100))
+            with torch.no_grad():
+                t = _compare_adaptive({"dense_infer": lambda: dense(x), "diag_infer": lambda: diag(x)}, rounds, 200)
+            t.update(
+                _compare_adaptive({"dense_train": lambda: train(dense), "diag_train": lambda: train(diag)}, rounds, 100)
+            )
             row = {"layer": name, "M": M, "sparsity": sparsity}
             for mode in ("infer", "train"):
                 d, s = t[f"dense_{mode}"], t[f"diag_{mode}"]
                 row[f"dense_{mode}_us"], row[f"diag_{mode}_us"], row[f"{mode}_x"] = 1e3 * d, 1e3 * s, d / s
-            row["paths fwd/dx/dv"] = "/".join(
-                dispatch.choose_path(dispatch.Problem(op, "cpu", torch.float32, M, n_out, n_in, diag.k))
-                for op in OP_NAMES
-            )
+            row["paths fwd/dx/dv"] = _op_paths(M, n_out, n_in, diag.k)
             rows.append(row)
             print({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
     return rows
@@ -288,19 +283,12 @@ MODELS = [
 ]
 
 
-OP_NAMES = ("fwd", "dx", "dv")
-
-
 def _layer_paths(model: nn.Module, M: int) -> str:
     """Dispatch's fwd/dx/dv choice for each distinct sparse layer shape of ``model`` at ``M`` rows."""
     seen = {}
     for m in model.modules():
-        if isinstance(m, DiagLinear):
-            key = (m.in_features, m.out_features)
-            if key not in seen:
-                k = m.values.shape[0]
-                problems = (dispatch.Problem(op, "cpu", torch.float32, M, *key[::-1], k) for op in OP_NAMES)
-                seen[key] = "/".join(dispatch.choose_path(p) for p in problems)
+        if isinstance(m, DiagLinear) and (m.in_features, m.out_features) not in seen:
+            seen[m.in_features, m.out_features] = _op_paths(M, m.out_features, m.in_features, m.values.shape[0])
     return ", ".join(f"{i}->{o} {p}" for (i, o), p in seen.items())
 
 
