@@ -53,6 +53,7 @@ __all__ = [
     "diag_shape",
     "is_tall",
     "k_from_sparsity",
+    "kept_entries",
     "max_sparsity",
     "diagonal_indices",
     "to_dense",
@@ -94,6 +95,17 @@ def max_sparsity(out_features: int, in_features: int) -> float:
     return 1.0 - 1.0 / max(out_features, in_features)
 
 
+def kept_entries(n_entries: int, sparsity: float) -> int:
+    """``floor((1 - s) * n_entries)``, the weights a sparsity ``s`` keeps, exact for decimal ``s``.
+
+    In binary floating point ``1 - 0.8`` is ``0.19999999999999996``, so the plain product lands a hair under
+    an integer (``10 * (1 - 0.8) -> 1.9999999999999996``) and the floor drops a whole weight: snap to the
+    integer within a relative ``1e-12``, far above the few ulps of rounding and far below one weight.
+    """
+    x = (1.0 - sparsity) * n_entries
+    return math.floor(x + 1e-12 * max(1.0, x))
+
+
 def k_from_sparsity(out_features: int, in_features: int, sparsity: float) -> int:
     """Number of diagonals ``k`` for a target sparsity ``s`` in ``[0, 1 - 1/P]``.
 
@@ -112,7 +124,7 @@ def k_from_sparsity(out_features: int, in_features: int, sparsity: float) -> int
             f"sparsity={sparsity} is outside [0, {top:.6g}] for a {out_features}x{in_features} layer "
             f"(at most 1 - 1/P with P={P} candidate diagonals: one diagonal kept)"
         )
-    req = math.floor((1.0 - sparsity) * out_features * in_features)
+    req = kept_entries(out_features * in_features, sparsity)
     return min(P, max(1, math.ceil(req / D)))
 
 

@@ -1,6 +1,7 @@
 """The representation and the reference math against an independent, entry-by-entry construction."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -57,6 +58,23 @@ def test_k_from_sparsity_matches_the_formula_and_the_papers_table(n_out, n_in, s
     P, D = R.diag_shape(n_out, n_in)
     assert R.k_from_sparsity(n_out, n_in, s) == k == max(1, math.ceil(math.floor((1 - s) * n_out * n_in) / D))
     assert k / P >= 1 - s - 1e-12  # realised density is at or above the target
+
+
+@pytest.mark.parametrize(
+    "n_out,n_in,s",
+    [
+        (n_out, n_in, s)
+        for n_out, n_in in [(1, 10), (1, 50), (5, 16), (5, 256), (3, 7), (10, 10), (768, 3072)]
+        for s in [0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+        if s <= R.max_sparsity(n_out, n_in)
+    ],
+)
+def test_k_from_sparsity_is_exact_for_decimal_sparsities(n_out, n_in, s):
+    # 1 - 0.8 is 0.19999999999999996 in binary: the plain floor drops a weight (1x10 at 0.8 gave k=1, 90%).
+    P, D = R.diag_shape(n_out, n_in)
+    kept = (1 - Fraction(str(s))) * n_out * n_in  # exact decimal arithmetic
+    assert R.kept_entries(n_out * n_in, s) == math.floor(kept)
+    assert R.k_from_sparsity(n_out, n_in, s) == min(P, max(1, math.ceil(math.floor(kept) / D)))
 
 
 def test_k_from_sparsity_limits():
