@@ -53,7 +53,11 @@ PATHS: tuple[str, ...] = ("kernel", "dense", "reference")
 # Kernel providers by device type; each module implements forward / input_grad / values_grad / supports.
 _KERNEL_MODULES = {"cpu": "diagcompile.ops.cpu_kernels", "cuda": "diagcompile.ops.triton_kernels"}
 
-_forced: str | None = None
+# The open force_path blocks, innermost last, each as (its own token, path). Process-wide on purpose: the
+# autograd engine runs CUDA backward ops on its own device threads, where a thread-local or ContextVar setting
+# would not reach them. Each block removes its own entry on exit, so blocks that close out of order (two
+# threads, generators) never leave a stale path behind.
+_forced: list[tuple[object, str | None]] = []
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,9 @@ def thread_bucket(threads: int) -> int:
 
 def forced_path() -> str | None:
     """The path pinned by ``force_path`` or ``DIAGCOMPILE_FORCE_PATH``, else ``None``."""
-    if _forced is not None:
-        return _forced
+    forced = _forced[-1][1] if _forced else None
+    if forced is not None:
+        return forced
     env = os.environ.get("DIAGCOMPILE_FORCE_PATH", "").strip().lower()
     if env in ("", "auto"):
         return None
@@ -124,18 +129,24 @@ def force_path(path: str | None) -> Iterator[None]:
     """Pin every op call inside the block to one path (``"kernel"``, ``"dense"``, ``"reference"``).
 
     ``None`` or ``"auto"`` restores shape-based dispatch. Forcing ``"kernel"`` where the device has no
-    kernel for the dtype raises instead of falling back silently.
+    kernel for the dtype raises instead of falling back silently. The setting is process-wide (every thread,
+    including the autograd engine's), like ``torch.set_num_threads``: the innermost open block wins, and
+    each block undoes only its own setting when it closes, in whatever order blocks close.
     """
-    global _forced
     if path == "auto":
         path = None
     if path is not None and path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of auto, {', '.join(PATHS)}")
-    previous, _forced = _forced, path
+    entry = (object(), path)
+    _forced.append(entry)
     try:
         yield
     finally:
-        _forced = previous
+        # By identity: another block may have opened (or closed) since, from another thread.
+        for i in range(len(_forced) - 1, -1, -1):
+            if _forced[i] is entry:
+                del _forced[i]
+                break
 
 
 @functools.cache

@@ -125,6 +125,24 @@ def test_force_path_validation_and_env(monkeypatch):
         dispatch.forced_path()
 
 
+def test_force_path_blocks_closing_out_of_order_leave_nothing_behind():
+    # Two blocks that close in the order they opened (two threads, generators): each undoes only its own
+    # setting, and once both are closed dispatch is automatic again.
+    outer, inner = force_path("kernel"), force_path("dense")
+    outer.__enter__()
+    inner.__enter__()
+    assert dispatch.forced_path() == "dense"
+    outer.__exit__(None, None, None)
+    assert dispatch.forced_path() == "dense"
+    inner.__exit__(None, None, None)
+    assert dispatch.forced_path() is None
+    with force_path("dense"):
+        with force_path(None):
+            assert dispatch.forced_path() is None
+        assert dispatch.forced_path() == "dense"
+    assert dispatch.forced_path() is None
+
+
 def test_dispatch_is_a_pure_function_of_shapes():
     # Fully dense diagonals at large M: the GEMM wins (at 90% sparsity the CPU kernel wins even here).
     p = dispatch.Problem("fwd", "cpu", torch.float32, 4096, 3072, 768, 3072)
