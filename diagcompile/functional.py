@@ -88,6 +88,20 @@ def canonical_offsets(
     return offsets if offsets.dtype == OFFSET_DTYPE else offsets.to(OFFSET_DTYPE)
 
 
+def _autocast(x: Tensor, values: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Cast like autocast casts ``F.linear``: every floating input but float64 to the autocast dtype.
+
+    The op has no autocast rule of its own (``torch.library.register_autocast`` casts to one fixed dtype, while
+    autocast's dtype is chosen per region), so the functional applies the region's policy before the call.
+    """
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+    return cast(x), cast(values), (cast(bias) if isinstance(bias, Tensor) else bias)
+
+
 def diag_linear(
     x: Tensor,
     values: Tensor,
@@ -106,7 +120,10 @@ def diag_linear(
         bias: ``(N_out,)`` or ``None``.
         out_features: ``N_out``.
         check_offsets: validate the contents of ``offsets`` (a device sync on GPU). ``DiagLinear`` passes
-            ``False``: it validates whenever its offsets are set.
+            ``False``: it validates its offsets buffer whenever the buffer changes.
+
+    Under ``torch.autocast`` the floating inputs (but float64) are cast to the region's dtype first, as for
+    ``F.linear``.
 
     Returns:
         ``(..., N_out)`` in ``x.dtype``; accumulation is float32 (float64 for float64).
@@ -125,11 +142,16 @@ def diag_linear(
         raise ValueError(f"values must be 2-D (k, D), got shape {tuple(values.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float16/bfloat16/float32/float64, got {x.dtype}")
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        x, values, bias = _autocast(x, values, bias)
     if x.dtype != values.dtype:
         raise TypeError(f"dtype mismatch: x is {x.dtype} but values is {values.dtype}")
     if x.device != values.device or offsets.device != values.device:
         raise ValueError(f"device mismatch: x on {x.device}, values on {values.device}, offsets on {offsets.device}")
     in_features = x.shape[-1]
+    if in_features < 1:
+        raise ValueError(f"x has last dim 0 (in_features must be >= 1), got shape {tuple(x.shape)}")
     P, D = diag_shape(out_features, in_features)
     if values.shape[1] != D:
         raise ValueError(

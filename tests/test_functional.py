@@ -55,6 +55,30 @@ def test_too_many_diagonals_and_bad_out_features():
         diag_linear(x, torch.randn(1, 3), torch.arange(1), None, 0)
 
 
+def test_empty_input_features_are_named():
+    with pytest.raises(ValueError, match="last dim 0"):
+        diag_linear(torch.randn(3, 0), torch.randn(1, 0), torch.arange(1), None, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_like_f_linear(dtype):
+    # Under autocast F.linear runs in the region's dtype whatever its inputs' dtype; a DiagLinear between two
+    # nn.Linears must do the same instead of refusing the mixed dtypes.
+    x, values, offsets, bias = random_problem(24, 16, 5, batch=(3,), dtype=torch.float32)
+    W = dense_from_convention(values, offsets, 24, 16).float()
+    with torch.autocast("cpu", dtype=dtype):
+        y = diag_linear(x, values, offsets, bias, 24)
+        want = torch.nn.functional.linear(x, W, bias)
+    assert y.dtype == want.dtype == dtype
+    assert rel_err(y.float(), want.float()) < 2e-2
+    values.requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        diag_linear(x, values, offsets, None, 24).float().sum().backward()
+    assert values.grad.dtype == torch.float32  # the gradient reaches the float32 parameter through the cast
+    with torch.autocast("cpu", dtype=dtype):  # float64 is left alone, as autocast does
+        assert diag_linear(x.double(), values.detach().double(), offsets, None, 24).dtype == torch.float64
+
+
 def test_canonical_offsets_accepts_lists_and_rejects_junk():
     assert canonical_offsets([0, 2, 5], 6, 4).dtype == torch.int32
     with pytest.raises(TypeError, match="only ints"):
