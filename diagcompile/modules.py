@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from diagcompile.functional import canonical_offsets, check_sparsity, diag_linear
 from diagcompile.ops import (
@@ -105,7 +106,11 @@ class DiagLinear(nn.Module):
     def row_fan_in(self) -> Tensor:
         """Stored entries per output row, ``(N_out,)`` int64: constant ``k`` for wide layers, 0..k for tall."""
         rows, _ = diagonal_indices(self.out_features, self.in_features, self.offsets)
-        return torch.bincount(rows.reshape(-1), minlength=self.out_features)
+        rows = rows.reshape(-1)
+        # index_add_, not bincount: bincount has no meta kernel, and layers are built on meta for deferred init.
+        return torch.zeros(self.out_features, dtype=torch.int64, device=rows.device).index_add_(
+            0, rows, torch.ones_like(rows)
+        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -129,7 +134,32 @@ class DiagLinear(nn.Module):
                 f"shape mismatch: input has last dim {x.shape[-1]} "
                 f"but this DiagLinear has in_features={self.in_features}"
             )
-        return diag_linear(x, self.values, self.offsets, self.bias, self.out_features, check_offsets=False)
+        offsets = self.offsets
+        if not torch.compiler.is_compiling():
+            seen = self.__dict__.get("_offsets_seen")
+            if seen is None or seen[0] is not offsets or seen[1] != (offsets._version, offsets.data_ptr()):
+                self._check_offsets(offsets)
+        return diag_linear(x, self.values, offsets, self.bias, self.out_features, check_offsets=False)
+
+    def _check_offsets(self, offsets: Tensor) -> None:
+        """Validate the offsets buffer once per object and version, and remember it.
+
+        The forward trusts ``offsets`` (a content check costs a device sync on a GPU), and ``set_offsets`` and
+        ``load_state_dict`` validate what they store; but a buffer can also be assigned (``layer.offsets = t``),
+        edited in place, swapped by ``functional_call`` or left uninitialized by ``to_empty``. Invalid offsets
+        would make the dense and reference paths wrap silently (and the kernel raise), so a changed buffer is
+        checked here before it is used.
+        """
+        if not isinstance(offsets, Tensor):
+            raise TypeError(f"DiagLinear.offsets must be a Tensor, got {type(offsets).__name__}")
+        canonical_offsets(offsets, self.out_features, self.in_features, where="DiagLinear.offsets")
+        if offsets.shape[0] != self.values.shape[0]:
+            raise ValueError(
+                f"DiagLinear.offsets has k={offsets.shape[0]} diagonals but values has {self.values.shape[0]} rows"
+            )
+        if offsets.device.type != "meta" and not is_fake(offsets):
+            # Plain attribute (not a buffer): not in state_dict, and recomputed after a copy or a load.
+            self.__dict__["_offsets_seen"] = (offsets, (offsets._version, offsets.data_ptr()))
 
     def to_dense(self) -> Tensor:
         """The dense ``(out_features, in_features)`` weight (zeros off the stored diagonals); differentiable."""
@@ -141,6 +171,15 @@ class DiagLinear(nn.Module):
         offsets = canonical_offsets(offsets, self.out_features, self.in_features)
         if offsets.numel() != self.k:
             raise ValueError(f"set_offsets keeps k fixed: got {offsets.numel()} offsets, layer has k={self.k}")
+        # Check everything before changing anything: a failed call leaves the layer as it was.
+        if values is not None:
+            if not isinstance(values, Tensor):
+                raise TypeError(f"set_offsets: values must be a Tensor, got {type(values).__name__}")
+            if values.shape != self.values.shape:
+                raise ValueError(
+                    f"set_offsets: values must have the layer's shape (k, D) = {tuple(self.values.shape)}, "
+                    f"got {tuple(values.shape)}"
+                )
         self.offsets.copy_(offsets.to(self.offsets.device))
         self.values.copy_(values if values is not None else torch.zeros_like(self.values))
 
@@ -169,7 +208,15 @@ class DiagLinear(nn.Module):
         offsets = canonical_offsets(offsets, n_out, n_in).to(weight.device)
         values = extract_diagonals(weight, offsets)
         bias = linear.bias.detach().clone() if linear.bias is not None else None
-        return cls._assemble(values, offsets, bias, n_out, n_in, requires_grad=linear.weight.requires_grad)
+        return cls._assemble(
+            values,
+            offsets,
+            bias,
+            n_out,
+            n_in,
+            requires_grad=linear.weight.requires_grad,
+            bias_requires_grad=linear.bias is not None and linear.bias.requires_grad,
+        )
 
     @classmethod
     def _assemble(
@@ -181,14 +228,21 @@ class DiagLinear(nn.Module):
         in_features: int,
         *,
         requires_grad: bool = True,
+        bias_requires_grad: bool | None = None,
     ) -> DiagLinear:
-        """Build a layer around given tensors without drawing random values (no RNG consumed)."""
+        """Build a layer around given tensors without drawing random values (no RNG consumed).
+
+        ``requires_grad`` applies to ``values``, ``bias_requires_grad`` (default: the same) to the bias: a
+        frozen weight with a trainable bias must stay so.
+        """
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("offsets", offsets.to(OFFSET_DTYPE))
         self.values = nn.Parameter(values.contiguous(), requires_grad=requires_grad)
-        self.bias = nn.Parameter(bias, requires_grad=requires_grad) if bias is not None else None
+        if bias_requires_grad is None:
+            bias_requires_grad = requires_grad
+        self.bias = nn.Parameter(bias, requires_grad=bias_requires_grad) if bias is not None else None
         return self
 
     # ------------------------------------------------------------------------------------------------

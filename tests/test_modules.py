@@ -126,3 +126,63 @@ def test_bf16_module_and_training_step():
     assert y.dtype == torch.bfloat16
     y.float().square().mean().backward()
     assert layer.values.grad.dtype == torch.bfloat16 and layer.bias.grad is not None
+
+
+def test_builds_on_the_meta_device_for_deferred_init():
+    for make in (lambda: DiagLinear(64, 256, device="meta"), lambda: DiagLinear(256, 64)):
+        with torch.device("meta"):
+            layer = make()
+        assert layer.values.device.type == "meta" and layer.offsets.device.type == "meta"
+    assert layer.row_fan_in().shape == (64,)  # in_features=256, out_features=64
+    cpu = DiagLinear(64, 256, sparsity=0.8)  # tall: rows hold 0..k entries
+    rows = [r for r, c in torch.nonzero(cpu.to_dense() != 0).tolist()]
+    assert cpu.row_fan_in().tolist() == [rows.count(r) for r in range(256)]
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda layer: setattr(layer, "offsets", torch.tensor([0, 2, 4, 9], dtype=torch.int32)), "out of range"),
+        (lambda layer: setattr(layer, "offsets", torch.tensor([-1, 2, 4, 6])), "out of range"),
+        (lambda layer: setattr(layer, "offsets", torch.tensor([1, 1, 4, 6])), "duplicated"),
+        (lambda layer: layer.offsets.__setitem__(0, 8), "out of range"),  # edited in place
+        (lambda layer: setattr(layer, "offsets", torch.tensor([1, 2, 3])), "k=3 diagonals but values has 4"),
+    ],
+)
+def test_offsets_changed_behind_the_layers_back_are_checked_before_use(change, match):
+    # Invalid offsets would wrap silently on the dense and reference paths: the forward checks a changed buffer.
+    layer = DiagLinear(8, 8, offsets=[0, 2, 4, 6])
+    x = torch.randn(3, 8)
+    layer(x)
+    change(layer)
+    with pytest.raises((ValueError, TypeError), match=match):
+        layer(x)
+
+
+def test_valid_new_offsets_are_used_and_functional_call_is_checked():
+    layer = DiagLinear(8, 8, offsets=[0, 2, 4, 6])
+    x = torch.randn(3, 8)
+    layer(x)
+    layer.offsets = torch.tensor([1, 3, 5, 7], dtype=torch.int32)
+    want = x @ DiagLinear._assemble(layer.values.detach(), layer.offsets, layer.bias.detach(), 8, 8).to_dense().T
+    assert rel_err(layer(x), want + layer.bias) < 1e-6
+    with pytest.raises(ValueError, match="out of range"):
+        torch.func.functional_call(layer, {"offsets": torch.tensor([0, 2, 4, 8])}, (x,))
+
+
+def test_uninitialized_offsets_after_to_empty_are_refused():
+    with torch.device("meta"):
+        layer = DiagLinear(8, 8, sparsity=0.5)
+    layer.to_empty(device="cpu")
+    layer.offsets.fill_(-5)  # what to_empty may leave behind: memory that was never written
+    with pytest.raises(ValueError, match="DiagLinear.offsets out of range"):
+        layer(torch.randn(2, 8))
+
+
+def test_set_offsets_checks_values_before_changing_anything():
+    layer = DiagLinear(8, 8, offsets=[0, 3, 5])
+    before = (layer.offsets.clone(), layer.values.detach().clone())
+    for bad in (torch.arange(8.0), torch.randn(1, 8), torch.randn(2, 8)):
+        with pytest.raises(ValueError, match=r"values must have the layer's shape \(k, D\) = \(3, 8\)"):
+            layer.set_offsets([1, 6, 7], values=bad)
+        assert torch.equal(layer.offsets, before[0]) and torch.equal(layer.values, before[1])
