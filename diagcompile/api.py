@@ -14,9 +14,39 @@ from diagcompile.marking import get_sparse_mark
 from diagcompile.modules import DiagLinear
 from diagcompile.ops import OFFSET_DTYPE, evenly_spaced_offsets, k_from_sparsity
 
-__all__ = ["sparsify_"]
+__all__ = ["sparsify_", "replaceable_linears"]
 
 FilterFn = Callable[[nn.Module, str], bool]
+
+
+def replaceable_linears(model: nn.Module) -> tuple[list[tuple[str, nn.Linear]], dict[str, str]]:
+    """The ``nn.Linear`` layers of ``model`` (subclasses included) that a diagonal layer can replace.
+
+    Returns ``(layers, skipped)``: ``layers`` as ``(fqn, module)`` in ``named_modules`` order, and ``skipped``
+    mapping the fqn of every other linear to why swapping it would break the model:
+
+    * a child of ``nn.MultiheadAttention`` (its ``out_proj``): attention reads ``out_proj.weight`` directly and
+      never calls the module, so a replacement without ``.weight`` fails at the first forward;
+    * a subclass that overrides ``forward``: the replacement would silently drop what the override does.
+    """
+    mha_children = {
+        f"{fqn}.{name}" if fqn else name
+        for fqn, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for name, _ in m.named_children()
+    }
+    layers: list[tuple[str, nn.Linear]] = []
+    skipped: dict[str, str] = {}
+    for fqn, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if fqn in mha_children:
+            skipped[fqn] = "nn.MultiheadAttention reads its out_proj.weight directly instead of calling it"
+        elif type(m).forward is not nn.Linear.forward:
+            skipped[fqn] = f"{type(m).__name__} overrides forward(), which a DiagLinear would drop"
+        else:
+            layers.append((fqn, m))
+    return layers, skipped
 
 
 def _parent_and_name(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
@@ -47,6 +77,9 @@ def sparsify_(
 ) -> nn.Module:
     """Replace ``nn.Linear`` layers (and subclasses) of ``model`` by ``DiagLinear.from_dense`` in place.
 
+    Linears that a swap would break (``replaceable_linears``: the ``out_proj`` of ``nn.MultiheadAttention``,
+    subclasses that override ``forward``) stay dense with a warning naming them, or raise if sparse-marked.
+
     Args:
         model: any module. If ``model`` itself is a selected ``nn.Linear`` it cannot be swapped in place;
             the new ``DiagLinear`` is returned instead.
@@ -61,7 +94,8 @@ def sparsify_(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or is a single non-linear layer (e.g. ``nn.Conv2d``).
         ValueError: a selected layer cannot reach the sparsity, or shares (ties) its weight with another
-            module: converting one copy would silently untie them.
+            module (converting one copy would silently untie them), or a sparse-marked linear cannot be
+            replaced.
 
     Example::
 
@@ -85,7 +119,21 @@ def sparsify_(
         raise TypeError(
             f"sparsify_ converts nn.Linear layers, but got a {type(model).__name__} with no nn.Linear inside"
         )
-    targets = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and selected(m, fqn)]
+    layers, skipped = replaceable_linears(model)
+    targets = [(fqn, m) for fqn, m in layers if selected(m, fqn)]
+    kept = {fqn: why for fqn, why in skipped.items() if selected(model.get_submodule(fqn), fqn)}
+    marked = [fqn for fqn in kept if get_sparse_mark(model.get_submodule(fqn)) is not None]
+    if marked:
+        # Asked for by name: leaving it dense would be a silent no.
+        raise ValueError(
+            "sparsify_: these sparse-marked linears cannot become DiagLinear: "
+            + "; ".join(f"'{fqn or '<root>'}' ({kept[fqn]})" for fqn in marked)
+        )
+    if kept:
+        warnings.warn(
+            "sparsify_: left dense: " + "; ".join(f"'{fqn or '<root>'}' ({why})" for fqn, why in kept.items()),
+            stacklevel=2,
+        )
     if not targets:
         warnings.warn("sparsify_: no nn.Linear was selected; the model is unchanged", stacklevel=2)
 

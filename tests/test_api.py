@@ -97,3 +97,39 @@ def test_errors():
         sparsify_(Net(), {"sparsity": 0.9})
     with pytest.warns(UserWarning, match="no nn.Linear"):
         sparsify_(nn.Sequential(nn.ReLU(), nn.Tanh()))
+
+
+class _Doubled(nn.Linear):
+    """A subclass whose forward does more than the linear map: replacing it would drop the factor 2."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_linears_a_swap_would_break_stay_dense_with_a_warning():
+    # nn.MultiheadAttention reads out_proj.weight itself (a DiagLinear has none); _Doubled's forward would be lost.
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    model = nn.Sequential(layer, _Doubled(16, 16))
+    x = torch.randn(2, 3, 16)
+    with pytest.warns(UserWarning, match=r"'0.self_attn.out_proj' \(nn.MultiheadAttention.*'1' \(_Doubled overrides"):
+        sparsify_(model, DiagSparsityConfig(sparsity=0.5))
+    assert isinstance(layer.linear1, DiagLinear) and isinstance(layer.linear2, DiagLinear)
+    assert type(layer.self_attn.out_proj) is not DiagLinear and type(model[1]) is _Doubled
+    assert model(x).shape == (2, 3, 16)  # runs: attention still finds its out_proj.weight
+
+
+def test_a_marked_linear_that_cannot_be_swapped_is_refused():
+    model = nn.Sequential(_Doubled(8, 8), nn.Linear(8, 8))
+    mark_sparse(model[0], sparsity=0.5)
+    with pytest.raises(ValueError, match=r"sparse-marked.*'0' \(_Doubled overrides forward"):
+        sparsify_(model, DiagSparsityConfig(only_marked=True))
+    assert type(model[0]) is _Doubled and type(model[1]) is nn.Linear  # checked before anything changed
+
+
+def test_frozen_weight_and_trainable_bias_keep_their_flags():
+    for weight_grad, bias_grad in ((False, True), (True, False)):
+        model = nn.Sequential(nn.Linear(8, 8))
+        model[0].weight.requires_grad_(weight_grad)
+        model[0].bias.requires_grad_(bias_grad)
+        sparsify_(model, DiagSparsityConfig(sparsity=0.5))
+        assert (model[0].values.requires_grad, model[0].bias.requires_grad) == (weight_grad, bias_grad)
