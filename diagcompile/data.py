@@ -293,8 +293,8 @@ def sample_blocks(data: Tensor, batch: int, block: int, generator: torch.Generat
     Start positions are uniform over ``[0, len - block - 1]``, drawn from ``generator`` (the run's data
     generator, whose state checkpoints save).
     """
-    n = data.numel() - block - 1
-    if n < 1:
+    n = data.numel() - block - 1  # the last start position; 0 is one valid window
+    if n < 0:
         raise ValueError(f"text of {data.numel()} characters is too short for blocks of {block}")
     starts = torch.randint(0, n + 1, (batch,), generator=generator)
     idx = starts[:, None] + torch.arange(block + 1)

@@ -54,11 +54,13 @@ def plot_diagonal_pattern(layer: torch.nn.Module, path: str | os.PathLike, title
     fig, (ax, strip) = plt.subplots(
         2, 1, figsize=(7.5, 7.0 * n_out / max(n_out, n_in) + 1.4), gridspec_kw={"height_ratios": [8, 1]}
     )
-    nz = W[W > 0]
+    # The colour scale from the finite non-zero entries: a diverged layer (NaN / inf weights) still plots, its
+    # non-finite entries blank, instead of failing inside matplotlib on an infinite or NaN limit.
+    nz = W[torch.isfinite(W) & (W > 0)]
     vmin = float(nz.min()) if nz.numel() else 1e-6
-    vmax = float(W.max()) if nz.numel() else 1.0
+    vmax = float(nz.max()) if nz.numel() else 1.0
     shown = W.clone()
-    shown[shown == 0] = float("nan")  # zeros are white
+    shown[(shown == 0) | ~torch.isfinite(shown)] = float("nan")  # zeros (and NaN / inf) are white
     im = ax.imshow(
         shown,
         cmap="viridis",

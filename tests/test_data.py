@@ -170,7 +170,9 @@ def test_sample_blocks_are_shifted_windows_and_seeded():
     x3, _ = data.sample_blocks(text, 8, 16, g1)
     assert not torch.equal(x1, x3)
     with pytest.raises(ValueError, match="too short"):
-        data.sample_blocks(text[:10], 2, 16, g1)
+        data.sample_blocks(text[:16], 2, 16, g1)
+    x4, y4 = data.sample_blocks(text[:17], 2, 16, g1)  # exactly one window: block inputs + one target
+    assert torch.equal(x4[0], text[:16].long()) and torch.equal(y4[1], text[1:17].long())
 
 
 def test_eval_blocks_cover_the_text():

@@ -24,6 +24,13 @@ def test_diagonal_pattern_png_depends_on_the_offsets(tmp_path, shape):
     assert not list(tmp_path.glob("*.tmp.png"))  # written atomically: no temporary left behind
 
 
+def test_diagonal_pattern_of_a_diverged_layer_still_plots(tmp_path):
+    layer = DiagLinear(16, 16, sparsity=0.5)
+    with torch.no_grad():
+        layer.values[0, 0], layer.values[1, 1] = float("nan"), float("inf")
+    assert plot_diagonal_pattern(layer, tmp_path / "nan.png").read_bytes()[:8] == PNG
+
+
 def test_diagonal_pattern_rejects_a_dense_layer(tmp_path):
     with pytest.raises(TypeError, match="DiagLinear"):
         plot_diagonal_pattern(torch.nn.Linear(4, 4), tmp_path / "x.png")
