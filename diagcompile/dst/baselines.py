@@ -216,9 +216,10 @@ class MaskSparsifier(SparsifierBase):
 
     Raises:
         TypeError: wrong argument types.
-        ValueError: the optimizer has state, a selected weight is tied or not in the optimizer, a layer
-            cannot reach its sparsity / N:M pattern, a mark carries explicit diagonal offsets, or ``model``
-            is itself a linear / already DDP-wrapped.
+        ValueError: the optimizer has state, a selected weight is tied, frozen (``requires_grad=False``) or not
+            in the optimizer, a layer cannot reach its sparsity / N:M pattern, a mark carries explicit diagonal
+            offsets, or ``model`` is itself a linear / already DDP-wrapped. Every check runs before any layer
+            changes.
     """
 
     _name = "MaskSparsifier"
@@ -288,6 +289,13 @@ class MaskSparsifier(SparsifierBase):
                 nnz = math.floor((1.0 - s) * n_out * n_in)
                 if nnz < 1:
                     raise ValueError(f"{where}: sparsity={s} leaves no weight (budget='floor')")
+            if not linear.weight.requires_grad:
+                # Refused rather than skipped: a layer the caller selected (or marked) silently left dense would be
+                # a wrong answer, and the masks need a gradient hook on the weight.
+                raise ValueError(
+                    f"MaskSparsifier: the weight of '{fqn}' has requires_grad=False (a frozen layer), which a mask "
+                    "method cannot train; exclude the layer with filter_fn"
+                )
             if self.optimizer is not None and find_group(self.optimizer, linear.weight) is None:
                 raise ValueError(
                     f"MaskSparsifier: the weight of '{fqn}' is not in any param group of the optimizer: build the "
@@ -705,14 +713,25 @@ def config_class(method: str) -> type[DSTConfig] | type[MaskConfig]:
     raise ValueError(f"unknown sparse training method {method!r}; choose one of {', '.join(SPARSIFIER_METHODS)}")
 
 
-def make_config(method: str, sparsity: float, total_steps: int, **options: Any) -> DSTConfig | MaskConfig:
+#: The config fields ``make_config`` / ``make_sparsifier`` take as arguments, never as ``options``.
+RESERVED_OPTIONS = ("method", "sparsity", "total_steps")
+
+
+def make_config(method: str, sparsity: float, total_steps: int, /, **options: Any) -> DSTConfig | MaskConfig:
     """The validated config ``make_sparsifier`` builds for ``method`` (``config_class(method)``) from ``options``;
-    an option that config does not have raises ``ValueError`` naming it and the valid ones."""
+    an option that config does not have, or one of ``RESERVED_OPTIONS`` (given as arguments), raises
+    ``ValueError`` naming it and the valid ones."""
     cls = config_class(method)
+    reserved = [k for k in RESERVED_OPTIONS if k in options]
+    if reserved:
+        raise ValueError(
+            f"option(s) {reserved} are set by make_config's own argument(s) of that name (method={method!r}, "
+            f"sparsity={sparsity!r}, total_steps={total_steps!r}), not as options"
+        )
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - names)
     if unknown:
-        valid = sorted(names - {"method", "sparsity", "total_steps"})
+        valid = sorted(names - set(RESERVED_OPTIONS))
         raise ValueError(f"option(s) {unknown} do not apply to method {method!r} ({cls.__name__}); valid: {valid}")
     return cls(total_steps=total_steps, method=method, sparsity=sparsity, **options)
 

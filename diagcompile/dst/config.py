@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from diagcompile.dst._validate import FieldChecker, check_schedule_fields, config_from_dict, is_real
 
-__all__ = ["DSTConfig", "METHODS", "RELAXATIONS", "TEMPERATURE_SCHEDULES", "OFFSET_INITS", "SOFT_SCALES"]
+__all__ = [
+    "DSTConfig",
+    "METHODS",
+    "DYNADIAG_ONLY",
+    "RELAXATIONS",
+    "TEMPERATURE_SCHEDULES",
+    "OFFSET_INITS",
+    "SOFT_SCALES",
+]
 
 METHODS = ("dynadiag", "diagheur")
 RELAXATIONS = ("threshold", "softmax_clamp")
 TEMPERATURE_SCHEDULES = ("cosine", "linear", "exponential", "constant")
 OFFSET_INITS = ("random", "even", "topk")
 SOFT_SCALES = ("none", "rms")  # DynaDiagLinear.soft_scale
+#: Fields only ``dynadiag`` reads; ``diagheur`` refuses a value other than the default (which it cannot tell
+#: from no value), so an option that would do nothing is not silently recorded as if it were used.
+DYNADIAG_ONLY = ("relaxation", "temperature_schedule", "temperature_start", "temperature_end", "pool")
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,11 @@ class DSTConfig:
         c.need_choice("soft_scale", SOFT_SCALES)
         if self.pool is not None:
             c.need_real("pool", 1.0, math.inf, hi_open=True)
+        if self.method != "dynadiag":
+            defaults = {f.name: f.default for f in fields(self)}
+            for name in DYNADIAG_ONLY:
+                if getattr(self, name) != defaults[name]:
+                    raise c.bad(name, f"applies to method='dynadiag' only, not method={self.method!r}")
 
     # ------------------------------------------------------------------------------------------------
     @property

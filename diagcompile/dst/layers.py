@@ -137,6 +137,9 @@ class DynaDiagLinear(nn.Module):
         ``alpha`` starts at ``alpha_init`` (default ``1 / P``, the paper's) plus ``N(0, alpha_init_noise^2)``
         noise from torch's global RNG. With every candidate, ``rescale_init`` and ``soft_scale="rms"`` the layer
         starts as the dense layer itself (``g * (k / P) * sqrt(P / k) = 1`` with ``g = sqrt(P / k)``).
+
+        ``values`` and ``alpha`` require a gradient exactly when ``linear.weight`` does: a frozen linear stays
+        frozen, diagonals and their selection alike (the bias keeps its own flag).
         """
         W = linear.weight.detach()
         n_out, n_in = W.shape
@@ -151,7 +154,7 @@ class DynaDiagLinear(nn.Module):
         alpha = torch.full((cand.numel(),), a0, dtype=torch.float32)
         if alpha_init_noise > 0:
             alpha = alpha + alpha_init_noise * torch.randn(cand.numel())
-        return cls(
+        layer = cls(
             n_in,
             n_out,
             k,
@@ -164,6 +167,9 @@ class DynaDiagLinear(nn.Module):
             active_eps=active_eps,
             soft_scale=soft_scale,
         )
+        layer.values.requires_grad_(linear.weight.requires_grad)
+        layer.alpha.requires_grad_(linear.weight.requires_grad)
+        return layer
 
     # ------------------------------------------------------------------------------------------------
     @property

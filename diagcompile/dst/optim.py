@@ -57,6 +57,8 @@ def remap_rows_(
     """In place: ``param[i] <- param[src[i]]`` where ``src[i] >= 0``, else ``fill``; the same for its optimizer state.
 
     Rows taken from ``src`` keep their optimizer state; new rows (``src < 0``) get zero state whatever ``fill``.
+    A pending ``param.grad`` follows the rows too (new rows: zero), so a topology update made before the
+    ``optimizer.step()`` that consumes it does not hand a new row the gradient of the row it replaced.
 
     Args:
         param: ``(R, ...)`` parameter.
@@ -73,6 +75,8 @@ def remap_rows_(
     keep = (~new).view(shape)
     fill_t = fill if isinstance(fill, Tensor) else torch.full_like(param, float(fill))
     param.copy_(torch.where(keep, param.index_select(0, idx), fill_t.to(param.dtype)))
+    if param.grad is not None:
+        param.grad.copy_(torch.where(keep, param.grad.index_select(0, idx), torch.zeros_like(param.grad)))
     for _, t in _row_state_tensors(optimizer, param):
         t.copy_(torch.where(keep, t.index_select(0, idx), torch.zeros_like(t)))
 

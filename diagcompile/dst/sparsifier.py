@@ -7,7 +7,8 @@ Usage (single process or DDP)::
     sparsifier = DiagSparsifier(model, optimizer, DSTConfig(total_steps=T, method="dynadiag"),
                                 filter_fn=lambda m, fqn: fqn != "head")
     # (DDP: torch.distributed initialized, construct the sparsifier first, then wrap in DDP.)
-    # (LR schedulers: create them after the sparsifier, which adds the ``alpha`` param group.)
+    # (LR schedulers: create them after the sparsifier, which adds the ``alpha`` param group; one created
+    #  before it is refused, since it would not know the new group.)
     for x, y in loader:
         loss = loss_fn(model(x), y) + sparsifier.regularization_loss()
         loss.backward()
@@ -19,7 +20,9 @@ Usage (single process or DDP)::
 Construction converts the selected ``nn.Linear`` layers in place (``dynadiag``: ``DynaDiagLinear``;
 ``diagheur``: ``DiagLinear``) and rewires the optimizer: each dense weight is replaced in its param group by
 the new values (same hyper-parameters); the importances ``alpha`` get their own group (``alpha_lr``, no
-weight decay); biases are kept as the same ``Parameter`` objects.
+weight decay); biases are kept as the same ``Parameter`` objects. A frozen linear (``weight.requires_grad``
+False) stays frozen: its values (and ``alpha``) do not require a gradient and its topology is not updated
+(dynadiag: it is hardened at construction, as with ``freeze_at=0``, to the top-k of its initial ``alpha``).
 
 Probe scores without extra work for the caller: a topology update at step ``t`` needs ``dL/dV`` of every
 candidate diagonal on the batch of step ``t``. On (and only on) the steps whose ``sparsifier.step()`` will
@@ -48,7 +51,6 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +63,7 @@ from diagcompile.dst.criteria import drop_grow, probe_dv, probe_scores, refresh_
 from diagcompile.dst.layers import DynaDiagLinear
 from diagcompile.dst.optim import (
     add_alpha_group,
+    find_group,
     remap_rows_,
     remove_param_,
     replace_param_,
@@ -118,13 +121,45 @@ class _Layer:
         return self.kind == "diagheur" or self.module.is_pool
 
 
+class _ProbeHook:
+    """The forward hook that captures a layer's probe ``dV`` on armed steps (see the module docstring).
+
+    A module-level class rather than a closure so that a model under DST can be pickled (``torch.save(model)``,
+    ``copy.deepcopy``). A copy is inert: the sparsifier trains the original model, so the copy's hook must not
+    add its gradients to the original's probes (nor drag the sparsifier and optimizer into the pickle).
+    """
+
+    def __init__(self, sparsifier: DiagSparsifier, rec: _Layer) -> None:
+        self.sparsifier: DiagSparsifier | None = sparsifier
+        self.rec: _Layer | None = rec
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"sparsifier": None, "rec": None}
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        sp, rec = self.sparsifier, self.rec
+        if sp is None or rec is None or not sp._armed or not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        if not rec.module.values.requires_grad:
+            return  # a frozen layer's topology is not updated (DiagSparsifier._topology_may_change)
+        x = inputs[0].detach()
+
+        def on_grad(dy: Tensor) -> None:
+            with torch.no_grad():
+                dv = probe_dv(dy.detach(), x, rec.P).float()
+                rec.probe = dv if rec.probe is None else rec.probe.add_(dv)
+
+        output.register_hook(on_grad)
+
+
 class DiagSparsifier(SparsifierBase):
     """Dynamic sparse training of diagonal-sparse layers (DynaDiag or DiagHeur); see the module docstring.
 
     Args:
         model: the model; its selected ``nn.Linear`` layers are converted in place. Not yet DDP-wrapped.
         optimizer: built over ``model.parameters()`` and not stepped yet (no state), or ``None`` (no rewiring:
-            useful for inference-only experiments).
+            useful for inference-only experiments; training with an optimizer the sparsifier does not know
+            warns at the first topology update, since grown rows would keep another row's optimizer state).
         config: a ``DSTConfig``.
         filter_fn: ``filter_fn(module, fqn) -> bool`` rejects linears (keep heads/embeddings dense). Default
             selection: the ``mark_sparse``-marked linears if any are marked, else every ``nn.Linear``
@@ -133,8 +168,10 @@ class DiagSparsifier(SparsifierBase):
 
     Raises:
         TypeError: wrong argument types.
-        ValueError: the optimizer has state, a selected weight is tied or not in the optimizer, a layer
-            cannot reach its sparsity, or ``model`` is itself a linear / already DDP-wrapped.
+        ValueError: the optimizer has state or an LR scheduler already (dynadiag), a selected weight is tied or
+            not in the optimizer, a layer cannot reach its sparsity, a ``mark_sparse`` mark carries explicit
+            offsets under dynadiag, or ``model`` is itself a linear / already DDP-wrapped. Every check runs
+            before the model or the optimizer is changed.
     """
 
     _name = "DiagSparsifier"
@@ -162,8 +199,11 @@ class DiagSparsifier(SparsifierBase):
             max(config.freeze_step - 1, 0),
         )
 
-        # Resolve every layer's k first: a layer that cannot reach its sparsity raises before anything changed.
+        # Validate everything first (every layer's k, its place in the optimizer, the scheduler check): an error
+        # must leave the model and the optimizer as they were.
         plans = [(fqn, linear, *self._layer_k(fqn, linear)) for fqn, linear in select_linears(model, filter_fn)]
+        self._check_optimizer(plans)
+        self._warned_no_optimizer = False
         self._layers: list[_Layer] = [self._convert(*plan) for plan in plans]
         if not self._layers:
             warnings.warn("DiagSparsifier: no nn.Linear was selected; nothing will be sparse", stacklevel=2)
@@ -173,14 +213,17 @@ class DiagSparsifier(SparsifierBase):
         if config.method == "dynadiag":
             for rec in self._layers:
                 rec.module.set_temperature(self._temperature(0))
-            if config.freeze_step == 0:
-                # Nothing has been trained whose function a fold would preserve, and folding the initial
-                # alpha~ (~ k/P for every candidate) would shrink the kept values P/k-fold below their init.
-                self._freeze_all(fold=False)
+            # Nothing has been trained whose function a fold would preserve, and folding the initial alpha~
+            # (~ k/P for every candidate) would shrink the kept values P/k-fold below their init. A frozen layer
+            # (values without gradient) freezes now too: its alpha cannot learn, and annealing or folding it
+            # later would change a layer the caller froze.
+            for rec in self._layers:
+                if config.freeze_step == 0 or not rec.module.values.requires_grad:
+                    self._freeze(rec, fold=False)
         for rec in self._layers:
             rec.last_kept = self._kept_offsets(rec).clone()
             if rec.needs_probe:
-                rec.handle = rec.module.register_forward_hook(self._make_probe_hook(rec))
+                rec.handle = rec.module.register_forward_hook(_ProbeHook(self, rec))
         self._armed = self._updates.is_update_step(1)
         logger.info(
             "DiagSparsifier(%s): %d layers, world size %d%s",
@@ -197,11 +240,38 @@ class DiagSparsifier(SparsifierBase):
         n_out, n_in = linear.weight.shape
         mark = get_sparse_mark(linear)
         if mark is not None and mark.offsets is not None:
+            if self.config.method == "dynadiag":
+                # Using only their count would silently train other diagonals than the ones marked.
+                raise ValueError(
+                    f"DiagSparsifier: layer '{fqn}' is marked with explicit offsets, but dynadiag learns its own "
+                    "diagonals; explicit offsets are honoured by method='diagheur' (with update_end=0.0 they "
+                    "stay fixed). Mark it with a sparsity instead, or use diagheur."
+                )
             offsets = mark.resolve_offsets(linear.weight)
             return offsets.numel(), offsets
         sparsity = mark.sparsity if mark is not None else self.config.sparsity
         check_sparsity(sparsity, n_out, n_in, where=f"DiagSparsifier: layer '{fqn}' ({n_out}x{n_in})")
         return k_from_sparsity(n_out, n_in, sparsity), None
+
+    def _check_optimizer(self, plans: list[tuple[str, nn.Linear, int, Tensor | None]]) -> None:
+        """The optimizer checks of the construction, before anything changes (``replace_param_`` and
+        ``add_alpha_group`` would otherwise fail or misbehave half-way through the layers)."""
+        opt = self.optimizer
+        if opt is None:
+            return
+        for fqn, linear, _, _ in plans:
+            if find_group(opt, linear.weight) is None:
+                raise ValueError(
+                    f"DiagSparsifier: the weight of '{fqn}' is not in any param group of the optimizer: build the "
+                    "optimizer over model.parameters() before DiagSparsifier, or exclude the layer with filter_fn"
+                )
+        if self.config.method == "dynadiag" and any("initial_lr" in g for g in opt.param_groups):
+            # torch's LR schedulers set initial_lr on every group when created; one made now holds a learning rate
+            # per group and fails later ("zip() argument 2 is shorter ...") once the alpha group is added.
+            raise ValueError(
+                "DiagSparsifier: the optimizer already has an LR scheduler (its param groups carry 'initial_lr'): "
+                "create the scheduler after DiagSparsifier, which adds the alpha param group (dynadiag)"
+            )
 
     def _initial_offsets(self, weight: Tensor, count: int) -> Tensor:
         n_out, n_in = weight.shape
@@ -257,6 +327,23 @@ class DiagSparsifier(SparsifierBase):
         for rec in self._layers:
             self._agree(*(p.data for p in rec.module.parameters()), *rec.module.buffers())
 
+    def _topology_may_change(self, rec: _Layer) -> bool:
+        """Whether ``rec``'s topology is updated now: not for a frozen layer (its values would be dropped and
+        regrown at zero, never to train). Warns once when training runs without the optimizer."""
+        values = rec.module.values
+        if not values.requires_grad:
+            return False
+        if self.optimizer is None and values.grad is not None and not self._warned_no_optimizer:
+            self._warned_no_optimizer = True
+            warnings.warn(
+                "DiagSparsifier was built with optimizer=None but its layers are being trained (their values have "
+                "gradients): a topology update moves the rows of the values but not their optimizer state, so a "
+                "grown diagonal keeps the momentum of the one it replaced. Pass the optimizer to DiagSparsifier "
+                "(None is for inference-only use).",
+                stacklevel=5,  # the caller of step() (through _update_diagheur and its no_grad wrapper)
+            )
+        return True
+
     def _reduced_scores(self, rec: _Layer) -> Tensor | None:
         """``(P,)`` probe scores of the global batch, or ``None`` if no rank captured a probe."""
         dv = self._mean_over_ranks(rec.probe, (rec.P, rec.D), rec.module.values.device)
@@ -272,21 +359,6 @@ class DiagSparsifier(SparsifierBase):
     # ------------------------------------------------------------------------------------------------
     # Probe capture
     # ------------------------------------------------------------------------------------------------
-    def _make_probe_hook(self, rec: _Layer) -> Callable:
-        def forward_hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if not self._armed or not torch.is_grad_enabled() or not output.requires_grad:
-                return
-            x = inputs[0].detach()
-
-            def on_grad(dy: Tensor) -> None:
-                with torch.no_grad():
-                    dv = probe_dv(dy.detach(), x, rec.P).float()
-                    rec.probe = dv if rec.probe is None else rec.probe.add_(dv)
-
-            output.register_hook(on_grad)
-
-        return forward_hook
-
     def _clear_probes(self) -> None:
         for rec in self._layers:
             rec.probe = None
@@ -338,7 +410,7 @@ class DiagSparsifier(SparsifierBase):
     def _update_diagheur(self, t: int) -> None:
         for rec in self._layers:
             n = self._updates.count_at(t, rec.k)
-            if n == 0:
+            if n == 0 or not self._topology_may_change(rec):
                 continue
             scores = self._reduced_scores(rec)
             if scores is None:
@@ -363,7 +435,7 @@ class DiagSparsifier(SparsifierBase):
             if not layer.is_pool or layer.frozen:
                 continue
             n = self._updates.count_at(t, layer.num_candidates - rec.k)
-            if n == 0:
+            if n == 0 or not self._topology_may_change(rec):
                 continue
             scores = self._reduced_scores(rec)
             if scores is None:
@@ -379,17 +451,21 @@ class DiagSparsifier(SparsifierBase):
             logger.debug("step %d: %s pool refresh: %d newcomers", t, rec.fqn, int((src < 0).sum()))
 
     @torch.no_grad()
+    def _freeze(self, rec: _Layer, fold: bool) -> None:
+        layer = rec.module
+        if layer.frozen:
+            return
+        keep = hard_topk(layer.alpha, rec.k)
+        self._agree(keep)
+        layer.freeze_(fold=fold, keep_idx=keep)
+        # alpha keeps a zero gradient (see DynaDiagLinear); with zero momentum no optimizer moves it.
+        zero_state_(self.optimizer, layer.alpha)
+
+    @torch.no_grad()
     def _freeze_all(self, fold: bool | None = None) -> None:
         fold = self.config.fold_at_freeze if fold is None else fold
         for rec in self._layers:
-            layer = rec.module
-            if layer.frozen:
-                continue
-            keep = hard_topk(layer.alpha, rec.k)
-            self._agree(keep)
-            layer.freeze_(fold=fold, keep_idx=keep)
-            # alpha keeps a zero gradient (see DynaDiagLinear); with zero momentum no optimizer moves it.
-            zero_state_(self.optimizer, layer.alpha)
+            self._freeze(rec, fold)
         logger.info("step %d: dynadiag freeze: %d layers now train values only", self._step + 1, len(self._layers))
 
     # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from diagcompile.dst import (
     MaskedLinear,
     MaskSparsifier,
     config_class,
+    make_config,
     make_sparsifier,
 )
 from diagcompile.ops import k_from_sparsity
@@ -205,6 +206,28 @@ def test_conversion_errors_leave_the_model_untouched():
     opt = torch.optim.SGD(outside.head.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="not in any param group"):
         MaskSparsifier(outside, opt, MaskConfig(total_steps=10))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_frozen_weight_is_refused_before_anything_changes(method):
+    torch.manual_seed(0)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    model.body[2].weight.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"'body.2'.*requires_grad=False.*filter_fn"):
+        make_sparsifier(model, opt, method, 0.5, 10, filter_fn=not_head)
+    assert not any(isinstance(x, MaskedLinear) for x in model.modules()), "a layer was converted before the error"
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), "weights changed before the error"
+    # excluded, the frozen layer stays a plain nn.Linear and the others train
+    sp = make_sparsifier(model, opt, method, 0.5, 10, filter_fn=lambda m, fqn: fqn == "body.0")
+    assert set(sp.layers) == {"body.0"}
+
+
+def test_make_config_names_the_reserved_options():
+    for key in ("method", "sparsity", "total_steps"):
+        with pytest.raises(ValueError, match=rf"'{key}'.*argument"):
+            make_config("dynadiag", 0.5, 10, **{key: 0.5})
 
 
 def test_marks_select_layers_and_set_their_sparsity():

@@ -61,9 +61,28 @@ def test_validation_names_the_field(kwargs, exc, match):
 
 
 def test_dict_round_trip_is_plain_python():
-    cfg = DSTConfig(total_steps=77, method="diagheur", pool=2.0, freeze_at=5)
+    cfg = DSTConfig(total_steps=77, method="dynadiag", pool=2.0, freeze_at=5)
     d = cfg.to_dict()
     assert all(isinstance(v, (str, int, float, bool, type(None))) for v in d.values())
     assert DSTConfig.from_dict(d) == cfg
     with pytest.raises(ValueError, match="unknown"):
         DSTConfig.from_dict({**d, "beta": 1})
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("relaxation", "softmax_clamp"),
+        ("pool", 2.0),
+        ("temperature_schedule", "linear"),
+        ("temperature_start", 0.1),
+        ("temperature_end", 0.01),
+    ],
+)
+def test_dynadiag_options_are_refused_for_diagheur(field, value):
+    with pytest.raises(ValueError, match=rf"DSTConfig.{field}=.*dynadiag.*not method='diagheur'"):
+        DSTConfig(total_steps=100, method="diagheur", **{field: value})
+    DSTConfig(total_steps=100, method="dynadiag", **{field: value})
+    # the defaults are no choice, so a diagheur config built from defaults (or a saved dict of one) is fine
+    default = DSTConfig(total_steps=100, method="diagheur")
+    assert DSTConfig.from_dict(default.to_dict()) == default

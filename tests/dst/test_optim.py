@@ -96,3 +96,12 @@ def test_replace_add_remove_transfer():
     assert torch.equal(opt.state[compact]["step"], old_state["step"])
     remove_param_(opt, alpha)
     assert find_group(opt, alpha) is None and alpha not in opt.state
+
+
+def test_remap_rows_moves_a_pending_gradient_with_its_rows():
+    # sparsifier.step() before optimizer.step(): the gradient that step will consume must follow the rows
+    p = nn.Parameter(torch.arange(12.0).view(4, 3))
+    p.grad = torch.arange(100.0, 112.0).view(4, 3)
+    g = p.grad.clone()
+    remap_rows_(p, torch.tensor([2, -1, 0, 3]), None, fill=0.0)
+    assert torch.equal(p.grad, torch.stack([g[2], torch.zeros(3), g[0], g[3]]))

@@ -3,6 +3,7 @@
 import io
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -583,3 +584,129 @@ def test_diagheur_matches_a_dense_masked_rigl_reference():
     assert sp.diagnostics()["body.0"]["offsets_changed_total"] > 0
     for n in names:
         assert torch.allclose(sp.layers[n].to_dense(), ref_w[n] * masks[n], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Misuse: frozen layers, marks dynadiag cannot honour, schedulers, call order, pickling
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_a_frozen_linear_stays_frozen(mode):
+    torch.manual_seed(0)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    model.body[0].weight.requires_grad_(False)  # a frozen (e.g. pretrained) weight; its bias still trains
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = DiagSparsifier(model, opt, DSTConfig(total_steps=8, sparsity=0.5, update_every=2, **MODES[mode]), not_head)
+    frozen, trained = sp.layers["body.0"], sp.layers["body.2"]
+    assert not frozen.values.requires_grad and frozen.bias.requires_grad
+    assert trained.values.requires_grad
+    if isinstance(frozen, DynaDiagLinear):
+        assert not frozen.alpha.requires_grad and trained.alpha.requires_grad
+    before = {n: p.detach().clone() for n, p in frozen.named_parameters() if n != "bias"}
+    x = torch.randn(4, 16)
+
+    def weight_part():  # the layer's function without its bias (which trains)
+        with torch.no_grad():
+            return frozen(x) - frozen.bias
+
+    y0 = weight_part()
+    _train(model, opt, sp, 6)  # through the dynadiag freeze (step 4) and several topology updates
+    assert all(torch.equal(before[n], p) for n, p in frozen.named_parameters() if n != "bias")
+    torch.testing.assert_close(weight_part(), y0, rtol=1e-6, atol=1e-6, msg="the frozen layer's function changed")
+    assert sp.diagnostics()["body.0"]["offsets_changed_total"] == 0
+    model = sp.finalize()
+    assert not model.body[0].values.requires_grad and model.body[2].values.requires_grad
+
+
+@pytest.mark.parametrize("extra", [{}, {"freeze_at": 0}, {"pool": 2.0}])
+def test_dynadiag_refuses_a_mark_with_explicit_offsets(extra):
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    mark_sparse(model.body[2], offsets=[1, 5, 9, 13])
+    with pytest.raises(ValueError, match=r"'body.2'.*explicit offsets.*method='diagheur'"):
+        DiagSparsifier(model, None, DSTConfig(total_steps=10, method="dynadiag", **extra))
+    assert all(type(m) is nn.Linear for m in (model.body[0], model.body[2], model.head)), "nothing converted"
+
+
+def test_construction_validates_every_layer_before_changing_the_model():
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    opt = torch.optim.SGD([*model.body[0].parameters(), *model.head.parameters()], lr=0.1)  # body.2 left out
+    w0 = model.body[0].weight
+    with pytest.raises(ValueError, match="'body.2'.*not in any param group"):
+        DiagSparsifier(model, opt, DSTConfig(total_steps=10, sparsity=0.5), not_head)
+    assert type(model.body[0]) is nn.Linear and model.body[0].weight is w0, "body.0 was converted before the error"
+    assert any(p is w0 for g in opt.param_groups for p in g["params"]), "the optimizer was rewired before the error"
+
+
+@pytest.mark.parametrize("mode", ["diagheur", "dynadiag-pool"])
+def test_a_model_under_dst_pickles_and_its_copy_is_inert(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))  # (tiny_mlp's class is local)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = DiagSparsifier(model, opt, DSTConfig(total_steps=10, sparsity=0.75, update_every=2, **MODES[mode]))
+    _train(model, opt, sp, 1)  # the next step is an update step: the probe hooks are armed
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    copy = torch.load(buf, weights_only=False)
+    x, y = _batch(1)
+    nn.functional.mse_loss(copy(x), y).backward()
+    assert all(rec.probe is None for rec in sp._layers), "the copy fed the original's probes"
+    _train(model, opt, sp, 1, start=1)  # the original still trains, with its probes
+    assert all(d["updates"] == 1 for d in sp.diagnostics().values())
+
+
+def test_a_scheduler_created_before_the_sparsifier_is_refused():
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(ValueError, match="scheduler.*after"):
+        DiagSparsifier(model, opt, DSTConfig(total_steps=10, sparsity=0.5), not_head)
+    assert type(model.body[0]) is nn.Linear and len(opt.param_groups) == 1, "changed before the error"
+    # diagheur adds no param group, so a scheduler made before it keeps working
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    sp = DiagSparsifier(model, opt, DSTConfig(total_steps=10, method="diagheur", sparsity=0.5), not_head)
+    _train(model, opt, sp, 2)
+    sched.step()
+
+
+def test_sparsifier_step_before_optimizer_step_leaves_grown_diagonals_at_zero():
+    # The documented order is optimizer.step() then sparsifier.step(); the other order must not hand a grown
+    # diagonal the gradient of the diagonal that used to sit in its row.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    cfg = DSTConfig(total_steps=20, method="diagheur", sparsity=0.75, update_every=1, drop_fraction=1.0)
+    sp = DiagSparsifier(model, opt, cfg)
+    layer = model[0]
+    model(torch.randn(8, 16)).pow(2).sum().backward()
+    old = layer.offsets.clone()
+    g_old = dict(zip(old.tolist(), layer.values.grad.clone()))
+    sp.step()
+    grown = ~torch.isin(layer.offsets, old)
+    assert grown.any()
+    for off, g in zip(layer.offsets.tolist(), layer.values.grad):
+        assert torch.equal(g, g_old[off]) if off in g_old else torch.count_nonzero(g) == 0
+    opt.step()
+    assert torch.count_nonzero(layer.values[grown]) == 0
+
+
+def test_optimizer_none_while_training_warns_once():
+    cfg = DSTConfig(total_steps=20, method="diagheur", sparsity=0.75, update_every=1)
+    torch.manual_seed(0)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    sp = DiagSparsifier(model, None, cfg, not_head)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.warns(UserWarning, match="optimizer=None") as rec:
+        _train(model, opt, sp, 3)
+    assert sum("optimizer=None" in str(w.message) for w in rec) == 1
+    # inference-only use (no gradients) stays quiet
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    sp = DiagSparsifier(model, None, cfg, not_head)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with torch.no_grad():
+                model(torch.randn(2, 16))
+            sp.step()
+    assert not any("optimizer=None" in str(w.message) for w in rec)
