@@ -15,6 +15,21 @@ Run = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {}
 
 
+class UsageError(Exception):
+    """Raised by a subcommand for arguments that fail validation before any work starts; ``main`` reports it
+    as that subcommand's usage error (one line, exit status 2), as argparse does for its own checks."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
 def command(name: str, help: str, add_arguments: AddArgs) -> Callable[[Run], Run]:
     """Register a subcommand: ``run(args) -> exit code``."""
 
@@ -250,7 +265,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int,
         default=1,
         help="torch CPU threads per run (default 1: these models are too small to gain from more, and one thread "
         "does not stall on a busy machine; use sweep --jobs for parallelism)",
@@ -297,10 +312,9 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from diagcompile.train import METRICS_NAME, MODEL_NAME, TrainConfig, train
+    from diagcompile.train import METRICS_NAME, MODEL_NAME, TrainConfig, check_out, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     kw = _common_train_kwargs(args)
     if args.ckpt_every is not None:
         kw["ckpt_every"] = args.ckpt_every
@@ -308,18 +322,24 @@ def _train(args: argparse.Namespace) -> int:
         kw["nproc"] = args.nproc
     if args.offsets_from:
         kw["offsets_from"] = args.offsets_from
-    cfg = TrainConfig(
-        task=args.task,
-        method=args.method,
-        sparsity=args.sparsity,
-        seed=args.seed,
-        out=args.out,
-        resume=args.resume,
-        quiet=args.quiet,
-        relaxation=args.relaxation,
-        pool=args.pool,
-        **kw,
-    )
+    # Everything the arguments decide is checked here, before training; an error from training itself is not
+    # a usage error and keeps its traceback.
+    try:
+        cfg = TrainConfig(
+            task=args.task,
+            method=args.method,
+            sparsity=args.sparsity,
+            seed=args.seed,
+            out=args.out,
+            resume=args.resume,
+            quiet=args.quiet,
+            relaxation=args.relaxation,
+            pool=args.pool,
+            **kw,
+        )
+        check_out(cfg)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
     m = train(cfg)
     key = m["metric"]
     unit = "% test accuracy" if key == "acc" else " validation bits/char"
@@ -354,7 +374,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
         "nm-srste, nm-mask-decay, nm-structure-decay",
     )
     p.add_argument("--sparsities", type=_csv(float), default=(0.5, 0.8, 0.9, 0.95))
-    p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
+    p.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds (0..N-1)")
     p.add_argument("--seed-start", type=int, default=0)
     p.add_argument("--out", required=True, help="folder: runs/*.json and the tables/plot")
     p.add_argument("--name", default="results", help="file stem of the tables and plot (default: results)")
@@ -382,36 +402,43 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from diagcompile.sweep import SweepConfig, aggregate, run_sweep
+    from diagcompile.sweep import SweepConfig, aggregate, plan_runs, run_sweep
 
     per_variant: dict[str, dict[str, dict]] = {"dst": {}, "train": {}}
     for what, items in (("dst", args.variant_dst), ("train", args.variant_train)):
         for item in items:
             variant, sep, kv = item.partition(":")
             if not sep:
-                raise SystemExit(f"--variant-{what} expects VARIANT:KEY=VALUE, got {item!r}")
-            k, v = _kv(kv)
+                raise UsageError(f"--variant-{what} expects VARIANT:KEY=VALUE, got {item!r}")
+            try:
+                k, v = _kv(kv)
+            except argparse.ArgumentTypeError as e:
+                raise UsageError(f"--variant-{what}: {e}") from None
             key = k.replace("-", "_")
             per_variant[what].setdefault(variant, {})[key] = v
-    cfg = SweepConfig(
-        task=args.task,
-        out=args.out,
-        methods=tuple(args.methods),
-        sparsities=tuple(args.sparsities),
-        seeds=tuple(range(args.seed_start, args.seed_start + args.seeds)),
-        name=args.name,
-        jobs=args.jobs,
-        threads=args.threads,
-        train=_common_train_kwargs(args),
-        variant_dst=per_variant["dst"],
-        variant_train=per_variant["train"],
-        quiet=args.quiet,
-        notes=Path(args.notes).read_text() if args.notes else "",
-    )
-    if args.threads:
-        import torch
+    # The grid's every run config is built (validated) here, before any run starts.
+    try:
+        cfg = SweepConfig(
+            task=args.task,
+            out=args.out,
+            methods=tuple(args.methods),
+            sparsities=tuple(args.sparsities),
+            seeds=tuple(range(args.seed_start, args.seed_start + args.seeds)),
+            name=args.name,
+            jobs=args.jobs,
+            threads=args.threads,
+            train=_common_train_kwargs(args),
+            variant_dst=per_variant["dst"],
+            variant_train=per_variant["train"],
+            quiet=args.quiet,
+            notes=Path(args.notes).read_text() if args.notes else "",
+        )
+        plan_runs(cfg)
+    except (TypeError, ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args.aggregate_only:
         files = aggregate(cfg)
         print("\n".join(f"wrote {p}" for p in files.values()))
@@ -427,13 +454,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diagcompile", description="diagonal-sparse networks: train, run, ship")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, add_args, _) in _COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_, description=help_))
+        p = sub.add_parser(name, help=help_, description=help_)
+        add_args(p)
+        p.set_defaults(_command_parser=p)  # for main: a UsageError is reported by its subcommand's parser
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(_COMMANDS[args.command][2](args) or 0)
+    try:
+        return int(_COMMANDS[args.command][2](args) or 0)
+    except UsageError as e:
+        args._command_parser.error(str(e))  # prints usage and "diagcompile <command>: error: ...", exits 2
+        raise  # unreachable: error() exits
 
 
 if __name__ == "__main__":  # pragma: no cover

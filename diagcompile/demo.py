@@ -20,10 +20,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from diagcompile.train import TrainConfig
 
 __all__ = ["DemoConfig", "Check", "run_demo", "check_outputs_match", "check_artifact", "check_sparse_model"]
 
@@ -213,6 +216,33 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
 
 
+def _continue_interrupted(tc: TrainConfig) -> TrainConfig:
+    """``tc``, resuming a run of the same configuration that an interruption (Ctrl-C) left in ``tc.out``.
+
+    The harness refuses to start over on an unfinished run's checkpoint; the demo owns its folders, so it
+    continues that run, or, if the checkpoint is from another configuration (other flags, other code), moves it
+    aside to ``checkpoint.pt.stale`` (nothing is lost) and starts over.
+    """
+    import dataclasses
+
+    from diagcompile.train import CHECKPOINT_NAME, load_checkpoint
+
+    path = Path(tc.out) / CHECKPOINT_NAME
+    if not path.exists():
+        return tc
+    ckpt = load_checkpoint(path)
+    step, total = int(ckpt["step"]), int(ckpt["total_steps"])
+    if step >= total:
+        return tc  # finished: a new run replaces it
+    if tc.differences(ckpt["config"]):
+        stale = path.with_name(CHECKPOINT_NAME + ".stale")
+        os.replace(path, stale)
+        print(f"  (an interrupted run of another configuration moved to {stale})", flush=True)
+        return tc
+    print(f"  (continuing the interrupted run from step {step} of {total})", flush=True)
+    return dataclasses.replace(tc, resume=True)
+
+
 # ----------------------------------------------------------------------------------------------------
 def run_demo(cfg: DemoConfig) -> int:
     """Run the demo; return 0 when every check passed, 1 otherwise."""
@@ -248,7 +278,7 @@ def run_demo(cfg: DemoConfig) -> int:
             out=str(out / method),
             pool=cfg.pool if method == "dynadiag" else None,
         )
-        metrics[label] = train(tc)
+        metrics[label] = train(_continue_interrupted(tc))
         models[label], example = load_model(out / method / "model.pt", device=device)
         rep.files[f"{method} checkpoint"] = str(out / method / "checkpoint.pt")
         rep.files[f"{method} model"] = str(out / method / "model.pt")

@@ -113,6 +113,16 @@ class SweepConfig:
             raise ValueError(f"SweepConfig.task={self.task!r} must be one of {TASKS}")
         if not self.methods or not self.seeds:
             raise ValueError("SweepConfig: methods and seeds must not be empty")
+        # A repeated entry would train its runs twice and count each of them twice in the table (n, std).
+        # Sparsities are compared as run names show them (``%g``): two that print alike share a run file.
+        for what, names in (
+            ("methods", list(self.methods)),
+            ("sparsities", [f"{s:g}" if isinstance(s, (int, float)) else s for s in self.sparsities]),
+            ("seeds", list(self.seeds)),
+        ):
+            dup = sorted({str(n) for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"SweepConfig.{what} has duplicate entries {dup}; give each one once")
         for m in self.methods:
             parse_variant(m)
         if any(m != "dense" for m in self.methods) and not self.sparsities:

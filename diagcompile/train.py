@@ -65,6 +65,7 @@ __all__ = [
     "train",
     "load_model",
     "load_checkpoint",
+    "check_out",
     "atomic_torch_save",
     "atomic_write_text",
     "env_stamp",
@@ -177,7 +178,9 @@ class TrainConfig:
             fields for the mask baselines), on top of the tuned :data:`DST_RECIPE` / :data:`TASK_DST_RECIPE`
             (:func:`dst_options` resolves them).
         model: overrides of the task's model config fields (``ViTConfig`` / ``GPTConfig``).
-        out: output folder (``None``: nothing is written). resume: continue from ``out/checkpoint.pt``.
+        out: output folder (``None``: nothing is written), created when training starts. It may not hold the
+            checkpoint of an unfinished run unless ``resume`` (starting over would overwrite it); a finished
+            run's files are replaced. resume: continue from ``out/checkpoint.pt``.
         quiet: no progress bar. stop_after: stop (with a checkpoint) after this many steps, as an interruption would.
         offsets_from: a ``model.pt`` of a previous run: its diagonal layers' offsets become the initial offsets
             (``mark_sparse``) of the same layers here (diagheur; with ``dst={"update_end": 0.0}`` they stay fixed:
@@ -262,8 +265,32 @@ class TrainConfig:
                 f"TrainConfig: relaxation/pool/offsets_from apply to diagonal methods, not the mask baseline "
                 f"{self.method!r}"
             )
-        # Model overrides are validated by building the config now (a typo should fail before training).
+        if self.method == "diagheur" and (self.relaxation is not None or self.pool is not None):
+            raise ValueError("TrainConfig: relaxation/pool apply to method 'dynadiag' only, not 'diagheur'")
+        if self.method == "dynadiag" and self.offsets_from is not None:
+            raise ValueError(
+                "TrainConfig.offsets_from applies to method 'diagheur' only: dynadiag learns its own diagonals"
+            )
+        # Model overrides and sparsifier options are validated by building their configs now (a typo should fail
+        # before training).
         self.model_config()
+        self._check_dst()
+
+    def _check_dst(self) -> None:
+        if self.method == "dense":
+            return
+        from diagcompile.dst.baselines import RESERVED_OPTIONS, make_config
+
+        reserved = [k for k in RESERVED_OPTIONS if k in self.dst]
+        if reserved:
+            raise ValueError(
+                f"TrainConfig.dst may not set {reserved}: the method and the sparsity are TrainConfig fields "
+                "(--method, --sparsity) and total_steps follows from steps / epochs"
+            )
+        # Without steps the length is known only once the data is loaded; every check but an absolute freeze_at
+        # step (checked against the real length when training starts) is independent of it.
+        steps = self.get("steps") if self.epochs is None else None
+        make_config(self.method, self.sparsity, steps if steps is not None else 2**62, **dst_options(self))
 
     # ------------------------------------------------------------------------------------------------
     def get(self, name: str) -> Any:
@@ -288,7 +315,7 @@ class TrainConfig:
         return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     #: Fields that may differ between a run and its resumption.
-    RUNTIME_FIELDS = ("out", "resume", "quiet", "stop_after", "nproc")
+    RUNTIME_FIELDS = ("out", "resume", "quiet", "stop_after", "nproc", "ckpt_every")
     #: Fields whose ``None`` means a task default, recorded as used in a run's ``"resolved"``.
     RESOLVED_FIELDS = ("batch_size", "lr", "weight_decay")
 
@@ -743,14 +770,45 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def check_out(cfg: TrainConfig) -> None:
+    """Create ``cfg.out`` and check that this run may write there, before any training (``train`` calls it).
+
+    Raises ``ValueError`` when ``out`` is an existing file, when it holds the checkpoint of an unfinished run
+    and ``cfg.resume`` is off (starting over would overwrite that run's progress), or when ``cfg.resume`` would
+    continue a checkpoint written by a different configuration. A finished run's checkpoint does not block a
+    new run: its results are in its ``metrics.json`` / ``model.pt``, which the new run replaces.
+    """
+    if cfg.out is None:
+        return
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"TrainConfig.out={cfg.out!r} is an existing file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CHECKPOINT_NAME
+    if not path.exists():
+        return
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read lazily: a few fields only
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
+        raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT}); move it away")
+    if cfg.resume:
+        _check_resumable(ckpt["config"], cfg)
+    elif int(ckpt["step"]) < int(ckpt["total_steps"]):
+        raise ValueError(
+            f"{out} has a checkpoint from an earlier run (step {ckpt['step']} of {ckpt['total_steps']}); pass "
+            "--resume (resume=True) to continue it, or choose another --out"
+        )
+
+
 def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
     """Run one training job and return its metrics dict (also written to ``cfg.out/metrics.json``).
 
     ``progress(step, total, info)`` is called after every step (for callers with their own progress display;
     not with ``nproc > 1``). With ``cfg.nproc > 1`` the job runs in that many spawned gloo workers.
+    ``check_out(cfg)`` runs first.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train expects a TrainConfig, got {type(cfg).__name__}")
+    check_out(cfg)
     if cfg.nproc > 1:
         import torch.distributed as dist
 
@@ -826,6 +884,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
     max_state_bytes = 0
     max_dst_memory = 0
     resumed_from = None
+    saved_step = None  # the step of the checkpoint on disk for this run, if any
     if cfg.resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         _check_resumable(ckpt["config"], cfg)
@@ -840,12 +899,14 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
         loss_sum, loss_n = float(ckpt["loss_acc"][0]), int(ckpt["loss_acc"][1])
         max_state_bytes = int(ckpt["max_state_bytes"])
         max_dst_memory = int(ckpt.get("max_dst_memory", 0))
-        resumed_from = step
+        resumed_from = saved_step = step
         del ckpt
     elif cfg.resume and not cfg.quiet:
         print(f"[train] no checkpoint at {ckpt_path}; starting from step 0", file=sys.stderr)
 
     def save_checkpoint() -> None:
+        nonlocal saved_step
+        saved_step = step
         if ckpt_path is None or rank != 0:
             return
         atomic_torch_save(
@@ -953,7 +1014,14 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
         bar.close()
 
     if step < total:  # stop_after: an interruption on purpose
-        return {"status": "interrupted", "step": step, "total_steps": total, "checkpoint": str(ckpt_path)}
+        if saved_step != step:  # stopped before any step of this process (stop_after=0): nothing saved it yet
+            save_checkpoint()
+        return {
+            "status": "interrupted",
+            "step": step,
+            "total_steps": total,
+            "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
+        }
 
     # ---- final evaluation (and finalize for DST) -------------------------------------------------
     t_eval = time.perf_counter()

@@ -34,3 +34,12 @@ def test_unknown_command_exits_nonzero():
     with pytest.raises(SystemExit) as e:
         cli.main(["nope"])
     assert e.value.code != 0
+
+
+def test_python_m_diagcompile(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "diagcompile", "train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--task" in out.stdout
+    argv = [sys.executable, "-m", "diagcompile", "train", "--task", "digits-vit", "--steps", "-3", "--out", "x"]
+    bad = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("diagcompile train: error: TrainConfig.steps must be")

@@ -149,3 +149,20 @@ def test_cli_demo_rejects_a_bad_sparsity(capsys):
 
     assert main(["demo", "--sparsity", "1.5", "--out", "unused"]) == 2
     assert "sparsity" in capsys.readouterr().err
+
+
+def test_an_interrupted_demo_run_is_continued_or_moved_aside(tmp_path):
+    # The harness refuses to start over on an unfinished run; the demo owns its folders and resumes (same
+    # configuration) or keeps the old checkpoint next to it (another configuration).
+    from diagcompile.demo import _continue_interrupted
+    from diagcompile.train import TrainConfig, train
+
+    base = dict(task="digits-vit", method="dense", epochs=1, model={"dim": 16, "depth": 1}, quiet=True)
+    tc = TrainConfig(out=str(tmp_path), **base)
+    assert _continue_interrupted(tc) is tc  # nothing there yet
+    train(TrainConfig(out=str(tmp_path), stop_after=2, **base))
+    assert _continue_interrupted(tc).resume
+    other = TrainConfig(out=str(tmp_path), **{**base, "seed": 1})
+    assert not _continue_interrupted(other).resume
+    assert (tmp_path / "checkpoint.pt.stale").exists() and not (tmp_path / "checkpoint.pt").exists()
+    train(other)  # the folder is free again

@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import re
 import statistics
 
 import pytest
@@ -39,6 +40,42 @@ def test_parse_variant():
     ]:
         with pytest.raises(ValueError, match=msg):
             parse_variant(bad)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(methods=("diagheur", "dense", "diagheur")), r"methods has duplicate entries \['diagheur'\]"),
+        (dict(sparsities=(0.5, 0.9, 0.5)), r"sparsities has duplicate entries \['0.5'\]"),
+        (dict(sparsities=(0.5, 0.5000001)), r"sparsities has duplicate entries \['0.5'\]"),  # one run name
+        (dict(seeds=(0, 1, 0)), r"seeds has duplicate entries \['0'\]"),
+    ],
+)
+def test_duplicate_grid_entries_are_refused(tmp_path, kw, match):
+    base = dict(task="digits-vit", out=str(tmp_path), methods=("diagheur",), sparsities=(0.5,), seeds=(0,))
+    with pytest.raises(ValueError, match=match):
+        SweepConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--sparsities", "0.5,0.5"], "sparsities has duplicate entries"),
+        (["--methods", "dense,dense"], "methods has duplicate entries"),
+        (["--seeds", "0"], "--seeds: must be an int >= 1"),
+        (["--threads", "-1"], "--threads: must be an int >= 1"),
+        (["--methods", "diagheur", "--dst", "pool=2"], "pool=2.*'dynadiag' only"),
+        (["--variant-dst", "diagheur"], "--variant-dst expects VARIANT:KEY=VALUE"),
+    ],
+)
+def test_cli_sweep_reports_bad_arguments_as_usage_errors(tmp_path, capsys, monkeypatch, extra, match):
+    monkeypatch.setattr(sweep_mod, "train", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", "--task", "digits-vit", "--steps", "2", "--out", str(tmp_path), "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("diagcompile sweep: error: ") and re.search(match, last), err
 
 
 def test_plan_runs_grid(tmp_path):

@@ -4,6 +4,7 @@ load_model, metrics, the ``train`` CLI."""
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -204,6 +205,44 @@ def test_resume_refuses_a_different_config(tmp_path):
         train(_quick(out=str(tmp_path), resume=True, lr=0.5))
 
 
+def test_out_that_is_a_file_fails_before_any_step(tmp_path):
+    (tmp_path / "afile").write_text("")
+    steps = []
+    with pytest.raises(ValueError, match="afile' is an existing file, not a folder"):
+        train(_quick(out=str(tmp_path / "afile")), progress=lambda s, t, i: steps.append(s))
+    assert steps == []
+
+
+def test_stop_after_zero_writes_the_checkpoint_it_reports(tmp_path):
+    r = train(_quick(out=str(tmp_path / "s0"), method="diagheur", stop_after=0))
+    assert r["status"] == "interrupted" and r["step"] == 0
+    assert load_checkpoint(r["checkpoint"])["step"] == 0
+    resumed = train(_quick(out=str(tmp_path / "s0"), method="diagheur", resume=True))
+    straight = train(_quick(out=str(tmp_path / "a"), method="diagheur"))
+    assert resumed["resumed_from_step"] == 0 and _strip_time(resumed) == _strip_time(straight)
+    assert train(_quick(stop_after=0))["checkpoint"] is None  # no out: no checkpoint to claim
+
+
+def test_resume_with_another_ckpt_every(tmp_path):
+    # ckpt_every only says when checkpoints are written: a runtime setting, like stop_after
+    train(_quick(out=str(tmp_path), method="diagheur", stop_after=3))
+    m = train(_quick(out=str(tmp_path), method="diagheur", resume=True, ckpt_every=2))
+    assert m["status"] == "complete" and m["resumed_from_step"] == 3
+
+
+def test_a_new_run_does_not_overwrite_an_unfinished_one(tmp_path):
+    train(_quick(out=str(tmp_path), method="diagheur", stop_after=5))
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    with pytest.raises(ValueError, match=r"checkpoint from an earlier run \(step 5 of 24\); pass --resume"):
+        train(_quick(out=str(tmp_path), method="dynadiag"))
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+    with pytest.raises(ValueError, match="cannot resume.*method"):  # checked before any training too
+        train(_quick(out=str(tmp_path), method="dynadiag", resume=True))
+    # a finished run is results, not progress: running again into its folder starts over (the demo does)
+    train(_quick(out=str(tmp_path), method="diagheur", resume=True))
+    assert train(_quick(out=str(tmp_path), method="diagheur"))["resumed_from_step"] is None
+
+
 # ---- outputs -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["dense", "dynadiag", "diagheur"])
 def test_load_model_roundtrip(tmp_path, method):
@@ -272,6 +311,24 @@ def test_train_config_validation():
         TrainConfig(task="digits-vit", model={"width": 3})
     with pytest.raises(TypeError, match="TrainConfig"):
         train({"task": "digits-vit"})
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(method="diagheur", relaxation="softmax_clamp"), "relaxation/pool apply to method 'dynadiag' only"),
+        (dict(method="diagheur", pool=2.0), "relaxation/pool apply to method 'dynadiag' only"),
+        (dict(method="dynadiag", offsets_from="run/model.pt"), "offsets_from applies to method 'diagheur' only"),
+        (dict(method="diagheur", dst={"temperature_start": 0.1}), "temperature_start.*'dynadiag' only"),
+        (dict(method="dynadiag", dst={"sparsity": 0.5}), r"dst may not set \['sparsity'\]"),
+        (dict(method="rigl", dst={"total_steps": 5}), r"dst may not set \['total_steps'\]"),
+        (dict(method="dynadiag", dst={"relaxation": "gumbel"}), "DSTConfig.relaxation='gumbel'"),
+        (dict(method="dynadiag", steps=10, dst={"freeze_at": 11}), "freeze_at=11"),
+    ],
+)
+def test_train_config_refuses_options_that_would_do_nothing_or_fail_later(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(task="digits-vit", **kw)
 
 
 def test_dst_options_precedence(monkeypatch):
@@ -347,6 +404,30 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     m2 = json.loads((out / METRICS_NAME).read_text())
     assert m2["final"] == m["final"] and m2["resumed_from_step"] == 12
     assert math.isfinite(m2["final"]["acc"])
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--steps", "-3"], "steps must be a positive int"),
+        (["--method", "dynadiag", "--dst", "sparsity=0.5"], r"dst may not set \['sparsity'\]"),
+        (["--method", "diagheur", "--relaxation", "softmax_clamp"], "apply to method 'dynadiag' only"),
+        (["--method", "dynadiag", "--dst", "bogus=1"], r"\['bogus'\] do not apply"),
+        (["--threads", "0"], "--threads: must be an int >= 1"),
+        (["--out", "FILE"], "is an existing file"),
+    ],
+)
+def test_cli_train_reports_bad_arguments_as_usage_errors(tmp_path, capsys, monkeypatch, extra, match):
+    (tmp_path / "FILE").write_text("")
+    monkeypatch.setattr(train_mod, "_train", lambda *a, **k: pytest.fail("training started"))
+    extra = [str(tmp_path / a) if a == "FILE" else a for a in extra]
+    argv = ["train", "--task", "digits-vit", "--steps", "2", "--out", str(tmp_path / "o"), "--quiet", *extra]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("diagcompile train: error: ") and re.search(match, last), err
 
 
 def test_ddp_two_workers_match_one_process(tmp_path):
