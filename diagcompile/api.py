@@ -43,7 +43,7 @@ def replaceable_linears(model: nn.Module) -> tuple[list[tuple[str, nn.Linear]], 
         if fqn in mha_children:
             skipped[fqn] = "nn.MultiheadAttention reads its out_proj.weight directly instead of calling it"
         elif type(m).forward is not nn.Linear.forward:
-            skipped[fqn] = f"{type(m).__name__} overrides forward(), which a DiagLinear would drop"
+            skipped[fqn] = f"{type(m).__name__} overrides forward(), which the replacement layer would drop"
         else:
             layers.append((fqn, m))
     return layers, skipped

@@ -4,6 +4,7 @@ state-dict consistency checks. Private: the two public classes keep their own AP
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -31,23 +32,34 @@ def world_size(group: Any) -> int:
 
 
 def select_linears(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear]]:
-    """The ``nn.Linear`` layers a sparsifier converts: not ``nn.MultiheadAttention``'s own projections, passing
-    ``filter_fn``, and only the ``mark_sparse``-marked ones if any is marked. Tied weights raise ``ValueError``."""
-    mha_children = {
-        f"{fqn}.{name}" if fqn else name
-        for fqn, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-        for name, _ in m.named_children()
-    }
-    linears = [
-        (fqn, m)
-        for fqn, m in model.named_modules()
-        if isinstance(m, nn.Linear) and fqn not in mha_children and fqn != ""
-    ]
+    """The ``nn.Linear`` layers a sparsifier converts: those ``replaceable_linears`` allows (not
+    ``nn.MultiheadAttention``'s own projections, not subclasses that override ``forward``), passing
+    ``filter_fn``, and only the ``mark_sparse``-marked ones if any is marked. Tied weights raise ``ValueError``;
+    so does a marked linear that cannot be replaced, and one that would be selected but cannot is named in a
+    warning (subclasses only: attention's projections are never candidates)."""
+    from diagcompile.api import replaceable_linears
+
+    layers, skipped = replaceable_linears(model)
+    linears = [(fqn, m) for fqn, m in layers if fqn != ""]
     if filter_fn is not None:
         linears = [(fqn, m) for fqn, m in linears if filter_fn(m, fqn)]
-    if any(get_sparse_mark(m) is not None for _, m in linears):
+    any_marked = any(get_sparse_mark(m) is not None for _, m in linears)
+    if any_marked:
         linears = [(fqn, m) for fqn, m in linears if get_sparse_mark(m) is not None]
+    left: dict[str, str] = {}
+    for fqn, why in skipped.items():
+        m = model.get_submodule(fqn)
+        if get_sparse_mark(m) is not None:
+            raise ValueError(f"the sparse-marked linear '{fqn}' cannot be converted: {why}")
+        parent = model.get_submodule(fqn.rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention) or any_marked or (filter_fn is not None and not filter_fn(m, fqn)):
+            continue
+        left[fqn] = why
+    if left:
+        warnings.warn(
+            "left dense: " + "; ".join(f"'{fqn}' ({why})" for fqn, why in left.items()),
+            stacklevel=3,
+        )
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,7 +78,7 @@ from diagcompile.dst.optim import _row_state_tensors, find_group
 from diagcompile.dst.sparsifier import DiagSparsifier
 from diagcompile.functional import check_sparsity
 from diagcompile.marking import get_sparse_mark
-from diagcompile.ops import k_from_sparsity
+from diagcompile.ops import k_from_sparsity, kept_entries
 
 __all__ = ["MaskSparsifier", "MaskedLinear", "make_sparsifier", "make_config", "config_class", "SPARSIFIER_METHODS"]
 
@@ -286,7 +285,7 @@ class MaskSparsifier(SparsifierBase):
             else:
                 if not 0.0 <= s < 1.0:
                     raise ValueError(f"{where}: sparsity={s} must be in [0, 1)")
-                nnz = math.floor((1.0 - s) * n_out * n_in)
+                nnz = kept_entries(n_out * n_in, s)
                 if nnz < 1:
                     raise ValueError(f"{where}: sparsity={s} leaves no weight (budget='floor')")
             if not linear.weight.requires_grad:

@@ -132,6 +132,23 @@ def test_marked_linears_win_and_mha_projections_are_skipped():
     net(torch.randn(3, 2, 8))  # the attention block still works
 
 
+@pytest.mark.parametrize("method", ["dynadiag", "diagheur"])
+def test_a_linear_subclass_with_its_own_forward_is_left_dense_or_refused_if_marked(method):
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    net = nn.Sequential(nn.Linear(8, 8), Doubled(8, 8))
+    with pytest.warns(UserWarning, match=r"left dense: '1' \(Doubled overrides forward"):
+        sp = DiagSparsifier(net, None, DSTConfig(total_steps=5, sparsity=0.5, method=method))
+    assert set(sp.layers) == {"0"} and type(net[1]) is Doubled
+    net = nn.Sequential(nn.Linear(8, 8), Doubled(8, 8))
+    mark_sparse(net[1], sparsity=0.5)
+    with pytest.raises(ValueError, match="sparse-marked linear '1' cannot be converted"):
+        DiagSparsifier(net, None, DSTConfig(total_steps=5, sparsity=0.5, method=method))
+    assert type(net[0]) is nn.Linear  # refused before anything changed
+
+
 def test_rescaled_init_copies_the_dense_diagonals():
     torch.manual_seed(0)
     model = tiny_mlp()
