@@ -7,7 +7,9 @@
 * ``diagcompile.export.tensorrt``: the TensorRT plugin, torch-TensorRT converter and ``build_engine``
   (needs TensorRT; UNVERIFIED, see that module).
 
-Sparse-marked ``nn.Linear`` layers are converted to ``DiagLinear`` on a copy on the way.
+Sparse-marked ``nn.Linear`` layers (marked on the module or on its weight) are converted to ``DiagLinear`` on a
+copy on the way; ``F.linear`` calls on a sparse-marked bare parameter become diagonal layers in the exported
+graph (``diagcompile.passes.rewrite_exported_program``), as the ``diagcompile`` compile backend does.
 """
 
 from typing import Any

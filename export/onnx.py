@@ -33,7 +33,6 @@ import contextlib
 import functools
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from onnxscript import opset18 as op
 from torch import Tensor, nn
 
 from diagcompile.export import program as _program
+from diagcompile.export._files import atomic_write, check_output_path
 from diagcompile.export.program import CheckResult
 
 __all__ = [
@@ -309,19 +309,6 @@ def _check_dtypes(model: nn.Module, args: tuple) -> None:
         )
 
 
-def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def to_onnx(
     model: nn.Module,
     example_args: Any,
@@ -364,7 +351,7 @@ def to_onnx(
             f"Opsets below 18 lack the ScatterND/Range forms the translation emits; newer ones are not yet "
             f"handled by the installed exporter and onnxruntime"
         )
-    path = Path(path)
+    path = check_output_path(path, "to_onnx")
     args = _program._as_args(example_args)
     _check_dtypes(model, args)
     ep = _program.export_program(model, args, dynamic_batch=dynamic_batch)
@@ -397,7 +384,8 @@ def to_onnx(
     if mode == "plugin" and local_function:
         proto = add_local_functions(proto)
     onnx.checker.check_model(proto, full_check=True)
-    _save_atomic(proto, path)
+    with atomic_write(path, "to_onnx") as tmp:
+        onnx.save_model(proto, tmp)
     n_nodes = count_plugin_nodes(proto)
     log.info("wrote %s (%s mode, opset %d, %d plugin node(s))", path, mode, opset, n_nodes)
     return path
@@ -545,11 +533,13 @@ def check_onnx(
     The file must pass ``onnx.checker.check_model(full_check=True)``. Plugin-form files run through their
     local function (attached in memory if the file is bare) or, with ``runtime="extensions"``, through
     onnxruntime-extensions. Inputs are random tensors shaped like ``example_args`` at each batch size
-    (default: two sizes different from the example's).
+    (default: two sizes different from the example's; a file whose inputs have a fixed dim 0, exported with
+    ``dynamic_batch=False``, at that size only).
 
     Raises:
         ExportCheckError: when ``raise_on_failure`` and the difference exceeds the tolerance.
-        ValueError: the file is not a valid ONNX model.
+        ValueError: the file is not a valid ONNX model, or ``batch_sizes`` holds a size that a static-batch
+            file cannot run.
     """
     proto = _load(path)
     try:
@@ -560,9 +550,9 @@ def check_onnx(
     reference, _ = _program.prepare_for_export(model)
     session = make_session(proto, runtime=runtime)
     names = [i.name for i in session.get_inputs()]
-    sizes = (
-        tuple(batch_sizes) if batch_sizes is not None else _program.default_check_batches(_program._batch_size(args))
-    )
+    artifact = _artifact_name(proto, runtime)
+    static = [i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)]
+    sizes = _program.check_batches(artifact, batch_sizes, args, static[0] if static else None)
 
     def run(*inputs: Any) -> list[Tensor]:
         arrays = [a.detach().cpu().numpy() for a in inputs if isinstance(a, Tensor)]
@@ -572,5 +562,5 @@ def check_onnx(
             )
         return [torch.from_numpy(np.asarray(o)) for o in session.run(None, dict(zip(names, arrays)))]
 
-    result = _program.compare_outputs(_artifact_name(proto, runtime), run, reference, args, sizes, atol, rtol, seed)
+    result = _program.compare_outputs(artifact, run, reference, args, sizes, atol, rtol, seed)
     return _program.finish_check(result, raise_on_failure)

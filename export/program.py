@@ -16,7 +16,6 @@ import copy
 import logging
 import math
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from diagcompile.export._files import atomic_write, check_output_path
+from diagcompile.marking import SparseMark
 
 __all__ = [
     "CheckResult",
@@ -89,28 +91,108 @@ def _marked_linears(model: nn.Module) -> list[str]:
     return [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and get_sparse_mark(m) is not None]
 
 
+def _marked_parameters(model: nn.Module) -> dict[str, SparseMark]:
+    """Every sparse-marked parameter by name (a tied one under each of its names) and its mark."""
+    from diagcompile.marking import get_sparse_mark
+
+    marks: dict[str, SparseMark] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        mark = get_sparse_mark(p)
+        if mark is not None:
+            marks[fqn] = mark
+    return marks
+
+
+def _apply_mark(target: nn.Module | Tensor, mark: SparseMark) -> None:
+    from diagcompile.marking import mark_sparse
+
+    if mark.offsets is not None:
+        mark_sparse(target, offsets=list(mark.offsets))
+    else:
+        mark_sparse(target, sparsity=mark.sparsity)
+
+
+def _copy_with_marks(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` with every mark carried over.
+
+    ``deepcopy`` rebuilds each ``Parameter`` from its data and drops its Python attributes, so a mark set on
+    a weight (``mark_sparse(linear.weight)``, a bare ``F.linear`` parameter, or a top-k choice that the
+    compile backend pinned on the weight) would be lost; only module marks survive. Marks are recorded by
+    parameter name before the copy and set again on the copy's parameters. A linear then obeys its weight's
+    mark where it has one, as the graph passes and the compile backend do, else its module's.
+    """
+    from diagcompile.marking import get_sparse_mark
+
+    weight_marks = _marked_parameters(model)
+    copied = copy.deepcopy(model)
+    for fqn, mark in weight_marks.items():
+        _apply_mark(copied.get_parameter(fqn), mark)
+    for m in copied.modules():
+        if isinstance(m, nn.Linear):
+            mark = get_sparse_mark(m.weight) or get_sparse_mark(m)
+            if mark is not None:
+                _apply_mark(m, mark)  # the module and its weight now agree
+    return copied
+
+
+def _pin_and_mask_(param: nn.Parameter, mark: SparseMark) -> None:
+    """Pin ``param``'s mark to explicit offsets and zero its entries off those diagonals, in place.
+
+    Used on the export copy for marked parameters that no ``nn.Linear`` owns (``F.linear(x, self.w)``):
+    ``sparsify_`` cannot swap them, so ``export_program`` converts their linear calls in the exported graph
+    (``diagcompile.passes``). Pinned, the graph pass keeps exactly these diagonals; masked, the copy computes
+    in eager what the exported diagonal layer computes, so it is the reference of ``check_program``.
+    """
+    from diagcompile.ops import extract_diagonals, to_dense
+
+    offsets = mark.resolve_offsets(param)
+    _apply_mark(param, SparseMark(offsets=tuple(offsets.tolist())))
+    with torch.no_grad():
+        param.copy_(to_dense(extract_diagonals(param.detach(), offsets), offsets, *param.shape))
+
+
 def prepare_for_export(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """Convert sparse-marked ``nn.Linear`` layers that are not yet ``DiagLinear``; never touches ``model``.
+    """Convert what is sparse-marked in ``model`` so that it exports as diagonal layers; never touches ``model``.
 
     Returns:
-        ``(model_to_export, converted_fqns)``. Without marked linears this is ``(model, [])``, no copy. With
-        some, it is a deep copy in which exactly the marked linears became ``DiagLinear`` (their mark's
-        sparsity/offsets; top-k diagonals by L2 norm when the mark has no offsets).
+        ``(model_to_export, converted_fqns)``. Without marks this is ``(model, [])``, no copy. With some, it is
+        a deep copy (marks on modules and on parameters carried over) in which
+
+        * exactly the marked ``nn.Linear`` layers became ``DiagLinear`` (their mark's sparsity/offsets; top-k
+          diagonals by L2 norm when the mark has no offsets; a weight's own mark wins over its module's);
+        * a marked parameter that no ``nn.Linear`` owns (a bare ``nn.Parameter`` used with ``F.linear``) stays
+          a dense parameter, pinned to its diagonals and zero elsewhere: ``export_program`` turns its linear
+          calls into diagonal layers in the exported graph.
+
+        ``converted_fqns`` names the marked linears, then the marked bare parameters.
+
+    Raises:
+        ValueError: a marked linear cannot become a ``DiagLinear`` (``diagcompile.api.replaceable_linears``: a
+            subclass that overrides ``forward``, an ``nn.MultiheadAttention`` ``out_proj``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     marked = _marked_linears(model)
-    if not marked:
+    if not marked and not _marked_parameters(model):
         return model, []
     from diagcompile.api import sparsify_
     from diagcompile.config import DiagSparsityConfig
-    from diagcompile.marking import sync_marks
 
-    converted = copy.deepcopy(model)
-    sync_marks(converted)  # deepcopy drops the marks stored on weight tensors
-    converted = sparsify_(converted, DiagSparsityConfig(only_marked=True))
-    log.info("converted %d sparse-marked linear(s) on the way: %s", len(marked), ", ".join(marked))
-    return converted, marked
+    converted = _copy_with_marks(model)
+    if marked:
+        converted = sparsify_(converted, DiagSparsityConfig(only_marked=True))
+    bare = _marked_parameters(converted)  # what sparsify_ left: parameters no nn.Linear owns
+    seen: set[int] = set()
+    for fqn, mark in bare.items():
+        param = converted.get_parameter(fqn)
+        if id(param) not in seen:  # a tied parameter once
+            seen.add(id(param))
+            _pin_and_mask_(param, mark)
+    if marked:
+        log.info("converted %d sparse-marked linear(s) on the way: %s", len(marked), ", ".join(marked))
+    if bare:
+        log.info("sparse-marked parameter(s) to convert in the exported graph: %s", ", ".join(bare))
+    return converted, [*marked, *bare]
 
 
 def count_diag_layers(model: nn.Module) -> int:
@@ -209,6 +291,50 @@ def default_check_batches(example_batch: int | None) -> tuple[int, ...]:
     return tuple(b for b in candidates if b != example_batch)[:2]
 
 
+def check_batches(
+    artifact: str, batch_sizes: Sequence[int] | None, example_args: tuple, static_batch: int | None
+) -> tuple[int, ...]:
+    """The batch sizes to check an artifact at.
+
+    Args:
+        artifact: its name, for the error message.
+        batch_sizes: the caller's choice, or ``None`` for the default.
+        example_args: the example inputs.
+        static_batch: the artifact's dim-0 size if an input has a fixed one (exported with
+            ``dynamic_batch=False``), else ``None``.
+
+    Returns:
+        ``batch_sizes`` if given; else for a static artifact its own batch size (it accepts no other), and
+        for a dynamic one ``default_check_batches`` of the example's.
+
+    Raises:
+        ValueError: ``batch_sizes`` asks a static artifact for a batch size it cannot run.
+    """
+    if static_batch is None:
+        return tuple(batch_sizes) if batch_sizes is not None else default_check_batches(_batch_size(example_args))
+    if batch_sizes is None:
+        return (static_batch,)
+    other = [b for b in batch_sizes if b != static_batch]
+    if other:
+        raise ValueError(
+            f"{artifact}: the batch dimension is static ({static_batch}; exported with dynamic_batch=False), so it "
+            f"cannot run at batch size(s) {other}; check it at {static_batch} or export with a dynamic batch"
+        )
+    return tuple(batch_sizes)
+
+
+def _program_static_batch(ep: torch.export.ExportedProgram) -> int | None:
+    """Dim 0 of the first user input of ``ep`` whose dim 0 is a constant, or ``None`` if all are dynamic."""
+    user_inputs = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user_inputs:
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, Tensor) and val.dim() >= 1 and isinstance(val.shape[0], int):
+            return val.shape[0]
+    return None
+
+
 def default_tolerance(dtype: torch.dtype) -> tuple[float, float]:
     """``(atol, rtol)`` for comparing an artifact with eager in ``dtype``."""
     if dtype in (torch.float16, torch.bfloat16):
@@ -219,13 +345,11 @@ def default_tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def _flat_tensors(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat_tensors(o)]
-    if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _flat_tensors(out[k])]
-    return []
+    """The tensors of a model output in pytree order: the order of an exported program's and an ONNX
+    model's outputs (dicts in insertion order, not sorted)."""
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(out) if isinstance(t, Tensor)]
 
 
 def compare_outputs(
@@ -286,7 +410,9 @@ def export_program(
 
     Args:
         model: any module; sparse-marked ``nn.Linear`` layers are converted to ``DiagLinear`` on a copy first
-            (``model`` itself is never modified). Exported in eval mode.
+            (``model`` itself is never modified), and the ``F.linear`` calls on a sparse-marked bare parameter
+            become diagonal layers in the exported graph (``diagcompile.passes.rewrite_exported_program``).
+            Exported in eval mode.
         example_args: a tuple of inputs (or one tensor), e.g. ``(torch.randn(8, 197, 768),)``.
         dynamic_batch: make dim 0 of every tensor argument one shared dynamic ``batch`` dimension
             (range ``[0, inf)``). An example batch of 1 is traced at batch 2, because torch.export
@@ -297,7 +423,12 @@ def export_program(
         The ``ExportedProgram``. ``ep.run_decompositions()`` keeps every diagonal layer as one op node.
 
     Warns:
-        NoDiagonalLayersWarning: the model has no diagonal layer (the export is a plain one).
+        NoDiagonalLayersWarning: the program has no diagonal layer (the export is a plain one).
+
+    Raises:
+        ValueError: with ``dynamic_batch=True``, the model does not work for other dim-0 sizes (a 1-D
+            unbatched input, say); a marked linear cannot become a ``DiagLinear`` (see ``prepare_for_export``).
+        diagcompile.passes.SparseRewriteError: a marked parameter is used other than as a linear's weight.
     """
     args = _as_args(example_args)
     prepared, _ = prepare_for_export(model)
@@ -309,40 +440,64 @@ def export_program(
             )
         dynamic_shapes = _dynamic_shapes(args)
     with _eval_mode(prepared):
-        ep = torch.export.export(prepared, args, dynamic_shapes=dynamic_shapes, strict=strict)
+        try:
+            ep = torch.export.export(prepared, args, dynamic_shapes=dynamic_shapes, strict=strict)
+        except torch._dynamo.exc.UserError as e:
+            if dynamic_shapes is None or "specialized it to be a constant" not in str(e):
+                raise
+            raise ValueError(_specialized_batch_message(args)) from e
+        bare = _marked_parameters(prepared)
+        if bare:
+            # Marked parameters that no nn.Linear owns (F.linear(x, self.w)): prepare_for_export pinned them,
+            # the graph pass turns their linear calls into diag_linear nodes (raising SparseRewriteError for
+            # any other use), exactly as the compile backend does.
+            from diagcompile.passes import rewrite_exported_program
+
+            ep, _ = rewrite_exported_program(ep, strict=strict)
     n = count_diag_nodes(ep)
     if n == 0:
-        warnings.warn(
-            "export_program: the model has no diagonal layer (no DiagLinear and no sparse-marked nn.Linear); "
-            "exported as a plain torch.export program",
-            NoDiagonalLayersWarning,
-            stacklevel=2,
-        )
+        layers = count_diag_layers(prepared) + len({id(prepared.get_parameter(f)) for f in bare})
+        if layers == 0:
+            msg = (
+                "the model has no diagonal layer (no DiagLinear and no sparse-marked linear or parameter); "
+                "exported as a plain torch.export program"
+            )
+        else:
+            msg = (
+                f"the model has {layers} diagonal layer(s) or marked parameter(s), but its forward used none of "
+                f"them on these inputs: the program has no diag_linear node"
+            )
+        warnings.warn(f"export_program: {msg}", NoDiagonalLayersWarning, stacklevel=2)
     log.info("exported %d diagonal layer(s) as diagcompile::diag_linear nodes", n)
     return ep
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+def _specialized_batch_message(args: tuple) -> str:
+    """Why torch.export found the dynamic batch dim to be a constant, in the user's terms."""
+    flat = [(i, tuple(a.shape)) for i, a in enumerate(args) if isinstance(a, Tensor) and a.dim() == 1 and a.numel() > 1]
+    if flat:
+        names = ", ".join(f"example_args[{i}] (shape {shape})" for i, shape in flat)
+        return (
+            f"export_program: {names} is 1-D, so with dynamic_batch=True its only dim is taken as the batch "
+            f"dimension, but the model needs that size fixed (an unbatched input?). Add a batch dimension "
+            f"(x.unsqueeze(0)) or pass dynamic_batch=False"
+        )
+    return (
+        "export_program: with dynamic_batch=True dim 0 of every tensor input is the batch dimension, but the "
+        "model only works for the example's dim-0 size (it uses that size as a constant). Pass "
+        "dynamic_batch=False to export static shapes, or make dim 0 of each input the batch dimension"
+    )
 
 
 def save(ep: torch.export.ExportedProgram, path: str | os.PathLike) -> Path:
     """Write ``ep`` to ``path`` (a ``.pt2`` archive) atomically; returns the path."""
     if not isinstance(ep, torch.export.ExportedProgram):
         raise TypeError(f"save expects a torch.export.ExportedProgram, got {type(ep).__name__}")
-    path = Path(path)
+    path = check_output_path(path, "save")
     if path.suffix != ".pt2":
         raise ValueError(f"save: {path} should end in .pt2 (the torch.export archive format)")
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
+    with atomic_write(path, "save") as tmp:
         torch.export.save(ep, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -415,11 +570,13 @@ def check_program(
 
     The eager side is ``model`` after the same on-the-way conversion of sparse-marked linears as
     ``export_program``. Inputs are fresh random tensors shaped like ``example_args`` at each batch size
-    (default: two sizes different from the example's, so a wrongly static batch dim is caught).
+    (default: two sizes different from the example's, so a wrongly static batch dim is caught; a program
+    exported with ``dynamic_batch=False`` is checked at its own batch size, the only one it runs).
 
     Raises:
         ExportCheckError: when ``raise_on_failure`` and the difference exceeds ``atol + rtol * max|eager|``
             (defaults by dtype: float32 ``1e-5 + 1e-4 * scale``).
+        ValueError: ``batch_sizes`` holds a size that a static-batch program cannot run.
     """
     args = _as_args(example_args)
     ep = load(program) if isinstance(program, (str, os.PathLike)) else program
@@ -427,7 +584,7 @@ def check_program(
         raise TypeError(f"program must be an ExportedProgram or a .pt2 path, got {type(ep).__name__}")
     reference, _ = prepare_for_export(model)
     module = ep.module()
-    sizes = tuple(batch_sizes) if batch_sizes is not None else default_check_batches(_batch_size(args))
+    sizes = check_batches("pt2", batch_sizes, args, _program_static_batch(ep))
 
     def run(*inputs: Any) -> list[Tensor]:
         return _flat_tensors(module(*inputs))

@@ -33,13 +33,13 @@ import logging
 import operator
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from diagcompile.export._files import atomic_write, check_output_path
 
 __all__ = [
     "AOTKernel",
@@ -54,6 +54,7 @@ __all__ = [
     "register_plugin",
     "register_torch_tensorrt_converter",
     "strip_triton_scratch_params",
+    "zero_bias",
 ]
 
 log = logging.getLogger(__name__)
@@ -405,6 +406,25 @@ def register_plugin() -> None:
     log.info("registered TensorRT plugin %s (JIT + AOT)", PLUGIN_ID)
 
 
+# TensorRT DataType names of the float types a diagonal layer's values can have.
+_TRT_FLOAT_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16}
+
+
+def zero_bias(out_features: int, values: Any) -> torch.Tensor:
+    """The ``(out_features,)`` zero bias the plugin gets for a layer without one, in the dtype of ``values``.
+
+    ``values`` is what the torch-TensorRT converter receives: a ``torch.Tensor`` (a frozen weight) or a
+    TensorRT ``ITensor`` (whose ``dtype`` is a ``trt.DataType``). The plugin's inputs share one type, so a
+    float32 bias next to float16 values would not build. The ``ITensor`` branch is UNVERIFIED (no TensorRT here).
+    """
+    if isinstance(values, torch.Tensor):
+        dtype = values.dtype
+    else:
+        name = getattr(values.dtype, "name", str(values.dtype)).rsplit(".", 1)[-1]
+        dtype = _TRT_FLOAT_DTYPES.get(name, torch.float32)
+    return torch.zeros(out_features, dtype=dtype)
+
+
 @functools.cache
 def register_torch_tensorrt_converter() -> None:
     """Teach torch-TensorRT to lower ``diagcompile::diag_linear`` to the plugin (AOT). UNVERIFIED.
@@ -424,10 +444,8 @@ def register_torch_tensorrt_converter() -> None:
     def _convert(ctx, target, args, kwargs, name):
         x, values, offsets, bias, out_features = args
         in_features = int(x.shape[-1])
-        if isinstance(bias, torch.Tensor) and bias.numel() == 0:
-            bias = torch.zeros(int(out_features), dtype=values.dtype if isinstance(values, torch.Tensor) else None)
-        elif not isinstance(bias, torch.Tensor) and tuple(bias.shape) == (0,):
-            bias = torch.zeros(int(out_features))
+        if tuple(bias.shape) == (0,):  # no bias (a torch tensor or a TensorRT ITensor): the plugin takes zeros
+            bias = zero_bias(int(out_features), values)
         inputs = [get_trt_tensor(ctx, t, f"{name}_{i}") for i, t in enumerate((x, values, offsets, bias))]
         plugin = trtp.op.diagcompile.DiagLinear(*inputs, out_features=int(out_features), in_features=in_features)
         layer = ctx.net.add_plugin(plugin, aot=True)
@@ -452,6 +470,8 @@ def build_engine(
     """
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
+    if engine_path is not None:  # before the minutes-long build, not at the final rename
+        check_output_path(engine_path, "build_engine")
     trt, _ = _import_trt()
     import onnx
 
@@ -482,10 +502,6 @@ def build_engine(
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
     data = bytes(engine)
     if engine_path is not None:
-        path = Path(engine_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        with atomic_write(engine_path, "build_engine") as tmp:
+            tmp.write_bytes(data)
     return data

@@ -207,10 +207,20 @@ def _describe(node: fx.Node) -> str:
 
 @dataclass(eq=False)
 class _Site:
+    """One linear call to rewrite. Its input (and, for function sites, its bias) is *not* recorded here:
+    it is read from ``node`` at rewrite time, because rewriting an earlier site replaces that site's node
+    (``x`` of ``fc2(fc1(x))`` is ``fc1``'s node until ``fc1`` is rewritten, then the new ``diag_linear``)."""
+
     node: fx.Node
-    x: object
-    bias: object  # fx.Node | None (function sites) or Tensor | None (module sites)
+    module_bias: Tensor | None  # call_module sites: the nn.Linear's bias tensor (function sites: None)
     module_path: str | None  # set for call_module sites
+
+    def current_input(self) -> object:
+        return _arg(self.node, 0, "input")
+
+    def current_bias(self) -> object:
+        """A function site's bias argument as the graph has it now (an ``fx.Node`` or ``None``)."""
+        return _arg(self.node, 2, "bias")
 
 
 @dataclass(eq=False)
@@ -273,8 +283,7 @@ def _collect(gm: fx.GraphModule, placeholder_tensors: Sequence[object] | None, w
                 own = mod.__dict__.get("_diagcompile_sparse_mark")
                 if own is not None:
                     w.module_marks[node.target] = own
-                x = _arg(node, 0, "input")
-                w.sites.append(_Site(node, x, mod.bias, node.target))
+                w.sites.append(_Site(node, mod.bias, node.target))
                 continue
             hidden = [n for n, p in mod.named_parameters() if is_sparse_marked(p)]
             hidden += [f"{n}.weight" for n, sub in mod.named_modules() if n and get_sparse_mark(sub) is not None]
@@ -308,7 +317,7 @@ def _collect(gm: fx.GraphModule, placeholder_tensors: Sequence[object] | None, w
                         f"weight itself can become diagonal-sparse; unmark it (diagcompile.unmark_sparse) or "
                         f"compute that use from a separate tensor"
                     )
-                w.sites.append(_Site(user, _arg(user, 0, "input"), _arg(user, 2, "bias"), None))
+                w.sites.append(_Site(user, None, None))
         if w.tensor.dim() != 2:
             raise SparseRewriteError(f"{what}: marked weight '{w.name}' must be 2-D, got {tuple(w.tensor.shape)}")
     # Modules that own a marked weight and are replaced must not hide it from other, non-linear users:
@@ -428,10 +437,10 @@ class _Emitter:
                 holder = nn.Module()
                 holder.register_parameter("values", self.param)
                 holder.register_buffer("offsets", self.offsets)
-                if isinstance(site.bias, nn.Parameter):
-                    holder.register_parameter("bias", site.bias)
-                elif isinstance(site.bias, Tensor):
-                    holder.register_buffer("bias", site.bias)
+                if isinstance(site.module_bias, nn.Parameter):
+                    holder.register_parameter("bias", site.module_bias)
+                elif isinstance(site.module_bias, Tensor):
+                    holder.register_buffer("bias", site.module_bias)
                 parent, last = _owned_parent(gm, path)
                 parent._modules[last] = holder
                 self.containers.add(path)
@@ -496,11 +505,12 @@ class _Emitter:
     def bias_node(self, site: _Site, dtype: torch.dtype) -> fx.Node | None:
         """The site's bias as a node of ``dtype``, or ``None``."""
         if site.module_path is None:  # F.linear / aten.linear: the bias argument (a node or None)
-            node, bias_dtype = site.bias, _meta_dtype(site.bias)
-        elif site.bias is None:
+            bias = site.current_bias()
+            node, bias_dtype = bias, _meta_dtype(bias)
+        elif site.module_bias is None:
             return None
         else:  # nn.Linear: its bias, in the container that replaced it or on the module itself
-            node, bias_dtype = self.gm.graph.get_attr(f"{site.module_path}.bias"), site.bias.dtype
+            node, bias_dtype = self.gm.graph.get_attr(f"{site.module_path}.bias"), site.module_bias.dtype
         if isinstance(node, fx.Node) and bias_dtype not in (None, dtype):
             node = self.gm.graph.call_method("to", (node, dtype))
         return node
@@ -570,7 +580,7 @@ def rewrite_sites(
         dtype = _meta_dtype(site.node) or w.tensor.dtype
         with graph.inserting_before(site.node):
             values, offsets = em.nodes(site, dtype)
-            x = site.x
+            x = site.current_input()
             if _meta_dtype(x) not in (None, dtype):
                 x = graph.call_method("to", (x, dtype))
             bias = em.bias_node(site, dtype)

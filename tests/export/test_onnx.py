@@ -1,6 +1,8 @@
 """ONNX export in both forms, run in onnxruntime (real runtime, CPU)."""
 
 import copy
+import os
+import stat
 
 import numpy as np
 import onnx
@@ -247,3 +249,49 @@ def test_extensions_runtime_refuses_float16_plugin_nodes(tmp_path):
     path = to_onnx(layer, (torch.randn(2, 16, dtype=torch.float16),), tmp_path / "h.onnx", mode="plugin")
     with pytest.raises(ValueError, match="float32 plugin nodes only"):
         make_session(path, runtime="extensions")
+
+
+def test_static_batch_file_is_checked_at_its_own_batch_size(tmp_path):
+    layer = DiagLinear(8, 12, sparsity=0.5)
+    args = (torch.randn(4, 8),)
+    path = to_onnx(layer, args, tmp_path / "static.onnx", dynamic_batch=False)
+    result = check_onnx(path, layer, args)
+    assert result.passed and result.batch_sizes == (4,)
+    with pytest.raises(ValueError, match=r"batch dimension is static \(4.*batch size\(s\) \[1\]"):
+        check_onnx(path, layer, args, batch_sizes=[1])
+
+
+def test_dict_outputs_are_checked_in_the_files_output_order(tmp_path):
+    """ONNX outputs follow the dict's insertion order; a sorted comparison paired logits with features."""
+
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = DiagLinear(8, 6, sparsity=0.5)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            y = self.fc(x)
+            return {"logits": y, "features": y.relu()}
+
+    model = Named()
+    args = (torch.randn(4, 8),)
+    path = to_onnx(model, args, tmp_path / "dict.onnx")
+    assert check_onnx(path, model, args).passed
+
+
+def test_written_file_gets_the_mode_of_a_new_file(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = to_onnx(DiagLinear(8, 8, sparsity=0.5), (torch.randn(2, 8),), tmp_path / "m.onnx")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # mkstemp's 0o600 before the fix
+
+
+def test_writing_to_a_directory_fails_before_exporting(tmp_path, monkeypatch):
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("exported before checking the output path")
+
+    monkeypatch.setattr("diagcompile.export.program.export_program", no_export)
+    with pytest.raises(ValueError, match="is a directory"):
+        to_onnx(DiagLinear(8, 8, sparsity=0.5), (torch.randn(2, 8),), tmp_path)

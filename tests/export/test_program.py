@@ -2,13 +2,25 @@
 
 import copy
 import json
+import os
+import stat
+import warnings
 import zipfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from diagcompile import DiagLinear, DiagSparsityConfig, is_sparse_marked, sparsify_
+from diagcompile import (
+    DiagLinear,
+    DiagSparsityConfig,
+    SparseMark,
+    get_sparse_mark,
+    is_sparse_marked,
+    mark_sparse,
+    sparsify_,
+)
 from diagcompile.export import (
     ExportCheckError,
     NoDiagonalLayersWarning,
@@ -17,9 +29,10 @@ from diagcompile.export import (
     load,
     save,
 )
-from diagcompile.export.program import count_diag_nodes
+from diagcompile.export.program import _flat_tensors, count_diag_nodes
 from diagcompile.marking import sync_marks
-from diagcompile.testing import ExportTestModel, make_export_model, run_python
+from diagcompile.passes import SparseRewriteError
+from diagcompile.testing import ExportTestModel, make_export_model, masked_dense_copy, run_python
 
 N = ExportTestModel.N_DIAG_LAYERS
 
@@ -171,3 +184,154 @@ def test_load_can_move_a_program_to_another_device(exported):
     assert all(t.device.type == "meta" for t in ep.state_dict.values())
     y = ep.module()(torch.randn(4, 5, 96, device="meta"))
     assert y.shape == (4, 5, 10) and y.device.type == "meta"
+
+
+def test_static_batch_program_is_checked_at_its_own_batch_size():
+    layer = DiagLinear(8, 12, sparsity=0.5)
+    args = (torch.randn(4, 8),)
+    ep = export_program(layer, args, dynamic_batch=False)
+    result = check_program(ep, layer, args)
+    assert result.passed and result.batch_sizes == (4,)
+    with pytest.raises(ValueError, match=r"batch dimension is static \(4.*batch size\(s\) \[5\]"):
+        check_program(ep, layer, args, batch_sizes=[4, 5])
+
+
+def test_saved_file_gets_the_mode_of_a_new_file(exported, tmp_path):
+    _, _, ep, _ = exported
+    old = os.umask(0o027)
+    try:
+        path = save(ep, tmp_path / "new.pt2")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # mkstemp's 0o600 before the fix
+    path.chmod(0o604)
+    save(ep, path)  # overwriting keeps the mode chosen for the existing file
+    assert stat.S_IMODE(path.stat().st_mode) == 0o604
+    assert [p.name for p in tmp_path.iterdir()] == ["new.pt2"]  # no temporary file left behind
+
+
+def test_save_to_a_directory_is_a_clear_error(exported, tmp_path):
+    _, _, ep, _ = exported
+    (tmp_path / "dir.pt2").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        save(ep, tmp_path / "dir.pt2")
+
+
+def _two_layers() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4)).eval()
+
+
+def test_weight_only_mark_is_exported_sparse():
+    """mark_sparse(linear.weight): the mark lives on the tensor only, which deepcopy drops."""
+    model = _two_layers()
+    mark_sparse(model[0].weight, sparsity=0.5)
+    args = (torch.randn(4, 8),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither "no diagonal layer" nor sparsify_'s "nothing selected"
+        ep = export_program(model, args)
+    assert count_diag_nodes(ep) == 1 and "0.values" in ep.state_dict and "0.weight" not in ep.state_dict
+    assert type(model[0]) is nn.Linear and get_sparse_mark(model[0].weight) == SparseMark(sparsity=0.5)  # untouched
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(ep.module()(x), masked_dense_copy(model)(x), rtol=1e-5, atol=1e-5)
+    assert check_program(ep, model, args).passed
+
+
+def test_weight_mark_wins_over_its_module_mark():
+    """As in the graph passes and the compile backend (which pins its top-k choice on the weight)."""
+    model = _two_layers()
+    mark_sparse(model[0], sparsity=0.5)
+    mark_sparse(model[0].weight, offsets=[0, 1, 5, 9, 10, 11])
+    ep = export_program(model, (torch.randn(4, 8),))
+    assert ep.state_dict["0.offsets"].tolist() == [0, 1, 5, 9, 10, 11]
+
+
+class _BareParam(nn.Module):
+    """A sparse-marked bare parameter used with F.linear, feeding a DiagLinear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(12, 8))
+        self.b = nn.Parameter(torch.randn(12))
+        self.fc = DiagLinear(12, 4, sparsity=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(F.linear(x, self.w, self.b)))
+
+
+def test_marked_bare_parameter_is_exported_sparse_like_the_compile_backend():
+    model = _BareParam().eval()
+    mark_sparse(model.w, sparsity=0.5)
+    args = (torch.randn(4, 8),)
+    ep = export_program(model, args)
+    assert count_diag_nodes(ep) == 2 and "w" not in ep.state_dict and "w_values" in ep.state_dict
+    assert get_sparse_mark(model.w) == SparseMark(sparsity=0.5)  # the source model is not pinned
+    assert check_program(ep, model, args).passed
+    x = torch.randn(5, 8)
+    exported = ep.module()(x)
+    torch.testing.assert_close(exported, masked_dense_copy(model)(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            compiled = torch.compile(model, backend="diagcompile")(x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(exported, compiled, rtol=1e-5, atol=1e-5)
+
+
+def test_marked_bare_parameter_used_outside_a_linear_is_an_error():
+    class Misuse(_BareParam):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + self.w.sum()
+
+    model = Misuse()
+    mark_sparse(model.w, sparsity=0.5)
+    with pytest.raises(SparseRewriteError, match="weight 'w' is marked sparse but node .*sum"):
+        export_program(model, (torch.randn(4, 8),))
+
+
+def test_marked_subclass_that_overrides_forward_is_an_error():
+    """A DiagLinear in its place would silently drop the override (here: the * 2)."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2.0
+
+    model = nn.Sequential(Scaled(8, 12))
+    mark_sparse(model[0], sparsity=0.5)
+    with pytest.raises(ValueError, match="'0' \\(Scaled overrides forward"):
+        export_program(model, (torch.randn(4, 8),))
+
+
+def test_unbatched_1d_example_with_a_dynamic_batch_is_a_clear_error():
+    layer = DiagLinear(8, 12, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"example_args\[0\] \(shape \(8,\)\) is 1-D.*dynamic_batch=False"):
+        export_program(layer, (torch.randn(8),))
+    ep = export_program(layer, (torch.randn(8),), dynamic_batch=False)  # what the message suggests
+    assert count_diag_nodes(ep) == 1
+
+
+def test_diagonal_layer_unused_by_forward_is_named_in_the_warning():
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = DiagLinear(8, 8, sparsity=0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    with pytest.warns(NoDiagonalLayersWarning, match="has 1 diagonal layer.*used none of them"):
+        export_program(Unused(), (torch.randn(3, 8),))
+
+
+def test_dict_outputs_are_compared_in_pytree_order():
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = DiagLinear(8, 6, sparsity=0.5)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            y = self.fc(x)
+            return {"logits": y, "features": y.relu()}  # not in sorted order
+
+    out = Named()(torch.randn(2, 8))
+    assert _flat_tensors(out) == [out["logits"], out["features"]]

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import typing
+from types import SimpleNamespace
 
 import pytest
 
@@ -199,6 +200,22 @@ def test_module_imports_without_tensorrt_and_says_what_is_missing(monkeypatch, t
 def test_build_engine_validates_the_profile_before_needing_tensorrt(tmp_path):
     with pytest.raises(ValueError, match="min_batch <= opt_batch <= max_batch"):
         trt_mod.build_engine(tmp_path / "m.onnx", min_batch=8, opt_batch=4)
+
+
+def test_build_engine_refuses_a_directory_as_engine_path_before_needing_tensorrt(tmp_path):
+    with pytest.raises(ValueError, match="build_engine: .* is a directory"):
+        trt_mod.build_engine(tmp_path / "m.onnx", tmp_path)
+
+
+def test_zero_bias_of_a_bias_free_layer_has_the_values_dtype():
+    """The converter's stand-in bias (the ITensor branch mimics a trt.DataType; TensorRT is not installed)."""
+    import torch
+
+    half = trt_mod.zero_bias(6, torch.zeros(2, 4, dtype=torch.float16))
+    assert half.dtype == torch.float16 and half.shape == (6,) and not half.any()
+    for name, dtype in [("HALF", torch.float16), ("FLOAT", torch.float32), ("BF16", torch.bfloat16)]:
+        itensor = SimpleNamespace(dtype=SimpleNamespace(name=name))
+        assert trt_mod.zero_bias(3, itensor).dtype == dtype
 
 
 # ----------------------------------------------------------------------------------------------------

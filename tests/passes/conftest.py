@@ -94,6 +94,39 @@ def make_tied(seed: int = 0) -> TiedNet:
     return net
 
 
+class Chain(nn.Module):
+    """Marked linears fed straight from other marked linears: ``fc1 -> fc2`` back to back, ``fc2 -> fc3``
+    through a reshape, ``fc3 -> fc4`` through a reshape, and ``fc4``'s output read twice (by the marked
+    ``F.linear`` head and by a sum). Rewriting one site replaces the node the next site reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 12)
+        self.fc2 = nn.Linear(12, 12)
+        self.fc3 = nn.Linear(6, 6, bias=False)
+        self.fc4 = nn.Linear(12, 12)
+        self.w = nn.Parameter(torch.randn(4, 12) / 12**0.5)
+        self.b = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(self.fc1(x))
+        h = self.fc3(h.unflatten(-1, (2, 6))).flatten(-2)
+        h = self.fc4(h)
+        return F.linear(h, self.w, self.b) + h.sum(-1, keepdim=True)
+
+
+CHAIN_SITES = 5
+
+
+def make_chain(seed: int = 0) -> Chain:
+    torch.manual_seed(seed)
+    net = Chain()
+    for fc in (net.fc1, net.fc2, net.fc3, net.fc4):
+        mark_sparse(fc, sparsity=0.5)
+    mark_sparse(net.w, sparsity=0.5)
+    return net
+
+
 @pytest.fixture
 def zoo() -> SimpleNamespace:
     """The model classes and factories above (test modules cannot import this conftest)."""
@@ -106,4 +139,6 @@ def zoo() -> SimpleNamespace:
         make_net=make_net,
         make_tied=make_tied,
         NET_SITES=NET_SITES,
+        make_chain=make_chain,
+        CHAIN_SITES=CHAIN_SITES,
     )

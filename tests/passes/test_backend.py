@@ -109,6 +109,21 @@ def test_graph_shared_by_repeated_blocks():
     assert sum(r.count for r in reports) < len(model)  # fewer rewritten graphs than blocks: they are shared
 
 
+def test_marked_linears_fed_by_marked_linears(zoo):
+    """Back to back, through reshapes, an output read twice (see the Chain model): inference and training
+    graphs (converted / gathered values) both match the masked dense model."""
+    net = zoo.make_chain()
+    ref = masked_dense_copy(net)
+    reports = []
+    compiled = diagcompile.compile(net, fullgraph=True, on_rewrite=reports.append)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert [r.count for r in reports] == [zoo.CHAIN_SITES] * 2
+    assert {s.state for s in reports[0].sites} == {"converted"} and {s.state for s in reports[1].sites} == {"gathered"}
+
+
 def test_training_dynamic_batch_one_graph_matches_masked_dense(zoo):
     """mark_unbacked batch: one graph for every size; forward, gradients and SGD steps match the eager
     dense model whose weights are masked (W * mask) to the same diagonals."""

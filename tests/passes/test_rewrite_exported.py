@@ -60,6 +60,16 @@ def test_unlifted_module_pass(zoo):
     torch.testing.assert_close(gm(x), masked_dense_copy(net)(x), rtol=1e-5, atol=1e-5)
 
 
+def test_marked_linears_fed_by_marked_linears(zoo):
+    """Back to back, through reshapes, and an output read twice (see the Chain model)."""
+    net = zoo.make_chain()
+    ep = torch.export.export(net, (torch.randn(3, 8),), dynamic_shapes={"x": {0: Dim("batch")}})
+    new, report = rewrite_exported_program(ep)
+    assert report.count == zoo.CHAIN_SITES == _count(new.graph, DIAG) and _count(new.graph, LINEAR) == 0
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(new.module()(x), masked_dense_copy(net)(x), rtol=1e-5, atol=1e-5)
+
+
 def test_tied_weights(zoo):
     net = zoo.make_tied()
     ep = torch.export.export(net, (torch.randn(3, 16),))

@@ -107,6 +107,16 @@ def test_nothing_marked_is_unchanged(zoo):
     assert gm is traced and report.count == 0 and report.sites == () and gm.code == code
 
 
+def test_marked_linears_fed_by_marked_linears(zoo):
+    """Back to back, through reshapes, and an output read twice: each site reads the node that replaced
+    the site before it (regression: the pass used the input recorded before that node was erased)."""
+    net = zoo.make_chain()
+    gm, report = rewrite_traced(fx.symbolic_trace(net))
+    assert report.count == zoo.CHAIN_SITES == _diag_nodes(gm) and _linear_nodes(gm) == 0
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(gm(x), masked_dense_copy(net)(x), rtol=1e-5, atol=1e-5)
+
+
 def test_tied_linears_share_one_state(zoo):
     net = zoo.make_tied()
     ref = masked_dense_copy(net)
