@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from diagcompile._files import atomic_write
+
 __all__ = ["plot_diagonal_pattern", "plot_training_curves"]
 
 
@@ -27,10 +29,8 @@ def _pyplot():
 
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_write(path, "plot") as tmp:  # tmp ends in .png, which savefig reads the format from
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
     return path
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diagcompile._files import atomic_write
 from diagcompile.train import TASKS, TrainConfig, atomic_write_text, dst_config_dict, env_stamp, train
 
 __all__ = ["SweepConfig", "parse_variant", "run_name", "plan_runs", "run_sweep", "aggregate"]
@@ -519,11 +520,7 @@ def plot(agg: list[dict], metric: str, higher: bool, path: Path, title: str = ""
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    with atomic_write(path, "plot") as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
     return path

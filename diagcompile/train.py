@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diagcompile._files import atomic_write
 from diagcompile.models import (
     GPTConfig,
     ViTConfig,
@@ -398,21 +399,8 @@ def env_stamp(device: str = "cpu") -> dict[str, Any]:
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path, "write") as tmp, open(tmp, mode) as f:
+        write(f)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

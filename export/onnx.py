@@ -47,8 +47,8 @@ from onnxscript import FLOAT, INT64, script
 from onnxscript import opset18 as op
 from torch import Tensor, nn
 
+from diagcompile._files import atomic_write, check_output_path
 from diagcompile.export import program as _program
-from diagcompile.export._files import atomic_write, check_output_path
 from diagcompile.export.program import CheckResult
 
 __all__ = [

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diagcompile.export._files import atomic_write, check_output_path
+from diagcompile._files import atomic_write, check_output_path
 from diagcompile.marking import SparseMark
 
 __all__ = [

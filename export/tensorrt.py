@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from diagcompile.export._files import atomic_write, check_output_path
+from diagcompile._files import atomic_write, check_output_path
 
 __all__ = [
     "AOTKernel",

@@ -1,4 +1,5 @@
-"""Atomic file writing shared by every artifact writer of ``diagcompile.export`` (.pt2, .onnx, TensorRT engines).
+"""Atomic file writing, the one home for every file diagcompile writes: checkpoints, metrics and model files
+(``train``), plots, sweep tables, and the artifacts of ``diagcompile.export`` (.pt2, .onnx, TensorRT engines).
 
 A writer produces its file under a temporary name in the target's directory and renames it over the target
 only once the file is complete and flushed to disk, so an interrupted export never leaves a truncated

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from diagcompile.export._files import atomic_write, check_output_path
+from diagcompile._files import atomic_write, check_output_path
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
