@@ -99,11 +99,14 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "source",
         metavar="CHECKPOINT_OR_MODEL",
-        help="a training checkpoint file, or package.module:factory where factory() returns (model, example_args)",
+        help="a model file written by training (OUT/model.pt), or package.module:factory where factory() returns "
+        "(model, example_args)",
     )
     p.add_argument("--format", choices=_EXPORT_FORMATS, default="pt2", help="artifact to write (default: pt2)")
     p.add_argument("--out", required=True, help="output path (.pt2 or .onnx)")
-    p.add_argument("--batch", type=int, default=None, help="batch size for the check (default: two sizes != example)")
+    p.add_argument(
+        "--batch", type=_positive_int, default=None, help="batch size for the check (default: two sizes != example)"
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 20)")
     p.add_argument("--static-batch", action="store_true", help="export the example's batch size as a constant")
     p.add_argument("--bare", action="store_true", help="onnx-plugin: no local function (the bare TensorRT file)")
@@ -151,9 +154,13 @@ def _resolve_export_source(source: str):
 def _export(args: argparse.Namespace) -> int:
     import os
 
+    from diagcompile._files import check_output_path
     from diagcompile.export import ExportCheckError, check_program, export_program, save
 
+    if args.bare and args.format != "onnx-plugin":
+        raise UsageError(f"--bare applies to --format onnx-plugin only, not {args.format}")
     try:
+        check_output_path(args.out, "--out")  # before the (slow) export, not at the final rename
         model, example_args = _resolve_export_source(args.source)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

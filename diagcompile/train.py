@@ -1131,6 +1131,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     from diagcompile.modules import DiagLinear
 
     blob = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(blob, dict) and blob.get("format") == _CKPT_FORMAT:
+        raise ValueError(
+            f"{path} is a training checkpoint (for --resume); the model file is {Path(path).with_name(MODEL_NAME)}, "
+            "written when the run finishes"
+        )
     if not isinstance(blob, dict) or blob.get("format") != _MODEL_FORMAT:
         raise ValueError(f"{path} is not a diagcompile model file (format {_MODEL_FORMAT})")
     sd = blob["state_dict"]

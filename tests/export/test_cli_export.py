@@ -85,6 +85,25 @@ def test_unsupported_opset_is_reported(factory, tmp_path, capsys):
     assert "opset 9 is not supported" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--batch", "0"], "--batch: must be an int >= 1"),
+        (["--bare"], "--bare applies to --format onnx-plugin only"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(extra, message, factory, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", factory, "--out", str(tmp_path / "m.pt2"), *extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "m.pt2").exists()  # refused before anything was written
+
+
+def test_an_output_path_that_is_a_directory_fails_before_exporting(factory, tmp_path, capsys):
+    assert cli.main(["export", factory, "--out", str(tmp_path)]) == 2
+    assert f"--out: {tmp_path} is a directory" in capsys.readouterr().err
+
+
 def test_help_lists_the_formats(capsys):
     with pytest.raises(SystemExit):
         cli.main(["export", "--help"])
@@ -101,3 +120,6 @@ def test_export_a_trained_model_file(fmt, suffix, tmp_path, capsys):
     assert cli.main(["export", str(out / MODEL_NAME), "--format", fmt, "--out", str(target)]) == 0
     printed = capsys.readouterr().out
     assert target.is_file() and "check:" in printed and "CHECK FAILED" not in printed
+    # The run's other file is its checkpoint: name the model file instead of "not a model file".
+    assert cli.main(["export", str(out / "checkpoint.pt"), "--format", fmt, "--out", str(target)]) == 2
+    assert f"is a training checkpoint (for --resume); the model file is {out / MODEL_NAME}" in capsys.readouterr().err
