@@ -267,8 +267,11 @@ def test_load_model_chars_example_and_bad_files(tmp_path):
     assert idx.dtype == torch.int64 and idx.shape == (2, 16)
     assert model(idx).shape == (2, 16, VOCAB_SIZE)
     assert isinstance(model.lm_head, nn.Linear) and isinstance(model.blocks[0].mlp.fc1, DiagLinear)
-    with pytest.raises(ValueError, match="not a diagcompile model file"):
+    with pytest.raises(ValueError, match="is a training checkpoint .* the model file is .*model.pt"):
         load_model(tmp_path / CHECKPOINT_NAME)
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a diagcompile model file"):
+        load_model(tmp_path / "other.pt")
 
 
 def test_metrics_json(tmp_path):
