@@ -37,6 +37,7 @@ __all__ = [
     "not_head",
     "digits_split",
     "ExportTestModel",
+    "DictOutputModel",
     "make_export_model",
     "masks_of",
     "masked_dense_copy",
@@ -228,6 +229,21 @@ def make_export_model(seed: int = 0, batch: Sequence[int] = (3, 5)) -> tuple[Exp
     model = ExportTestModel().eval()
     x = torch.randn(*batch, 96, generator=torch.Generator().manual_seed(seed + 1))
     return model, (x,)
+
+
+class DictOutputModel(torch.nn.Module):
+    """``(..., 8) -> {"logits": (..., 6), "features": (..., 6)}``: a dict output whose keys are not in sorted
+    order, so a check that sorts them pairs the wrong tensors (ONNX and pytree keep insertion order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diagcompile.modules import DiagLinear
+
+        self.fc = DiagLinear(8, 6, sparsity=0.5)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        y = self.fc(x)
+        return {"logits": y, "features": y.relu()}
 
 
 # ---- end export test models -------------------------------------------------------------------------

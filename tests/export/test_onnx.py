@@ -25,7 +25,7 @@ from diagcompile.export.onnx import (
     to_contrib_domain,
 )
 from diagcompile.marking import sync_marks
-from diagcompile.testing import ExportTestModel, make_export_model
+from diagcompile.testing import DictOutputModel, ExportTestModel, make_export_model
 
 N = ExportTestModel.N_DIAG_LAYERS
 
@@ -264,16 +264,7 @@ def test_static_batch_file_is_checked_at_its_own_batch_size(tmp_path):
 def test_dict_outputs_are_checked_in_the_files_output_order(tmp_path):
     """ONNX outputs follow the dict's insertion order; a sorted comparison paired logits with features."""
 
-    class Named(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = DiagLinear(8, 6, sparsity=0.5)
-
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            y = self.fc(x)
-            return {"logits": y, "features": y.relu()}
-
-    model = Named()
+    model = DictOutputModel()
     args = (torch.randn(4, 8),)
     path = to_onnx(model, args, tmp_path / "dict.onnx")
     assert check_onnx(path, model, args).passed

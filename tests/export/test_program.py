@@ -32,7 +32,7 @@ from diagcompile.export import (
 from diagcompile.export.program import _flat_tensors, count_diag_nodes
 from diagcompile.marking import sync_marks
 from diagcompile.passes import SparseRewriteError
-from diagcompile.testing import ExportTestModel, make_export_model, masked_dense_copy, run_python
+from diagcompile.testing import DictOutputModel, ExportTestModel, make_export_model, masked_dense_copy, run_python
 
 N = ExportTestModel.N_DIAG_LAYERS
 
@@ -324,14 +324,5 @@ def test_diagonal_layer_unused_by_forward_is_named_in_the_warning():
 
 
 def test_dict_outputs_are_compared_in_pytree_order():
-    class Named(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = DiagLinear(8, 6, sparsity=0.5)
-
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            y = self.fc(x)
-            return {"logits": y, "features": y.relu()}  # not in sorted order
-
-    out = Named()(torch.randn(2, 8))
+    out = DictOutputModel()(torch.randn(2, 8))
     assert _flat_tensors(out) == [out["logits"], out["features"]]
