@@ -25,7 +25,15 @@ from torch import Tensor, nn
 from diagcompile.functional import canonical_offsets, check_sparsity
 from diagcompile.ops import k_from_sparsity, topk_offsets
 
-__all__ = ["SparseMark", "mark_sparse", "unmark_sparse", "is_sparse_marked", "get_sparse_mark", "sync_marks"]
+__all__ = [
+    "SparseMark",
+    "mark_sparse",
+    "apply_sparse_mark",
+    "unmark_sparse",
+    "is_sparse_marked",
+    "get_sparse_mark",
+    "sync_marks",
+]
 
 _ATTR = "_diagcompile_sparse_mark"
 
@@ -90,6 +98,14 @@ def mark_sparse(
     if isinstance(target, nn.Module):
         target.__dict__[_ATTR] = mark
     return target
+
+
+def apply_sparse_mark(target: nn.Module | Tensor, mark: SparseMark) -> nn.Module | Tensor:
+    """Put an existing ``mark`` (from ``get_sparse_mark``) on ``target``, validated for its shape like
+    ``mark_sparse`` with the mark's offsets or sparsity; returns ``target``. For carrying marks across a copy."""
+    if mark.offsets is not None:
+        return mark_sparse(target, offsets=list(mark.offsets))
+    return mark_sparse(target, sparsity=mark.sparsity)
 
 
 def unmark_sparse(target: nn.Module | Tensor) -> nn.Module | Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from diagcompile._files import atomic_write, check_output_path
-from diagcompile.marking import SparseMark
+from diagcompile.marking import SparseMark, apply_sparse_mark, get_sparse_mark, mark_sparse
 
 __all__ = [
     "CheckResult",
@@ -86,30 +86,17 @@ class CheckResult:
 # Preparing a model
 # ----------------------------------------------------------------------------------------------------
 def _marked_linears(model: nn.Module) -> list[str]:
-    from diagcompile.marking import get_sparse_mark
-
     return [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and get_sparse_mark(m) is not None]
 
 
 def _marked_parameters(model: nn.Module) -> dict[str, SparseMark]:
     """Every sparse-marked parameter by name (a tied one under each of its names) and its mark."""
-    from diagcompile.marking import get_sparse_mark
-
     marks: dict[str, SparseMark] = {}
     for fqn, p in model.named_parameters(remove_duplicate=False):
         mark = get_sparse_mark(p)
         if mark is not None:
             marks[fqn] = mark
     return marks
-
-
-def _apply_mark(target: nn.Module | Tensor, mark: SparseMark) -> None:
-    from diagcompile.marking import mark_sparse
-
-    if mark.offsets is not None:
-        mark_sparse(target, offsets=list(mark.offsets))
-    else:
-        mark_sparse(target, sparsity=mark.sparsity)
 
 
 def _copy_with_marks(model: nn.Module) -> nn.Module:
@@ -121,17 +108,15 @@ def _copy_with_marks(model: nn.Module) -> nn.Module:
     parameter name before the copy and set again on the copy's parameters. A linear then obeys its weight's
     mark where it has one, as the graph passes and the compile backend do, else its module's.
     """
-    from diagcompile.marking import get_sparse_mark
-
     weight_marks = _marked_parameters(model)
     copied = copy.deepcopy(model)
     for fqn, mark in weight_marks.items():
-        _apply_mark(copied.get_parameter(fqn), mark)
+        apply_sparse_mark(copied.get_parameter(fqn), mark)
     for m in copied.modules():
         if isinstance(m, nn.Linear):
             mark = get_sparse_mark(m.weight) or get_sparse_mark(m)
             if mark is not None:
-                _apply_mark(m, mark)  # the module and its weight now agree
+                apply_sparse_mark(m, mark)  # the module and its weight now agree
     return copied
 
 
@@ -146,7 +131,7 @@ def _pin_and_mask_(param: nn.Parameter, mark: SparseMark) -> None:
     from diagcompile.ops import extract_diagonals, to_dense
 
     offsets = mark.resolve_offsets(param)
-    _apply_mark(param, SparseMark(offsets=tuple(offsets.tolist())))
+    mark_sparse(param, offsets=offsets)
     with torch.no_grad():
         param.copy_(to_dense(extract_diagonals(param.detach(), offsets), offsets, *param.shape))
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from diagcompile.marking import get_sparse_mark, mark_sparse
+from diagcompile.marking import apply_sparse_mark, get_sparse_mark
 from diagcompile.passes._core import RewriteReport
 from diagcompile.passes.rewrite_dynamo import diag_inputs, rewrite_dynamo
 
@@ -98,10 +98,7 @@ def _restore_weight_marks(model: nn.Module) -> None:
     for m in model.modules():
         mark = m.__dict__.get("_diagcompile_sparse_mark")
         if mark is not None and isinstance(m, nn.Linear) and get_sparse_mark(m.weight) is None:
-            if mark.offsets is None:
-                mark_sparse(m.weight, sparsity=mark.sparsity)
-            else:
-                mark_sparse(m.weight, offsets=list(mark.offsets))
+            apply_sparse_mark(m.weight, mark)
 
 
 def compile(
