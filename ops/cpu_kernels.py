@@ -1,15 +1,16 @@
 """Native CPU kernels for the diagonal op (numba), the ``kernel`` path of ``ops/dispatch.py`` on ``cpu``.
 
-Dispatch imports this module lazily (``import diagcompile`` never imports numba) and calls four functions:
+Dispatch imports this module lazily (``import diagcompile`` never imports numba) and calls these functions:
 
 * ``supports(dtype)``                                   float32 and float64
 * ``forward(x2, values, offsets, bias, out_features)``  ``(M, N_in) -> (M, N_out)``, bias fused
 * ``input_grad(dy2, values, offsets, in_features)``     ``(M, N_out) -> (M, N_in)``
 * ``values_grad(dy2, x2, offsets)``                     ``-> (k, D)``
 
-They map onto the three primitives of ``ops/reference.py`` exactly as its table says (wide forward = gather,
-tall forward = masked gather, and so on). Inputs may be non-contiguous; outputs are fresh tensors in the
-input dtype (float32 accumulates in float32, float64 in float64).
+and, for the ``dense`` path, ``to_dense`` / ``extract_diagonals`` (plain copies, bit-identical to the
+reference's). The three products map onto the three primitives of ``ops/reference.py`` exactly as its table
+says (wide forward = gather, tall forward = masked gather, and so on). Inputs may be non-contiguous;
+outputs are fresh tensors in the input dtype (float32 accumulates in float32, float64 in float64).
 
 Design
 ------
@@ -59,7 +60,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["supports", "forward", "input_grad", "values_grad", "warmup", "SUPPORTED_DTYPES"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "extract_diagonals",
+    "forward",
+    "input_grad",
+    "supports",
+    "to_dense",
+    "values_grad",
+    "warmup",
+]
 
 #: dtypes with a native kernel. bf16/fp16 are left to dispatch's other paths: numpy has no bfloat16 and
 #: numba does no float16 arithmetic, so a kernel would have to upcast whole operands and lose the win.
@@ -382,6 +392,41 @@ def _offsets_in_range(off, L):
     return True
 
 
+# Plain copies between the (k, D) diagonals and a dense (N_out, N_in) matrix, for the ``dense`` path: the
+# reference builds two (k, D) int64 index tensors per call (arange, add, remainder, expand, index_put), ~60 us
+# of small torch ops even for a 64 x 64 layer, paid twice a training step (forward and input gradient).
+@_jit
+def _to_dense_kernel(v, off, w, tall):
+    """w[row(j, t), col(j, t)] = v[j, t] for every stored entry; the rest of ``w`` is left as it is."""
+    k, D = v.shape
+    if tall:  # w[(t + o) mod L, t]: per diagonal, t walks rows and columns together
+        L = w.shape[0]
+        for j in range(k):
+            o = np.int64(off[j])
+            for t in range(D):
+                r = t + o
+                w[r - L if r >= L else r, t] = v[j, t]
+    else:  # w[t, (t + o) mod L]: per row t, its k entries
+        L = w.shape[1]
+        for t in range(D):
+            for j in range(k):
+                c = t + np.int64(off[j])
+                w[t, c - L if c >= L else c] = v[j, t]
+
+
+@_jit
+def _extract_kernel(w, off, out, tall):
+    """out[j, t] = w[row(j, t), col(j, t)]: the inverse of ``_to_dense_kernel``."""
+    k, D = out.shape
+    L = w.shape[0] if tall else w.shape[1]
+    for j in range(k):
+        o = np.int64(off[j])
+        for t in range(D):
+            c = t + o
+            c = c - L if c >= L else c
+            out[j, t] = w[c, t] if tall else w[t, c]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tiling. Results never depend on it: every output element is reduced in the same order whatever the
 # tiles (see the module docstring), so tiles may be sized for the thread count.
@@ -656,6 +701,34 @@ def values_grad(dy2: Tensor, x2: Tensor, offsets: Tensor) -> Tensor:
     return out
 
 
+def to_dense(values: Tensor, offsets: Tensor, out_features: int, in_features: int) -> Tensor:
+    """The dense ``(N_out, N_in)`` weight in ``values.dtype``; bit-identical to ``reference.to_dense``.
+
+    Args:
+        values: ``(k, D)``.
+        offsets: ``(k,)`` distinct, in ``[0, P)``.
+    """
+    dtype = values.dtype
+    _check_dtype(dtype)
+    P, D = max(out_features, in_features), min(out_features, in_features)
+    _check_values(values, offsets, D)
+    w = torch.zeros(out_features, in_features, dtype=dtype)
+    _to_dense_kernel(_np(values, dtype), _np_offsets(offsets, P), w.numpy(), out_features > in_features)
+    return w
+
+
+def extract_diagonals(weight: Tensor, offsets: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+    """The chosen diagonals of a dense ``(N_out, N_in)`` matrix, ``(k, D)``; ``reference.extract_diagonals``
+    followed by a cast to ``out_dtype`` (default: ``weight.dtype``), bit for bit."""
+    dtype = weight.dtype
+    _check_dtype(dtype)
+    _check_2d(weight, "weight")
+    n_out, n_in = weight.shape
+    out = torch.empty(offsets.shape[0], min(n_out, n_in), dtype=dtype)
+    _extract_kernel(_np(weight, dtype), _np_offsets(offsets, max(n_out, n_in)), out.numpy(), n_out > n_in)
+    return out if out_dtype is None or out_dtype == dtype else out.to(out_dtype)
+
+
 def warmup(dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
     """Compile (or load from numba's cache) every kernel for ``dtypes`` now, instead of on first use."""
     for dtype in dtypes:
@@ -667,3 +740,5 @@ def warmup(dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
             forward(xi, values, offsets, torch.randn(n_out, dtype=dtype), n_out)
             input_grad(torch.randn(5, n_out, dtype=dtype), values, offsets, n_in)
         values_grad(x, torch.randn(5, 5, dtype=dtype), offsets)
+        for n_out, n_in in ((3, 5), (5, 3)):
+            extract_diagonals(to_dense(values, offsets, n_out, n_in), offsets)

@@ -139,6 +139,56 @@ def test_property_kernels_equal_reference(n_out, n_in, M, data):
         assert rel_err(o, r) < 1e-13
 
 
+@pytest.mark.parametrize("n_out,n_in", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_to_dense_and_extract_are_the_references_bit_for_bit(n_out, n_in, dtype):
+    for k in _ks(n_out, n_in):
+        for offsets in (R.topk_offsets(torch.randn(n_out, n_in), k), _wrap_heavy_offsets(n_out, n_in, k)):
+            values = torch.randn(k, min(n_out, n_in), dtype=dtype)
+            W = K.to_dense(values, offsets, n_out, n_in)
+            assert W.dtype == dtype and torch.equal(W, R.to_dense(values, offsets, n_out, n_in)), (k, offsets)
+            G = torch.randn(n_out, n_in, dtype=dtype)
+            assert torch.equal(K.extract_diagonals(G, offsets), R.extract_diagonals(G, offsets))
+            assert torch.equal(K.extract_diagonals(W, offsets), values)
+            # The values gradient of a bf16 layer is reduced in float32 and cast on the way out.
+            got = K.extract_diagonals(G, offsets, torch.bfloat16)
+            assert got.dtype == torch.bfloat16 and torch.equal(got, R.extract_diagonals(G, offsets).bfloat16())
+
+
+def test_to_dense_and_extract_take_views_and_refuse_bad_offsets():
+    values, offsets = torch.randn(5, 26)[:, ::2], torch.tensor([0, 2, 5, 9, 12], dtype=torch.int32)  # k=5, D=13
+    assert not values.is_contiguous()
+    assert torch.equal(K.to_dense(values, offsets.long(), 13, 31), R.to_dense(values, offsets, 13, 31))
+    G = torch.randn(31, 13).T  # a (13, 31) view
+    assert torch.equal(K.extract_diagonals(G, offsets), R.extract_diagonals(G, offsets))
+    with pytest.raises(ValueError, match=r"offsets must lie in \[0, P=31\)"):
+        K.to_dense(values, torch.tensor([0, 2, 5, 9, 31], dtype=torch.int32), 13, 31)
+    with pytest.raises(ValueError, match=r"offsets must lie in \[0, P=31\)"):
+        K.extract_diagonals(G, torch.tensor([-1, 2, 5, 9, 12], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"values must be \(k, D\)"):
+        K.to_dense(values, offsets[:4], 13, 31)
+    with pytest.raises(TypeError, match="bfloat16"):
+        K.to_dense(values.bfloat16(), offsets, 13, 31)
+
+
+def test_the_dense_path_uses_the_cpu_copies(monkeypatch):
+    """``force_path("dense")`` on float32 CPU tensors materializes W and reads dV through this module."""
+    calls = []
+    for name in ("to_dense", "extract_diagonals"):
+        fn = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+    x, values, offsets, bias = random_problem(12, 20, 4, batch=(3,))
+    x.requires_grad_(True)
+    values.requires_grad_(True)
+    with force_path("dense"):
+        OPS.diag_linear(x, values, offsets, bias, 12).sum().backward()
+    assert sorted(calls) == ["extract_diagonals", "to_dense", "to_dense"]
+    with force_path("reference"):
+        x2, v2 = x.detach().requires_grad_(True), values.detach().requires_grad_(True)
+        OPS.diag_linear(x2, v2, offsets, bias, 12).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6) and torch.allclose(values.grad, v2.grad, atol=1e-6)
+
+
 def test_non_contiguous_inputs_and_fresh_outputs():
     n_out, n_in, k = 40, 90, 17
     x, values, offsets, bias = random_problem(n_out, n_in, k, batch=(11,), dtype=torch.float64)
