@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from diagcompile._files import atomic_write
+from diagcompile.dst.config import DIAGHEUR_ONLY, DYNADIAG_ONLY
 from diagcompile.train import TASKS, TrainConfig, atomic_write_text, dst_config_dict, env_stamp, train
 
 __all__ = ["SweepConfig", "parse_variant", "run_name", "plan_runs", "run_sweep", "aggregate"]
@@ -445,28 +446,12 @@ def _write_markdown(cfg: SweepConfig, runs: list[dict], agg: list[dict], metric:
     return path
 
 
-_DYNADIAG_ONLY = (
-    "relaxation",
-    "temperature_schedule",
-    "temperature_start",
-    "temperature_end",
-    "freeze_at",
-    "fold_at_freeze",
-    "alpha_lr",
-    "alpha_l1",
-    "alpha_init",
-    "alpha_init_noise",
-    "active_eps",
-    "pool",
-)
-
-
 def _relevant_dst_fields(c: dict) -> dict:
     """The DSTConfig fields the method reads (the per-run sparsity is in the table)."""
     c.pop("sparsity", None)
     if c.get("method") == "diagheur":
-        return {k: v for k, v in c.items() if k not in _DYNADIAG_ONLY}
-    drop = ("update_end",) if c.get("pool") is not None else ("update_end", "update_every", "drop_fraction")
+        return {k: v for k, v in c.items() if k not in DYNADIAG_ONLY}
+    drop = DIAGHEUR_ONLY if c.get("pool") is not None else (*DIAGHEUR_ONLY, "update_every", "drop_fraction")
     return {k: v for k, v in c.items() if k not in drop}
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "DSTConfig",
     "METHODS",
     "DYNADIAG_ONLY",
+    "DIAGHEUR_ONLY",
     "RELAXATIONS",
     "TEMPERATURE_SCHEDULES",
     "OFFSET_INITS",
@@ -25,7 +26,23 @@ OFFSET_INITS = ("random", "even", "topk")
 SOFT_SCALES = ("none", "rms")  # DynaDiagLinear.soft_scale
 #: Fields only ``dynadiag`` reads; ``diagheur`` refuses a value other than the default (which it cannot tell
 #: from no value), so an option that would do nothing is not silently recorded as if it were used.
-DYNADIAG_ONLY = ("relaxation", "temperature_schedule", "temperature_start", "temperature_end", "pool")
+DYNADIAG_ONLY = (
+    "relaxation",
+    "temperature_schedule",
+    "temperature_start",
+    "temperature_end",
+    "freeze_at",
+    "fold_at_freeze",
+    "alpha_lr",
+    "alpha_l1",
+    "alpha_init",
+    "alpha_init_noise",
+    "active_eps",
+    "soft_scale",
+    "pool",
+)
+#: Fields only ``diagheur`` reads (dynadiag's topology stops changing at its freeze); refused likewise.
+DIAGHEUR_ONLY = ("update_end",)
 
 
 @dataclass(frozen=True)
@@ -139,11 +156,11 @@ class DSTConfig:
         c.need_choice("soft_scale", SOFT_SCALES)
         if self.pool is not None:
             c.need_real("pool", 1.0, math.inf, hi_open=True)
-        if self.method != "dynadiag":
-            defaults = {f.name: f.default for f in fields(self)}
-            for name in DYNADIAG_ONLY:
-                if getattr(self, name) != defaults[name]:
-                    raise c.bad(name, f"applies to method='dynadiag' only, not method={self.method!r}")
+        defaults = {f.name: f.default for f in fields(self)}
+        other, only = ("diagheur", DIAGHEUR_ONLY) if self.method == "dynadiag" else ("dynadiag", DYNADIAG_ONLY)
+        for name in only:
+            if getattr(self, name) != defaults[name]:
+                raise c.bad(name, f"applies to method={other!r} only, not method={self.method!r}")
 
     # ------------------------------------------------------------------------------------------------
     @property

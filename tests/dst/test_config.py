@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from diagcompile.dst import DSTConfig
+from diagcompile.dst.config import DIAGHEUR_ONLY, DYNADIAG_ONLY
 
 
 def test_defaults_are_the_papers_and_riGLs():
@@ -69,20 +70,42 @@ def test_dict_round_trip_is_plain_python():
         DSTConfig.from_dict({**d, "beta": 1})
 
 
-@pytest.mark.parametrize(
-    "field,value",
-    [
-        ("relaxation", "softmax_clamp"),
-        ("pool", 2.0),
-        ("temperature_schedule", "linear"),
-        ("temperature_start", 0.1),
-        ("temperature_end", 0.01),
-    ],
-)
+#: A valid non-default value of every field only dynadiag reads.
+DYNADIAG_VALUES = {
+    "relaxation": "softmax_clamp",
+    "pool": 2.0,
+    "temperature_schedule": "linear",
+    "temperature_start": 0.1,
+    "temperature_end": 0.01,
+    "freeze_at": 0.25,
+    "fold_at_freeze": False,
+    "alpha_lr": 0.05,
+    "alpha_l1": 1e-4,
+    "alpha_init": 0.3,
+    "alpha_init_noise": 0.0,
+    "active_eps": 1e-3,
+    "soft_scale": "rms",
+}
+
+
+def test_every_dynadiag_only_field_is_listed_and_tested():
+    assert set(DYNADIAG_VALUES) == set(DYNADIAG_ONLY)
+    assert set(DYNADIAG_ONLY) | set(DIAGHEUR_ONLY) < {f.name for f in dataclasses.fields(DSTConfig)}
+
+
+@pytest.mark.parametrize("field,value", list(DYNADIAG_VALUES.items()))
 def test_dynadiag_options_are_refused_for_diagheur(field, value):
-    with pytest.raises(ValueError, match=rf"DSTConfig.{field}=.*dynadiag.*not method='diagheur'"):
+    with pytest.raises(ValueError, match=rf"DSTConfig.{field}=.* to method='dynadiag' only, not method='diagheur'"):
         DSTConfig(total_steps=100, method="diagheur", **{field: value})
     DSTConfig(total_steps=100, method="dynadiag", **{field: value})
     # the defaults are no choice, so a diagheur config built from defaults (or a saved dict of one) is fine
     default = DSTConfig(total_steps=100, method="diagheur")
+    assert DSTConfig.from_dict(default.to_dict()) == default
+
+
+def test_update_end_is_refused_for_dynadiag():
+    with pytest.raises(ValueError, match=r"DSTConfig.update_end=0.5 applies to method='diagheur' only"):
+        DSTConfig(total_steps=100, method="dynadiag", update_end=0.5)
+    assert DSTConfig(total_steps=100, method="diagheur", update_end=0.5).update_end_step == 50
+    default = DSTConfig(total_steps=100)
     assert DSTConfig.from_dict(default.to_dict()) == default
