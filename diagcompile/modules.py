@@ -246,9 +246,26 @@ class DiagLinear(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # The layer's (out, in) goes into the metadata torch keeps beside the tensors (saved by torch.save, and
+        # loadable with weights_only=True): a bias-free 37->100 layer and a 100->37 one have tensors of the
+        # same shapes, (k, 37) and (k,), so the tensors alone cannot tell a transposed load from a right one.
+        meta = getattr(destination, "_metadata", None)
+        if meta is not None and prefix[:-1] in meta:
+            meta[prefix[:-1]]["features"] = (self.out_features, self.in_features)
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        saved = local_metadata.get("features")
+        if saved is not None and tuple(saved) != (self.out_features, self.in_features):
+            error_msgs.append(
+                f"{prefix or 'the layer'}: saved from a DiagLinear with in_features={saved[1]}, "
+                f"out_features={saved[0]}, loaded into one with in_features={self.in_features}, "
+                f"out_features={self.out_features}"
+            )
+            return
         key = prefix + "offsets"
         if key in state_dict:
             # Older checkpoints may hold int64 offsets; validate and normalize before the copy.

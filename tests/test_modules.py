@@ -186,3 +186,20 @@ def test_set_offsets_checks_values_before_changing_anything():
         with pytest.raises(ValueError, match=r"values must have the layer's shape \(k, D\) = \(3, 8\)"):
             layer.set_offsets([1, 6, 7], values=bad)
         assert torch.equal(layer.offsets, before[0]) and torch.equal(layer.values, before[1])
+
+
+def test_a_state_dict_of_the_transposed_shape_is_refused(tmp_path):
+    # Bias-free 37->100 and 100->37 layers have tensors of the same shapes, (k, 37) and (k,): only the saved
+    # (out, in) tells them apart, also after torch.save / torch.load(weights_only=True) and inside a model.
+    a = nn.Sequential(DiagLinear(37, 100, bias=False, sparsity=0.5))
+    b = nn.Sequential(DiagLinear(100, 37, bias=False, sparsity=0.5))
+    assert a.state_dict()["0.values"].shape == b.state_dict()["0.values"].shape
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    sd = torch.load(tmp_path / "a.pt", weights_only=True)
+    with pytest.raises(RuntimeError, match=r"0\.: saved from a DiagLinear with in_features=37, out_features=100"):
+        b.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="loaded into one with in_features=100, out_features=37"):
+        b.load_state_dict(sd, strict=False)
+    c = nn.Sequential(DiagLinear(37, 100, bias=False, sparsity=0.5))
+    c.load_state_dict(sd)
+    assert torch.equal(c[0].values, a[0].values) and torch.equal(c[0].offsets, a[0].offsets)
