@@ -195,8 +195,12 @@ def measure(
     The advantage of a diagonal path shrinks as ``M`` grows (from weight-bandwidth bound to compute bound)
     and as the density grows, so: a clear win (1.5x) at the top of the M grid, checked at its bottom and
     middle too, makes the bucket unbounded for that shape; otherwise M is scanned upwards to the first loss.
-    Thresholds are then made non-increasing in density, so measurement noise can never make a denser
-    bucket more permissive than a sparser one.
+    At the smallest ``M`` both paths can cost the same fixed per-call overhead (the op call, the numpy views
+    and the weight's materialization are each a few us, the arithmetic less), so the ratio starts near 1
+    and rises before it falls: a *tie* there (within the margin either way) neither wins nor ends the scan,
+    and the bucket then follows the wins after it. Only a loss (slower than dense by more than the margin),
+    or any point below the margin once the path has won, ends it. Thresholds are then made non-increasing in
+    density, so measurement noise can never make a denser bucket more permissive than a sparser one.
     """
     out = []
     for edge in dispatch_table._EDGES:
@@ -210,11 +214,18 @@ def measure(
             def ratio(M, k=k, n_in=n_in, n_out=n_out):
                 return _compare(device, op, path, dtype, n_in, n_out, k, M, log)
 
-            if path == "kernel" and ratio(ms[-1]) >= 1.5 and all(ratio(m) >= margin for m in (ms[len(ms) // 2], ms[0])):
+            if (
+                path == "kernel"
+                and ratio(ms[-1]) >= 1.5
+                and ratio(ms[len(ms) // 2]) >= margin
+                and ratio(ms[0]) * margin >= 1
+            ):
                 continue  # unbounded for this shape
             last_win, last_r = 0, 0.0
             for M in ms:
                 r = ratio(M)
+                if r < margin and not last_win and r * margin >= 1:
+                    continue  # a tie before any win: the fixed cost dominates both paths; look further
                 if r < margin:  # the first loss: the threshold lies between the last win and here
                     last_win = crossing(last_win, last_r, M, r, margin) if last_win else 0
                     break

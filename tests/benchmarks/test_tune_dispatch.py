@@ -41,6 +41,27 @@ def test_thresholds_from_synthetic_ratios(tune, monkeypatch):
     assert got == [tune.UNBOUNDED, tune.UNBOUNDED, tune.UNBOUNDED, 256, 14, 6]
 
 
+def test_a_tie_at_small_m_does_not_end_the_kernels_run(tune, monkeypatch):
+    # Both paths pay the same fixed per-call cost at the smallest M: the ratio starts near 1, rises, then falls.
+    curves = {
+        0.022: {1: 1.03, 4: 1.2, 16: 1.6, 64: 2.0, 256: 1.6},  # tie, then clear wins to the top -> unbounded
+        0.055: {1: 1.03, 4: 1.3, 16: 1.3, 64: 1.2, 256: 1.12},  # tie, then wins to the top -> 256
+        0.11: {1: 0.95, 4: 1.05, 16: 1.3, 64: 1.1, 256: 0.8},  # ties (0.95 is within the margin), win at 16..64
+        0.22: {1: 1.05, 4: 1.02, 16: 0.99, 64: 0.8, 256: 0.5},  # ties, never a win, then a loss -> dense
+        0.55: {1: 0.85, 4: 2.0, 16: 2.0, 64: 2.0, 256: 2.0},  # a real loss at the bottom ends it at once
+        1.0: {1: 0.5, 4: 0.5, 16: 0.5, 64: 0.5, 256: 0.5},
+    }
+
+    def ratio(device, op, path, dtype, n_in, n_out, k, M, log):
+        edge = min(curves, key=lambda e: abs(e * max(n_in, n_out) - k))
+        return curves[edge][M]
+
+    monkeypatch.setattr(tune, "_compare", ratio)
+    got = tune.measure("cpu", "fwd", "kernel", torch.float32, SHAPES, MS, 1.1, log=lambda m: None)
+    # 0.11: the last win is M = 64 at exactly the margin; 1.1 -> 0.8 at 256 crosses 1.1 at 64 itself.
+    assert got == [tune.UNBOUNDED, 256, 64, 0, 0, 0]
+
+
 def test_crossing_interpolates_in_log_m_and_stays_between_grid_points(tune):
     assert tune.crossing(1024, 1.15, 2048, 0.98, 1.1) == 1248  # 1024 * 2 ** (0.05 / 0.17) = 1255.6
     assert tune.crossing(4, 2.0, 16, 0.5, 1.1) == 9  # 4 * 4 ** 0.6 = 9.19
