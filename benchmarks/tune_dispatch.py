@@ -224,9 +224,10 @@ def measure(
             last_win, last_r = 0, 0.0
             for M in ms:
                 r = ratio(M)
-                if r < margin and not last_win and r * margin >= 1:
-                    continue  # a tie before any win: the fixed cost dominates both paths; look further
-                if r < margin:  # the first loss: the threshold lies between the last win and here
+                if r < margin:
+                    if not last_win and r * margin >= 1:
+                        continue  # a tie before any win: the fixed cost dominates both paths; look further
+                    # the first loss: the threshold lies between the last win and here
                     last_win = crossing(last_win, last_r, M, r, margin) if last_win else 0
                     break
                 last_win, last_r = M, r

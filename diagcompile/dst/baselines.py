@@ -74,7 +74,7 @@ from diagcompile.dst.mask_rules import (
     srigl_update,
     structure_decay_frames,
 )
-from diagcompile.dst.optim import _row_state_tensors, find_group
+from diagcompile.dst.optim import _row_state_tensors, check_in_optimizer
 from diagcompile.dst.sparsifier import DiagSparsifier
 from diagcompile.functional import check_sparsity
 from diagcompile.marking import get_sparse_mark
@@ -295,11 +295,7 @@ class MaskSparsifier(SparsifierBase):
                     f"MaskSparsifier: the weight of '{fqn}' has requires_grad=False (a frozen layer), which a mask "
                     "method cannot train; exclude the layer with filter_fn"
                 )
-            if self.optimizer is not None and find_group(self.optimizer, linear.weight) is None:
-                raise ValueError(
-                    f"MaskSparsifier: the weight of '{fqn}' is not in any param group of the optimizer: build the "
-                    "optimizer over model.parameters() before the sparsifier, or exclude the layer with filter_fn"
-                )
+            check_in_optimizer(self.optimizer, linear.weight, fqn, "MaskSparsifier")
             shapes.append((n_out, n_in))
             budgets.append(nnz)
         if cfg.distribution == "erk" and selected:

@@ -22,6 +22,7 @@ __all__ = [
     "remove_param_",
     "add_alpha_group",
     "find_group",
+    "check_in_optimizer",
     "state_bytes",
 ]
 
@@ -79,6 +80,16 @@ def remap_rows_(
         param.grad.copy_(torch.where(keep, param.grad.index_select(0, idx), torch.zeros_like(param.grad)))
     for _, t in _row_state_tensors(optimizer, param):
         t.copy_(torch.where(keep, t.index_select(0, idx), torch.zeros_like(t)))
+
+
+def check_in_optimizer(optimizer: torch.optim.Optimizer | None, weight: Tensor, fqn: str, who: str) -> None:
+    """Raise ``ValueError`` naming layer ``fqn`` if ``weight`` is in no param group of ``optimizer`` (``None``:
+    nothing to check). Sparsifiers call it for every selected layer before they change anything."""
+    if optimizer is not None and find_group(optimizer, weight) is None:
+        raise ValueError(
+            f"{who}: the weight of '{fqn}' is not in any param group of the optimizer: build the optimizer over "
+            f"model.parameters() before {who}, or exclude the layer with filter_fn"
+        )
 
 
 @torch.no_grad()

@@ -63,7 +63,7 @@ from diagcompile.dst.criteria import drop_grow, probe_dv, probe_scores, refresh_
 from diagcompile.dst.layers import DynaDiagLinear
 from diagcompile.dst.optim import (
     add_alpha_group,
-    find_group,
+    check_in_optimizer,
     remap_rows_,
     remove_param_,
     replace_param_,
@@ -260,11 +260,7 @@ class DiagSparsifier(SparsifierBase):
         if opt is None:
             return
         for fqn, linear, _, _ in plans:
-            if find_group(opt, linear.weight) is None:
-                raise ValueError(
-                    f"DiagSparsifier: the weight of '{fqn}' is not in any param group of the optimizer: build the "
-                    "optimizer over model.parameters() before DiagSparsifier, or exclude the layer with filter_fn"
-                )
+            check_in_optimizer(opt, linear.weight, fqn, "DiagSparsifier")
         if self.config.method == "dynadiag" and any("initial_lr" in g for g in opt.param_groups):
             # torch's LR schedulers set initial_lr on every group when created; one made now holds a learning rate
             # per group and fails later ("zip() argument 2 is shorter ...") once the alpha group is added.
