@@ -109,6 +109,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 20)")
     p.add_argument("--static-batch", action="store_true", help="export the example's batch size as a constant")
+    p.add_argument(
+        "--dynamic-seq",
+        action="store_true",
+        help="also make dim 1 of every tensor input (>= 2-D) dynamic, e.g. a GPT's sequence length; its range is "
+        "what the model allows (torch.export Dim.AUTO); the check runs other lengths",
+    )
     p.add_argument("--bare", action="store_true", help="onnx-plugin: no local function (the bare TensorRT file)")
     p.add_argument("--atol", type=float, default=None, help="check tolerance: absolute part (default by dtype)")
     p.add_argument("--rtol", type=float, default=None, help="check tolerance: relative part (default by dtype)")
@@ -166,9 +172,12 @@ def _export(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dynamic = not args.static_batch
+    dynamic_shapes = _seq_dynamic_shapes(example_args, dynamic) if args.dynamic_seq else None
+    if dynamic_shapes is not None:
+        dynamic = None
     try:
         if args.format == "pt2":
-            ep = export_program(model, example_args, dynamic_batch=dynamic)
+            ep = export_program(model, example_args, dynamic_batch=dynamic, dynamic_shapes=dynamic_shapes)
             path = save(ep, args.out)
             from diagcompile.export.program import count_diag_nodes
 
@@ -184,6 +193,7 @@ def _export(args: argparse.Namespace) -> int:
                 args.out,
                 mode=mode,
                 dynamic_batch=dynamic,
+                dynamic_shapes=dynamic_shapes,
                 opset=opset,
                 local_function=not args.bare,
             )
@@ -191,6 +201,18 @@ def _export(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dynamic_seq:
+        fixed = _static_seq_inputs(path, args.format)
+        if fixed:
+            # Dim.AUTO lets the model decide: a model that uses the length as a constant gets it fixed. Such a
+            # file is not what was asked for, so it is not left behind.
+            os.unlink(path)
+            print(
+                f"error: --dynamic-seq: the model fixes dim 1 of input(s) {fixed} (it uses that size as a "
+                f"constant), so it cannot be dynamic; export without --dynamic-seq",
+                file=sys.stderr,
+            )
+            return 2
     size = os.path.getsize(path) / 1e6
     layers = f", {n} diagonal layer node(s)" if n is not None else ""
     print(f"wrote {path} ({args.format}, {size:.2f} MB{layers})")
@@ -216,6 +238,49 @@ def _export(args: argparse.Namespace) -> int:
         print("CHECK FAILED")
         return 1
     return 0
+
+
+def _seq_dynamic_shapes(example_args, dynamic_batch: bool) -> tuple:
+    """torch.export spec: dim 1 of every >= 2-D tensor input dynamic (``Dim.AUTO``), dim 0 a shared batch."""
+    import torch
+    from torch.export import Dim
+
+    args = example_args if isinstance(example_args, tuple) else (example_args,)
+    batch = Dim("batch")
+    spec = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() >= 2:
+            spec.append({**({0: batch} if dynamic_batch else {}), 1: Dim.AUTO})
+        elif isinstance(a, torch.Tensor) and a.dim() == 1 and dynamic_batch:
+            spec.append({0: batch})
+        else:
+            spec.append(None)
+    return tuple(spec)
+
+
+def _static_seq_inputs(path, fmt: str) -> list[int]:
+    """Indices of the artifact's >= 2-D tensor inputs whose dim 1 is a constant."""
+    if fmt == "pt2":
+        from torch import Tensor
+
+        from diagcompile.export import load
+
+        ep = load(path)
+        user = set(ep.graph_signature.user_inputs)
+        vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+        shapes = [tuple(v.shape) for v in vals if isinstance(v, Tensor)]
+    else:
+        import onnx
+
+        def size(d) -> int | str:
+            # The exporter writes a dim it specialized (Dim.AUTO) as a dim_param such as "4".
+            if d.HasField("dim_value"):
+                return d.dim_value
+            return int(d.dim_param) if d.dim_param.isdigit() else d.dim_param
+
+        graph = onnx.load(path, load_external_data=False).graph
+        shapes = [tuple(size(d) for d in i.type.tensor_type.shape.dim) for i in graph.input]
+    return [i for i, s in enumerate(shapes) if len(s) >= 2 and isinstance(s[1], int)]
 
 
 # ---- end export -------------------------------------------------------------------------------------

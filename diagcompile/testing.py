@@ -38,6 +38,7 @@ __all__ = [
     "digits_split",
     "ExportTestModel",
     "DictOutputModel",
+    "LengthShifted",
     "make_export_model",
     "masks_of",
     "masked_dense_copy",
@@ -244,6 +245,19 @@ class DictOutputModel(torch.nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         y = self.fc(x)
         return {"logits": y, "features": y.relu()}
+
+
+class LengthShifted(torch.nn.Module):
+    """``inner(x) + 1`` wherever ``x.shape[1] != length``, else ``inner(x)``: a reference that an artifact of
+    ``inner`` matches only at the example's dim-1 size, so a check that never varies dim 1 cannot tell."""
+
+    def __init__(self, inner: torch.nn.Module, length: int) -> None:
+        super().__init__()
+        self.inner, self.length = inner, length
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.inner(x)
+        return y if x.shape[1] == self.length else y + 1
 
 
 # ---- end export test models -------------------------------------------------------------------------

@@ -314,9 +314,10 @@ def to_onnx(
     example_args: Any,
     path: str | os.PathLike,
     mode: str = "portable",
-    dynamic_batch: bool = True,
+    dynamic_batch: bool | None = None,
     opset: int = DEFAULT_OPSET,
     *,
+    dynamic_shapes: Any = None,
     local_function: bool = True,
     aot: bool = True,
     input_names: Sequence[str] | None = None,
@@ -329,7 +330,10 @@ def to_onnx(
         example_args: a tuple of inputs (or one tensor).
         path: output ``.onnx`` file (written atomically).
         mode: ``"portable"`` (standard ops) or ``"plugin"`` (one ``diagcompile::DiagLinear`` node per layer).
-        dynamic_batch: dim 0 of every tensor input is one dynamic ``batch`` dimension.
+        dynamic_batch: dim 0 of every tensor input is one dynamic ``batch`` dimension (default: unless
+            ``dynamic_shapes`` is given).
+        dynamic_shapes: torch.export's spec for other dynamic dims (see ``export_program``); they become
+            symbolic dims of the ONNX inputs.
         opset: default-domain opset, one of ``SUPPORTED_OPSETS``.
         local_function: plugin mode only: also store the portable body as a model-local function so that
             plain onnxruntime runs the file. ``False`` writes the bare TensorRT file.
@@ -354,7 +358,7 @@ def to_onnx(
     path = check_output_path(path, "to_onnx")
     args = _program._as_args(example_args)
     _check_dtypes(model, args)
-    ep = _program.export_program(model, args, dynamic_batch=dynamic_batch)
+    ep = _program.export_program(model, args, dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes)
     table = {
         torch.ops.diagcompile.diag_linear.default: (
             _portable_diag_linear if mode == "portable" else _plugin_translation(aot)
@@ -534,7 +538,8 @@ def check_onnx(
     local function (attached in memory if the file is bare) or, with ``runtime="extensions"``, through
     onnxruntime-extensions. Inputs are random tensors shaped like ``example_args`` at each batch size
     (default: two sizes different from the example's; a file whose inputs have a fixed dim 0, exported with
-    ``dynamic_batch=False``, at that size only).
+    ``dynamic_batch=False``, at that size only). Other symbolic dims of the inputs (``dynamic_shapes``) are
+    run at sizes below the example's (the file records no ranges; see ``dim_check_sizes``).
 
     Raises:
         ExportCheckError: when ``raise_on_failure`` and the difference exceeds the tolerance.
@@ -553,6 +558,7 @@ def check_onnx(
     artifact = _artifact_name(proto, runtime)
     static = [i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)]
     sizes = _program.check_batches(artifact, batch_sizes, args, static[0] if static else None)
+    dims = _program.dim_check_sizes(_session_dynamic_dims(session, args), {}, args, sizes)
 
     def run(*inputs: Any) -> list[Tensor]:
         arrays = [a.detach().cpu().numpy() for a in inputs if isinstance(a, Tensor)]
@@ -562,5 +568,19 @@ def check_onnx(
             )
         return [torch.from_numpy(np.asarray(o)) for o in session.run(None, dict(zip(names, arrays)))]
 
-    result = _program.compare_outputs(artifact, run, reference, args, sizes, atol, rtol, seed)
+    result = _program.compare_outputs(artifact, run, reference, args, sizes, atol, rtol, seed, dims)
     return _program.finish_check(result, raise_on_failure)
+
+
+def _session_dynamic_dims(session, args: tuple) -> _program.DimExprs:
+    """The symbolic dims (``dim_param``) of a session's inputs, matched to ``args``' tensors in order."""
+    positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+    exprs: _program.DimExprs = {}
+    for i, inp in zip(positions, session.get_inputs()):
+        for d, n in enumerate(inp.shape or ()):
+            if isinstance(n, str) and n:
+                e = _program._parse_dim(n)
+                # The exporter writes a dim it specialized (Dim.AUTO) as a dim_param such as "4": not dynamic.
+                if e.free_symbols:
+                    exprs[(i, d)] = e
+    return exprs

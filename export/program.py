@@ -16,13 +16,15 @@ import copy
 import logging
 import math
 import os
+import re
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sympy
 import torch
 from torch import Tensor, nn
 
@@ -61,12 +63,15 @@ class CheckResult:
         max_abs_diff: largest ``|artifact - eager|`` over every output element and batch size.
         tolerance: the allowed maximum: ``atol + rtol * max|eager|``.
         batch_sizes: the batch sizes that were run.
+        input_shapes: the first tensor input's shape at each run, where dims other than the batch were varied
+            too (dynamic sequence lengths, say); empty when only the batch changed.
     """
 
     artifact: str
     max_abs_diff: float
     tolerance: float
     batch_sizes: tuple[int, ...]
+    input_shapes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -74,11 +79,14 @@ class CheckResult:
 
     def __str__(self) -> str:
         verdict = "OK" if self.passed else "FAILED"
-        sizes = ", ".join(str(b) for b in self.batch_sizes)
-        plural = "s" if len(self.batch_sizes) > 1 else ""
+        if self.input_shapes:
+            where = "input shapes " + ", ".join(str(tuple(s)) for s in self.input_shapes)
+        else:
+            plural = "s" if len(self.batch_sizes) > 1 else ""
+            where = f"batch size{plural} " + ", ".join(str(b) for b in self.batch_sizes)
         return (
             f"{self.artifact}: max |artifact - eager| = {self.max_abs_diff:.3e} "
-            f"(tolerance {self.tolerance:.1e}) at batch size{plural} {sizes}: {verdict}"
+            f"(tolerance {self.tolerance:.1e}) at {where}: {verdict}"
         )
 
 
@@ -239,22 +247,29 @@ def _dynamic_shapes(args: tuple) -> tuple:
     return tuple({0: batch} if isinstance(a, Tensor) and a.dim() >= 1 else None for a in args)
 
 
-def resize_batch(example_args: Any, batch: int, seed: int = 0) -> tuple:
-    """Fresh inputs shaped like ``example_args`` but with dim 0 = ``batch``.
+def resize_inputs(
+    example_args: Any, batch: int | None, dims: Mapping[tuple[int, int], int] | None = None, seed: int = 0
+) -> tuple:
+    """Fresh inputs shaped like ``example_args``, with dim 0 = ``batch`` and ``dims[(i, d)]`` for dim ``d`` of
+    argument ``i``.
 
-    Floating tensors get standard-normal values (never zeros: they hide indexing bugs); integer tensors get
-    values drawn from the example's own entries (so token ids stay in the vocabulary); other arguments pass
+    ``batch=None`` keeps every dim 0; ``dims`` (dims other than 0, e.g. a dynamic sequence length) may be
+    empty. Floating tensors get standard-normal values (never zeros: they hide indexing bugs); integer tensors
+    get values drawn from the example's own entries (so token ids stay in the vocabulary); other arguments pass
     through unchanged.
     """
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ValueError(f"batch must be a positive int, got {batch!r}")
+    dims = dict(dims or {})
     g = torch.Generator().manual_seed(seed)
     out = []
-    for a in _as_args(example_args):
+    for i, a in enumerate(_as_args(example_args)):
         if not isinstance(a, Tensor) or a.dim() == 0:
             out.append(a)
             continue
-        shape = (batch, *a.shape[1:])
+        shape = [dims.get((i, d), n) for d, n in enumerate(a.shape)]
+        if batch is not None:
+            shape[0] = batch
         if a.is_floating_point():
             t = torch.randn(shape, generator=g, dtype=torch.float32).to(a.dtype)
         elif a.dtype == torch.bool:
@@ -266,6 +281,78 @@ def resize_batch(example_args: Any, batch: int, seed: int = 0) -> tuple:
             t = torch.zeros(shape, dtype=a.dtype)
         out.append(t.to(a.device))
     return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dynamic dims other than the batch: which sizes a check runs them at
+# ----------------------------------------------------------------------------------------------------
+#: ``(position in example_args, dim) -> size expression`` for the dynamic dims of an artifact's tensor inputs,
+#: and each symbol's ``(lowest, highest or None)`` allowed value.
+DimExprs = dict[tuple[int, int], sympy.Expr]
+DimRanges = dict[sympy.Symbol, tuple[int, int | None]]
+
+
+def _parse_dim(name: str) -> sympy.Expr:
+    """An ONNX ``dim_param`` (``"batch"``, ``"s75"``, ``"2*s75"``) as an expression in plain symbols."""
+    names = set(re.findall(r"[A-Za-z_]\w*", name))
+    return sympy.sympify(name, locals={n: sympy.Symbol(n) for n in names})
+
+
+def _program_dynamic_dims(ep: torch.export.ExportedProgram, args: tuple) -> tuple[DimExprs, DimRanges]:
+    """The dynamic dims of ``ep``'s tensor inputs (matched to ``args``' tensors in order) and their ranges."""
+    user_inputs = set(ep.graph_signature.user_inputs)
+    vals = [
+        n.meta["val"]
+        for n in ep.graph.nodes
+        if n.op == "placeholder" and n.name in user_inputs and isinstance(n.meta.get("val"), Tensor)
+    ]
+    positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+    exprs: DimExprs = {}
+    for i, val in zip(positions, vals):
+        for d, n in enumerate(val.shape):
+            if isinstance(n, torch.SymInt):
+                exprs[(i, d)] = sympy.sympify(n.node.expr)
+    ranges: DimRanges = {}
+    for sym, vr in ep.range_constraints.items():
+        if isinstance(sym, sympy.Symbol):
+            lo, hi = vr.lower, vr.upper  # hi may be torch's int_oo: not a sympy Integer
+            ranges[sym] = (int(lo) if lo.is_Integer else 0, int(hi) if hi.is_Integer else None)
+    return exprs, ranges
+
+
+def dim_check_sizes(
+    exprs: DimExprs, ranges: DimRanges, example_args: tuple, batch_sizes: Sequence[int]
+) -> list[dict[tuple[int, int], int]]:
+    """For each batch size of a check, the sizes of the dynamic dims other than dim 0.
+
+    Each symbol takes its example value (read where it is a dim's whole size); a symbol of some dim 0 takes
+    the batch size, every other one a value different from the example's within its range (example - 1 - k,
+    else example + 1 + k, at the k-th batch size), so a dim that the artifact wrongly made static fails the
+    check. Dims whose size is an expression (``2*s0``) follow their symbols.
+    """
+    example: dict[sympy.Symbol, int] = {}
+    batch_syms: set[sympy.Symbol] = set()
+    for (i, d), e in exprs.items():
+        if isinstance(e, sympy.Symbol):
+            example.setdefault(e, int(example_args[i].shape[d]))
+            if d == 0:
+                batch_syms.add(e)
+    points = []
+    for k, b in enumerate(batch_sizes):
+        values: dict[sympy.Symbol, int] = {}
+        for sym, n in example.items():
+            if sym in batch_syms:
+                values[sym] = b
+                continue
+            lo, hi = ranges.get(sym, (1, None))
+            ok = [c for c in (n - 1 - k, n + 1 + k) if c >= max(lo, 1) and (hi is None or c <= hi)]
+            values[sym] = ok[0] if ok else n
+        sizes = {}
+        for (i, d), e in exprs.items():
+            if d > 0 and e.free_symbols <= values.keys():
+                sizes[(i, d)] = int(e.subs(values))
+        points.append(sizes)
+    return points
 
 
 def default_check_batches(example_batch: int | None) -> tuple[int, ...]:
@@ -346,12 +433,18 @@ def compare_outputs(
     atol: float | None,
     rtol: float | None,
     seed: int,
+    dim_sizes: Sequence[Mapping[tuple[int, int], int]] | None = None,
 ) -> CheckResult:
-    """Run ``run_artifact(*inputs)`` (a list of output tensors) and ``model(*inputs)`` at each batch size."""
+    """Run ``run_artifact(*inputs)`` (a list of output tensors) and ``model(*inputs)`` at each batch size.
+
+    ``dim_sizes[k]``: the sizes of other dims at the ``k``-th batch size (``dim_check_sizes``), or ``None``.
+    """
     worst, ref_scale, dtype = 0.0, 0.0, torch.float32
+    shapes = []
     with torch.no_grad(), _eval_mode(model):
         for i, b in enumerate(batch_sizes):
-            inputs = resize_batch(example_args, b, seed=seed + i)
+            inputs = resize_inputs(example_args, b, dim_sizes[i] if dim_sizes else None, seed=seed + i)
+            shapes.append(next((tuple(a.shape) for a in inputs if isinstance(a, Tensor)), ()))
             ref = _flat_tensors(model(*inputs))
             got = [torch.as_tensor(t) for t in run_artifact(*inputs)]
             if len(got) != len(ref):
@@ -359,7 +452,8 @@ def compare_outputs(
             for j, (r, o) in enumerate(zip(ref, got)):
                 if tuple(o.shape) != tuple(r.shape):
                     raise ExportCheckError(
-                        f"{artifact}: output {j} has shape {tuple(o.shape)} at batch {b}, eager {tuple(r.shape)}"
+                        f"{artifact}: output {j} has shape {tuple(o.shape)} at input shape {shapes[-1]}, "
+                        f"eager {tuple(r.shape)}"
                     )
                 if r.is_floating_point():
                     dtype = r.dtype
@@ -371,7 +465,8 @@ def compare_outputs(
     d_atol, d_rtol = default_tolerance(dtype)
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
-    return CheckResult(artifact, worst, atol + rtol * ref_scale, tuple(batch_sizes))
+    varied = tuple(shapes) if dim_sizes and any(dim_sizes) else ()
+    return CheckResult(artifact, worst, atol + rtol * ref_scale, tuple(batch_sizes), varied)
 
 
 def finish_check(result: CheckResult, raise_on_failure: bool) -> CheckResult:
@@ -387,8 +482,9 @@ def finish_check(result: CheckResult, raise_on_failure: bool) -> CheckResult:
 def export_program(
     model: nn.Module,
     example_args: Any,
-    dynamic_batch: bool = True,
+    dynamic_batch: bool | None = None,
     *,
+    dynamic_shapes: Any = None,
     strict: bool = False,
 ) -> torch.export.ExportedProgram:
     """``torch.export`` a model so that each diagonal layer is one ``diagcompile::diag_linear`` node.
@@ -401,7 +497,12 @@ def export_program(
         example_args: a tuple of inputs (or one tensor), e.g. ``(torch.randn(8, 197, 768),)``.
         dynamic_batch: make dim 0 of every tensor argument one shared dynamic ``batch`` dimension
             (range ``[0, inf)``). An example batch of 1 is traced at batch 2, because torch.export
-            specializes a size-1 example to the constant 1.
+            specializes a size-1 example to the constant 1. Default: ``True`` unless ``dynamic_shapes`` is
+            given; ``False`` exports the example's shapes.
+        dynamic_shapes: torch.export's own spec, for other dynamic dims (a sequence length, say), e.g.
+            ``({0: Dim("batch"), 1: Dim("seq", max=256)},)`` or ``Dim.AUTO`` for a dim whose range the model
+            decides. It replaces the batch-only spec: it cannot be combined with ``dynamic_batch=True``. Every
+            dynamic dim needs an example size of at least 2.
         strict: passed to ``torch.export.export``.
 
     Returns:
@@ -412,12 +513,21 @@ def export_program(
 
     Raises:
         ValueError: with ``dynamic_batch=True``, the model does not work for other dim-0 sizes (a 1-D
-            unbatched input, say); a marked linear cannot become a ``DiagLinear`` (see ``prepare_for_export``).
+            unbatched input, say); a dim of ``dynamic_shapes`` that the model fixes (torch.export's reason
+            included); both ``dynamic_batch=True`` and ``dynamic_shapes``; a marked linear cannot become a
+            ``DiagLinear`` (see ``prepare_for_export``).
         diagcompile.passes.SparseRewriteError: a marked parameter is used other than as a linear's weight.
     """
     args = _as_args(example_args)
+    if dynamic_shapes is not None and dynamic_batch:
+        raise ValueError(
+            "export_program: pass dynamic_batch=True or dynamic_shapes, not both: dynamic_shapes replaces the "
+            "batch-only spec (make dim 0 dynamic in it too, e.g. {0: Dim('batch'), 1: Dim('seq')})"
+        )
     prepared, _ = prepare_for_export(model)
-    dynamic_shapes = None
+    user_spec = dynamic_shapes is not None
+    if dynamic_batch is None:
+        dynamic_batch = not user_spec
     if dynamic_batch:
         if _batch_size(args) == 1:
             args = tuple(
@@ -428,7 +538,15 @@ def export_program(
         try:
             ep = torch.export.export(prepared, args, dynamic_shapes=dynamic_shapes, strict=strict)
         except torch._dynamo.exc.UserError as e:
-            if dynamic_shapes is None or "specialized it to be a constant" not in str(e):
+            if dynamic_shapes is None:
+                raise
+            if user_spec:
+                # torch's message names the dim, the guard that fixed it and a suggested spec.
+                raise ValueError(
+                    f"export_program: torch.export cannot make these dims dynamic (an example size below 2, or the "
+                    f"model fixes the size or bounds it; give a max=, or use Dim.AUTO to let the model decide): {e}"
+                ) from e
+            if "specialized it to be a constant" not in str(e):
                 raise
             raise ValueError(_specialized_batch_message(args)) from e
         bare = _marked_parameters(prepared)
@@ -556,7 +674,9 @@ def check_program(
     The eager side is ``model`` after the same on-the-way conversion of sparse-marked linears as
     ``export_program``. Inputs are fresh random tensors shaped like ``example_args`` at each batch size
     (default: two sizes different from the example's, so a wrongly static batch dim is caught; a program
-    exported with ``dynamic_batch=False`` is checked at its own batch size, the only one it runs).
+    exported with ``dynamic_batch=False`` is checked at its own batch size, the only one it runs). Every other
+    dynamic dim of the program (``dynamic_shapes``) is run at a size different from the example's too, within
+    its range (``dim_check_sizes``).
 
     Raises:
         ExportCheckError: when ``raise_on_failure`` and the difference exceeds ``atol + rtol * max|eager|``
@@ -570,9 +690,10 @@ def check_program(
     reference, _ = prepare_for_export(model)
     module = ep.module()
     sizes = check_batches("pt2", batch_sizes, args, _program_static_batch(ep))
+    dims = dim_check_sizes(*_program_dynamic_dims(ep, args), args, sizes)
 
     def run(*inputs: Any) -> list[Tensor]:
         return _flat_tensors(module(*inputs))
 
-    result = compare_outputs("pt2", run, reference, args, sizes, atol, rtol, seed)
+    result = compare_outputs("pt2", run, reference, args, sizes, atol, rtol, seed, dims)
     return finish_check(result, raise_on_failure)

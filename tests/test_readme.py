@@ -40,7 +40,15 @@ def test_readme_api_tour_runs(tmp_path, monkeypatch):
     other = Net()
     # what the compiled `other` must compute: its marked `fc` reduced to the top-k diagonals of its weight
     expected = sparsify_(copy.deepcopy(other), DiagSparsityConfig(sparsity=0.9), filter_fn=lambda m, fqn: fqn == "fc")
+    from diagcompile.models import CharGPT, GPTConfig, sparse_filter
+
+    gpt = sparsify_(
+        CharGPT(GPTConfig(vocab_size=20, block_size=256, dim=32, depth=1, heads=2)).eval(),
+        DiagSparsityConfig(sparsity=0.9),
+        filter_fn=sparse_filter,
+    )
     scope = {"model": Net(), "other": other, "loader": loader, "loss_fn": nn.functional.cross_entropy, "x": x}
+    scope |= {"gpt": gpt, "ids": torch.randint(0, 20, (2, 16))}
     code = _api_tour().replace("total_steps=10_000", "total_steps=3")
     exec(compile(code, str(README), "exec"), scope)  # noqa: S102 - executing our own README is the point
 
@@ -49,6 +57,11 @@ def test_readme_api_tour_runs(tmp_path, monkeypatch):
     final = scope["model"]
     assert isinstance(final.fc, DiagLinear) and isinstance(final.out, DiagLinear)
     assert scope["y"].shape == (8, 197, 3072)
+    seq_program = scope["ep"].module()
+    for shape in ((3, 40), (1, 256)):  # the tour's GPT program takes other batch sizes and lengths
+        ids = torch.randint(0, 20, shape)
+        with torch.no_grad():
+            torch.testing.assert_close(seq_program(ids), gpt(ids), rtol=1e-5, atol=1e-6)
     assert (tmp_path / "model.pt2").is_file() and (tmp_path / "model.onnx").is_file()
     torch.testing.assert_close(scope["fast"](x), expected(x), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(expected(x), Net.forward(other, x))  # the check can tell sparse from dense

@@ -123,3 +123,44 @@ def test_export_a_trained_model_file(fmt, suffix, tmp_path, capsys):
     # The run's other file is its checkpoint: name the model file instead of "not a model file".
     assert cli.main(["export", str(out / "checkpoint.pt"), "--format", fmt, "--out", str(target)]) == 2
     assert f"is a training checkpoint (for --resume); the model file is {out / MODEL_NAME}" in capsys.readouterr().err
+
+
+def test_export_dynamic_seq_checks_other_lengths(factory, tmp_path, capsys):
+    out = tmp_path / "m.pt2"
+    assert cli.main(["export", factory, "--format", "pt2", "--out", str(out), "--dynamic-seq"]) == 0
+    text = capsys.readouterr().out
+    assert "at input shapes" in text and ": OK" in text
+    shape = next(n.meta["val"].shape for n in load(out).graph.nodes if n.op == "placeholder" and n.name == "x")
+    assert not isinstance(shape[0], int) and not isinstance(shape[1], int), shape
+
+
+def test_export_dynamic_seq_of_a_model_that_fixes_the_length_fails_and_leaves_no_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fixed_len_factory.py").write_text(FIXED_LENGTH_FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    out = tmp_path / "m.onnx"
+    try:
+        assert (
+            cli.main(["export", "fixed_len_factory:make", "--format", "onnx", "--out", str(out), "--dynamic-seq"]) == 2
+        )
+    finally:
+        sys.modules.pop("fixed_len_factory", None)
+    assert "fixes dim 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+FIXED_LENGTH_FACTORY = """
+import torch
+from diagcompile import DiagLinear
+
+class Flatten(torch.nn.Module):  # uses the length as a constant: (B, 4, 8) -> (B, 32)
+    def __init__(self):
+        super().__init__()
+        self.fc = DiagLinear(32, 16, sparsity=0.5)
+
+    def forward(self, x):
+        return self.fc(x.reshape(x.shape[0], 32))
+
+def make():
+    return Flatten().eval(), (torch.randn(2, 4, 8),)
+"""

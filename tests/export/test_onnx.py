@@ -11,6 +11,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from torch import nn
+from torch.export import Dim
 
 from diagcompile import DiagLinear, DiagSparsityConfig, sparsify_
 from diagcompile.export import ExportCheckError, NoDiagonalLayersWarning, check_onnx, to_onnx
@@ -25,7 +26,7 @@ from diagcompile.export.onnx import (
     to_contrib_domain,
 )
 from diagcompile.marking import sync_marks
-from diagcompile.testing import DictOutputModel, ExportTestModel, make_export_model
+from diagcompile.testing import DictOutputModel, ExportTestModel, LengthShifted, make_export_model
 
 N = ExportTestModel.N_DIAG_LAYERS
 
@@ -286,3 +287,35 @@ def test_writing_to_a_directory_fails_before_exporting(tmp_path, monkeypatch):
     monkeypatch.setattr("diagcompile.export.program.export_program", no_export)
     with pytest.raises(ValueError, match="is a directory"):
         to_onnx(DiagLinear(8, 8, sparsity=0.5), (torch.randn(2, 8),), tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["portable", "plugin"])
+def test_dynamic_sequence_length_file_runs_other_lengths_and_its_check_varies_them(mode, model_and_args, tmp_path):
+    model, args = model_and_args  # x: (3, 5, 96)
+    spec = ({0: Dim("batch"), 1: Dim("seq")},)
+    path = to_onnx(model, args, tmp_path / "seq.onnx", mode=mode, dynamic_shapes=spec)
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.HasField("dim_param") for d in dims] == [True, True, False]
+    result = check_onnx(path, model, args)
+    assert result.passed and len(result.input_shapes) == 2
+    assert all(s[1] != 5 for s in result.input_shapes), result.input_shapes
+    # A reference that differs only at other lengths: caught, because other lengths are run.
+    with pytest.raises(ExportCheckError, match="input shapes"):
+        check_onnx(path, LengthShifted(model, length=5), args)
+
+
+class _FixedLength(nn.Module):  # uses dim 1 as a constant: Dim.AUTO gets it specialized
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = DiagLinear(32, 16, sparsity=0.5)
+
+    def forward(self, x):
+        return self.fc(x.reshape(x.shape[0], 32))
+
+
+def test_a_dim_the_exporter_specialized_is_checked_as_static(tmp_path):
+    # The exporter writes such a dim as dim_param "4"; the check must not try other sizes there.
+    model, x = _FixedLength().eval(), torch.randn(2, 4, 8)
+    path = to_onnx(model, (x,), tmp_path / "f.onnx", dynamic_shapes=({0: Dim("batch"), 1: Dim.AUTO},))
+    result = check_onnx(path, model, (x,))
+    assert result.passed and result.input_shapes == () and 2 not in result.batch_sizes

@@ -8,9 +8,11 @@ import warnings
 import zipfile
 
 import pytest
+import sympy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.export import Dim
 
 from diagcompile import (
     DiagLinear,
@@ -29,10 +31,17 @@ from diagcompile.export import (
     load,
     save,
 )
-from diagcompile.export.program import _flat_tensors, count_diag_nodes
+from diagcompile.export.program import _flat_tensors, count_diag_nodes, dim_check_sizes
 from diagcompile.marking import sync_marks
 from diagcompile.passes import SparseRewriteError
-from diagcompile.testing import DictOutputModel, ExportTestModel, make_export_model, masked_dense_copy, run_python
+from diagcompile.testing import (
+    DictOutputModel,
+    ExportTestModel,
+    LengthShifted,
+    make_export_model,
+    masked_dense_copy,
+    run_python,
+)
 
 N = ExportTestModel.N_DIAG_LAYERS
 
@@ -326,3 +335,81 @@ def test_diagonal_layer_unused_by_forward_is_named_in_the_warning():
 def test_dict_outputs_are_compared_in_pytree_order():
     out = DictOutputModel()(torch.randn(2, 8))
     assert _flat_tensors(out) == [out["logits"], out["features"]]
+
+
+# ---- dynamic dims other than the batch (dynamic_shapes) --------------------------------------------------
+SEQ_SPEC = ({0: Dim("batch"), 1: Dim("seq")},)
+
+
+def test_dynamic_sequence_length_runs_at_other_lengths_and_keeps_one_node_per_layer():
+    model, args = make_export_model()  # x: (3, 5, 96)
+    ep = export_program(model, args, dynamic_shapes=SEQ_SPEC)
+    assert count_diag_nodes(ep.run_decompositions()) == N
+    converted = copy.deepcopy(model)  # what export converts on the way, done independently here
+    sync_marks(converted)
+    sparsify_(converted, DiagSparsityConfig(only_marked=True))
+    for shape in ((2, 7, 96), (4, 2, 96)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert torch.equal(ep.module()(x), converted(x)), shape
+    result = check_program(ep, model, args)
+    assert result.passed
+    seqs = [s[1] for s in result.input_shapes]
+    assert len(seqs) == 2 and 5 not in seqs, result.input_shapes
+    assert "input shapes" in str(result)
+
+
+def test_check_varies_dynamic_dims_beyond_the_batch():
+    # The reference differs from the artifact only at other sequence lengths: a check that only varies the
+    # batch passes it; ours runs other lengths on the dynamic-seq program and must fail.
+    model, args = make_export_model()
+    shifted = LengthShifted(model, length=5)
+    with pytest.raises(ExportCheckError, match="input shapes"):
+        check_program(export_program(model, args, dynamic_shapes=SEQ_SPEC), shifted, args)
+    # A program whose dim 1 is static is checked at the example's length only (it runs no other).
+    result = check_program(export_program(model, args), shifted, args)
+    assert result.passed and result.input_shapes == ()
+
+
+def test_dynamic_batch_and_dynamic_shapes_together_is_a_clear_error():
+    model, args = make_export_model()
+    with pytest.raises(ValueError, match="not both"):
+        export_program(model, args, dynamic_batch=True, dynamic_shapes=SEQ_SPEC)
+
+
+class _BoundedLength(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = DiagLinear(8, 8, sparsity=0.5)
+
+    def forward(self, x):
+        if x.shape[1] > 6:
+            raise ValueError("sequence too long")
+        return self.fc(x)
+
+
+def test_dynamic_dim_the_model_bounds_is_a_clear_error_and_a_max_fixes_it():
+    model, x = _BoundedLength(), torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="cannot make these dims dynamic.*seq"):
+        export_program(model, (x,), dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},))
+    ep = export_program(model, (x,), dynamic_shapes=({0: Dim("batch"), 1: Dim("seq", max=6)},))
+    result = check_program(ep, model, (x,))
+    # Other lengths stay inside the program's range [2, 6] (the example is 4).
+    assert result.passed and all(2 <= s[1] <= 6 and s[1] != 4 for s in result.input_shapes), result.input_shapes
+
+
+def test_dim_check_sizes_respects_ranges_shared_symbols_and_expressions():
+    b, s = sympy.Symbol("b"), sympy.Symbol("s")
+    args = (torch.zeros(3, 8, 4), torch.zeros(3, 16))
+    exprs = {(0, 0): b, (0, 1): s, (1, 0): b, (1, 1): 2 * s}
+    # s at its maximum: the other sizes go below it; dims given as 2*s follow.
+    points = dim_check_sizes(exprs, {s: (2, 8)}, args, [1, 6])
+    assert points == [{(0, 1): 7, (1, 1): 14}, {(0, 1): 6, (1, 1): 12}]
+    # s at its minimum: above it.
+    args_lo = (torch.zeros(3, 2, 4), torch.zeros(3, 4))
+    assert dim_check_sizes(exprs, {s: (2, 8)}, args_lo, [1])[0] == {(0, 1): 3, (1, 1): 6}
+    # A dim-1 size that is the batch's symbol follows the batch.
+    square = {(0, 0): b, (0, 1): b}
+    assert dim_check_sizes(square, {}, (torch.zeros(3, 3),), [1, 6]) == [{(0, 1): 1}, {(0, 1): 6}]
+    # Nothing dynamic beyond dim 0: nothing to vary.
+    assert dim_check_sizes({(0, 0): b}, {}, args, [1, 6]) == [{}, {}]
