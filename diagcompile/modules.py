@@ -134,12 +134,21 @@ class DiagLinear(nn.Module):
                 f"shape mismatch: input has last dim {x.shape[-1]} "
                 f"but this DiagLinear has in_features={self.in_features}"
             )
-        offsets = self.offsets
+        if type(self) is DiagLinear:
+            # nn.Module.__getattr__ costs ~1 us per attribute; the dicts are where it would look. A subclass, a
+            # parametrization or FSDP (each swaps the class) takes the general attribute lookup.
+            # An attribute that is not (or no longer) registered, e.g. a plain ``bias = None``, is looked up as usual.
+            p, b = self._parameters, self._buffers
+            values = p["values"] if "values" in p else self.values
+            bias = p["bias"] if "bias" in p else self.bias
+            offsets = b["offsets"] if "offsets" in b else self.offsets
+        else:
+            values, bias, offsets = self.values, self.bias, self.offsets
         if not torch.compiler.is_compiling():
             seen = self.__dict__.get("_offsets_seen")
             if seen is None or seen[0] is not offsets or seen[1] != (offsets._version, offsets.data_ptr()):
                 self._check_offsets(offsets)
-        return diag_linear(x, self.values, offsets, self.bias, self.out_features, check_offsets=False)
+        return diag_linear(x, values, offsets, bias, self.out_features, check_offsets=False)
 
     def _check_offsets(self, offsets: Tensor) -> None:
         """Validate the offsets buffer once per object and version, and remember it.

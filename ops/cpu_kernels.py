@@ -49,6 +49,7 @@ Design
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -435,6 +436,7 @@ def _round_up(n: int, q: int) -> int:
     return (n + q - 1) // q * q
 
 
+@functools.lru_cache(maxsize=4096)  # pure in its ints; ~1 us of Python per call saved
 def _gather_tiling(M: int, n_cols: int, threads: int) -> tuple[int, int, int]:
     """``(tb, mb, n_items)`` for the two gathers: column tiles of ``tb`` x blocks of ``mb`` rows.
 
@@ -453,6 +455,7 @@ def _gather_tiling(M: int, n_cols: int, threads: int) -> tuple[int, int, int]:
     return tb, mb, math.ceil(n_cols / tb) * n_mb
 
 
+@functools.lru_cache(maxsize=4096)  # pure in its ints; ~1 us of Python per call saved
 def _scatter_tiling(M: int, L: int, threads: int) -> tuple[int, int, int]:
     """``(tb, mb, n_items)`` for the diagonal-major masked gather: whole output rows where possible.
 
@@ -485,6 +488,7 @@ def _masked_gather_plan(M: int, L: int, D: int, threads: int) -> tuple[Callable,
     return _masked_gather_kernel, _gather_tiling(M, L, threads)
 
 
+@functools.lru_cache(maxsize=4096)  # pure in its ints; ~1 us of Python per call saved
 def _sddmm_tiling(k: int, D: int, threads: int) -> tuple[int, int, int]:
     """``(jc, tb, n_items)``: blocks of ``jc`` diagonals x column tiles of ``tb`` (a block is <= 64 KiB)."""
     n_tiles = math.ceil(D / 512)

@@ -203,3 +203,46 @@ def test_a_state_dict_of_the_transposed_shape_is_refused(tmp_path):
     c = nn.Sequential(DiagLinear(37, 100, bias=False, sparsity=0.5))
     c.load_state_dict(sd)
     assert torch.equal(c[0].values, a[0].values) and torch.equal(c[0].offsets, a[0].offsets)
+
+
+# ---- the forward reads what nn.Module attribute lookup would: parametrizations, functional_call, plain attributes
+def _expected(layer: DiagLinear, x: torch.Tensor, values, offsets, bias) -> torch.Tensor:
+    from diagcompile.functional import diag_linear
+
+    return diag_linear(x, values, offsets, bias, layer.out_features)
+
+
+def test_forward_uses_a_parametrized_tensor():
+    # (A parametrization of `values` itself is impossible in torch: ParametrizationList is a ModuleDict, whose
+    # .values() method the name would shadow. `bias` takes the same path: the class is swapped.)
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, b):
+            return 2 * b
+
+    layer, x = DiagLinear(12, 20, sparsity=0.5), torch.randn(3, 12)
+    plain = layer.bias.detach().clone()
+    parametrize.register_parametrization(layer, "bias", Double())
+    assert type(layer) is not DiagLinear
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _expected(layer, x, layer.values, layer.offsets, 2 * plain))
+
+
+def test_forward_under_functional_call_uses_the_swapped_tensors():
+    layer, x = DiagLinear(20, 12, sparsity=0.5), torch.randn(3, 20)
+    swapped = {
+        "values": torch.randn_like(layer.values),
+        "bias": torch.randn_like(layer.bias),
+        "offsets": layer.offsets.flip(0).sort().values,  # same set, a new tensor object
+    }
+    out = torch.func.functional_call(layer, swapped, (x,))
+    torch.testing.assert_close(out, _expected(layer, x, swapped["values"], swapped["offsets"], swapped["bias"]))
+    assert not torch.allclose(out, layer(x))
+
+
+def test_forward_uses_a_plain_bias_attribute_set_after_construction():
+    layer, x = DiagLinear(8, 8, bias=False, sparsity=0.5), torch.randn(2, 8)
+    layer.bias = torch.ones(8)  # not a registered parameter: a plain attribute, as nn.Module stores it
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _expected(layer, x, layer.values, layer.offsets, torch.ones(8)))
