@@ -162,7 +162,9 @@ def diag_linear(
         raise ValueError(
             f"shape mismatch: values has k={values.shape[0]} rows but offsets has shape {tuple(offsets.shape)}"
         )
-    offsets = canonical_offsets(offsets, out_features, in_features, check_contents=check_offsets)
+    if check_offsets or offsets.dtype != OFFSET_DTYPE or not 1 <= offsets.shape[0] <= P:
+        # Validates (raising with the message) or converts; a trusted int32 buffer of a valid k needs neither.
+        offsets = canonical_offsets(offsets, out_features, in_features, check_contents=check_offsets)
     if bias is None:
         bias = values.new_empty(0)
     else:

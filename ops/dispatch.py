@@ -111,12 +111,27 @@ def thread_bucket(threads: int) -> int:
     return next(e for e in dispatch_table.THREAD_EDGES if threads <= e)
 
 
+# os.environ.get costs ~1 us (it encodes the key and decodes the value), and every op call asks. Where the
+# mapping's raw dict is there (CPython's os._Environ), look the encoded key up in it directly: the same data,
+# so a variable set or removed at run time (os.environ, monkeypatch.setenv) is still seen at once.
+_ENV_NAME = "DIAGCOMPILE_FORCE_PATH"
+_env_data = getattr(os.environ, "_data", None)
+_env_key = os.environ.encodekey(_ENV_NAME) if _env_data is not None and hasattr(os.environ, "encodekey") else None
+
+
+def _env_forced() -> str:
+    if _env_key is not None:
+        raw = _env_data.get(_env_key)
+        return "" if raw is None else os.environ.decodevalue(raw)
+    return os.environ.get(_ENV_NAME, "")
+
+
 def forced_path() -> str | None:
     """The path pinned by ``force_path`` or ``DIAGCOMPILE_FORCE_PATH``, else ``None``."""
     forced = _forced[-1][1] if _forced else None
     if forced is not None:
         return forced
-    env = os.environ.get("DIAGCOMPILE_FORCE_PATH", "").strip().lower()
+    env = _env_forced().strip().lower()
     if env in ("", "auto"):
         return None
     if env not in PATHS:
