@@ -33,6 +33,7 @@ import contextlib
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -367,7 +368,15 @@ def to_onnx(
     tensor_inputs = sum(isinstance(a, Tensor) for a in args)
     if input_names is None and tensor_inputs == 1:
         input_names = ["x"]
-    with contextlib.redirect_stdout(_Sink()):  # the exporter prints progress lines on stdout
+    # The exporter prints progress lines on stdout, logs one warning per torchvision op it cannot register
+    # (torchvision is not a dependency) and trips a deprecation inside torch's own pytree code: none of it is
+    # the user's to act on.
+    with (
+        contextlib.redirect_stdout(_Sink()),
+        _program._quiet("torch.onnx._internal.exporter._registration"),
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
         program = torch.onnx.export(
             ep,
             args,

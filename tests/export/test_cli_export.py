@@ -9,7 +9,7 @@ from diagcompile import cli
 from diagcompile.export import load
 from diagcompile.export.onnx import count_plugin_nodes
 from diagcompile.export.program import count_diag_nodes
-from diagcompile.testing import ExportTestModel
+from diagcompile.testing import ExportTestModel, run_python
 
 FACTORY = """
 from diagcompile.testing import make_export_model
@@ -164,3 +164,19 @@ class Flatten(torch.nn.Module):  # uses the length as a constant: (B, 4, 8) -> (
 def make():
     return Flatten().eval(), (torch.randn(2, 4, 8),)
 """
+
+
+def test_onnx_export_prints_no_exporter_noise(tmp_path):
+    # torch.onnx logs a warning per torchvision op it cannot register and trips a pytree FutureWarning; neither
+    # is the user's to act on. A fresh process, with stderr joined to stdout before torch sets up its logging.
+    code = (
+        "import sys; sys.stderr = sys.stdout\n"
+        "from diagcompile.export import to_onnx\n"
+        "from diagcompile.testing import make_export_model\n"
+        "model, args = make_export_model()\n"
+        f"to_onnx(model, args, {str(tmp_path / 'm.onnx')!r})\n"
+        "print('done')\n"
+    )
+    out = run_python(code, env={"PYTHONWARNINGS": "default"})
+    assert out.strip().endswith("done")
+    assert "torchvision" not in out and "LeafSpec" not in out, out
