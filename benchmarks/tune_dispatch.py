@@ -4,8 +4,8 @@
     python benchmarks/tune_dispatch.py --device cuda           # rewrites the _CUDA section (on the GPU machine)
     python benchmarks/tune_dispatch.py --device cpu --dry-run  # print the table, write nothing
 
-The table has one rule per op (``fwd``, ``dx``, ``dv``), shape class (orientation x D bucket,
-``dispatch_table.SHAPE_CLASSES``) and, on the CPU, thread bucket (1 thread, or several: measured at 1 and at
+The table has one rule per op (``fwd``, ``dx``, ``dv``), shape class (orientation - square, wide or tall - x D
+bucket, ``dispatch_table.SHAPE_CLASSES``) and, on the CPU, thread bucket (1 thread, or several: measured at 1 and at
 torch's default count); the grid holds layer shapes of every class, narrow (the bundled models'
 64-512-wide layers) and broad (ViT-B, Llama). For each op, shape class, density bucket (measured at the
 bucket's upper edge, its most expensive density), each layer shape of that class and each ``M`` of the grid,
@@ -80,7 +80,11 @@ GRIDS = {
         reference_dtype=torch.bfloat16,
     ),
     "cuda": Grid(
-        shapes=((4096, 14336), (14336, 4096), (768, 3072), (3072, 768), (256, 1024), (1024, 256), (64, 256), (256, 64)),
+        shapes=(
+            *((4096, 14336), (14336, 4096), (4096, 4096)),
+            *((768, 3072), (3072, 768), (256, 1024), (1024, 256), (256, 256)),
+            *((64, 256), (256, 64), (64, 64)),
+        ),
         ms=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536),
         kernel_dtype=torch.bfloat16,
         reference_dtype=torch.bfloat16,

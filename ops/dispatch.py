@@ -98,12 +98,15 @@ class Problem:
 def shape_class(n_out: int, n_in: int) -> tuple[str, int]:
     """The table's shape class of a layer: ``(orientation, d_edge)``.
 
-    ``orientation`` is ``"tall"`` when ``N_out > N_in``, else ``"wide"``; ``d_edge`` is the first edge of
-    ``dispatch_table.D_EDGES`` at or above ``D = min(N_out, N_in)``.
+    ``orientation`` is ``"tall"`` when ``N_out > N_in``; otherwise ``"square"`` when ``N_in < 2 N_out`` (square
+    and near-square wide layers), else ``"wide"``. ``d_edge`` is the first edge of ``dispatch_table.D_EDGES`` at
+    or above ``D = min(N_out, N_in)``.
     """
     D = min(n_out, n_in)
     d_edge = next(e for e in dispatch_table.D_EDGES if D <= e)
-    return ("tall" if is_tall(n_out, n_in) else "wide"), d_edge
+    if is_tall(n_out, n_in):
+        return "tall", d_edge
+    return ("square" if n_in < 2 * n_out else "wide"), d_edge
 
 
 def thread_bucket(threads: int) -> int:

@@ -414,10 +414,13 @@ def test_bad_arguments_raise_value_errors():
 CLASS_LAYERS = {
     ("tall", 64): (256, 64),
     ("wide", 64): (64, 256),
+    ("square", 64): (64, 64),
     ("tall", 256): (512, 128),
     ("wide", 256): (128, 512),
+    ("square", 256): (128, 128),
     ("tall", dispatch_table.D_EDGES[-1]): (3072, 768),
     ("wide", dispatch_table.D_EDGES[-1]): (768, 3072),
+    ("square", dispatch_table.D_EDGES[-1]): (768, 768),
 }
 
 
@@ -437,12 +440,15 @@ def test_shape_classes_and_thread_buckets_cover_the_table():
     for cls, (n_out, n_in) in CLASS_LAYERS.items():
         assert dispatch.shape_class(n_out, n_in) == cls
     big = dispatch_table.D_EDGES[-1]
-    assert dispatch.shape_class(64, 64) == ("wide", 64)  # square is wide, as in ops/reference.py
+    assert dispatch.shape_class(64, 64) == ("square", 64)
+    assert dispatch.shape_class(64, 127) == ("square", 64)  # wide, but the long side is under twice the short
+    assert dispatch.shape_class(64, 128) == ("wide", 64)
     assert dispatch.shape_class(65, 64) == ("tall", 64)
-    assert dispatch.shape_class(65, 65) == ("wide", 256)
-    assert dispatch.shape_class(256, 256) == ("wide", 256)
+    assert dispatch.shape_class(130, 65) == ("tall", 256)  # tall layers are not split by aspect
+    assert dispatch.shape_class(65, 65) == ("square", 256)
+    assert dispatch.shape_class(256, 256) == ("square", 256)
     assert dispatch.shape_class(257, 256) == ("tall", 256)
-    assert dispatch.shape_class(257, 257) == ("wide", big)  # D = 257: past the narrow edge
+    assert dispatch.shape_class(257, 257) == ("square", big)  # D = 257: past the narrow edge
     assert dispatch.shape_class(300, 4096) == ("wide", big)
     assert set(THREADS_IN_BUCKET) == set(dispatch_table.THREAD_EDGES)
     for edge, n in THREADS_IN_BUCKET.items():
