@@ -266,7 +266,7 @@ def _m(m: int) -> str:
     return "_ANY_M" if m == UNBOUNDED else str(m)
 
 
-def render(device: str, rules: dict[RuleKey, dict[str, list[int]]], header: list[str]) -> str:
+def render(device: str, rules: dict[RuleKey, dict[str, list[int] | dict]], header: list[str]) -> str:
     """The device's section of ``dispatch_table.py``: one entry per (op, orientation, d_edge, t_edge)."""
     var = f"_{device.upper()}"
     lines = [f"# {line}" for h in header for line in textwrap.wrap(h, 116)]
@@ -275,8 +275,12 @@ def render(device: str, rules: dict[RuleKey, dict[str, list[int]]], header: list
         op, orientation, d_edge, t_edge = key
         lines.append(f'    ("{op}", "{orientation}", {_m(d_edge)}, {_m(t_edge)}): {{')
         for path in ("kernel", "reference"):
-            ms = ", ".join(_m(m) for m in rules[key][path])
-            lines.append(f'        "{path}": {{"density_edges": _EDGES, "max_m": [{ms}]}},')
+            rule = rules[key][path]
+            # A rule kept from before may be on other edges (the CUDA section's own): write those, not _EDGES.
+            max_m, edges = (rule["max_m"], rule["density_edges"]) if isinstance(rule, dict) else (rule, None)
+            ms = ", ".join(_m(m) for m in max_m)
+            edge_src = "_EDGES" if edges is None or list(edges) == dispatch_table._EDGES else f"{list(edges)}"
+            lines.append(f'        "{path}": {{"density_edges": {edge_src}, "max_m": [{ms}]}},')
         lines.append("    },")
     lines.append("}")
     return "\n".join(lines)
@@ -348,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         if wanted - set(dispatch_table.SHAPE_CLASSES):
             raise SystemExit(f"--classes: unknown {sorted(wanted - set(dispatch_table.SHAPE_CLASSES))}")
         by_class = {cls: shapes for cls, shapes in by_class.items() if cls in wanted}
-    rules: dict[RuleKey, dict[str, list[int]]] = {key: {} for key in dispatch_table.RULE_KEYS}
+    rules: dict[RuleKey, dict[str, list[int] | dict]] = {key: {} for key in dispatch_table.RULE_KEYS}
     kept = []
     for op in OPS:
         for orientation, d_edge in dispatch_table.SHAPE_CLASSES:
@@ -368,8 +372,11 @@ def main(argv: list[str] | None = None) -> None:
                     current = dispatch_table.TABLE.get((args.device, *key))
                     if counts:
                         rules[key][path] = [min(ms) for ms in zip(*(measured[n] for n in counts))]
-                    elif current is not None:  # keep the rule not re-measured
-                        rules[key][path] = list(current[path]["max_m"])
+                    elif current is not None:  # keep the rule not re-measured, on its own density edges
+                        rules[key][path] = {
+                            "max_m": list(current[path]["max_m"]),
+                            "density_edges": list(current[path]["density_edges"]),
+                        }
                         kept.append(f"{op}/{path}")
                     else:
                         raise SystemExit(f"the {args.device} table has no rule for {key} yet: measure it")

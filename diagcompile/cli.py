@@ -172,9 +172,13 @@ def _export(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dynamic = not args.static_batch
-    dynamic_shapes = _seq_dynamic_shapes(example_args, dynamic) if args.dynamic_seq else None
-    if dynamic_shapes is not None:
-        dynamic = None
+    dynamic_shapes = None
+    if args.dynamic_seq:
+        from diagcompile.export.program import widen_batch_of_one
+
+        if dynamic:  # torch.export fixes a dim whose example size is 1: trace a batch of 2, as export_program does
+            example_args = widen_batch_of_one(example_args)
+        dynamic_shapes, dynamic = _seq_dynamic_shapes(example_args, dynamic), None
     try:
         if args.format == "pt2":
             ep = export_program(model, example_args, dynamic_batch=dynamic, dynamic_shapes=dynamic_shapes)
@@ -208,8 +212,8 @@ def _export(args: argparse.Namespace) -> int:
             # file is not what was asked for, so it is not left behind.
             os.unlink(path)
             print(
-                f"error: --dynamic-seq: the model fixes dim 1 of input(s) {fixed} (it uses that size as a "
-                f"constant), so it cannot be dynamic; export without --dynamic-seq",
+                f"error: --dynamic-seq: the model fixes dim 1 of tensor input(s) {fixed} (counting from 0; it uses "
+                f"that size as a constant), so it cannot be dynamic; export without --dynamic-seq",
                 file=sys.stderr,
             )
             return 2

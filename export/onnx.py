@@ -548,7 +548,7 @@ def check_onnx(
     onnxruntime-extensions. Inputs are random tensors shaped like ``example_args`` at each batch size
     (default: two sizes different from the example's; a file whose inputs have a fixed dim 0, exported with
     ``dynamic_batch=False``, at that size only). Other symbolic dims of the inputs (``dynamic_shapes``) are
-    run at sizes below the example's (the file records no ranges; see ``dim_check_sizes``).
+    run at sizes below the example's (the file records no ranges; see ``check_sizes``).
 
     Raises:
         ExportCheckError: when ``raise_on_failure`` and the difference exceeds the tolerance.
@@ -565,9 +565,10 @@ def check_onnx(
     session = make_session(proto, runtime=runtime)
     names = [i.name for i in session.get_inputs()]
     artifact = _artifact_name(proto, runtime)
-    static = [i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)]
-    sizes = _program.check_batches(artifact, batch_sizes, args, static[0] if static else None)
-    dims = _program.dim_check_sizes(_session_dynamic_dims(session, args), {}, args, sizes)
+    exprs = _session_dynamic_dims(session, args)
+    static = [_static_size(i.shape[0]) for i in session.get_inputs() if i.shape]
+    static = [n for n in static if n is not None]
+    sizes, dims = _program.check_sizes(artifact, batch_sizes, args, exprs, {}, static[0] if static else None)
 
     def run(*inputs: Any) -> list[Tensor]:
         arrays = [a.detach().cpu().numpy() for a in inputs if isinstance(a, Tensor)]
@@ -579,6 +580,13 @@ def check_onnx(
 
     result = _program.compare_outputs(artifact, run, reference, args, sizes, atol, rtol, seed, dims)
     return _program.finish_check(result, raise_on_failure)
+
+
+def _static_size(n: int | str | None) -> int | None:
+    """An input dim's fixed size: an int, or a dim_param the exporter wrote for a dim it fixed (``"3"``)."""
+    if isinstance(n, int):
+        return n
+    return int(n) if isinstance(n, str) and n.isdigit() else None
 
 
 def _session_dynamic_dims(session, args: tuple) -> _program.DimExprs:

@@ -242,6 +242,15 @@ def _batch_size(args: tuple) -> int | None:
     return sizes.pop()
 
 
+def widen_batch_of_one(example_args: Any) -> tuple:
+    """The example inputs with a shared batch of 1 repeated to 2 (torch.export fixes a dim whose example size
+    is 1, so a dynamic batch must be traced at another size); other inputs unchanged."""
+    args = _as_args(example_args)
+    if _batch_size(args) != 1:
+        return args
+    return tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, Tensor) and a.dim() >= 1 else a for a in args)
+
+
 def _dynamic_shapes(args: tuple) -> tuple:
     batch = torch.export.Dim("batch")
     return tuple({0: batch} if isinstance(a, Tensor) and a.dim() >= 1 else None for a in args)
@@ -320,39 +329,90 @@ def _program_dynamic_dims(ep: torch.export.ExportedProgram, args: tuple) -> tupl
     return exprs, ranges
 
 
-def dim_check_sizes(
-    exprs: DimExprs, ranges: DimRanges, example_args: tuple, batch_sizes: Sequence[int]
-) -> list[dict[tuple[int, int], int]]:
-    """For each batch size of a check, the sizes of the dynamic dims other than dim 0.
-
-    Each symbol takes its example value (read where it is a dim's whole size); a symbol of some dim 0 takes
-    the batch size, every other one a value different from the example's within its range (example - 1 - k,
-    else example + 1 + k, at the k-th batch size), so a dim that the artifact wrongly made static fails the
-    check. Dims whose size is an expression (``2*s0``) follow their symbols.
-    """
+def _symbol_examples(exprs: DimExprs, example_args: tuple) -> dict[sympy.Symbol, int]:
+    """Each symbol's value in the example: read where it is a dim's whole size, else solved from a dim whose
+    size is an expression in it alone (``2*s``)."""
     example: dict[sympy.Symbol, int] = {}
-    batch_syms: set[sympy.Symbol] = set()
     for (i, d), e in exprs.items():
         if isinstance(e, sympy.Symbol):
             example.setdefault(e, int(example_args[i].shape[d]))
-            if d == 0:
-                batch_syms.add(e)
+    for (i, d), e in exprs.items():
+        unknown = e.free_symbols - example.keys()
+        if len(unknown) == 1:
+            (sym,) = unknown
+            sols = [v for v in sympy.solve(sympy.Eq(e.subs(example), int(example_args[i].shape[d])), sym)]
+            ints = [int(v) for v in sols if v.is_integer]
+            if ints:
+                example[sym] = ints[0]
+    missing = set().union(*(e.free_symbols for e in exprs.values())) - example.keys() if exprs else set()
+    if missing:
+        raise ValueError(
+            f"cannot tell the example value of the dynamic size(s) {sorted(map(str, missing))} from the input "
+            f"shapes, so the check cannot run other sizes; pass the check inputs' sizes another way"
+        )
+    return example
+
+
+def check_sizes(
+    artifact: str,
+    batch_sizes: Sequence[int] | None,
+    example_args: tuple,
+    exprs: DimExprs,
+    ranges: DimRanges,
+    static_batch: int | None,
+) -> tuple[tuple[int, ...], list[dict[tuple[int, int], int]]]:
+    """The batch sizes a check runs, and for each one the size of every dynamic dim of the artifact.
+
+    The batch is the symbol at dim 0 of the first tensor input. Without ``batch_sizes`` it runs at two sizes
+    other than the example's (``default_check_batches``) inside the symbol's range; a static dim 0
+    (``static_batch``) runs at its own size only. Every other symbol takes a value other than the example's
+    within its range (example - 1 - k, else example + 1 + k, at the k-th batch size), so a dim that the artifact
+    wrongly made static fails the check. Dims whose size is an expression (``2*s``) follow their symbols; dims
+    not in ``exprs`` (static) keep the example's size.
+
+    Raises:
+        ValueError: ``batch_sizes`` holds a size the artifact cannot run (static, or outside the range).
+    """
+    tensors = [i for i, a in enumerate(example_args) if isinstance(a, Tensor) and a.dim() >= 1]
+    batch_sym = exprs.get((tensors[0], 0)) if tensors else None
+    if not isinstance(batch_sym, sympy.Symbol):
+        batch_sym = None
+    if batch_sym is None:
+        if static_batch is None and tensors and (tensors[0], 0) not in exprs:
+            static_batch = int(example_args[tensors[0]].shape[0])
+        sizes = check_batches(artifact, batch_sizes, example_args, static_batch)
+    else:
+        b0 = int(example_args[tensors[0]].shape[0])
+        lo, hi = ranges.get(batch_sym, (0, None))
+        lo = max(lo, 1)
+
+        def fits(b: int) -> bool:
+            return lo <= b and (hi is None or b <= hi)
+
+        if batch_sizes is None:
+            wanted = [*default_check_batches(b0), b0 - 1, b0 + 1, lo, hi if hi is not None else b0 + 2]
+            sizes = tuple(dict.fromkeys(b for b in wanted if b != b0 and fits(b)))[:2] or (b0,)
+        else:
+            sizes = tuple(batch_sizes)
+            bad = [b for b in sizes if not fits(b)]
+            if bad:
+                raise ValueError(
+                    f"{artifact}: batch size(s) {bad} are outside the range the artifact accepts "
+                    f"[{lo}, {'inf' if hi is None else hi}]"
+                )
+    example = _symbol_examples(exprs, example_args)
     points = []
-    for k, b in enumerate(batch_sizes):
+    for k, b in enumerate(sizes):
         values: dict[sympy.Symbol, int] = {}
         for sym, n in example.items():
-            if sym in batch_syms:
+            if sym == batch_sym:
                 values[sym] = b
                 continue
             lo, hi = ranges.get(sym, (1, None))
             ok = [c for c in (n - 1 - k, n + 1 + k) if c >= max(lo, 1) and (hi is None or c <= hi)]
             values[sym] = ok[0] if ok else n
-        sizes = {}
-        for (i, d), e in exprs.items():
-            if d > 0 and e.free_symbols <= values.keys():
-                sizes[(i, d)] = int(e.subs(values))
-        points.append(sizes)
-    return points
+        points.append({key: int(e.subs(values)) for key, e in exprs.items()})
+    return sizes, points
 
 
 def default_check_batches(example_batch: int | None) -> tuple[int, ...]:
@@ -437,13 +497,17 @@ def compare_outputs(
 ) -> CheckResult:
     """Run ``run_artifact(*inputs)`` (a list of output tensors) and ``model(*inputs)`` at each batch size.
 
-    ``dim_sizes[k]``: the sizes of other dims at the ``k``-th batch size (``dim_check_sizes``), or ``None``.
+    ``dim_sizes[k]``: the size of every dynamic dim at the ``k``-th batch size (``check_sizes``), dim 0
+    included; the other dims keep the example's sizes. ``None``: only dim 0 changes, to the batch size.
     """
     worst, ref_scale, dtype = 0.0, 0.0, torch.float32
     shapes = []
     with torch.no_grad(), _eval_mode(model):
         for i, b in enumerate(batch_sizes):
-            inputs = resize_inputs(example_args, b, dim_sizes[i] if dim_sizes else None, seed=seed + i)
+            if dim_sizes is None:
+                inputs = resize_inputs(example_args, b, None, seed=seed + i)
+            else:
+                inputs = resize_inputs(example_args, None, dim_sizes[i], seed=seed + i)
             shapes.append(next((tuple(a.shape) for a in inputs if isinstance(a, Tensor)), ()))
             ref = _flat_tensors(model(*inputs))
             got = [torch.as_tensor(t) for t in run_artifact(*inputs)]
@@ -465,7 +529,7 @@ def compare_outputs(
     d_atol, d_rtol = default_tolerance(dtype)
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
-    varied = tuple(shapes) if dim_sizes and any(dim_sizes) else ()
+    varied = tuple(shapes) if dim_sizes and any(d > 0 for point in dim_sizes for _, d in point) else ()
     return CheckResult(artifact, worst, atol + rtol * ref_scale, tuple(batch_sizes), varied)
 
 
@@ -529,10 +593,7 @@ def export_program(
     if dynamic_batch is None:
         dynamic_batch = not user_spec
     if dynamic_batch:
-        if _batch_size(args) == 1:
-            args = tuple(
-                a.expand(2, *a.shape[1:]).clone() if isinstance(a, Tensor) and a.dim() >= 1 else a for a in args
-            )
+        args = widen_batch_of_one(args)
         dynamic_shapes = _dynamic_shapes(args)
     with _eval_mode(prepared):
         try:
@@ -540,13 +601,13 @@ def export_program(
         except torch._dynamo.exc.UserError as e:
             if dynamic_shapes is None:
                 raise
-            if user_spec:
+            if user_spec and ("specialized" in str(e) or "Constraints violated" in str(e)):
                 # torch's message names the dim, the guard that fixed it and a suggested spec.
                 raise ValueError(
                     f"export_program: torch.export cannot make these dims dynamic (an example size below 2, or the "
                     f"model fixes the size or bounds it; give a max=, or use Dim.AUTO to let the model decide): {e}"
                 ) from e
-            if "specialized it to be a constant" not in str(e):
+            if user_spec or "specialized it to be a constant" not in str(e):
                 raise
             raise ValueError(_specialized_batch_message(args)) from e
         bare = _marked_parameters(prepared)
@@ -676,7 +737,7 @@ def check_program(
     (default: two sizes different from the example's, so a wrongly static batch dim is caught; a program
     exported with ``dynamic_batch=False`` is checked at its own batch size, the only one it runs). Every other
     dynamic dim of the program (``dynamic_shapes``) is run at a size different from the example's too, within
-    its range (``dim_check_sizes``).
+    its range (``check_sizes``).
 
     Raises:
         ExportCheckError: when ``raise_on_failure`` and the difference exceeds ``atol + rtol * max|eager|``
@@ -689,8 +750,8 @@ def check_program(
         raise TypeError(f"program must be an ExportedProgram or a .pt2 path, got {type(ep).__name__}")
     reference, _ = prepare_for_export(model)
     module = ep.module()
-    sizes = check_batches("pt2", batch_sizes, args, _program_static_batch(ep))
-    dims = dim_check_sizes(*_program_dynamic_dims(ep, args), args, sizes)
+    exprs, ranges = _program_dynamic_dims(ep, args)
+    sizes, dims = check_sizes("pt2", batch_sizes, args, exprs, ranges, _program_static_batch(ep))
 
     def run(*inputs: Any) -> list[Tensor]:
         return _flat_tensors(module(*inputs))

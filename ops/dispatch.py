@@ -118,14 +118,16 @@ def thread_bucket(threads: int) -> int:
 # mapping's raw dict is there (CPython's os._Environ), look the encoded key up in it directly: the same data,
 # so a variable set or removed at run time (os.environ, monkeypatch.setenv) is still seen at once.
 _ENV_NAME = "DIAGCOMPILE_FORCE_PATH"
-_env_data = getattr(os.environ, "_data", None)
-_env_key = os.environ.encodekey(_ENV_NAME) if _env_data is not None and hasattr(os.environ, "encodekey") else None
+_environ = os.environ
+_env_data = getattr(_environ, "_data", None)
+_env_key = _environ.encodekey(_ENV_NAME) if _env_data is not None and hasattr(_environ, "encodekey") else None
 
 
 def _env_forced() -> str:
-    if _env_key is not None:
+    # A test may replace os.environ itself (mock.patch("os.environ", {...})): then ask the object it put there.
+    if _env_key is not None and os.environ is _environ:
         raw = _env_data.get(_env_key)
-        return "" if raw is None else os.environ.decodevalue(raw)
+        return "" if raw is None else _environ.decodevalue(raw)
     return os.environ.get(_ENV_NAME, "")
 
 

@@ -172,3 +172,22 @@ def test_classes_option_remeasures_only_the_named_classes(tune, monkeypatch, tmp
         if key[0] == "cpu":
             changed = key[1:] == ("dx", "wide", 64, 1)
             assert (table[key]["kernel"]["max_m"] == [0] * 6) if changed else table[key] == rule, key
+
+
+def test_a_kept_rule_is_written_on_its_own_density_edges(tune):
+    # The CUDA section's rules use _CUDA_EDGES (7 buckets) and the reference rule [1.0]; writing them back
+    # under _EDGES (6) would shift every threshold by a bucket.
+    src = (ROOT / "ops" / "dispatch_table.py").read_text()
+    old = _exec_table(src)
+    rules = {key: {p: old[("cuda", *key)][p] for p in ("kernel", "reference")} for key in tune.dispatch_table.RULE_KEYS}
+    body = tune.render("cuda", rules, ["kept"])
+    table = _exec_table(
+        tune.re.sub(
+            r"BEGIN CUDA TABLE\n.*?# END CUDA TABLE",
+            lambda m: f"BEGIN CUDA TABLE\n{body}\n# END CUDA TABLE",
+            src,
+            flags=tune.re.S,
+        )
+    )
+    for key in tune.dispatch_table.RULE_KEYS:
+        assert table[("cuda", *key)] == old[("cuda", *key)], key

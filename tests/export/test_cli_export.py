@@ -180,3 +180,20 @@ def test_onnx_export_prints_no_exporter_noise(tmp_path):
     out = run_python(code, env={"PYTHONWARNINGS": "default"})
     assert out.strip().endswith("done")
     assert "torchvision" not in out and "LeafSpec" not in out, out
+
+
+def test_export_dynamic_seq_with_a_batch_of_one_example(tmp_path, monkeypatch, capsys):
+    (tmp_path / "batch_one_factory.py").write_text(
+        "from diagcompile.testing import make_export_model\n\ndef make():\n    return make_export_model(batch=(1, 5))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    out = tmp_path / "m.pt2"
+    try:
+        assert (
+            cli.main(["export", "batch_one_factory:make", "--format", "pt2", "--out", str(out), "--dynamic-seq"]) == 0
+        )
+    finally:
+        sys.modules.pop("batch_one_factory", None)
+    text = capsys.readouterr().out
+    assert "at input shapes" in text and ": OK" in text

@@ -319,3 +319,20 @@ def test_a_dim_the_exporter_specialized_is_checked_as_static(tmp_path):
     path = to_onnx(model, (x,), tmp_path / "f.onnx", dynamic_shapes=({0: Dim("batch"), 1: Dim.AUTO},))
     result = check_onnx(path, model, (x,))
     assert result.passed and result.input_shapes == () and 2 not in result.batch_sizes
+
+
+class _FixedBatch(nn.Module):  # uses dim 0 as a constant: Dim.AUTO gets it specialized
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = DiagLinear(8, 8, sparsity=0.5)
+
+    def forward(self, x):
+        return self.fc(x).reshape(3, -1)
+
+
+def test_a_batch_the_exporter_fixed_is_checked_at_its_own_size(tmp_path):
+    # The exporter writes the fixed batch as dim_param "3": it is static, not a batch to vary.
+    model, x = _FixedBatch().eval(), torch.randn(3, 4, 8)
+    path = to_onnx(model, (x,), tmp_path / "b.onnx", dynamic_shapes=({0: Dim.AUTO, 1: Dim("seq")},))
+    result = check_onnx(path, model, (x,))
+    assert result.passed and result.batch_sizes == (3,) and all(s[0] == 3 for s in result.input_shapes)

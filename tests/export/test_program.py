@@ -31,7 +31,7 @@ from diagcompile.export import (
     load,
     save,
 )
-from diagcompile.export.program import _flat_tensors, count_diag_nodes, dim_check_sizes
+from diagcompile.export.program import _flat_tensors, check_sizes, count_diag_nodes
 from diagcompile.marking import sync_marks
 from diagcompile.passes import SparseRewriteError
 from diagcompile.testing import (
@@ -398,18 +398,63 @@ def test_dynamic_dim_the_model_bounds_is_a_clear_error_and_a_max_fixes_it():
     assert result.passed and all(2 <= s[1] <= 6 and s[1] != 4 for s in result.input_shapes), result.input_shapes
 
 
-def test_dim_check_sizes_respects_ranges_shared_symbols_and_expressions():
+def test_check_sizes_respects_ranges_shared_symbols_and_expressions():
     b, s = sympy.Symbol("b"), sympy.Symbol("s")
     args = (torch.zeros(3, 8, 4), torch.zeros(3, 16))
     exprs = {(0, 0): b, (0, 1): s, (1, 0): b, (1, 1): 2 * s}
-    # s at its maximum: the other sizes go below it; dims given as 2*s follow.
-    points = dim_check_sizes(exprs, {s: (2, 8)}, args, [1, 6])
-    assert points == [{(0, 1): 7, (1, 1): 14}, {(0, 1): 6, (1, 1): 12}]
+    # s at its maximum: the other sizes go below it; dims given as 2*s follow; the batch runs 1 and 6.
+    sizes, points = check_sizes("t", None, args, exprs, {s: (2, 8)}, None)
+    assert sizes == (1, 6)
+    assert points == [
+        {(0, 0): 1, (0, 1): 7, (1, 0): 1, (1, 1): 14},
+        {(0, 0): 6, (0, 1): 6, (1, 0): 6, (1, 1): 12},
+    ]
     # s at its minimum: above it.
     args_lo = (torch.zeros(3, 2, 4), torch.zeros(3, 4))
-    assert dim_check_sizes(exprs, {s: (2, 8)}, args_lo, [1])[0] == {(0, 1): 3, (1, 1): 6}
+    assert check_sizes("t", [1], args_lo, exprs, {s: (2, 8)}, None)[1][0][(0, 1)] == 3
+    # A symbol that only appears inside an expression is solved from the example and varied too.
+    sizes, points = check_sizes("t", None, (torch.zeros(3, 10),), {(0, 0): b, (0, 1): 2 * s}, {}, None)
+    assert [p[(0, 1)] for p in points] == [8, 6]
     # A dim-1 size that is the batch's symbol follows the batch.
-    square = {(0, 0): b, (0, 1): b}
-    assert dim_check_sizes(square, {}, (torch.zeros(3, 3),), [1, 6]) == [{(0, 1): 1}, {(0, 1): 6}]
-    # Nothing dynamic beyond dim 0: nothing to vary.
-    assert dim_check_sizes({(0, 0): b}, {}, args, [1, 6]) == [{}, {}]
+    assert check_sizes("t", [1, 6], (torch.zeros(3, 3),), {(0, 0): b, (0, 1): b}, {}, None)[1] == [
+        {(0, 0): 1, (0, 1): 1},
+        {(0, 0): 6, (0, 1): 6},
+    ]
+    # The batch stays inside its range, and an explicit size outside it is refused.
+    assert sorted(check_sizes("t", None, (torch.zeros(8, 2),), {(0, 0): b}, {b: (2, 8)}, None)[0]) == [2, 7]
+    with pytest.raises(ValueError, match=r"outside the range .* \[2, 8\]"):
+        check_sizes("t", [11], (torch.zeros(8, 2),), {(0, 0): b}, {b: (2, 8)}, None)
+
+
+class _MaskedSeq(nn.Module):
+    """``x`` (B, T, 8) and ``mask`` (T, T): the length is dim 0 of the second input, not a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = DiagLinear(8, 8, sparsity=0.5)
+
+    def forward(self, x, mask):
+        return mask @ self.fc(x)
+
+
+def test_a_length_at_dim_0_of_another_input_is_varied_as_a_length_not_a_batch():
+    model = _MaskedSeq().eval()
+    T = Dim("T")
+    args = (torch.randn(3, 5, 8), torch.randn(5, 5))
+    for batch in (None, Dim("batch")):
+        spec = ({**({0: batch} if batch else {}), 1: T}, {0: T, 1: T})
+        result = check_program(export_program(model, args, dynamic_shapes=spec), model, args)
+        # A static batch is run at its own size only: one check; a dynamic one at two.
+        assert result.passed and len(result.input_shapes) == (2 if batch else 1), result
+        assert all(s[1] != 5 for s in result.input_shapes), result.input_shapes
+        if batch is None:  # a static batch stays at the example's
+            assert all(s[0] == 3 for s in result.input_shapes)
+
+
+def test_dynamic_dim_given_only_as_an_expression_is_varied():
+    model, args = make_export_model(batch=(3, 6))
+    half = Dim("half")
+    ep = export_program(model, args, dynamic_shapes=({0: Dim("batch"), 1: 2 * half},))
+    result = check_program(ep, model, args)
+    assert result.passed and len(result.input_shapes) == 2, result
+    assert all(s[1] != 6 and s[1] % 2 == 0 for s in result.input_shapes), result.input_shapes

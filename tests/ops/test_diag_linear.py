@@ -319,3 +319,15 @@ def test_eager_call_compiles_to_one_op_node():
     fn = torch.compile(lambda x: call_diag_linear(x, values, offsets, b, 24), backend=backend, fullgraph=True)
     assert torch.equal(fn(x), OPS.diag_linear(x, values, offsets, b, 24))
     assert [str(t).removesuffix(".default") for t in seen] == ["diagcompile.diag_linear"]
+
+
+def test_force_path_env_is_read_from_a_replaced_environ(monkeypatch):
+    # mock.patch("os.environ", {...}) swaps the mapping object itself; the lookup must follow it.
+    import os
+    from unittest import mock
+
+    from diagcompile.ops import dispatch
+
+    with mock.patch.object(os, "environ", {"DIAGCOMPILE_FORCE_PATH": "dense"}):
+        assert dispatch.forced_path() == "dense"
+    assert dispatch.forced_path() is None
