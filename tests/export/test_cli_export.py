@@ -23,12 +23,26 @@ def not_a_pair():
 
 
 @pytest.fixture()
-def factory(tmp_path, monkeypatch):
-    (tmp_path / "cli_export_factory.py").write_text(FACTORY)
+def factory_from(tmp_path, monkeypatch):
+    """``factory_from(name, source)``: write ``source`` as module ``name`` in a temporary working directory (the
+    CLI imports factories from the cwd) and return ``"name:make"``; the modules are forgotten afterwards."""
+    names = []
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI adds the cwd; undo it afterwards
-    yield "cli_export_factory:make"
-    sys.modules.pop("cli_export_factory", None)
+
+    def write(name: str, source: str) -> str:
+        (tmp_path / f"{name}.py").write_text(source)
+        names.append(name)
+        return f"{name}:make"
+
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture()
+def factory(factory_from):
+    return factory_from("cli_export_factory", FACTORY)
 
 
 def test_export_pt2_and_check(factory, tmp_path, capsys):
@@ -134,17 +148,10 @@ def test_export_dynamic_seq_checks_other_lengths(factory, tmp_path, capsys):
     assert not isinstance(shape[0], int) and not isinstance(shape[1], int), shape
 
 
-def test_export_dynamic_seq_of_a_model_that_fixes_the_length_fails_and_leaves_no_file(tmp_path, monkeypatch, capsys):
-    (tmp_path / "fixed_len_factory.py").write_text(FIXED_LENGTH_FACTORY)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))
+def test_export_dynamic_seq_of_a_model_that_fixes_the_length_fails_and_leaves_no_file(factory_from, tmp_path, capsys):
+    source = factory_from("fixed_len_factory", FIXED_LENGTH_FACTORY)
     out = tmp_path / "m.onnx"
-    try:
-        assert (
-            cli.main(["export", "fixed_len_factory:make", "--format", "onnx", "--out", str(out), "--dynamic-seq"]) == 2
-        )
-    finally:
-        sys.modules.pop("fixed_len_factory", None)
+    assert cli.main(["export", source, "--format", "onnx", "--out", str(out), "--dynamic-seq"]) == 2
     assert "fixes dim 1" in capsys.readouterr().err
     assert not out.exists()
 
@@ -182,18 +189,11 @@ def test_onnx_export_prints_no_exporter_noise(tmp_path):
     assert "torchvision" not in out and "LeafSpec" not in out, out
 
 
-def test_export_dynamic_seq_with_a_batch_of_one_example(tmp_path, monkeypatch, capsys):
-    (tmp_path / "batch_one_factory.py").write_text(
-        "from diagcompile.testing import make_export_model\n\ndef make():\n    return make_export_model(batch=(1, 5))\n"
+def test_export_dynamic_seq_with_a_batch_of_one_example(factory_from, tmp_path, capsys):
+    source = factory_from(
+        "batch_one_factory", FACTORY.replace("make_export_model()", "make_export_model(batch=(1, 5))")
     )
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))
     out = tmp_path / "m.pt2"
-    try:
-        assert (
-            cli.main(["export", "batch_one_factory:make", "--format", "pt2", "--out", str(out), "--dynamic-seq"]) == 0
-        )
-    finally:
-        sys.modules.pop("batch_one_factory", None)
+    assert cli.main(["export", source, "--format", "pt2", "--out", str(out), "--dynamic-seq"]) == 0
     text = capsys.readouterr().out
     assert "at input shapes" in text and ": OK" in text
