@@ -206,14 +206,14 @@ def _export(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dynamic_seq:
-        fixed = _static_seq_inputs(path, args.format)
+        fixed = _static_seq_inputs(path, args.format, example_args)
         if fixed:
             # Dim.AUTO lets the model decide: a model that uses the length as a constant gets it fixed. Such a
             # file is not what was asked for, so it is not left behind.
             os.unlink(path)
             print(
-                f"error: --dynamic-seq: the model fixes dim 1 of tensor input(s) {fixed} (counting from 0; it uses "
-                f"that size as a constant), so it cannot be dynamic; export without --dynamic-seq",
+                f"error: --dynamic-seq: the model fixes dim 1 of input(s) {fixed} (counting from 0; it uses that "
+                f"size as a constant), so it cannot be dynamic; export without --dynamic-seq",
                 file=sys.stderr,
             )
             return 2
@@ -262,29 +262,24 @@ def _seq_dynamic_shapes(example_args, dynamic_batch: bool) -> tuple:
     return tuple(spec)
 
 
-def _static_seq_inputs(path, fmt: str) -> list[int]:
-    """Indices of the artifact's >= 2-D tensor inputs whose dim 1 is a constant."""
+def _static_seq_inputs(path, fmt: str, example_args) -> list[int]:
+    """Positions of the >= 2-D tensor inputs whose dim 1 the artifact at ``path`` fixed (the same dynamic-dim
+    reading the artifact checks use)."""
+    import torch
+
+    args = example_args if isinstance(example_args, tuple) else (example_args,)
     if fmt == "pt2":
-        from torch import Tensor
-
         from diagcompile.export import load
+        from diagcompile.export.program import program_dynamic_dims
 
-        ep = load(path)
-        user = set(ep.graph_signature.user_inputs)
-        vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
-        shapes = [tuple(v.shape) for v in vals if isinstance(v, Tensor)]
+        exprs, _ = program_dynamic_dims(load(path), args)
     else:
         import onnx
 
-        def size(d) -> int | str:
-            # The exporter writes a dim it specialized (Dim.AUTO) as a dim_param such as "4".
-            if d.HasField("dim_value"):
-                return d.dim_value
-            return int(d.dim_param) if d.dim_param.isdigit() else d.dim_param
+        from diagcompile.export.onnx import input_dynamic_dims, input_shapes
 
-        graph = onnx.load(path, load_external_data=False).graph
-        shapes = [tuple(size(d) for d in i.type.tensor_type.shape.dim) for i in graph.input]
-    return [i for i, s in enumerate(shapes) if len(s) >= 2 and isinstance(s[1], int)]
+        exprs = input_dynamic_dims(input_shapes(onnx.load(path, load_external_data=False)), args)
+    return [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() >= 2 and (i, 1) not in exprs]
 
 
 # ---- end export -------------------------------------------------------------------------------------

@@ -565,7 +565,7 @@ def check_onnx(
     session = make_session(proto, runtime=runtime)
     names = [i.name for i in session.get_inputs()]
     artifact = _artifact_name(proto, runtime)
-    exprs = _session_dynamic_dims(session, args)
+    exprs = input_dynamic_dims([i.shape for i in session.get_inputs()], args)
     static = [_static_size(i.shape[0]) for i in session.get_inputs() if i.shape]
     static = [n for n in static if n is not None]
     sizes, dims = _program.check_sizes(artifact, batch_sizes, args, exprs, {}, static[0] if static else None)
@@ -589,12 +589,22 @@ def _static_size(n: int | str | None) -> int | None:
     return int(n) if isinstance(n, str) and n.isdigit() else None
 
 
-def _session_dynamic_dims(session, args: tuple) -> _program.DimExprs:
-    """The symbolic dims (``dim_param``) of a session's inputs, matched to ``args``' tensors in order."""
+def input_shapes(model: onnx.ModelProto) -> list[list[int | str | None]]:
+    """The graph inputs' shapes as onnxruntime reports them: an int per fixed dim, the ``dim_param`` string per
+    symbolic one (``None`` where neither is set)."""
+    return [
+        [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in i.type.tensor_type.shape.dim]
+        for i in model.graph.input
+    ]
+
+
+def input_dynamic_dims(shapes: Sequence[Sequence[int | str | None] | None], args: tuple) -> _program.DimExprs:
+    """The symbolic dims (``dim_param``) of a model's input ``shapes`` (``input_shapes``, or a session's),
+    matched to ``args``' tensors in order."""
     positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
     exprs: _program.DimExprs = {}
-    for i, inp in zip(positions, session.get_inputs()):
-        for d, n in enumerate(inp.shape or ()):
+    for i, shape in zip(positions, shapes):
+        for d, n in enumerate(shape or ()):
             if isinstance(n, str) and n:
                 e = _program._parse_dim(n)
                 # The exporter writes a dim it specialized (Dim.AUTO) as a dim_param such as "4": not dynamic.

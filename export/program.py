@@ -307,7 +307,7 @@ def _parse_dim(name: str) -> sympy.Expr:
     return sympy.sympify(name, locals={n: sympy.Symbol(n) for n in names})
 
 
-def _program_dynamic_dims(ep: torch.export.ExportedProgram, args: tuple) -> tuple[DimExprs, DimRanges]:
+def program_dynamic_dims(ep: torch.export.ExportedProgram, args: tuple) -> tuple[DimExprs, DimRanges]:
     """The dynamic dims of ``ep``'s tensor inputs (matched to ``args``' tensors in order) and their ranges."""
     user_inputs = set(ep.graph_signature.user_inputs)
     vals = [
@@ -340,7 +340,7 @@ def _symbol_examples(exprs: DimExprs, example_args: tuple) -> dict[sympy.Symbol,
         unknown = e.free_symbols - example.keys()
         if len(unknown) == 1:
             (sym,) = unknown
-            sols = [v for v in sympy.solve(sympy.Eq(e.subs(example), int(example_args[i].shape[d])), sym)]
+            sols = sympy.solve(sympy.Eq(e.subs(example), int(example_args[i].shape[d])), sym)
             ints = [int(v) for v in sols if v.is_integer]
             if ints:
                 example[sym] = ints[0]
@@ -750,7 +750,7 @@ def check_program(
         raise TypeError(f"program must be an ExportedProgram or a .pt2 path, got {type(ep).__name__}")
     reference, _ = prepare_for_export(model)
     module = ep.module()
-    exprs, ranges = _program_dynamic_dims(ep, args)
+    exprs, ranges = program_dynamic_dims(ep, args)
     sizes, dims = check_sizes("pt2", batch_sizes, args, exprs, ranges, _program_static_batch(ep))
 
     def run(*inputs: Any) -> list[Tensor]:
