@@ -260,6 +260,32 @@ class LengthShifted(torch.nn.Module):
         return y if x.shape[1] == self.length else y + 1
 
 
+class KeywordInputModel(torch.nn.Module):
+    """``forward(x, pair, mask=None)``: ``x (..., 8)``, ``pair`` a list of two ``(..., 6)`` tensors, ``mask``
+    ``(..., 6)`` by keyword; the output ``fc(x) * mask + pair[0] - 2 * pair[1]`` (``pair[1] - 2 * pair[0]`` with
+    ``swapped=True``) tells the nested inputs apart, so a check that feeds them to the wrong place fails."""
+
+    def __init__(self, swapped: bool = False) -> None:
+        super().__init__()
+        from diagcompile.modules import DiagLinear
+
+        torch.manual_seed(0)
+        self.fc = DiagLinear(8, 6, sparsity=0.5)
+        self.swapped = swapped
+
+    def forward(self, x: Tensor, pair: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+        a, b = (pair[1], pair[0]) if self.swapped else (pair[0], pair[1])
+        y = self.fc(x)
+        return (y if mask is None else y * mask) + a - 2 * b
+
+
+def keyword_inputs(batch: int = 3) -> tuple[tuple[Tensor, list[Tensor]], dict[str, Tensor]]:
+    """``(x, pair), {"mask": mask}`` for ``KeywordInputModel`` at ``batch``."""
+    g = torch.Generator().manual_seed(batch)
+    x, a, b, mask = (torch.randn(batch, n, generator=g) for n in (8, 6, 6, 6))
+    return (x, [a, b]), {"mask": mask}
+
+
 # ---- end export test models -------------------------------------------------------------------------
 # Dense references for sparse-marked models (passes, backend; usable by export/DST tests too)
 # ----------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -293,14 +293,14 @@ def to_contrib_domain(model: onnx.ModelProto) -> onnx.ModelProto:
 # ----------------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------------
-def _check_dtypes(model: nn.Module, args: tuple) -> None:
+def _check_dtypes(model: nn.Module, leaves: tuple, spec: Any) -> None:
     seen: dict[torch.dtype, str] = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point():
             seen.setdefault(t.dtype, name)
-    for i, a in enumerate(args):
+    for name, a in zip(_program.input_names(spec), leaves):
         if isinstance(a, Tensor) and a.is_floating_point():
-            seen.setdefault(a.dtype, f"example_args[{i}]")
+            seen.setdefault(a.dtype, name)
     bad = {d: n for d, n in seen.items() if d not in ONNX_DTYPES}
     if bad:
         listing = ", ".join(f"{d} ('{n}')" for d, n in bad.items())
@@ -318,6 +318,7 @@ def to_onnx(
     dynamic_batch: bool | None = None,
     opset: int = DEFAULT_OPSET,
     *,
+    example_kwargs: Mapping[str, Any] | None = None,
     dynamic_shapes: Any = None,
     local_function: bool = True,
     aot: bool = True,
@@ -328,13 +329,15 @@ def to_onnx(
 
     Args:
         model: any module; sparse-marked linears are converted on a copy first (as in ``export_program``).
-        example_args: a tuple of inputs (or one tensor).
+        example_args: a tuple of inputs (or one tensor); an argument may be a list / tuple / dict of tensors.
         path: output ``.onnx`` file (written atomically).
         mode: ``"portable"`` (standard ops) or ``"plugin"`` (one ``diagcompile::DiagLinear`` node per layer).
         dynamic_batch: dim 0 of every tensor input is one dynamic ``batch`` dimension (default: unless
             ``dynamic_shapes`` is given).
         dynamic_shapes: torch.export's spec for other dynamic dims (see ``export_program``); they become
             symbolic dims of the ONNX inputs.
+        example_kwargs: keyword inputs (see ``export_program``). The ONNX graph inputs are the tensors of
+            ``example_args`` then of ``example_kwargs``, nested ones flattened, in that order.
         opset: default-domain opset, one of ``SUPPORTED_OPSETS``.
         local_function: plugin mode only: also store the portable body as a model-local function so that
             plain onnxruntime runs the file. ``False`` writes the bare TensorRT file.
@@ -357,15 +360,18 @@ def to_onnx(
             f"handled by the installed exporter and onnxruntime"
         )
     path = check_output_path(path, "to_onnx")
-    args = _program._as_args(example_args)
-    _check_dtypes(model, args)
-    ep = _program.export_program(model, args, dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes)
+    leaves, spec = _program.flatten_inputs(example_args, example_kwargs)
+    _check_dtypes(model, leaves, spec)
+    args, kwargs = _program.unflatten_inputs(leaves, spec)
+    ep = _program.export_program(
+        model, args, dynamic_batch=dynamic_batch, example_kwargs=kwargs, dynamic_shapes=dynamic_shapes
+    )
     table = {
         torch.ops.diagcompile.diag_linear.default: (
             _portable_diag_linear if mode == "portable" else _plugin_translation(aot)
         )
     }
-    tensor_inputs = sum(isinstance(a, Tensor) for a in args)
+    tensor_inputs = sum(isinstance(a, Tensor) for a in leaves)
     if input_names is None and tensor_inputs == 1:
         input_names = ["x"]
     # The exporter prints progress lines on stdout, logs one warning per torchvision op it cannot register
@@ -380,6 +386,7 @@ def to_onnx(
         program = torch.onnx.export(
             ep,
             args,
+            kwargs=kwargs or None,
             dynamo=True,
             opset_version=opset,
             custom_translation_table=table,
@@ -535,6 +542,7 @@ def check_onnx(
     example_args: Any,
     batch_sizes: Sequence[int] | None = None,
     *,
+    example_kwargs: Mapping[str, Any] | None = None,
     runtime: str = "auto",
     atol: float | None = None,
     rtol: float | None = None,
@@ -548,7 +556,8 @@ def check_onnx(
     onnxruntime-extensions. Inputs are random tensors shaped like ``example_args`` at each batch size
     (default: two sizes different from the example's; a file whose inputs have a fixed dim 0, exported with
     ``dynamic_batch=False``, at that size only). Other symbolic dims of the inputs (``dynamic_shapes``) are
-    run at sizes below the example's (the file records no ranges; see ``check_sizes``).
+    run at sizes below the example's (the file records no ranges; see ``check_sizes``). ``example_kwargs``:
+    the keyword inputs it was exported with; the file's inputs take the tensors in ``to_onnx``'s order.
 
     Raises:
         ExportCheckError: when ``raise_on_failure`` and the difference exceeds the tolerance.
@@ -560,25 +569,26 @@ def check_onnx(
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
         raise ValueError(f"the ONNX model fails onnx.checker (full check): {e}") from e
-    args = _program._as_args(example_args)
+    leaves, spec = _program.flatten_inputs(example_args, example_kwargs)
     reference, _ = _program.prepare_for_export(model)
     session = make_session(proto, runtime=runtime)
     names = [i.name for i in session.get_inputs()]
     artifact = _artifact_name(proto, runtime)
-    exprs = input_dynamic_dims([i.shape for i in session.get_inputs()], args)
+    exprs = input_dynamic_dims([i.shape for i in session.get_inputs()], leaves)
     static = [_static_size(i.shape[0]) for i in session.get_inputs() if i.shape]
     static = [n for n in static if n is not None]
-    sizes, dims = _program.check_sizes(artifact, batch_sizes, args, exprs, {}, static[0] if static else None)
+    sizes, dims = _program.check_sizes(artifact, batch_sizes, leaves, exprs, {}, static[0] if static else None)
 
-    def run(*inputs: Any) -> list[Tensor]:
-        arrays = [a.detach().cpu().numpy() for a in inputs if isinstance(a, Tensor)]
+    def run(*args: Any, **kwargs: Any) -> list[Tensor]:
+        flat = _program.flatten_inputs(args, kwargs)[0]
+        arrays = [a.detach().cpu().numpy() for a in flat if isinstance(a, Tensor)]
         if len(arrays) != len(names):
             raise _program.ExportCheckError(
                 f"the ONNX model has {len(names)} inputs {names} but the example has {len(arrays)} tensors"
             )
         return [torch.from_numpy(np.asarray(o)) for o in session.run(None, dict(zip(names, arrays)))]
 
-    result = _program.compare_outputs(artifact, run, reference, args, sizes, atol, rtol, seed, dims)
+    result = _program.compare_outputs(artifact, run, reference, leaves, spec, sizes, atol, rtol, seed, dims)
     return _program.finish_check(result, raise_on_failure)
 
 

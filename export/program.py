@@ -27,6 +27,7 @@ from typing import Any
 import sympy
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from diagcompile._files import atomic_write, check_output_path
 from diagcompile.marking import SparseMark, apply_sparse_mark, get_sparse_mark, mark_sparse
@@ -229,6 +230,40 @@ def _as_args(example_args: Any) -> tuple:
     return example_args
 
 
+def flatten_inputs(example_args: Any, example_kwargs: Mapping[str, Any] | None = None) -> tuple[tuple, Any]:
+    """The leaves of ``(example_args, example_kwargs)`` in pytree order, and the spec that rebuilds them.
+
+    Pytree order is the order of an exported program's user inputs and of an ONNX model's graph inputs
+    (nested lists / tuples / dicts flattened, keyword arguments after the positional ones, in the dict's
+    order), so the checks match every tensor, nested or passed by keyword, to the artifact input it feeds.
+    """
+    args = _as_args(example_args)
+    if example_kwargs is None:
+        kwargs: dict[str, Any] = {}
+    elif isinstance(example_kwargs, Mapping) and all(isinstance(k, str) for k in example_kwargs):
+        kwargs = dict(example_kwargs)
+    else:
+        raise TypeError(
+            f"example_kwargs must be a dict of keyword arguments (str keys), got {type(example_kwargs).__name__}"
+        )
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return tuple(leaves), spec
+
+
+def unflatten_inputs(leaves: Sequence[Any], spec: Any) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` rebuilt from ``flatten_inputs``' leaves (resized or not) and spec."""
+    args, kwargs = pytree.tree_unflatten(list(leaves), spec)
+    return tuple(args), kwargs
+
+
+def input_names(spec: Any) -> list[str]:
+    """A readable name per leaf of ``flatten_inputs``: ``example_args[0]``, ``example_args[1][2]``,
+    ``example_kwargs['mask']``."""
+    paths, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten([None] * spec.num_leaves, spec))
+    root = ("example_args", "example_kwargs")
+    return [root[path[0].idx] + pytree.keystr(path[1:]) for path, _ in paths]
+
+
 def _batch_size(args: tuple) -> int | None:
     """The shared dim-0 size of the tensor arguments; ``None`` without a batched tensor."""
     sizes = {a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() >= 1}
@@ -251,16 +286,24 @@ def widen_batch_of_one(example_args: Any) -> tuple:
     return tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, Tensor) and a.dim() >= 1 else a for a in args)
 
 
-def _dynamic_shapes(args: tuple) -> tuple:
+def _dynamic_shapes(model: nn.Module, leaves: tuple, spec: Any) -> Any:
+    """torch.export's spec making dim 0 of every tensor input (nested or keyword too) one ``batch`` dim."""
     batch = torch.export.Dim("batch")
-    return tuple({0: batch} if isinstance(a, Tensor) and a.dim() >= 1 else None for a in args)
+    args, kwargs = unflatten_inputs(leaves, spec)
+    if not kwargs and len(args) == len(leaves):  # flat positional inputs: the plain per-argument tuple
+        return tuple({0: batch} if isinstance(a, Tensor) and a.dim() >= 1 else None for a in args)
+    shapes = torch.export.ShapesCollection()
+    for a in leaves:
+        if isinstance(a, Tensor) and a.dim() >= 1:
+            shapes[a] = {0: batch}
+    return shapes.dynamic_shapes(model, args, kwargs)
 
 
 def resize_inputs(
     example_args: Any, batch: int | None, dims: Mapping[tuple[int, int], int] | None = None, seed: int = 0
 ) -> tuple:
-    """Fresh inputs shaped like ``example_args``, with dim 0 = ``batch`` and ``dims[(i, d)]`` for dim ``d`` of
-    argument ``i``.
+    """Fresh inputs shaped like ``example_args`` (a flat tuple: ``flatten_inputs``' leaves), with dim 0 =
+    ``batch`` and ``dims[(i, d)]`` for dim ``d`` of input ``i``.
 
     ``batch=None`` keeps every dim 0; ``dims`` (dims other than 0, e.g. a dynamic sequence length) may be
     empty. Floating tensors get standard-normal values (never zeros: they hide indexing bugs); integer tensors
@@ -295,8 +338,8 @@ def resize_inputs(
 # ----------------------------------------------------------------------------------------------------
 # Dynamic dims other than the batch: which sizes a check runs them at
 # ----------------------------------------------------------------------------------------------------
-#: ``(position in example_args, dim) -> size expression`` for the dynamic dims of an artifact's tensor inputs,
-#: and each symbol's ``(lowest, highest or None)`` allowed value.
+#: ``(position among flatten_inputs' leaves, dim) -> size expression`` for the dynamic dims of an artifact's
+#: tensor inputs, and each symbol's ``(lowest, highest or None)`` allowed value.
 DimExprs = dict[tuple[int, int], sympy.Expr]
 DimRanges = dict[sympy.Symbol, tuple[int, int | None]]
 
@@ -488,29 +531,33 @@ def compare_outputs(
     artifact: str,
     run_artifact: Any,
     model: nn.Module,
-    example_args: tuple,
+    example_leaves: tuple,
+    spec: Any,
     batch_sizes: Sequence[int],
     atol: float | None,
     rtol: float | None,
     seed: int,
     dim_sizes: Sequence[Mapping[tuple[int, int], int]] | None = None,
 ) -> CheckResult:
-    """Run ``run_artifact(*inputs)`` (a list of output tensors) and ``model(*inputs)`` at each batch size.
+    """Run ``run_artifact(*args, **kwargs)`` (a list of output tensors) and ``model(*args, **kwargs)`` at each
+    batch size, on inputs resized from ``example_leaves`` and rebuilt with ``spec`` (``flatten_inputs``).
 
-    ``dim_sizes[k]``: the size of every dynamic dim at the ``k``-th batch size (``check_sizes``), dim 0
-    included; the other dims keep the example's sizes. ``None``: only dim 0 changes, to the batch size.
+    ``dim_sizes[k]``: the size of every dynamic dim at the ``k``-th batch size (``check_sizes``; keys are
+    ``(leaf position, dim)``), dim 0 included; the other dims keep the example's sizes. ``None``: only dim 0
+    changes, to the batch size.
     """
     worst, ref_scale, dtype = 0.0, 0.0, torch.float32
     shapes = []
     with torch.no_grad(), _eval_mode(model):
         for i, b in enumerate(batch_sizes):
             if dim_sizes is None:
-                inputs = resize_inputs(example_args, b, None, seed=seed + i)
+                leaves = resize_inputs(example_leaves, b, None, seed=seed + i)
             else:
-                inputs = resize_inputs(example_args, None, dim_sizes[i], seed=seed + i)
-            shapes.append(next((tuple(a.shape) for a in inputs if isinstance(a, Tensor)), ()))
-            ref = _flat_tensors(model(*inputs))
-            got = [torch.as_tensor(t) for t in run_artifact(*inputs)]
+                leaves = resize_inputs(example_leaves, None, dim_sizes[i], seed=seed + i)
+            shapes.append(next((tuple(a.shape) for a in leaves if isinstance(a, Tensor)), ()))
+            args, kwargs = unflatten_inputs(leaves, spec)
+            ref = _flat_tensors(model(*args, **kwargs))
+            got = [torch.as_tensor(t) for t in run_artifact(*args, **kwargs)]
             if len(got) != len(ref):
                 raise ExportCheckError(f"{artifact}: {len(got)} outputs but the eager model returns {len(ref)}")
             for j, (r, o) in enumerate(zip(ref, got)):
@@ -548,6 +595,7 @@ def export_program(
     example_args: Any,
     dynamic_batch: bool | None = None,
     *,
+    example_kwargs: Mapping[str, Any] | None = None,
     dynamic_shapes: Any = None,
     strict: bool = False,
 ) -> torch.export.ExportedProgram:
@@ -558,15 +606,19 @@ def export_program(
             (``model`` itself is never modified), and the ``F.linear`` calls on a sparse-marked bare parameter
             become diagonal layers in the exported graph (``diagcompile.passes.rewrite_exported_program``).
             Exported in eval mode.
-        example_args: a tuple of inputs (or one tensor), e.g. ``(torch.randn(8, 197, 768),)``.
-        dynamic_batch: make dim 0 of every tensor argument one shared dynamic ``batch`` dimension
+        example_args: a tuple of inputs (or one tensor), e.g. ``(torch.randn(8, 197, 768),)``. An argument
+            may be a list / tuple / dict of tensors.
+        dynamic_batch: make dim 0 of every tensor input (nested and keyword ones too) one shared dynamic
+            ``batch`` dimension
             (range ``[0, inf)``). An example batch of 1 is traced at batch 2, because torch.export
             specializes a size-1 example to the constant 1. Default: ``True`` unless ``dynamic_shapes`` is
             given; ``False`` exports the example's shapes.
         dynamic_shapes: torch.export's own spec, for other dynamic dims (a sequence length, say), e.g.
             ``({0: Dim("batch"), 1: Dim("seq", max=256)},)`` or ``Dim.AUTO`` for a dim whose range the model
             decides. It replaces the batch-only spec: it cannot be combined with ``dynamic_batch=True``. Every
-            dynamic dim needs an example size of at least 2.
+            dynamic dim needs an example size of at least 2. With ``example_kwargs``, give it as a dict keyed
+            by the forward's parameter names.
+        example_kwargs: keyword inputs, e.g. ``{"attention_mask": mask}``; the program takes them by keyword.
         strict: passed to ``torch.export.export``.
 
     Returns:
@@ -582,7 +634,7 @@ def export_program(
             ``DiagLinear`` (see ``prepare_for_export``).
         diagcompile.passes.SparseRewriteError: a marked parameter is used other than as a linear's weight.
     """
-    args = _as_args(example_args)
+    leaves, spec = flatten_inputs(example_args, example_kwargs)
     if dynamic_shapes is not None and dynamic_batch:
         raise ValueError(
             "export_program: pass dynamic_batch=True or dynamic_shapes, not both: dynamic_shapes replaces the "
@@ -593,11 +645,12 @@ def export_program(
     if dynamic_batch is None:
         dynamic_batch = not user_spec
     if dynamic_batch:
-        args = widen_batch_of_one(args)
-        dynamic_shapes = _dynamic_shapes(args)
+        leaves = widen_batch_of_one(leaves)
+        dynamic_shapes = _dynamic_shapes(prepared, leaves, spec)
+    args, kwargs = unflatten_inputs(leaves, spec)
     with _eval_mode(prepared):
         try:
-            ep = torch.export.export(prepared, args, dynamic_shapes=dynamic_shapes, strict=strict)
+            ep = torch.export.export(prepared, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=strict)
         except torch._dynamo.exc.UserError as e:
             if dynamic_shapes is None:
                 raise
@@ -609,7 +662,7 @@ def export_program(
                 ) from e
             if user_spec or "specialized it to be a constant" not in str(e):
                 raise
-            raise ValueError(_specialized_batch_message(args)) from e
+            raise ValueError(_specialized_batch_message(leaves, spec)) from e
         bare = _marked_parameters(prepared)
         if bare:
             # Marked parameters that no nn.Linear owns (F.linear(x, self.w)): prepare_for_export pinned them,
@@ -636,11 +689,15 @@ def export_program(
     return ep
 
 
-def _specialized_batch_message(args: tuple) -> str:
+def _specialized_batch_message(leaves: tuple, spec: Any) -> str:
     """Why torch.export found the dynamic batch dim to be a constant, in the user's terms."""
-    flat = [(i, tuple(a.shape)) for i, a in enumerate(args) if isinstance(a, Tensor) and a.dim() == 1 and a.numel() > 1]
+    flat = [
+        (name, tuple(a.shape))
+        for name, a in zip(input_names(spec), leaves)
+        if isinstance(a, Tensor) and a.dim() == 1 and a.numel() > 1
+    ]
     if flat:
-        names = ", ".join(f"example_args[{i}] (shape {shape})" for i, shape in flat)
+        names = ", ".join(f"{name} (shape {shape})" for name, shape in flat)
         return (
             f"export_program: {names} is 1-D, so with dynamic_batch=True its only dim is taken as the batch "
             f"dimension, but the model needs that size fixed (an unbatched input?). Add a batch dimension "
@@ -725,6 +782,7 @@ def check_program(
     example_args: Any,
     batch_sizes: Sequence[int] | None = None,
     *,
+    example_kwargs: Mapping[str, Any] | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     raise_on_failure: bool = True,
@@ -737,24 +795,24 @@ def check_program(
     (default: two sizes different from the example's, so a wrongly static batch dim is caught; a program
     exported with ``dynamic_batch=False`` is checked at its own batch size, the only one it runs). Every other
     dynamic dim of the program (``dynamic_shapes``) is run at a size different from the example's too, within
-    its range (``check_sizes``).
+    its range (``check_sizes``). ``example_kwargs``: the keyword inputs the program was exported with.
 
     Raises:
         ExportCheckError: when ``raise_on_failure`` and the difference exceeds ``atol + rtol * max|eager|``
             (defaults by dtype: float32 ``1e-5 + 1e-4 * scale``).
         ValueError: ``batch_sizes`` holds a size that a static-batch program cannot run.
     """
-    args = _as_args(example_args)
+    leaves, spec = flatten_inputs(example_args, example_kwargs)
     ep = load(program) if isinstance(program, (str, os.PathLike)) else program
     if not isinstance(ep, torch.export.ExportedProgram):
         raise TypeError(f"program must be an ExportedProgram or a .pt2 path, got {type(ep).__name__}")
     reference, _ = prepare_for_export(model)
     module = ep.module()
-    exprs, ranges = program_dynamic_dims(ep, args)
-    sizes, dims = check_sizes("pt2", batch_sizes, args, exprs, ranges, _program_static_batch(ep))
+    exprs, ranges = program_dynamic_dims(ep, leaves)
+    sizes, dims = check_sizes("pt2", batch_sizes, leaves, exprs, ranges, _program_static_batch(ep))
 
-    def run(*inputs: Any) -> list[Tensor]:
-        return _flat_tensors(module(*inputs))
+    def run(*args: Any, **kwargs: Any) -> list[Tensor]:
+        return _flat_tensors(module(*args, **kwargs))
 
-    result = compare_outputs("pt2", run, reference, args, sizes, atol, rtol, seed, dims)
+    result = compare_outputs("pt2", run, reference, leaves, spec, sizes, atol, rtol, seed, dims)
     return finish_check(result, raise_on_failure)

@@ -26,7 +26,14 @@ from diagcompile.export.onnx import (
     to_contrib_domain,
 )
 from diagcompile.marking import sync_marks
-from diagcompile.testing import DictOutputModel, ExportTestModel, LengthShifted, make_export_model
+from diagcompile.testing import (
+    DictOutputModel,
+    ExportTestModel,
+    KeywordInputModel,
+    LengthShifted,
+    keyword_inputs,
+    make_export_model,
+)
 
 N = ExportTestModel.N_DIAG_LAYERS
 
@@ -336,3 +343,25 @@ def test_a_batch_the_exporter_fixed_is_checked_at_its_own_size(tmp_path):
     path = to_onnx(model, (x,), tmp_path / "b.onnx", dynamic_shapes=({0: Dim.AUTO, 1: Dim("seq")},))
     result = check_onnx(path, model, (x,))
     assert result.passed and result.batch_sizes == (3,) and all(s[0] == 3 for s in result.input_shapes)
+
+
+@pytest.mark.parametrize("mode", ["portable", "plugin"])
+def test_nested_and_keyword_inputs_become_graph_inputs_in_pytree_order(mode, tmp_path):
+    model = KeywordInputModel()
+    args, kwargs = keyword_inputs(batch=3)
+    path = to_onnx(model, args, tmp_path / "m.onnx", mode=mode, example_kwargs=kwargs)
+    session = make_session(path)
+    assert [i.name for i in session.get_inputs()] == ["x", "pair_0", "pair_1", "mask"]
+    (x, (a, b)), kw = keyword_inputs(batch=5)
+    feed = {"x": x.numpy(), "pair_0": a.numpy(), "pair_1": b.numpy(), "mask": kw["mask"].numpy()}
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, feed)[0]), model(x, [a, b], **kw))
+    assert check_onnx(path, model, args, example_kwargs=kwargs).passed
+    with pytest.raises(ExportCheckError):
+        check_onnx(path, KeywordInputModel(swapped=True), args, example_kwargs=kwargs)
+
+
+def test_unsupported_keyword_input_dtype_is_named(tmp_path):
+    args, kwargs = keyword_inputs()
+    with pytest.raises(TypeError, match=r"example_kwargs\['mask'\]"):
+        to_onnx(KeywordInputModel(), args, tmp_path / "m.onnx", example_kwargs={"mask": kwargs["mask"].double()})
