@@ -54,6 +54,26 @@ def _parent_and_name(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), name
 
 
+def swap_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule ``fqn`` (not ``""``) of ``model``.
+
+    A linear of an ``nn.TransformerEncoderLayer`` is special: in eval mode the layer (and its
+    ``nn.TransformerEncoder``, given a padding mask) takes torch's fused fast path, which reads
+    ``linear1.weight`` / ``linear2.weight`` as dense matrices and never calls the linears, so a diagonal
+    replacement fails there with ``AttributeError: ... no attribute 'weight'``. torch has no per-module switch
+    for that path; the layer's ``activation_relu_or_gelu = 0`` (read only by the fast-path checks and the
+    fused call, never by the regular forward) and the encoder's ``use_nested_tensor = False`` turn it off for
+    these modules only, leaving ``torch.backends.mha`` alone for the rest of the program.
+    """
+    parent, name = _parent_and_name(model, fqn)
+    setattr(parent, name, new)
+    if isinstance(parent, nn.TransformerEncoderLayer) and not isinstance(new, nn.Linear):
+        parent.activation_relu_or_gelu = 0
+        for m in model.modules():
+            if isinstance(m, nn.TransformerEncoder) and any(layer is parent for layer in m.layers):
+                m.use_nested_tensor = False
+
+
 def _convert(linear: nn.Linear, config: DiagSparsityConfig, fqn: str) -> DiagLinear:
     n_out, n_in = linear.weight.shape
     mark = get_sparse_mark(linear)
@@ -154,8 +174,7 @@ def sparsify_(
         new = _convert(m, config, fqn)
         if fqn == "":
             return new
-        parent, name = _parent_and_name(model, fqn)
-        setattr(parent, name, new)
+        swap_module(model, fqn, new)
     return model
 
 

@@ -118,6 +118,25 @@ def test_linears_a_swap_would_break_stay_dense_with_a_warning():
     assert model(x).shape == (2, 3, 16)  # runs: attention still finds its out_proj.weight
 
 
+def test_transformer_encoder_in_eval_mode_runs_its_regular_path():
+    # In eval mode torch's fused encoder path reads linear1.weight / linear2.weight as dense matrices (and the
+    # encoder's nested-tensor path does, given a padding mask): the swap turns it off for these modules only.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    dense = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True).eval()
+    model = sparsify_(copy.deepcopy(dense), DiagSparsityConfig(sparsity=0.5))
+    reference = _masked_dense_copy(dense, model)
+    x = torch.randn(3, 5, 16)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    with torch.no_grad():
+        for kwargs in ({}, {"src_key_padding_mask": pad}):
+            out, ref = model(x, **kwargs), reference(x, **kwargs)
+            assert out.shape == ref.shape
+            keep = ~pad  # torch's nested path (the dense reference's) writes zeros at padded positions
+            torch.testing.assert_close(out[keep], ref[keep], rtol=1e-5, atol=1e-5)
+    assert torch.backends.mha.get_fastpath_enabled()  # the global switch is left alone
+
+
 def test_a_marked_linear_that_cannot_be_swapped_is_refused():
     model = nn.Sequential(_Doubled(8, 8), nn.Linear(8, 8))
     mark_sparse(model[0], sparsity=0.5)

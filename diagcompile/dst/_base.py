@@ -117,9 +117,10 @@ class SparsifierBase:
         self._updates = UpdateSchedule(config.update_every, config.update_end_step, config.drop_fraction)
 
     def _set_module(self, fqn: str, new: nn.Module) -> None:
-        """Put ``new`` in place of the submodule ``fqn`` of the model."""
-        parent_name, _, name = fqn.rpartition(".")
-        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, name, new)
+        """Put ``new`` in place of the submodule ``fqn`` of the model (``diagcompile.api.swap_module``)."""
+        from diagcompile.api import swap_module
+
+        swap_module(self.model, fqn, new)
 
     # ------------------------------------------------------------------------------------------------
     # Distributed helpers

@@ -136,6 +136,29 @@ def test_marked_linears_win_and_mha_projections_are_skipped():
 
 
 @pytest.mark.parametrize("method", ["dynadiag", "diagheur"])
+def test_a_transformer_encoder_evaluates_during_dst_and_after_finalize(method):
+    # Eval mode sends nn.TransformerEncoderLayer down torch's fused path, which reads linear1.weight itself.
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-2)
+    sp = DiagSparsifier(enc, opt, DSTConfig(total_steps=6, sparsity=0.5, method=method, update_every=2))
+    assert len(sp.layers) == 4
+    x = torch.randn(3, 5, 16)
+    for _ in range(6):
+        enc.train()
+        enc(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+        with torch.no_grad():
+            enc.eval()
+            before = enc(x)
+    sp.finalize()
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), before, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dynadiag", "diagheur"])
 def test_a_linear_subclass_with_its_own_forward_is_left_dense_or_refused_if_marked(method):
     class Doubled(nn.Linear):
         def forward(self, x):
