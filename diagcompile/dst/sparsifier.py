@@ -446,6 +446,24 @@ class DiagSparsifier(SparsifierBase):
             rec.updates += 1
             logger.debug("step %d: %s pool refresh: %d newcomers", t, rec.fqn, int((src < 0).sum()))
 
+    def _warn_if_soft(self) -> None:
+        """Warn, with the ``alpha~`` mass a hard top-k drops, when finalize freezes layers that are still soft."""
+        diag = self.diagnostics()
+        soft = {fqn: d for fqn, d in diag.items() if not d["frozen"]}
+        if not soft:
+            return
+        share = {fqn: d["mass_outside_topk"] / max(d["sum_alpha_tilde"], 1e-12) for fqn, d in soft.items()}
+        worst = max(share, key=share.__getitem__)
+        warnings.warn(
+            f"{self._name}.finalize() after {self._step} step() call(s), before DynaDiag's freeze at step "
+            f"{self.config.freeze_step} (total_steps={self.config.total_steps}): {len(soft)} layer(s) are still "
+            f"soft, and the hard top-k drops up to {100 * share[worst]:.1f}% of a layer's alpha~ mass "
+            f"('{worst}'), so the finalized model computes a different function (expect lower accuracy). "
+            f"Call step() once per optimizer.step() and set total_steps to the number of optimizer steps "
+            f"(not micro-batches), or set freeze_at earlier",
+            stacklevel=3,
+        )
+
     @torch.no_grad()
     def _freeze(self, rec: _Layer, fold: bool) -> None:
         layer = rec.module
@@ -615,9 +633,16 @@ class DiagSparsifier(SparsifierBase):
         layer's values are replaced by the compact ones with the kept rows of their state, and ``alpha``
         leaves the optimizer, so training can continue (fine-tuning) on the compact model. Hooks are removed;
         the sparsifier cannot step afterwards.
+
+        Warns:
+            UserWarning: DynaDiag layers were still soft (``step()`` was called fewer than ``freeze_step``
+                times: ``total_steps`` larger than the optimizer steps run, or ``step()`` never called), so the
+                hard top-k drops part of their ``alpha~`` mass and the model's function changes; the warning
+                says how much.
         """
         self._check_live("finalize")
         if self.config.method == "dynadiag":
+            self._warn_if_soft()
             self._freeze_all()
         for rec in self._layers:
             if rec.handle is not None:

@@ -540,6 +540,22 @@ def test_finalize_gives_compact_diaglinears_with_the_same_outputs(mode):
         sp.step()
 
 
+@pytest.mark.parametrize("mode", ["dynadiag", "dynadiag-pool"])
+def test_finalize_before_the_freeze_warns_with_the_mass_it_drops(mode):
+    model, opt, sp = _make(**MODES[mode], total_steps=400)  # total_steps counted micro-batches, say
+    _train(model, opt, sp, 6)
+    share = max(d["mass_outside_topk"] / d["sum_alpha_tilde"] for d in sp.diagnostics().values())
+    assert share > 0.01
+    with pytest.warns(UserWarning, match=rf"after 6 step\(\) call\(s\), before DynaDiag's freeze.*{100 * share:.1f}%"):
+        sp.finalize()
+    # At the freeze nothing is dropped and nothing is said.
+    model, opt, sp = _make(**MODES[mode], freeze_at=5)
+    _train(model, opt, sp, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sp.finalize()
+
+
 def test_pool_holds_less_memory_than_faithful():
     reports = {}
     for name, pool in (("faithful", None), ("pool", 2.0)):
