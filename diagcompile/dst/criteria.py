@@ -25,10 +25,13 @@ def probe_dv(dy: Tensor, x: Tensor, num_candidates: int) -> Tensor:
         num_candidates: ``P = max(N_out, N_in)``.
 
     One ``diag_linear_dv`` over ``arange(P)``: the op's dispatch computes it as a dense ``dY^T X`` at large
-    batch (one dense-cost product, once per update), with the diagonal kernel at small batch.
+    batch (one dense-cost product, once per update), with the diagonal kernel at small batch. ``dy`` and ``x``
+    may differ in dtype (under autocast a layer's input is float32 and its output's gradient bfloat16): both
+    are promoted to a common dtype first.
     """
+    dtype = torch.promote_types(dy.dtype, x.dtype)
     all_offsets = torch.arange(num_candidates, device=x.device, dtype=OFFSET_DTYPE)
-    return torch.ops.diagcompile.diag_linear_dv(dy, x, all_offsets)
+    return torch.ops.diagcompile.diag_linear_dv(dy.to(dtype), x.to(dtype), all_offsets)
 
 
 def probe_scores(dv: Tensor) -> Tensor:

@@ -28,6 +28,14 @@ def test_probe_is_the_dense_weight_gradient_read_along_every_diagonal(n_out, n_i
     assert torch.allclose(probe_scores(dv), dv.float().norm(dim=1))
 
 
+def test_probe_of_mixed_dtypes_is_computed_in_the_wider_one():
+    # Under autocast a layer sees a float32 input and gets a bfloat16 output gradient.
+    x, dy = torch.randn(6, 12), torch.randn(6, 8).bfloat16()
+    dv = probe_dv(dy, x, 12)
+    assert dv.dtype == torch.float32
+    torch.testing.assert_close(dv, probe_dv(dy.float(), x, 12))
+
+
 def test_drop_grow_hand_case():
     offsets = torch.tensor([0, 3, 5, 7], dtype=torch.int32)
     norms = torch.tensor([0.1, 5.0, 0.2, 3.0])  # 0 and 5 are the weakest

@@ -293,6 +293,20 @@ def test_pool_refresh_newcomers_start_at_the_boundary_with_zero_state():
             assert layer.alpha[i] == old_alpha[old[o]]
 
 
+@pytest.mark.parametrize("mode", ["diagheur", "dynadiag-pool"])
+def test_probe_based_updates_run_under_bfloat16_autocast(mode):
+    model, opt, sp = _make(**MODES[mode])
+    for t in range(11):  # two updates (update_every=5)
+        x, y = _batch(t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        sp.step()
+        opt.zero_grad()
+    assert all(d["updates"] == 2 for d in sp.diagnostics().values())
+
+
 def test_probes_are_captured_only_on_update_steps_and_accumulate():
     model, opt, sp = _make(method="diagheur", update_every=4)
     rec = sp._layers[0]
