@@ -109,6 +109,7 @@ def diag_linear(
     bias: Tensor | None,
     out_features: int,
     *,
+    in_features: int | None = None,
     check_offsets: bool = True,
 ) -> Tensor:
     """``y = x @ W.T + bias`` for the diagonal-sparse ``W = to_dense(values, offsets)``.
@@ -119,6 +120,9 @@ def diag_linear(
         offsets: ``(k,)`` int32 or int64, distinct, sorted, in ``[0, P)`` with ``P = max(N_out, N_in)``.
         bias: ``(N_out,)`` or ``None``.
         out_features: ``N_out``.
+        in_features: ``N_in``, checked against ``x.shape[-1]`` when given. Without it ``N_in`` is read from
+            ``x``, and for a wide layer (``D = N_out``) an ``x`` of another width that still fits the offsets
+            cannot be told from a right one: pass it wherever ``x`` comes from elsewhere.
         check_offsets: validate the contents of ``offsets`` (a device sync on GPU). ``DiagLinear`` passes
             ``False``: it validates its offsets buffer whenever the buffer changes.
 
@@ -149,6 +153,13 @@ def diag_linear(
         raise TypeError(f"dtype mismatch: x is {x.dtype} but values is {values.dtype}")
     if x.device != values.device or offsets.device != values.device:
         raise ValueError(f"device mismatch: x on {x.device}, values on {values.device}, offsets on {offsets.device}")
+    where = "offsets"
+    if in_features is None:
+        where = f"offsets (N_in={x.shape[-1]}, read from x.shape[-1])"
+    elif isinstance(in_features, bool) or not isinstance(in_features, int):
+        raise TypeError(f"in_features must be an int or None, got {in_features!r}")
+    elif x.shape[-1] != in_features:
+        raise ValueError(f"shape mismatch: x has last dim {x.shape[-1]} but in_features={in_features}")
     in_features = x.shape[-1]
     if in_features < 1:
         raise ValueError(f"x has last dim 0 (in_features must be >= 1), got shape {tuple(x.shape)}")
@@ -164,7 +175,7 @@ def diag_linear(
         )
     if check_offsets or offsets.dtype != OFFSET_DTYPE or not 1 <= offsets.shape[0] <= P:
         # Validates (raising with the message) or converts; a trusted int32 buffer of a valid k needs neither.
-        offsets = canonical_offsets(offsets, out_features, in_features, check_contents=check_offsets)
+        offsets = canonical_offsets(offsets, out_features, in_features, check_contents=check_offsets, where=where)
     if bias is None:
         bias = values.new_empty(0)
     else:

@@ -63,6 +63,7 @@ from torch import Tensor
 
 __all__ = [
     "SUPPORTED_DTYPES",
+    "check_offsets",
     "extract_diagonals",
     "forward",
     "input_grad",
@@ -386,11 +387,17 @@ def _sddmm_kernel(a, b, off, out, jc, tb, item0, item1):
 
 
 @_jit
-def _offsets_in_range(off, L):
+def _offsets_problem(off, L):
+    """0 if the offsets are distinct and in ``[0, L)``; 1 for one out of range, 2 for a duplicate."""
+    seen = np.zeros(L, np.bool_)
     for j in range(off.shape[0]):
-        if off[j] < 0 or off[j] >= L:
-            return False
-    return True
+        o = off[j]
+        if o < 0 or o >= L:
+            return 1
+        if seen[o]:
+            return 2
+        seen[o] = True
+    return 0
 
 
 # Plain copies between the (k, D) diagonals and a dense (N_out, N_in) matrix, for the ``dense`` path: the
@@ -588,10 +595,20 @@ def _np_offsets(offsets: Tensor, L: int) -> np.ndarray:
     if offsets.dim() != 1:
         raise ValueError(f"offsets must be 1-D (k,), got shape {tuple(offsets.shape)}")
     off = _np(offsets, torch.int32)
-    # One pass over k integers, and the kernels index without bounds checks: never trust them blindly.
-    if not _offsets_in_range(off, L):
+    # One pass over k integers, and the kernels index without bounds checks: never trust them blindly. A
+    # duplicate would be summed by the kernels but written once by a dense scatter: refused on every path.
+    problem = _offsets_problem(off, L)
+    if problem == 1:
         raise ValueError(f"offsets must lie in [0, P={L}); got min {int(off.min())}, max {int(off.max())}")
+    if problem == 2:
+        dup = sorted({int(o) for o in off if (off == o).sum() > 1})[:5]
+        raise ValueError(f"offsets must be distinct; {dup} appear more than once")
     return off
+
+
+def check_offsets(offsets: Tensor, L: int) -> None:
+    """Raise ``ValueError`` unless the CPU ``offsets`` are 1-D, distinct and in ``[0, L)`` (``L = P``)."""
+    _np_offsets(offsets, L)
 
 
 def _check_values(values: Tensor, offsets: Tensor, D: int) -> None:

@@ -84,6 +84,26 @@ def _own(y: Tensor) -> Tensor:
     return y if y._base is None else y.detach()
 
 
+def _check_inputs(
+    op: str, a: Tensor, b: Tensor, offsets: Tensor, P: int, path: str, bias: Tensor | None = None
+) -> None:
+    """The op's preconditions every path must meet alike, checked where it costs no device sync.
+
+    One dtype: the kernel would mix them and the dense path raise, so the answer would depend on the batch
+    size. Offsets distinct and in ``[0, P)``: the kernel path checks its own (``cpu_kernels``); on the CPU the
+    others are checked here (a duplicate is summed by a kernel but written once by a dense scatter, and the
+    reference wraps an out-of-range one). On an accelerator they stay the caller's promise: checking them
+    would cost a device sync per call; ``diagcompile.diag_linear`` and ``DiagLinear`` validate them.
+    """
+    if a.dtype != b.dtype or (bias is not None and bias.numel() > 0 and bias.dtype != a.dtype):
+        got = f"{a.dtype} and {b.dtype}" + (f" (bias {bias.dtype})" if bias is not None and bias.numel() else "")
+        raise TypeError(f"diagcompile::{op}: the floating inputs must share one dtype, got {got}")
+    if path != "kernel" and offsets.is_cpu:
+        from diagcompile.ops import cpu_kernels
+
+        cpu_kernels.check_offsets(offsets, P)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------
@@ -93,6 +113,7 @@ def _fwd_impl(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_feat
     x2 = x if flat else x.reshape(-1, n_in)
     dev = x.device.type
     path = dispatch.path_for("fwd", dev, x.dtype, x2.shape[0], out_features, n_in, values.shape[0])
+    _check_inputs("diag_linear", x, values, offsets, max(out_features, n_in), path, bias)
     if path == "kernel":
         y = dispatch.kernel_module(dev).forward(x2, values, offsets, bias, out_features)
     elif path == "dense":
@@ -153,6 +174,7 @@ def _dx_impl(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> T
     dy2 = dy if flat else dy.reshape(-1, n_out)
     dev = dy.device.type
     path = dispatch.path_for("dx", dev, dy.dtype, dy2.shape[0], n_out, in_features, values.shape[0])
+    _check_inputs("diag_linear_dx", dy, values, offsets, max(n_out, in_features), path)
     if path == "kernel":
         dx = dispatch.kernel_module(dev).input_grad(dy2, values, offsets, in_features)
     elif path == "dense":
@@ -202,6 +224,7 @@ def _dv_impl(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
     x2 = x if x.dim() == 2 else x.reshape(-1, n_in)
     dev = x.device.type
     path = dispatch.path_for("dv", dev, x.dtype, x2.shape[0], n_out, n_in, offsets.shape[0])
+    _check_inputs("diag_linear_dv", dy, x, offsets, max(n_out, n_in), path)
     if path == "kernel":
         return dispatch.kernel_module(dev).values_grad(dy2, x2, offsets)
     if path == "dense":

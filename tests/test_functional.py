@@ -55,6 +55,24 @@ def test_too_many_diagonals_and_bad_out_features():
         diag_linear(x, torch.randn(1, 3), torch.arange(1), None, 0)
 
 
+def test_in_features_catches_an_x_of_the_wrong_width_for_a_wide_layer():
+    # Wide 64 -> 16: values are (k, 16) whatever x's width, so only in_features can tell a 48-wide x is wrong.
+    x, values, offsets, bias = random_problem(16, 64, 4, batch=(2,))
+    offsets = torch.tensor([0, 3, 7, 20], dtype=torch.int32)
+    short = torch.randn(2, 48)
+    assert diag_linear(short, values, offsets, bias, 16).shape == (2, 16)  # undetectable without it
+    with pytest.raises(ValueError, match="x has last dim 48 but in_features=64"):
+        diag_linear(short, values, offsets, bias, 16, in_features=64)
+    torch.testing.assert_close(
+        diag_linear(x, values, offsets, bias, 16, in_features=64), diag_linear(x, values, offsets, bias, 16)
+    )
+    with pytest.raises(TypeError, match="in_features must be an int"):
+        diag_linear(x, values, offsets, bias, 16, in_features=64.0)
+    # Without it, an offset past the width read from x names where that width came from.
+    with pytest.raises(ValueError, match=r"N_in=48, read from x.shape\[-1\]\) out of range: \[50\]"):
+        diag_linear(short, values, torch.tensor([0, 3, 7, 50]), bias, 16)
+
+
 def test_empty_input_features_are_named():
     with pytest.raises(ValueError, match="last dim 0"):
         diag_linear(torch.randn(3, 0), torch.randn(1, 0), torch.arange(1), None, 4)

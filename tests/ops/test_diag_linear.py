@@ -331,3 +331,28 @@ def test_force_path_env_is_read_from_a_replaced_environ(monkeypatch):
     with mock.patch.object(os, "environ", {"DIAGCOMPILE_FORCE_PATH": "dense"}):
         assert dispatch.forced_path() == "dense"
     assert dispatch.forced_path() is None
+
+
+# ---- preconditions every path meets alike (the raw op is public) -----------------------------------------
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+def test_invalid_offsets_and_mixed_dtypes_fail_the_same_way_on_every_path(path):
+    # Before, a duplicate was summed by the kernel and written once by the dense scatter, the reference
+    # wrapped an out-of-range offset, and mixed dtypes ran on the kernel path but raised deep in the GEMM.
+    x, values, offsets, b = _args(16, 24, 4, (5,), torch.float32, grad=False)
+    dy = torch.randn(5, 16)
+    dup = torch.tensor([0, 3, 3, 9], dtype=torch.int32)
+    far = torch.tensor([0, 3, 9, 24], dtype=torch.int32)
+    with force_path(path):
+        for bad, msg in ((dup, "distinct; \\[3\\]"), (far, "lie in \\[0, P=24\\)")):
+            with pytest.raises(ValueError, match=msg):
+                OPS.diag_linear(x, values, bad, b, 16)
+            with pytest.raises(ValueError, match=msg):
+                OPS.diag_linear_dx(dy, values, bad, 24)
+            with pytest.raises(ValueError, match=msg):
+                OPS.diag_linear_dv(dy, x, bad)
+        with pytest.raises(TypeError, match="diag_linear: the floating inputs must share one dtype"):
+            OPS.diag_linear(x.double(), values, offsets, b, 16)
+        with pytest.raises(TypeError, match="diag_linear_dx: the floating inputs must share one dtype"):
+            OPS.diag_linear_dx(dy.double(), values, offsets, 24)
+        with pytest.raises(TypeError, match="diag_linear_dv: the floating inputs must share one dtype"):
+            OPS.diag_linear_dv(dy, x.double(), offsets)
