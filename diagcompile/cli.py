@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -79,9 +81,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+def _device(text: str) -> str:
+    """argparse type: a device torch can run on here (an unknown name, or CUDA without one, is a usage error)."""
+    from diagcompile.train import check_device
+
+    try:
+        return check_device(text, "--device")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="device to check on (default: cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="device to check on (default: cpu)")
 
 
 @command("check", "quick self-check: diagonal layers vs a dense construction, forward and gradients", _check_args)
@@ -317,7 +329,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, help="training length in epochs (digits default: 40)")
     length.add_argument("--steps", type=int, help="training length in optimizer steps (chars default: 800)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate (AdamW; warm-up then cosine)")
     p.add_argument("--weight-decay", type=float)
@@ -383,7 +395,7 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from diagcompile.train import METRICS_NAME, MODEL_NAME, TrainConfig, check_out, train
+    from diagcompile.train import METRICS_NAME, MODEL_NAME, Interrupted, SetupError, TrainConfig, check_out, train
 
     torch.set_num_threads(args.threads)
     kw = _common_train_kwargs(args)
@@ -408,10 +420,24 @@ def _train(args: argparse.Namespace) -> int:
             pool=args.pool,
             **kw,
         )
+        out_existed = os.path.isdir(args.out)
         check_out(cfg)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
-    m = train(cfg)
+    try:
+        m = train(cfg)
+    except SetupError as e:  # the model or the run length rules the arguments out: still a usage error
+        if not out_existed:
+            with contextlib.suppress(OSError):
+                os.rmdir(args.out)  # only if check_out made it and nothing was written
+        raise UsageError(str(e)) from None
+    except Interrupted as e:
+        print(
+            f"diagcompile train: stopped at step {e.step}/{e.total}; the checkpoint is saved in {args.out}: "
+            "run the same command with --resume to continue",
+            file=sys.stderr,
+        )
+        return 130
     key = m["metric"]
     unit = "% test accuracy" if key == "acc" else " validation bits/char"
     summary = {
@@ -510,11 +536,16 @@ def _sweep(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.aggregate_only:
-        files = aggregate(cfg)
-        print("\n".join(f"wrote {p}" for p in files.values()))
-        return 0
-    res = run_sweep(cfg)
+    from diagcompile.train import SetupError
+
+    try:
+        if args.aggregate_only:
+            files = aggregate(cfg)
+            print("\n".join(f"wrote {p}" for p in files.values()))
+            return 0
+        res = run_sweep(cfg)
+    except (SetupError, FileNotFoundError) as e:  # the grid cannot run here, or has no results yet
+        raise UsageError(str(e)) from None
     print(f"sweep: ran {res['ran']}, skipped {res['skipped']} (done before), {res['seconds']:.0f} s")
     print("\n".join(f"wrote {p}" for p in res["files"].values()))
     return 0

@@ -34,7 +34,7 @@ from typing import Any
 
 from diagcompile._files import atomic_write
 from diagcompile.dst.config import DIAGHEUR_ONLY, DYNADIAG_ONLY
-from diagcompile.train import TASKS, TrainConfig, atomic_write_text, dst_config_dict, env_stamp, train
+from diagcompile.train import TASKS, SetupError, TrainConfig, atomic_write_text, dst_config_dict, env_stamp, train
 
 __all__ = ["SweepConfig", "parse_variant", "run_name", "plan_runs", "run_sweep", "aggregate"]
 
@@ -215,7 +215,7 @@ def _check_same_config(path: Path, tc: TrainConfig) -> None:
         diff += [(f"dst.{k}", saved_dst[k], None) for k in sorted(set(saved_dst) - set(now_dst))]
     if diff:
         detail = ", ".join(f"{k}: {was!r} there vs {now!r} now" for k, was, now in diff)
-        raise ValueError(f"{path} was trained with another configuration ({detail}); delete it or use another out")
+        raise SetupError(f"{path} was trained with another configuration ({detail}); delete it or use another out")
 
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:

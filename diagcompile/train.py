@@ -145,6 +145,34 @@ TASK_DST_RECIPE: dict[str, dict[tuple[str | None, ...], dict[str, Any]]] = {
 _SPARSE_LR_METHODS = ("dynadiag", "diagheur")
 
 
+def check_device(device: str, where: str = "device") -> str:
+    """``device`` if torch can run on it here, else a ``ValueError`` saying why (an unknown name, or CUDA
+    asked of a build or machine without it)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{where}={device!r} is not a torch device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"{where}={device!r}: {why} (torch {torch.__version__}); use cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{where}={device!r}: only cpu and cuda are supported")
+    return device
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT / SIGTERM after writing its checkpoint; ``step`` of ``total`` done."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"stopped at step {step}/{total}; the checkpoint is saved: resume with resume=True")
+        self.step, self.total = step, total
+
+
+class SetupError(ValueError):
+    """A run's configuration cannot work with its model and data (found while setting up, before any step):
+    a sparsity a layer cannot reach, a DST field out of range for the run's length, ..."""
+
+
 def _to_plain(v: Any) -> Any:
     if isinstance(v, Mapping):
         return {str(k): _to_plain(x) for k, x in v.items()}
@@ -249,6 +277,7 @@ class TrainConfig:
             raise TypeError(f"TrainConfig.seed must be an int, got {type(self.seed).__name__}")
         if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
             raise ValueError(f"TrainConfig.nproc must be a positive int, got {self.nproc!r}")
+        check_device(self.device, "TrainConfig.device")
         if self.nproc > 1 and self.device != "cpu":
             raise ValueError("TrainConfig.nproc > 1 runs gloo workers on the CPU; use device='cpu'")
         if self.nproc > 1 and self.get("batch_size") % self.nproc:
@@ -861,9 +890,12 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
     model = build_model(mcfg).to(device)
     dense_params = _count_params(model)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.get("weight_decay")), lr=cfg.get("lr"), betas=(0.9, 0.95))
-    if cfg.offsets_from is not None:
-        _mark_offsets_from(model, cfg.offsets_from)
-    sparsifier = _make_sparsifier(cfg, model, optimizer, total) if cfg.method != "dense" else None
+    try:  # what only the model and the run length can tell: reported as the configuration's fault
+        if cfg.offsets_from is not None:
+            _mark_offsets_from(model, cfg.offsets_from)
+        sparsifier = _make_sparsifier(cfg, model, optimizer, total) if cfg.method != "dense" else None
+    except (TypeError, ValueError) as e:
+        raise SetupError(str(e)) from e
     train_params_start = _count_params(model)
 
     step = 0
@@ -996,7 +1028,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
             if flag.stop:
                 if bar is not None:
                     bar.close()
-                raise KeyboardInterrupt(f"stopped at step {step}/{total}; resume with resume=True")
+                raise Interrupted(step, total)
         history["train_s"] += time.perf_counter() - t_loop
     if bar is not None:
         bar.close()

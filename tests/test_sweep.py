@@ -66,10 +66,17 @@ def test_duplicate_grid_entries_are_refused(tmp_path, kw, match):
         (["--threads", "-1"], "--threads: must be an int >= 1"),
         (["--methods", "diagheur", "--dst", "pool=2"], "pool=2.*'dynadiag' only"),
         (["--variant-dst", "diagheur"], "--variant-dst expects VARIANT:KEY=VALUE"),
+        (["--aggregate-only"], "no run results under .* for this grid"),
+        (["--methods", "dynadiag", "--sparsities", "0.999"], "sparsity=0.999 is outside"),
     ],
 )
 def test_cli_sweep_reports_bad_arguments_as_usage_errors(tmp_path, capsys, monkeypatch, extra, match):
-    monkeypatch.setattr(sweep_mod, "train", lambda *a, **k: pytest.fail("training started"))
+    def train(cfg, **kw):
+        if "0.999" not in extra:
+            pytest.fail("training started")
+        return train_mod.train(cfg, **kw)  # stops in its set-up: the model rules the sparsity out
+
+    monkeypatch.setattr(sweep_mod, "train", train)
     with pytest.raises(SystemExit) as e:
         cli.main(["sweep", "--task", "digits-vit", "--steps", "2", "--out", str(tmp_path), "--quiet", *extra])
     err = capsys.readouterr().err

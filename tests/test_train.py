@@ -418,6 +418,7 @@ def test_cli_train_end_to_end(tmp_path, capsys):
         (["--method", "dynadiag", "--dst", "bogus=1"], r"\['bogus'\] do not apply"),
         (["--threads", "0"], "--threads: must be an int >= 1"),
         (["--out", "FILE"], "is an existing file"),
+        (["--device", "tpu"], "--device='tpu' is not a torch device"),
     ],
 )
 def test_cli_train_reports_bad_arguments_as_usage_errors(tmp_path, capsys, monkeypatch, extra, match):
@@ -431,6 +432,46 @@ def test_cli_train_reports_bad_arguments_as_usage_errors(tmp_path, capsys, monke
     assert e.value.code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("diagcompile train: error: ") and re.search(match, last), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_refuses_cuda_on_a_machine_without_it(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--task", "digits-vit", "--device", "cuda", "--out", "x"])
+    assert e.value.code == 2 and "--device='cuda': this torch build has no CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--steps", "2", "--sparsity", "0.999"], r"layer 'blocks.0.attn.qkv' \(192x64\): sparsity=0.999 is outside"),
+        # epochs: the step count is known only once the data is (1 epoch of digits = 22 steps)
+        (
+            ["--epochs", "1", "--dst", "freeze_at=100"],
+            r"freeze_at=100 \(an absolute step\) must be in \[0, total_steps=22\]",
+        ),
+    ],
+)
+def test_cli_train_reports_what_the_model_rules_out_as_usage_errors(tmp_path, capsys, extra, match):
+    # Only the model's shapes and the run's length tell these apart: found while setting up, before any step.
+    out = tmp_path / "o"
+    argv = ["train", "--task", "digits-vit", "--method", "dynadiag", "--out", str(out), "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and re.search(match, err.strip().splitlines()[-1]), err
+    assert not out.exists()  # the folder this run made, still empty, is gone
+
+
+def test_cli_train_interrupted_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    def stop(cfg):
+        raise train_mod.Interrupted(7, 20)
+
+    monkeypatch.setattr(train_mod, "train", stop)
+    argv = ["train", "--task", "digits-vit", "--steps", "20", "--out", str(tmp_path / "o"), "--quiet"]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "stopped at step 7/20" in err and "with --resume to continue" in err and "resume=True" not in err
 
 
 def test_ddp_two_workers_match_one_process(tmp_path):
