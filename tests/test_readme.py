@@ -48,6 +48,7 @@ def test_readme_api_tour_runs(tmp_path, monkeypatch):
         filter_fn=sparse_filter,
     )
     scope = {"model": Net(), "other": other, "loader": loader, "loss_fn": nn.functional.cross_entropy, "x": x}
+    scope["pretrained"] = Net()
     scope |= {"gpt": gpt, "ids": torch.randint(0, 20, (2, 16))}
     code = _api_tour().replace("total_steps=10_000", "total_steps=3")
     exec(compile(code, str(README), "exec"), scope)  # noqa: S102 - executing our own README is the point
@@ -55,7 +56,10 @@ def test_readme_api_tour_runs(tmp_path, monkeypatch):
     from diagcompile import DiagLinear
 
     final = scope["model"]
-    assert isinstance(final.fc, DiagLinear) and isinstance(final.out, DiagLinear)
+    assert isinstance(final.fc, DiagLinear) and type(final.out) is nn.Linear  # the filter kept the head dense
+    assert set(scope["report"]) == {"fc"} and scope["report"]["fc"]["k"] == final.fc.k
+    pruned = scope["pretrained"]
+    assert isinstance(pruned.fc, DiagLinear) and isinstance(pruned.out, DiagLinear)
     assert scope["y"].shape == (8, 197, 3072)
     seq_program = scope["ep"].module()
     for shape in ((3, 40), (1, 256)):  # the tour's GPT program takes other batch sizes and lengths
@@ -63,5 +67,8 @@ def test_readme_api_tour_runs(tmp_path, monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(seq_program(ids), gpt(ids), rtol=1e-5, atol=1e-6)
     assert (tmp_path / "model.pt2").is_file() and (tmp_path / "model.onnx").is_file()
+    from diagcompile.export.onnx import count_plugin_nodes
+
+    assert count_plugin_nodes(tmp_path / "model_trt.onnx") == 1
     torch.testing.assert_close(scope["fast"](x), expected(x), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(expected(x), Net.forward(other, x))  # the check can tell sparse from dense
