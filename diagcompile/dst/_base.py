@@ -4,6 +4,7 @@ state-dict consistency checks. Private: the two public classes keep their own AP
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,8 @@ from torch import Tensor, nn
 from diagcompile.dst.optim import state_bytes
 from diagcompile.dst.schedules import UpdateSchedule
 from diagcompile.marking import get_sparse_mark
+
+logger = logging.getLogger(__name__)
 
 __all__: list[str] = []
 
@@ -45,7 +48,10 @@ def select_linears(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[s
         linears = [(fqn, m) for fqn, m in linears if filter_fn(m, fqn)]
     any_marked = any(get_sparse_mark(m) is not None for _, m in linears)
     if any_marked:
+        unmarked = [fqn for fqn, m in linears if get_sparse_mark(m) is None]
         linears = [(fqn, m) for fqn, m in linears if get_sparse_mark(m) is not None]
+        if unmarked:
+            logger.info("some linears are sparse-marked, so only those are converted; dense: %s", ", ".join(unmarked))
     left: dict[str, str] = {}
     for fqn, why in skipped.items():
         m = model.get_submodule(fqn)
@@ -71,6 +77,12 @@ def select_linears(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[s
                 " (tied weights); converting it would untie them. Exclude it with filter_fn."
             )
     return linears
+
+
+def _never_stepped(state: Any) -> bool:
+    """Whether an optimizer's per-parameter state is the one some optimizers (Adagrad) make in ``__init__``."""
+    step = state.get("step") if isinstance(state, dict) else None
+    return step is not None and float(step) == 0
 
 
 class SparsifierBase:
@@ -100,6 +112,12 @@ class SparsifierBase:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         if optimizer is not None and len(optimizer.state) > 0:
+            if all(_never_stepped(st) for st in optimizer.state.values()):
+                raise ValueError(
+                    f"{type(optimizer).__name__} creates its state in its constructor (before any step), so {name} "
+                    f"cannot swap the dense weights for their diagonals in it; use an optimizer that creates state at "
+                    f"its first step (SGD, Adam, AdamW, RMSprop, ...)"
+                )
             raise ValueError(
                 f"the optimizer already has state: construct {name} before the first optimizer.step() "
                 f"({self._fresh_optimizer_why})"
@@ -115,6 +133,27 @@ class SparsifierBase:
         self._finalized = False
         self._armed = False
         self._updates = UpdateSchedule(config.update_every, config.update_end_step, config.drop_fraction)
+
+    def _warn_if_no_updates(self) -> None:
+        """Warn when the schedule leaves no topology update (``update_every`` at or past the updates' end)."""
+        u = self._updates
+        if u.every >= u.end:
+            warnings.warn(
+                f"{self._name}: update_every={u.every} but topology updates end before step {u.end} "
+                f"(update_end of total_steps={self.config.total_steps}): no update happens, so this run trains "
+                f"the initial diagonals only; lower update_every",
+                stacklevel=3,
+            )
+
+    def _check_optimizer_state(self) -> None:
+        """After the first ``optimizer.step()``: each DST layer's optimizer state must be shaped like its
+        parameter (updates and ``finalize()`` move it row by row), so a factored optimizer (Adafactor) fails at
+        step 1 with the reason, not at its first update or at the end of the run in ``finalize()``."""
+        from diagcompile.dst.optim import _row_state_tensors
+
+        for rec in self._layers:
+            for p in rec.module.parameters(recurse=False):
+                _row_state_tensors(self.optimizer, p)
 
     def _set_module(self, fqn: str, new: nn.Module) -> None:
         """Put ``new`` in place of the submodule ``fqn`` of the model (``diagcompile.api.swap_module``)."""

@@ -252,6 +252,8 @@ class MaskSparsifier(SparsifierBase):
             if not config.is_nm:
                 rec.handle = rec.module.weight.register_hook(self._make_grad_hook(rec))
         self._armed = not config.is_nm and self._updates.is_update_step(1)
+        if not config.is_nm and self._layers:
+            self._warn_if_no_updates()
         logger.info(
             "MaskSparsifier(%s): %d layers, world size %d%s",
             config.method,
@@ -444,6 +446,8 @@ class MaskSparsifier(SparsifierBase):
     def step(self) -> None:
         """Advance one optimizer step: re-mask (RigL/SRigL), topology update when due / N:M schedule."""
         self._check_live("step")
+        if self._step == 0:
+            self._check_optimizer_state()
         t = self._step + 1
         if self.config.is_nm:
             self._set_schedule(t)

@@ -55,8 +55,9 @@ class DSTConfig:
         total_steps: length of the run in optimizer steps; fractions below are of this.
         method: ``"dynadiag"`` (learned importance ``alpha`` over candidate diagonals, relaxed top-k, hard
             freeze) or ``"diagheur"`` (RigL on whole diagonals, sparse from step 0).
-        sparsity: target sparsity of every converted layer (a ``mark_sparse`` mark overrides it per layer);
-            ``k = k_from_sparsity(N_out, N_in, sparsity)``.
+        sparsity: target sparsity of every converted layer; ``k = k_from_sparsity(N_out, N_in, sparsity)``.
+            Which layers are converted is the sparsifier's ``filter_fn``; once any linear is marked with
+            ``mark_sparse``, only the marked ones are, each at its mark's sparsity (the others stay dense).
 
         update_every: ``Delta T``: steps between topology updates (diagheur drop/grow, dynadiag pool refresh).
         drop_fraction: RigL's ``alpha``: the fraction of the ``k`` diagonals (diagheur) or of the ``c*k - k``

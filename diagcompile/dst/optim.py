@@ -44,8 +44,9 @@ def _row_state_tensors(optimizer: torch.optim.Optimizer | None, param: Tensor) -
             continue  # per-parameter scalars: Adam's step counter
         if t.shape != param.shape:
             raise NotImplementedError(
-                f"cannot remap optimizer state {name!r} of shape {tuple(t.shape)} for a parameter of shape "
-                f"{tuple(param.shape)}: only state shaped like the parameter (Adam/AdamW/SGD...) is supported"
+                f"{type(optimizer).__name__} keeps optimizer state {name!r} of shape {tuple(t.shape)} for a parameter "
+                f"of shape {tuple(param.shape)}: dynamic sparse training moves each diagonal's state rows with it, "
+                f"so it needs state shaped like the parameter (SGD, Adam, AdamW, RMSprop, ...)"
             )
         out.append((name, t))
     return out

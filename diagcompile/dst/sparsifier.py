@@ -225,6 +225,8 @@ class DiagSparsifier(SparsifierBase):
             if rec.needs_probe:
                 rec.handle = rec.module.register_forward_hook(_ProbeHook(self, rec))
         self._armed = self._updates.is_update_step(1)
+        if any(rec.needs_probe for rec in self._layers):
+            self._warn_if_no_updates()
         logger.info(
             "DiagSparsifier(%s): %d layers, world size %d%s",
             config.method,
@@ -370,6 +372,8 @@ class DiagSparsifier(SparsifierBase):
     def step(self) -> None:
         """Advance one optimizer step: topology update / pool refresh / freeze when due, then the temperature."""
         self._check_live("step")
+        if self._step == 0:
+            self._check_optimizer_state()
         t = self._step + 1
         cfg = self.config
         if cfg.method == "diagheur":

@@ -727,6 +727,33 @@ def test_a_model_under_dst_pickles_and_its_copy_is_inert(mode):
     assert all(d["updates"] == 1 for d in sp.diagnostics().values())
 
 
+def test_a_schedule_without_any_update_warns_where_updates_matter():
+    with pytest.warns(UserWarning, match="update_every=50 but topology updates end before step 8.*no update happens"):
+        _make(method="diagheur", total_steps=10, update_every=50)
+    with pytest.warns(UserWarning, match="no update happens"):
+        _make(method="dynadiag", pool=2.0, total_steps=10, update_every=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _make(method="dynadiag", total_steps=10, update_every=50)  # faithful: every candidate is held, no updates
+
+
+def test_optimizers_whose_state_cannot_follow_the_diagonals_are_refused_early():
+    # Adafactor keeps factored (row/column) state: refused at the first step, not at finalize() after a whole run.
+    torch.manual_seed(0)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    sp = DiagSparsifier(model, opt, DSTConfig(total_steps=20, sparsity=0.5), filter_fn=not_head)
+    x, y = _batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    with pytest.raises(NotImplementedError, match="Adafactor keeps optimizer state 'row_var'.*shaped like the param"):
+        sp.step()
+    # Adagrad makes its state in its constructor: not "stepped already", a clear refusal.
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    with pytest.raises(ValueError, match="Adagrad creates its state in its constructor"):
+        DiagSparsifier(model, torch.optim.Adagrad(model.parameters()), DSTConfig(total_steps=20, sparsity=0.5))
+
+
 def test_a_scheduler_created_before_the_sparsifier_is_refused():
     model = tiny_mlp(n_in=16, hidden=32, n_out=5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
