@@ -186,10 +186,11 @@ def _export(args: argparse.Namespace) -> int:
     dynamic = not args.static_batch
     dynamic_shapes = None
     if args.dynamic_seq:
-        from diagcompile.export.program import widen_batch_of_one
+        from diagcompile.export.program import flatten_inputs, unflatten_inputs, widen_batch_of_one
 
         if dynamic:  # torch.export fixes a dim whose example size is 1: trace a batch of 2, as export_program does
-            example_args = widen_batch_of_one(example_args)
+            leaves, spec = flatten_inputs(example_args)
+            example_args = unflatten_inputs(widen_batch_of_one(leaves), spec)[0]
         dynamic_shapes, dynamic = _seq_dynamic_shapes(example_args, dynamic), None
     try:
         if args.format == "pt2":
@@ -224,8 +225,8 @@ def _export(args: argparse.Namespace) -> int:
             # file is not what was asked for, so it is not left behind.
             os.unlink(path)
             print(
-                f"error: --dynamic-seq: the model fixes dim 1 of input(s) {fixed} (counting from 0; it uses that "
-                f"size as a constant), so it cannot be dynamic; export without --dynamic-seq",
+                f"error: --dynamic-seq: the model fixes dim 1 of {', '.join(fixed)} (it uses that size as a "
+                f"constant), so it cannot be dynamic; export without --dynamic-seq",
                 file=sys.stderr,
             )
             return 2
@@ -257,41 +258,50 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _seq_dynamic_shapes(example_args, dynamic_batch: bool) -> tuple:
-    """torch.export spec: dim 1 of every >= 2-D tensor input dynamic (``Dim.AUTO``), dim 0 a shared batch."""
+    """torch.export spec: dim 1 of every >= 2-D tensor input dynamic (``Dim.AUTO``), dim 0 a shared batch.
+
+    Shaped like ``example_args``: a list / tuple / dict argument gets a list / tuple / dict of specs.
+    """
     import torch
     from torch.export import Dim
+    from torch.utils import _pytree as pytree
 
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     batch = Dim("batch")
-    spec = []
-    for a in args:
+
+    def spec(a):
         if isinstance(a, torch.Tensor) and a.dim() >= 2:
-            spec.append({**({0: batch} if dynamic_batch else {}), 1: Dim.AUTO})
-        elif isinstance(a, torch.Tensor) and a.dim() == 1 and dynamic_batch:
-            spec.append({0: batch})
-        else:
-            spec.append(None)
-    return tuple(spec)
+            return {**({0: batch} if dynamic_batch else {}), 1: Dim.AUTO}
+        if isinstance(a, torch.Tensor) and a.dim() == 1 and dynamic_batch:
+            return {0: batch}
+        return None
+
+    return tuple(pytree.tree_map(spec, a) for a in args)
 
 
-def _static_seq_inputs(path, fmt: str, example_args) -> list[int]:
-    """Positions of the >= 2-D tensor inputs whose dim 1 the artifact at ``path`` fixed (the same dynamic-dim
-    reading the artifact checks use)."""
+def _static_seq_inputs(path, fmt: str, example_args) -> list[str]:
+    """The names (``example_args[1]['ids']``) of the >= 2-D tensor inputs whose dim 1 the artifact at ``path``
+    fixed (the same dynamic-dim reading the artifact checks use)."""
     import torch
 
-    args = example_args if isinstance(example_args, tuple) else (example_args,)
+    from diagcompile.export.program import flatten_inputs, input_names
+
+    leaves, spec = flatten_inputs(example_args)
     if fmt == "pt2":
         from diagcompile.export import load
         from diagcompile.export.program import program_dynamic_dims
 
-        exprs, _ = program_dynamic_dims(load(path), args)
+        exprs, _ = program_dynamic_dims(load(path), leaves)
     else:
         import onnx
 
         from diagcompile.export.onnx import input_dynamic_dims, input_shapes
 
-        exprs = input_dynamic_dims(input_shapes(onnx.load(path, load_external_data=False)), args)
-    return [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() >= 2 and (i, 1) not in exprs]
+        exprs = input_dynamic_dims(input_shapes(onnx.load(path, load_external_data=False)), leaves)
+    names = input_names(spec)
+    return [
+        names[i] for i, a in enumerate(leaves) if isinstance(a, torch.Tensor) and a.dim() >= 2 and (i, 1) not in exprs
+    ]
 
 
 # ---- end export -------------------------------------------------------------------------------------

@@ -197,3 +197,31 @@ def test_export_dynamic_seq_with_a_batch_of_one_example(factory_from, tmp_path, 
     assert cli.main(["export", source, "--format", "pt2", "--out", str(out), "--dynamic-seq"]) == 0
     text = capsys.readouterr().out
     assert "at input shapes" in text and ": OK" in text
+
+
+DICT_INPUT_FACTORY = """
+import torch
+from diagcompile import DiagLinear
+
+class TwoStreams(torch.nn.Module):  # one dict argument: {"a": (B, T, 32), "b": (B, T, 32)}
+    def __init__(self):
+        super().__init__()
+        self.fc = DiagLinear(32, 16, sparsity=0.5)
+
+    def forward(self, streams):
+        return self.fc(streams["a"]) - self.fc(streams["b"])
+
+def make():
+    return TwoStreams().eval(), ({"a": torch.randn(BATCH, 8, 32), "b": torch.randn(BATCH, 8, 32)},)
+"""
+
+
+@pytest.mark.parametrize("batch", [3, 1])
+def test_export_dynamic_seq_of_a_dict_input(factory_from, tmp_path, capsys, batch):
+    source = factory_from(f"dict_factory_{batch}", DICT_INPUT_FACTORY.replace("BATCH", str(batch)))
+    out = tmp_path / "m.pt2"
+    assert cli.main(["export", source, "--format", "pt2", "--out", str(out), "--dynamic-seq"]) == 0
+    text = capsys.readouterr().out
+    assert "at input shapes" in text and ": OK" in text
+    shapes = [n.meta["val"].shape for n in load(out).graph.nodes if n.op == "placeholder" and "streams" in n.name]
+    assert len(shapes) == 2 and all(not isinstance(s[0], int) and not isinstance(s[1], int) for s in shapes), shapes
