@@ -20,15 +20,19 @@ from pathlib import Path
 __all__ = ["atomic_write", "check_output_path"]
 
 
-def check_output_path(path: str | os.PathLike, what: str) -> Path:
-    """``path`` as a ``Path``; ``ValueError`` if it names an existing directory.
+def check_output_path(path: str | os.PathLike, what: str, suffix: str | None = None) -> Path:
+    """``path`` as a ``Path``; ``ValueError`` if it names an existing directory, or (with ``suffix``) a file
+    name that does not end in ``suffix`` (an ONNX file named ``.pt2`` only misleads whoever opens it next).
 
     Called before the (slow) export so a wrong ``--out`` fails at once, with a message instead of an
     ``IsADirectoryError`` from the final rename.
     """
     path = Path(path)
+    example = path / f"model{suffix or ''}"
     if path.is_dir():
-        raise ValueError(f"{what}: {path} is a directory; give the path of the file to write (e.g. {path / 'model'})")
+        raise ValueError(f"{what}: {path} is a directory; give the path of the file to write (e.g. {example})")
+    if suffix is not None and path.suffix != suffix:
+        raise ValueError(f"{what}: {path} should end in {suffix}")
     return path
 
 

@@ -49,8 +49,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=float, default=None, help="training epochs per model (default: 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
-    p.add_argument("--pool", type=float, default=2.0, help="DynaDiag candidate pool, x k diagonals (default: 2)")
-    p.add_argument("--faithful", action="store_true", help="DynaDiag with all P candidates instead of a pool")
+    pool = p.add_mutually_exclusive_group()
+    pool.add_argument("--pool", type=float, default=2.0, help="DynaDiag candidate pool, x k diagonals (default: 2)")
+    pool.add_argument("--faithful", action="store_true", help="DynaDiag with all P candidates instead of a pool")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile step")
     p.add_argument("--no-layer-timing", action="store_true", help="skip timing the decode-sized layer")
 
@@ -177,8 +178,11 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.bare and args.format != "onnx-plugin":
         raise UsageError(f"--bare applies to --format onnx-plugin only, not {args.format}")
+    if args.opset is not None and args.format == "pt2":
+        raise UsageError("--opset applies to the ONNX formats only, not pt2")
     try:
-        check_output_path(args.out, "--out")  # before the (slow) export, not at the final rename
+        # before the (slow) export, not at the final rename
+        check_output_path(args.out, "--out", ".pt2" if args.format == "pt2" else ".onnx")
         model, example_args = _resolve_export_source(args.source)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

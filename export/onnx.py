@@ -330,7 +330,7 @@ def to_onnx(
     Args:
         model: any module; sparse-marked linears are converted on a copy first (as in ``export_program``).
         example_args: a tuple of inputs (or one tensor); an argument may be a list / tuple / dict of tensors.
-        path: output ``.onnx`` file (written atomically).
+        path: output file, ending in ``.onnx`` (written atomically).
         mode: ``"portable"`` (standard ops) or ``"plugin"`` (one ``diagcompile::DiagLinear`` node per layer).
         dynamic_batch: dim 0 of every tensor input is one dynamic ``batch`` dimension (default: unless
             ``dynamic_shapes`` is given).
@@ -359,7 +359,7 @@ def to_onnx(
             f"Opsets below 18 lack the ScatterND/Range forms the translation emits; newer ones are not yet "
             f"handled by the installed exporter and onnxruntime"
         )
-    path = check_output_path(path, "to_onnx")
+    path = check_output_path(path, "to_onnx", ".onnx")
     leaves, spec = _program.flatten_inputs(example_args, example_kwargs)
     _check_dtypes(model, leaves, spec)
     args, kwargs = _program.unflatten_inputs(leaves, spec)

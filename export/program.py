@@ -714,9 +714,7 @@ def save(ep: torch.export.ExportedProgram, path: str | os.PathLike) -> Path:
     """Write ``ep`` to ``path`` (a ``.pt2`` archive) atomically; returns the path."""
     if not isinstance(ep, torch.export.ExportedProgram):
         raise TypeError(f"save expects a torch.export.ExportedProgram, got {type(ep).__name__}")
-    path = check_output_path(path, "save")
-    if path.suffix != ".pt2":
-        raise ValueError(f"save: {path} should end in .pt2 (the torch.export archive format)")
+    path = check_output_path(path, "save", ".pt2")  # the torch.export archive format
     with atomic_write(path, "save") as tmp:
         torch.export.save(ep, tmp)
     return path

@@ -43,3 +43,10 @@ def test_python_m_diagcompile(tmp_path):
     bad = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("diagcompile train: error: TrainConfig.steps must be")
+
+
+def test_demo_pool_and_faithful_are_exclusive(capsys):
+    # --faithful used to win silently over an explicit --pool.
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--pool", "3", "--faithful"])
+    assert e.value.code == 2 and "not allowed with argument --pool" in capsys.readouterr().err

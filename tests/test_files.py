@@ -52,3 +52,6 @@ def test_a_directory_is_not_an_output_file(tmp_path):
         with atomic_write(tmp_path):
             pass
     assert check_output_path(str(tmp_path / "x.onnx"), "to_onnx") == tmp_path / "x.onnx"
+    assert check_output_path(str(tmp_path / "x.onnx"), "to_onnx", ".onnx") == tmp_path / "x.onnx"
+    with pytest.raises(ValueError, match=r"to_onnx: .*x.pt2 should end in .onnx"):
+        check_output_path(tmp_path / "x.pt2", "to_onnx", ".onnx")

@@ -104,6 +104,7 @@ def test_unsupported_opset_is_reported(factory, tmp_path, capsys):
     [
         (["--batch", "0"], "--batch: must be an int >= 1"),
         (["--bare"], "--bare applies to --format onnx-plugin only"),
+        (["--format", "pt2", "--opset", "18"], "--opset applies to the ONNX formats only"),
     ],
 )
 def test_bad_arguments_are_usage_errors(extra, message, factory, tmp_path, capsys):
@@ -115,7 +116,17 @@ def test_bad_arguments_are_usage_errors(extra, message, factory, tmp_path, capsy
 
 def test_an_output_path_that_is_a_directory_fails_before_exporting(factory, tmp_path, capsys):
     assert cli.main(["export", factory, "--out", str(tmp_path)]) == 2
-    assert f"--out: {tmp_path} is a directory" in capsys.readouterr().err
+    assert f"--out: {tmp_path} is a directory; give the path of the file to write (e.g. {tmp_path / 'model.pt2'})" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("fmt,name", [("onnx", "m.pt2"), ("onnx-plugin", "m"), ("pt2", "m.onnx")])
+def test_an_output_name_of_another_format_fails_before_exporting(fmt, name, factory, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_resolve_export_source", lambda s: pytest.fail("the export started"))
+    assert cli.main(["export", factory, "--format", fmt, "--out", str(tmp_path / name)]) == 2
+    assert "should end in ." in capsys.readouterr().err
+    assert not (tmp_path / name).exists()
 
 
 def test_help_lists_the_formats(capsys):
