@@ -24,8 +24,9 @@ Implementations: one function per op for every device, which asks ``ops/dispatch
 
 ``call_diag_linear`` is how the user API calls the forward op. In plain eager it runs the same
 implementation and autograd formulas without the dispatcher's Python layers (~40 us a call on a slow CPU);
-under compile, export, any dispatch or torch-function mode, functorch, forward AD, a tensor subclass or the
-profiler it is the op call itself.
+under compile, export, any dispatch or torch-function mode, a tensor subclass or the profiler it is the op
+call itself; under functorch transforms and forward AD it is the op call inside an autograd.Function that
+torch.func accepts and that carries forward-mode (jvp) formulas. The ops have vmap rules.
 """
 
 from __future__ import annotations
@@ -296,22 +297,6 @@ def _plain_eager(*tensors: Tensor) -> bool:
     )
 
 
-def _refuse_forward_mode(*tensors: Tensor) -> None:
-    """Raise if forward-mode AD would differentiate this call: the op has no forward-mode formula, and torch
-    would silently give its output a zero tangent (``torch.func.jvp``) or none (``torch.autograd.forward_ad``)."""
-    if torch.compiler.is_compiling():
-        return
-    ci = torch._C._functorch.peek_interpreter_stack()
-    jvp = ci is not None and ci.key() == torch._C._functorch.TransformType.Jvp
-    if jvp or (
-        _forward_ad._current_level >= 0 and any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-    ):
-        raise NotImplementedError(
-            "diag_linear has no forward-mode AD formula (torch.func.jvp / jacfwd, torch.autograd.forward_ad): the "
-            "tangent would be dropped silently. Use reverse mode (loss.backward() or torch.autograd.grad)."
-        )
-
-
 def _needs_graph(*tensors: Tensor) -> bool:
     """Whether autograd records a graph through a call on ``tensors`` (grad mode on and one requires grad)."""
     if not torch.is_grad_enabled():
@@ -338,17 +323,152 @@ class _DiagLinearFunction(torch.autograd.Function):
         return _fwd_backward(ctx, dy)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Transforms: torch.func (grad / vjp / jacrev / jacfwd / hessian / vmap) and forward-mode AD
+# ----------------------------------------------------------------------------------------------------
+# custom_op's generated autograd Function has no setup_context staticmethod, so torch.func.grad through the
+# raw op fails inside torch (pytorch/pytorch#168393, #179652, open in torch 2.13), and the op has no
+# forward-mode formula (torch would give a zero tangent, silently). Under a transform or with a dual input
+# the user API goes through these Functions instead: the same ops forward, the same formulas backward, and
+# jvp formulas, which are op calls too because each op is linear in each of its tensor arguments:
+#   d diag_linear(x, V) = diag_linear(dx, V) + diag_linear(x, dV) (+ db)
+#   d diag_linear_dx(dy, V) = diag_linear_dx(d dy, V) + diag_linear_dx(dy, dV)
+#   d diag_linear_dv(dy, x) = diag_linear_dv(d dy, x) + diag_linear_dv(dy, dx)
+# The vmap rules (below) make vmap-of-grad (per-sample gradients) run the ops batched.
+def _needs_function(*tensors: Tensor) -> bool:
+    """Whether a call must go through the ``_Func*`` Functions: a functorch transform is active, or forward AD
+    would differentiate it (a dual input inside a forward-AD level)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if _forward_ad._current_level >= 0:
+        for t in tensors:
+            if _forward_ad.unpack_dual(t).tangent is not None:
+                return True
+    return False
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+class _FuncDiagLinear(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
+        return torch.ops.diagcompile.diag_linear(x, values, offsets, bias, out_features)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _fwd_setup(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3])
+        ctx.out_shape = output.shape
+
+    backward = staticmethod(_fwd_backward)
+
+    @staticmethod
+    def jvp(ctx, tx, tv, _toffsets, tb, _tout):
+        x, values, offsets = ctx.saved_tensors
+        none, n = _empty_bias(values), ctx.out_features
+        t = _add(
+            call_diag_linear(tx, values, offsets, none, n) if tx is not None else None,
+            call_diag_linear(x, tv, offsets, none, n) if tv is not None else None,
+        )
+        if tb is not None and ctx.has_bias:
+            t = _add(t, tb.expand(ctx.out_shape))
+        return t if t is not None else x.new_zeros(ctx.out_shape)
+
+
+class _FuncDiagLinearDx(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> Tensor:
+        return torch.ops.diagcompile.diag_linear_dx(dy, values, offsets, in_features)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _dx_setup(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:3])
+        ctx.out_shape, ctx.in_features = output.shape, inputs[3]
+
+    backward = staticmethod(_dx_backward)
+
+    @staticmethod
+    def jvp(ctx, tdy, tv, _toffsets, _tin):
+        dy, values, offsets = ctx.saved_tensors
+        t = _add(
+            _call_dx(tdy, values, offsets, ctx.in_features) if tdy is not None else None,
+            _call_dx(dy, tv, offsets, ctx.in_features) if tv is not None else None,
+        )
+        return t if t is not None else dy.new_zeros(ctx.out_shape)
+
+
+class _FuncDiagLinearDv(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
+        return torch.ops.diagcompile.diag_linear_dv(dy, x, offsets)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _dv_setup(ctx, inputs, output)
+        ctx.save_for_forward(*inputs)
+        ctx.out_shape = output.shape
+
+    backward = staticmethod(_dv_backward)
+
+    @staticmethod
+    def jvp(ctx, tdy, tx, _toffsets):
+        dy, x, offsets = ctx.saved_tensors
+        t = _add(
+            _call_dv(tdy, x, offsets) if tdy is not None else None,
+            _call_dv(dy, tx, offsets) if tx is not None else None,
+        )
+        return t if t is not None else x.new_zeros(ctx.out_shape)
+
+
+def _vmap_rule(op, n_tensors: int, fold: bool):
+    """A vmap rule for ``op`` (tensors first, then ints). Only the first tensor batched, and ``fold``: the
+    batch becomes leading rows of that tensor (one op call; ``diag_linear`` and ``_dx`` take ``(..., N)``).
+    Otherwise (batched weights, or ``diag_linear_dv``, whose rows are summed): one op call per batch element,
+    what torch's fallback would do, without its per-call "please file an issue" warning."""
+
+    def rule(info, in_dims, *args):
+        tensors, rest = args[:n_tensors], args[n_tensors:]
+        dims = in_dims[:n_tensors]
+        if fold and all(d is None for d in dims[1:]):
+            return op(tensors[0].movedim(dims[0], 0), *tensors[1:], *rest), 0
+        outs = [
+            op(*(t if d is None else t.select(d, i) for t, d in zip(tensors, dims)), *rest)
+            for i in range(info.batch_size)
+        ]
+        return torch.stack(outs), 0
+
+    return rule
+
+
+torch.library.register_vmap("diagcompile::diag_linear", _vmap_rule(diag_linear_op, 4, fold=True))
+torch.library.register_vmap("diagcompile::diag_linear_dx", _vmap_rule(diag_linear_dx_op, 3, fold=True))
+torch.library.register_vmap("diagcompile::diag_linear_dv", _vmap_rule(diag_linear_dv_op, 3, fold=False))
+
+
 def call_diag_linear(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
     """``torch.ops.diagcompile.diag_linear(x, values, offsets, bias, out_features)``, cheaper in plain eager.
 
     Same arguments, result bits and gradients as the op (``x``: ``(..., N_in)`` -> ``(..., N_out)``). In plain
     eager (``_plain_eager``) it skips the dispatcher; anywhere else - compile, export, modes, subclasses,
     the profiler - it is the op call itself, so graphs and traces hold one ``diag_linear`` node as before.
-    Under forward-mode AD it raises ``NotImplementedError`` instead of returning a wrong (zero or missing)
-    tangent.
+    Under a functorch transform (``torch.func.grad`` / ``vmap`` / ``jacfwd`` ...) or with a forward-AD dual
+    input it goes through ``_FuncDiagLinear``, which gives the op's gradients there and a forward-mode formula
+    (the raw op would fail inside torch, or return a zero tangent).
     """
     if not _plain_eager(x, values, offsets, bias):
-        _refuse_forward_mode(x, values, bias)
+        if _needs_function(x, values, bias):
+            return _FuncDiagLinear.apply(x, values, offsets, bias, out_features)
         return torch.ops.diagcompile.diag_linear(x, values, offsets, bias, out_features)
     if _needs_graph(x, values, bias):
         return _DiagLinearFunction.apply(x, values, offsets, bias, out_features)
@@ -359,10 +479,14 @@ def _call_dx(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> T
     # Direct only where no graph is recorded (a plain backward); a double backward goes through the op.
     if _plain_eager(dy, values, offsets) and not _needs_graph(dy, values):
         return _dx_impl(dy, values, offsets, in_features)
+    if _needs_function(dy, values):
+        return _FuncDiagLinearDx.apply(dy, values, offsets, in_features)
     return torch.ops.diagcompile.diag_linear_dx(dy, values, offsets, in_features)
 
 
 def _call_dv(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
     if _plain_eager(dy, x, offsets) and not _needs_graph(dy, x):
         return _dv_impl(dy, x, offsets)
+    if _needs_function(dy, x):
+        return _FuncDiagLinearDv.apply(dy, x, offsets)
     return torch.ops.diagcompile.diag_linear_dv(dy, x, offsets)

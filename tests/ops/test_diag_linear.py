@@ -257,30 +257,96 @@ def test_eager_call_is_the_op_wherever_something_observes_it():
     gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: call_diag_linear(x, values, offsets, b, 24))(x)
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [OPS.diag_linear.default]
 
-    # A functorch transform: vmap runs the op (through torch's batching fallback; the numba provider could not
-    # read a batched tensor's data) and gets the op's result.
+    # A functorch transform: vmap runs the op (through its vmap rule; the numba provider could not read a batched
+    # tensor's data) and gets the op's result.
     with torch.no_grad():
         y = torch.vmap(lambda xi: call_diag_linear(xi, values, offsets, b, 24))(x.detach().unsqueeze(1))
     assert torch.equal(y.squeeze(1), OPS.diag_linear(x.detach(), values.detach(), offsets, b.detach(), 24))
 
 
-@pytest.mark.parametrize("path", ["kernel", "dense"])
-def test_forward_mode_ad_is_refused_not_silently_wrong(path):
-    # The op has no forward-mode formula: through torch.ops, torch.func.jvp gives a zero tangent and a dual input
-    # none. The user API raises instead; a forward-AD level without a dual input is an ordinary call.
-    x, values, offsets, b = _args(24, 10, 5, (4,), torch.float32, False)
-    fn = lambda x: call_diag_linear(x, values, offsets, b, 24)  # noqa: E731
+@pytest.fixture
+def no_vmap_fallback():
+    """vmap raises instead of falling back to torch's per-element loop: a missing vmap rule fails the test."""
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    yield
+    torch._C._functorch._set_vmap_fallback_enabled(True)
+
+
+def _dense_fn(values, offsets, b, n_out, n_in):
+    """The layer as plain torch ops on ``to_dense``: what every transform of ``call_diag_linear`` must match."""
+    return lambda x, v=values, bb=b: x @ to_dense(v, offsets, n_out, n_in).T + bb
+
+
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+@pytest.mark.parametrize("n_out,n_in", [(12, 7), (7, 12)])
+def test_forward_mode_ad_matches_the_dense_layer(path, n_out, n_in):
+    # Through the raw op torch.func.jvp returns a zero tangent (the op has no forward formula); the user API
+    # carries one (the op is linear in x, in values and in bias).
+    x, values, offsets, b = _args(n_out, n_in, 4, (5,), torch.float64, False)
+    tx, tv, tb = torch.randn_like(x), torch.randn_like(values), torch.randn_like(b)
+    fn = lambda x, v, bb: call_diag_linear(x, v, offsets, bb, n_out)  # noqa: E731
+    dense = _dense_fn(values, offsets, b, n_out, n_in)
     with force_path(path):
-        _, tangent = torch.func.jvp(lambda x: OPS.diag_linear(x, values, offsets, b, 24), (x,), (torch.ones_like(x),))
-        assert not tangent.any()  # what the raw op does (why the user API refuses)
-        with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            torch.func.jvp(fn, (x,), (torch.ones_like(x),))
-        with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            torch.func.jacfwd(fn)(x)
+        _, raw = torch.func.jvp(lambda x: OPS.diag_linear(x, values, offsets, b, n_out), (x,), (tx,))
+        assert not raw.any()  # the raw op's silent zero (why the user API routes around it)
+        y, t = torch.func.jvp(fn, (x, values, b), (tx, tv, tb))
+        y_ref, t_ref = torch.func.jvp(dense, (x, values, b), (tx, tv, tb))
+        torch.testing.assert_close((y, t), (y_ref, t_ref))
+        torch.testing.assert_close(torch.func.jacfwd(fn)(x[0], values, b), to_dense(values, offsets, n_out, n_in))
         with fwAD.dual_level():
-            with pytest.raises(NotImplementedError, match="forward-mode AD"):
-                fn(fwAD.make_dual(x, torch.randn_like(x)))
-            assert torch.equal(fn(x), OPS.diag_linear(x, values, offsets, b, 24))
+            out = fn(fwAD.make_dual(x, tx), values, b)
+            torch.testing.assert_close(fwAD.unpack_dual(out).tangent, tx @ to_dense(values, offsets, n_out, n_in).T)
+            assert torch.equal(fn(x, values, b), OPS.diag_linear(x, values, offsets, b, n_out))
+
+
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+def test_torch_func_grad_and_per_sample_gradients(path, no_vmap_fallback):
+    # torch.func.grad through the raw op fails inside torch (custom_op's autograd Function has no setup_context);
+    # vmap(grad) - per-sample gradients - needs vmap rules for all three ops (the fallback is off here).
+    n_out, n_in = 9, 14
+    x, values, offsets, b = _args(n_out, n_in, 4, (6,), torch.float64, False)
+    loss = lambda x, v, bb: call_diag_linear(x, v, offsets, bb, n_out).pow(2).sum()  # noqa: E731
+    dense_loss = lambda x, v, bb: _dense_fn(values, offsets, b, n_out, n_in)(x, v, bb).pow(2).sum()  # noqa: E731
+    with force_path(path):
+        grads = torch.func.grad(loss, argnums=(0, 1, 2))(x, values, b)
+        torch.testing.assert_close(grads, torch.func.grad(dense_loss, argnums=(0, 1, 2))(x, values, b))
+        per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(1, 2)), in_dims=(0, None, None))(x, values, b)
+        for i in range(x.shape[0]):
+            torch.testing.assert_close(
+                (per_sample[0][i], per_sample[1][i]), torch.func.grad(dense_loss, argnums=(1, 2))(x[i], values, b)
+            )
+
+
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+def test_hessians_forward_over_reverse(path):
+    n_out, n_in = 6, 9
+    x, values, offsets, b = _args(n_out, n_in, 3, (4,), torch.float64, False)
+    f = lambda x, v: call_diag_linear(x, v, offsets, b, n_out).pow(3).sum()  # noqa: E731
+    dense = lambda x, v: _dense_fn(values, offsets, b, n_out, n_in)(x, v).pow(3).sum()  # noqa: E731
+    with force_path(path):
+        for arg in (0, 1):
+            torch.testing.assert_close(
+                torch.func.hessian(f, argnums=arg)(x, values), torch.func.hessian(dense, argnums=arg)(x, values)
+            )
+
+
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+def test_vmap_rules_fold_the_batch_or_loop_over_batched_weights(path, no_vmap_fallback):
+    n_out, n_in = 10, 7
+    x, values, offsets, b = _args(n_out, n_in, 3, (5, 4), torch.float32, False)  # vmap over dim 1 of x
+    fn = lambda x, v: call_diag_linear(x, v, offsets, b, n_out)  # noqa: E731
+    with force_path(path):
+        y = torch.vmap(fn, in_dims=(1, None))(x, values)
+        assert torch.equal(y, OPS.diag_linear(x.movedim(1, 0), values, offsets, b, n_out))
+        vs = torch.stack([values, 2 * values, -values])  # one layer per batch element
+        y = torch.vmap(fn, in_dims=(None, 0))(x, vs)
+        assert y.shape == (3, 5, 4, n_out)
+        for i in range(3):
+            assert torch.equal(y[i], OPS.diag_linear(x, vs[i], offsets, b, n_out))
+        dy = torch.randn(3, 5, 4, n_out)
+        dv = torch.vmap(lambda d, x: OPS.diag_linear_dv(d, x, offsets))(dy, x.expand(3, 5, 4, n_in))
+        for i in range(3):
+            assert torch.equal(dv[i], OPS.diag_linear_dv(dy[i], x, offsets))
 
 
 @pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
