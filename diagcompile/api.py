@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from diagcompile.config import DiagSparsityConfig
 from diagcompile.functional import check_sparsity
@@ -156,6 +157,19 @@ def sparsify_(
         )
     if not targets:
         warnings.warn("sparsify_: no nn.Linear was selected; the model is unchanged", stacklevel=2)
+    dropped = {
+        fqn: ", ".join(f"{t}: {'+'.join(type(f).__name__ for f in fs)}" for t, fs in m.parametrizations.items())
+        for fqn, m in targets
+        if parametrize.is_parametrized(m)
+    }
+    if dropped:
+        # The diagonals are taken from the weight the parametrization computes now (the function is kept); what
+        # the parametrization would do during further training (weight_norm's g/v split, ...) is not.
+        warnings.warn(
+            "sparsify_: converted from the current parametrized weight, dropping the parametrization: "
+            + "; ".join(f"'{fqn or '<root>'}' ({what})" for fqn, what in dropped.items()),
+            stacklevel=2,
+        )
 
     # Tied weights: the same Parameter reachable from more than one place.
     owners: dict[int, list[str]] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,8 +28,9 @@ class DiagSparsityConfig:
     only_marked: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, numbers.Real):
             raise TypeError(f"DiagSparsityConfig.sparsity must be a float, got {type(self.sparsity).__name__}")
+        object.__setattr__(self, "sparsity", float(self.sparsity))  # a numpy scalar stays out of reprs and JSON
         if math.isnan(self.sparsity) or not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"DiagSparsityConfig.sparsity={self.sparsity} must be in [0, 1)")
         if self.selection not in ("topk", "even", "random"):

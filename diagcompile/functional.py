@@ -6,6 +6,7 @@ turned into a ``TypeError`` / ``ValueError`` that names the problem, before it c
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -47,17 +48,22 @@ def canonical_offsets(
 ) -> Tensor:
     """Validate ``offsets`` for an ``out_features x in_features`` layer and return them as 1-D int32.
 
-    Accepts an integer tensor (int32 or int64, converted) or a sequence of ints. Raises ``TypeError`` for a
-    non-integer dtype, ``ValueError`` for a wrong rank, k outside ``[1, P]``, values outside ``[0, P)``,
-    duplicates, or an order that is not ascending. Content checks are skipped while tracing.
+    Accepts an integer tensor or numpy array (int32 or int64, converted) or a sequence of ints. Raises
+    ``TypeError`` for a non-integer dtype, ``ValueError`` for a wrong rank, k outside ``[1, P]``, values outside
+    ``[0, P)``, duplicates, or an order that is not ascending. Content checks are skipped while tracing.
     """
     P, _ = diag_shape(out_features, in_features)
     if not isinstance(offsets, Tensor):
-        if isinstance(offsets, (str, bytes)) or not isinstance(offsets, Sequence):
-            raise TypeError(f"{where} must be an integer tensor or a sequence of ints, got {type(offsets).__name__}")
-        if not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+        if hasattr(offsets, "__array__") and not isinstance(offsets, Sequence):
+            offsets = torch.as_tensor(offsets)  # a numpy array; its dtype is checked below like a tensor's
+        elif isinstance(offsets, (str, bytes)) or not isinstance(offsets, Sequence):
+            raise TypeError(
+                f"{where} must be an integer tensor, array or sequence of ints, got {type(offsets).__name__}"
+            )
+        elif not all(isinstance(o, numbers.Integral) and not isinstance(o, bool) for o in offsets):
             raise TypeError(f"{where} must contain only ints, got {[type(o).__name__ for o in offsets][:5]}")
-        offsets = torch.tensor(list(offsets), dtype=torch.int64)
+        else:
+            offsets = torch.tensor([int(o) for o in offsets], dtype=torch.int64)
     if offsets.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{where} must be int32 or int64, got {offsets.dtype}")
     if offsets.dim() != 1:

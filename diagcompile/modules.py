@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -68,9 +69,10 @@ class DiagLinear(nn.Module):
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.in_features, self.out_features = in_features, out_features
+        # Plain ints (numpy ints are Integral too): they go into reprs, state_dict metadata and export graphs.
+        self.in_features, self.out_features = in_features, out_features = int(in_features), int(out_features)
         P, D = diag_shape(out_features, in_features)
         if offsets is None:
             check_sparsity(sparsity, out_features, in_features, where="DiagLinear")
@@ -270,7 +272,7 @@ class DiagLinear(nn.Module):
         saved = local_metadata.get("features")
         if saved is not None and tuple(saved) != (self.out_features, self.in_features):
             error_msgs.append(
-                f"{prefix or 'the layer'}: saved from a DiagLinear with in_features={saved[1]}, "
+                f"{prefix[:-1] or 'the layer'}: saved from a DiagLinear with in_features={saved[1]}, "
                 f"out_features={saved[0]}, loaded into one with in_features={self.in_features}, "
                 f"out_features={self.out_features}"
             )
@@ -282,6 +284,18 @@ class DiagLinear(nn.Module):
                 state_dict[key] = canonical_offsets(state_dict[key], self.out_features, self.in_features, where=key)
             except (TypeError, ValueError) as e:
                 error_msgs.append(str(e))
+                return
+            k = state_dict[key].numel()
+            if k != self.k:
+                # torch would report two size mismatches (values, offsets) without saying what they mean.
+                P, _ = diag_shape(self.out_features, self.in_features)
+                error_msgs.append(
+                    f"{prefix[:-1] or 'the layer'}: the state_dict holds k={k} diagonals (sparsity {1 - k / P:.4g}), "
+                    f"this {self.out_features}x{self.in_features} DiagLinear has k={self.k} "
+                    f"(sparsity {self.sparsity:.4g}): "
+                    f"build the layer from the checkpoint's own offsets, DiagLinear({self.in_features}, "
+                    f"{self.out_features}, offsets=state_dict[{key!r}])"
+                )
                 return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -44,6 +44,7 @@ return the input dtype.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -112,8 +113,9 @@ def k_from_sparsity(out_features: int, in_features: int, sparsity: float) -> int
     ``k = max(1, ceil(floor((1 - s) * N_out * N_in) / D))``: the realised density ``k / P`` is the
     smallest one at or above ``1 - s``.
     """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"sparsity must be a float, got {type(sparsity).__name__}")
+    sparsity = float(sparsity)  # numpy / torch scalars too
     if out_features < 1 or in_features < 1:
         raise ValueError(f"layer shape must be positive, got out_features={out_features}, in_features={in_features}")
     P, D = diag_shape(out_features, in_features)

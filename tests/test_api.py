@@ -99,6 +99,28 @@ def test_errors():
         sparsify_(nn.Sequential(nn.ReLU(), nn.Tanh()))
 
 
+def test_numpy_sparsity_is_a_plain_float():
+    import numpy as np
+
+    cfg = DiagSparsityConfig(sparsity=np.float32(0.5))
+    assert type(cfg.sparsity) is float and cfg.sparsity == 0.5
+    assert sparsify_(nn.Sequential(nn.Linear(16, 16)), cfg)[0].k == 8
+
+
+def test_a_parametrized_linear_is_converted_from_its_weight_with_a_warning():
+    dense = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8))
+    nn.utils.parametrizations.weight_norm(dense[0])
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8))
+        ref[0].weight.copy_(dense[0].weight), ref[0].bias.copy_(dense[0].bias)
+        ref[1].load_state_dict(dense[1].state_dict())
+    with pytest.warns(UserWarning, match=r"dropping the parametrization: '0' \(weight: _WeightNorm\)"):
+        sparsify_(dense, DiagSparsityConfig(sparsity=0.0))
+    assert isinstance(dense[0], DiagLinear)
+    torch.testing.assert_close(dense(x), ref(x))
+
+
 class _Doubled(nn.Linear):
     """A subclass whose forward does more than the linear map: replacing it would drop the factor 2."""
 

@@ -196,13 +196,36 @@ def test_a_state_dict_of_the_transposed_shape_is_refused(tmp_path):
     assert a.state_dict()["0.values"].shape == b.state_dict()["0.values"].shape
     torch.save(a.state_dict(), tmp_path / "a.pt")
     sd = torch.load(tmp_path / "a.pt", weights_only=True)
-    with pytest.raises(RuntimeError, match=r"0\.: saved from a DiagLinear with in_features=37, out_features=100"):
+    with pytest.raises(RuntimeError, match=r"\b0: saved from a DiagLinear with in_features=37, out_features=100"):
         b.load_state_dict(sd)
     with pytest.raises(RuntimeError, match="loaded into one with in_features=100, out_features=37"):
         b.load_state_dict(sd, strict=False)
     c = nn.Sequential(DiagLinear(37, 100, bias=False, sparsity=0.5))
     c.load_state_dict(sd)
     assert torch.equal(c[0].values, a[0].values) and torch.equal(c[0].offsets, a[0].offsets)
+
+
+def test_a_state_dict_of_another_sparsity_names_k_and_the_fix():
+    # torch alone reports two size mismatches; the layer says what they mean and how to load the checkpoint.
+    sd = nn.Sequential(DiagLinear(64, 96, sparsity=0.7)).state_dict()
+    with pytest.raises(RuntimeError, match=r"\b0: the state_dict holds k=29 diagonals .* has k=48 .*offsets="):
+        nn.Sequential(DiagLinear(64, 96, sparsity=0.5)).load_state_dict(sd)
+    fixed = nn.Sequential(DiagLinear(64, 96, offsets=sd["0.offsets"]))
+    fixed.load_state_dict(sd)
+    assert torch.equal(fixed[0].values, sd["0.values"])
+
+
+def test_numpy_scalars_and_arrays_are_accepted_as_plain_numbers():
+    import numpy as np
+
+    layer = DiagLinear(np.int64(64), np.int32(96), sparsity=np.float32(0.5))
+    assert type(layer.in_features) is int and (layer.in_features, layer.out_features, layer.k) == (64, 96, 48)
+    assert DiagLinear(16, 8, offsets=np.array([1, 2])).offsets.tolist() == [1, 2]
+    assert DiagLinear(16, 8, offsets=[np.int64(1), np.int64(3)]).offsets.tolist() == [1, 3]
+    with pytest.raises(TypeError, match="offsets must be int32 or int64, got torch.float64"):
+        DiagLinear(16, 8, offsets=np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="in_features must be a positive int"):
+        DiagLinear(np.float64(16), 8)
 
 
 # ---- the forward reads what nn.Module attribute lookup would: parametrizations, functional_call, plain attributes
