@@ -15,6 +15,7 @@ the live weight, gradient on the kept diagonals only).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,6 +79,8 @@ def diagcompile_backend(
     gm, report = rewrite_dynamo(gm, example_inputs)
     if on_rewrite is not None:
         on_rewrite(report)
+    if report.count == 0:
+        _warn_if_nothing_sparse(gm)
     extra = diag_inputs(gm)
     if not extra:
         return compile_fx(gm, example_inputs, config_patches=patches)
@@ -90,6 +93,27 @@ def diagcompile_backend(
         return compiled(*args, *extra(args))
 
     return run
+
+
+_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def _warn_if_nothing_sparse(gm: fx.GraphModule) -> None:
+    """Warn (once per process: Python's default filter) when a graph has linears but nothing diagonal in it:
+    the user chose this backend for a rewrite that will not happen, and the model runs dense without a sign.
+    The usual cause is ``copy.deepcopy``: torch rebuilds Parameters from their data, dropping the marks on
+    the weights, which are all this backend sees (a marked module keeps its own mark; ``diagcompile.compile``
+    and ``sync_marks`` copy it back onto the weight)."""
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    n_linear = sum(t in _LINEARS for t in targets)
+    if n_linear and not any(str(t).startswith("diagcompile.") for t in targets):
+        warnings.warn(
+            f"diagcompile backend: a graph with {n_linear} linear(s) and none sparse-marked or diagonal compiles "
+            f"as plain Inductor. If the model was marked and then copied: copy.deepcopy drops the marks on weight "
+            f"tensors (torch rebuilds Parameters from their data). Compile with diagcompile.compile(model), or "
+            f"call diagcompile.marking.sync_marks(model) first (marked nn.Linear modules), or mark the copy.",
+            stacklevel=2,
+        )
 
 
 def _restore_weight_marks(model: nn.Module) -> None:

@@ -7,6 +7,7 @@ sets per session (automatic-dynamic PGO would otherwise remember decisions acros
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -207,6 +208,39 @@ def test_errors_surface_through_torch_compile():
         g(torch.randn(2, 4))
     with pytest.raises(TypeError, match="always uses the diagcompile backend"):
         diagcompile.compile(nn.Linear(4, 4), backend="inductor")
+
+
+class _BareWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 16))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w)
+
+
+def test_a_graph_with_nothing_sparse_warns_instead_of_running_dense_silently(recwarn):
+    # copy.deepcopy rebuilds a Parameter from its data and drops the mark on the weight, all the backend sees:
+    # the compiled copy would be dense with no sign. diagcompile.compile / sync_marks restore a module's mark.
+    m = _BareWeight()
+    mark_sparse(m.w, sparsity=0.75)
+    x = torch.randn(4, 16)
+    warnings.simplefilter("always")
+    for model in (copy.deepcopy(m), copy.deepcopy(mark_sparse(nn.Linear(16, 32), sparsity=0.75))):
+        torch._dynamo.reset()
+        with pytest.warns(UserWarning, match=r"graph with 1 linear\(s\) and none sparse-marked .*copy.deepcopy"):
+            torch.compile(model, backend="diagcompile")(x)
+    recwarn.clear()
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(m, backend="diagcompile")(x), masked_dense_copy(m)(x))
+    marked = mark_sparse(nn.Linear(16, 32), sparsity=0.75)
+    torch._dynamo.reset()
+    torch.testing.assert_close(diagcompile.compile(copy.deepcopy(marked))(x), masked_dense_copy(marked)(x))
+    copied = copy.deepcopy(marked)
+    diagcompile.marking.sync_marks(copied)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(copied, backend="diagcompile")(x), masked_dense_copy(marked)(x))
+    assert not [w for w in recwarn if "diagcompile backend" in str(w.message)]
 
 
 def test_inductor_config_matches_torch_modes():
