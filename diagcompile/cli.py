@@ -47,7 +47,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--sparsity", type=float, default=0.9, help="DynaDiag's target sparsity (default: 0.9)")
     p.add_argument("--epochs", type=float, default=None, help="training epochs per model (default: 40)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: CUDA when available")
     pool = p.add_mutually_exclusive_group()
     pool.add_argument("--pool", type=float, default=2.0, help="DynaDiag candidate pool, x k diagonals (default: 2)")
@@ -93,7 +93,7 @@ def _device(text: str) -> str:
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the check's random layers and inputs (default: 0)")
     p.add_argument("--device", type=_device, default="cpu", help="device to check on (default: cpu)")
 
 
@@ -344,9 +344,14 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     length.add_argument("--epochs", type=float, help="training length in epochs (digits default: 40)")
     length.add_argument("--steps", type=int, help="training length in optimizer steps (chars default: 800)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate (AdamW; warm-up then cosine)")
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--batch-size", type=int, help="examples (digits) / blocks (chars) per step (default: 64 / 32)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="peak learning rate (AdamW; warm-up then cosine). Default: the task's, digits 1e-3 / chars 8e-3; "
+        "dynadiag and diagheur 2e-2 / 4e-2 (chars softmax_clamp 8e-2)",
+    )
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on weights (default: digits 0.05, chars 0.1)")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: each epoch / 100 steps)")
     p.add_argument("--tune", action="store_true", help="evaluate on a held-out part of train (for tuning)")
     p.add_argument(
@@ -371,10 +376,10 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=_TASKS)
-    p.add_argument("--method", default="dense", choices=_METHODS)
-    p.add_argument("--sparsity", type=float, default=0.9, help="target sparsity of the converted layers")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", required=True, choices=_TASKS, help="bundled task: digits-vit or chars-gpt")
+    p.add_argument("--method", default="dense", choices=_METHODS, help="training method (default: dense)")
+    p.add_argument("--sparsity", type=float, help="target sparsity of the converted layers (default: 0.9)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and DST (default: 0)")
     p.add_argument("--out", required=True, help="folder for checkpoint.pt, model.pt, metrics.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     p.add_argument("--relaxation", choices=("threshold", "softmax_clamp"), help="dynadiag relaxed top-k")
@@ -419,13 +424,15 @@ def _train(args: argparse.Namespace) -> int:
         kw["nproc"] = args.nproc
     if args.offsets_from:
         kw["offsets_from"] = args.offsets_from
+    if args.method == "dense" and args.sparsity is not None:
+        raise UsageError("--sparsity applies to the sparse methods, not dense")
     # Everything the arguments decide is checked here, before training; an error from training itself is not
     # a usage error and keeps its traceback.
     try:
         cfg = TrainConfig(
             task=args.task,
             method=args.method,
-            sparsity=args.sparsity,
+            sparsity=0.9 if args.sparsity is None else args.sparsity,
             seed=args.seed,
             out=args.out,
             resume=args.resume,
@@ -476,7 +483,7 @@ def _csv(kind: Callable[[str], object]) -> Callable[[str], tuple]:
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=_TASKS)
+    p.add_argument("--task", required=True, choices=_TASKS, help="bundled task: digits-vit or chars-gpt")
     p.add_argument(
         "--methods",
         type=_csv(str),
@@ -484,9 +491,14 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
         help="comma-separated variants: dense, dynadiag[-softmax][-pool<c>], diagheur; mask baselines: rigl, srigl, "
         "nm-srste, nm-mask-decay, nm-structure-decay",
     )
-    p.add_argument("--sparsities", type=_csv(float), default=(0.5, 0.8, 0.9, 0.95))
+    p.add_argument(
+        "--sparsities",
+        type=_csv(float),
+        default=(0.5, 0.8, 0.9, 0.95),
+        help="comma-separated (default: 0.5,0.8,0.9,0.95)",
+    )
     p.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds (0..N-1)")
-    p.add_argument("--seed-start", type=int, default=0)
+    p.add_argument("--seed-start", type=int, default=0, help="first seed (default: 0)")
     p.add_argument("--out", required=True, help="folder: runs/*.json and the tables/plot")
     p.add_argument("--name", default="results", help="file stem of the tables and plot (default: results)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
