@@ -414,7 +414,16 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from diagcompile.train import METRICS_NAME, MODEL_NAME, Interrupted, SetupError, TrainConfig, check_out, train
+    from diagcompile.train import (
+        METRICS_NAME,
+        MODEL_NAME,
+        Interrupted,
+        SetupError,
+        TrainConfig,
+        check_out,
+        result_summary,
+        train,
+    )
 
     torch.set_num_threads(args.threads)
     kw = _common_train_kwargs(args)
@@ -460,14 +469,13 @@ def _train(args: argparse.Namespace) -> int:
         )
         return 130
     key = m["metric"]
-    unit = "% test accuracy" if key == "acc" else " validation bits/char"
     summary = {
         "final": m["final"][key],
         "best": m["best"],
         "train_s": round(m["time"]["train_s"], 1),
         "final_params": m["params"]["final_model"],
     }
-    print(f"{args.task} {args.method}: {m['final'][key]:.4g}{unit}  {json.dumps(summary)}")
+    print(f"{args.task} {args.method}: {result_summary(m)}  {json.dumps(summary)}")
     print(f"wrote {args.out}/{METRICS_NAME}, {args.out}/{MODEL_NAME}")
     return 0
 

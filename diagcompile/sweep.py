@@ -4,7 +4,8 @@
 ``out/runs/`` is skipped, so an interrupted sweep resumes where it stopped), then ``aggregate`` writes:
 
 * ``out/<name>_runs.csv``  one row per run (metric, best, time, memory, DST summary);
-* ``out/<name>.csv``       mean and sample std (ddof=1) over seeds per method variant x sparsity;
+* ``out/<name>.csv``       mean and sample std (ddof=1; ``nan`` for a single seed) over seeds per method variant x
+  sparsity;
 * ``out/<name>.md``        the same as a markdown table, headed by date, device, versions and hyper-parameters;
 * ``out/<name>.png``       metric vs sparsity per variant (error bars: std), dense as a horizontal band.
 
@@ -279,10 +280,12 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
 # Aggregation
 # ----------------------------------------------------------------------------------------------------
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1) of the values present; NaN where undefined (no value; one value for the std,
+    which is not 0: one seed says nothing about the spread, and a 0.0 in the CSV would claim it does)."""
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not xs:
         return math.nan, math.nan
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan
 
 
 def _load_runs(cfg: SweepConfig) -> list[dict]:
@@ -474,6 +477,10 @@ def plot(agg: list[dict], metric: str, higher: bool, path: Path, title: str = ""
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    def spread(a: dict) -> float:  # no error bar (band) where the std is undefined: a single seed
+        s = a[f"{metric}_std"]
+        return 0.0 if math.isnan(s) else s
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     variants = list(dict.fromkeys(a["variant"] for a in agg))
     dense_seen = 0
@@ -482,8 +489,9 @@ def plot(agg: list[dict], metric: str, higher: bool, path: Path, title: str = ""
         if _is_dense(v):
             # the first dense line is grey; further ones (an lr search) need their own colour to be told apart
             color = "0.3" if dense_seen == 0 else ("C3", "C2", "C4", "C1", "C9", "C6")[(dense_seen - 1) % 6]
-            m, s = rows[0][f"{metric}_mean"], rows[0][f"{metric}_std"]
-            ax.axhspan(m - s, m + s, color="0.85", zorder=0)
+            m, s = rows[0][f"{metric}_mean"], spread(rows[0])
+            if s > 0:
+                ax.axhspan(m - s, m + s, color="0.85", zorder=0)
             ax.axhline(m, color=color, ls="--", lw=1, label=f"{v} (mean ± std)")
             dense_seen += 1
             continue
@@ -491,7 +499,7 @@ def plot(agg: list[dict], metric: str, higher: bool, path: Path, title: str = ""
         ax.errorbar(
             xs,
             [a[f"{metric}_mean"] for a in rows],
-            yerr=[a[f"{metric}_std"] for a in rows],
+            yerr=[spread(a) for a in rows],
             marker="o",
             capsize=3,
             label=v,

@@ -9,13 +9,18 @@ embeddings), linear warm-up then cosine decay to 10% of the peak learning rate, 
 Files written to ``TrainConfig.out`` (each atomically: a temp file in the same folder, then ``os.replace``):
 
 * ``checkpoint.pt``  every ``ckpt_every`` steps and at the end: model, optimizer, sparsifier, schedule, RNG
-  states (torch, Python ``random``, the data generator) and the data stream position. Only tensors and plain
-  containers, so ``torch.load(path, weights_only=True)`` reads it. ``resume=True`` continues from it and
-  reproduces the uninterrupted run bit-for-bit on CPU (same machine, same thread count).
+  states (torch, Python ``random``, the data generator), the data stream position and the values the fields
+  left to task defaults resolved to. Only tensors and plain containers, so ``torch.load(path, weights_only=True)``
+  reads it. ``resume=True`` continues from it and reproduces the uninterrupted run bit-for-bit on CPU (same
+  machine, same thread count).
 * ``model.pt``       the final model (for DST methods: after ``sparsifier.finalize()``, compact ``DiagLinear``s),
   with its config: :func:`load_model` rebuilds it.
 * ``metrics.json``   written when the run completes: final/best metric, curves, time, parameter counts,
-  memory, DST diagnostics, the data description and an environment stamp.
+  memory, DST diagnostics, the data description and an environment stamp. ``"final"`` is the final evaluation
+  (after ``finalize()`` for sparse methods); ``"best"`` is the best of the periodic evaluations of the curve.
+  ``"final_eval"`` / ``"periodic_eval"`` say what each was measured on: chars-gpt evaluates ``eval_blocks``
+  blocks of the validation text periodically and ``final_eval_blocks`` (more) at the end, so ``best`` can be
+  worse than ``final`` at the same step; digits evaluates the whole split both times.
 
 Ctrl-C stops at the end of the current step, writes a checkpoint, and raises ``KeyboardInterrupt``.
 """
@@ -70,6 +75,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_text",
     "env_stamp",
+    "result_summary",
     "CHECKPOINT_NAME",
     "MODEL_NAME",
     "METRICS_NAME",
@@ -639,6 +645,52 @@ def _evaluate(cfg: TrainConfig, model: nn.Module, ds: Any, device: torch.device,
         model.train(was_training)
 
 
+def _eval_set(cfg: TrainConfig, ds: Any, split: str, final: bool) -> dict[str, Any]:
+    """What :func:`_evaluate` with ``final`` measures on: the split and its images (digits), or the number of
+    validation blocks out of those available and their characters (chars)."""
+    if cfg.task == "digits-vit":
+        return {"split": split, "images": int(ds.y_eval.numel())}
+    block = cfg.model_config().block_size
+    available = (ds.eval.numel() - 1) // block  # data.eval_blocks' windows
+    cap = cfg.get("final_eval_blocks" if final else "eval_blocks")
+    blocks = available if cap is None else min(cap, available)
+    return {"split": split, "blocks": blocks, "blocks_available": available, "chars": blocks * block}
+
+
+def _describe_eval(e: Mapping[str, Any]) -> str:
+    if "images" in e:
+        return f"{e['images']} {e['split']} images"
+    return f"{e['blocks']} of {e['blocks_available']} {e['split']} blocks"
+
+
+def result_summary(metrics: Mapping[str, Any]) -> str:
+    """One line with a run's final and best metric and what each was measured on, e.g. ``final 5.467 validation
+    bits/char (1024 of 7812 val blocks); best 5.472 at step 6 (periodic eval, 128 of 7812 val blocks)``.
+
+    ``best`` is the best periodic evaluation (the curve, on ``eval_blocks`` for chars, before ``finalize()``);
+    ``final`` the final evaluation (``final_eval_blocks``, after ``finalize()``), so the two can differ at the
+    same step.
+    """
+    key = metrics["metric"]
+    fe, pe = metrics.get("final_eval"), metrics.get("periodic_eval")
+    split = (fe or {}).get("split") or metrics.get("data", {}).get("eval_split", "")
+    if key == "acc":
+        unit = f"% {split} accuracy"
+    else:
+        unit = f" {'validation' if split == 'val' else split + '-split'} bits/char"
+    sparse = metrics.get("dst") is not None
+    final_on = [_describe_eval(fe)] if fe else []
+    best_on = ["periodic eval"] + ([_describe_eval(pe)] if pe else [])
+    if sparse:
+        final_on.append("after finalize")
+        best_on.append("before finalize")
+    text = f"final {metrics['final'][key]:.4g}{unit}" + (f" ({', '.join(final_on)})" if final_on else "")
+    best = metrics.get("best")
+    if best is not None:
+        text += f"; best {best['value']:.4g} at step {best['step']} ({', '.join(best_on)})"
+    return text
+
+
 def _primary(task: str) -> tuple[str, bool]:
     """(metric name, higher is better)."""
     return ("acc", True) if task == "digits-vit" else ("bpc", False)
@@ -772,8 +824,14 @@ def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return max(1, int(math.ceil(epochs * steps_per_epoch)))
 
 
-def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
-    diff = cfg.differences(saved)
+def _check_resumable(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to resume checkpoint ``ckpt`` under ``cfg`` if the two configurations differ.
+
+    A field left to the task default is judged by the value the run used, which checkpoints record under
+    ``"resolved"`` (so ``--lr 0.02`` resumes a run whose default lr was 0.02); older checkpoints, without it, by
+    their saved config alone.
+    """
+    diff = cfg.differences(ckpt["config"], ckpt.get("resolved"))
     if diff:
         detail = ", ".join(f"{k}: checkpoint {was!r} vs now {now!r}" for k, was, now in diff)
         raise ValueError(f"cannot resume: the checkpoint was written by a different configuration ({detail})")
@@ -808,7 +866,7 @@ def check_out(cfg: TrainConfig) -> None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
         raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT}); move it away")
     if cfg.resume:
-        _check_resumable(ckpt["config"], cfg)
+        _check_resumable(ckpt, cfg)
     elif int(ckpt["step"]) < int(ckpt["total_steps"]):
         raise ValueError(
             f"{out} has a checkpoint from an earlier run (step {ckpt['step']} of {ckpt['total_steps']}); pass "
@@ -907,7 +965,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
     saved_step = None  # the step of the checkpoint on disk for this run, if any
     if cfg.resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        _check_resumable(ckpt["config"], cfg)
+        _check_resumable(ckpt, cfg)
         if sparsifier is not None:
             sparsifier.load_state_dict(ckpt["sparsifier"])
         model.load_state_dict(ckpt["model"])
@@ -933,6 +991,8 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
             {
                 "format": _CKPT_FORMAT,
                 "config": cfg.to_dict(),
+                # the values the None fields resolved to (plain python): what a resume is judged by
+                "resolved": {k: cfg.get(k) for k in TrainConfig.RESOLVED_FIELDS},
                 "model_config": mcfg.to_dict(),
                 "step": step,
                 "total_steps": total,
@@ -1061,6 +1121,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
     after = _evaluate(cfg, final_model, ds, device, final=True)
     eval_final_s = time.perf_counter() - t_eval
 
+    data_info = ds.info()
     specs = _diag_layer_specs(final_model)
     sparse_dense_equiv = sum(s["in_features"] * s["out_features"] for s in specs.values())
     # Stored diagonal values only (biases stay dense).
@@ -1084,6 +1145,9 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
         "final_before_finalize": before,
         "best": history["best"],
         "curve": history["curve"],
+        # what "final" and "best" / "curve" were measured on (chars: different numbers of validation blocks)
+        "final_eval": _eval_set(cfg, ds, data_info["eval_split"], final=True),
+        "periodic_eval": _eval_set(cfg, ds, data_info["eval_split"], final=False),
         "steps": total,
         "resumed_from_step": resumed_from,
         "config": cfg.to_dict(),
@@ -1099,7 +1163,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
             "grad_clip": cfg.grad_clip,
         },
         "model_config": mcfg.to_dict(),
-        "data": ds.info(),
+        "data": data_info,
         "time": {
             "train_s": history["train_s"],
             "eval_s": history["eval_s"] + eval_final_s,

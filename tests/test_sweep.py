@@ -293,3 +293,27 @@ def test_parallel_jobs_give_the_same_results(tmp_path):
     for p in (tmp_path / "seq" / "runs").glob("*.json"):
         a, b = json.loads(p.read_text()), json.loads((tmp_path / "par" / "runs" / p.name).read_text())
         assert a["final"] == b["final"] and a["curve"] == b["curve"], p.name
+
+
+def test_a_single_seed_has_no_std(tmp_path):
+    # The sample std of one value is undefined: the CSV says so (NaN, like every other undefined cell) instead of
+    # claiming 0.0, the markdown omits the ±, and the plot draws the mean without an error bar or band.
+    cfg = SweepConfig(
+        task="digits-vit", out=str(tmp_path), methods=("dense", "dynadiag"), sparsities=(0.5, 0.9), seeds=(0, 1)
+    )
+    (tmp_path / "runs").mkdir()
+    # dense and dynadiag at 0.9 have one seed each (the other run is missing)
+    runs = [("dense", None, 0, 90.0), ("dynadiag", 0.5, 0, 85.0), ("dynadiag", 0.5, 1, 87.0)]
+    runs.append(("dynadiag", 0.9, 0, 80.0))
+    for v, sp, seed, acc in runs:
+        m = _fake_run(v, 0.0 if sp is None else sp, seed, acc)
+        (tmp_path / "runs" / f"{run_name('digits-vit', v, sp, seed)}.json").write_text(json.dumps(m))
+    files = aggregate(cfg)
+    rows = {(r["variant"], float(r["sparsity"])): r for r in csv.DictReader(open(files["csv"]))}
+    for key in (("dense", 0.0), ("dynadiag", 0.9)):
+        assert rows[key]["n_seeds"] == "1" and rows[key]["acc_std"] == "nan", rows[key]
+        assert float(rows[key]["acc_mean"]) == (90.0 if key[0] == "dense" else 80.0)
+    assert float(rows[("dynadiag", 0.5)]["acc_std"]) == pytest.approx(2**0.5)
+    md = open(files["md"]).read()
+    assert "| dense | 90.00 (n=1) | 90.00 (n=1) |" in md and "| dynadiag | 86.00 ± 1.41 (n=2) | 80.00 (n=1) |" in md
+    assert open(files["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -510,3 +510,87 @@ def test_offsets_from_retrains_a_found_topology(tmp_path):
         train(_quick(method="diagheur", offsets_from=str(tmp_path / "found" / CHECKPOINT_NAME)))
     with pytest.raises(ValueError, match="not 'dense'"):
         _quick(offsets_from=str(tmp_path / "found" / MODEL_NAME))
+
+
+# ---- resume with the resolved defaults spelled out; what each reported number was measured on ---------------
+def test_resume_accepts_explicit_values_equal_to_the_resolved_defaults(tmp_path):
+    # Interrupted with batch_size / lr / weight_decay left to the task defaults; resumed with the values they
+    # resolved to spelled out (e.g. copied from the first run's output): the same run.
+    kw = dict(method="diagheur", batch_size=None)
+    straight = train(_quick(out=str(tmp_path / "a"), **kw))
+    train(_quick(out=str(tmp_path / "b"), stop_after=5, **kw))
+    ckpt = load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)
+    resolved = {"batch_size": 64, "lr": 2e-2, "weight_decay": 0.05}  # digits-vit's defaults for diagheur
+    assert ckpt["resolved"] == resolved and ckpt["config"]["lr"] is None
+    explicit = {**kw, **resolved}
+    resumed = train(_quick(out=str(tmp_path / "b"), resume=True, **explicit))
+    assert resumed["resumed_from_step"] == 5 and _strip_time(resumed) == _strip_time(straight)
+    # A value that differs from the one used is still refused, named with the value the run used.
+    train(_quick(out=str(tmp_path / "c"), stop_after=5, **kw))
+    with pytest.raises(ValueError, match=r"different configuration \(lr: checkpoint 0.02 vs now 0.01\)"):
+        train(_quick(out=str(tmp_path / "c"), resume=True, **{**explicit, "lr": 0.01}))
+    with pytest.raises(ValueError, match=r"different configuration \(batch_size: checkpoint 64 vs now 32\)"):
+        train(_quick(out=str(tmp_path / "c"), resume=True, **{**explicit, "batch_size": 32}))
+
+
+def test_resume_of_a_checkpoint_without_resolved_values_works_as_before(tmp_path):
+    # Checkpoints written before the record: the same config resumes; spelled-out defaults are refused as they
+    # were (nothing says which values the run used).
+    kw = dict(method="diagheur", batch_size=None)
+    train(_quick(out=str(tmp_path), stop_after=5, **kw))
+    ckpt = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    del ckpt["resolved"]
+    atomic_torch_save(ckpt, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(ValueError, match=r"different configuration \(lr: checkpoint None vs now 0.02\)"):
+        train(_quick(out=str(tmp_path), resume=True, **kw, lr=0.02))
+    assert train(_quick(out=str(tmp_path), resume=True, **kw))["resumed_from_step"] == 5
+
+
+def test_cli_resume_with_the_resolved_defaults_spelled_out(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["train", "--task", "digits-vit", "--method", "diagheur", "--steps", "8", "--seed", "1"]
+    argv += ["--model", "dim=16", "--model", "depth=1", "--dst", "update_every=2", "--out", out, "--quiet"]
+    kw = dict(task="digits-vit", method="diagheur", steps=8, seed=1, model={"dim": 16, "depth": 1}, out=out)
+    train(TrainConfig(**kw, dst={"update_every": 2}, quiet=True, stop_after=3))
+    assert cli.main([*argv, "--resume", "--lr", "0.02", "--batch-size", "64"]) == 0
+    assert json.loads((tmp_path / "run" / METRICS_NAME).read_text())["resumed_from_step"] == 3
+
+
+def test_chars_metrics_say_what_best_and_final_were_measured_on(tmp_path):
+    # The periodic evaluations (the curve, "best") use eval_blocks blocks of the validation text; the final one
+    # final_eval_blocks: the two numbers are not comparable at the same step, and the metrics must say so.
+    m = train(_quick(task="chars-gpt", out=str(tmp_path), steps=6, eval_every=6))
+    last = m["curve"][-1]
+    assert last["step"] == 6 == m["best"]["step"] and m["best"]["value"] == last["bpc"]
+    n_val = (load_chars("test").eval.numel() - 1) // 16  # blocks of 16 characters in the validation text
+    assert m["periodic_eval"] == {"split": "val", "blocks": 8, "blocks_available": n_val, "chars": 8 * 16}
+    assert m["final_eval"] == {"split": "val", "blocks": 16, "blocks_available": n_val, "chars": 16 * 16}
+    assert m["final"]["eval_chars"] == m["final_eval"]["chars"] and last["eval_chars"] == m["periodic_eval"]["chars"]
+    on_disk = json.loads((tmp_path / METRICS_NAME).read_text())
+    assert on_disk["periodic_eval"] == m["periodic_eval"] and on_disk["final_eval"] == m["final_eval"]
+    line = train_mod.result_summary(m)
+    assert f"final {m['final']['bpc']:.4g} validation bits/char (16 of {n_val} val blocks" in line, line
+    assert f"best {m['best']['value']:.4g} at step 6 (periodic eval, 8 of {n_val} val blocks" in line, line
+
+
+def test_digits_metrics_say_what_best_and_final_were_measured_on(tmp_path):
+    m = train(_quick(method="diagheur"))
+    n = load_digits_split("test").y_eval.numel()
+    assert m["periodic_eval"] == m["final_eval"] == {"split": "test", "images": n}
+    line = train_mod.result_summary(m)
+    assert f"final {m['final']['acc']:.4g}% test accuracy ({n} test images, after finalize)" in line, line
+    assert f"(periodic eval, {n} test images, before finalize)" in line, line
+
+
+def test_a_run_steps_its_sparsifier_exactly_total_steps_times(tmp_path):
+    # The sparsifier warns when step() goes past total_steps; the harness (straight, and resumed) never does.
+    import warnings
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for method in ("dynadiag", "diagheur", "rigl"):
+            kw = dict(method=method, dst={"update_every": 4})
+            train(_quick(out=str(tmp_path / method), stop_after=7, **kw))
+            m = train(_quick(out=str(tmp_path / method), resume=True, **kw))
+            assert m["dst"]["config"]["total_steps"] == m["steps"] == 24
+    assert not [w for w in rec if "beyond total_steps" in str(w.message)]

@@ -132,6 +132,7 @@ class SparsifierBase:
         self._step = 0
         self._finalized = False
         self._armed = False
+        self._warned_past_end = False
         self._updates = UpdateSchedule(config.update_every, config.update_end_step, config.drop_fraction)
 
     def _warn_if_no_updates(self) -> None:
@@ -204,6 +205,24 @@ class SparsifierBase:
     def _check_live(self, what: str) -> None:
         if self._finalized:
             raise RuntimeError(f"{self._name}.{what}() after finalize(): the layers are {self._finalized_layers} now")
+        if what == "step":  # every sparsifier's step() starts here, before it counts the step
+            self._warn_if_past_end()
+
+    def _warn_if_past_end(self) -> None:
+        """Warn (once per sparsifier) when ``step()`` is called more than ``total_steps`` times: every schedule
+        has ended by then, so the extra steps train silently with the final topology and settings, which usually
+        means ``total_steps`` counts something else than the optimizer steps (epochs, or the steps of a shorter
+        run the training was extended from)."""
+        t, total = self._step + 1, self.config.total_steps
+        if t <= total or self._warned_past_end:
+            return
+        self._warned_past_end = True
+        warnings.warn(
+            f"{self._name}.step() called for step {t}, beyond total_steps={total}: the schedule is over, so the "
+            f"topology and the temperature / mask decay no longer change, and this step and later ones train with "
+            f"the final settings. Set total_steps to the number of optimizer steps of the run (warned once)",
+            stacklevel=4,  # the caller of step() (through _check_live)
+        )
 
     @property
     def step_count(self) -> int:

@@ -7,6 +7,7 @@ Private: one home for the ``__post_init__`` checks so both configs word their er
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import fields
 from typing import Any, TypeVar
 
@@ -16,8 +17,15 @@ _C = TypeVar("_C")
 
 
 def is_real(v: object) -> bool:
-    """An ``int`` or ``float`` that is not a ``bool``."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A real number that is not a ``bool``: any ``numbers.Real``, so numpy's scalars (``np.int64``,
+    ``np.float32``) too; not strings, arrays or tensors (``np.bool_`` is no ``numbers.Real`` either)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def plain_number(v: numbers.Real) -> int | float:
+    """``v`` (an ``is_real`` value) as a plain ``int`` (any ``numbers.Integral``) or ``float`` (any other real),
+    so that the configs' ``to_dict()`` (JSON, ``weights_only`` checkpoints) holds no numpy scalars."""
+    return int(v) if isinstance(v, numbers.Integral) else float(v)
 
 
 class FieldChecker:
@@ -31,21 +39,29 @@ class FieldChecker:
         """The exception to raise for field ``name`` (returned, so callers ``raise`` it explicitly)."""
         return exc(f"{self.prefix}.{name}={getattr(self.obj, name)!r} {why}")
 
+    def normalize(self, name: str) -> None:
+        """Store field ``name`` (an ``is_real`` value) as a plain ``int`` / ``float`` (the configs are frozen)."""
+        object.__setattr__(self.obj, name, plain_number(getattr(self.obj, name)))
+
     def need_int(self, name: str, lo: int, optional: bool = False) -> None:
-        """An ``int`` (not ``bool``) ``>= lo``; ``None`` also passes when ``optional``."""
+        """An integer (any ``numbers.Integral`` but ``bool``: numpy's too, stored as ``int``) ``>= lo``; ``None``
+        also passes when ``optional``."""
         v = getattr(self.obj, name)
         if optional and v is None:
             return
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise self.bad(name, "must be an int" + (" or None" if optional else ""), TypeError)
+        self.normalize(name)
         if v < lo:
             raise self.bad(name, f"must be >= {lo}")
 
     def need_real(self, name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
-        """A real number (not NaN) in ``[lo, hi]``, each end open when asked."""
+        """A real number (not NaN; numpy's too, stored as ``int`` / ``float``) in ``[lo, hi]``, each end open when
+        asked."""
         v = getattr(self.obj, name)
         if not is_real(v):
             raise self.bad(name, "must be a real number", TypeError)
+        self.normalize(name)
         if math.isnan(v) or (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
             lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
             raise self.bad(name, f"must be in {lb}{lo}, {hi}{rb}")

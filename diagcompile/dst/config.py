@@ -142,6 +142,7 @@ class DSTConfig:
         c.need_real("temperature_end", 0.0, math.inf, lo_open=True, hi_open=True)
         if isinstance(self.freeze_at, bool) or not is_real(self.freeze_at):
             raise c.bad("freeze_at", "must be a float fraction of total_steps or an int step", TypeError)
+        c.normalize("freeze_at")  # a numpy integer is a step, a numpy float a fraction, as their plain kinds
         if isinstance(self.freeze_at, int):
             if not 0 <= self.freeze_at <= self.total_steps:
                 raise c.bad("freeze_at", f"(an absolute step) must be in [0, total_steps={self.total_steps}]")

@@ -21,8 +21,12 @@ Construction converts the selected ``nn.Linear`` layers in place (``dynadiag``: 
 ``diagheur``: ``DiagLinear``) and rewires the optimizer: each dense weight is replaced in its param group by
 the new values (same hyper-parameters); the importances ``alpha`` get their own group (``alpha_lr``, no
 weight decay); biases are kept as the same ``Parameter`` objects. A frozen linear (``weight.requires_grad``
-False) stays frozen: its values (and ``alpha``) do not require a gradient and its topology is not updated
-(dynadiag: it is hardened at construction, as with ``freeze_at=0``, to the top-k of its initial ``alpha``).
+False) is converted too and stays frozen: its values (and ``alpha``) do not require a gradient and its topology
+is not updated (dynadiag: it is hardened at construction, as with ``freeze_at=0``, to the top-k of its initial
+``alpha``). Its weight may be in the optimizer or not: with the usual idiom, an optimizer built over the
+trainable parameters only (``[p for p in model.parameters() if p.requires_grad]``), the frozen layer's values
+(and ``alpha``) stay out of the optimizer, as its weight was (logged at INFO). A *trainable* weight missing from
+the optimizer is refused (it would never train). To keep a frozen linear dense, exclude it with ``filter_fn``.
 
 Probe scores without extra work for the caller: a topology update at step ``t`` needs ``dL/dV`` of every
 candidate diagonal on the batch of step ``t``. On (and only on) the steps whose ``sparsifier.step()`` will
@@ -64,6 +68,7 @@ from diagcompile.dst.layers import DynaDiagLinear
 from diagcompile.dst.optim import (
     add_alpha_group,
     check_in_optimizer,
+    find_group,
     remap_rows_,
     remove_param_,
     replace_param_,
@@ -107,6 +112,8 @@ class _Layer:
     updates: int = 0
     last_kept: Tensor | None = None
     handle: Any = None
+    #: False for a frozen layer whose weight the optimizer was not given: its parameters stay out of it
+    in_optimizer: bool = True
 
     @property
     def P(self) -> int:
@@ -168,10 +175,10 @@ class DiagSparsifier(SparsifierBase):
 
     Raises:
         TypeError: wrong argument types.
-        ValueError: the optimizer has state or an LR scheduler already (dynadiag), a selected weight is tied or
-            not in the optimizer, a layer cannot reach its sparsity, a ``mark_sparse`` mark carries explicit
-            offsets under dynadiag, or ``model`` is itself a linear / already DDP-wrapped. Every check runs
-            before the model or the optimizer is changed.
+        ValueError: the optimizer has state or an LR scheduler already (dynadiag), a selected weight is tied, a
+            selected trainable weight is not in the optimizer (a frozen one may be left out), a layer cannot
+            reach its sparsity, a ``mark_sparse`` mark carries explicit offsets under dynadiag, or ``model`` is
+            itself a linear / already DDP-wrapped. Every check runs before the model or the optimizer is changed.
     """
 
     _name = "DiagSparsifier"
@@ -208,7 +215,8 @@ class DiagSparsifier(SparsifierBase):
         if not self._layers:
             warnings.warn("DiagSparsifier: no nn.Linear was selected; nothing will be sparse", stacklevel=2)
         if config.method == "dynadiag":
-            add_alpha_group(optimizer, [rec.module.alpha for rec in self._layers], config.alpha_lr)
+            alphas = [rec.module.alpha for rec in self._layers if rec.in_optimizer]
+            add_alpha_group(optimizer, alphas, config.alpha_lr)
         self._broadcast_initial_state()
         if config.method == "dynadiag":
             for rec in self._layers:
@@ -262,6 +270,8 @@ class DiagSparsifier(SparsifierBase):
         if opt is None:
             return
         for fqn, linear, _, _ in plans:
+            if not linear.weight.requires_grad and find_group(opt, linear.weight) is None:
+                continue  # a frozen layer the optimizer was not given (the usual way to freeze): it stays out
             check_in_optimizer(opt, linear.weight, fqn, "DiagSparsifier")
         if self.config.method == "dynadiag" and any("initial_lr" in g for g in opt.param_groups):
             # torch's LR schedulers set initial_lr on every group when created; one made now holds a learning rate
@@ -311,9 +321,18 @@ class DiagSparsifier(SparsifierBase):
                 soft_scale=cfg.soft_scale,
             )
         new.train(linear.training)
-        replace_param_(self.optimizer, linear.weight, [new.values])
+        # _check_optimizer let a weight outside the optimizer through only when frozen: nothing to rewire then
+        in_optimizer = self.optimizer is None or find_group(self.optimizer, linear.weight) is not None
+        if in_optimizer:
+            replace_param_(self.optimizer, linear.weight, [new.values])
+        else:
+            logger.info(
+                "DiagSparsifier: layer '%s' is frozen (weight.requires_grad=False) and its weight is not in the "
+                "optimizer: converted with frozen values, which stay out of the optimizer",
+                fqn,
+            )
         self._set_module(fqn, new)
-        return _Layer(fqn, cfg.method, new, n_out, n_in, k)
+        return _Layer(fqn, cfg.method, new, n_out, n_in, k, in_optimizer=in_optimizer)
 
     # ------------------------------------------------------------------------------------------------
     # Distributed helpers
@@ -370,7 +389,12 @@ class DiagSparsifier(SparsifierBase):
         return {rec.fqn: rec.module for rec in self._layers}
 
     def step(self) -> None:
-        """Advance one optimizer step: topology update / pool refresh / freeze when due, then the temperature."""
+        """Advance one optimizer step: topology update / pool refresh / freeze when due, then the temperature.
+
+        Warns:
+            UserWarning: once, at the first call beyond ``config.total_steps`` (the schedule is over: the topology
+                and the temperature no longer change).
+        """
         self._check_live("step")
         if self._step == 0:
             self._check_optimizer_state()
@@ -657,7 +681,8 @@ class DiagSparsifier(SparsifierBase):
                 continue
             compact = layer.to_diag_linear()
             compact.train(layer.training)
-            transfer_rows_(self.optimizer, layer.values, compact.values, layer.keep_idx)
+            if rec.in_optimizer:
+                transfer_rows_(self.optimizer, layer.values, compact.values, layer.keep_idx)
             remove_param_(self.optimizer, layer.alpha)
             self._set_module(rec.fqn, compact)
             rec.module = compact

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from diagcompile.dst import DSTConfig
@@ -109,3 +110,58 @@ def test_update_end_is_refused_for_dynadiag():
     assert DSTConfig(total_steps=100, method="diagheur", update_end=0.5).update_end_step == 50
     default = DSTConfig(total_steps=100)
     assert DSTConfig.from_dict(default.to_dict()) == default
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_plain_python():
+    # Values read from numpy (a grid, np.linspace, a loaded .npz) are numbers.Integral / numbers.Real; the config
+    # keeps plain int / float so that to_dict(), JSON and weights_only checkpoints stay plain.
+    cfg = DSTConfig(
+        total_steps=np.int64(100),
+        sparsity=np.float32(0.75),
+        update_every=np.int32(10),
+        drop_fraction=np.float64(0.2),
+        temperature_start=np.float32(0.5),
+        freeze_at=np.int64(40),
+        alpha_init=np.float16(0.25),
+        pool=np.float64(2.0),
+    )
+    assert cfg == DSTConfig(
+        total_steps=100,
+        sparsity=float(np.float32(0.75)),
+        update_every=10,
+        drop_fraction=0.2,
+        temperature_start=0.5,
+        freeze_at=40,
+        alpha_init=0.25,
+        pool=2.0,
+    )
+    types = {name: type(v) for name, v in cfg.to_dict().items()}
+    assert types["total_steps"] is int and types["update_every"] is int and types["freeze_at"] is int
+    assert all(types[n] is float for n in ("sparsity", "drop_fraction", "temperature_start", "alpha_init", "pool"))
+    assert cfg.freeze_step == 40  # a numpy integer freeze_at is an absolute step, like an int
+    assert DSTConfig(total_steps=100, freeze_at=np.float32(0.25)).freeze_step == 25  # a numpy float, a fraction
+    assert type(DSTConfig(total_steps=100, freeze_at=np.float32(0.25)).freeze_at) is float
+    diagheur = DSTConfig(total_steps=np.int16(8), method="diagheur", update_end=np.float32(0.5))
+    assert type(diagheur.update_end) is float and diagheur.update_end_step == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"total_steps": "100"}, TypeError, r"DSTConfig.total_steps='100' must be an int"),
+        ({"total_steps": True}, TypeError, r"DSTConfig.total_steps=True must be an int"),
+        ({"total_steps": np.float64(100.0)}, TypeError, r"DSTConfig.total_steps=.*must be an int"),
+        ({"total_steps": np.bool_(True)}, TypeError, r"DSTConfig.total_steps=.*must be an int"),
+        ({"total_steps": np.array(100)}, TypeError, r"DSTConfig.total_steps=.*must be an int"),
+        ({"sparsity": "0.9"}, TypeError, r"DSTConfig.sparsity='0.9' must be a real number"),
+        ({"sparsity": np.array([0.9])}, TypeError, r"DSTConfig.sparsity=.*must be a real number"),
+        ({"sparsity": np.bool_(False)}, TypeError, r"DSTConfig.sparsity=.*must be a real number"),
+        ({"sparsity": np.float32(1.0)}, ValueError, r"DSTConfig.sparsity=.*must be in \[0.0, 1.0\)"),
+        ({"update_every": np.int64(0)}, ValueError, r"DSTConfig.update_every=.*must be >= 1"),
+        ({"freeze_at": np.bool_(True)}, TypeError, "DSTConfig.freeze_at"),
+        ({"freeze_at": np.int64(101)}, ValueError, r"freeze_at=.* \(an absolute step\) must be in \[0, total"),
+    ],
+)
+def test_non_numbers_are_still_refused_with_the_same_messages(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        DSTConfig(**{"total_steps": 100, **kwargs})

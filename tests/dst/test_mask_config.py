@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from diagcompile.dst import MaskConfig
@@ -64,3 +65,27 @@ def test_round_trip_and_list_names():
     assert MaskConfig.from_dict(d) == c
     with pytest.raises(ValueError, match="unknown fields"):
         MaskConfig.from_dict({**c.to_dict(), "pool": 2.0})
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_plain_python():
+    c = MaskConfig(
+        total_steps=np.int64(100),
+        method="nm-mask-decay",
+        sparsity=np.float32(0.5),
+        seed=np.uint8(3),
+        gamma_sal=np.float64(0.95),
+        nm_m=np.int32(4),
+        nm_n=np.int64(2),
+        nm_max_m=np.int16(8),
+        srste_lambda=np.float32(1e-4),
+        mask_decay_c=np.float64(0.01),
+    )
+    d = c.to_dict()
+    for name in ("total_steps", "seed", "nm_m", "nm_n", "nm_max_m"):
+        assert type(d[name]) is int, name
+    for name in ("sparsity", "gamma_sal", "srste_lambda", "mask_decay_c"):
+        assert type(d[name]) is float, name
+    assert MaskConfig.from_dict(d) == c and c.nm_m == 4 and c.seed == 3
+    for bad in ("4", np.float64(4.0), np.bool_(True), np.array([4])):
+        with pytest.raises(TypeError, match=r"MaskConfig.nm_m=.* must be an int or None"):
+            MaskConfig(total_steps=10, nm_m=bad)

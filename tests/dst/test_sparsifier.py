@@ -810,3 +810,57 @@ def test_optimizer_none_while_training_warns_once():
                 model(torch.randn(2, 16))
             sp.step()
     assert not any("optimizer=None" in str(w.message) for w in rec)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_frozen_linear_left_out_of_the_optimizer_is_converted_and_stays_out(mode, caplog):
+    # The usual way to freeze a layer: requires_grad_(False), optimizer over the trainable parameters only. The
+    # layer is converted like a frozen layer the optimizer holds (the docstring's frozen-linear support), and the
+    # optimizer keeps not seeing it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
+    model[2].weight.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    cfg = DSTConfig(total_steps=8, sparsity=0.5, update_every=2, **MODES[mode])
+    with caplog.at_level(logging.INFO, logger="diagcompile.dst"):
+        sp = DiagSparsifier(model, opt, cfg)
+    assert any("'2'" in m and "frozen" in m and "not in the optimizer" in m for m in caplog.messages), caplog.messages
+    frozen = sp.layers["2"]
+    assert not frozen.values.requires_grad and find_group(opt, frozen.values) is None
+    if isinstance(frozen, DynaDiagLinear):
+        assert frozen.frozen and find_group(opt, frozen.alpha) is None
+    assert all(find_group(opt, sp.layers[f].values) is not None for f in ("0", "4"))
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        y0 = frozen(x) - frozen.bias
+    losses = _train(model, opt, sp, 8)  # through the topology updates and the dynadiag freeze
+    assert all(math.isfinite(v) for v in losses)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x) - frozen.bias, y0, rtol=1e-6, atol=1e-6)
+    assert sp.diagnostics()["2"]["offsets_changed_total"] == 0
+    model = sp.finalize()
+    assert all(isinstance(model[i], DiagLinear) for i in (0, 2, 4))
+    assert not model[2].values.requires_grad and find_group(opt, model[2].values) is None
+    assert find_group(opt, model[0].values) is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model[2](x) - model[2].bias, y0, rtol=1e-6, atol=1e-6)
+    _train(model, opt, _NoSparsifier(), 2, start=8)  # fine-tuning the compact model still works
+
+
+def test_a_trainable_linear_left_out_of_the_optimizer_is_still_refused():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
+    model[0].weight.requires_grad_(False)
+    opt = torch.optim.AdamW([model[0].bias], lr=1e-2)  # the trainable model[2].weight is missing
+    with pytest.raises(ValueError, match=r"the weight of '2' is not in any param group of the optimizer"):
+        DiagSparsifier(model, opt, DSTConfig(total_steps=8, sparsity=0.5))
+    assert all(type(m) is nn.Linear for m in (model[0], model[2])), "changed before the error"
+
+
+class _NoSparsifier:
+    """``train_toy``'s sparsifier after ``finalize()``: nothing to add or step."""
+
+    def regularization_loss(self):
+        return torch.zeros(())
+
+    def step(self):
+        pass
