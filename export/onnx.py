@@ -31,10 +31,13 @@ op). Export bfloat16/float64 models as float32 and lower precision in the runtim
 
 import contextlib
 import functools
+import inspect
+import keyword
 import logging
 import os
+import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxscript
+import sympy
 import torch
 from onnx import defs
 from onnxscript import FLOAT, INT64, script
@@ -333,9 +337,13 @@ def to_onnx(
         path: output file, ending in ``.onnx`` (written atomically).
         mode: ``"portable"`` (standard ops) or ``"plugin"`` (one ``diagcompile::DiagLinear`` node per layer).
         dynamic_batch: dim 0 of every tensor input is one dynamic ``batch`` dimension (default: unless
-            ``dynamic_shapes`` is given).
+            ``dynamic_shapes`` is given). In the file it is the symbolic dim (``dim_param``) ``"batch"``.
         dynamic_shapes: torch.export's spec for other dynamic dims (see ``export_program``); they become
-            symbolic dims of the ONNX inputs.
+            symbolic dims of the ONNX inputs, named after their ``Dim``: ``Dim("seq")`` is ``"seq"``, a dim
+            given as ``2 * Dim("half")`` is ``"2*half"``. A dim without a name of its own (``Dim.AUTO``,
+            ``Dim.DYNAMIC``) keeps the exporter's name (``"s27"``), and so does one whose name cannot be used:
+            a second name for a dim torch found equal to an already named one (the first input's name wins),
+            a name another dim in the file already has, a Python keyword (``lambda``).
         example_kwargs: keyword inputs (see ``export_program``). The ONNX graph inputs are the tensors of
             ``example_args`` then of ``example_kwargs``, nested ones flattened, in that order.
         opset: default-domain opset, one of ``SUPPORTED_OPSETS``.
@@ -345,7 +353,9 @@ def to_onnx(
         input_names / output_names: ONNX graph input/output names (default ``x``/``y`` for one of each).
 
     Returns:
-        ``path``. The file passes ``onnx.checker.check_model(full_check=True)``.
+        ``path``. The file passes ``onnx.checker.check_model(full_check=True)``. Its symbolic dims use the
+        names above everywhere (inputs, outputs, intermediate shapes), expressions too: an output twice as long
+        as a ``seq`` input has dim ``"2*seq"``.
 
     Raises:
         ValueError: unknown mode or unsupported opset. TypeError: a parameter or input dtype other than
@@ -403,12 +413,217 @@ def to_onnx(
     onnx.helper.set_model_props(proto, {_MODE_KEY: mode})
     if mode == "plugin" and local_function:
         proto = add_local_functions(proto)
+    axes = _input_axes(model, args, kwargs, leaves, dynamic_batch, dynamic_shapes)
+    _rename_dims(proto, _dim_renames(proto, axes))
     onnx.checker.check_model(proto, full_check=True)
     with atomic_write(path, "to_onnx") as tmp:
         onnx.save_model(proto, tmp)
     n_nodes = count_plugin_nodes(proto)
     log.info("wrote %s (%s mode, opset %d, %d plugin node(s))", path, mode, opset, n_nodes)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Naming the symbolic dims: torch's symbols (s77) -> the Dim names of the spec (batch, seq)
+# ----------------------------------------------------------------------------------------------------
+#: A name in a dim_param expression (``s77``, ``seq``, ``Max``); not the ``e5`` of a number such as ``2e5``.
+_NAME = re.compile(r"(?<!\w)[A-Za-z_]\w*")
+#: Graph metadata in which torch.onnx stores the ExportedProgram's ``range_constraints`` (keyed by symbol).
+_RANGES_KEY = "pkg.torch.export.ExportedProgram.range_constraints"
+
+
+def _tensor_axes(value: Any, entry: Any, out: dict[int, dict[int, Any]]) -> None:
+    """Walk one argument and its ``dynamic_shapes`` entry together: ``out[id(tensor)] = {axis: Dim}``."""
+    if entry is None:
+        return
+    if isinstance(value, Tensor):
+        if isinstance(entry, Mapping):
+            axes = {k: v for k, v in entry.items() if isinstance(k, int) and not isinstance(k, bool)}
+        elif isinstance(entry, (list, tuple)):
+            axes = dict(enumerate(entry))
+        else:  # a hint for the whole tensor: no names
+            return
+        axes = {k % value.dim(): v for k, v in axes.items() if -value.dim() <= k < value.dim()}
+        seen = out.setdefault(id(value), axes)
+        if seen is not axes and (seen.keys() != axes.keys() or any(seen[k] is not axes[k] for k in axes)):
+            out[id(value)] = {}  # one tensor passed twice with two specs: name neither
+    elif isinstance(value, (list, tuple)) and isinstance(entry, (list, tuple)) and len(value) == len(entry):
+        for v, e in zip(value, entry):
+            _tensor_axes(v, e, out)
+    elif isinstance(value, Mapping) and isinstance(entry, Mapping):
+        for k, v in value.items():
+            if k in entry:
+                _tensor_axes(v, entry[k], out)
+
+
+def _spec_axes(model: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic_shapes: Any) -> dict[int, dict]:
+    """``id(tensor) -> {axis: Dim}`` for the tensors of ``(args, kwargs)`` as torch.export reads
+    ``dynamic_shapes``: a ``ShapesCollection``, a dict keyed by ``forward``'s parameter names, or a tuple over
+    them (in signature order). Parts that match no argument are skipped: naming never fails an export."""
+    try:
+        if callable(getattr(dynamic_shapes, "dynamic_shapes", None)):  # ShapesCollection and friends
+            dynamic_shapes = dynamic_shapes.dynamic_shapes(model, args, kwargs)
+        bound = dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError) as e:
+        log.debug("cannot match dynamic_shapes to the inputs (%s): ONNX dims keep the exporter's names", e)
+        return {}
+    out: dict[int, dict] = {}
+    if isinstance(dynamic_shapes, Mapping):
+        for name, entry in dynamic_shapes.items():
+            if name in bound:
+                _tensor_axes(bound[name], entry, out)
+    elif isinstance(dynamic_shapes, (list, tuple)):
+        values = list(bound.values())
+        if len(values) != len(dynamic_shapes) and not kwargs:
+            values = list(args)
+        if len(values) == len(dynamic_shapes):
+            for value, entry in zip(values, dynamic_shapes):
+                _tensor_axes(value, entry, out)
+    return out
+
+
+def _input_axes(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict[str, Any],
+    leaves: tuple,
+    dynamic_batch: bool | None,
+    dynamic_shapes: Any,
+) -> list[dict[int, Any]]:
+    """Per tensor input of the ONNX graph (``leaves``' tensors, in order): ``{axis: Dim or name}`` as the
+    export was asked for (``export_program``'s batch-only spec, or ``dynamic_shapes``)."""
+    tensors = [a for a in leaves if isinstance(a, Tensor)]
+    if dynamic_shapes is None:
+        batch = dynamic_batch is None or dynamic_batch
+        return [{0: _program.BATCH_DIM} if batch and t.dim() >= 1 else {} for t in tensors]
+    by_id = _spec_axes(model, args, kwargs, dynamic_shapes)
+    return [by_id.get(id(t), {}) for t in tensors]
+
+
+def _axis_name(entry: Any) -> tuple[str, bool] | None:
+    """``(name, is_expression)`` of a spec entry: a ``Dim``'s name; a derived ``Dim`` (``2 * half``) gives its
+    root's name; hints (``Dim.AUTO``), ``None`` and static sizes give ``None``."""
+    if isinstance(entry, str):
+        return entry, False
+    if not isinstance(entry, torch.export.Dim):
+        return None
+    root, derived = entry, False
+    while isinstance(getattr(root, "root", None), torch.export.Dim):
+        root, derived = root.root, True
+    name = getattr(root, "__name__", None)
+    return (name, derived) if isinstance(name, str) else None
+
+
+def _usable_name(name: str) -> bool:
+    """A name that ``input_dynamic_dims`` reads back as the plain symbol it is (not ``lambda``, say)."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        return False
+    try:
+        return _program._parse_dim(name) == sympy.Symbol(name)
+    except (sympy.SympifyError, SyntaxError, TypeError, ValueError):
+        return False
+
+
+def _dim_renames(model: onnx.ModelProto, input_axes: Sequence[Mapping[int, Any]]) -> dict[str, str]:
+    """``{exporter symbol: name}`` read off the graph inputs' dims and the spec's ``Dim`` at each.
+
+    A dim whose dim_param is one symbol (``s77``) under ``Dim("batch")`` maps that symbol to ``batch``; one that
+    is an expression in one symbol (``2*s44``) under a derived ``Dim`` maps it to the root's name (``half``).
+    First come, first named: a symbol keeps the first name found for it, a name goes to the first symbol that
+    asks for it. A name already in the file (another dim's symbol, a function such as ``Max``) is not used, so
+    two different dims never become one.
+    """
+    inputs = model.graph.input
+    if len(inputs) != len(input_axes):
+        log.debug("%d graph inputs, %d tensor inputs: the dims keep the exporter's names", len(inputs), len(input_axes))
+        return {}
+    in_file = {n for d in _dim_protos(model) if d.dim_param for n in _NAME.findall(d.dim_param)}
+    renames: dict[str, str] = {}
+    for value, axes in zip(inputs, input_axes):
+        dims = value.type.tensor_type.shape.dim
+        for axis in sorted(axes):
+            named = _axis_name(axes[axis])
+            param = dims[axis].dim_param if axis < len(dims) else ""
+            if named is None or not param:
+                continue
+            name, derived = named
+            symbols = set(_NAME.findall(param))
+            if len(symbols) != 1:
+                continue
+            (symbol,) = symbols
+            if (param == symbol) == derived:  # a Dim's dim is its symbol; a derived Dim's, an expression in it
+                continue
+            if symbol in renames:
+                if renames[symbol] != name:
+                    log.debug("dim %s is named %r; %r is not used", symbol, renames[symbol], name)
+                continue
+            if name != symbol and (name in renames.values() or name in in_file or not _usable_name(name)):
+                log.debug("dim %s keeps its name: %r is taken or not a usable name", symbol, name)
+                continue
+            renames[symbol] = name
+    return {k: v for k, v in renames.items() if k != v}
+
+
+def _dim_protos(model: onnx.ModelProto) -> Iterator[onnx.TensorShapeProto.Dimension]:
+    """Every dim of every type in ``model``: graph inputs, outputs and value_info, subgraphs (``If``/``Loop``
+    bodies) and local functions included."""
+
+    def of_type(tp: onnx.TypeProto) -> Iterator[onnx.TensorShapeProto.Dimension]:
+        kind = tp.WhichOneof("value")
+        if kind in ("tensor_type", "sparse_tensor_type"):
+            t = getattr(tp, kind)
+            if t.HasField("shape"):
+                yield from t.shape.dim
+        elif kind == "sequence_type":
+            yield from of_type(tp.sequence_type.elem_type)
+        elif kind == "optional_type":
+            yield from of_type(tp.optional_type.elem_type)
+        elif kind == "map_type":
+            yield from of_type(tp.map_type.value_type)
+
+    def of_nodes(nodes: Sequence[onnx.NodeProto]) -> Iterator[onnx.TensorShapeProto.Dimension]:
+        for node in nodes:
+            for a in node.attribute:
+                if a.HasField("g"):
+                    yield from of_graph(a.g)
+                for g in a.graphs:
+                    yield from of_graph(g)
+                if a.HasField("tp"):
+                    yield from of_type(a.tp)
+                for tp in a.type_protos:
+                    yield from of_type(tp)
+
+    def of_values(values: Sequence[onnx.ValueInfoProto]) -> Iterator[onnx.TensorShapeProto.Dimension]:
+        for v in values:
+            if v.HasField("type"):
+                yield from of_type(v.type)
+
+    def of_graph(g: onnx.GraphProto) -> Iterator[onnx.TensorShapeProto.Dimension]:
+        yield from of_values([*g.input, *g.output, *g.value_info])
+        yield from of_nodes(g.node)
+
+    yield from of_graph(model.graph)
+    for f in model.functions:
+        yield from of_values(getattr(f, "value_info", ()))
+        yield from of_nodes(f.node)
+
+
+def _rename_dims(model: onnx.ModelProto, renames: Mapping[str, str]) -> None:
+    """Rename symbols in every dim_param of ``model``, in place: whole names only (``s7`` leaves ``s77`` alone),
+    all at once (``{"s1": "s2", "s2": "s1"}`` swaps), inside expressions too (``2*s77`` -> ``2*batch``)."""
+    if not renames:
+        return
+
+    def sub(m: re.Match) -> str:
+        return renames.get(m.group(), m.group())
+
+    for d in _dim_protos(model):
+        if d.HasField("dim_param"):
+            d.dim_param = _NAME.sub(sub, d.dim_param)
+    # The exporter also records the program's ranges by symbol ("{s77: VR[0, int_oo], s27: VR[0, 64]}").
+    for prop in model.graph.metadata_props:
+        if prop.key == _RANGES_KEY:
+            prop.value = _NAME.sub(sub, prop.value)
 
 
 class _Sink:
@@ -420,8 +635,16 @@ class _Sink:
 
 
 def _rename_output(model: onnx.ModelProto, name: str) -> None:
+    """Rename the single graph output to ``name`` unless another value already has that name (an input called
+    ``y``): ONNX names are single-assignment, and a clash would make an invalid file."""
     old = model.graph.output[0].name
     if old == name:
+        return
+    g = model.graph
+    taken = {v.name for v in [*g.input, *g.value_info]} | {i.name for i in g.initializer}
+    taken |= {o for node in g.node for o in node.output}
+    if name in taken - {old}:
+        log.debug("the output keeps the name %r: %r is taken", old, name)
         return
     for node in model.graph.node:
         for i, o in enumerate(node.output):

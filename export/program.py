@@ -286,9 +286,13 @@ def widen_batch_of_one(example_args: Any) -> tuple:
     return tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, Tensor) and a.dim() >= 1 else a for a in args)
 
 
+#: The name of the ``Dim`` that ``dynamic_batch=True`` gives dim 0 of every tensor input (ONNX files name it so).
+BATCH_DIM = "batch"
+
+
 def _dynamic_shapes(model: nn.Module, leaves: tuple, spec: Any) -> Any:
     """torch.export's spec making dim 0 of every tensor input (nested or keyword too) one ``batch`` dim."""
-    batch = torch.export.Dim("batch")
+    batch = torch.export.Dim(BATCH_DIM)
     args, kwargs = unflatten_inputs(leaves, spec)
     if not kwargs and len(args) == len(leaves):  # flat positional inputs: the plain per-argument tuple
         return tuple({0: batch} if isinstance(a, Tensor) and a.dim() >= 1 else None for a in args)
