@@ -67,6 +67,10 @@ def test_readme_api_tour_runs(tmp_path, monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(seq_program(ids), gpt(ids), rtol=1e-5, atol=1e-6)
     assert (tmp_path / "model.pt2").is_file() and (tmp_path / "model.onnx").is_file()
+    import onnx
+
+    (onnx_input,) = onnx.load(tmp_path / "model.onnx").graph.input
+    assert onnx_input.name == "x" and onnx_input.type.tensor_type.shape.dim[0].dim_param == "batch"
     from diagcompile.export.onnx import count_plugin_nodes
 
     assert count_plugin_nodes(tmp_path / "model_trt.onnx") == 1
