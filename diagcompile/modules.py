@@ -163,6 +163,9 @@ class DiagLinear(nn.Module):
         """
         if not isinstance(offsets, Tensor):
             raise TypeError(f"DiagLinear.offsets must be a Tensor, got {type(offsets).__name__}")
+        if torch._C._functorch.is_functorch_wrapped_tensor(offsets):
+            self._check_wrapped_offsets(offsets)
+            return
         canonical_offsets(offsets, self.out_features, self.in_features, where="DiagLinear.offsets")
         if offsets.shape[0] != self.values.shape[0]:
             raise ValueError(
@@ -171,6 +174,24 @@ class DiagLinear(nn.Module):
         if offsets.device.type != "meta" and not is_fake(offsets):
             # Plain attribute (not a buffer): not in state_dict, and recomputed after a copy or a load.
             self.__dict__["_offsets_seen"] = (offsets, (offsets._version, offsets.data_ptr()))
+
+    def _check_wrapped_offsets(self, offsets: Tensor) -> None:
+        """``_check_offsets`` for a buffer that torch.func wrapped (``functional_call`` under ``grad`` / ``vmap``:
+        per-sample gradients, ``stack_module_state`` ensembles). Its data is the tensor underneath, one row of
+        offsets per member when batched; nothing is cached (a wrapper lives for one call)."""
+        base = offsets
+        while torch._C._functorch.is_functorch_wrapped_tensor(base):
+            base = torch._C._functorch.get_unwrapped(base)
+        if base.dim() == 1:
+            canonical_offsets(base, self.out_features, self.in_features, where="DiagLinear.offsets")
+            return
+        # Batched: where the batch dim sits is the transform's business; the range and dtype are checked here,
+        # and the op checks each member's offsets on the CPU paths.
+        P, _ = diag_shape(self.out_features, self.in_features)
+        if base.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"DiagLinear.offsets must be int32 or int64, got {base.dtype}")
+        if base.numel() and not (int(base.min()) >= 0 and int(base.max()) < P):
+            raise ValueError(f"DiagLinear.offsets out of range: not in [0, P={P}) for this layer")
 
     def to_dense(self) -> Tensor:
         """The dense ``(out_features, in_features)`` weight (zeros off the stored diagonals); differentiable."""

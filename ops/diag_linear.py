@@ -35,6 +35,8 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from diagcompile.ops import dispatch, reference
 
@@ -285,6 +287,8 @@ def _plain_eager(*tensors: Tensor) -> bool:
     for t in tensors:  # a loop, not all(genexpr): this runs on every call
         if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
             return False
+        if torch._C._functorch.is_legacy_batchedtensor(t):  # autograd.grad(is_grads_batched=True) and friends
+            return False
     return (
         torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
@@ -335,18 +339,56 @@ class _DiagLinearFunction(torch.autograd.Function):
 #   d diag_linear_dx(dy, V) = diag_linear_dx(d dy, V) + diag_linear_dx(dy, dV)
 #   d diag_linear_dv(dy, x) = diag_linear_dv(d dy, x) + diag_linear_dv(dy, dx)
 # The vmap rules (below) make vmap-of-grad (per-sample gradients) run the ops batched.
+def _ad_levels(*tensors: Tensor) -> tuple[int, bool]:
+    """``(forward-mode levels, reverse-mode transform present)`` around a call on ``tensors``: functorch's
+    ``Jvp`` / ``Grad`` interpreters, plus one forward level for a dual input of ``torch.autograd.forward_ad``.
+    ``vmap`` and ``functionalize`` alone count as neither: the ops' vmap rules and functionalization handle
+    the op call itself."""
+    fwd, rev = 0, False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        for i in retrieve_all_functorch_interpreters():
+            key = i.key()
+            fwd += key == TransformType.Jvp
+            rev = rev or key == TransformType.Grad
+    elif _forward_ad._current_level >= 0:  # (functorch's own jvp shows as Jvp above; its tensors have no dual)
+        for t in tensors:
+            if torch._C._functorch.is_legacy_batchedtensor(t):
+                # torch.autograd.functional's vectorize=True batches with the legacy vmap, whose tensors have no
+                # dual to read; the op would give them a zero tangent.
+                raise NotImplementedError(
+                    "diag_linear under forward-mode AD with legacy batching (torch.autograd.functional with "
+                    "strategy='forward-mode', vectorize=True) is not supported: use torch.func.jacfwd / jvp"
+                )
+            if _forward_ad.unpack_dual(t).tangent is not None:
+                fwd += 1
+                break
+    return fwd, rev
+
+
+def _dense_composite(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
+    """The layer as plain torch ops (``F.linear`` on ``to_dense``): differentiable by every transform."""
+    W = reference.to_dense(values, offsets, out_features, x.shape[-1])
+    return F.linear(x, W, bias if bias.numel() > 0 else None)
+
+
+def _transformed(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor | None:
+    """The forward call under autodiff transforms, or ``None`` where the op call itself is right."""
+    fwd, rev = _ad_levels(x, values, bias)
+    if fwd >= 2:
+        # torch never differentiates an autograd.Function's jvp at an outer forward level: forward-over-forward
+        # (jvp of jvp, jacfwd of jacfwd) would silently lose its mixed terms. Exact, if dense, instead.
+        return _dense_composite(x, values, offsets, bias, out_features)
+    if fwd or rev:
+        return _FuncDiagLinear.apply(x, values, offsets, bias, out_features)
+    return None
+
+
 def _needs_function(*tensors: Tensor) -> bool:
-    """Whether a call must go through the ``_Func*`` Functions: a functorch transform is active, or forward AD
-    would differentiate it (a dual input inside a forward-AD level)."""
+    """Whether a gradient op call must go through its ``_Func*`` Function (see ``_ad_levels``)."""
     if torch.compiler.is_compiling():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
-    if _forward_ad._current_level >= 0:
-        for t in tensors:
-            if _forward_ad.unpack_dual(t).tangent is not None:
-                return True
-    return False
+    fwd, rev = _ad_levels(*tensors)
+    return bool(fwd or rev)
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -442,6 +484,13 @@ def _vmap_rule(op, n_tensors: int, fold: bool):
         dims = in_dims[:n_tensors]
         if fold and all(d is None for d in dims[1:]):
             return op(tensors[0].movedim(dims[0], 0), *tensors[1:], *rest), 0
+        if info.batch_size == 0:  # no member to run: the shape and dtype of one from the op's fake kernel
+            member = [
+                t.to("meta") if d is None else t.new_empty([s for j, s in enumerate(t.shape) if j != d], device="meta")
+                for t, d in zip(tensors, dims)
+            ]
+            out = op(*member, *rest)
+            return torch.empty((0, *out.shape), dtype=out.dtype, device=tensors[0].device), 0
         outs = [
             op(*(t if d is None else t.select(d, i) for t, d in zip(tensors, dims)), *rest)
             for i in range(info.batch_size)
@@ -467,8 +516,12 @@ def call_diag_linear(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, o
     (the raw op would fail inside torch, or return a zero tangent).
     """
     if not _plain_eager(x, values, offsets, bias):
-        if _needs_function(x, values, bias):
-            return _FuncDiagLinear.apply(x, values, offsets, bias, out_features)
+        # Under torch.compile the op call itself (torch.func transforms inside a compiled function are not
+        # routed: there is no cheap, traceable way to see them).
+        if not torch.compiler.is_compiling():
+            y = _transformed(x, values, offsets, bias, out_features)
+            if y is not None:
+                return y
         return torch.ops.diagcompile.diag_linear(x, values, offsets, bias, out_features)
     if _needs_graph(x, values, bias):
         return _DiagLinearFunction.apply(x, values, offsets, bias, out_features)

@@ -228,6 +228,33 @@ def test_numpy_scalars_and_arrays_are_accepted_as_plain_numbers():
         DiagLinear(np.float64(16), 8)
 
 
+def test_per_sample_gradients_and_ensembles_with_torch_func():
+    # torch's per-sample-gradient recipe passes params and buffers through grad (the offsets buffer arrives
+    # wrapped), and stack_module_state ensembles vmap over stacked offsets: both used to fail in the check.
+    torch.manual_seed(0)
+    model = nn.Sequential(DiagLinear(10, 6, sparsity=0.5), nn.ReLU(), DiagLinear(6, 3, sparsity=0.5))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    x, t = torch.randn(5, 10), torch.randn(5, 3)
+
+    def loss(params, buffers, x, t):
+        y = torch.func.functional_call(model, (params, buffers), (x.unsqueeze(0),))
+        return (y - t.unsqueeze(0)).pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, None, 0, 0))(params, buffers, x, t)
+    for i in range(5):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), buffers, x[i], t[i]).backward()
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[k][i], p.grad)
+
+    members = [DiagLinear(10, 6, sparsity=0.5) for _ in range(3)]  # different offsets per member
+    p, bufs = torch.func.stack_module_state(members)
+    y = torch.func.vmap(lambda p, b: torch.func.functional_call(members[0], (p, b), (x,)))(p, bufs)
+    for i, m in enumerate(members):
+        torch.testing.assert_close(y[i], m(x))
+
+
 # ---- the forward reads what nn.Module attribute lookup would: parametrizations, functional_call, plain attributes
 def _expected(layer: DiagLinear, x: torch.Tensor, values, offsets, bias) -> torch.Tensor:
     from diagcompile.functional import diag_linear

@@ -350,6 +350,63 @@ def test_vmap_rules_fold_the_batch_or_loop_over_batched_weights(path, no_vmap_fa
 
 
 @pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+def test_forward_over_forward_keeps_the_mixed_terms(path):
+    # torch never differentiates an autograd.Function's jvp at an outer forward level: through one, the mixed
+    # second derivative d2/dV dx of jacfwd(jacfwd) would be silently zero. The layer goes dense there instead.
+    n_out, n_in = 7, 10
+    x, values, offsets, b = _args(n_out, n_in, 3, (4,), torch.float64, False)
+    f = lambda x, v: call_diag_linear(x, v, offsets, b, n_out).sin().sum()  # noqa: E731
+    dense = lambda x, v: _dense_fn(values, offsets, b, n_out, n_in)(x, v).sin().sum()  # noqa: E731
+    mixed = lambda fn: torch.func.jacfwd(torch.func.jacfwd(fn, argnums=1), argnums=0)(x, values)  # noqa: E731
+    with force_path(path):
+        got = mixed(f)
+        assert got.abs().max() > 0.1
+        torch.testing.assert_close(got, mixed(dense))
+        tx, tv = torch.randn_like(x), torch.randn_like(values)
+        inner = lambda fn: lambda x: torch.func.jvp(lambda v: fn(x, v), (values,), (tv,))[1]  # noqa: E731
+        torch.testing.assert_close(torch.func.jvp(inner(f), (x,), (tx,)), torch.func.jvp(inner(dense), (x,), (tx,)))
+
+
+def test_functionalize_and_make_fx_still_see_the_op():
+    x, values, offsets, b = _args(7, 10, 3, (4,), torch.float32, False)
+    f = lambda x: call_diag_linear(x, values, offsets, b, 7)  # noqa: E731
+    assert torch.equal(torch.func.functionalize(f)(x), f(x))
+    gm = torch.fx.experimental.proxy_tensor.make_fx(torch.func.functionalize(f))(x)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [OPS.diag_linear.default]
+
+
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+def test_legacy_batched_autograd_matches_dense(path):
+    # torch.autograd.functional(vectorize=True) and autograd.grad(is_grads_batched=True) batch with the legacy
+    # vmap, which the eager fast path must not feed to the kernels; forward-mode there is refused by name.
+    n_out, n_in = 6, 9
+    x, values, offsets, b = _args(n_out, n_in, 3, (4,), torch.float64, False)
+    f = lambda x: call_diag_linear(x, values, offsets, b, n_out).sin()  # noqa: E731
+    dense = lambda x: _dense_fn(values, offsets, b, n_out, n_in)(x).sin()  # noqa: E731
+    AF = torch.autograd.functional
+    with force_path(path):
+        torch.testing.assert_close(AF.jacobian(f, x, vectorize=True), AF.jacobian(dense, x))
+        xg = x.clone().requires_grad_()
+        v = torch.randn(3, *x.shape[:-1], n_out, dtype=x.dtype)
+        (g,) = torch.autograd.grad(f(xg), xg, v, is_grads_batched=True)
+        (g_ref,) = torch.autograd.grad(dense(xg), xg, v, is_grads_batched=True)
+        torch.testing.assert_close(g, g_ref)
+        with pytest.raises(NotImplementedError, match="legacy batching"):
+            AF.jacobian(f, x, vectorize=True, strategy="forward-mode")
+
+
+def test_vmap_over_an_empty_batch(no_vmap_fallback):
+    n_out, n_in = 7, 10
+    x, values, offsets, b = _args(n_out, n_in, 3, (0, 3), torch.float32, False)
+    grads = torch.func.vmap(
+        torch.func.grad(lambda x, v: call_diag_linear(x, v, offsets, b, n_out).sum(), argnums=1), in_dims=(0, None)
+    )(x, values)
+    assert grads.shape == (0, *values.shape)
+    y = torch.vmap(lambda v: call_diag_linear(x[0:0].reshape(0, n_in), v, offsets, b, n_out))(values.expand(0, -1, -1))
+    assert y.shape == (0, 0, n_out)
+
+
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
 @pytest.mark.parametrize("batch", [(5,), (2, 5)], ids=["2d", "3d"])
 @pytest.mark.parametrize("fn", [call_diag_linear, OPS.diag_linear], ids=["eager", "op"])
 def test_outputs_can_be_modified_in_place_under_autograd(path, batch, fn):
