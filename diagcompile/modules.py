@@ -308,7 +308,7 @@ class DiagLinear(nn.Module):
                 return
             k = state_dict[key].numel()
             if k != self.k:
-                # torch would report two size mismatches (values, offsets) without saying what they mean.
+                # torch reports two size mismatches (values, offsets) without saying what they mean.
                 P, _ = diag_shape(self.out_features, self.in_features)
                 error_msgs.append(
                     f"{prefix[:-1] or 'the layer'}: the state_dict holds k={k} diagonals (sparsity {1 - k / P:.4g}), "
@@ -317,7 +317,7 @@ class DiagLinear(nn.Module):
                     f"build the layer from the checkpoint's own offsets, DiagLinear({self.in_features}, "
                     f"{self.out_features}, offsets=state_dict[{key!r}])"
                 )
-                return
+                # and on to torch's own report (its size mismatches, and whatever else is missing or unexpected)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -31,6 +31,7 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import numbers
 import os
 import platform
 import random
@@ -179,12 +180,25 @@ class SetupError(ValueError):
     a sparsity a layer cannot reach, a DST field out of range for the run's length, ..."""
 
 
+def _plain_number(v: Any) -> Any:
+    """A numpy (or other ``numbers``) int / float as the Python one; anything else as it is. Checkpoints load
+    with ``weights_only=True`` and metrics are JSON: neither takes ``np.float64`` (a ``float`` subclass) or
+    ``np.int64``."""
+    if isinstance(v, bool) or type(v) in (int, float):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
+
+
 def _to_plain(v: Any) -> Any:
     if isinstance(v, Mapping):
         return {str(k): _to_plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_to_plain(x) for x in v]
-    return v
+    return _plain_number(v)
 
 
 @dataclass(frozen=True)
@@ -255,6 +269,11 @@ class TrainConfig:
     offsets_from: str | None = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy numbers as plain Python ones (see _plain_number)
+            v = getattr(self, f.name)
+            if isinstance(v, Mapping):
+                v = {k: _plain_number(x) for k, x in v.items()}
+            object.__setattr__(self, f.name, _plain_number(v))
         if self.task not in TASKS:
             raise ValueError(f"TrainConfig.task={self.task!r} must be one of {TASKS}")
         if self.method not in METHODS:
@@ -687,7 +706,8 @@ def result_summary(metrics: Mapping[str, Any]) -> str:
     text = f"final {metrics['final'][key]:.4g}{unit}" + (f" ({', '.join(final_on)})" if final_on else "")
     best = metrics.get("best")
     if best is not None:
-        text += f"; best {best['value']:.4g} at step {best['step']} ({', '.join(best_on)})"
+        short = "%" if key == "acc" else " bits/char"
+        text += f"; best {best['value']:.4g}{short} at step {best['step']} ({', '.join(best_on)})"
     return text
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from diagcompile.marking import apply_sparse_mark, get_sparse_mark
+from diagcompile.modules import DiagLinear
 from diagcompile.passes._core import RewriteReport
 from diagcompile.passes.rewrite_dynamo import diag_inputs, rewrite_dynamo
 
@@ -61,6 +62,7 @@ def diagcompile_backend(
     mode: str | None = None,
     options: dict[str, Any] | None = None,
     on_rewrite: Callable[[RewriteReport], None] | None = None,
+    warn_if_dense: bool = True,
 ) -> Callable[..., Any]:
     """A ``torch.compile`` backend: ``rewrite_dynamo`` the graph, then compile it with Inductor.
 
@@ -69,6 +71,9 @@ def diagcompile_backend(
         mode, options: ``torch.compile``'s, passed through to Inductor (``"reduce-overhead"`` = CUDA graphs).
         on_rewrite: called with each graph's ``RewriteReport`` (also logged at INFO on
             ``diagcompile.passes``). Bind it with ``functools.partial`` or ``diagcompile.compile``.
+        warn_if_dense: warn (once per process) about a graph with linears and nothing sparse while no graph
+            so far had any (``diagcompile.compile`` turns it off for a model that has sparse layers: a graph
+            break can leave a dense head in a graph of its own).
 
     Returns:
         Inductor's compiled callable. A graph without marked weights goes to Inductor unchanged.
@@ -79,8 +84,8 @@ def diagcompile_backend(
     gm, report = rewrite_dynamo(gm, example_inputs)
     if on_rewrite is not None:
         on_rewrite(report)
-    if report.count == 0:
-        _warn_if_nothing_sparse(gm)
+    if warn_if_dense:
+        _warn_if_nothing_sparse(gm, report)
     extra = diag_inputs(gm)
     if not extra:
         return compile_fx(gm, example_inputs, config_patches=patches)
@@ -98,20 +103,28 @@ def diagcompile_backend(
 _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 
 
-def _warn_if_nothing_sparse(gm: fx.GraphModule) -> None:
-    """Warn (once per process: Python's default filter) when a graph has linears but nothing diagonal in it:
-    the user chose this backend for a rewrite that will not happen, and the model runs dense without a sign.
-    The usual cause is ``copy.deepcopy``: torch rebuilds Parameters from their data, dropping the marks on
-    the weights, which are all this backend sees (a marked module keeps its own mark; ``diagcompile.compile``
-    and ``sync_marks`` copy it back onto the weight)."""
+_dense_state = {"warned": False, "seen_sparse": False}
+
+
+def _warn_if_nothing_sparse(gm: fx.GraphModule, report: RewriteReport) -> None:
+    """Warn, once per process, about a graph with linears but nothing diagonal while no graph compiled so far
+    had any: the user chose this backend for a rewrite that will not happen, and the model would run dense
+    without a sign. The usual cause is ``copy.deepcopy``: torch rebuilds Parameters from their data, dropping
+    the marks on the weights, which are all this backend sees (a marked module keeps its own mark;
+    ``diagcompile.compile`` and ``sync_marks`` copy it back onto the weight)."""
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    if report.count or any(str(t).startswith("diagcompile.") for t in targets):
+        _dense_state["seen_sparse"] = True
+        return
     n_linear = sum(t in _LINEARS for t in targets)
-    if n_linear and not any(str(t).startswith("diagcompile.") for t in targets):
+    if n_linear and not _dense_state["seen_sparse"] and not _dense_state["warned"]:
+        _dense_state["warned"] = True
         warnings.warn(
             f"diagcompile backend: a graph with {n_linear} linear(s) and none sparse-marked or diagonal compiles "
             f"as plain Inductor. If the model was marked and then copied: copy.deepcopy drops the marks on weight "
             f"tensors (torch rebuilds Parameters from their data). Compile with diagcompile.compile(model), or "
-            f"call diagcompile.marking.sync_marks(model) first (marked nn.Linear modules), or mark the copy.",
+            f"call diagcompile.marking.sync_marks(model) first (marked nn.Linear modules), or mark the copy. (A "
+            f"dense part split off by a graph break is fine; this is said once per process.)",
             stacklevel=2,
         )
 
@@ -158,7 +171,9 @@ def compile(
             model = sparsify_(model, DiagSparsityConfig(only_marked=True))
     elif sparsify:
         raise TypeError(f"sparsify=True needs an nn.Module, got {type(model).__name__}")
-    backend = diagcompile_backend
-    if on_rewrite is not None:
-        backend = functools.partial(diagcompile_backend, on_rewrite=on_rewrite)
+    # A model with sparse layers may still produce a dense-only graph (a graph break before a dense head).
+    has_sparse = isinstance(model, nn.Module) and any(
+        isinstance(m, DiagLinear) or get_sparse_mark(m) is not None for m in model.modules()
+    )
+    backend = functools.partial(diagcompile_backend, on_rewrite=on_rewrite, warn_if_dense=not has_sparse)
     return torch.compile(model, backend=backend, **kwargs)

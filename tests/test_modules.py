@@ -210,6 +210,9 @@ def test_a_state_dict_of_another_sparsity_names_k_and_the_fix():
     sd = nn.Sequential(DiagLinear(64, 96, sparsity=0.7)).state_dict()
     with pytest.raises(RuntimeError, match=r"\b0: the state_dict holds k=29 diagonals .* has k=48 .*offsets="):
         nn.Sequential(DiagLinear(64, 96, sparsity=0.5)).load_state_dict(sd)
+    no_bias = {k: v for k, v in sd.items() if k != "0.bias"}
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key.*0\.bias.*k=29 diagonals"):  # torch's report too
+        nn.Sequential(DiagLinear(64, 96, sparsity=0.5)).load_state_dict(no_bias)
     fixed = nn.Sequential(DiagLinear(64, 96, offsets=sd["0.offsets"]))
     fixed.load_state_dict(sd)
     assert torch.equal(fixed[0].values, sd["0.values"])

@@ -570,7 +570,7 @@ def test_chars_metrics_say_what_best_and_final_were_measured_on(tmp_path):
     assert on_disk["periodic_eval"] == m["periodic_eval"] and on_disk["final_eval"] == m["final_eval"]
     line = train_mod.result_summary(m)
     assert f"final {m['final']['bpc']:.4g} validation bits/char (16 of {n_val} val blocks" in line, line
-    assert f"best {m['best']['value']:.4g} at step 6 (periodic eval, 8 of {n_val} val blocks" in line, line
+    assert f"best {m['best']['value']:.4g} bits/char at step 6 (periodic eval, 8 of {n_val} val blocks" in line, line
 
 
 def test_digits_metrics_say_what_best_and_final_were_measured_on(tmp_path):
@@ -594,3 +594,25 @@ def test_a_run_steps_its_sparsifier_exactly_total_steps_times(tmp_path):
             m = train(_quick(out=str(tmp_path / method), resume=True, **kw))
             assert m["dst"]["config"]["total_steps"] == m["steps"] == 24
     assert not [w for w in rec if "beyond total_steps" in str(w.message)]
+
+
+def test_numpy_numbers_in_the_config_stay_out_of_checkpoints_and_json():
+    # np.float64 is a float subclass and passed validation, then made checkpoint.pt unloadable with
+    # weights_only=True; an np.int64 in dst broke metrics.json at the very end of a run.
+    import numpy as np
+
+    cfg = TrainConfig(
+        task="digits-vit",
+        method="dynadiag",
+        sparsity=np.float64(0.9),
+        steps=np.int64(3),
+        lr=np.float32(0.02),
+        seed=np.int64(1),
+        dst={"update_every": np.int64(2)},
+        out="unused",
+    )
+    d = cfg.to_dict()
+    for name in ("sparsity", "lr"):
+        assert type(getattr(cfg, name)) is float and type(d[name]) is float
+    assert type(cfg.steps) is int and type(cfg.seed) is int and type(cfg.dst["update_every"]) is int
+    json.dumps(d)

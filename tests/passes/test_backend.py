@@ -219,28 +219,59 @@ class _BareWeight(nn.Module):
         return torch.nn.functional.linear(x, self.w)
 
 
-def test_a_graph_with_nothing_sparse_warns_instead_of_running_dense_silently(recwarn):
+class _BodyBreakHead(nn.Module):
+    """A diagonal body, a graph break, a dense head: the head's graph has linears and nothing sparse."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = DiagLinear(16, 16, sparsity=0.5), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.body(x)
+        torch._dynamo.graph_break()
+        return self.head(h)
+
+
+def _backend_warnings(recwarn):
+    return [w for w in recwarn if "diagcompile backend" in str(w.message)]
+
+
+def test_a_graph_with_nothing_sparse_warns_instead_of_running_dense_silently(recwarn, monkeypatch):
     # copy.deepcopy rebuilds a Parameter from its data and drops the mark on the weight, all the backend sees:
     # the compiled copy would be dense with no sign. diagcompile.compile / sync_marks restore a module's mark.
+    from diagcompile.passes import backend
+
+    def fresh():
+        torch._dynamo.reset()
+        monkeypatch.setattr(backend, "_dense_state", {"warned": False, "seen_sparse": False})
+
     m = _BareWeight()
     mark_sparse(m.w, sparsity=0.75)
     x = torch.randn(4, 16)
     warnings.simplefilter("always")
     for model in (copy.deepcopy(m), copy.deepcopy(mark_sparse(nn.Linear(16, 32), sparsity=0.75))):
-        torch._dynamo.reset()
+        fresh()
         with pytest.warns(UserWarning, match=r"graph with 1 linear\(s\) and none sparse-marked .*copy.deepcopy"):
             torch.compile(model, backend="diagcompile")(x)
-    recwarn.clear()
-    torch._dynamo.reset()
+        torch._dynamo.reset()
+        recwarn.clear()
+        torch.compile(nn.Linear(16, 2), backend="diagcompile")(x)
+        assert not _backend_warnings(recwarn)  # once per process
+    fresh()
     torch.testing.assert_close(torch.compile(m, backend="diagcompile")(x), masked_dense_copy(m)(x))
     marked = mark_sparse(nn.Linear(16, 32), sparsity=0.75)
-    torch._dynamo.reset()
+    fresh()
     torch.testing.assert_close(diagcompile.compile(copy.deepcopy(marked))(x), masked_dense_copy(marked)(x))
     copied = copy.deepcopy(marked)
     diagcompile.marking.sync_marks(copied)
-    torch._dynamo.reset()
+    fresh()
     torch.testing.assert_close(torch.compile(copied, backend="diagcompile")(x), masked_dense_copy(marked)(x))
-    assert not [w for w in recwarn if "diagcompile backend" in str(w.message)]
+    # A dense head split off by a graph break: diagcompile.compile knows the model is sparse; the raw backend
+    # has seen a sparse graph first.
+    for compile_ in (diagcompile.compile, functools.partial(torch.compile, backend="diagcompile")):
+        fresh()
+        compile_(_BodyBreakHead())(x)
+    assert not _backend_warnings(recwarn)
 
 
 def test_inductor_config_matches_torch_modes():
