@@ -234,7 +234,7 @@ def _continue_interrupted(tc: TrainConfig) -> TrainConfig:
     step, total = int(ckpt["step"]), int(ckpt["total_steps"])
     if step >= total:
         return tc  # finished: a new run replaces it
-    if tc.differences(ckpt["config"]):
+    if tc.differences(ckpt["config"], ckpt.get("resolved")):
         stale = path.with_name(CHECKPOINT_NAME + ".stale")
         os.replace(path, stale)
         print(f"  (an interrupted run of another configuration moved to {stale})", flush=True)
