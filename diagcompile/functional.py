@@ -38,6 +38,9 @@ def check_sparsity(sparsity: float, out_features: int, in_features: int, *, wher
         raise type(e)(f"{where}: {e}" if where else str(e)) from None
 
 
+_OTHER_INTS = (torch.int8, torch.int16, torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+
+
 def canonical_offsets(
     offsets: Tensor | Sequence[int],
     out_features: int,
@@ -56,6 +59,8 @@ def canonical_offsets(
     if not isinstance(offsets, Tensor):
         if hasattr(offsets, "__array__") and not isinstance(offsets, Sequence):
             offsets = torch.as_tensor(offsets)  # a numpy array; its dtype is checked below like a tensor's
+            if offsets.dtype in _OTHER_INTS:  # any integer array (np.int8 ... np.uint64) as int64
+                offsets = offsets.to(torch.int64)
         elif isinstance(offsets, (str, bytes)) or not isinstance(offsets, Sequence):
             raise TypeError(
                 f"{where} must be an integer tensor, array or sequence of ints, got {type(offsets).__name__}"

@@ -224,6 +224,8 @@ def test_numpy_scalars_and_arrays_are_accepted_as_plain_numbers():
     layer = DiagLinear(np.int64(64), np.int32(96), sparsity=np.float32(0.5))
     assert type(layer.in_features) is int and (layer.in_features, layer.out_features, layer.k) == (64, 96, 48)
     assert DiagLinear(16, 8, offsets=np.array([1, 2])).offsets.tolist() == [1, 2]
+    for dtype in (np.int8, np.uint8, np.int16, np.uint64):
+        assert DiagLinear(16, 8, offsets=np.array([1, 5], dtype=dtype)).offsets.tolist() == [1, 5]
     assert DiagLinear(16, 8, offsets=[np.int64(1), np.int64(3)]).offsets.tolist() == [1, 3]
     with pytest.raises(TypeError, match="offsets must be int32 or int64, got torch.float64"):
         DiagLinear(16, 8, offsets=np.array([1.0, 2.0]))

@@ -79,6 +79,10 @@ def test_k_from_sparsity_is_exact_for_decimal_sparsities(n_out, n_in, s):
 
 def test_k_from_sparsity_limits():
     assert R.k_from_sparsity(16, 8, R.max_sparsity(16, 8)) == 1
+    # The largest sparsity written in float32 rounds above 1 - 1/P; it still means one diagonal.
+    import numpy as np
+
+    assert R.k_from_sparsity(100, 100, np.float32(0.99)) == 1 and R.k_from_sparsity(5, 5, np.float32(0.8)) == 1
     for bad in (-0.1, 1.0, R.max_sparsity(16, 8) + 1e-6, float("nan")):
         with pytest.raises(ValueError, match="sparsity"):
             R.k_from_sparsity(16, 8, bad)
