@@ -205,8 +205,6 @@ class SparsifierBase:
     def _check_live(self, what: str) -> None:
         if self._finalized:
             raise RuntimeError(f"{self._name}.{what}() after finalize(): the layers are {self._finalized_layers} now")
-        if what == "step":  # every sparsifier's step() starts here, before it counts the step
-            self._warn_if_past_end()
 
     def _warn_if_past_end(self) -> None:
         """Warn (once per sparsifier) when ``step()`` is called more than ``total_steps`` times: every schedule
@@ -221,7 +219,7 @@ class SparsifierBase:
             f"{self._name}.step() called for step {t}, beyond total_steps={total}: the schedule is over, so the "
             f"topology and the temperature / mask decay no longer change, and this step and later ones train with "
             f"the final settings. Set total_steps to the number of optimizer steps of the run (warned once)",
-            stacklevel=4,  # the caller of step() (through _check_live)
+            stacklevel=3,  # the caller of step()
         )
 
     @property

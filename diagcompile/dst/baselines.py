@@ -446,6 +446,7 @@ class MaskSparsifier(SparsifierBase):
     def step(self) -> None:
         """Advance one optimizer step: re-mask (RigL/SRigL), topology update when due / N:M schedule."""
         self._check_live("step")
+        self._warn_if_past_end()
         if self._step == 0:
             self._check_optimizer_state()
         t = self._step + 1

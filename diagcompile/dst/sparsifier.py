@@ -396,6 +396,7 @@ class DiagSparsifier(SparsifierBase):
                 and the temperature no longer change).
         """
         self._check_live("step")
+        self._warn_if_past_end()
         if self._step == 0:
             self._check_optimizer_state()
         t = self._step + 1
