@@ -164,9 +164,9 @@ def diag_linear(
         raise TypeError(f"dtype mismatch: x is {x.dtype} but values is {values.dtype}")
     if x.device != values.device or offsets.device != values.device:
         raise ValueError(f"device mismatch: x on {x.device}, values on {values.device}, offsets on {offsets.device}")
-    where = "offsets"
-    if in_features is None:
-        where = f"offsets (N_in={x.shape[-1]}, read from x.shape[-1])"
+    n_in_given = in_features is not None
+    if not n_in_given:
+        pass
     elif isinstance(in_features, bool) or not isinstance(in_features, int):
         raise TypeError(f"in_features must be an int or None, got {in_features!r}")
     elif x.shape[-1] != in_features:
@@ -186,6 +186,8 @@ def diag_linear(
         )
     if check_offsets or offsets.dtype != OFFSET_DTYPE or not 1 <= offsets.shape[0] <= P:
         # Validates (raising with the message) or converts; a trusted int32 buffer of a valid k needs neither.
+        # (the message's wording is built only here: this function runs on every layer call)
+        where = "offsets" if n_in_given else f"offsets (N_in={in_features}, read from x.shape[-1])"
         offsets = canonical_offsets(offsets, out_features, in_features, check_contents=check_offsets, where=where)
     if bias is None:
         bias = values.new_empty(0)
