@@ -25,6 +25,16 @@ from diagcompile.ops.reference import diagonal_indices
 __all__ = ["DiagLinear"]
 
 
+def _seen_key(t: Tensor) -> tuple[int, int]:
+    """What says a checked offsets tensor is unchanged: its in-place version and its storage (``.data =``).
+
+    An inference tensor (a layer built or copied under ``torch.inference_mode()``) has no version counter, and
+    reading it raises: there the storage alone is the key, so an in-place edit made under inference mode is
+    not re-checked (``set_offsets`` and ``load_state_dict`` validate what they write either way).
+    """
+    return (-1 if t.is_inference() else t._version, t.data_ptr())
+
+
 class DiagLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` (``out_features x in_features``) kept on ``k`` wrapped diagonals.
 
@@ -148,7 +158,7 @@ class DiagLinear(nn.Module):
             values, bias, offsets = self.values, self.bias, self.offsets
         if not torch.compiler.is_compiling():
             seen = self.__dict__.get("_offsets_seen")
-            if seen is None or seen[0] is not offsets or seen[1] != (offsets._version, offsets.data_ptr()):
+            if seen is None or seen[0] is not offsets or seen[1] != _seen_key(offsets):
                 self._check_offsets(offsets)
         return diag_linear(x, values, offsets, bias, self.out_features, check_offsets=False)
 
@@ -173,7 +183,8 @@ class DiagLinear(nn.Module):
             )
         if offsets.device.type != "meta" and not is_fake(offsets):
             # Plain attribute (not a buffer): not in state_dict, and recomputed after a copy or a load.
-            self.__dict__["_offsets_seen"] = (offsets, (offsets._version, offsets.data_ptr()))
+            # The storage is held (detach() shares it) so that no new one can take its address meanwhile.
+            self.__dict__["_offsets_seen"] = (offsets, _seen_key(offsets), offsets.detach())
 
     def _check_wrapped_offsets(self, offsets: Tensor) -> None:
         """``_check_offsets`` for a buffer that torch.func wrapped (``functional_call`` under ``grad`` / ``vmap``:

@@ -63,6 +63,7 @@ __all__ = [
     "rewrite_sites",
     "rewrite_marked_linears",
     "has_marked_sites",
+    "linear_weight_inputs",
     "flat_index",
     "convert_values",
     "pin_marks_",
@@ -310,6 +311,22 @@ def _collect(gm: fx.GraphModule, placeholder_tensors: Sequence[object] | None, w
                     and _arg(user, 0, "input") is not src
                     and _arg(user, 2, "bias") is not src
                 )
+                if not ok and _is_region(user):
+                    raise SparseRewriteError(
+                        f"{what}: the weight '{w.name}' is marked sparse and used inside a "
+                        f"{_region_name(user)} region ({_describe(user)}); the pass does not rewrite linears "
+                        f"inside such regions (activation checkpointing, torch.compiler wrap). Swap the marked "
+                        f"linears for DiagLinear first, which works inside them: diagcompile.compile(model, "
+                        f"sparsify=True) or diagcompile.sparsify_(model, DiagSparsityConfig(only_marked=True))"
+                    )
+                if not ok and _is_fast_path(user):
+                    raise SparseRewriteError(
+                        f"{what}: the weight '{w.name}' is marked sparse but {_describe(user)}, torch's fused fast "
+                        f"path of nn.TransformerEncoderLayer / nn.MultiheadAttention (eval mode without grad), "
+                        f"reads it as a dense matrix instead of calling the linear. Turn the fast path off: "
+                        f"diagcompile.compile(model, sparsify=True) does it for the layers it converts, or "
+                        f"torch.backends.mha.set_fastpath_enabled(False) for the whole program"
+                    )
                 if not ok:
                     raise SparseRewriteError(
                         f"{what}: the weight '{w.name}' is marked sparse but {_describe(user)} uses it other than "
@@ -323,6 +340,44 @@ def _collect(gm: fx.GraphModule, placeholder_tensors: Sequence[object] | None, w
     # Modules that own a marked weight and are replaced must not hide it from other, non-linear users:
     # a call_module site's weight reached through another module was caught above (opaque module).
     return [w for w in weights.values() if w.sites]
+
+
+def _is_region(node: fx.Node) -> bool:
+    """Whether ``node`` calls a higher-order op (``torch.utils.checkpoint``'s ``tag_activation_checkpoint``,
+    ``wrap``, ...), which runs a subgraph of its own on the tensors it is given."""
+    return node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator)
+
+
+def _is_fast_path(node: fx.Node) -> bool:
+    name = str(node.target)
+    return node.op == "call_function" and ("_transformer_encoder_layer_fwd" in name or "_native_multi_head" in name)
+
+
+def _region_name(node: fx.Node) -> str:
+    name = getattr(node.target, "__name__", str(node.target))
+    return "torch.utils.checkpoint" if name == "tag_activation_checkpoint" else f"higher-order op '{name}'"
+
+
+def _autocast_possible(graph: fx.Graph) -> bool:
+    """Whether the graph's linears may run under autocast, where mixed input dtypes are legal: autocast is on
+    now (Dynamo calls the backend inside the user's region) or the graph enters it itself."""
+    if any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d)):
+        return True
+    return any(n.op == "call_function" and "autocast" in str(n.target) for n in graph.nodes)
+
+
+def linear_weight_inputs(gm: fx.GraphModule) -> tuple[tuple[int, str], ...]:
+    """``(position, name)`` of each placeholder used as a linear's weight or passed to a subgraph region
+    (``_is_region``), in placeholder order. Run on a rewritten graph, these are the weights it runs dense:
+    the backend checks at each call that they are still unmarked (Dynamo reuses a graph for other modules)."""
+    found = []
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        for user in node.users:
+            linear = user.op == "call_function" and user.target in LINEAR_FUNCTIONS and _arg(user, 1, "weight") is node
+            if linear or _is_region(user):
+                found.append((i, _readable(node)))
+                break
+    return tuple(found)
 
 
 def has_marked_sites(gm: fx.GraphModule, placeholder_tensors: Sequence[object] | None = None, ir: str = "") -> bool:
@@ -574,10 +629,18 @@ def rewrite_sites(
     work.sort(key=lambda sw: order[sw[0].node])
 
     sites: list[RewriteSite] = []
+    autocast = _autocast_possible(graph)
     for site, w in work:
         em = emitters[id(w)]
         n_out, n_in = w.tensor.shape
         dtype = _meta_dtype(site.node) or w.tensor.dtype
+        x_dtype = _meta_dtype(site.current_input())
+        if not autocast and x_dtype is not None and x_dtype != w.tensor.dtype:
+            # Eager F.linear raises here; the rewrite would cast x to the traced output dtype and run.
+            raise SparseRewriteError(
+                f"{ir}: dtype mismatch at {_describe(site.node)}: its input is {x_dtype} but the marked weight "
+                f"'{w.name}' is {w.tensor.dtype} (eager nn.Linear raises on this); convert the input or the model"
+            )
         with graph.inserting_before(site.node):
             values, offsets = em.nodes(site, dtype)
             x = site.current_input()

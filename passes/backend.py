@@ -17,14 +17,15 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from diagcompile.marking import apply_sparse_mark, get_sparse_mark
 from diagcompile.modules import DiagLinear
-from diagcompile.passes._core import RewriteReport
+from diagcompile.passes._core import RewriteReport, SparseRewriteError, linear_weight_inputs
 from diagcompile.passes.rewrite_dynamo import diag_inputs, rewrite_dynamo
 
 __all__ = ["diagcompile_backend", "compile", "inductor_config"]
@@ -87,17 +88,36 @@ def diagcompile_backend(
     if warn_if_dense:
         _warn_if_nothing_sparse(gm, report)
     extra = diag_inputs(gm)
-    if not extra:
+    dense = linear_weight_inputs(gm)
+    if not extra and not dense:
         return compile_fx(gm, example_inputs, config_patches=patches)
     compiled = compile_fx(gm, [*example_inputs, *extra(example_inputs)], config_patches=patches)
     # The rewritten graph takes the diagonal state of the weights actually passed after Dynamo's inputs.
     # Dynamo calls a backend's result as fn(*args) (compile_fx's own result is such a function, although
     # it carries the `_boxed_call` attribute of the boxed function it wraps).
+    # Dynamo reuses a graph for every module that passes its guards (shapes and dtypes, not marks), so one
+    # compiled for an unmarked block would run a marked block dense, silently: each call checks that the
+    # weights this graph runs dense are still unmarked (a dict lookup per weight).
+    dense_at = tuple(i for i, _ in dense)
 
     def run(*args: object) -> Any:
+        for i in dense_at:
+            if get_sparse_mark(args[i]) is not None:
+                _refuse_marked(args[i], dict(dense)[i])
         return compiled(*args, *extra(args))
 
     return run
+
+
+def _refuse_marked(weight: object, name: str) -> NoReturn:
+    raise SparseRewriteError(
+        f"this compiled graph was built for the unmarked (dense) weight '{name}' and is now called with a "
+        f"weight marked sparse ({get_sparse_mark(weight)}) in its place: it would run dense. Dynamo shares one "
+        f"graph between modules of the same shapes (a graph break inside a repeated block, one compiled "
+        f"function called on several modules), and a dense first block builds it for all. Mark the blocks "
+        f"alike, or swap the marked linears for DiagLinear first (diagcompile.compile(model, sparsify=True)), "
+        f"whose blocks get graphs of their own; call torch._dynamo.reset() after changing marks"
+    )
 
 
 _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
@@ -132,9 +152,20 @@ def _warn_if_nothing_sparse(gm: fx.GraphModule, report: RewriteReport) -> None:
 def _restore_weight_marks(model: nn.Module) -> None:
     """Give each marked linear's weight its module's mark where the weight has none (``copy.deepcopy``
     drops tensor attributes). Unlike ``sync_marks`` it never overwrites a weight's own (pinned) mark."""
-    for m in model.modules():
+    for name, m in model.named_modules():
         mark = m.__dict__.get("_diagcompile_sparse_mark")
-        if mark is not None and isinstance(m, nn.Linear) and get_sparse_mark(m.weight) is None:
+        if mark is None or not isinstance(m, nn.Linear):
+            continue
+        if parametrize.is_parametrized(m, "weight"):
+            # m.weight is recomputed on every access: a mark put on it is gone by the time Dynamo reads it.
+            raise SparseRewriteError(
+                f"'{name or '<root>'}' is marked sparse but its weight is parametrized (weight_norm, spectral_norm, "
+                f"...): the compiled graph sees a weight computed at each call, which carries no mark. Use "
+                f"diagcompile.compile(model, sparsify=True) (it converts from the current weight and drops the "
+                f"parametrization), or remove it first: torch.nn.utils.parametrize.remove_parametrizations(m, "
+                f"'weight')"
+            )
+        if get_sparse_mark(m.weight) is None:
             apply_sparse_mark(m.weight, mark)
 
 

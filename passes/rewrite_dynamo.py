@@ -17,9 +17,11 @@ the weight tensor itself, so it lives and dies with the weight and costs a few a
 What happens to the dense weight, per weight:
 
 * **inference** (grad disabled, or the weight does not require grad): its values are converted once per
-  weight *version* (the tensor's in-place version counter), so ``load_state_dict`` or an optimizer step
-  between calls is picked up by the next call, at the cost of one re-conversion. The dense input goes
-  unused by the graph. (In-place writes through ``.data`` bypass the version counter and are not seen.)
+  weight *version* (the tensor's in-place version counter and its storage), so ``load_state_dict``, an
+  optimizer step or a ``.data =`` assignment (``vector_to_parameters``, ``model.half().float()``) between
+  calls is picked up by the next call, at the cost of one re-conversion. The dense input goes unused by the
+  graph. (In-place writes into ``.data`` bypass the version counter and are not seen. A weight created under
+  ``torch.inference_mode()`` has no version counter: it is re-converted on every call.)
 * **training** (grad enabled and the weight requires grad): the values are gathered from the live dense
   weight inside the graph at every call (``torch.take`` with the flat index), then go through
   ``diag_linear`` and its backward ops. The gradient reaches the dense weight on the kept diagonals only
@@ -76,19 +78,21 @@ class _WeightState:
         self.offsets = offsets
         self.k = int(offsets.numel())
         self._index: Tensor | None = None
-        self._values: dict[torch.dtype, tuple[Tensor, int]] = {}  # dtype -> (values, weight version)
+        # dtype -> (values, _weight_key, the weight's storage it was converted from: held, so that no new
+        # storage can take its address while the key compares it)
+        self._values: dict[torch.dtype, tuple[Tensor, object, Tensor]] = {}
 
     def values(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
         """``(k, D)`` values of ``weight`` in ``dtype``, re-converted in place if the weight changed."""
         cached = self._values.get(dtype)
-        version = weight._version
+        version = _weight_key(weight)
         if cached is None:
-            self._values[dtype] = (convert_values(weight, self.offsets, dtype), version)
-        elif cached[1] != version:
+            self._values[dtype] = (convert_values(weight, self.offsets, dtype), version, weight.detach())
+        elif version is None or cached[1] != version:
             # In place: the tensor keeps its address, which CUDA graphs recorded as a static input.
             with torch.no_grad():
                 cached[0].copy_(convert_values(weight, self.offsets, dtype))
-            self._values[dtype] = (cached[0], version)
+            self._values[dtype] = (cached[0], version, weight.detach())
         return self._values[dtype][0]
 
     def index(self, weight: Tensor) -> Tensor:
@@ -113,6 +117,25 @@ def weight_state(weight: Tensor, mark: SparseMark | None = None, *, pin: bool = 
     state = _WeightState(mark, offsets)
     weight.__dict__[_STATE] = state
     return state
+
+
+def _weight_key(weight: Tensor) -> tuple[int, int] | None:
+    """What says a weight is unchanged since its values were converted: the in-place version counter, and the
+    storage, which ``.data =`` replaces without a version bump (``vector_to_parameters``, ``Module.half()``).
+    The address identifies the storage only while that storage is alive: a cache keyed on it holds it.
+    ``None`` (re-convert every time) for an inference tensor, which has no version counter, so an in-place
+    write under ``torch.inference_mode()`` (a ``load_state_dict`` there) cannot be seen any other way."""
+    return None if weight.is_inference() else (weight._version, weight.data_ptr())
+
+
+def _call_key(weights: Sequence[object]) -> list[object] | None:
+    """``DiagInputs``' cache key for one call's weights, or ``None`` (do not cache): a weight that is not a
+    tensor (the slow path names the problem) or an inference tensor."""
+    try:
+        keys = [_weight_key(w) for w in weights]  # type: ignore[arg-type]
+    except AttributeError:
+        return None
+    return None if None in keys else [*map(id, weights), *keys]
 
 
 def _same_mark(a: SparseMark | None, b: SparseMark | None) -> bool:
@@ -140,7 +163,8 @@ class DiagInputs:
         self._arg_index = tuple(first[i] if isinstance(first[i], int) else None for i in range(len(keys)))
         self._fixed = tuple(None if isinstance(first[i], int) else first[i] for i in range(len(keys)))
         self._refs: list[weakref.ref] = []
-        self._key: list[int] | None = None  # ids, then versions, of the weights of the cached call
+        self._key: list[object] | None = None  # _call_key of the weights of the cached call
+        self._held: list[Tensor] = []  # their storages (see _WeightState._values)
         self._out: tuple[Tensor, ...] = ()
 
     def __len__(self) -> int:
@@ -148,10 +172,7 @@ class DiagInputs:
 
     def __call__(self, args: Sequence[object]) -> tuple[Tensor, ...]:
         weights = [args[i] if i is not None else f for i, f in zip(self._arg_index, self._fixed)]
-        try:
-            key = [*map(id, weights), *(w._version for w in weights)]
-        except AttributeError:  # not a tensor: the slow path names the problem
-            key = None
+        key = _call_key(weights)
         # Ids are safe to compare: the weak references below drop this cache as soon as a weight dies,
         # before its id can be reused.
         if key is not None and key == self._key:
@@ -169,12 +190,13 @@ class DiagInputs:
             else:
                 out.append(state.offsets)
         self._refs = [weakref.ref(w, self._forget) for w in weights]
-        self._key = [*map(id, weights), *(w._version for w in weights)]
+        self._key = _call_key(weights)
+        self._held = [w.detach() for w in weights]
         self._out = tuple(out)
         return self._out
 
     def _forget(self, _: object = None) -> None:
-        self._key, self._out = None, ()
+        self._key, self._out, self._held = None, (), []
 
     @staticmethod
     def _state_for(weight: object, spec: InputSpec) -> _WeightState:
@@ -186,7 +208,10 @@ class DiagInputs:
                 f"this compiled graph was built for the sparse-marked weight '{spec.weight}' (k={spec.k}) and is "
                 f"now called with {got} in its place. Dynamo shares one graph between modules of the same "
                 f"shapes (a graph break inside a repeated block, one compiled function called on several "
-                f"modules): mark them alike, or call torch._dynamo.reset() after changing marks"
+                f"modules): mark them alike, or call torch._dynamo.reset() after changing marks. If the weight "
+                f"was replaced by a new tensor (load_state_dict(assign=True), a new nn.Parameter), its mark stayed "
+                f"on the old one: diagcompile.marking.sync_marks(model) copies the marks of marked modules onto "
+                f"their current weights"
             )
         return state
 

@@ -1,5 +1,7 @@
 """DiagLinear: construction, init scale, from_dense/to_dense, state dict, repr."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -301,3 +303,18 @@ def test_forward_uses_a_plain_bias_attribute_set_after_construction():
     layer.bias = torch.ones(8)  # not a registered parameter: a plain attribute, as nn.Module stores it
     with torch.no_grad():
         torch.testing.assert_close(layer(x), _expected(layer, x, layer.values, layer.offsets, torch.ones(8)))
+
+
+def test_layer_built_or_copied_under_inference_mode_runs():
+    """Serving code builds layers under torch.inference_mode(); its tensors have no version counter."""
+    with torch.inference_mode():
+        layer = DiagLinear(32, 48, sparsity=0.5)
+        x = torch.randn(4, 32)
+        torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias)
+    plain = DiagLinear(32, 48, sparsity=0.5)
+    with torch.inference_mode():
+        copied = copy.deepcopy(plain)
+        torch.testing.assert_close(copied(x), plain(x))
+        copied.offsets = torch.full_like(copied.offsets, 48)  # a new buffer is still checked before use
+        with pytest.raises(ValueError, match="out of range"):
+            copied(x)

@@ -18,7 +18,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import diagcompile
 from diagcompile import DiagLinear, DiagSparsityConfig, get_sparse_mark, mark_sparse, sparsify_, unmark_sparse
 from diagcompile.ops import extract_diagonals
-from diagcompile.passes import diagcompile_backend, inductor_config, pin_marks_
+from diagcompile.passes import SparseRewriteError, diagcompile_backend, inductor_config, pin_marks_
 from diagcompile.testing import (
     dense_original,
     masked_dense_copy,
@@ -340,3 +340,94 @@ def test_cuda_training_matches_masked_dense(zoo):
     for name, p in net.named_parameters():
         r = dense_original(ref, name) if name.endswith(MARKED) else ref.get_parameter(name)
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Found by a user trial (2026-11-24): each of these ran dense, stale or crashed before
+# ----------------------------------------------------------------------------------------------------
+def test_a_graph_built_for_a_dense_block_refuses_a_marked_one():
+    """A dense first block and marked later ones, with a graph break in the block: Dynamo builds the block's
+    graph for the dense block and reuses it for the others (guards check shapes, not marks). It must not run
+    the marked blocks dense; converting first (sparsify=True) gives each kind of block its own graph."""
+    model = nn.Sequential(*[_BreakingBlock() for _ in range(3)])
+    for block in model[1:]:
+        mark_sparse(block.fc, sparsity=0.75)
+    x = torch.randn(4, 16)
+    with torch.no_grad(), pytest.raises(SparseRewriteError, match="built for the unmarked .*dense.* weight"):
+        diagcompile.compile(model)(x)
+    torch._dynamo.reset()
+    expected = masked_dense_copy(model)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(diagcompile.compile(model, sparsify=True)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_replaced_through_data_are_picked_up():
+    """vector_to_parameters and Module.half()/float() assign .data: the storage changes, the version does not."""
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    mark_sparse(model[0], sparsity=0.5)
+    compiled = diagcompile.compile(model)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        compiled(x)
+        flat = torch.nn.utils.parameters_to_vector(model.parameters())
+        torch.nn.utils.vector_to_parameters(torch.randn_like(flat), model.parameters())
+        torch.testing.assert_close(compiled(x), masked_dense_copy(model)(x), rtol=1e-5, atol=1e-5)
+        model.half().float()  # rounds the weights: the compiled model must see the rounded ones
+        torch.testing.assert_close(compiled(x), masked_dense_copy(model)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_created_under_inference_mode():
+    """Serving code builds models under inference_mode: such tensors have no version counter to read."""
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+        x = torch.randn(3, 16)
+    mark_sparse(model[0], sparsity=0.5)
+    compiled = diagcompile.compile(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), masked_dense_copy(model)(x), rtol=1e-5, atol=1e-5)
+        model[0].weight.mul_(2)  # in place, under inference mode: nothing records it, so it is re-read
+        torch.testing.assert_close(compiled(x), masked_dense_copy(model)(x), rtol=1e-5, atol=1e-5)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.fc, x, use_reentrant=False)
+
+
+def test_refusals_name_the_cause():
+    """Activation checkpointing, torch's fused attention fast path, mixed dtypes and a parametrized weight:
+    each is refused by name, with the way out, not as a generic misuse (or a silent dense run)."""
+    ckpt = _Checkpointed()
+    mark_sparse(ckpt.fc, sparsity=0.5)
+    with pytest.raises(Exception, match=r"inside a torch.utils.checkpoint region.*sparsify=True"):
+        diagcompile.compile(ckpt)(torch.randn(2, 16))
+    torch._dynamo.reset()
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    mark_sparse(layer.linear1, sparsity=0.5)
+    with torch.no_grad(), pytest.raises(Exception, match=r"fused fast path.*set_fastpath_enabled\(False\)"):
+        diagcompile.compile(layer)(torch.randn(2, 3, 16))
+    torch._dynamo.reset()
+    mixed = nn.Linear(16, 8)
+    mark_sparse(mixed, sparsity=0.5)
+    with pytest.raises(Exception, match=r"dtype mismatch.*torch.float64 but the marked weight .* torch.float32"):
+        diagcompile.compile(mixed)(torch.randn(2, 16, dtype=torch.float64))
+    torch._dynamo.reset()
+    normed = nn.Linear(16, 8)
+    mark_sparse(normed, sparsity=0.5)
+    torch.nn.utils.parametrizations.weight_norm(normed)  # after marking: the mark is on the module only
+    with pytest.raises(SparseRewriteError, match=r"weight is parametrized .*remove_parametrizations"):
+        diagcompile.compile(normed)
+
+
+def test_mixed_dtypes_under_autocast_still_compile():
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    mark_sparse(model[2], sparsity=0.5)
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = diagcompile.compile(model)(x), masked_dense_copy(model)(x)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
