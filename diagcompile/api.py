@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -75,6 +76,46 @@ def swap_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
                 m.use_nested_tensor = False
 
 
+# The per-module hook registries of ``nn.Module`` that a replacement takes over (``_forward_hooks_with_kwargs``,
+# ``_forward_pre_hooks_with_kwargs`` and ``_forward_hooks_always_called`` hold flags keyed by the ids of the hooks
+# in the first three; ``_backward_hooks`` holds full or old-style hooks, as ``_is_full_backward_hook`` says). The
+# state-dict hooks (``_state_dict_hooks``, ``_load_state_dict_pre_hooks``, ...) stay behind on purpose: they are
+# written for the replaced module's keys (``weight``), which a ``DiagLinear`` (``values``, ``offsets``) lacks.
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def carry_over(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the forward (pre-)hooks, backward (pre-)hooks and train/eval mode of ``old``, which it replaces.
+
+    ``new`` takes ``old``'s hook dicts themselves, not copies: a ``RemovableHandle`` refers to the dict its hook
+    was registered in, so ``handle.remove()`` on a handle obtained before the swap removes the hook from
+    ``new``. Both modules then share these dicts (a hook registered on either later runs on both), which
+    matters only to a caller who keeps using ``old``. Should ``new`` already have hooks of its own in a dict,
+    it gets a merged copy instead (``old``'s hooks first), and handles to ``old``'s hooks no longer reach it.
+    State-dict hooks are not carried (see ``_HOOK_DICTS``).
+    """
+    for attr in _HOOK_DICTS:
+        hooks = old.__dict__.get(attr)
+        if hooks is None:  # a torch without this registry
+            continue
+        own = new.__dict__.get(attr)
+        new.__dict__[attr] = OrderedDict([*hooks.items(), *own.items()]) if own else hooks
+    if old.__dict__.get("_backward_hooks"):
+        # Without the flag, torch would not run full backward hooks (register_full_backward_hook) at all.
+        new._is_full_backward_hook = old._is_full_backward_hook
+    # A fresh module is in train mode; inside a model in eval it would say so to anything that reads the flag
+    # (hooks, a subclass, code checking ``all(not m.training for m in model.modules())``).
+    new.train(old.training)
+
+
 def _convert(linear: nn.Linear, config: DiagSparsityConfig, fqn: str) -> DiagLinear:
     n_out, n_in = linear.weight.shape
     mark = get_sparse_mark(linear)
@@ -100,12 +141,17 @@ def sparsify_(
 
     Linears that a swap would break (``replaceable_linears``: the ``out_proj`` of ``nn.MultiheadAttention``,
     subclasses that override ``forward``) stay dense with a warning naming them, or raise if sparse-marked.
+    Each new layer keeps the replaced linear's train/eval mode and its forward/backward (pre-)hooks, whose
+    handles keep working (``carry_over``); state-dict hooks, written for the dense ``weight``, are dropped. A
+    linear with a parametrized weight (``weight_norm``, ...) is converted from its current weight, with a
+    warning: the parametrization is not carried. Atomic: on any error, no layer has been swapped.
 
     Args:
         model: any module. If ``model`` itself is a selected ``nn.Linear`` it cannot be swapped in place;
             the new ``DiagLinear`` is returned instead.
         config: sparsity and offset selection (default ``DiagSparsityConfig()``: 90%, top-k by L2 norm).
-            Linears marked with ``mark_sparse`` use their mark's sparsity/offsets.
+            Linears marked with ``mark_sparse`` use their mark's sparsity/offsets (the weight's mark where it
+            differs from the module's, as after the ``diagcompile`` backend pinned its top-k choice on it).
         filter_fn: ``filter_fn(module, fqn) -> bool`` selects linears (default: all, or only marked ones when
             ``config.only_marked``).
 
@@ -184,8 +230,11 @@ def sparsify_(
                 f"(tied weights); converting it would untie them. Exclude it with filter_fn or untie it first."
             )
 
-    for fqn, m in targets:
-        new = _convert(m, config, fqn)
+    # Convert every target before swapping any: a layer that cannot be converted (a sparsity its shape cannot
+    # reach, ...) then raises with the model still unchanged, like the checks above.
+    converted = [(fqn, m, _convert(m, config, fqn)) for fqn, m in targets]
+    for fqn, old, new in converted:
+        carry_over(old, new)
         if fqn == "":
             return new
         swap_module(model, fqn, new)

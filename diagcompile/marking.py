@@ -12,6 +12,10 @@ graphs where only the weight survives (Dynamo's ``F.linear`` with the weight as 
 ``copy.deepcopy`` of a Parameter drops its Python attributes (torch rebuilds it from data), so a deep-copied
 model keeps the module marks but loses the weight marks: ``sync_marks(model)`` restores them, and every
 diagcompile entry point that works on graphs calls it first.
+
+Where the two differ, the weight's mark wins (``passes/README.md``, invariant 8): the ``diagcompile`` backend
+pins its top-k choice as explicit offsets on the *weight* and trains those diagonals, while the module keeps
+the top-k mark it was given.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from diagcompile.functional import canonical_offsets, check_sparsity
 from diagcompile.ops import k_from_sparsity, topk_offsets
@@ -64,9 +69,15 @@ def _weight_of(target: nn.Module | Tensor, fn: str) -> Tensor:
         return target.weight
     if isinstance(target, nn.Parameter) and target.dim() == 2:
         return target
+    hint = ""
+    if isinstance(target, Tensor) and not isinstance(target, nn.Parameter):
+        # Typically ``m.weight`` of a parametrized linear (weight_norm, ...), recomputed on every access.
+        hint = " (a plain tensor, such as the weight a parametrization computes, cannot keep a mark)"
     raise TypeError(
         f"{fn} expects an nn.Linear (or subclass) or a 2-D nn.Parameter used with F.linear, "
-        f"got {type(target).__name__}" + (f" of shape {tuple(target.shape)}" if isinstance(target, Tensor) else "")
+        f"got {type(target).__name__}"
+        + (f" of shape {tuple(target.shape)}" if isinstance(target, Tensor) else "")
+        + hint
     )
 
 
@@ -84,8 +95,19 @@ def mark_sparse(
 
     Raises:
         TypeError: ``target`` is not a linear / 2-D parameter.
-        ValueError: sparsity or offsets are invalid for this layer's shape.
+        ValueError: sparsity or offsets are invalid for this layer's shape, or the linear's weight is
+            parametrized (``torch.nn.utils.parametrize``, e.g. ``weight_norm``).
     """
+    if isinstance(target, nn.Module) and parametrize.is_parametrized(target, "weight"):
+        # ``target.weight`` is then a new tensor computed on every access: a mark set on it is lost at once, and
+        # no graph would see it (they see the parametrization's inputs).
+        kinds = "+".join(type(f).__name__ for f in target.parametrizations["weight"])
+        raise ValueError(
+            f"mark_sparse: the weight of this {type(target).__name__} is parametrized ({kinds}), so it is "
+            f"recomputed on every access and cannot keep a mark. Remove the parametrization first with "
+            f'torch.nn.utils.parametrize.remove_parametrizations(m, "weight") (it keeps the current weight), '
+            f"or use diagcompile.sparsify_, which converts from the current weight"
+        )
     weight = _weight_of(target, "mark_sparse")
     n_out, n_in = weight.shape
     if offsets is not None:
@@ -118,12 +140,20 @@ def unmark_sparse(target: nn.Module | Tensor) -> nn.Module | Tensor:
 
 
 def get_sparse_mark(target: object) -> SparseMark | None:
-    """The mark of a linear module or weight tensor, or ``None``. Never raises."""
+    """The mark of a linear module or weight tensor, or ``None``. Never raises.
+
+    For a linear, its weight's mark where the weight has one, else the module's: the two differ after the
+    ``diagcompile`` backend pinned a top-k choice on the weight (``SparseMark(offsets=...)``), and the weight's
+    is the one every graph and the trained values follow (``passes/README.md``, invariant 8); the module's
+    serves a weight that lost its own (``copy.deepcopy``) or was never marked.
+    """
     if isinstance(target, nn.Module):
-        mark = target.__dict__.get(_ATTR)
-        if mark is None and isinstance(target, nn.Linear):
-            mark = getattr(target.weight, _ATTR, None)
-        return mark
+        # A parametrized weight is recomputed on each access (costly here, and it never carries a mark).
+        if isinstance(target, nn.Linear) and not parametrize.is_parametrized(target, "weight"):
+            mark = getattr(getattr(target, "weight", None), _ATTR, None)
+            if mark is not None:
+                return mark
+        return target.__dict__.get(_ATTR)
     if isinstance(target, torch.Tensor):
         return getattr(target, _ATTR, None)
     return None

@@ -174,3 +174,56 @@ def test_frozen_weight_and_trainable_bias_keep_their_flags():
         model[0].bias.requires_grad_(bias_grad)
         sparsify_(model, DiagSparsityConfig(sparsity=0.5))
         assert (model[0].values.requires_grad, model[0].bias.requires_grad) == (weight_grad, bias_grad)
+
+
+def test_hooks_move_to_the_new_layer_and_their_handles_still_remove_them():
+    # A hook on a swapped linear (activation capture, a scale, a LoRA-style add-on) must keep running, and the
+    # handle the user holds from before the swap must still remove it.
+    base = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    model = copy.deepcopy(base)
+    seen: list[str] = []
+    handles = [
+        model[0].register_forward_pre_hook(lambda m, args, kwargs: ((2 * args[0],), kwargs), with_kwargs=True),
+        model[0].register_forward_hook(lambda m, args, out: out + 1, always_call=True),
+        model[0].register_full_backward_pre_hook(lambda m, grad_out: seen.append("pre " + type(m).__name__)),
+        model[0].register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(type(m).__name__)),
+    ]
+    sparsify_(model, DiagSparsityConfig(sparsity=0.5))
+    plain = _masked_dense_copy(base, model)  # hook-free reference on the same diagonals
+    x = torch.randn(3, 16, requires_grad=True)
+    out = model(x)
+    torch.testing.assert_close(out, plain[2](plain[1](plain[0](2 * x) + 1)))
+    out.sum().backward()
+    assert seen == ["pre DiagLinear", "DiagLinear"]
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(model(x), plain(x))
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks and not model[0]._backward_hooks
+
+
+def test_a_failing_layer_leaves_the_whole_model_unchanged():
+    # The last layer (P = 8) cannot reach 90%: the error comes before any layer is swapped.
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(8, 4))
+    before = list(model.children())
+    with pytest.raises(ValueError, match="layer '4'"):
+        sparsify_(model, DiagSparsityConfig(sparsity=0.9))
+    assert list(model.children()) == before and all(type(m) is not DiagLinear for m in model.modules())
+
+
+def test_new_layers_keep_the_train_or_eval_mode_of_the_linear_they_replace():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Sequential(nn.Linear(16, 16))).eval()
+    model[1].train()  # a submodule in another mode than its parent keeps it
+    sparsify_(model, DiagSparsityConfig(sparsity=0.5))
+    assert (model.training, model[0].training, model[1][0].training) == (False, False, True)
+
+
+def test_sparsify_keeps_the_diagonals_pinned_on_the_weight():
+    # The diagcompile backend pins its top-k choice on the *weight's* mark (the module keeps the top-k mark)
+    # and trains those diagonals; converting by the module's mark would pick others from the trained weight.
+    model = nn.Sequential(nn.Linear(16, 16))
+    mark_sparse(model[0], sparsity=0.75)
+    with torch.no_grad():
+        model[0].weight.add_(10 * torch.eye(16))  # top-k by norm would now keep diagonal 0
+    mark_sparse(model[0].weight, offsets=[3, 5, 9, 12])  # what the backend's pinning does
+    sparsify_(model, DiagSparsityConfig(only_marked=True))
+    assert model[0].offsets.tolist() == [3, 5, 9, 12]

@@ -61,3 +61,21 @@ def test_errors_name_the_problem():
         mark_sparse(nn.Linear(4, 4), sparsity=0.9)
     with pytest.raises(ValueError, match="duplicated"):
         mark_sparse(nn.Linear(4, 4), offsets=[1, 1])
+
+
+def test_the_weight_mark_wins_over_the_module_mark():
+    # passes/README.md, invariant 8: the weight's mark travels into every IR (the backend pins offsets on it).
+    lin = nn.Linear(8, 8)
+    mark_sparse(lin, sparsity=0.75)
+    mark_sparse(lin.weight, offsets=[1, 6])
+    assert get_sparse_mark(lin) == get_sparse_mark(lin.weight) == SparseMark(0.75, (1, 6))
+    clone = copy.deepcopy(lin)  # the copy's weight lost its mark: the module's is used
+    assert get_sparse_mark(clone) == SparseMark(0.75, None)
+
+
+def test_a_parametrized_weight_cannot_be_marked():
+    # lin.weight is recomputed on every access: a mark on it would be lost at once.
+    lin = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"parametrized.*remove_parametrizations\(m, \"weight\"\).*sparsify_"):
+        mark_sparse(lin, sparsity=0.5)
+    assert not is_sparse_marked(lin)
