@@ -165,11 +165,17 @@ def is_sparse_marked(target: object) -> bool:
 
 
 def sync_marks(model: nn.Module) -> int:
-    """Copy each marked linear's mark onto its weight (after ``deepcopy``, say). Returns how many."""
+    """Copy each marked linear's mark onto its weight where the weight has none (after ``deepcopy``, a
+    ``load_state_dict(assign=True)``, a new Parameter). Returns how many weights it marked.
+
+    A weight's own mark is kept: it is the one that wins (invariant 8), and after the ``diagcompile`` backend
+    pinned its top-k choice there, the module's top-k mark re-resolved from trained values could pick other
+    diagonals than the ones that were trained. To change a mark, call ``mark_sparse`` on the module.
+    """
     n = 0
     for m in model.modules():
         mark = m.__dict__.get(_ATTR)
-        if mark is not None and isinstance(m, nn.Linear):
+        if mark is not None and isinstance(m, nn.Linear) and getattr(m.weight, _ATTR, None) is None:
             setattr(m.weight, _ATTR, mark)
             n += 1
     return n

@@ -52,6 +52,17 @@ def test_marks_survive_to_and_deepcopy_with_sync():
     assert get_sparse_mark(clone[0].weight) == get_sparse_mark(model[0])
 
 
+def test_sync_marks_keeps_a_weight_mark_pinned_by_the_backend():
+    """The backend pins its top-k choice on the weight; sync_marks must not put the module's top-k back,
+    which trained values could resolve to other diagonals."""
+    lin = nn.Linear(8, 8)
+    mark_sparse(lin, sparsity=0.5)
+    pinned = get_sparse_mark(lin).resolve_offsets(lin.weight)
+    mark_sparse(lin.weight, offsets=pinned)  # what the backend does on first compile
+    assert sync_marks(nn.Sequential(lin)) == 0
+    assert get_sparse_mark(lin.weight).offsets == tuple(pinned.tolist())
+
+
 def test_errors_name_the_problem():
     with pytest.raises(TypeError, match="Conv2d"):
         mark_sparse(nn.Conv2d(3, 3, 3))
