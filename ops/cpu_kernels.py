@@ -594,6 +594,12 @@ def _np(t: Tensor, dtype: torch.dtype) -> np.ndarray:
 def _np_offsets(offsets: Tensor, L: int) -> np.ndarray:
     if offsets.dim() != 1:
         raise ValueError(f"offsets must be 1-D (k,), got shape {tuple(offsets.shape)}")
+    if offsets.dtype != torch.int32:
+        if offsets.dtype != torch.int64:
+            raise TypeError(f"offsets must be int32 (or int64), got {offsets.dtype}")
+        # Range-check before the int32 cast, which would wrap 2**32 + 1 to 1 (the reference takes it mod P).
+        if offsets.numel() and (int(offsets.min()) < 0 or int(offsets.max()) >= L):
+            raise ValueError(f"offsets must lie in [0, P={L}); got min {int(offsets.min())}, max {int(offsets.max())}")
     off = _np(offsets, torch.int32)
     # One pass over k integers, and the kernels index without bounds checks: never trust them blindly. A
     # duplicate would be summed by the kernels but written once by a dense scatter: refused on every path.
@@ -642,10 +648,10 @@ def forward(x2: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_featu
     _check_values(values, offsets, D)
     if bias.numel() not in (0, out_features):
         raise ValueError(f"bias must have out_features={out_features} entries or none, got {bias.numel()}")
+    off = _np_offsets(offsets, P)  # also for M == 0: every path refuses bad offsets alike
     out = torch.empty(M, out_features, dtype=dtype)
     if M == 0:
         return out
-    off = _np_offsets(offsets, P)
     a, v, b = _np(x2, dtype), _np(values, dtype), _np(bias if bias.dim() == 1 else bias.reshape(-1), dtype)
     n = _num_threads(M * v.shape[0] * D)
     if out_features > n_in:
@@ -674,10 +680,10 @@ def input_grad(dy2: Tensor, values: Tensor, offsets: Tensor, in_features: int) -
     M, n_out = dy2.shape
     P, D = max(n_out, in_features), min(n_out, in_features)
     _check_values(values, offsets, D)
+    off = _np_offsets(offsets, P)
     out = torch.empty(M, in_features, dtype=dtype)
     if M == 0:
         return out
-    off = _np_offsets(offsets, P)
     a, v = _np(dy2, dtype), _np(values, dtype)
     n = _num_threads(M * v.shape[0] * D)
     # W^T is diagonal with the same offsets in the other orientation: tall dx is a gather, wide a masked one.

@@ -20,7 +20,12 @@ backward works:
 * ``dV = diag_linear_dv(dy, x)``: ``d(dy) = diag_linear(x, G)``, ``dx = diag_linear_dx(dy, G)``
 
 Implementations: one function per op for every device, which asks ``ops/dispatch.py`` for a path
-(kernel / dense / reference) from the shapes alone.
+(kernel / dense / reference) from the shapes alone. Every path checks the same preconditions (shapes,
+dtypes, int offsets; on the CPU also distinct offsets in ``[0, P)``) and returns the same results up to
+rounding, with one exception: non-finite inputs. A NaN or inf in ``x`` (or ``dy``) reaches only the outputs
+its kept diagonals connect it to on the kernel and reference paths, but every output on the dense path,
+whose GEMM multiplies the structural zeros of ``W`` too (``0 * NaN = NaN``, as ``nn.Linear`` on the dense
+``W`` would). Which outputs turn NaN can therefore depend on the batch size.
 
 ``call_diag_linear`` is how the user API calls the forward op. In plain eager it runs the same
 implementation and autograd formulas without the dispatcher's Python layers (~40 us a call on a slow CPU);
@@ -98,6 +103,10 @@ def _check_inputs(
     reference wraps an out-of-range one). On an accelerator they stay the caller's promise: checking them
     would cost a device sync per call; ``diagcompile.diag_linear`` and ``DiagLinear`` validate them.
     """
+    if not a.is_floating_point():
+        raise TypeError(f"diagcompile::{op}: the inputs must be floating point, got {a.dtype}")
+    if offsets.dtype != torch.int32 and offsets.dtype != torch.int64:
+        raise TypeError(f"diagcompile::{op}: offsets must be int32 (or int64), got {offsets.dtype}")
     if a.dtype != b.dtype or (bias is not None and bias.numel() > 0 and bias.dtype != a.dtype):
         got = f"{a.dtype} and {b.dtype}" + (f" (bias {bias.dtype})" if bias is not None and bias.numel() else "")
         raise TypeError(f"diagcompile::{op}: the floating inputs must share one dtype, got {got}")
@@ -105,6 +114,33 @@ def _check_inputs(
         from diagcompile.ops import cpu_kernels
 
         cpu_kernels.check_offsets(offsets, P)
+
+
+def _check_layer(op: str, values: Tensor, offsets: Tensor, n_out: int, n_in: int, bias: Tensor | None = None) -> None:
+    """The shapes every path must agree on (the reference path would otherwise drop an extra offset, or
+    broadcast a ``(1, N_out)`` bias that backward then refuses): integer comparisons, no sync."""
+    # Written for the eager hot path (a few us per call matter on small layers): one .shape read per tensor.
+    if n_out < 1 or n_in < 1:
+        raise ValueError(f"diagcompile::{op}: a layer needs N_out, N_in >= 1, got {n_out}x{n_in}")
+    D = n_out if n_out < n_in else n_in
+    vs, os = values.shape, offsets.shape
+    if len(vs) != 2 or vs[1] != D or os != vs[:1]:
+        raise ValueError(
+            f"diagcompile::{op}: a {n_out}x{n_in} layer needs values (k, {D}) and offsets (k,), got values "
+            f"{tuple(vs)} and offsets {tuple(os)}"
+        )
+    if bias is not None and bias.shape != (n_out,) and bias.numel() > 0:
+        raise ValueError(f"diagcompile::{op}: bias must be ({n_out},) or empty, got {tuple(bias.shape)}")
+
+
+def _check_fake(*tensors: Tensor) -> None:
+    """Fake-kernel checks shared by the three ops: one device (an empty bias aside) and int offsets.
+
+    A meta tensor among CPU ones sends the call to the fake kernel, whose ``new_empty`` allocates on the first
+    tensor's device: without the device check the op would return uninitialized CPU memory."""
+    dev = tensors[0].device
+    devices = {t.device for t in tensors[1:] if t.device != dev and t.numel() != 0}
+    torch._check(not devices, lambda: f"all tensors must be on one device, got {dev} and {sorted(map(str, devices))}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,6 +166,8 @@ def _fwd_impl(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_feat
 @torch.library.custom_op("diagcompile::diag_linear", mutates_args=())
 def diag_linear_op(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
     """``y = x @ to_dense(values, offsets).T + bias``. ``x``: ``(..., N_in)``; returns ``(..., N_out)``."""
+    # Shapes are checked here, where the raw op is called; call_diag_linear's callers validated them.
+    _check_layer("diag_linear", values, offsets, out_features, x.shape[-1], bias)
     return _own(_fwd_impl(x, values, offsets, bias, out_features))
 
 
@@ -139,7 +177,12 @@ def _(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: in
     torch._check(offsets.dim() == 1, lambda: "offsets must be 1-D (k,)")
     torch._check(values.shape[0] == offsets.shape[0], lambda: "values and offsets disagree on k")
     torch._check(values.shape[1] == min(out_features, x.shape[-1]), lambda: "values.shape[1] != min(N_out, N_in)")
-    torch._check(bias.numel() == 0 or bias.numel() == out_features, lambda: "bias must have out_features entries")
+    torch._check(
+        bias.numel() == 0 or (bias.dim() == 1 and bias.shape[0] == out_features), lambda: "bias must be (N_out,)"
+    )
+    torch._check(out_features >= 1, lambda: "out_features must be >= 1")
+    torch._check(offsets.dtype in (torch.int32, torch.int64), lambda: f"offsets must be int32, got {offsets.dtype}")
+    _check_fake(x, values, offsets, bias)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -190,6 +233,7 @@ def _dx_impl(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> T
 @torch.library.custom_op("diagcompile::diag_linear_dx", mutates_args=())
 def diag_linear_dx_op(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> Tensor:
     """``dx = dy @ to_dense(values, offsets)``. ``dy``: ``(..., N_out)``; returns ``(..., N_in)``."""
+    _check_layer("diag_linear_dx", values, offsets, dy.shape[-1], in_features)
     return _own(_dx_impl(dy, values, offsets, in_features))
 
 
@@ -197,6 +241,10 @@ def diag_linear_dx_op(dy: Tensor, values: Tensor, offsets: Tensor, in_features: 
 def _(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> Tensor:
     torch._check(values.dim() == 2 and offsets.dim() == 1, lambda: "values must be (k, D), offsets (k,)")
     torch._check(values.shape[1] == min(dy.shape[-1], in_features), lambda: "values.shape[1] != min(N_out, N_in)")
+    torch._check(values.shape[0] == offsets.shape[0], lambda: "values and offsets disagree on k")
+    torch._check(in_features >= 1, lambda: "in_features must be >= 1")
+    torch._check(offsets.dtype in (torch.int32, torch.int64), lambda: f"offsets must be int32, got {offsets.dtype}")
+    _check_fake(dy, values, offsets)
     return dy.new_empty((*dy.shape[:-1], in_features))
 
 
@@ -243,12 +291,22 @@ def _dv_impl(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
 @torch.library.custom_op("diagcompile::diag_linear_dv", mutates_args=())
 def diag_linear_dv_op(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
     """``dV[j, t] = sum_m dy[m, row(j, t)] * x[m, col(j, t)]``. Returns ``(k, D)`` in ``x.dtype``."""
+    if dy.shape[:-1] != x.shape[:-1] or offsets.dim() != 1:
+        raise ValueError(
+            f"diagcompile::diag_linear_dv: dy {tuple(dy.shape)} and x {tuple(x.shape)} must share their leading "
+            f"dims, offsets must be 1-D (got {tuple(offsets.shape)})"
+        )
     return _dv_impl(dy, x, offsets)
 
 
 @diag_linear_dv_op.register_fake
 def _(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
     torch._check(offsets.dim() == 1, lambda: "offsets must be 1-D (k,)")
+    torch._check(dy.dim() == x.dim(), lambda: "dy and x must share their leading dims")
+    for i in range(dy.dim() - 1):
+        torch._check(dy.shape[i] == x.shape[i], lambda: "dy and x must share their leading dims")
+    torch._check(offsets.dtype in (torch.int32, torch.int64), lambda: f"offsets must be int32, got {offsets.dtype}")
+    _check_fake(dy, x, offsets)
     return x.new_empty((offsets.shape[0], min(dy.shape[-1], x.shape[-1])))
 
 
@@ -508,8 +566,10 @@ torch.library.register_vmap("diagcompile::diag_linear_dv", _vmap_rule(diag_linea
 def call_diag_linear(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
     """``torch.ops.diagcompile.diag_linear(x, values, offsets, bias, out_features)``, cheaper in plain eager.
 
-    Same arguments, result bits and gradients as the op (``x``: ``(..., N_in)`` -> ``(..., N_out)``). In plain
-    eager (``_plain_eager``) it skips the dispatcher; anywhere else - compile, export, modes, subclasses,
+    Same arguments, result bits and gradients as the op (``x``: ``(..., N_in)`` -> ``(..., N_out)``), for
+    arguments of consistent shapes: in plain eager it trusts them (``diagcompile.diag_linear`` and
+    ``DiagLinear`` validate them; the raw op checks them itself). In plain eager (``_plain_eager``) it skips
+    the dispatcher; anywhere else - compile, export, modes, subclasses,
     the profiler - it is the op call itself, so graphs and traces hold one ``diag_linear`` node as before.
     Under a functorch transform (``torch.func.grad`` / ``vmap`` / ``jacfwd`` ...) or with a forward-AD dual
     input it goes through ``_FuncDiagLinear``, which gives the op's gradients there and a forward-mode formula

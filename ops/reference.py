@@ -320,12 +320,19 @@ def diag_linear_ref(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor | N
     """
     n_in = x.shape[-1]
     x2 = x.reshape(-1, n_in)
+    has_bias = bias is not None and bias.numel() > 0
+    acc = _acc_dtype(x.dtype)
+    if has_bias and acc != x.dtype:
+        # Add the bias to the float32 sum and round once, as the kernels do: rounding the product to
+        # bf16/fp16 first and again after the bias is off by many ulps where the two nearly cancel. (The
+        # products of bf16/fp16 numbers are exact in float32, so upcasting first changes nothing else.)
+        x2, values = x2.to(acc), values.to(acc)
     if is_tall(out_features, n_in):
         y = masked_gather_ref(x2, values, offsets, out_features)
     else:
         y = gather_ref(x2, values, offsets)
-    if bias is not None and bias.numel() > 0:
-        y = (y.to(_acc_dtype(y.dtype)) + bias.to(_acc_dtype(y.dtype))).to(x.dtype)
+    if has_bias:
+        y = (y + bias.to(acc)).to(x.dtype)
     return y.reshape(*x.shape[:-1], out_features)
 
 

@@ -479,3 +479,62 @@ def test_invalid_offsets_and_mixed_dtypes_fail_the_same_way_on_every_path(path):
             OPS.diag_linear_dx(dy.double(), values, offsets, 24)
         with pytest.raises(TypeError, match="diag_linear_dv: the floating inputs must share one dtype"):
             OPS.diag_linear_dv(dy, x.double(), offsets)
+
+
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+def test_bad_shapes_dtypes_and_offsets_fail_the_same_way_on_every_path(path):
+    """Found by a review (2026-11-24): each of these ran on some paths and failed or differed on others."""
+    x, values, offsets, b = _args(16, 24, 4, (5,), torch.float32, grad=False)
+    dy = torch.randn(5, 16)
+    with force_path(path):
+        cases = [
+            # the reference dropped an extra offset; the kernel and dense paths raised
+            (
+                ValueError,
+                "needs values \\(k, 16\\) and offsets",
+                lambda: OPS.diag_linear(x, values[:3], offsets, b, 16),
+            ),
+            (
+                ValueError,
+                "needs values \\(k, 16\\) and offsets",
+                lambda: OPS.diag_linear_dx(dy, values[:3], offsets, 24),
+            ),
+            # a (1, N_out) bias ran forward, then backward refused its gradient
+            (ValueError, "bias must be \\(16,\\)", lambda: OPS.diag_linear(x, values, offsets, b[None], 16)),
+            (ValueError, "must share their leading dims", lambda: OPS.diag_linear_dv(dy, x.reshape(5, 1, 24), offsets)),
+            # the kernel divided by zero, the other paths returned empty results
+            (ValueError, "N_out, N_in >= 1", lambda: OPS.diag_linear(x, values[:, :0], offsets, b[:0], 0)),
+            # int64 2**32 + 1 wrapped to 1 on the kernel and dense paths and was taken mod P by the reference
+            (ValueError, "lie in \\[0, P=24\\)", lambda: OPS.diag_linear(x, values, offsets.long() + 2**32, b, 16)),
+            (TypeError, "offsets must be int32", lambda: OPS.diag_linear(x, values, offsets.float(), b, 16)),
+            # the kernel skipped its offsets check for an empty batch
+            (ValueError, "lie in \\[0, P=24\\)", lambda: OPS.diag_linear(x[:0], values, offsets + 20, b, 16)),
+        ]
+        for error, msg, call in cases:
+            with pytest.raises(error, match=msg):
+                call()
+    # integer tensors ran exactly on the dense path and lossily (through float32) on the reference
+    with pytest.raises(TypeError, match="must be floating point"):
+        OPS.diag_linear(x.long(), values.long(), offsets, b.long(), 16)
+
+
+def test_a_meta_tensor_among_cpu_ones_is_refused_not_uninitialized_memory():
+    x, values, offsets, b = _args(16, 24, 4, (5,), torch.float32, grad=False)
+    with pytest.raises(RuntimeError, match="one device"):
+        OPS.diag_linear(x, values.to("meta"), offsets, b, 16)
+    with pytest.raises(RuntimeError, match="one device"):
+        OPS.diag_linear_dx(torch.randn(5, 16), values, offsets.to("meta"), 24)
+    with pytest.raises(RuntimeError, match="one device"):
+        OPS.diag_linear_dv(torch.randn(5, 16), x.to("meta"), offsets)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_adds_the_bias_before_rounding_once(dtype):
+    """Where the bias nearly cancels x @ W.T, rounding the product before adding it costs many ulps."""
+    x, values, offsets, _ = _args(16, 24, 24, (64,), dtype, grad=False)
+    exact = x.double() @ to_dense(values, offsets, 16, 24).double().T
+    b = (-exact[0] + 1e-3 * torch.randn(16, dtype=torch.float64)).to(dtype)  # row 0 almost cancels
+    want = (exact + b.double()).to(dtype)  # one rounding of the exact result
+    got = R.diag_linear_ref(x, values, offsets, b, 16)
+    ulps = ((got.double() - want.double()).abs() / want.double().abs().clamp_min(1e-30)).max()
+    assert ulps < 2 * torch.finfo(dtype).eps, f"{dtype}: {ulps / torch.finfo(dtype).eps:.1f} ulp"
