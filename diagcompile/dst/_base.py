@@ -34,12 +34,22 @@ def world_size(group: Any) -> int:
     return dist.get_world_size(group)
 
 
-def select_linears(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear]]:
+def _dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def select_linears(
+    model: nn.Module, filter_fn: FilterFn | None, who: str, tied_why: str
+) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` layers a sparsifier converts: those ``replaceable_linears`` allows (not
     ``nn.MultiheadAttention``'s own projections, not subclasses that override ``forward``), passing
-    ``filter_fn``, and only the ``mark_sparse``-marked ones if any is marked. Tied weights raise ``ValueError``;
-    so does a marked linear that cannot be replaced, and one that would be selected but cannot is named in a
-    warning (subclasses only: attention's projections are never candidates)."""
+    ``filter_fn``, and only the ``mark_sparse``-marked ones if any is marked. Tied weights raise ``ValueError``
+    (``who``: the sparsifier the message names; ``tied_why``: what converting a tied weight would do); so do a
+    selected uninitialized ``nn.LazyLinear`` or parametrized linear and a marked linear that cannot be replaced,
+    and one that would be selected but cannot is named in a warning (subclasses only: attention's projections
+    are never candidates)."""
     from diagcompile.api import replaceable_linears
 
     layers, skipped = replaceable_linears(model)
@@ -66,6 +76,8 @@ def select_linears(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[s
             "left dense: " + "; ".join(f"'{fqn}' ({why})" for fqn, why in left.items()),
             stacklevel=3,
         )
+    for fqn, m in linears:
+        _check_plain_weight(fqn, m, who)
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
@@ -73,10 +85,38 @@ def select_linears(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[s
         names = owners.get(id(m.weight), [])
         if len(names) > 1:
             raise ValueError(
-                f"DiagSparsifier: the weight of '{fqn}' is shared with {[n for n in names if n != fqn + '.weight']}"
-                " (tied weights); converting it would untie them. Exclude it with filter_fn."
+                f"{who}: the weight of '{fqn}' is shared with {[n for n in names if n != fqn + '.weight']}"
+                f" (tied weights); {tied_why}. Exclude it with filter_fn."
             )
     return linears
+
+
+def _check_plain_weight(fqn: str, m: nn.Linear, who: str) -> None:
+    """Refuse a selected linear whose ``weight`` is not a plain materialized ``Parameter``: every later step
+    (its shape, its place in the optimizer, the swap or the mask) would fail with a message about something
+    else (torch's "Can't access the shape of an uninitialized parameter", or "not in any param group")."""
+    from torch.nn.utils import parametrize
+
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+        raise ValueError(
+            f"{who}: '{fqn}' is an uninitialized nn.LazyLinear (its weight has no shape until the first forward): "
+            f"run one forward pass through the model before building the optimizer and {who}, so that it becomes "
+            f"a plain nn.Linear, or exclude it with filter_fn"
+        )
+    if parametrize.is_parametrized(m):
+        names = sorted(m.parametrizations.keys())
+        raise ValueError(
+            f"{who}: '{fqn}' is parametrized ({', '.join(names)}: e.g. weight_norm or spectral_norm), so its weight "
+            f"is recomputed from other parameters at every forward and is not a parameter {who} can convert; remove "
+            f'the parametrization first (torch.nn.utils.parametrize.remove_parametrizations(m, "weight")), or '
+            f"exclude it with filter_fn"
+        )
+    if not isinstance(m.weight, nn.Parameter):
+        raise ValueError(
+            f"{who}: the weight of '{fqn}' is a {type(m.weight).__name__}, not an nn.Parameter (the old "
+            f"torch.nn.utils.weight_norm recomputes it in a forward pre-hook): remove what computes it "
+            f"(torch.nn.utils.remove_weight_norm(m)), or exclude it with filter_fn"
+        )
 
 
 def _never_stepped(state: Any) -> bool:
@@ -94,6 +134,13 @@ class SparsifierBase:
     _config_cls: type
     #: why the optimizer must have no state yet (ends the constructor's error message)
     _fresh_optimizer_why: str
+    #: what an optimizer that makes its state in its constructor (Adagrad) keeps the sparsifier from doing
+    #: ("... so {name} cannot {this}")
+    _fresh_state_blocks: str
+    #: what converting a tied weight would do ("... (tied weights); {this}")
+    _tied_why: str
+    #: what a topology update regrows (its optimizer state restarts at zero): "diagonals", "connections"
+    _regrown: str
     #: what the layers are after ``finalize()`` (in the error of a call after it)
     _finalized_layers: str
 
@@ -111,12 +158,14 @@ class SparsifierBase:
             raise TypeError(f"config must be a {self._config_cls.__name__}, got {type(config).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if optimizer is not None:
+            self._refuse_optimizer_kind(optimizer)
         if optimizer is not None and len(optimizer.state) > 0:
             if all(_never_stepped(st) for st in optimizer.state.values()):
                 raise ValueError(
                     f"{type(optimizer).__name__} creates its state in its constructor (before any step), so {name} "
-                    f"cannot swap the dense weights for their diagonals in it; use an optimizer that creates state at "
-                    f"its first step (SGD, Adam, AdamW, RMSprop, ...)"
+                    f"cannot {self._fresh_state_blocks}; use an optimizer that creates state at its first step (SGD, "
+                    f"Adam, AdamW, RMSprop, ...)"
                 )
             raise ValueError(
                 f"the optimizer already has state: construct {name} before the first optimizer.step() "
@@ -129,6 +178,9 @@ class SparsifierBase:
         self.model, self.optimizer, self.config = model, optimizer, config
         self._group = process_group
         self._world = world_size(process_group)
+        # torch.distributed in use (even one process): the model is most likely trained through a
+        # DistributedDataParallel wrapper, which finalize() leaves stale when it replaces layers (_warn_rewrap_ddp).
+        self._distributed = process_group is not None or _dist_initialized()
         self._step = 0
         self._finalized = False
         self._armed = False
@@ -145,6 +197,52 @@ class SparsifierBase:
                 f"the initial diagonals only; lower update_every",
                 stacklevel=3,
             )
+
+    def _refuse_optimizer_kind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse, before anything changes, the optimizers that a topology update would silently break.
+
+        Regrown rows / connections restart with zero optimizer state, which is right only for an optimizer
+        whose fresh per-element state is zero. Checked against ``torch.optim`` (2.13): Adam, AdamW, NAdam,
+        RAdam, Adamax, Adadelta, RMSprop, ASGD (``ax``; its ``eta``/``mu`` are per-parameter scalars),
+        SparseAdam and Muon start theirs at zero, and SGD's momentum buffer starts as the first gradient, which
+        a zeroed buffer also gives (with ``dampening=0``). Rprop's ``step_size`` starts at ``lr``: refused here,
+        with LBFGS (one curvature history across all parameters). Adagrad (``initial_accumulator_value``) is
+        refused for making its state in its constructor, Adafactor's factored state at the first ``step()``
+        (``_check_optimizer_state``).
+        """
+        name = self._name
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError(
+                f"{name} cannot train with torch.optim.LBFGS: LBFGS keeps one flat curvature history over all its "
+                f"parameters, which a topology update or the swap of a layer invalidates, and it allows one param "
+                f"group only; use a first-order optimizer (SGD, Adam, AdamW, RMSprop, ...)"
+            )
+        if isinstance(optimizer, torch.optim.Rprop):
+            raise ValueError(
+                f"{name} cannot train with torch.optim.Rprop: its fresh per-weight state is not zero (each weight's "
+                f"step_size starts at lr), while {name} restarts the optimizer state of regrown {self._regrown} at "
+                f"zero, so regrown {self._regrown} could not start fresh (a zero step size never moves them); use "
+                f"SGD, Adam, AdamW, RMSprop, ..."
+            )
+
+    def _warn_rewrap_ddp(self) -> None:
+        """From ``finalize()``, when it replaced layers: warn, if ``torch.distributed`` is in use, that a
+        ``DistributedDataParallel`` wrapper made before ``finalize()`` cannot fine-tune the finalized model.
+
+        DDP records the parameters and buffers at construction (its reducer's buckets, the buffers it
+        broadcasts); training on through it after a swap desyncs the ranks or fails inside the reducer. The
+        sparsifier is given the bare model, so it cannot see the wrapper: a process group is the sign of one.
+        """
+        if not self._distributed:
+            return
+        warnings.warn(
+            f"{self._name}.finalize() replaced the model's sparse layers ({self._finalized_layers} now), but a "
+            f"DistributedDataParallel wrapper made before finalize() still holds the old parameters and buffers: "
+            f"training on through it desyncs the ranks or fails inside DDP's reducer. To fine-tune the finalized "
+            f"model, wrap it in a fresh DistributedDataParallel, e.g. ddp = DDP(ddp.module, ...) (warned because "
+            f"torch.distributed is in use; inference needs no wrapper)",
+            stacklevel=4,  # the caller of finalize() (through finalize and its no_grad wrapper)
+        )
 
     def _check_optimizer_state(self) -> None:
         """After the first ``optimizer.step()``: each DST layer's optimizer state must be shaped like its

@@ -178,7 +178,8 @@ class _Layer:
     """Book-keeping for one masked layer."""
 
     fqn: str
-    module: MaskedLinear
+    #: the training layer; after finalize() it is out of the model, but its mask stays readable (diagnostics)
+    masked: MaskedLinear
     target_nnz: int
     protected: bool = False  # SRigL: never ablated (heads)
     fan_in: int = 0  # SRigL's constant fan-in k
@@ -191,10 +192,15 @@ class _Layer:
     changed_total: int = 0
     updates: int = 0
     handle: Any = None
+    #: the layer in the model: ``masked`` while training, the plain ``nn.Linear`` after ``finalize()``
+    module: nn.Linear = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.module = self.masked
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.module.out_features, self.module.in_features
+        return self.masked.out_features, self.masked.in_features
 
 
 class MaskSparsifier(SparsifierBase):
@@ -224,6 +230,9 @@ class MaskSparsifier(SparsifierBase):
     _name = "MaskSparsifier"
     _config_cls = MaskConfig
     _fresh_optimizer_why = "the masks must apply to the optimizer state from the start"
+    _fresh_state_blocks = "apply its weight masks to the optimizer state from the first step"
+    _tied_why = "masking it would also prune the entries the other module(s) use"
+    _regrown = "connections"
     _finalized_layers = "plain nn.Linear"
     config: MaskConfig
 
@@ -247,10 +256,10 @@ class MaskSparsifier(SparsifierBase):
         self._set_schedule(0)
         for rec in self._layers:
             if config.is_nm:
-                rec.module.mask.copy_(self._nm_mask_now(rec))
-            rec.ever = rec.module.mask.clone()
+                rec.masked.mask.copy_(self._nm_mask_now(rec))
+            rec.ever = rec.masked.mask.clone()
             if not config.is_nm:
-                rec.handle = rec.module.weight.register_hook(self._make_grad_hook(rec))
+                rec.handle = rec.masked.weight.register_hook(self._make_grad_hook(rec))
         self._armed = not config.is_nm and self._updates.is_update_step(1)
         if not config.is_nm and self._layers:
             self._warn_if_no_updates()
@@ -267,7 +276,7 @@ class MaskSparsifier(SparsifierBase):
     # ------------------------------------------------------------------------------------------------
     def _plan(self, model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear, int, tuple, bool]]:
         cfg = self.config
-        selected = select_linears(model, filter_fn)
+        selected = select_linears(model, filter_fn, self._name, self._tied_why)
         shapes, budgets = [], []
         for fqn, linear in selected:
             n_out, n_in = linear.weight.shape
@@ -372,11 +381,11 @@ class MaskSparsifier(SparsifierBase):
         if self._world <= 1:
             return
         for rec in self._layers:
-            self._agree(*(p.data for p in rec.module.parameters()), rec.module.mask)
+            self._agree(*(p.data for p in rec.masked.parameters()), rec.masked.mask)
 
     def _reduced_grad(self, rec: _Layer) -> Tensor | None:
         """The dense gradient of the global batch (mean over ranks), or ``None`` if no rank captured one."""
-        w = rec.module.weight
+        w = rec.masked.weight
         g = self._mean_over_ranks(rec.dense_grad, tuple(w.shape), w.device)
         if g is None:
             warnings.warn(
@@ -396,7 +405,7 @@ class MaskSparsifier(SparsifierBase):
                 with torch.no_grad():
                     d = grad.detach().float()
                     rec.dense_grad = d.clone() if rec.dense_grad is None else rec.dense_grad.add_(d)
-            return grad.masked_fill(~rec.module.mask, 0)
+            return grad.masked_fill(~rec.masked.mask, 0)
 
         return hook
 
@@ -404,7 +413,7 @@ class MaskSparsifier(SparsifierBase):
     def _mask_param_(self, rec: _Layer, mask: Tensor, zero: Tensor | None = None) -> None:
         """Zero the weight, its gradient and its per-element optimizer state outside ``mask`` (and on ``zero``)."""
         off = ~mask if zero is None else (~mask | zero)
-        w = rec.module.weight
+        w = rec.masked.weight
         w.masked_fill_(off, 0)
         if w.grad is not None:
             w.grad.masked_fill_(off, 0)
@@ -420,7 +429,7 @@ class MaskSparsifier(SparsifierBase):
     # ------------------------------------------------------------------------------------------------
     @property
     def layers(self) -> dict[str, nn.Module]:
-        """The masked layers by fully-qualified name."""
+        """The masked layers by fully-qualified name (after ``finalize()``: the plain ``nn.Linear`` layers)."""
         return {rec.fqn: rec.module for rec in self._layers}
 
     def _nm_n_at(self, rec: _Layer, step: int) -> int:
@@ -429,7 +438,7 @@ class MaskSparsifier(SparsifierBase):
         return rec.frames[frame_at(step, len(rec.frames), self.config.update_end_step)]
 
     def _nm_mask_now(self, rec: _Layer) -> Tensor:
-        return nm_mask(rec.module.weight, rec.module.nm_n, rec.module.nm_m)
+        return nm_mask(rec.masked.weight, rec.masked.nm_n, rec.masked.nm_m)
 
     def _set_schedule(self, step: int) -> None:
         """N:M: ``beta`` and the structure-decay ``N`` that the forward after ``step`` steps uses."""
@@ -440,8 +449,8 @@ class MaskSparsifier(SparsifierBase):
         if cfg.method == "nm-mask-decay":
             beta = mask_decay_beta(step, cfg.mask_decay_shape, cfg.decay_c, cfg.update_end_step)
         for rec in self._layers:
-            rec.module.beta.fill_(beta)
-            rec.module.nm_n = self._nm_n_at(rec, step)
+            rec.masked.beta.fill_(beta)
+            rec.masked.nm_n = self._nm_n_at(rec, step)
 
     def step(self) -> None:
         """Advance one optimizer step: re-mask (RigL/SRigL), topology update when due / N:M schedule."""
@@ -455,7 +464,7 @@ class MaskSparsifier(SparsifierBase):
             self._track_nm(t)
         else:
             for rec in self._layers:
-                self._mask_param_(rec, rec.module.mask)
+                self._mask_param_(rec, rec.masked.mask)
             if self._updates.is_update_step(t):
                 self._update(t)
         self._step = t
@@ -466,16 +475,16 @@ class MaskSparsifier(SparsifierBase):
     def _track_nm(self, t: int) -> None:
         for rec in self._layers:
             new = self._nm_mask_now(rec)
-            rec.changed = int((new != rec.module.mask).sum())
+            rec.changed = int((new != rec.masked.mask).sum())
             rec.changed_total += rec.changed
-            rec.module.mask.copy_(new)
+            rec.masked.mask.copy_(new)
             rec.ever |= new
 
     @torch.no_grad()
     def _update(self, t: int) -> None:
         cfg = self.config
         for rec in self._layers:
-            layer = rec.module
+            layer = rec.masked
             old = layer.mask.clone()
             if cfg.method == "rigl":
                 n = self._updates.count_at(t, int(old.sum()))
@@ -541,7 +550,7 @@ class MaskSparsifier(SparsifierBase):
         cfg = self.config
         out: dict[str, dict[str, float]] = {}
         for rec in self._layers:
-            layer = rec.module
+            layer = rec.masked
             n_out, n_in = rec.shape
             mask = layer.mask
             rows = mask.sum(1)
@@ -620,7 +629,7 @@ class MaskSparsifier(SparsifierBase):
                     "shape": list(rec.shape),
                     "target_nnz": rec.target_nnz,
                     "nm": list(rec.nm),
-                    "mask": rec.module.mask.detach().cpu().clone(),
+                    "mask": rec.masked.mask.detach().cpu().clone(),
                     "ever": rec.ever.detach().cpu().clone(),
                     "ablated": None if rec.ablated is None else rec.ablated.detach().cpu().clone(),
                     "fan_in": rec.fan_in,
@@ -638,6 +647,8 @@ class MaskSparsifier(SparsifierBase):
         Raises ``ValueError`` naming what differs (config fields, layers, shapes, budgets).
         """
         self._check_live("load_state_dict")
+        if state_dict.get("kind") == "diag":
+            raise ValueError("not a MaskSparsifier state (it is a DiagSparsifier state)")
         if state_dict.get("version") != _STATE_VERSION or state_dict.get("kind") != "mask":
             raise ValueError(
                 f"not a MaskSparsifier state (version {state_dict.get('version')!r}, kind {state_dict.get('kind')!r})"
@@ -661,8 +672,8 @@ class MaskSparsifier(SparsifierBase):
                 )
         for fqn, s in saved.items():
             rec = here[fqn]
-            dev = rec.module.weight.device
-            rec.module.mask.copy_(s["mask"].to(dev))
+            dev = rec.masked.weight.device
+            rec.masked.mask.copy_(s["mask"].to(dev))
             rec.ever = s["ever"].to(dev).clone()
             rec.ablated = None if s["ablated"] is None else s["ablated"].to(dev).clone()
             rec.fan_in = int(s["fan_in"])
@@ -683,21 +694,32 @@ class MaskSparsifier(SparsifierBase):
         The pruned weights and their optimizer state are zeroed; the layers keep the same ``Parameter``
         objects, so the optimizer stays valid (but nothing keeps pruned weights at zero any more if training
         continues). Hooks are removed; the sparsifier cannot step afterwards.
+
+        DDP: the layers are replaced (the masks' buffers leave the model), so a ``DistributedDataParallel``
+        wrapper made before ``finalize()`` cannot fine-tune the result (it fails inside its reducer): wrap the
+        finalized model in a fresh one (``ddp = DDP(ddp.module, ...)``).
+
+        Warns:
+            UserWarning: layers were replaced while ``torch.distributed`` is in use (a process group): a DDP
+                wrapper made before ``finalize()`` must be replaced by a fresh one to fine-tune.
         """
         self._check_live("finalize")
         for rec in self._layers:
             if rec.handle is not None:
                 rec.handle.remove()
                 rec.handle = None
-            layer = rec.module
+            layer = rec.masked
             if self.config.is_nm:
                 layer.nm_n = rec.nm[0]
                 layer.mask.copy_(self._nm_mask_now(rec))
             self._mask_param_(rec, layer.mask)
             plain = _plain_linear(layer)
             self._set_module(rec.fqn, plain)
+            rec.module = plain
         self._finalized = True
         self._clear_grads()
+        if self._layers:
+            self._warn_rewrap_ddp()
         return self.model
 
 

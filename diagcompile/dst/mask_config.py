@@ -10,12 +10,12 @@ options would accept (and silently ignore) half of its fields for any given meth
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from diagcompile.dst._validate import FieldChecker, check_schedule_fields, config_from_dict
 
-__all__ = ["MaskConfig", "MASK_METHODS", "NM_METHODS", "DISTRIBUTIONS", "BUDGETS"]
+__all__ = ["MaskConfig", "MASK_METHODS", "NM_METHODS", "DISTRIBUTIONS", "BUDGETS", "METHOD_ONLY"]
 
 NM_METHODS = ("nm-srste", "nm-mask-decay", "nm-structure-decay")
 MASK_METHODS = ("rigl", "srigl") + NM_METHODS
@@ -23,6 +23,26 @@ DISTRIBUTIONS = ("uniform", "erk")
 BUDGETS = ("diagonal", "floor")
 MASK_DECAY_SHAPES = ("exponential", "linear")
 MASK_DECAY_GRADS = ("scaled", "ste")
+#: The fields only some methods read (field -> those methods). As with ``DSTConfig``'s ``DYNADIAG_ONLY``, another
+#: method refuses a value other than the default (which it cannot tell from no value), so an option that would
+#: do nothing is not silently recorded as if it were used. Not listed, so every method accepts them: the
+#: schedule (``update_every``, ``drop_fraction``, ``update_end``: shared with ``DSTConfig`` and set across
+#: methods by sweeps), ``budget`` and ``sparsity`` (every method's density), and ``seed`` (the CLI passes its
+#: run seed to every mask method; only RigL/SRigL draw random masks). ``distribution`` has its own check.
+METHOD_ONLY: dict[str, tuple[str, ...]] = {
+    "erk_power": ("rigl", "srigl"),
+    "rescale_init": ("rigl", "srigl"),
+    "ablation": ("srigl",),
+    "gamma_sal": ("srigl",),
+    "no_ablation": ("srigl",),
+    "nm_m": NM_METHODS,
+    "nm_n": NM_METHODS,
+    "nm_max_m": NM_METHODS,
+    "srste_lambda": ("nm-srste",),
+    "mask_decay_shape": ("nm-mask-decay",),
+    "mask_decay_c": ("nm-mask-decay",),
+    "mask_decay_grad": ("nm-mask-decay",),
+}
 
 
 @dataclass(frozen=True)
@@ -147,6 +167,11 @@ class MaskConfig:
         c.need_choice("mask_decay_grad", MASK_DECAY_GRADS)
         if self.method in NM_METHODS and self.distribution != "uniform":
             raise c.bad("distribution", f"must be 'uniform' for {self.method} (N:M fixes every layer's density)")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, methods in METHOD_ONLY.items():
+            if self.method not in methods and getattr(self, name) != defaults[name]:
+                used = f"method={methods[0]!r}" if len(methods) == 1 else f"method in {methods!r}"
+                raise c.bad(name, f"applies to {used} only, not method={self.method!r}")
 
     # ------------------------------------------------------------------------------------------------
     @property

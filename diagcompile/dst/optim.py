@@ -115,7 +115,9 @@ def replace_param_(optimizer: torch.optim.Optimizer | None, old: Tensor, new: It
         )
     params = [p for p in group["params"] if p is not old]
     params.extend(new)
-    group["params"] = params
+    # In place: an optimizer may hold the list itself (LBFGS keeps ``_params``), and a new list would leave it
+    # stepping the old parameter while the new one never trains.
+    group["params"][:] = params
     optimizer.state.pop(old, None)
     return group
 
@@ -173,5 +175,5 @@ def remove_param_(optimizer: torch.optim.Optimizer | None, param: Tensor) -> Non
         return
     group = find_group(optimizer, param)
     if group is not None:
-        group["params"] = [p for p in group["params"] if p is not param]
+        group["params"][:] = [p for p in group["params"] if p is not param]  # in place: see replace_param_
     optimizer.state.pop(param, None)

@@ -94,6 +94,10 @@ __all__ = ["DiagSparsifier"]
 logger = logging.getLogger("diagcompile.dst")
 
 _STATE_VERSION = 1
+#: The scheduled freeze warns when it drops more than this share of a layer's alpha~ mass: most of it, i.e.
+#: alpha~ never hardened (a temperature left high). Short runs and near-ties at the top-k boundary drop up to
+#: ~20% (the CLI's 12-step test runs: 10-17%) and are normal; a fully soft layer drops ~1 - k/P.
+_FREEZE_WARN_SHARE = 0.5
 
 
 @dataclass
@@ -184,6 +188,9 @@ class DiagSparsifier(SparsifierBase):
     _name = "DiagSparsifier"
     _config_cls = DSTConfig
     _fresh_optimizer_why = "it replaces the dense weights in the param groups"
+    _fresh_state_blocks = "swap the dense weights for their diagonals in it"
+    _tied_why = "converting it would untie them"
+    _regrown = "diagonals"
     _finalized_layers = "compact DiagLinear"
     config: DSTConfig
 
@@ -208,9 +215,11 @@ class DiagSparsifier(SparsifierBase):
 
         # Validate everything first (every layer's k, its place in the optimizer, the scheduler check): an error
         # must leave the model and the optimizer as they were.
-        plans = [(fqn, linear, *self._layer_k(fqn, linear)) for fqn, linear in select_linears(model, filter_fn)]
+        selected = select_linears(model, filter_fn, self._name, self._tied_why)
+        plans = [(fqn, linear, *self._layer_k(fqn, linear)) for fqn, linear in selected]
         self._check_optimizer(plans)
         self._warned_no_optimizer = False
+        self._warned_freeze = False
         self._layers: list[_Layer] = [self._convert(*plan) for plan in plans]
         if not self._layers:
             warnings.warn("DiagSparsifier: no nn.Linear was selected; nothing will be sparse", stacklevel=2)
@@ -408,6 +417,7 @@ class DiagSparsifier(SparsifierBase):
             if self._updates.is_update_step(t):
                 self._refresh_pools(t)
             if t == cfg.freeze_step:
+                self._warn_if_freeze_drops_mass(t)
                 self._freeze_all()
             T = self._temperature(t)
             for rec in self._layers:
@@ -475,41 +485,72 @@ class DiagSparsifier(SparsifierBase):
             rec.updates += 1
             logger.debug("step %d: %s pool refresh: %d newcomers", t, rec.fqn, int((src < 0).sum()))
 
+    def _dropped_shares(self) -> dict[str, float]:
+        """Per layer not yet frozen: the share of its ``alpha~`` mass that a freeze now (hard top-k) drops."""
+        diag = self.diagnostics()
+        return {
+            fqn: d["mass_outside_topk"] / max(d["sum_alpha_tilde"], 1e-12) for fqn, d in diag.items() if not d["frozen"]
+        }
+
+    def _warn_if_freeze_drops_mass(self, t: int) -> None:
+        """Warn (once per sparsifier) when the scheduled freeze at step ``t`` drops more than
+        ``_FREEZE_WARN_SHARE`` of a layer's ``alpha~`` mass: ``alpha~`` did not harden (a temperature that stays
+        high, a schedule too short for ``alpha`` to separate), so the freeze changes the model's function
+        as a premature ``finalize()`` would (``_warn_if_soft``), with no warning from there."""
+        if self._warned_freeze:
+            return
+        share = self._dropped_shares()
+        bad = {fqn: v for fqn, v in share.items() if v > _FREEZE_WARN_SHARE}
+        if not bad:
+            return
+        self._warned_freeze = True
+        worst = max(bad, key=bad.__getitem__)
+        cfg = self.config
+        warnings.warn(
+            f"{self._name}: the freeze at step {t} drops up to {100 * bad[worst]:.1f}% of a layer's alpha~ mass "
+            f"('{worst}'); {len(bad)} layer(s) drop more than {100 * _FREEZE_WARN_SHARE:.0f}%: "
+            + ", ".join(f"'{fqn}' {100 * v:.1f}%" for fqn, v in bad.items())
+            + f". alpha~ had not hardened (temperature {cfg.temperature_schedule} from {cfg.temperature_start:g} "
+            f"to {cfg.temperature_end:g}), so the hard top-k changes the model's function (expect a loss jump). "
+            f"Lower temperature_end, use a decaying temperature_schedule, or freeze later (freeze_at) (warned once)",
+            stacklevel=3,  # the caller of step()
+        )
+
     def _warn_if_soft(self) -> None:
         """Warn, with the ``alpha~`` mass a hard top-k drops, when finalize freezes layers that are still soft."""
-        diag = self.diagnostics()
-        soft = {fqn: d for fqn, d in diag.items() if not d["frozen"]}
-        if not soft:
+        share = self._dropped_shares()
+        if not share:
             return
-        share = {fqn: d["mass_outside_topk"] / max(d["sum_alpha_tilde"], 1e-12) for fqn, d in soft.items()}
         worst = max(share, key=share.__getitem__)
         warnings.warn(
             f"{self._name}.finalize() after {self._step} step() call(s), before DynaDiag's freeze at step "
-            f"{self.config.freeze_step} (total_steps={self.config.total_steps}): {len(soft)} layer(s) are still "
+            f"{self.config.freeze_step} (total_steps={self.config.total_steps}): {len(share)} layer(s) are still "
             f"soft, and the hard top-k drops up to {100 * share[worst]:.1f}% of a layer's alpha~ mass "
             f"('{worst}'), so the finalized model computes a different function (expect lower accuracy). "
             f"Call step() once per optimizer.step() and set total_steps to the number of optimizer steps "
             f"(not micro-batches), or set freeze_at earlier",
-            stacklevel=3,
+            stacklevel=4,  # the caller of finalize() (through finalize and its no_grad wrapper)
         )
 
     @torch.no_grad()
-    def _freeze(self, rec: _Layer, fold: bool) -> None:
+    def _freeze(self, rec: _Layer, fold: bool) -> bool:
+        """Freeze ``rec``'s layer; whether it was not frozen yet."""
         layer = rec.module
         if layer.frozen:
-            return
+            return False
         keep = hard_topk(layer.alpha, rec.k)
         self._agree(keep)
         layer.freeze_(fold=fold, keep_idx=keep)
         # alpha keeps a zero gradient (see DynaDiagLinear); with zero momentum no optimizer moves it.
         zero_state_(self.optimizer, layer.alpha)
+        return True
 
     @torch.no_grad()
     def _freeze_all(self, fold: bool | None = None) -> None:
         fold = self.config.fold_at_freeze if fold is None else fold
-        for rec in self._layers:
-            self._freeze(rec, fold)
-        logger.info("step %d: dynadiag freeze: %d layers now train values only", self._step + 1, len(self._layers))
+        froze = sum(self._freeze(rec, fold) for rec in self._layers)
+        if froze:  # not from a finalize() after the scheduled freeze: nothing froze then
+            logger.info("step %d: dynadiag freeze: %d layers now train values only", self._step + 1, froze)
 
     # ------------------------------------------------------------------------------------------------
     # Loss term, diagnostics
@@ -602,6 +643,7 @@ class DiagSparsifier(SparsifierBase):
         """
         return {
             "version": _STATE_VERSION,
+            "kind": "diag",
             "step": self._step,
             "finalized": self._finalized,
             "config": self.config.to_dict(),
@@ -624,6 +666,10 @@ class DiagSparsifier(SparsifierBase):
         Raises ``ValueError`` naming what differs (config fields, layers, k).
         """
         self._check_live("load_state_dict")
+        kind = state_dict.get("kind", "diag")  # states saved before the key existed are DiagSparsifier states
+        if kind != "diag":
+            of = {"mask": "it is a MaskSparsifier state"}.get(kind, f"kind {kind!r}")
+            raise ValueError(f"not a DiagSparsifier state ({of})")
         if state_dict.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported DiagSparsifier state version {state_dict.get('version')!r}")
         if state_dict.get("finalized"):
@@ -663,16 +709,24 @@ class DiagSparsifier(SparsifierBase):
         leaves the optimizer, so training can continue (fine-tuning) on the compact model. Hooks are removed;
         the sparsifier cannot step afterwards.
 
+        DDP: dynadiag layers are replaced (new parameters, fewer buffers), so a ``DistributedDataParallel``
+        wrapper made before ``finalize()`` cannot fine-tune the result (the ranks desync): wrap the finalized
+        model in a fresh one (``ddp = DDP(ddp.module, ...)``). DiagHeur layers are kept as they are (the
+        same ``DiagLinear`` objects), so its wrapper stays valid.
+
         Warns:
             UserWarning: DynaDiag layers were still soft (``step()`` was called fewer than ``freeze_step``
                 times: ``total_steps`` larger than the optimizer steps run, or ``step()`` never called), so the
                 hard top-k drops part of their ``alpha~`` mass and the model's function changes; the warning
                 says how much.
+            UserWarning: layers were replaced while ``torch.distributed`` is in use (a process group): a DDP
+                wrapper made before ``finalize()`` must be replaced by a fresh one to fine-tune.
         """
         self._check_live("finalize")
         if self.config.method == "dynadiag":
             self._warn_if_soft()
             self._freeze_all()
+        swapped = False
         for rec in self._layers:
             if rec.handle is not None:
                 rec.handle.remove()
@@ -687,6 +741,9 @@ class DiagSparsifier(SparsifierBase):
             remove_param_(self.optimizer, layer.alpha)
             self._set_module(rec.fqn, compact)
             rec.module = compact
+            swapped = True
         self._finalized = True
         self._clear_probes()
+        if swapped:
+            self._warn_rewrap_ddp()
         return self.model

@@ -60,3 +60,104 @@ def test_stepping_past_total_steps_warns_once(sparsifier, config_cls, other_conf
     assert "the schedule is over" in msg and "topology" in msg and "temperature" in msg, msg
     assert past[0].filename == train_toy.__code__.co_filename  # points at the caller of step()
     assert sp.step_count == 7
+
+
+@pytest.mark.parametrize("sparsifier, config_cls, other_config_cls", SPARSIFIERS)
+def test_optimizers_that_cannot_follow_a_topology_update_are_refused(sparsifier, config_cls, other_config_cls):
+    # LBFGS keeps one flat curvature history (and one param group); Rprop's fresh per-weight step size is lr,
+    # not 0, so a regrown diagonal / connection, whose state is zeroed, would never move. Refused up front.
+    for opt_cls, why in (
+        (torch.optim.LBFGS, "LBFGS: LBFGS keeps one flat curvature history.*one param group"),
+        (torch.optim.Rprop, "Rprop: its fresh per-weight state is not zero.*could not start fresh"),
+    ):
+        model = tiny_mlp()
+        with pytest.raises(ValueError, match=f"{sparsifier.__name__} cannot train with torch.optim.{why}"):
+            sparsifier(model, opt_cls(model.parameters()), config_cls(total_steps=10, update_every=2), not_head)
+        assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear)), "changed"
+
+
+@pytest.mark.parametrize("sparsifier, config_cls, other_config_cls", SPARSIFIERS)
+def test_errors_name_the_sparsifier_and_what_it_does(sparsifier, config_cls, other_config_cls):
+    name = sparsifier.__name__
+    does = "swap the dense weights for their diagonals" if sparsifier is DiagSparsifier else "mask the weights"
+    model = tiny_mlp(n_in=16, hidden=16, n_out=16)
+    model.head.weight = model.body[0].weight  # tied weights, both 16 x 16
+    with pytest.raises(ValueError, match=rf"^{name}: the weight of 'body.0' is shared with \['head.weight'\]") as e:
+        sparsifier(model, None, config_cls(total_steps=10, sparsity=0.5))
+    assert ("Diag" if sparsifier is MaskSparsifier else "mask") not in str(e.value), e.value
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match=f"Adagrad creates its state in its constructor.*{name} cannot") as e:
+        sparsifier(model, torch.optim.Adagrad(model.parameters()), config_cls(total_steps=10, sparsity=0.5))
+    if sparsifier is MaskSparsifier:
+        assert "diagonal" not in str(e.value), e.value
+    else:
+        assert does in str(e.value), e.value
+
+
+@pytest.mark.parametrize("sparsifier, config_cls, other_config_cls", SPARSIFIERS)
+def test_lazy_and_parametrized_linears_are_refused_with_the_fix(sparsifier, config_cls, other_config_cls):
+    from torch.nn.utils.parametrizations import weight_norm
+
+    cfg = config_cls(total_steps=10, sparsity=0.5, update_every=2)
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match=r"'0' is an uninitialized nn.LazyLinear.*run one forward pass"):
+        sparsifier(model, torch.optim.Adam(model.parameters()), cfg)
+    model(torch.randn(2, 8))  # materialized: now a plain nn.Linear, converted like any other
+    sparsifier(model, torch.optim.Adam(model.parameters()), cfg)
+
+    model = nn.Sequential(weight_norm(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match=r"'0' is parametrized.*remove_parametrizations\(m, \"weight\"\).*filter_fn"):
+        sparsifier(model, torch.optim.Adam(model.parameters()), cfg)
+    # excluded by filter_fn: the rest converts
+    sparsifier(model, torch.optim.Adam(model.parameters()), cfg, filter_fn=lambda m, fqn: fqn != "0")
+
+
+def _rewrap(record):
+    return [w for w in record if "DistributedDataParallel" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "method, swaps",
+    [("dynadiag", True), ("dynadiag-pool", True), ("diagheur", False), ("rigl", True), ("nm-srste", True)],
+)
+def test_finalize_under_torch_distributed_warns_to_rewrap_ddp(gloo_group, method, swaps):
+    from diagcompile.dst import make_sparsifier
+
+    torch.manual_seed(0)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    options = {"pool": 2.0} if method == "dynadiag-pool" else {}
+    sp = make_sparsifier(model, opt, method.removesuffix("-pool"), 0.5, 4, not_head, update_every=2, **options)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    train_toy(ddp, opt, sp, 4)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sp.finalize()
+    rewrap = _rewrap(rec)
+    if not swaps:  # diagheur's layers stay the same DiagLinear objects: the old wrapper is still right
+        assert not rewrap, [str(w.message) for w in rec]
+        return
+    assert len(rewrap) == 1, [str(w.message) for w in rec]
+    msg = str(rewrap[0].message)
+    assert f"{type(sp).__name__}.finalize() replaced" in msg and "DDP(ddp.module" in msg, msg
+    assert rewrap[0].filename == __file__, rewrap[0].filename  # points at the caller of finalize()
+    # the advice works: a fresh wrapper around the finalized module fine-tunes
+    ddp = nn.parallel.DistributedDataParallel(ddp.module)
+    x, y = torch.randn(8, 16), torch.randn(8, 5)
+    for _ in range(2):
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("sparsifier, config_cls, other_config_cls", SPARSIFIERS)
+def test_finalize_without_torch_distributed_does_not_talk_about_ddp(sparsifier, config_cls, other_config_cls):
+    torch.manual_seed(0)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = sparsifier(model, opt, config_cls(total_steps=4, sparsity=0.5, update_every=2), filter_fn=not_head)
+    train_toy(model, opt, sp, 4)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sp.finalize()
+    assert not _rewrap(rec), [str(w.message) for w in rec]

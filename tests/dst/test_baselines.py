@@ -419,13 +419,13 @@ def _single(method, n=1, m=4, **cfg):
     "method, cfg",
     [
         ("nm-srste", {}),
-        ("nm-mask-decay", {"mask_decay_grad": "scaled"}),
-        ("nm-mask-decay", {"mask_decay_grad": "ste"}),
+        ("nm-mask-decay", {"mask_decay_grad": "scaled", "mask_decay_c": 0.1}),
+        ("nm-mask-decay", {"mask_decay_grad": "ste", "mask_decay_c": 0.1}),
         ("nm-structure-decay", {}),
     ],
 )
 def test_nm_forward_and_gradient_semantics(method, cfg):
-    model, sp = _single(method, mask_decay_c=0.1, **cfg)
+    model, sp = _single(method, **cfg)
     for _ in range(3):
         sp.step()
     layer = model[0]
@@ -592,3 +592,12 @@ def test_diagnostics_and_log(caplog):
     # weight + bias, and AdamW's exp_avg and exp_avg_sq of each (dense: masks only simulate sparsity) + 2 steps
     assert row["memory_bytes"] == 3 * 4 * (32 * 32 + 32) + 2 * 4
     assert float(sp.regularization_loss()) == 0.0
+
+
+@pytest.mark.parametrize("method", ["rigl", "nm-srste"])
+def test_layers_after_finalize_are_the_plain_linears_in_the_model(method):
+    model, opt, sp = _make(method)
+    _train(model, opt, sp, 3)
+    sp.finalize()
+    for fqn, layer in sp.layers.items():
+        assert layer is model.get_submodule(fqn) and type(layer) is nn.Linear, fqn

@@ -1,6 +1,7 @@
 """MaskConfig: defaults from the baselines digest, validation, (de)serialization."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ def test_defaults_are_the_papers():
     assert c.update_end_step == 750
     assert c.decay_c == pytest.approx(10 / 750)
     assert math.exp(-c.decay_c * 750) < 1e-4
-    assert MaskConfig(total_steps=1000, mask_decay_shape="linear").decay_c == pytest.approx(1 / 750)
-    assert MaskConfig(total_steps=1000, mask_decay_c=1e-4).decay_c == 1e-4
+    decay = MaskConfig(total_steps=1000, method="nm-mask-decay", mask_decay_shape="linear")
+    assert decay.decay_c == pytest.approx(1 / 750)
+    assert MaskConfig(total_steps=1000, method="nm-mask-decay", mask_decay_c=1e-4).decay_c == 1e-4
     assert not c.is_nm and MaskConfig(total_steps=5, method="nm-srste").is_nm
 
 
@@ -73,19 +75,51 @@ def test_numpy_scalars_are_accepted_and_stored_as_plain_python():
         method="nm-mask-decay",
         sparsity=np.float32(0.5),
         seed=np.uint8(3),
-        gamma_sal=np.float64(0.95),
         nm_m=np.int32(4),
         nm_n=np.int64(2),
         nm_max_m=np.int16(8),
-        srste_lambda=np.float32(1e-4),
         mask_decay_c=np.float64(0.01),
     )
     d = c.to_dict()
     for name in ("total_steps", "seed", "nm_m", "nm_n", "nm_max_m"):
         assert type(d[name]) is int, name
-    for name in ("sparsity", "gamma_sal", "srste_lambda", "mask_decay_c"):
+    for name in ("sparsity", "mask_decay_c"):
         assert type(d[name]) is float, name
     assert MaskConfig.from_dict(d) == c and c.nm_m == 4 and c.seed == 3
+    # fields of the other methods (each refused outside its own: see below)
+    assert type(MaskConfig(total_steps=10, method="srigl", gamma_sal=np.float64(0.95)).gamma_sal) is float
+    assert type(MaskConfig(total_steps=10, method="nm-srste", srste_lambda=np.float32(1e-4)).srste_lambda) is float
     for bad in ("4", np.float64(4.0), np.bool_(True), np.array([4])):
         with pytest.raises(TypeError, match=r"MaskConfig.nm_m=.* must be an int or None"):
             MaskConfig(total_steps=10, nm_m=bad)
+
+
+@pytest.mark.parametrize(
+    "method, field, value, used_by",
+    [
+        ("rigl", "nm_m", 4, ("nm-srste", "nm-mask-decay", "nm-structure-decay")),
+        ("rigl", "srste_lambda", 0.1, ("nm-srste",)),
+        ("rigl", "mask_decay_c", 5.0, ("nm-mask-decay",)),
+        ("rigl", "ablation", False, ("srigl",)),
+        ("nm-srste", "mask_decay_shape", "linear", ("nm-mask-decay",)),
+        ("nm-mask-decay", "gamma_sal", 0.9, ("srigl",)),
+        ("nm-structure-decay", "rescale_init", False, ("rigl", "srigl")),
+        ("srigl", "nm_max_m", 8, ("nm-srste", "nm-mask-decay", "nm-structure-decay")),
+        ("nm-srste", "erk_power", 2.0, ("rigl", "srigl")),
+        ("rigl", "no_ablation", ("body.0",), ("srigl",)),
+    ],
+)
+def test_options_the_method_never_reads_are_refused(method, field, value, used_by):
+    # as DSTConfig refuses dynadiag's options under diagheur: an option that would do nothing is not recorded
+    # as if it were used
+    used = f"method={used_by[0]!r}" if len(used_by) == 1 else f"method in {used_by!r}"
+    with pytest.raises(ValueError, match=re.escape(f"applies to {used} only, not method={method!r}")):
+        MaskConfig(total_steps=10, method=method, **{field: value})
+    MaskConfig(total_steps=10, method=method, **{field: MaskConfig.__dataclass_fields__[field].default})  # default
+
+
+def test_shared_options_are_accepted_by_every_method():
+    # the schedule, the budget and the seed are not refused anywhere (the CLI passes its seed to every method)
+    for method in ("rigl", "srigl", "nm-srste", "nm-mask-decay", "nm-structure-decay"):
+        MaskConfig(total_steps=10, method=method, update_every=3, drop_fraction=0.5, update_end=0.5, seed=3)
+        MaskConfig(total_steps=10, method=method, budget="floor", no_ablation=[] if method != "srigl" else ["x"])

@@ -105,3 +105,18 @@ def test_remap_rows_moves_a_pending_gradient_with_its_rows():
     g = p.grad.clone()
     remap_rows_(p, torch.tensor([2, -1, 0, 3]), None, fill=0.0)
     assert torch.equal(p.grad, torch.stack([g[2], torch.zeros(3), g[0], g[3]]))
+
+
+def test_replace_and_remove_change_the_group_list_in_place():
+    # LBFGS (and any optimizer like it) keeps its own reference to group["params"]: a new list would leave it
+    # stepping the old parameters, so the swap must be visible through every reference to the list.
+    a, b, c = (nn.Parameter(torch.randn(4, 2)) for _ in range(3))
+    opt = torch.optim.SGD([a, b], lr=0.1)
+    held = opt.param_groups[0]["params"]
+    new = nn.Parameter(torch.randn(3, 2))
+    replace_param_(opt, a, [new])
+    assert opt.param_groups[0]["params"] is held and [id(p) for p in held] == [id(b), id(new)]
+    transfer_rows_(opt, new, c, torch.tensor([0, 1]))
+    assert opt.param_groups[0]["params"] is held and [id(p) for p in held] == [id(b), id(c)]
+    remove_param_(opt, b)
+    assert opt.param_groups[0]["params"] is held and [id(p) for p in held] == [id(c)]

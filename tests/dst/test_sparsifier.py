@@ -3,6 +3,7 @@
 import io
 import logging
 import math
+import re
 import warnings
 
 import pytest
@@ -560,8 +561,11 @@ def test_finalize_before_the_freeze_warns_with_the_mass_it_drops(mode):
     _train(model, opt, sp, 6)
     share = max(d["mass_outside_topk"] / d["sum_alpha_tilde"] for d in sp.diagnostics().values())
     assert share > 0.01
-    with pytest.warns(UserWarning, match=rf"after 6 step\(\) call\(s\), before DynaDiag's freeze.*{100 * share:.1f}%"):
+    with pytest.warns(
+        UserWarning, match=rf"after 6 step\(\) call\(s\), before DynaDiag's freeze.*{100 * share:.1f}%"
+    ) as w:
         sp.finalize()
+    assert w[0].filename == __file__  # points at the caller of finalize()
     # At the freeze nothing is dropped and nothing is said.
     model, opt, sp = _make(**MODES[mode], freeze_at=5)
     _train(model, opt, sp, 6)
@@ -864,3 +868,68 @@ class _NoSparsifier:
 
     def step(self):
         pass
+
+
+def test_load_state_dict_names_a_mask_sparsifier_state_and_loads_states_without_a_kind():
+    from diagcompile.dst import make_sparsifier
+
+    model, opt, sp = _make()
+    _train(model, opt, sp, 3)
+    state = sp.state_dict()
+    assert state["kind"] == "diag"
+    masked = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    rigl = make_sparsifier(masked, torch.optim.AdamW(masked.parameters()), "rigl", 0.8, 40, not_head, update_every=5)
+    with pytest.raises(ValueError, match=r"^not a DiagSparsifier state \(it is a MaskSparsifier state\)$"):
+        sp.load_state_dict(rigl.state_dict())
+    with pytest.raises(ValueError, match=r"^not a MaskSparsifier state \(it is a DiagSparsifier state\)$"):
+        rigl.load_state_dict(state)
+    # a state saved before the "kind" key existed is a DiagSparsifier state: it still loads
+    old = {k: v for k, v in state.items() if k != "kind"}
+    _, _, fresh = _make()
+    fresh.load_state_dict(old)
+    assert fresh.step_count == 3
+
+
+def test_finalize_after_the_freeze_logs_no_second_freeze(caplog):
+    model, opt, sp = _make(freeze_at=4, total_steps=8)
+    with caplog.at_level(logging.INFO, logger="diagcompile.dst"):
+        _train(model, opt, sp, 6)
+        sp.finalize()
+    freezes = [m for m in caplog.messages if "dynadiag freeze" in m]
+    assert freezes == ["step 4: dynadiag freeze: 2 layers now train values only"], freezes
+    # finalize() before the freeze does freeze (and says so)
+    model, opt, sp = _make(freeze_at=4, total_steps=8)
+    _train(model, opt, sp, 2)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="diagcompile.dst"), pytest.warns(UserWarning, match="still soft"):
+        sp.finalize()
+    freezes = [m for m in caplog.messages if "dynadiag freeze" in m]
+    assert freezes == ["step 3: dynadiag freeze: 2 layers now train values only"], freezes
+
+
+def _freeze_warnings(record):
+    return [w for w in record if "the freeze at step" in str(w.message)]
+
+
+def test_a_scheduled_freeze_that_drops_much_alpha_mass_warns_once():
+    # A constant temperature of 1 never hardens alpha~: the freeze's hard top-k drops most of it.
+    model, opt, sp = _make(temperature_schedule="constant", temperature_start=1.0, freeze_at=4, total_steps=8)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        _train(model, opt, sp, 8)  # step 4: the freeze
+    warned = _freeze_warnings(rec)
+    assert len(warned) == 1, [str(w.message) for w in rec]
+    msg = str(warned[0].message)
+    worst = re.search(r"^DiagSparsifier: the freeze at step 4 drops up to ([\d.]+)% of a layer's alpha~ mass", msg)
+    assert worst and float(worst.group(1)) > 50, msg
+    assert "'body.0'" in msg and "'body.2'" in msg and "temperature" in msg, msg
+    assert warned[0].filename == _train.__code__.co_filename  # points at the caller of step()
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "diagheur"])
+def test_a_scheduled_freeze_of_hardened_layers_says_nothing(mode):
+    model, opt, sp = _make(**MODES[mode])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        _train(model, opt, sp, 40)  # through the freeze at step 20
+    assert not _freeze_warnings(rec), [str(w.message) for w in rec]
