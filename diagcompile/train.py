@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1137,7 +1138,10 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
             "history": history["dst"],
             "max_memory_bytes": max(max_dst_memory, int(_dst_summary(diag).get("memory_bytes", 0))),
         }
-        final_model = sparsifier.finalize()
+        with warnings.catch_warnings():
+            # The harness evaluates and saves the finalized model; it never trains on through its DDP wrapper.
+            warnings.filterwarnings("ignore", message=r".*fresh DistributedDataParallel")
+            final_model = sparsifier.finalize()
     after = _evaluate(cfg, final_model, ds, device, final=True)
     eval_final_s = time.perf_counter() - t_eval
 

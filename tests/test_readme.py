@@ -76,3 +76,10 @@ def test_readme_api_tour_runs(tmp_path, monkeypatch):
     assert count_plugin_nodes(tmp_path / "model_trt.onnx") == 1
     torch.testing.assert_close(scope["fast"](x), expected(x), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(expected(x), Net.forward(other, x))  # the check can tell sparse from dense
+
+
+def test_markdown_code_fences_are_balanced():
+    """A stray fence turns the rest of a document into one code block on GitHub."""
+    for doc in (README, README.parent / "ARCHITECTURE.md", README.parent / "passes" / "README.md"):
+        fences = [i for i, line in enumerate(doc.read_text().splitlines(), 1) if line.lstrip().startswith("```")]
+        assert len(fences) % 2 == 0, f"{doc.name}: unbalanced ``` fences at lines {fences}"
