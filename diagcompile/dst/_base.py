@@ -255,9 +255,12 @@ class SparsifierBase:
                 _row_state_tensors(self.optimizer, p)
 
     def _set_module(self, fqn: str, new: nn.Module) -> None:
-        """Put ``new`` in place of the submodule ``fqn`` of the model (``diagcompile.api.swap_module``)."""
-        from diagcompile.api import swap_module
+        """Put ``new`` in place of the submodule ``fqn`` of the model (``diagcompile.api.swap_module``), with the
+        user's forward/backward hooks and train/eval mode of the module it replaces (``diagcompile.api.carry_over``;
+        the sparsifier removes its own hooks before it swaps a layer it hooked)."""
+        from diagcompile.api import carry_over, swap_module
 
+        carry_over(self.model.get_submodule(fqn), new)
         swap_module(self.model, fqn, new)
 
     # ------------------------------------------------------------------------------------------------

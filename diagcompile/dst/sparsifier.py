@@ -240,7 +240,9 @@ class DiagSparsifier(SparsifierBase):
         for rec in self._layers:
             rec.last_kept = self._kept_offsets(rec).clone()
             if rec.needs_probe:
-                rec.handle = rec.module.register_forward_hook(_ProbeHook(self, rec))
+                # First in line: the probe needs the layer's own output, before a user's hook (carried over from
+                # the replaced linear) can change it.
+                rec.handle = rec.module.register_forward_hook(_ProbeHook(self, rec), prepend=True)
         self._armed = self._updates.is_update_step(1)
         if any(rec.needs_probe for rec in self._layers):
             self._warn_if_no_updates()

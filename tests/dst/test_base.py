@@ -161,3 +161,24 @@ def test_finalize_without_torch_distributed_does_not_talk_about_ddp(sparsifier, 
         warnings.simplefilter("always")
         sp.finalize()
     assert not _rewrap(rec), [str(w.message) for w in rec]
+
+
+@pytest.mark.parametrize("method", ["dynadiag", "diagheur", "rigl"])
+def test_user_hooks_survive_conversion_and_finalize(method):
+    """The layers a sparsifier swaps in (at construction, and compact ones at finalize) keep the user's hooks."""
+    from diagcompile.dst import make_sparsifier
+
+    torch.manual_seed(0)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    calls = []
+    model.body[2].register_forward_hook(lambda m, i, out: calls.append(type(m).__name__) or out * 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = make_sparsifier(model, opt, method, 0.5, 4, not_head, update_every=2)
+    train_toy(model, opt, sp, 4)
+    assert calls, "the hook was lost when the sparsifier converted the layer"
+    final = sp.finalize()
+    calls.clear()
+    out = final(torch.randn(3, 16))
+    assert len(calls) == 1, calls  # the user's hook, once (the sparsifier's probe hooks are gone)
+    # the hook zeroes body[2]'s output: what follows sees relu(0) = 0, so the output is the head's bias
+    torch.testing.assert_close(out, final.head.bias.expand(3, -1))
