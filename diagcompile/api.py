@@ -9,6 +9,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from diagcompile.config import DiagSparsityConfig
 from diagcompile.functional import check_sparsity
@@ -92,6 +95,10 @@ _HOOK_DICTS = (
 )
 
 
+#: Forward pre-hooks that recompute a dense ``weight`` (torch.nn.utils.prune, the old weight_norm / spectral_norm).
+_WEIGHT_HOOKS = (BasePruningMethod, WeightNorm, SpectralNorm)
+
+
 def carry_over(old: nn.Module, new: nn.Module) -> None:
     """Give ``new`` the forward (pre-)hooks, backward (pre-)hooks and train/eval mode of ``old``, which it replaces.
 
@@ -99,15 +106,31 @@ def carry_over(old: nn.Module, new: nn.Module) -> None:
     was registered in, so ``handle.remove()`` on a handle obtained before the swap removes the hook from
     ``new``. Both modules then share these dicts (a hook registered on either later runs on both), which
     matters only to a caller who keeps using ``old``. Should ``new`` already have hooks of its own in a dict,
-    it gets a merged copy instead (``old``'s hooks first), and handles to ``old``'s hooks no longer reach it.
+    it gets a merged copy instead (``old``'s hooks first), and handles to ``old``'s hooks no longer reach it; so
+    does a dict holding a hook that recomputes the dense weight (``torch.nn.utils.prune``, the old
+    ``weight_norm`` / ``spectral_norm``), which is left out, with a warning.
     State-dict hooks are not carried (see ``_HOOK_DICTS``).
     """
+    dropped = []
     for attr in _HOOK_DICTS:
         hooks = old.__dict__.get(attr)
         if hooks is None:  # a torch without this registry
             continue
+        kept = OrderedDict((i, h) for i, h in hooks.items() if not isinstance(h, _WEIGHT_HOOKS))
+        dropped += [type(h).__name__ for h in hooks.values() if isinstance(h, _WEIGHT_HOOKS)]
         own = new.__dict__.get(attr)
-        new.__dict__[attr] = OrderedDict([*hooks.items(), *own.items()]) if own else hooks
+        if own or len(kept) != len(hooks):
+            new.__dict__[attr] = OrderedDict([*kept.items(), *(own or {}).items()])
+        else:
+            new.__dict__[attr] = hooks
+    if dropped:
+        # They recompute `weight` from attributes (weight_orig and weight_mask, weight_g and weight_v, ...) that
+        # the DiagLinear does not have; the conversion used the weight they last computed.
+        warnings.warn(
+            f"dropped {', '.join(sorted(set(dropped)))} from the replaced linear: it recomputes a dense weight the "
+            f"new {type(new).__name__} does not have; the layer was converted from its current weight",
+            stacklevel=4,
+        )
     if old.__dict__.get("_backward_hooks"):
         # Without the flag, torch would not run full backward hooks (register_full_backward_hook) at all.
         new._is_full_backward_hook = old._is_full_backward_hook
@@ -120,7 +143,19 @@ def _convert(linear: nn.Linear, config: DiagSparsityConfig, fqn: str) -> DiagLin
     n_out, n_in = linear.weight.shape
     mark = get_sparse_mark(linear)
     if mark is not None:
-        return DiagLinear.from_dense(linear, offsets=mark.resolve_offsets(linear.weight))
+        offsets = mark.resolve_offsets(linear.weight)
+        pinned = getattr(linear.weight, "_diagcompile_sparse_mark", None)
+        if pinned is not None and pinned.offsets is not None and pinned.offsets != tuple(offsets.tolist()):
+            # Either the model trained through the backend on the pinned diagonals (then they are the ones to
+            # keep), or weights were loaded after a compile pinned the old ones (then the module's mark is right).
+            warnings.warn(
+                f"sparsify_: '{fqn or '<root>'}': its weight carries diagonals pinned by the diagcompile backend "
+                f"that differ from its module's mark ({mark}); converting by the module's mark. If the model was "
+                f"trained through the backend, call diagcompile.passes.pin_marks_(model) first to keep the "
+                f"trained diagonals",
+                stacklevel=4,
+            )
+        return DiagLinear.from_dense(linear, offsets=offsets)
     check_sparsity(config.sparsity, n_out, n_in, where=f"sparsify_: layer '{fqn or '<root>'}' ({n_out}x{n_in})")
     if config.selection == "topk":
         return DiagLinear.from_dense(linear, sparsity=config.sparsity)

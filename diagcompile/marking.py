@@ -13,9 +13,11 @@ graphs where only the weight survives (Dynamo's ``F.linear`` with the weight as 
 model keeps the module marks but loses the weight marks: ``sync_marks(model)`` restores them, and every
 diagcompile entry point that works on graphs calls it first.
 
-Where the two differ, the weight's mark wins (``passes/README.md``, invariant 8): the ``diagcompile`` backend
-pins its top-k choice as explicit offsets on the *weight* and trains those diagonals, while the module keeps
-the top-k mark it was given.
+The two can differ: the ``diagcompile`` backend pins its top-k choice as explicit offsets on the *weight* (the
+graphs follow the weight's mark, ``passes/README.md`` invariant 8), while the module keeps the mark it was given.
+``get_sparse_mark(module)`` reads the module's: a pin made before new weights were loaded would otherwise decide
+which diagonals ``sparsify_`` keeps. After training through the backend, ``pin_marks_(model)`` copies the pins
+onto the modules (``sparsify_`` warns when it sees a pin that differs).
 """
 
 from __future__ import annotations
@@ -142,18 +144,14 @@ def unmark_sparse(target: nn.Module | Tensor) -> nn.Module | Tensor:
 def get_sparse_mark(target: object) -> SparseMark | None:
     """The mark of a linear module or weight tensor, or ``None``. Never raises.
 
-    For a linear, its weight's mark where the weight has one, else the module's: the two differ after the
-    ``diagcompile`` backend pinned a top-k choice on the weight (``SparseMark(offsets=...)``), and the weight's
-    is the one every graph and the trained values follow (``passes/README.md``, invariant 8); the module's
-    serves a weight that lost its own (``copy.deepcopy``) or was never marked.
+    For a linear, the module's own mark, else its weight's (see the module docstring for when they differ).
     """
     if isinstance(target, nn.Module):
+        mark = target.__dict__.get(_ATTR)
         # A parametrized weight is recomputed on each access (costly here, and it never carries a mark).
-        if isinstance(target, nn.Linear) and not parametrize.is_parametrized(target, "weight"):
+        if mark is None and isinstance(target, nn.Linear) and not parametrize.is_parametrized(target, "weight"):
             mark = getattr(getattr(target, "weight", None), _ATTR, None)
-            if mark is not None:
-                return mark
-        return target.__dict__.get(_ATTR)
+        return mark
     if isinstance(target, torch.Tensor):
         return getattr(target, _ATTR, None)
     return None

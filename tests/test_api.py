@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from diagcompile import DiagLinear, DiagSparsityConfig, mark_sparse, sparsify_
+from diagcompile.passes import pin_marks_
 from diagcompile.testing import rel_err
 
 
@@ -217,13 +218,35 @@ def test_new_layers_keep_the_train_or_eval_mode_of_the_linear_they_replace():
     assert (model.training, model[0].training, model[1][0].training) == (False, False, True)
 
 
-def test_sparsify_keeps_the_diagonals_pinned_on_the_weight():
+def test_sparsify_warns_about_a_pin_that_differs_and_pin_marks_keeps_it():
     # The diagcompile backend pins its top-k choice on the *weight's* mark (the module keeps the top-k mark)
-    # and trains those diagonals; converting by the module's mark would pick others from the trained weight.
-    model = nn.Sequential(nn.Linear(16, 16))
-    mark_sparse(model[0], sparsity=0.75)
-    with torch.no_grad():
-        model[0].weight.add_(10 * torch.eye(16))  # top-k by norm would now keep diagonal 0
-    mark_sparse(model[0].weight, offsets=[3, 5, 9, 12])  # what the backend's pinning does
+    # and trains those diagonals. sparsify_ follows the module's mark (a pin made before new weights were
+    # loaded is stale) but says so; pin_marks_ first keeps the trained diagonals.
+    def trained():
+        model = nn.Sequential(nn.Linear(16, 16))
+        mark_sparse(model[0], sparsity=0.75)
+        with torch.no_grad():
+            model[0].weight.add_(10 * torch.eye(16))  # top-k by norm would now keep diagonal 0
+        mark_sparse(model[0].weight, offsets=[3, 5, 9, 12])  # what the backend's pinning does
+        return model
+
+    model = trained()
+    with pytest.warns(UserWarning, match=r"'0': its weight carries diagonals pinned .*pin_marks_\(model\)"):
+        sparsify_(model, DiagSparsityConfig(only_marked=True))
+    assert 0 in model[0].offsets.tolist()
+    model = trained()
+    pin_marks_(model)
     sparsify_(model, DiagSparsityConfig(only_marked=True))
     assert model[0].offsets.tolist() == [3, 5, 9, 12]
+
+
+def test_hooks_that_recompute_the_dense_weight_are_dropped_with_a_warning():
+    # torch.nn.utils.prune's pre-hook reads weight_orig / weight_mask, which a DiagLinear lacks: carried
+    # over, it made the converted model fail at its first forward.
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.3)
+    model[0].register_forward_pre_hook(lambda m, args: None)  # a user's hook is still carried over
+    with pytest.warns(UserWarning, match="dropped L1Unstructured from the replaced linear"):
+        sparsify_(model, DiagSparsityConfig(sparsity=0.5))
+    assert [type(h).__name__ for h in model[0]._forward_pre_hooks.values()] == ["function"]
+    assert model(torch.randn(4, 32)).shape == (4, 16)
