@@ -358,10 +358,11 @@ def _region_name(node: fx.Node) -> str:
     return "torch.utils.checkpoint" if name == "tag_activation_checkpoint" else f"higher-order op '{name}'"
 
 
-def _autocast_possible(graph: fx.Graph) -> bool:
+def _autocast_possible(graph: fx.Graph, devices: Sequence[str]) -> bool:
     """Whether the graph's linears may run under autocast, where mixed input dtypes are legal: autocast is on
-    now (Dynamo calls the backend inside the user's region) or the graph enters it itself."""
-    if any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d)):
+    now for one of the weights' ``devices`` (Dynamo calls the backend inside the user's region) or the graph
+    enters it itself."""
+    if any(torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d) for d in {*devices, "cpu"}):
         return True
     return any(n.op == "call_function" and "autocast" in str(n.target) for n in graph.nodes)
 
@@ -629,7 +630,9 @@ def rewrite_sites(
     work.sort(key=lambda sw: order[sw[0].node])
 
     sites: list[RewriteSite] = []
-    autocast = _autocast_possible(graph)
+    # Only Dynamo graphs need the check: their fake propagation lets F.linear's mixed dtypes through, while
+    # an exported program or a symbolic trace records what actually ran (autocast applied while tracing).
+    autocast = ir != "dynamo" or _autocast_possible(graph, [w.tensor.device.type for w in weights])
     for site, w in work:
         em = emitters[id(w)]
         n_out, n_in = w.tensor.shape

@@ -194,7 +194,8 @@ def compile(
     if "backend" in kwargs:
         raise TypeError("diagcompile.compile always uses the diagcompile backend; do not pass backend=")
     if isinstance(model, nn.Module):
-        _restore_weight_marks(model)
+        if not sparsify:  # sparsify_ converts marked modules itself (a parametrized one from its current weight)
+            _restore_weight_marks(model)
         if sparsify:
             from diagcompile.api import sparsify_
             from diagcompile.config import DiagSparsityConfig

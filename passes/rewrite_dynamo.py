@@ -78,21 +78,20 @@ class _WeightState:
         self.offsets = offsets
         self.k = int(offsets.numel())
         self._index: Tensor | None = None
-        # dtype -> (values, _weight_key, the weight's storage it was converted from: held, so that no new
-        # storage can take its address while the key compares it)
-        self._values: dict[torch.dtype, tuple[Tensor, object, Tensor]] = {}
+        # dtype -> (values, the weight's version and a weak reference to its storage when they were converted)
+        self._values: dict[torch.dtype, tuple[Tensor, int | None, weakref.ref]] = {}
 
     def values(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
         """``(k, D)`` values of ``weight`` in ``dtype``, re-converted in place if the weight changed."""
         cached = self._values.get(dtype)
-        version = _weight_key(weight)
+        version, storage = _version(weight), weight.untyped_storage()
         if cached is None:
-            self._values[dtype] = (convert_values(weight, self.offsets, dtype), version, weight.detach())
-        elif version is None or cached[1] != version:
+            self._values[dtype] = (convert_values(weight, self.offsets, dtype), version, weakref.ref(storage))
+        elif version is None or cached[1] != version or cached[2]() is not storage:
             # In place: the tensor keeps its address, which CUDA graphs recorded as a static input.
             with torch.no_grad():
                 cached[0].copy_(convert_values(weight, self.offsets, dtype))
-            self._values[dtype] = (cached[0], version, weight.detach())
+            self._values[dtype] = (cached[0], version, weakref.ref(storage))
         return self._values[dtype][0]
 
     def index(self, weight: Tensor) -> Tensor:
@@ -119,23 +118,18 @@ def weight_state(weight: Tensor, mark: SparseMark | None = None, *, pin: bool = 
     return state
 
 
-def _weight_key(weight: Tensor) -> tuple[int, int] | None:
-    """What says a weight is unchanged since its values were converted: the in-place version counter, and the
-    storage, which ``.data =`` replaces without a version bump (``vector_to_parameters``, ``Module.half()``).
-    The address identifies the storage only while that storage is alive: a cache keyed on it holds it.
-    ``None`` (re-convert every time) for an inference tensor, which has no version counter, so an in-place
-    write under ``torch.inference_mode()`` (a ``load_state_dict`` there) cannot be seen any other way."""
-    return None if weight.is_inference() else (weight._version, weight.data_ptr())
-
-
-def _call_key(weights: Sequence[object]) -> list[object] | None:
-    """``DiagInputs``' cache key for one call's weights, or ``None`` (do not cache): a weight that is not a
-    tensor (the slow path names the problem) or an inference tensor."""
+# A weight is unchanged since its values were converted while it has the same in-place version counter and
+# the same storage: ``.data =`` swaps the storage without a version bump (``vector_to_parameters``,
+# ``Module.half()``). The storage is compared by identity through a weak reference (torch keeps one Python
+# object per live storage), which, unlike its address, cannot match a new storage, and keeps nothing alive.
+def _version(weight: Tensor) -> int | None:
+    """The in-place version counter, or ``None`` (re-convert every time) for an inference tensor, which has
+    none, so an in-place write under ``torch.inference_mode()`` (a ``load_state_dict`` there) is otherwise
+    invisible."""
     try:
-        keys = [_weight_key(w) for w in weights]  # type: ignore[arg-type]
-    except AttributeError:
+        return weight._version
+    except RuntimeError:
         return None
-    return None if None in keys else [*map(id, weights), *keys]
 
 
 def _same_mark(a: SparseMark | None, b: SparseMark | None) -> bool:
@@ -163,8 +157,8 @@ class DiagInputs:
         self._arg_index = tuple(first[i] if isinstance(first[i], int) else None for i in range(len(keys)))
         self._fixed = tuple(None if isinstance(first[i], int) else first[i] for i in range(len(keys)))
         self._refs: list[weakref.ref] = []
-        self._key: list[object] | None = None  # _call_key of the weights of the cached call
-        self._held: list[Tensor] = []  # their storages (see _WeightState._values)
+        # (id, version, weak reference to the storage) of each weight of the cached call; empty: no cache
+        self._seen: list[tuple[int, int, weakref.ref]] = []
         self._out: tuple[Tensor, ...] = ()
 
     def __len__(self) -> int:
@@ -172,10 +166,7 @@ class DiagInputs:
 
     def __call__(self, args: Sequence[object]) -> tuple[Tensor, ...]:
         weights = [args[i] if i is not None else f for i, f in zip(self._arg_index, self._fixed)]
-        key = _call_key(weights)
-        # Ids are safe to compare: the weak references below drop this cache as soon as a weight dies,
-        # before its id can be reused.
-        if key is not None and key == self._key:
+        if self._unchanged(weights):
             return self._out
         out = []
         for spec, slot in zip(self.specs, self._slots):
@@ -190,13 +181,30 @@ class DiagInputs:
             else:
                 out.append(state.offsets)
         self._refs = [weakref.ref(w, self._forget) for w in weights]
-        self._key = _call_key(weights)
-        self._held = [w.detach() for w in weights]
+        try:
+            self._seen = [(id(w), w._version, weakref.ref(w.untyped_storage())) for w in weights]
+        except RuntimeError:  # an inference tensor has no version counter: no cache
+            self._seen = []
         self._out = tuple(out)
         return self._out
 
+    def _unchanged(self, weights: list[object]) -> bool:
+        """Whether ``weights`` are the cached call's tensors, unchanged (an identity, a version and a storage
+        check each). Ids are safe to compare: ``_refs`` drop the cache as soon as a weight dies, before its
+        id can be reused."""
+        seen = self._seen
+        if not seen:
+            return False
+        try:
+            for w, (wid, version, storage) in zip(weights, seen):
+                if id(w) != wid or w._version != version or storage() is not w.untyped_storage():
+                    return False
+        except (AttributeError, RuntimeError):  # not a tensor (the slow path names it), an inference tensor
+            return False
+        return True
+
     def _forget(self, _: object = None) -> None:
-        self._key, self._out, self._held = None, (), []
+        self._seen, self._out = [], ()
 
     @staticmethod
     def _state_for(weight: object, spec: InputSpec) -> _WeightState:

@@ -431,3 +431,29 @@ def test_mixed_dtypes_under_autocast_still_compile():
         y, ref = diagcompile.compile(model)(x), masked_dense_copy(model)(x)
     assert y.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_inference_cache_keeps_no_replaced_storage_alive():
+    """The storage check holds storages weakly: after model.half(), the fp32 weights can be freed."""
+    import weakref
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    mark_sparse(model[0], sparsity=0.5)
+    compiled = diagcompile.compile(model)
+    with torch.no_grad():
+        compiled(torch.randn(2, 64))
+    old = weakref.ref(model[0].weight.untyped_storage())
+    model.half()
+    assert old() is None, "the cache kept the replaced fp32 weight alive"
+    with torch.no_grad():
+        assert compiled(torch.randn(2, 64).half()).dtype == torch.float16
+
+
+def test_compile_sparsify_converts_a_marked_linear_with_a_parametrized_weight():
+    layer = nn.Linear(16, 8)
+    mark_sparse(layer, sparsity=0.5)
+    torch.nn.utils.parametrizations.weight_norm(layer)
+    model = nn.Sequential(layer)
+    with pytest.warns(UserWarning, match="parametriz"):
+        compiled = diagcompile.compile(model, sparsify=True)
+    assert isinstance(model[0], DiagLinear) and compiled(torch.randn(2, 16)).shape == (2, 8)

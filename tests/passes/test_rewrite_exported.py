@@ -105,3 +105,18 @@ def test_type_errors():
         rewrite_exported_program(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="ep.module"):
         rewrite_exported(nn.Linear(2, 2))
+
+
+def test_a_program_exported_under_autocast_is_rewritten():
+    """Autocast applied while exporting leaves linears of mixed input dtypes in the program; they are legal
+    there (the dtype refusal is for Dynamo graphs, whose fake propagation lets eager errors through)."""
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    for i in (0, 2):
+        mark_sparse(model[i], sparsity=0.5)
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ep = torch.export.export(model, (x,))
+        ref = masked_dense_copy(model)(x)
+    gm, report = rewrite_exported(ep.module())
+    assert report.count == 2
+    torch.testing.assert_close(gm(x).float(), ref.float(), rtol=2e-2, atol=2e-2)
