@@ -36,16 +36,22 @@ def test_bad_arguments_are_refused_before_anything_changes(sparsifier, config_cl
     assert all(type(m) is nn.Linear for m in (*model.modules(), *tied.modules()) if isinstance(m, nn.Linear))
 
 
+def _tiny_run(sparsifier, config_cls):
+    """A tiny MLP, AdamW and a sparsifier for 4 steps (updates every 2), head dense."""
+    torch.manual_seed(0)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = sparsifier(model, opt, config_cls(total_steps=4, sparsity=0.5, update_every=2), filter_fn=not_head)
+    return model, opt, sp
+
+
 def _past_end(record):
     return [w for w in record if issubclass(w.category, UserWarning) and "beyond total_steps" in str(w.message)]
 
 
 @pytest.mark.parametrize("sparsifier, config_cls, other_config_cls", SPARSIFIERS)
 def test_stepping_past_total_steps_warns_once(sparsifier, config_cls, other_config_cls):
-    torch.manual_seed(0)
-    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sp = sparsifier(model, opt, config_cls(total_steps=4, sparsity=0.5, update_every=2), filter_fn=not_head)
+    model, opt, sp = _tiny_run(sparsifier, config_cls)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         train_toy(model, opt, sp, 4)  # exactly total_steps: a normal run, no warning
@@ -152,10 +158,7 @@ def test_finalize_under_torch_distributed_warns_to_rewrap_ddp(gloo_group, method
 
 @pytest.mark.parametrize("sparsifier, config_cls, other_config_cls", SPARSIFIERS)
 def test_finalize_without_torch_distributed_does_not_talk_about_ddp(sparsifier, config_cls, other_config_cls):
-    torch.manual_seed(0)
-    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sp = sparsifier(model, opt, config_cls(total_steps=4, sparsity=0.5, update_every=2), filter_fn=not_head)
+    model, opt, sp = _tiny_run(sparsifier, config_cls)
     train_toy(model, opt, sp, 4)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
