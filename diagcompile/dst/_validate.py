@@ -77,6 +77,17 @@ class FieldChecker:
             raise self.bad(name, "must be a bool", TypeError)
 
 
+def refuse_other_methods_options(c: FieldChecker, method: str, applies: dict[str, tuple[str, ...]]) -> None:
+    """Refuse a field that ``method`` never reads (``applies``: field -> the methods that read it) set to a
+    value other than its default (which cannot be told from no value): an option that would do nothing is not
+    recorded as if it were used."""
+    defaults = {f.name: f.default for f in fields(c.obj)}
+    for name, methods in applies.items():
+        if method not in methods and getattr(c.obj, name) != defaults[name]:
+            used = f"method={methods[0]!r}" if len(methods) == 1 else f"method in {methods!r}"
+            raise c.bad(name, f"applies to {used} only, not method={method!r}")
+
+
 def check_schedule_fields(c: FieldChecker, methods: tuple[str, ...]) -> None:
     """The fields ``DSTConfig`` and ``MaskConfig`` share (same names, meanings and RigL defaults)."""
     c.need_int("total_steps", 1)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from diagcompile.dst._validate import FieldChecker, check_schedule_fields, config_from_dict, is_real
+from diagcompile.dst._validate import (
+    FieldChecker,
+    check_schedule_fields,
+    config_from_dict,
+    is_real,
+    refuse_other_methods_options,
+)
 
 __all__ = [
     "DSTConfig",
@@ -158,11 +164,8 @@ class DSTConfig:
         c.need_choice("soft_scale", SOFT_SCALES)
         if self.pool is not None:
             c.need_real("pool", 1.0, math.inf, hi_open=True)
-        defaults = {f.name: f.default for f in fields(self)}
-        other, only = ("diagheur", DIAGHEUR_ONLY) if self.method == "dynadiag" else ("dynadiag", DYNADIAG_ONLY)
-        for name in only:
-            if getattr(self, name) != defaults[name]:
-                raise c.bad(name, f"applies to method={other!r} only, not method={self.method!r}")
+        applies = {**dict.fromkeys(DYNADIAG_ONLY, ("dynadiag",)), **dict.fromkeys(DIAGHEUR_ONLY, ("diagheur",))}
+        refuse_other_methods_options(c, self.method, applies)
 
     # ------------------------------------------------------------------------------------------------
     @property

@@ -10,10 +10,15 @@ options would accept (and silently ignore) half of its fields for any given meth
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from diagcompile.dst._validate import FieldChecker, check_schedule_fields, config_from_dict
+from diagcompile.dst._validate import (
+    FieldChecker,
+    check_schedule_fields,
+    config_from_dict,
+    refuse_other_methods_options,
+)
 
 __all__ = ["MaskConfig", "MASK_METHODS", "NM_METHODS", "DISTRIBUTIONS", "BUDGETS", "METHOD_ONLY"]
 
@@ -167,11 +172,7 @@ class MaskConfig:
         c.need_choice("mask_decay_grad", MASK_DECAY_GRADS)
         if self.method in NM_METHODS and self.distribution != "uniform":
             raise c.bad("distribution", f"must be 'uniform' for {self.method} (N:M fixes every layer's density)")
-        defaults = {f.name: f.default for f in fields(self)}
-        for name, methods in METHOD_ONLY.items():
-            if self.method not in methods and getattr(self, name) != defaults[name]:
-                used = f"method={methods[0]!r}" if len(methods) == 1 else f"method in {methods!r}"
-                raise c.bad(name, f"applies to {used} only, not method={self.method!r}")
+        refuse_other_methods_options(c, self.method, METHOD_ONLY)
 
     # ------------------------------------------------------------------------------------------------
     @property
