@@ -133,11 +133,13 @@ def _check_layer(op: str, values: Tensor, offsets: Tensor, n_out: int, n_in: int
         raise ValueError(f"diagcompile::{op}: bias must be ({n_out},) or empty, got {tuple(bias.shape)}")
 
 
-def _check_fake(*tensors: Tensor) -> None:
-    """Fake-kernel checks shared by the three ops: one device (an empty bias aside) and int offsets.
+def _check_fake(offsets: Tensor, *tensors: Tensor) -> None:
+    """Fake-kernel checks shared by the three ops: int offsets, and one device (an empty bias aside).
 
     A meta tensor among CPU ones sends the call to the fake kernel, whose ``new_empty`` allocates on the first
     tensor's device: without the device check the op would return uninitialized CPU memory."""
+    torch._check(offsets.dtype in (torch.int32, torch.int64), lambda: f"offsets must be int32, got {offsets.dtype}")
+    tensors = (*tensors, offsets)
     dev = tensors[0].device
     devices = {t.device for t in tensors[1:] if t.device != dev and t.numel() != 0}
     torch._check(not devices, lambda: f"all tensors must be on one device, got {dev} and {sorted(map(str, devices))}")
@@ -181,8 +183,7 @@ def _(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: in
         bias.numel() == 0 or (bias.dim() == 1 and bias.shape[0] == out_features), lambda: "bias must be (N_out,)"
     )
     torch._check(out_features >= 1, lambda: "out_features must be >= 1")
-    torch._check(offsets.dtype in (torch.int32, torch.int64), lambda: f"offsets must be int32, got {offsets.dtype}")
-    _check_fake(x, values, offsets, bias)
+    _check_fake(offsets, x, values, bias)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -243,8 +244,7 @@ def _(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> Tensor:
     torch._check(values.shape[1] == min(dy.shape[-1], in_features), lambda: "values.shape[1] != min(N_out, N_in)")
     torch._check(values.shape[0] == offsets.shape[0], lambda: "values and offsets disagree on k")
     torch._check(in_features >= 1, lambda: "in_features must be >= 1")
-    torch._check(offsets.dtype in (torch.int32, torch.int64), lambda: f"offsets must be int32, got {offsets.dtype}")
-    _check_fake(dy, values, offsets)
+    _check_fake(offsets, dy, values)
     return dy.new_empty((*dy.shape[:-1], in_features))
 
 
@@ -305,8 +305,7 @@ def _(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
     torch._check(dy.dim() == x.dim(), lambda: "dy and x must share their leading dims")
     for i in range(dy.dim() - 1):
         torch._check(dy.shape[i] == x.shape[i], lambda: "dy and x must share their leading dims")
-    torch._check(offsets.dtype in (torch.int32, torch.int64), lambda: f"offsets must be int32, got {offsets.dtype}")
-    _check_fake(dy, x, offsets)
+    _check_fake(offsets, dy, x)
     return x.new_empty((offsets.shape[0], min(dy.shape[-1], x.shape[-1])))
 
 
