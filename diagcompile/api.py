@@ -144,7 +144,7 @@ def _convert(linear: nn.Linear, config: DiagSparsityConfig, fqn: str) -> DiagLin
     mark = get_sparse_mark(linear)
     if mark is not None:
         offsets = mark.resolve_offsets(linear.weight)
-        pinned = getattr(linear.weight, "_diagcompile_sparse_mark", None)
+        pinned = get_sparse_mark(linear.weight)
         if pinned is not None and pinned.offsets is not None and pinned.offsets != tuple(offsets.tolist()):
             # Either the model trained through the backend on the pinned diagonals (then they are the ones to
             # keep), or weights were loaded after a compile pinned the old ones (then the module's mark is right).
@@ -185,8 +185,8 @@ def sparsify_(
         model: any module. If ``model`` itself is a selected ``nn.Linear`` it cannot be swapped in place;
             the new ``DiagLinear`` is returned instead.
         config: sparsity and offset selection (default ``DiagSparsityConfig()``: 90%, top-k by L2 norm).
-            Linears marked with ``mark_sparse`` use their mark's sparsity/offsets (the weight's mark where it
-            differs from the module's, as after the ``diagcompile`` backend pinned its top-k choice on it).
+            Linears marked with ``mark_sparse`` use their (module's) mark's sparsity/offsets; a differing pin
+            the ``diagcompile`` backend left on the weight is named in a warning (``pin_marks_`` keeps it).
         filter_fn: ``filter_fn(module, fqn) -> bool`` selects linears (default: all, or only marked ones when
             ``config.only_marked``).
 
