@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from diagcompile.marking import apply_sparse_mark, get_sparse_mark
+from diagcompile.marking import get_sparse_mark, sync_marks
 from diagcompile.modules import DiagLinear
 from diagcompile.passes._core import RewriteReport, SparseRewriteError, linear_weight_inputs
 from diagcompile.passes.rewrite_dynamo import diag_inputs, rewrite_dynamo
@@ -151,12 +151,10 @@ def _warn_if_nothing_sparse(gm: fx.GraphModule, report: RewriteReport) -> None:
 
 def _restore_weight_marks(model: nn.Module) -> None:
     """Give each marked linear's weight its module's mark where the weight has none (``copy.deepcopy``
-    drops tensor attributes). Unlike ``sync_marks`` it never overwrites a weight's own (pinned) mark."""
+    drops tensor attributes): ``sync_marks``, which keeps a weight's own (pinned) mark; refuses a marked
+    linear whose weight is parametrized, which no mark can reach."""
     for name, m in model.named_modules():
-        mark = m.__dict__.get("_diagcompile_sparse_mark")
-        if mark is None or not isinstance(m, nn.Linear):
-            continue
-        if parametrize.is_parametrized(m, "weight"):
+        if isinstance(m, nn.Linear) and get_sparse_mark(m) is not None and parametrize.is_parametrized(m, "weight"):
             # m.weight is recomputed on every access: a mark put on it is gone by the time Dynamo reads it.
             raise SparseRewriteError(
                 f"'{name or '<root>'}' is marked sparse but its weight is parametrized (weight_norm, spectral_norm, "
@@ -165,8 +163,7 @@ def _restore_weight_marks(model: nn.Module) -> None:
                 f"parametrization), or remove it first: torch.nn.utils.parametrize.remove_parametrizations(m, "
                 f"'weight')"
             )
-        if get_sparse_mark(m.weight) is None:
-            apply_sparse_mark(m.weight, mark)
+    sync_marks(model)
 
 
 def compile(
