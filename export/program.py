@@ -1,8 +1,9 @@
 """``torch.export`` for diagonal-sparse models: ``export_program``, ``save``, ``load``, ``check_program``.
 
 Each ``DiagLinear`` becomes exactly one ``torch.ops.diagcompile.diag_linear.default`` node of the program, and
-stays one node through ``ep.run_decompositions()`` (the op is an opaque ``custom_op``). A ``.pt2`` file stores
-only the op's *name*, not its code, so loading needs the op registered: ``load`` imports diagcompile first.
+stays one node through ``ep.run_decompositions()`` (the op is opaque: one kernel for every backend, no
+decomposition). A ``.pt2`` file stores only the op's *name*, not its code, so loading needs the op
+registered: ``load`` imports diagcompile first.
 
 Also here, because ``diagcompile.export.onnx`` reuses them: the on-the-way conversion of sparse-marked
 linears (``prepare_for_export``), how example inputs are resized to another batch size for checks, and the

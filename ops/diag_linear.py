@@ -1,7 +1,8 @@
 """The op contract: ``diagcompile::diag_linear`` and its two gradient ops.
 
-Three opaque ``torch.library.custom_op``s, so that compiled graphs, ``torch.export`` programs and ONNX
-see exactly one node per layer and the backward graph is made of our ops too:
+Three opaque ``torch.library`` ops (defined with the low-level API, see "Registration"), so that compiled
+graphs, ``torch.export`` programs and ONNX see exactly one node per layer and the backward graph is made of
+our ops too:
 
 * ``diag_linear(x, values, offsets, bias, out_features) -> y``           ``(..., N_in) -> (..., N_out)``
 * ``diag_linear_dx(dy, values, offsets, in_features) -> dx``             ``(..., N_out) -> (..., N_in)``
@@ -35,6 +36,8 @@ torch.func accepts and that carries forward-mode (jvp) formulas. The ops have vm
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -146,6 +149,76 @@ def _check_fake(offsets: Tensor, *tensors: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------------
+# The ops are defined with torch.library's low-level API rather than ``torch.library.custom_op``: the same
+# schema, tags, fake kernel, autograd formulas and vmap rules, without custom_op's Python layers around each
+# call (its autograd kernel's redispatch and a second Python kernel behind it: ~30 us a call on this
+# project's CPU, against ~10 us here; the dispatcher's own Python call remains). Every call that does not go
+# through ``call_diag_linear``'s direct path - compiled graphs, ``.pt2`` programs, backward graphs, the raw
+# op - pays it once per layer.
+_LIB = torch.library.Library("diagcompile", "FRAGMENT")  # noqa: TOR901 - kept alive for the process
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
+# The backends whose kernel is the CompositeExplicitAutograd one below, with nothing (a mode, a subclass,
+# functionalization) between it and the autograd kernel: there the autograd kernel calls it directly.
+_DIRECT = (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA)
+
+
+def _define(
+    schema: str,
+    kernel: Callable[..., Tensor],
+    fake: Callable[..., Tensor],
+    setup_context: Callable[..., None],
+    backward: Callable[..., tuple],
+) -> torch._ops.OpOverload:
+    """Define ``diagcompile::<schema>`` with one kernel for every device, a fake kernel and an autograd formula.
+
+    ``setup_context(ctx, inputs, output)`` and ``backward(ctx, grad)`` are what ``register_autograd`` takes;
+    the autograd kernel is ours so that it can call ``kernel`` itself where a redispatch would reach it.
+    """
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
+    _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"diagcompile::{name}", fake, lib=_LIB)
+    op = getattr(torch.ops.diagcompile, name).default
+
+    def below_autograd(keyset: torch._C.DispatchKeySet, args: tuple) -> Tensor:
+        below = keyset & _BELOW_AUTOGRAD
+        if below.highestPriorityTypeId() in _DIRECT:
+            return kernel(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(below, *args)
+
+    class Function(torch.autograd.Function):
+        # The combined forward(ctx, ...) form: see _DiagLinearFunction. (torch.func transforms refuse it on
+        # the raw op, as they refuse custom_op's generated Function; the user API routes them through
+        # _FuncDiagLinear.) The keyset rides last, so ctx.needs_input_grad[i] is the op's argument i, as the
+        # formulas expect.
+        @staticmethod
+        def forward(ctx, *args_and_keyset):
+            args, keyset = args_and_keyset[:-1], args_and_keyset[-1]
+            out = below_autograd(keyset, args)
+            setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return (*backward(ctx, *grads), None)
+
+    Function.__name__ = Function.__qualname__ = f"DiagcompileBackward_{name}"
+
+    def autograd_kernel(keyset: torch._C.DispatchKeySet, *args: object) -> Tensor:
+        if torch.is_grad_enabled():
+            for a in args:
+                if isinstance(a, Tensor) and a.requires_grad:
+                    return Function.apply(*args, keyset)
+        return below_autograd(keyset, args)
+
+    _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    return op
+
+
+# ----------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------
 def _fwd_impl(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
@@ -165,16 +238,14 @@ def _fwd_impl(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_feat
     return y if flat else y.reshape(*x.shape[:-1], out_features)
 
 
-@torch.library.custom_op("diagcompile::diag_linear", mutates_args=())
-def diag_linear_op(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
+def _fwd_kernel(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
     """``y = x @ to_dense(values, offsets).T + bias``. ``x``: ``(..., N_in)``; returns ``(..., N_out)``."""
     # Shapes are checked here, where the raw op is called; call_diag_linear's callers validated them.
     _check_layer("diag_linear", values, offsets, out_features, x.shape[-1], bias)
     return _own(_fwd_impl(x, values, offsets, bias, out_features))
 
 
-@diag_linear_op.register_fake
-def _(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
+def _fwd_fake(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
     torch._check(values.dim() == 2, lambda: f"values must be 2-D (k, D), got {values.dim()}-D")
     torch._check(offsets.dim() == 1, lambda: "offsets must be 1-D (k,)")
     torch._check(values.shape[0] == offsets.shape[0], lambda: "values and offsets disagree on k")
@@ -209,7 +280,13 @@ def _fwd_backward(ctx, dy: Tensor):
     return dx, dv, None, db, None
 
 
-diag_linear_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+diag_linear_op = _define(
+    "diag_linear(Tensor x, Tensor values, Tensor offsets, Tensor bias, SymInt out_features) -> Tensor",
+    _fwd_kernel,
+    _fwd_fake,
+    _fwd_setup,
+    _fwd_backward,
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,15 +308,13 @@ def _dx_impl(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> T
     return dx if flat else dx.reshape(*dy.shape[:-1], in_features)
 
 
-@torch.library.custom_op("diagcompile::diag_linear_dx", mutates_args=())
-def diag_linear_dx_op(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> Tensor:
+def _dx_kernel(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> Tensor:
     """``dx = dy @ to_dense(values, offsets)``. ``dy``: ``(..., N_out)``; returns ``(..., N_in)``."""
     _check_layer("diag_linear_dx", values, offsets, dy.shape[-1], in_features)
     return _own(_dx_impl(dy, values, offsets, in_features))
 
 
-@diag_linear_dx_op.register_fake
-def _(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> Tensor:
+def _dx_fake(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> Tensor:
     torch._check(values.dim() == 2 and offsets.dim() == 1, lambda: "values must be (k, D), offsets (k,)")
     torch._check(values.shape[1] == min(dy.shape[-1], in_features), lambda: "values.shape[1] != min(N_out, N_in)")
     torch._check(values.shape[0] == offsets.shape[0], lambda: "values and offsets disagree on k")
@@ -263,7 +338,13 @@ def _dx_backward(ctx, g: Tensor):
     return d_dy, d_values, None, None
 
 
-diag_linear_dx_op.register_autograd(_dx_backward, setup_context=_dx_setup)
+diag_linear_dx_op = _define(
+    "diag_linear_dx(Tensor dy, Tensor values, Tensor offsets, SymInt in_features) -> Tensor",
+    _dx_kernel,
+    _dx_fake,
+    _dx_setup,
+    _dx_backward,
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,8 +369,7 @@ def _dv_impl(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
     return reference.diag_linear_dv_ref(dy2, x2, offsets)
 
 
-@torch.library.custom_op("diagcompile::diag_linear_dv", mutates_args=())
-def diag_linear_dv_op(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
+def _dv_kernel(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
     """``dV[j, t] = sum_m dy[m, row(j, t)] * x[m, col(j, t)]``. Returns ``(k, D)`` in ``x.dtype``."""
     if dy.shape[:-1] != x.shape[:-1] or offsets.dim() != 1:
         raise ValueError(
@@ -299,8 +379,7 @@ def diag_linear_dv_op(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
     return _dv_impl(dy, x, offsets)
 
 
-@diag_linear_dv_op.register_fake
-def _(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
+def _dv_fake(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
     torch._check(offsets.dim() == 1, lambda: "offsets must be 1-D (k,)")
     torch._check(dy.dim() == x.dim(), lambda: "dy and x must share their leading dims")
     for i in range(dy.dim() - 1):
@@ -324,16 +403,18 @@ def _dv_backward(ctx, g: Tensor):
     return d_dy, d_x, None
 
 
-diag_linear_dv_op.register_autograd(_dv_backward, setup_context=_dv_setup)
+diag_linear_dv_op = _define(
+    "diag_linear_dv(Tensor dy, Tensor x, Tensor offsets) -> Tensor", _dv_kernel, _dv_fake, _dv_setup, _dv_backward
+)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The eager call path
 # ----------------------------------------------------------------------------------------------------
-# In eager mode a call through torch.ops passes the dispatcher and custom_op's Python layers (autograd
-# wrapper, redispatch, the output-aliasing check, a dynamo-disable wrapper): ~40 us per call on a slow CPU,
-# several times what a small layer's kernel takes. Where nothing but autograd could observe the call, we
-# run the same implementation and the same autograd formulas directly. Everything else - torch.compile,
+# In eager mode a call through torch.ops passes the dispatcher and our Python autograd kernel (see
+# "Registration"): ~10 us per call on a slow CPU, about what a small layer's kernel takes. Where nothing
+# but autograd could observe the call, we run the same implementation and the same autograd formulas
+# directly. Everything else - torch.compile,
 # torch.export, jit tracing, fake tensors, make_fx and any other dispatch or torch-function mode, functorch
 # transforms, forward AD, tensor subclasses, the profiler - still sees exactly one op call.
 def _plain_eager(*tensors: Tensor) -> bool:
@@ -387,8 +468,9 @@ class _DiagLinearFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 # Transforms: torch.func (grad / vjp / jacrev / jacfwd / hessian / vmap) and forward-mode AD
 # ----------------------------------------------------------------------------------------------------
-# custom_op's generated autograd Function has no setup_context staticmethod, so torch.func.grad through the
-# raw op fails inside torch (pytorch/pytorch#168393, #179652, open in torch 2.13), and the op has no
+# The op's autograd Function runs inside the dispatcher, where torch.func cannot see it, so torch.func.grad
+# through the raw op fails inside torch (as it does for custom_op: pytorch/pytorch#168393, #179652, open in
+# torch 2.13), and the op has no
 # forward-mode formula (torch would give a zero tangent, silently). Under a transform or with a dual input
 # the user API goes through these Functions instead: the same ops forward, the same formulas backward, and
 # jvp formulas, which are op calls too because each op is linear in each of its tensor arguments:

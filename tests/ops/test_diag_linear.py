@@ -231,6 +231,37 @@ class _Subclass(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs or {})
 
 
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+def test_raw_op_calls_its_kernel_directly_only_where_a_redispatch_would(path):
+    # The ops' autograd kernel calls the implementation itself when the next dispatch key is the backend, and
+    # redispatches otherwise (a dispatch mode must see the op, not its insides): same bits and gradients.
+    n_out = 13
+    x, values, offsets, b = _args(n_out, 7, 4, (2, 3), torch.float32, True)
+
+    def run():
+        for t in (x, values, b):
+            t.grad = None
+        y = OPS.diag_linear(x, values, offsets, b, n_out)
+        y.backward(torch.ones_like(y))  # through diag_linear_dx / _dv, the same autograd kernel
+        return y.detach(), x.grad, values.grad, b.grad
+
+    with force_path(path):
+        direct = run()
+        with _RecordOps() as rec:
+            dispatched = run()
+        with torch.no_grad():
+            no_grad = OPS.diag_linear(x, values, offsets, b, n_out)
+        with torch.inference_mode():  # no autograd key at all: the backend kernel itself
+            inference = OPS.diag_linear(x, values, offsets, b, n_out)
+    assert rec.ops.count("diagcompile.diag_linear.default") == 1
+    assert {"diagcompile.diag_linear_dx.default", "diagcompile.diag_linear_dv.default"} <= set(rec.ops)
+    for a, d in zip(direct, dispatched):
+        assert torch.equal(a, d)
+    assert torch.equal(no_grad, direct[0]) and torch.equal(inference, direct[0])
+    ref = R.diag_linear_ref(x.detach().reshape(-1, 7), values.detach(), offsets, b.detach(), n_out)
+    torch.testing.assert_close(direct[0].reshape(-1, n_out), ref)
+
+
 def test_eager_call_is_the_op_wherever_something_observes_it():
     x, values, offsets, b = _args(24, 10, 5, (4,), torch.float32, True)
     fwd = lambda: call_diag_linear(x, values, offsets, b, 24)  # noqa: E731
@@ -301,7 +332,7 @@ def test_forward_mode_ad_matches_the_dense_layer(path, n_out, n_in):
 
 @pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
 def test_torch_func_grad_and_per_sample_gradients(path, no_vmap_fallback):
-    # torch.func.grad through the raw op fails inside torch (custom_op's autograd Function has no setup_context);
+    # torch.func.grad through the raw op fails inside torch (its autograd Function runs inside the dispatcher);
     # vmap(grad) - per-sample gradients - needs vmap rules for all three ops (the fallback is off here).
     n_out, n_in = 9, 14
     x, values, offsets, b = _args(n_out, n_in, 4, (6,), torch.float64, False)
