@@ -212,7 +212,9 @@ class MaskSparsifier(SparsifierBase):
     Args:
         model: the model; its selected ``nn.Linear`` layers become ``MaskedLinear`` (same parameters, same
             state-dict keys). Not yet DDP-wrapped.
-        optimizer: built over ``model.parameters()`` and not stepped yet (no state), or ``None``.
+        optimizer: built over ``model.parameters()`` and not stepped yet (no state), or ``None`` (the
+            sparsifier then manages no optimizer state: for inference-only use or a stateless optimizer;
+            training with another optimizer warns at the first ``step()``).
         config: a ``MaskConfig``.
         filter_fn: ``filter_fn(module, fqn) -> bool`` rejects linears (keep heads/embeddings dense). Default
             selection: the ``mark_sparse``-marked linears if any are marked (their mark's sparsity applies),
@@ -230,6 +232,7 @@ class MaskSparsifier(SparsifierBase):
     _name = "MaskSparsifier"
     _config_cls = MaskConfig
     _fresh_optimizer_why = "the masks must apply to the optimizer state from the start"
+    _initial_topology = "the initial random masks"
     _fresh_state_blocks = "apply its weight masks to the optimizer state from the first step"
     _tied_why = "masking it would also prune the entries the other module(s) use"
     _regrown = "connections"
@@ -263,6 +266,11 @@ class MaskSparsifier(SparsifierBase):
         self._armed = not config.is_nm and self._updates.is_update_step(1)
         if not config.is_nm and self._layers:
             self._warn_if_no_updates()
+        self._head: str | None = None  # SRigL: the output layer, decided at the first update
+        self._last_linear: str | None = None
+        self._head_hooks: list[Any] = []
+        if config.method == "srigl" and config.ablation and self._layers:
+            self._watch_head(model)
         logger.info(
             "MaskSparsifier(%s): %d layers, world size %d%s",
             config.method,
@@ -274,6 +282,40 @@ class MaskSparsifier(SparsifierBase):
     # ------------------------------------------------------------------------------------------------
     # Construction
     # ------------------------------------------------------------------------------------------------
+    def _watch_head(self, model: nn.Module) -> None:
+        """Record which ``nn.Linear`` runs last in the forward: SRigL never ablates that layer's neurons.
+
+        Ablating an output neuron of the classifier / LM head removes a class, so the head is protected. It is
+        the last linear the forward *runs*, not the last one registered: a head defined before the body, or an
+        ``nn.MultiheadAttention`` registered after the head (whose ``out_proj`` its forward never calls), would
+        make the registration order name a hidden layer and leave the head unprotected. One attribute write per
+        linear call until the first update decides (``_decide_head``) and removes the hooks.
+        """
+        for fqn, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                self._head_hooks.append(m.register_forward_hook(self._make_head_hook(fqn)))
+        # Fallback if no forward ran before the first update: the last linear registered, MHA's internals aside.
+        inner = {f"{fqn}.out_proj" for fqn, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+        names = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and fqn not in inner]
+        self._fallback_head = names[-1] if names else None
+
+    def _make_head_hook(self, fqn: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._last_linear = fqn
+
+        return hook
+
+    def _decide_head(self) -> None:
+        """Fix the protected output layer (once) and stop watching the forward."""
+        if self._head is None:
+            self._head = self._last_linear or self._fallback_head or ""
+        for h in self._head_hooks:
+            h.remove()
+        self._head_hooks = []
+        for rec in self._layers:
+            if rec.fqn == self._head:
+                rec.protected = True
+
     def _plan(self, model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear, int, tuple, bool]]:
         cfg = self.config
         selected = select_linears(model, filter_fn, self._name, self._tied_why)
@@ -312,12 +354,12 @@ class MaskSparsifier(SparsifierBase):
         if cfg.distribution == "erk" and selected:
             budgets = erk_nnz(shapes, budgets, cfg.erk_power)
 
-        linear_names = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and fqn]
         module_names = {fqn for fqn, _ in model.named_modules()}
         unknown = sorted(set(cfg.no_ablation) - module_names)
         if unknown:
             raise ValueError(f"MaskConfig.no_ablation names modules the model does not have: {unknown}")
-        protected = set(cfg.no_ablation) | ({linear_names[-1]} if linear_names else set())
+        # The output layer is protected too; which layer that is, the first forward tells (_watch_head).
+        protected = set(cfg.no_ablation)
 
         plans = []
         for (fqn, linear), (n_out, n_in), nnz in zip(selected, shapes, budgets):
@@ -334,6 +376,16 @@ class MaskSparsifier(SparsifierBase):
                         nm = choose_nm(n_in, nnz / (n_out * n_in), cfg.nm_max_m, cfg.nm_m)
                 except ValueError as e:
                     raise ValueError(f"{where}: {e}") from None
+                target = nnz / (n_out * n_in)
+                if cfg.nm_n is None and abs(nm[0] / nm[1] - target) > 0.2 * target:
+                    # The closest N:M can be far from the requested density (1:4 for 90%): a results table
+                    # filed under the requested sparsity would mislead.
+                    warnings.warn(
+                        f"{where}: the closest N:M pattern to density {target:.4f} is {nm[0]}:{nm[1]} (density "
+                        f"{nm[0] / nm[1]:.4f}); this layer trains at that density. Allow a larger M (nm_max_m, "
+                        f"nm_m) to get closer",
+                        stacklevel=4,
+                    )
             plans.append((fqn, linear, nnz, nm, fqn in protected))
         return plans
 
@@ -458,6 +510,7 @@ class MaskSparsifier(SparsifierBase):
         self._warn_if_past_end()
         if self._step == 0:
             self._check_optimizer_state()
+            self._warn_if_optimizer_unknown()
         t = self._step + 1
         if self.config.is_nm:
             self._set_schedule(t)
@@ -471,6 +524,23 @@ class MaskSparsifier(SparsifierBase):
         self._clear_grads()
         self._armed = not self.config.is_nm and self._updates.is_update_step(t + 1)
 
+    def _warn_if_optimizer_unknown(self) -> None:
+        """Warn (at the first step) when built with ``optimizer=None`` but the layers are being trained."""
+        if self.optimizer is not None or not any(rec.masked.weight.grad is not None for rec in self._layers):
+            return
+        what = (
+            "finalize() cannot zero the pruned weights' optimizer state"
+            if self.config.is_nm
+            else "a regrown connection keeps the stale optimizer state (momentum, Adam moments) of its last "
+            "active period, and dropped ones keep theirs"
+        )
+        warnings.warn(
+            f"MaskSparsifier was built with optimizer=None but its layers are being trained (their weights have "
+            f"gradients): {what}. Pass the optimizer you train with to the sparsifier (build the optimizer "
+            f"first; None is for inference-only use or a stateless optimizer such as SGD without momentum).",
+            stacklevel=3,
+        )
+
     @torch.no_grad()
     def _track_nm(self, t: int) -> None:
         for rec in self._layers:
@@ -483,6 +553,8 @@ class MaskSparsifier(SparsifierBase):
     @torch.no_grad()
     def _update(self, t: int) -> None:
         cfg = self.config
+        if self._head_hooks:
+            self._decide_head()
         for rec in self._layers:
             layer = rec.masked
             old = layer.mask.clone()
@@ -624,6 +696,7 @@ class MaskSparsifier(SparsifierBase):
             "step": self._step,
             "finalized": self._finalized,
             "config": self.config.to_dict(),
+            "head": self._head,  # SRigL's protected output layer, once decided
             "layers": {
                 rec.fqn: {
                     "shape": list(rec.shape),
@@ -679,6 +752,9 @@ class MaskSparsifier(SparsifierBase):
             rec.fan_in = int(s["fan_in"])
             rec.changed, rec.changed_total, rec.updates = int(s["changed"]), int(s["changed_total"]), int(s["updates"])
         self._step = int(state_dict["step"])
+        if state_dict.get("head") is not None and self._head_hooks:
+            self._head = str(state_dict["head"])
+            self._decide_head()
         self._set_schedule(self._step)
         self._clear_grads()
         self._armed = not self.config.is_nm and self._updates.is_update_step(self._step + 1)
@@ -704,6 +780,9 @@ class MaskSparsifier(SparsifierBase):
                 wrapper made before ``finalize()`` must be replaced by a fresh one to fine-tune.
         """
         self._check_live("finalize")
+        for h in self._head_hooks:
+            h.remove()
+        self._head_hooks = []
         for rec in self._layers:
             if rec.handle is not None:
                 rec.handle.remove()

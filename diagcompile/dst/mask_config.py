@@ -96,9 +96,10 @@ class MaskConfig:
         gamma_sal: SRigL's ablation threshold ``gamma_sal`` (``min_salient_weights_per_neuron``): a neuron is
             ablated when fewer than ``max(1, floor(gamma_sal * k0))`` of its weights are salient (``k0`` the
             fan-in before ablation); ``>= 1`` is an absolute count. 0.3 (CNNs; the paper used 0.95 for ViT).
-        no_ablation: fully-qualified names of layers never ablated, in addition to the model's last
-            ``nn.Linear`` (the classifier / LM head: ablating its neurons removes classes), which is always
-            protected when it is sparsified.
+        no_ablation: fully-qualified names of layers never ablated, in addition to the model's output layer
+            (the classifier / LM head: ablating its neurons removes classes), which is always protected when
+            it is sparsified: the last ``nn.Linear`` the forward runs before the first update (the last one
+            registered if no forward ran), whatever the order the modules were registered in.
 
         nm_m: N:M group size ``M`` for every layer (must divide every selected fan-in); ``None`` picks, per layer,
             the divisor ``M <= nm_max_m`` of the fan-in whose best ``N / M`` is closest to the target density

@@ -3,6 +3,7 @@
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -403,6 +404,72 @@ def test_srigl_never_ablates_the_last_linear():
     _train(model, opt, sp, 5)
     d = sp.diagnostics()
     assert {f: d[f]["active_neurons"] for f in d} == {"body.0": 32, "body.2": 32, "head": 5}
+
+
+class _HeadFirst(nn.Module):
+    """16 -> 5 with the head registered first and an ``nn.MultiheadAttention`` (whose ``out_proj`` its forward
+    never calls) registered last: the registration order names neither as the output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(32, 5)
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.att = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x):
+        h = self.body(x)[:, None]
+        return self.head((h + self.att(h, h, h)[0])[:, 0])
+
+
+def test_srigl_protects_the_layer_the_forward_runs_last_whatever_the_registration_order():
+    torch.manual_seed(0)
+    model = _HeadFirst()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = make_sparsifier(model, opt, "srigl", sparsity=0.5, total_steps=40, update_every=5, gamma_sal=1000.0, seed=0)
+    assert set(sp.layers) == {"head", "body.0", "body.2"}
+    _train(model, opt, sp, 5)
+    d = sp.diagnostics()
+    assert d["head"]["active_neurons"] == 5  # every class keeps its weights
+    assert d["body.0"]["active_neurons"] < 32 and d["body.2"]["active_neurons"] < 32
+    assert not any(h for m in model.modules() for h in m._forward_hooks.values())  # the watch ended
+    # The decision is part of the state: a fresh sparsifier protects the head before any forward runs.
+    state = sp.state_dict()
+    assert state["head"] == "head"
+    torch.manual_seed(0)
+    model2 = _HeadFirst()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    sp2 = make_sparsifier(model2, opt2, "srigl", sparsity=0.5, total_steps=40, update_every=5, gamma_sal=1000.0, seed=0)
+    sp2.load_state_dict(state)
+    assert [r.fqn for r in sp2._layers if r.protected] == ["head"]
+
+
+@pytest.mark.parametrize("method", ["rigl", "nm-srste"])
+def test_training_without_the_optimizer_warns_at_the_first_step(method):
+    # optimizer=None manages no optimizer state: grown connections would keep stale Adam moments.
+    model, _, sp = _make(method, opt=None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # built afterwards, as a user might
+    _fwd_bwd(model, 0)
+    opt.step()
+    with pytest.warns(UserWarning, match="optimizer=None but its layers are being trained"):
+        sp.step()
+    # inference-only use (no gradients) stays quiet
+    model, _, sp = _make(method, opt=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sp.step()
+
+
+def test_nm_warns_when_the_closest_pattern_is_far_from_the_requested_density():
+    with pytest.warns(UserWarning, match=r"closest N:M pattern to density 0\.1.* is 1:4 \(density 0\.2500\)"):
+        _make("nm-srste", sparsity=0.9, nm_m=4)
+    with warnings.catch_warnings():  # 3:16 for 80% is close enough
+        warnings.simplefilter("error")
+        _make("nm-srste", sparsity=0.8)
+
+
+def test_no_update_warning_names_masks_not_diagonals():
+    with pytest.warns(UserWarning, match="trains the initial random masks only"):
+        _make("rigl", total_steps=10, update_every=100)
 
 
 # ----------------------------------------------------------------------------------------------------
