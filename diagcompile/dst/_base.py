@@ -134,6 +134,8 @@ class SparsifierBase:
     _config_cls: type
     #: why the optimizer must have no state yet (ends the constructor's error message)
     _fresh_optimizer_why: str
+    #: what a run without topology updates trains (_warn_if_no_updates)
+    _initial_topology: str
     #: what an optimizer that makes its state in its constructor (Adagrad) keeps the sparsifier from doing
     #: ("... so {name} cannot {this}")
     _fresh_state_blocks: str
@@ -194,7 +196,7 @@ class SparsifierBase:
             warnings.warn(
                 f"{self._name}: update_every={u.every} but topology updates end before step {u.end} "
                 f"(update_end of total_steps={self.config.total_steps}): no update happens, so this run trains "
-                f"the initial diagonals only; lower update_every",
+                f"{self._initial_topology} only; lower update_every",
                 stacklevel=3,
             )
 

@@ -188,6 +188,7 @@ class DiagSparsifier(SparsifierBase):
     _name = "DiagSparsifier"
     _config_cls = DSTConfig
     _fresh_optimizer_why = "it replaces the dense weights in the param groups"
+    _initial_topology = "the initial diagonals"
     _fresh_state_blocks = "swap the dense weights for their diagonals in it"
     _tied_why = "converting it would untie them"
     _regrown = "diagonals"
