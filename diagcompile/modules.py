@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -159,10 +159,10 @@ class DiagLinear(nn.Module):
         if not torch.compiler.is_compiling():
             seen = self.__dict__.get("_offsets_seen")
             if seen is None or seen[0] is not offsets or seen[1] != _seen_key(offsets):
-                self._check_offsets(offsets)
+                self._check_offsets(offsets, values)
         return diag_linear(x, values, offsets, bias, self.out_features, check_offsets=False)
 
-    def _check_offsets(self, offsets: Tensor) -> None:
+    def _check_offsets(self, offsets: Tensor, values: Tensor) -> None:
         """Validate the offsets buffer once per object and version, and remember it.
 
         The forward trusts ``offsets`` (a content check costs a device sync on a GPU), and ``set_offsets`` and
@@ -177,11 +177,13 @@ class DiagLinear(nn.Module):
             self._check_wrapped_offsets(offsets)
             return
         canonical_offsets(offsets, self.out_features, self.in_features, where="DiagLinear.offsets")
-        if offsets.shape[0] != self.values.shape[0]:
+        if offsets.shape[0] != values.shape[0]:
             raise ValueError(
-                f"DiagLinear.offsets has k={offsets.shape[0]} diagonals but values has {self.values.shape[0]} rows"
+                f"DiagLinear.offsets has k={offsets.shape[0]} diagonals but values has {values.shape[0]} rows"
             )
-        if offsets.device.type != "meta" and not is_fake(offsets):
+        # Not remembered while jit.trace runs: its sanity check traces the module again, and a second trace
+        # that skipped this check would record the attribute reads in another order ("graphs differed").
+        if offsets.device.type != "meta" and not is_fake(offsets) and not torch.jit.is_tracing():
             # Plain attribute (not a buffer): not in state_dict, and recomputed after a copy or a load.
             # The storage is held (detach() shares it) so that no new one can take its address meanwhile.
             self.__dict__["_offsets_seen"] = (offsets, _seen_key(offsets), offsets.detach())
@@ -203,6 +205,17 @@ class DiagLinear(nn.Module):
             raise TypeError(f"DiagLinear.offsets must be int32 or int64, got {base.dtype}")
         if base.numel() and not (int(base.min()) >= 0 and int(base.max()) < P):
             raise ValueError(f"DiagLinear.offsets out of range: not in [0, P={P}) for this layer")
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not plain attributes (parameters and buffers go through here too).
+        if name == "weight":
+            raise AttributeError(
+                "DiagLinear has no dense 'weight': it stores 'values' (k, D) and 'offsets' (k,); to_dense() builds "
+                "the (out_features, in_features) W. Code that reads a linear's .weight directly (a tied head, "
+                "F.linear(x, fc.weight), fc.weight.T @ x) cannot use a DiagLinear in its place: exclude that "
+                "layer (sparsify_'s filter_fn) or change the code to call the layer"
+            )
+        return super().__getattr__(name)
 
     def to_dense(self) -> Tensor:
         """The dense ``(out_features, in_features)`` weight (zeros off the stored diagonals); differentiable."""

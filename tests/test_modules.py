@@ -318,3 +318,20 @@ def test_layer_built_or_copied_under_inference_mode_runs():
         copied.offsets = torch.full_like(copied.offsets, 48)  # a new buffer is still checked before use
         with pytest.raises(ValueError, match="out of range"):
             copied(x)
+
+
+def test_jit_trace_of_a_fresh_layer_passes_its_sanity_check():
+    # The first call validates and remembers the offsets; the trace's re-trace must record the same graph.
+    layer = DiagLinear(16, 12, sparsity=0.5).eval()
+    x = torch.randn(4, 16)
+    traced = torch.jit.trace(layer, (x,))  # check_trace=True: traces twice and compares
+    assert torch.equal(traced(x), layer(x))
+
+
+def test_reading_weight_names_what_a_diag_linear_stores_instead():
+    layer = DiagLinear(16, 12, sparsity=0.5)
+    assert not hasattr(layer, "weight")
+    with pytest.raises(AttributeError, match=r"no dense 'weight'.*to_dense\(\).*filter_fn"):
+        layer.weight  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'nonexistent'"):  # everything else as before
+        layer.nonexistent  # noqa: B018
