@@ -252,16 +252,20 @@ def sparsify_(
             stacklevel=2,
         )
 
-    # Tied weights: the same Parameter reachable from more than one place.
+    # Tied weights: the same Parameter reachable from more than one place. One module registered at several
+    # places (nn.Sequential(lin, act, lin)) is not a tie: the new layer replaces it at each of them.
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
+    aliases: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(mod), []).append(name)
     for fqn, m in targets:
-        names = owners.get(id(m.weight), [])
-        if len(names) > 1:
+        own = {f"{a}.weight" if a else "weight" for a in aliases[id(m)]}
+        others = [n for n in owners.get(id(m.weight), []) if n not in own]
+        if others:
             raise ValueError(
-                f"sparsify_: the weight of '{fqn or '<root>'}' is shared with "
-                f"{[n for n in names if n != f'{fqn}.weight']} "
+                f"sparsify_: the weight of '{fqn or '<root>'}' is shared with {others} "
                 f"(tied weights); converting it would untie them. Exclude it with filter_fn or untie it first."
             )
 
@@ -272,7 +276,8 @@ def sparsify_(
         carry_over(old, new)
         if fqn == "":
             return new
-        swap_module(model, fqn, new)
+        for alias in aliases[id(old)]:
+            swap_module(model, alias, new)
     return model
 
 

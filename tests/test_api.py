@@ -78,6 +78,17 @@ def test_subclass_top_level_linear_is_returned():
     assert isinstance(new, DiagLinear) and new.k == 4
 
 
+def test_one_module_registered_twice_is_replaced_everywhere_not_refused_as_tied():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 16)
+    model = nn.Sequential(lin, nn.ReLU(), lin)  # one module, called twice: not two tied layers
+    x = torch.randn(3, 16)
+    sparsify_(model, DiagSparsityConfig(sparsity=0.75))
+    assert isinstance(model[0], DiagLinear) and model[2] is model[0]  # still shared
+    W, b = model[0].to_dense().detach(), model[0].bias.detach()
+    torch.testing.assert_close(model(x), torch.relu(x @ W.T + b) @ W.T + b)
+
+
 def test_tied_weights_are_rejected_clearly():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     model[1].weight = model[0].weight
