@@ -11,7 +11,9 @@ graphs where only the weight survives (Dynamo's ``F.linear`` with the weight as 
 
 ``copy.deepcopy`` of a Parameter drops its Python attributes (torch rebuilds it from data), so a deep-copied
 model keeps the module marks but loses the weight marks: ``sync_marks(model)`` restores them, and every
-diagcompile entry point that works on graphs calls it first.
+diagcompile entry point that works on graphs calls it first. A bare ``Parameter``'s mark has no module to be
+restored from: it is lost by ``deepcopy`` (not by ``torch.save``/``torch.load``), and the copy then runs dense;
+mark the copy again, or hold the weight in an ``nn.Linear``.
 
 The two can differ: the ``diagcompile`` backend pins its top-k choice as explicit offsets on the *weight* (the
 graphs follow the weight's mark, ``passes/README.md`` invariant 8), while the module keeps the mark it was given.
