@@ -15,7 +15,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from diagcompile.config import DiagSparsityConfig
 from diagcompile.functional import check_sparsity
-from diagcompile.marking import get_sparse_mark
+from diagcompile.marking import _LAZY, get_sparse_mark
 from diagcompile.modules import DiagLinear
 from diagcompile.ops import OFFSET_DTYPE, evenly_spaced_offsets, k_from_sparsity
 
@@ -223,6 +223,9 @@ def sparsify_(
         )
     layers, skipped = replaceable_linears(model)
     targets = [(fqn, m) for fqn, m in layers if selected(m, fqn)]
+    lazy = [fqn or "<root>" for fqn, m in targets if isinstance(m.weight, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(f"sparsify_: {lazy}: {_LAZY}, or exclude them with filter_fn")
     kept = {fqn: why for fqn, why in skipped.items() if selected(model.get_submodule(fqn), fqn)}
     marked = [fqn for fqn in kept if get_sparse_mark(model.get_submodule(fqn)) is not None]
     if marked:

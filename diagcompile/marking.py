@@ -68,8 +68,16 @@ class SparseMark:
         return topk_offsets(weight.detach(), k_from_sparsity(n_out, n_in, self.sparsity))
 
 
+_LAZY = (
+    "an uninitialized nn.LazyLinear has no weight shape until its first forward: run one forward pass "
+    "through the model first (it then becomes a plain nn.Linear)"
+)
+
+
 def _weight_of(target: nn.Module | Tensor, fn: str) -> Tensor:
     if isinstance(target, nn.Linear):
+        if isinstance(target.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"{fn}: {_LAZY}")
         return target.weight
     if isinstance(target, nn.Parameter) and target.dim() == 2:
         return target

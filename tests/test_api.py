@@ -261,3 +261,14 @@ def test_hooks_that_recompute_the_dense_weight_are_dropped_with_a_warning():
         sparsify_(model, DiagSparsityConfig(sparsity=0.5))
     assert [type(h).__name__ for h in model[0]._forward_pre_hooks.values()] == ["function"]
     assert model(torch.randn(4, 32)).shape == (4, 16)
+
+
+def test_an_uninitialized_lazy_linear_is_refused_with_what_to_do():
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"sparsify_: \['0'\]: an uninitialized nn.LazyLinear.*run one forward"):
+        sparsify_(model)
+    with pytest.raises(ValueError, match="mark_sparse: an uninitialized nn.LazyLinear"):
+        mark_sparse(model[0], sparsity=0.5)
+    model(torch.randn(2, 5))  # materialized: now an ordinary linear
+    sparsify_(model, DiagSparsityConfig(sparsity=0.5))
+    assert isinstance(model[0], DiagLinear) and model[0].in_features == 5
