@@ -60,13 +60,28 @@ class NoDiagonalLayersWarning(UserWarning):
 class CheckResult:
     """Outcome of running an exported artifact against its source model.
 
+    Each output tensor is judged against its own tolerance, ``atol + rtol * max|eager|`` over that output's
+    finite entries (at every batch size), so a large output does not hide an error in a small one. Non-finite
+    entries (``inf``, ``NaN``) are compared position by position: the artifact must have the same ones at the
+    same places (``-inf`` where eager has ``-inf``, ``NaN`` where it has ``NaN``); only the entries finite in
+    both are compared numerically.
+
     Attributes:
         artifact: what was checked (``"pt2"``, ``"onnx-portable"``, ``"onnx-plugin"``, ...).
-        max_abs_diff: largest ``|artifact - eager|`` over every output element and batch size.
-        tolerance: the allowed maximum: ``atol + rtol * max|eager|``.
+        max_abs_diff: the deciding output's largest ``|artifact - eager|`` (over its entries finite in both, at
+            every batch size; ``inf`` where its non-finite entries differ). The deciding output is the one
+            furthest over (or closest to) its own tolerance: the check passes iff this one does.
+        tolerance: that output's allowed maximum, ``atol + rtol * max|eager|`` (defaults by its dtype).
         batch_sizes: the batch sizes that were run.
         input_shapes: the first tensor input's shape at each run, where dims other than the batch were varied
-            too (dynamic sequence lengths, say); empty when only the batch changed.
+            too (dynamic sequence lengths, say), or where its only dim is not a batch (a static 1-D input);
+            empty when only the batch changed.
+        output: the index of the deciding output among the model's output tensors (pytree order); ``None``
+            when the model has at most one.
+        nonfinite_mismatch: where the deciding output's ``inf`` / ``NaN`` entries differ from eager's (count,
+            first index, both values); empty when they agree.
+        elements: the number of output entries compared over all runs; ``0`` means nothing was compared (every
+            output was empty, e.g. a static batch of 0), which does not pass. ``None``: not counted.
     """
 
     artifact: str
@@ -74,22 +89,36 @@ class CheckResult:
     tolerance: float
     batch_sizes: tuple[int, ...]
     input_shapes: tuple[tuple[int, ...], ...] = ()
+    output: int | None = None
+    nonfinite_mismatch: str = ""
+    elements: int | None = None
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+        # A check that compared nothing proved nothing: it must not read as a success.
+        return self.elements != 0 and not self.nonfinite_mismatch and self.max_abs_diff <= self.tolerance
 
     def __str__(self) -> str:
-        verdict = "OK" if self.passed else "FAILED"
         if self.input_shapes:
-            where = "input shapes " + ", ".join(str(tuple(s)) for s in self.input_shapes)
+            plural = "s" if len(self.input_shapes) > 1 else ""
+            where = f"input shape{plural} " + ", ".join(str(tuple(s)) for s in self.input_shapes)
         else:
             plural = "s" if len(self.batch_sizes) > 1 else ""
             where = f"batch size{plural} " + ", ".join(str(b) for b in self.batch_sizes)
-        return (
-            f"{self.artifact}: max |artifact - eager| = {self.max_abs_diff:.3e} "
+        if self.elements == 0:
+            return (
+                f"{self.artifact}: nothing compared, every output is empty at {where}: NOT CHECKED (export from "
+                f"a non-empty example, or check at a batch size that has data)"
+            )
+        verdict = "OK" if self.passed else "FAILED"
+        which = f" in output {self.output}" if self.output is not None else ""
+        text = (
+            f"{self.artifact}: max |artifact - eager| = {self.max_abs_diff:.3e}{which} "
             f"(tolerance {self.tolerance:.1e}) at {where}: {verdict}"
         )
+        if self.nonfinite_mismatch:
+            text += f" ({self.nonfinite_mismatch})"
+        return text
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -532,6 +561,23 @@ def _flat_tensors(out: Any) -> list[Tensor]:
     return [t for t in tree_leaves(out) if isinstance(t, Tensor)]
 
 
+def _nonfinite_mismatch(ref: Tensor, got: Tensor) -> tuple[int, str]:
+    """How many entries of ``got`` disagree with ``ref`` where either is non-finite, and the first of them.
+
+    Agreeing means the same value at the same place: ``+inf`` with ``+inf``, ``-inf`` with ``-inf``, ``NaN``
+    with ``NaN`` (a fully masked attention row is ``NaN`` in eager and in a faithful artifact alike). ``ref``
+    and ``got`` are float64 tensors of one shape.
+    """
+    nonfinite = ~torch.isfinite(ref) | ~torch.isfinite(got)
+    same = (ref == got) | (torch.isnan(ref) & torch.isnan(got))
+    bad = nonfinite & ~same
+    n = int(bad.sum())
+    if n == 0:
+        return 0, ""
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    return n, f"index {first}: eager {float(ref[first]):.3e}, artifact {float(got[first]):.3e}"
+
+
 def compare_outputs(
     artifact: str,
     run_artifact: Any,
@@ -550,9 +596,21 @@ def compare_outputs(
     ``dim_sizes[k]``: the size of every dynamic dim at the ``k``-th batch size (``check_sizes``; keys are
     ``(leaf position, dim)``), dim 0 included; the other dims keep the example's sizes. ``None``: only dim 0
     changes, to the batch size.
+
+    Each output gets its own tolerance, from its own dtype (``default_tolerance``, unless ``atol`` / ``rtol``
+    are given) and its own scale (``max|eager|`` over its finite entries at every batch size): one tolerance
+    for all outputs let a large output (or a single ``-inf``, which made it infinite) hide any error in the
+    others. Non-finite entries must match position by position (see ``CheckResult``).
     """
-    worst, ref_scale, dtype = 0.0, 0.0, torch.float32
     shapes = []
+    # Per output index (the same structure at every batch size): largest finite |diff|, largest finite |eager|,
+    # dtype, entries seen, and the non-finite disagreements (count, the first one described).
+    diffs: list[float] = []
+    scales: list[float] = []
+    dtypes: list[torch.dtype] = []
+    entries: list[int] = []
+    bad: list[int] = []
+    first_bad: list[str] = []
     with torch.no_grad(), _eval_mode(model):
         for i, b in enumerate(batch_sizes):
             if dim_sizes is None:
@@ -571,18 +629,66 @@ def compare_outputs(
                         f"{artifact}: output {j} has shape {tuple(o.shape)} at input shape {shapes[-1]}, "
                         f"eager {tuple(r.shape)}"
                     )
-                if r.is_floating_point():
-                    dtype = r.dtype
-                diff = (o.detach().cpu().double() - r.detach().cpu().double()).abs()
-                d = float(diff.max()) if diff.numel() else 0.0
-                worst = max(worst, d if not math.isnan(d) else math.inf)
-                if r.numel():
-                    ref_scale = max(ref_scale, float(r.detach().abs().max()))
-    d_atol, d_rtol = default_tolerance(dtype)
-    atol = d_atol if atol is None else atol
-    rtol = d_rtol if rtol is None else rtol
-    varied = tuple(shapes) if dim_sizes and any(d > 0 for point in dim_sizes for _, d in point) else ()
-    return CheckResult(artifact, worst, atol + rtol * ref_scale, tuple(batch_sizes), varied)
+                if j == len(diffs):
+                    diffs.append(0.0)
+                    scales.append(0.0)
+                    dtypes.append(r.dtype)
+                    entries.append(0)
+                    bad.append(0)
+                    first_bad.append("")
+                r64, o64 = r.detach().cpu().double(), o.detach().cpu().double()
+                entries[j] += r64.numel()
+                n_bad, first = _nonfinite_mismatch(r64, o64)
+                bad[j] += n_bad
+                if n_bad and not first_bad[j]:
+                    first_bad[j] = f"at input shape {shapes[-1]}, {first}"
+                both = torch.isfinite(r64) & torch.isfinite(o64)
+                if bool(both.any()):
+                    diffs[j] = max(diffs[j], float((o64[both] - r64[both]).abs().max()))
+                finite_ref = r64[torch.isfinite(r64)]
+                if finite_ref.numel():
+                    scales[j] = max(scales[j], float(finite_ref.abs().max()))
+    # The deciding output: one whose non-finite entries differ, else the one with the largest diff relative to
+    # its own tolerance (the check passes iff that one is within it).
+    tolerances = []
+    ratios = []
+    for j, (diff, dtype) in enumerate(zip(diffs, dtypes)):
+        d_atol, d_rtol = default_tolerance(dtype)
+        tol = (d_atol if atol is None else atol) + (d_rtol if rtol is None else rtol) * scales[j]
+        tolerances.append(tol)
+        if bad[j]:
+            ratios.append(math.inf)
+        else:
+            ratios.append(diff / tol if tol > 0 else (math.inf if diff > 0 else 0.0))
+    static_1d = _static_one_dim_input(example_leaves, dim_sizes)
+    varied = dim_sizes is not None and any(d > 0 for point in dim_sizes for _, d in point)
+    where = tuple(shapes) if varied or static_1d else ()
+    if not diffs:  # the model returned no tensor: nothing to compare (CheckResult says so)
+        d_atol = default_tolerance(torch.float32)[0]
+        return CheckResult(artifact, 0.0, d_atol if atol is None else atol, tuple(batch_sizes), where, elements=0)
+    j = max(range(len(ratios)), key=lambda k: ratios[k])  # the first one on ties
+    mismatch = ""
+    if bad[j]:
+        mismatch = f"its inf/NaN entries differ from eager's at {bad[j]} of {entries[j]} entries; first {first_bad[j]}"
+    return CheckResult(
+        artifact,
+        math.inf if bad[j] else diffs[j],  # |(-inf) - 99.9| is inf: the message says why
+        tolerances[j],
+        tuple(batch_sizes),
+        where,
+        output=j if len(diffs) > 1 else None,
+        nonfinite_mismatch=mismatch,
+        elements=sum(entries),
+    )
+
+
+def _static_one_dim_input(example_leaves: tuple, dim_sizes: Sequence[Mapping[tuple[int, int], int]] | None) -> bool:
+    """Whether the first tensor input is 1-D with a static dim: its only dim is then a feature size, not a
+    batch, and a check message must not call it one."""
+    first = next(((i, a) for i, a in enumerate(example_leaves) if isinstance(a, Tensor) and a.dim() >= 1), None)
+    if first is None or first[1].dim() != 1 or dim_sizes is None:
+        return False
+    return all((first[0], 0) not in point for point in dim_sizes)
 
 
 def finish_check(result: CheckResult, raise_on_failure: bool) -> CheckResult:
@@ -616,8 +722,9 @@ def export_program(
         dynamic_batch: make dim 0 of every tensor input (nested and keyword ones too) one shared dynamic
             ``batch`` dimension
             (range ``[0, inf)``). An example batch of 1 is traced at batch 2, because torch.export
-            specializes a size-1 example to the constant 1. Default: ``True`` unless ``dynamic_shapes`` is
-            given; ``False`` exports the example's shapes.
+            specializes a size-1 example to the constant 1; an empty example batch (size 0, specialized too)
+            is refused. Default: ``True`` unless ``dynamic_shapes`` is given; ``False`` exports the example's
+            shapes.
         dynamic_shapes: torch.export's own spec, for other dynamic dims (a sequence length, say), e.g.
             ``({0: Dim("batch"), 1: Dim("seq", max=256)},)`` or ``Dim.AUTO`` for a dim whose range the model
             decides. It replaces the batch-only spec: it cannot be combined with ``dynamic_batch=True``. Every
@@ -633,10 +740,10 @@ def export_program(
         NoDiagonalLayersWarning: the program has no diagonal layer (the export is a plain one).
 
     Raises:
-        ValueError: with ``dynamic_batch=True``, the model does not work for other dim-0 sizes (a 1-D
-            unbatched input, say); a dim of ``dynamic_shapes`` that the model fixes (torch.export's reason
-            included); both ``dynamic_batch=True`` and ``dynamic_shapes``; a marked linear cannot become a
-            ``DiagLinear`` (see ``prepare_for_export``).
+        ValueError: with ``dynamic_batch=True``, the example batch is empty, or the model does not work for
+            other dim-0 sizes (a 1-D unbatched input, say); a dim of ``dynamic_shapes`` that the model fixes
+            (torch.export's reason included); both ``dynamic_batch=True`` and ``dynamic_shapes``; a marked
+            linear cannot become a ``DiagLinear`` (see ``prepare_for_export``).
         diagcompile.passes.SparseRewriteError: a marked parameter is used other than as a linear's weight.
     """
     leaves, spec = flatten_inputs(example_args, example_kwargs)
@@ -650,6 +757,16 @@ def export_program(
     if dynamic_batch is None:
         dynamic_batch = not user_spec
     if dynamic_batch:
+        if _batch_size(leaves) == 0:
+            # torch.export specializes an example dim of 0, like one of 1. A batch of 1 is widened by repeating
+            # the user's own row; an empty batch has no row to repeat, so widening would mean tracing on invented
+            # values (and integer inputs such as token ids have no known-valid values at all): refuse instead.
+            raise ValueError(
+                "export_program: the example batch is empty (dim 0 of the example inputs is 0), so it cannot be "
+                "exported with a dynamic batch dimension: torch.export fixes a dim whose example size is 0 or 1 "
+                "to that constant. Pass a non-empty example (a batch of 1 is widened to 2 for you), or "
+                "dynamic_batch=False to export a program that runs empty batches only"
+            )
         leaves = widen_batch_of_one(leaves)
         dynamic_shapes = _dynamic_shapes(prepared, leaves, spec)
     args, kwargs = unflatten_inputs(leaves, spec)
@@ -801,8 +918,9 @@ def check_program(
     its range (``check_sizes``). ``example_kwargs``: the keyword inputs the program was exported with.
 
     Raises:
-        ExportCheckError: when ``raise_on_failure`` and the difference exceeds ``atol + rtol * max|eager|``
-            (defaults by dtype: float32 ``1e-5 + 1e-4 * scale``).
+        ExportCheckError: when ``raise_on_failure`` and an output differs from eager by more than its own
+            ``atol + rtol * max|eager|`` (defaults by its dtype: float32 ``1e-5 + 1e-4 * scale``), has ``inf`` /
+            ``NaN`` where eager has not (or vice versa), or nothing was compared (every output empty).
         ValueError: ``batch_sizes`` holds a size that a static-batch program cannot run.
     """
     leaves, spec = flatten_inputs(example_args, example_kwargs)

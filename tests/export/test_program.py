@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import stat
 import warnings
@@ -31,7 +32,14 @@ from diagcompile.export import (
     load,
     save,
 )
-from diagcompile.export.program import _flat_tensors, check_sizes, count_diag_nodes, flatten_inputs, input_names
+from diagcompile.export.program import (
+    _flat_tensors,
+    check_sizes,
+    compare_outputs,
+    count_diag_nodes,
+    flatten_inputs,
+    input_names,
+)
 from diagcompile.marking import sync_marks
 from diagcompile.passes import SparseRewriteError
 from diagcompile.testing import (
@@ -507,3 +515,130 @@ def test_input_names_follow_the_nesting():
         "example_args[1][1]",
         "example_kwargs['mask']",
     ]
+
+
+# ---- comparing outputs: a tolerance per output, non-finite entries position by position ------------------
+class _MaskedLogits(nn.Module):
+    """A diagonal layer's logits with the last two classes masked to ``-inf``: legitimately non-finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = DiagLinear(8, 8, sparsity=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).masked_fill(torch.arange(8) >= 6, float("-inf"))
+
+
+def _compare(model: nn.Module, artifact: object, x: torch.Tensor):
+    """``compare_outputs`` of ``artifact`` (a callable standing in for an exported artifact) against ``model``
+    at batch sizes 2 and 5, default tolerances."""
+    leaves, spec = flatten_inputs((x,))
+
+    def run(*args: torch.Tensor, **kwargs: torch.Tensor) -> list[torch.Tensor]:
+        return _flat_tensors(artifact(*args, **kwargs))
+
+    return compare_outputs("fake", run, model, leaves, spec, (2, 5), None, None, 0)
+
+
+def test_an_inf_in_an_output_does_not_make_any_artifact_pass():
+    # One -inf used to make the tolerance (atol + rtol * max|eager|) infinite: a program off by 100 passed.
+    model, args = _MaskedLogits().eval(), (torch.randn(3, 8),)
+    assert check_program(export_program(model, args), model, args).passed
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.fc.bias.add_(100.0)
+    result = check_program(export_program(wrong, args), model, args, raise_on_failure=False)
+    assert not result.passed and math.isfinite(result.tolerance), result
+    assert result.max_abs_diff == pytest.approx(100.0, rel=1e-4), result
+
+
+class _TwoScales(nn.Module):
+    """Two outputs of very different sizes: ``x * 1e4`` and a diagonal layer's ``fc(x)`` (about 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = DiagLinear(8, 8, sparsity=0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * 1e4, self.fc(x)
+
+
+def test_each_output_is_judged_at_its_own_scale():
+    # The 1e4-sized output used to set the tolerance for both, hiding a 0.5 error in the unit-sized one.
+    model, x = _TwoScales().eval(), torch.randn(3, 8)
+    result = _compare(model, lambda x: (x * 1e4, model.fc(x) + 0.5), x)
+    assert not result.passed and result.output == 1 and "in output 1" in str(result), result
+    assert result.max_abs_diff == pytest.approx(0.5, rel=1e-4) and result.tolerance < 1e-2, result
+    # 1e-2 on the large output is 1e-6 of its scale: within its own tolerance
+    assert _compare(model, lambda x: (x * 1e4 + 1e-2, model.fc(x)), x).passed
+
+
+class _SpecialValues(nn.Module):
+    """A diagonal layer's output followed by a NaN, a +inf and a -inf column."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = DiagLinear(8, 8, sparsity=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        special = torch.tensor([float("nan"), float("inf"), float("-inf")]).expand(y.shape[0], 3)
+        return torch.cat([y, special], 1)
+
+
+def test_inf_and_nan_at_the_same_places_agree():
+    # A fully masked attention row is NaN in eager and in a faithful artifact alike: that used to FAIL.
+    model = _SpecialValues().eval()
+    result = _compare(model, model, torch.randn(3, 8))
+    assert result.passed and result.max_abs_diff == 0.0 and not result.nonfinite_mismatch, result
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "eager", "artifact"),
+    [
+        (lambda y: y.roll(1, dims=1), "9.", "-inf"),  # the -inf moved onto a finite logit (near 100)
+        (lambda y: y.nan_to_num(neginf=float("inf")), "-inf", "inf"),  # right place, wrong sign
+        (lambda y: y.masked_fill(torch.isinf(y), float("nan")), "-inf", "nan"),  # right place, NaN
+    ],
+    ids=["moved", "sign", "nan"],
+)
+def test_inf_or_nan_at_other_places_fails_and_says_where(corrupt, eager, artifact):
+    model = _MaskedLogits().eval()
+    with torch.no_grad():
+        model.fc.bias.fill_(100.0)  # finite logits near 100, so a moved -inf meets a known value
+
+    def wrong(x: torch.Tensor) -> torch.Tensor:
+        return corrupt(model(x))
+
+    result = _compare(model, wrong, torch.randn(3, 8))
+    text = str(result)
+    assert not result.passed and result.nonfinite_mismatch, text
+    assert "inf/NaN entries differ from eager's" in text and "first at input shape (2, 8), index (0, " in text, text
+    assert f"eager {eager}" in text and f"artifact {artifact})" in text, text
+
+
+# ---- empty batches and unbatched inputs -----------------------------------------------------------------
+def test_an_empty_example_batch_with_a_dynamic_batch_is_a_clear_error():
+    layer = DiagLinear(24, 40, sparsity=0.7)
+    with pytest.raises(ValueError, match=r"example batch is empty.*cannot be exported with a dynamic batch.*non-empty"):
+        export_program(layer, (torch.randn(0, 24),))
+
+
+def test_a_check_that_compares_nothing_does_not_pass():
+    # A static batch of 0 has only empty outputs: the check used to report OK having compared nothing.
+    layer = DiagLinear(24, 40, sparsity=0.7).eval()
+    args = (torch.randn(0, 24),)
+    ep = export_program(layer, args, dynamic_batch=False)
+    result = check_program(ep, layer, args, raise_on_failure=False)
+    assert not result.passed and result.elements == 0, result
+    assert "nothing compared" in str(result) and ": OK" not in str(result), result
+    with pytest.raises(ExportCheckError, match="nothing compared.*NOT CHECKED"):
+        check_program(ep, layer, args)
+
+
+def test_a_static_1d_input_is_reported_by_its_shape_not_as_a_batch_size():
+    # Its only dim is the feature dim (24): "at batch size 24" was wrong.
+    layer = DiagLinear(24, 40, sparsity=0.7).eval()
+    args = (torch.randn(24),)
+    result = check_program(export_program(layer, args, dynamic_batch=False), layer, args)
+    assert result.passed and "at input shape (24,): OK" in str(result) and "batch" not in str(result), result
