@@ -66,6 +66,7 @@ __all__ = [
     "SUPPORTED_OPSETS",
     "add_local_functions",
     "check_onnx",
+    "count_diag_layers",
     "count_plugin_nodes",
     "make_session",
     "register_ort_extensions_op",
@@ -89,6 +90,10 @@ ONNX_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16)
 
 MODES = ("portable", "plugin")
 _MODE_KEY = "diagcompile.mode"
+#: Model metadata: how many diagonal layers the file holds. The plugin form has one node per layer, but the
+#: portable form dissolves each layer into standard ops (ScatterND + MatMul that a user's own model could have
+#: too), so the count is recorded at export, where it is exact (the program's diag_linear nodes).
+_LAYERS_KEY = "diagcompile.diag_layers"
 
 # Node metadata key that keeps the exporter's optimizer from folding a node. The (k, D) index arithmetic
 # would otherwise be folded into int64 initializers for layers below its size limit (tripling the file for
@@ -262,6 +267,19 @@ def count_plugin_nodes(model: onnx.ModelProto | str | os.PathLike) -> int:
     return sum(_is_plugin_node(n) for n in model.graph.node)
 
 
+def count_diag_layers(model: onnx.ModelProto | str | os.PathLike) -> int:
+    """Number of diagonal layers in an ONNX model (or file) written by ``to_onnx``, in either form.
+
+    Read from the count ``to_onnx`` records in the model's metadata (the portable form has no node that marks a
+    layer); a file without it (written by another tool or an older diagcompile) counts its plugin nodes.
+    """
+    model = _load(model)
+    recorded = {p.key: p.value for p in model.metadata_props}.get(_LAYERS_KEY)
+    if recorded is not None and recorded.isdigit():
+        return int(recorded)
+    return count_plugin_nodes(model)
+
+
 def add_local_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` carrying the ``diagcompile::DiagLinear`` local function (plain onnxruntime runs it)."""
     out = onnx.ModelProto()
@@ -355,7 +373,14 @@ def to_onnx(
     Returns:
         ``path``. The file passes ``onnx.checker.check_model(full_check=True)``. Its symbolic dims use the
         names above everywhere (inputs, outputs, intermediate shapes), expressions too: an output twice as long
-        as a ``seq`` input has dim ``"2*seq"``.
+        as a ``seq`` input has dim ``"2*seq"``. Its metadata records the number of diagonal layers
+        (``count_diag_layers``).
+
+    float16 files in onnxruntime: onnxruntime 1.32.0's CPU NCHWc layout transformer (on at the default
+    ``ORT_ENABLE_ALL``) segfaulted while creating a session for the portable float16 file of a sparsified
+    ``nn.TransformerEncoder``. ``make_session`` / ``check_onnx`` disable it for float16 files; in your own
+    session pass ``disabled_optimizers=["NchwcTransformer"]`` to ``onnxruntime.InferenceSession`` (or use
+    ``ORT_ENABLE_EXTENDED``).
 
     Raises:
         ValueError: unknown mode or unsupported opset. TypeError: a parameter or input dtype other than
@@ -410,7 +435,7 @@ def to_onnx(
     _strip_no_fold(proto)
     if output_names is None and len(proto.graph.output) == 1:
         _rename_output(proto, "y")
-    onnx.helper.set_model_props(proto, {_MODE_KEY: mode})
+    onnx.helper.set_model_props(proto, {_MODE_KEY: mode, _LAYERS_KEY: str(_program.count_diag_nodes(ep))})
     if mode == "plugin" and local_function:
         proto = add_local_functions(proto)
     axes = _input_axes(model, args, kwargs, leaves, dynamic_batch, dynamic_shapes)
@@ -716,8 +741,38 @@ def _load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
         raise ValueError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from e
 
 
+#: onnxruntime graph optimizers that ``make_session`` turns off for float16 models, and why: in onnxruntime 1.32.0
+#: (CPU) the NCHWc layout transformer (``ORT_ENABLE_ALL`` only) segfaults at session creation on the portable
+#: float16 file of a sparsified ``nn.TransformerEncoder`` (the whole process dies, exit 139), while the same file
+#: loads and runs correctly at ``ORT_ENABLE_EXTENDED`` or with just this optimizer disabled.
+FP16_DISABLED_OPTIMIZERS: tuple[str, ...] = ("NchwcTransformer",)
+
+
+def _has_float16(proto: onnx.ModelProto) -> bool:
+    """Whether ``proto`` computes anything in float16: a graph input / output / initializer of that type, or a
+    ``Cast`` to it (the exporter's low-precision layers cast around float32 math)."""
+    f16 = onnx.TensorProto.FLOAT16
+    g = proto.graph
+    if any(v.type.tensor_type.elem_type == f16 for v in [*g.input, *g.output]):
+        return True
+    if any(i.data_type == f16 for i in g.initializer):
+        return True
+    return any(a.name == "to" and a.i == f16 for n in g.node if n.op_type == "Cast" for a in n.attribute)
+
+
 def make_session(model: onnx.ModelProto | str | os.PathLike, runtime: str = "auto"):
     """An onnxruntime CPU session for a portable or plugin-form model.
+
+    For a float16 model the session is created with onnxruntime's NCHWc layout transformer disabled
+    (``FP16_DISABLED_OPTIMIZERS``): in onnxruntime 1.32.0 it segfaulted at session creation (default
+    ``ORT_ENABLE_ALL``) on the portable file of a float16 sparsified ``nn.TransformerEncoder``, killing the
+    process. It only re-lays out float32 Conv/pooling for x86 SIMD, so the other optimizations stay on, and
+    float32 models keep it. To build such a session yourself::
+
+        ort.InferenceSession(path, so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=["NchwcTransformer"])
+
+    (or ``so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED``).
 
     Args:
         runtime: how plugin nodes run: ``"function"`` (attach the local function if missing),
@@ -749,7 +804,12 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, runtime: str = "aut
             so.register_custom_ops_library(onnxruntime_extensions.get_library_path())
         else:
             proto = add_local_functions(proto)
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    # Only for float16 models: NCHWc re-lays out float32 Conv/pooling for x86 SIMD, a real speedup that float32
+    # CNNs run through this session should keep; the crash was seen on float16 graphs only.
+    disabled = list(FP16_DISABLED_OPTIMIZERS) if _has_float16(proto) else []
+    return ort.InferenceSession(
+        proto.SerializeToString(), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+    )
 
 
 def _artifact_name(proto: onnx.ModelProto, runtime: str) -> str:
@@ -783,7 +843,8 @@ def check_onnx(
     the keyword inputs it was exported with; the file's inputs take the tensors in ``to_onnx``'s order.
 
     Raises:
-        ExportCheckError: when ``raise_on_failure`` and the difference exceeds the tolerance.
+        ExportCheckError: when ``raise_on_failure`` and the check fails (see ``check_program``: each output
+            within its own tolerance, ``inf`` / ``NaN`` where eager has them, something compared).
         ValueError: the file is not a valid ONNX model, or ``batch_sizes`` holds a size that a static-batch
             file cannot run.
     """

@@ -18,9 +18,12 @@ from diagcompile.export import ExportCheckError, NoDiagonalLayersWarning, check_
 from diagcompile.export.onnx import (
     _RANGES_KEY,
     DEFAULT_OPSET,
+    FP16_DISABLED_OPTIMIZERS,
     PLUGIN_NAME,
     PLUGIN_NAMESPACE,
     SUPPORTED_OPSETS,
+    _has_float16,
+    count_diag_layers,
     count_plugin_nodes,
     make_session,
     strip_local_functions,
@@ -34,6 +37,7 @@ from diagcompile.testing import (
     LengthShifted,
     keyword_inputs,
     make_export_model,
+    run_python,
 )
 
 N = ExportTestModel.N_DIAG_LAYERS
@@ -529,3 +533,45 @@ def test_an_input_named_y_keeps_the_single_output_from_taking_its_name(tmp_path)
     proto = onnx.load(path)
     assert [i.name for i in proto.graph.input] == ["x", "y"] and proto.graph.output[0].name != "y"
     assert check_onnx(path, model, args).passed
+
+
+FP16_ENCODER = """
+import torch
+from torch import nn
+import diagcompile
+from diagcompile.export import check_onnx, to_onnx
+
+torch.manual_seed(0)
+layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+model = nn.Sequential(encoder, nn.Linear(16, 4)).eval()
+diagcompile.sparsify_(model, diagcompile.DiagSparsityConfig(sparsity=0.5))
+model = model.half()
+args = (torch.randn(2, 6, 16).half(),)
+path = to_onnx(model, args, {path!r})
+print(check_onnx(path, model, args))
+"""
+
+
+def test_fp16_sparse_transformer_encoder_is_checked_without_crashing_onnxruntime(tmp_path):
+    # onnxruntime 1.32.0's NCHWc transformer segfaulted creating a session for this file (ORT_ENABLE_ALL):
+    # check_onnx took the whole process down. In a subprocess, a crash fails this test instead of pytest.
+    out = run_python(FP16_ENCODER.format(path=str(tmp_path / "encoder_fp16.onnx")), timeout=600)
+    assert out.strip().splitlines()[-1].startswith("onnx-portable: max |artifact - eager|")
+    assert out.strip().endswith(": OK"), out
+
+
+def test_only_float16_files_get_the_nchwc_transformer_disabled(portable, tmp_path):
+    layer = DiagLinear(8, 12, sparsity=0.5).half().eval()
+    half = to_onnx(layer, (torch.randn(3, 8).half(),), tmp_path / "half.onnx")
+    assert _has_float16(onnx.load(half)) and not _has_float16(onnx.load(portable))
+    assert FP16_DISABLED_OPTIMIZERS == ("NchwcTransformer",)
+
+
+@pytest.mark.parametrize("mode", ["portable", "plugin"])
+def test_the_file_records_its_number_of_diagonal_layers(mode, portable, plugin):
+    # The portable form has no node per layer; the count is recorded at export (the CLI prints it).
+    assert count_diag_layers(portable if mode == "portable" else plugin) == N
+    model = onnx.load(plugin)
+    del model.metadata_props[:]  # a file without the record (another tool): its plugin nodes count
+    assert count_diag_layers(model) == N
