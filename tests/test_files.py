@@ -55,3 +55,65 @@ def test_a_directory_is_not_an_output_file(tmp_path):
     assert check_output_path(str(tmp_path / "x.onnx"), "to_onnx", ".onnx") == tmp_path / "x.onnx"
     with pytest.raises(ValueError, match=r"to_onnx: .*x.pt2 should end in .onnx"):
         check_output_path(tmp_path / "x.pt2", "to_onnx", ".onnx")
+
+
+def _hold_lock(path):
+    """An open, flock-ed descriptor of ``path``: what a writer at work in another process holds."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_write_removes_the_temporary_files_that_killed_writes_left(tmp_path):
+    # A SIGKILL during a checkpoint write left `.checkpoint.pt.<hex>.tmp.pt` behind, forever.
+    path = tmp_path / "checkpoint.pt"
+    stale = [tmp_path / ".checkpoint.pt.0123abcd.tmp.pt", tmp_path / ".checkpoint.pt.deadbeef.tmp.pt"]
+    for p in stale:
+        p.write_bytes(b"")
+    live = tmp_path / ".checkpoint.pt.11112222.tmp.pt"  # a writer at work holds its lock
+    live.write_bytes(b"half")
+    others = [  # not this target's temporary files: never touched
+        ".checkpoint.pt.0123abcd.tmp.pt2",
+        ".model.pt.0123abcd.tmp.pt",
+        ".checkpoint.pt.0123ABCD.tmp.pt",
+        ".checkpoint.pt.0123abc.tmp.pt",
+        "checkpoint.pt.0123abcd.tmp.pt",
+        ".checkpoint.pt.0123abcd.tmp.pt.bak",
+    ]
+    for name in others:
+        (tmp_path / name).write_bytes(b"keep")
+    (tmp_path / ".checkpoint.pt.33334444.tmp.pt").mkdir()  # not a regular file
+    (tmp_path / ".checkpoint.pt.55556666.tmp.pt").symlink_to(tmp_path / "model.pt")
+    fd = _hold_lock(live)
+    try:
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(b"new")
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"new"
+    left = {p.name for p in tmp_path.iterdir()}
+    assert not left & {p.name for p in stale}
+    assert {live.name, *others, ".checkpoint.pt.33334444.tmp.pt", ".checkpoint.pt.55556666.tmp.pt"} <= left
+    # Its writer gone (the lock released with its process), the next write removes it too.
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(b"newer")
+    assert live.name not in {p.name for p in tmp_path.iterdir()}
+
+
+def test_without_file_locks_a_stale_temporary_file_is_judged_by_its_age(tmp_path, monkeypatch):
+    import time
+
+    from diagcompile import _files
+
+    monkeypatch.setattr(_files, "fcntl", None, raising=False)
+    path = tmp_path / "a.bin"
+    old, young = tmp_path / ".a.bin.0123abcd.tmp.bin", tmp_path / ".a.bin.89abcdef.tmp.bin"
+    old.write_bytes(b"")
+    young.write_bytes(b"")
+    past = time.time() - _files.STALE_TEMP_AGE_S - 1
+    os.utime(old, (past, past))
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [young.name, "a.bin"]
