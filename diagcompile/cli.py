@@ -204,7 +204,7 @@ def _export(args: argparse.Namespace) -> int:
 
             n = count_diag_nodes(ep)
         else:
-            from diagcompile.export.onnx import DEFAULT_OPSET, count_plugin_nodes, to_onnx
+            from diagcompile.export.onnx import DEFAULT_OPSET, count_diag_layers, to_onnx
 
             mode = "plugin" if args.format == "onnx-plugin" else "portable"
             opset = args.opset if args.opset is not None else DEFAULT_OPSET
@@ -218,7 +218,7 @@ def _export(args: argparse.Namespace) -> int:
                 opset=opset,
                 local_function=not args.bare,
             )
-            n = count_plugin_nodes(path) if mode == "plugin" else None
+            n = count_diag_layers(path)  # recorded in the file's metadata (the portable form has no layer node)
     except (TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -235,7 +235,7 @@ def _export(args: argparse.Namespace) -> int:
             )
             return 2
     size = os.path.getsize(path) / 1e6
-    layers = f", {n} diagonal layer node(s)" if n is not None else ""
+    layers = f", {n} diagonal layer(s)"
     print(f"wrote {path} ({args.format}, {size:.2f} MB{layers})")
     if args.no_check:
         return 0
@@ -417,6 +417,7 @@ def _train(args: argparse.Namespace) -> int:
     from diagcompile.train import (
         METRICS_NAME,
         MODEL_NAME,
+        CheckpointReadError,
         Interrupted,
         SetupError,
         TrainConfig,
@@ -456,7 +457,9 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     try:
         m = train(cfg)
-    except SetupError as e:  # the model or the run length rules the arguments out: still a usage error
+    except (SetupError, CheckpointReadError) as e:
+        # The model or the run length rules the arguments out, or the checkpoint that --out names cannot be read
+        # (found when loading it whole, which check_out's lazy read cannot see): still a usage error.
         if not out_existed:
             with contextlib.suppress(OSError):
                 os.rmdir(args.out)  # only if check_out made it and nothing was written
@@ -469,11 +472,16 @@ def _train(args: argparse.Namespace) -> int:
         )
         return 130
     key = m["metric"]
+    params = m["params"]
     summary = {
         "final": m["final"][key],
         "best": m["best"],
         "train_s": round(m["time"]["train_s"], 1),
-        "final_params": m["params"]["final_model"],
+        # The count to compare across methods: a mask method's final model keeps its pruned weights as zeros of
+        # dense matrices, so its total is the dense model's, while a diagonal method's compact layers hold only
+        # the weights they keep (there the two agree).
+        "final_params_kept": params["final_model_kept"],
+        "final_params_total": params["final_model"],
     }
     print(f"{args.task} {args.method}: {result_summary(m)}  {json.dumps(summary)}")
     print(f"wrote {args.out}/{METRICS_NAME}, {args.out}/{MODEL_NAME}")
@@ -533,7 +541,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from diagcompile.sweep import SweepConfig, aggregate, plan_runs, run_sweep
+    from diagcompile.sweep import SweepConfig, SweepInterrupted, aggregate, plan_runs, run_sweep
 
     per_variant: dict[str, dict[str, dict]] = {"dst": {}, "train": {}}
     for what, items in (("dst", args.variant_dst), ("train", args.variant_train)):
@@ -580,6 +588,9 @@ def _sweep(args: argparse.Namespace) -> int:
         res = run_sweep(cfg)
     except (SetupError, FileNotFoundError) as e:  # the grid cannot run here, or has no results yet
         raise UsageError(str(e)) from None
+    except SweepInterrupted as e:
+        print(f"diagcompile {e}", file=sys.stderr)  # "diagcompile sweep interrupted: ..."
+        return 130
     print(f"sweep: ran {res['ran']}, skipped {res['skipped']} (done before), {res['seconds']:.0f} s")
     print("\n".join(f"wrote {p}" for p in res["files"].values()))
     return 0

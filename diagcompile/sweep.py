@@ -35,9 +35,17 @@ from typing import Any
 
 from diagcompile._files import atomic_write
 from diagcompile.dst.config import DIAGHEUR_ONLY, DYNADIAG_ONLY
-from diagcompile.train import TASKS, SetupError, TrainConfig, atomic_write_text, dst_config_dict, env_stamp, train
+from diagcompile.train import (
+    TASKS,
+    SetupError,
+    TrainConfig,
+    atomic_write_text,
+    children_ignore_sigint,
+    env_stamp,
+    train,
+)
 
-__all__ = ["SweepConfig", "parse_variant", "run_name", "plan_runs", "run_sweep", "aggregate"]
+__all__ = ["SweepConfig", "SweepInterrupted", "parse_variant", "run_name", "plan_runs", "run_sweep", "aggregate"]
 
 
 def parse_variant(name: str) -> dict[str, Any]:
@@ -195,32 +203,41 @@ def _run_one(args: tuple[str, dict, str, int | None]) -> tuple[str, float, dict]
 def _check_same_config(path: Path, tc: TrainConfig) -> None:
     """A finished run is reused only if it was trained with the configuration the grid asks for now."""
     run = json.loads(path.read_text())
-    diff = tc.differences(run.get("config", {}), run.get("resolved"))
     # The sparsifier config a run trained with comes from tuned defaults (DST_RECIPE, TASK_DST_RECIPE) as well as
     # from the TrainConfig's relaxation / pool / dst, so it is judged whole, by the config the run recorded (as a
     # default lr is judged by the lr the run used): a run from before a tuned default changed is refused, and a
     # setting once left to a default and now given explicitly with the same value is not a difference.
     saved_dst = (run.get("dst") or {}).get("config")
-    if saved_dst is not None and tc.method != "dense":
-        from diagcompile.dst import config_class  # (the harness imports diagcompile.dst only when it trains)
-
-        now_dst = json.loads(json.dumps(dst_config_dict(tc, int(run["steps"]))))
-        # A field the saved config lacks was added later, with a default that keeps the old behaviour.
-        defaults = {f.name: f.default for f in dataclasses.fields(config_class(tc.method))}
-        diff = [d for d in diff if d[0] not in ("relaxation", "pool", "dst")]
-        diff += [
-            (f"dst.{k}", saved_dst.get(k), v)
-            for k, v in sorted(now_dst.items())
-            if (saved_dst[k] != v if k in saved_dst else v != defaults.get(k))
-        ]
-        diff += [(f"dst.{k}", saved_dst[k], None) for k in sorted(set(saved_dst) - set(now_dst))]
+    diff = tc.differences(run.get("config", {}), run.get("resolved"), saved_dst, run.get("steps"))
     if diff:
         detail = ", ".join(f"{k}: {was!r} there vs {now!r} now" for k, was, now in diff)
         raise SetupError(f"{path} was trained with another configuration ({detail}); delete it or use another out")
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`run_sweep`: ``finished`` of the grid's ``total`` runs have their results in
+    ``runs_dir``, kept; running the same sweep again runs the others. A run that was in progress is lost (a
+    sweep's runs keep no checkpoint): it starts over."""
+
+    def __init__(self, finished: int, total: int, runs_dir: str) -> None:
+        left = total - finished
+        super().__init__(
+            f"sweep interrupted: {finished} of {total} runs are finished, their results kept in {runs_dir}; "
+            f"run the same sweep again to continue with the remaining {left} (a run that was in progress starts "
+            "over: sweep runs keep no checkpoint)"
+        )
+        self.finished, self.total, self.runs_dir = finished, total, runs_dir
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.finished, self.total, self.runs_dir)
+
+
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
-    """Run the missing runs of the grid, then :func:`aggregate`; returns ``{"ran": n, "skipped": n, "files": ...}``."""
+    """Run the missing runs of the grid, then :func:`aggregate`; returns ``{"ran": n, "skipped": n, "files": ...}``.
+
+    Ctrl-C stops the runs in progress (after their current step) and raises :class:`SweepInterrupted`; the
+    finished runs' results are kept, so running the sweep again continues with the rest.
+    """
     out = Path(cfg.out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -258,18 +275,34 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         elif not cfg.quiet:
             print(f"[sweep {done}/{len(plan)}] {name}: {msg} ({dt:.1f} s)", file=sys.stderr, flush=True)
 
-    if cfg.jobs == 1:
-        for job in jobs:
-            report(*_run_one(job))
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+    try:
+        if cfg.jobs == 1:
+            for job in jobs:
+                report(*_run_one(job))
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        # spawn: a forked child would inherit the parent's OpenMP thread pool state.
-        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn")) as ex:
-            futures = [ex.submit(_run_one, job) for job in jobs]
-            for fut in as_completed(futures):
-                report(*fut.result())
+            # spawn: a forked child would inherit the parent's OpenMP thread pool state. The workers start
+            # ignoring SIGINT: a Ctrl-C stops the run each is training (after its step) but does not kill one
+            # that is starting or idle, with a traceback.
+            with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn")) as ex:
+                with children_ignore_sigint():
+                    futures = [ex.submit(_run_one, job) for job in jobs]
+                try:
+                    for fut in as_completed(futures):
+                        report(*fut.result())
+                except KeyboardInterrupt:
+                    # Runs not started yet must not start while the pool shuts down; leaving the block waits for
+                    # the running ones, which the same Ctrl-C stops.
+                    for fut in futures:
+                        fut.cancel()
+                    raise
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        finished = sum((runs_dir / f"{n}.json").exists() for n, _ in plan)
+        raise SweepInterrupted(finished, len(plan), str(runs_dir)) from None
     if bar is not None:
         bar.close()
     files = aggregate(cfg)

@@ -15,18 +15,22 @@ Files written to ``TrainConfig.out`` (each atomically: a temp file in the same f
   machine, same thread count).
 * ``model.pt``       the final model (for DST methods: after ``sparsifier.finalize()``, compact ``DiagLinear``s),
   with its config: :func:`load_model` rebuilds it.
-* ``metrics.json``   written when the run completes: final/best metric, curves, time, parameter counts,
+* ``metrics.json``   written when the run completes: final/best metric, curves, time, parameter counts
+  (``params.final_model`` counts every parameter of the saved model, a mask method's pruned zeros included;
+  ``params.final_model_kept`` leaves those out and compares across methods),
   memory, DST diagnostics, the data description and an environment stamp. ``"final"`` is the final evaluation
   (after ``finalize()`` for sparse methods); ``"best"`` is the best of the periodic evaluations of the curve.
   ``"final_eval"`` / ``"periodic_eval"`` say what each was measured on: chars-gpt evaluates ``eval_blocks``
   blocks of the validation text periodically and ``final_eval_blocks`` (more) at the end, so ``best`` can be
   worse than ``final`` at the same step; digits evaluates the whole split both times.
 
-Ctrl-C stops at the end of the current step, writes a checkpoint, and raises ``KeyboardInterrupt``.
+Ctrl-C stops at the end of the current step, writes a checkpoint (when the run has an ``out`` folder), and
+raises :class:`Interrupted` (a ``KeyboardInterrupt``); with ``nproc > 1`` the workers do, and ``train`` raises it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -43,7 +47,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +77,7 @@ __all__ = [
     "train",
     "load_model",
     "load_checkpoint",
+    "CheckpointReadError",
     "check_out",
     "atomic_torch_save",
     "atomic_write_text",
@@ -169,11 +174,21 @@ def check_device(device: str, where: str = "device") -> str:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT / SIGTERM after writing its checkpoint; ``step`` of ``total`` done."""
+    """Training stopped on SIGINT after ``step`` of ``total`` steps; ``saved``: a checkpoint of that step was
+    written (the run has an ``out`` folder), so ``resume=True`` continues it. A run without ``out`` (a sweep's
+    runs) saves nothing: run again, it starts over."""
 
-    def __init__(self, step: int, total: int) -> None:
-        super().__init__(f"stopped at step {step}/{total}; the checkpoint is saved: resume with resume=True")
-        self.step, self.total = step, total
+    def __init__(self, step: int, total: int, saved: bool = True) -> None:
+        if saved:
+            what = "the checkpoint is saved: resume with resume=True"
+        else:
+            what = "nothing was saved (the run has no out folder): running it again starts over"
+        super().__init__(f"stopped at step {step}/{total}; {what}")
+        self.step, self.total, self.saved = step, total, saved
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its fields, not from the message: it crosses process boundaries (a sweep's --jobs workers).
+        return type(self), (self.step, self.total, self.saved)
 
 
 class SetupError(ValueError):
@@ -376,14 +391,26 @@ class TrainConfig:
     RESOLVED_FIELDS = ("batch_size", "lr", "weight_decay")
 
     def differences(
-        self, saved: Mapping[str, Any], resolved: Mapping[str, Any] | None = None
+        self,
+        saved: Mapping[str, Any],
+        resolved: Mapping[str, Any] | None = None,
+        dst_config: Mapping[str, Any] | None = None,
+        total_steps: int | None = None,
     ) -> list[tuple[str, Any, Any]]:
         """``(field, saved value, value now)`` for every field (except ``RUNTIME_FIELDS``) where the saved
-        ``to_dict()`` of another run differs from this one, sorted by field name.
+        ``to_dict()`` of another run differs from this one, sorted by field name (then the ``dst.*`` entries).
 
         ``resolved`` is that run's record of the values it actually used (its metrics' ``"resolved"``). With it,
         a field left to the task default on one side and set explicitly on the other is no difference when the
         value used was the same: the default is judged by what the run recorded, not by today's default.
+
+        ``dst_config`` is the sparsifier config that run trained with (its metrics' ``dst.config``, its
+        checkpoint's ``sparsifier.config``) and ``total_steps`` its length. With them, ``relaxation`` / ``pool``
+        / ``dst`` are judged by that config whole, against the one this config resolves to
+        (:func:`dst_config_dict`), as the defaults above are: the config also comes from the tuned
+        :data:`DST_RECIPE` / :data:`TASK_DST_RECIPE`, so a run from before a tuned default changed differs, and a
+        setting once left to its default and now given explicitly with the same value (``dst={"update_every":
+        100}``) does not; differing fields are named ``dst.<field>``.
         """
         now = self.to_dict()
         # A field the run recorded as used is judged by that value, whether either side left it to a default
@@ -392,7 +419,23 @@ class TrainConfig:
         was = {**saved, **used}
         is_ = {**now, **{k: self.get(k) for k in used}}
         keys = sorted(k for k in set(now) | set(saved) if k not in self.RUNTIME_FIELDS)
-        return [(k, was.get(k), is_.get(k)) for k in keys if was.get(k) != is_.get(k)]
+        diff = [(k, was.get(k), is_.get(k)) for k in keys if was.get(k) != is_.get(k)]
+        if dst_config is None or total_steps is None or self.method == "dense":
+            return diff
+        from diagcompile.dst import config_class  # (the harness imports diagcompile.dst only when it needs it)
+
+        saved_dst = _to_plain(dst_config)
+        now_dst = _to_plain(dst_config_dict(self, int(total_steps)))
+        # A field the saved config lacks was added later, with a default that keeps the old behaviour.
+        defaults = {f.name: f.default for f in dataclasses.fields(config_class(self.method))}
+        diff = [d for d in diff if d[0] not in ("relaxation", "pool", "dst")]
+        diff += [
+            (f"dst.{k}", saved_dst.get(k), v)
+            for k, v in sorted(now_dst.items())
+            if (saved_dst[k] != v if k in saved_dst else v != defaults.get(k))
+        ]
+        diff += [(f"dst.{k}", saved_dst[k], None) for k in sorted(set(saved_dst) - set(now_dst))]
+        return diff
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -832,6 +875,27 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._prev)
 
 
+@contextlib.contextmanager
+def children_ignore_sigint() -> Iterator[None]:
+    """Ignore SIGINT in this process while the block starts worker processes, so that they start ignoring it.
+
+    A Ctrl-C at the terminal reaches every process of the foreground group: a worker that is still importing
+    torch, or waiting for its next task, would die of it with a ``KeyboardInterrupt`` traceback. An ignored
+    signal stays ignored across ``exec`` (a handler does not), and Python then installs no handler of its own;
+    the worker's training loop (:class:`_StopFlag`) takes SIGINT as "stop after this step" while it runs and
+    ignores it again after. A Ctrl-C during the block itself (starting processes: milliseconds) is lost. Only
+    the main thread can set handlers: elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev if prev is not None else signal.SIG_DFL)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------
@@ -850,17 +914,56 @@ def _check_resumable(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
 
     A field left to the task default is judged by the value the run used, which checkpoints record under
     ``"resolved"`` (so ``--lr 0.02`` resumes a run whose default lr was 0.02); older checkpoints, without it, by
-    their saved config alone.
+    their saved config alone. The sparsifier settings are judged by the config the sparsifier saved, as the
+    sweep judges a finished run (:meth:`TrainConfig.differences`): ``--dst update_every=100`` resumes a rigl run
+    that left it to its default of 100.
     """
-    diff = cfg.differences(ckpt["config"], ckpt.get("resolved"))
+    sparsifier = ckpt.get("sparsifier")
+    dst_config = sparsifier.get("config") if isinstance(sparsifier, Mapping) else None
+    diff = cfg.differences(ckpt["config"], ckpt.get("resolved"), dst_config, ckpt.get("total_steps"))
     if diff:
         detail = ", ".join(f"{k}: checkpoint {was!r} vs now {now!r}" for k, was, now in diff)
         raise ValueError(f"cannot resume: the checkpoint was written by a different configuration ({detail})")
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint file that ``torch.load`` cannot read: empty, cut short, or overwritten with something else."""
+
+
+def _read_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``, with a file torch cannot read reported as such.
+
+    A checkpoint is written atomically, so a damaged one comes from outside the harness (a copy cut short, a
+    disk that filled up, another program). torch's own errors for such files name its internals (an empty file
+    read with ``mmap`` is "only for files saved with _use_new_zipfile_serialization"), so they are replaced by
+    one that names the file and what to do; torch's stays chained as the cause.
+    """
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:  # permissions, a directory: not a damaged file, one that cannot be opened
+        raise CheckpointReadError(f"cannot read the checkpoint {path}: {e.strerror or e}") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, UnpicklingError, KeyError, OSError (mmap), ...
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = None
+        state = "empty (0 bytes)" if size == 0 else "truncated or damaged" + (f" ({size} bytes)" if size else "")
+        raise CheckpointReadError(
+            f"the checkpoint {path} is unreadable: it is {state}, not a complete torch.save file; move it away "
+            "or delete it (the run then starts over from step 0), or choose another --out"
+        ) from e
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a training checkpoint with ``torch.load(weights_only=True)`` and check its format tag."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """Read a training checkpoint with ``torch.load(weights_only=True)`` and check its format tag.
+
+    Raises :class:`CheckpointReadError` (a ``ValueError``) for a file torch cannot read, ``ValueError`` for one
+    that is not a training checkpoint.
+    """
+    ckpt = _read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
         raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT})")
     return ckpt
@@ -871,7 +974,9 @@ def check_out(cfg: TrainConfig) -> None:
 
     Raises ``ValueError`` when ``out`` is an existing file, when it holds the checkpoint of an unfinished run
     and ``cfg.resume`` is off (starting over would overwrite that run's progress), or when ``cfg.resume`` would
-    continue a checkpoint written by a different configuration. A finished run's checkpoint does not block a
+    continue a checkpoint written by a different configuration; :class:`CheckpointReadError` (a ``ValueError``)
+    when ``out`` holds a checkpoint torch cannot read, with or without ``cfg.resume`` (whether it was a finished
+    run's cannot be told, so it is never overwritten silently). A finished run's checkpoint does not block a
     new run: its results are in its ``metrics.json`` / ``model.pt``, which the new run replaces.
     """
     if cfg.out is None:
@@ -883,7 +988,7 @@ def check_out(cfg: TrainConfig) -> None:
     path = out / CHECKPOINT_NAME
     if not path.exists():
         return
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read lazily: a few fields only
+    ckpt = _read_checkpoint_file(path, mmap=True)  # read lazily: a few fields only
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
         raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT}); move it away")
     if cfg.resume:
@@ -916,15 +1021,69 @@ def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None
 
 
 def _spawn(cfg: TrainConfig) -> dict[str, Any]:
-    """Run ``cfg`` in ``cfg.nproc`` spawned CPU workers; rank 0's metrics come back through a file."""
+    """Run ``cfg`` in ``cfg.nproc`` spawned CPU workers; rank 0's metrics come back through a file.
+
+    Ctrl-C: the workers (started ignoring SIGINT, see :func:`children_ignore_sigint`) stop together after the
+    current step and save the checkpoint, as a single process does, and this raises their :class:`Interrupted`.
+    A terminal's Ctrl-C reaches them directly; this process forwards its own SIGINT too (a ``kill -INT`` of it
+    alone), every second until they stop (one that arrived while they were still setting up went unheard;
+    more than one is harmless). A second Ctrl-C here stops them at once (no checkpoint of the current step).
+    """
     import torch.multiprocessing as mp
 
     threads = max(1, torch.get_num_threads() // cfg.nproc)
     with tempfile.TemporaryDirectory(prefix="diagcompile-ddp-") as td:
         result = os.path.join(td, "result.json")
-        mp.spawn(_worker, args=(cfg, os.path.join(td, "rendezvous"), result, threads), nprocs=cfg.nproc, join=True)
+        with children_ignore_sigint():
+            ctx = mp.start_processes(
+                _worker,
+                args=(cfg, os.path.join(td, "rendezvous"), result, threads),
+                nprocs=cfg.nproc,
+                join=False,
+                start_method="spawn",
+            )
+        _join_workers(ctx)
         with open(result) as f:
-            return json.load(f)
+            record = json.load(f)
+    if "interrupted" in record:
+        step, total = record["interrupted"]
+        raise Interrupted(step, total, saved=cfg.out is not None)
+    return record
+
+
+def _join_workers(ctx: Any) -> None:
+    """Wait for the workers of ``ctx`` (a torch ``ProcessContext``), passing Ctrl-C on as :func:`_spawn` says."""
+    stopping = False
+
+    def forward() -> None:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if stopping:
+            raise KeyboardInterrupt
+        stopping = True
+        forward()
+
+    main = threading.current_thread() is threading.main_thread()
+    prev = signal.signal(signal.SIGINT, handler) if main else None
+    try:
+        while not ctx.join(timeout=1.0):
+            if stopping:
+                forward()
+    except KeyboardInterrupt:  # the second Ctrl-C
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in ctx.processes:
+            proc.join()
+        raise
+    finally:
+        if main:  # (None: a handler set outside Python, which cannot be put back; the default is the closest)
+            signal.signal(signal.SIGINT, prev if prev is not None else signal.SIG_DFL)
 
 
 def _worker(rank: int, cfg: TrainConfig, rendezvous: str, result: str, threads: int) -> None:
@@ -933,9 +1092,14 @@ def _worker(rank: int, cfg: TrainConfig, rendezvous: str, result: str, threads: 
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=cfg.nproc)
     try:
-        metrics = _train(cfg, None)
+        try:
+            record: dict[str, Any] = _train(cfg, None)
+        except Interrupted as e:
+            # torch's spawn wrapper swallows a KeyboardInterrupt (exit status 0): the parent learns of the stop,
+            # and of its step, from the record.
+            record = {"interrupted": [e.step, e.total]}
         if rank == 0:
-            atomic_write_text(json.dumps(metrics, default=_json_default), result)
+            atomic_write_text(json.dumps(record, default=_json_default), result)
     finally:
         dist.destroy_process_group()
 
@@ -1063,12 +1227,13 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
                 sparsifier.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            agreed_stop = False
             if world > 1:
-                # The logged loss is the global batch's; the stop flag must be agreed (a rank that stopped
-                # alone would leave the others waiting in the next all-reduce).
+                # The logged loss is the global batch's; the stop must be agreed (a rank that stopped alone
+                # would leave the others waiting in the next all-reduce).
                 red = torch.tensor([loss.item(), float(flag.stop)], dtype=torch.float64)
                 dist.all_reduce(red)
-                lv, flag.stop = red[0].item() / world, bool(red[1].item() > 0)
+                lv, agreed_stop = red[0].item() / world, bool(red[1].item() > 0)
             else:
                 lv = loss.item()
             if not math.isfinite(lv):
@@ -1101,15 +1266,18 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
                 bar.update(1)
             if progress is not None:
                 progress(step, total, {"loss": lv})
-            stopping = flag.stop or step == stop_at
+            # Ranks stop on the agreed value, never on their own flag: a SIGINT that set it after the all-reduce
+            # reached one rank only (its request goes into the next step's). A single process reads it last.
+            stop = agreed_stop if world > 1 else flag.stop
+            stopping = stop or step == stop_at
             if step % ckpt_every == 0 or stopping:
                 history["train_s"] += time.perf_counter() - t_loop
                 save_checkpoint()
                 t_loop = time.perf_counter()
-            if flag.stop:
+            if stop:
                 if bar is not None:
                     bar.close()
-                raise Interrupted(step, total)
+                raise Interrupted(step, total, saved=ckpt_path is not None)
         history["train_s"] += time.perf_counter() - t_loop
     if bar is not None:
         bar.close()
@@ -1153,9 +1321,12 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
     n_sparse_layers = len(specs)
     # mask baselines (dst-baselines): their finalized layers are plain nn.Linear with zeroed weights; count the
     # weights their masks keep (a dense weight is still stored: the masks only simulate sparsity).
+    final_params = _count_params(final_model)
+    final_kept = final_params  # a compact DiagLinear's parameters are the weights it keeps
     if cfg.method in BASELINE_METHODS and dst_info is not None:
         summ = dst_info["summary"]
         n_sparse_layers, sparse_dense_equiv, sparse_stored = summ["layers"], int(summ["numel"]), int(summ["nnz"])
+        final_kept = final_params - sparse_dense_equiv + sparse_stored  # less the pruned zeros
     metrics: dict[str, Any] = {
         "format": _METRICS_FORMAT,
         "status": "complete",
@@ -1197,7 +1368,10 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
         "params": {
             "dense_model": dense_params,
             "training_model": train_params_start,
-            "final_model": _count_params(final_model),
+            # every parameter of the saved model: for the mask methods, dense matrices with the pruned weights 0
+            "final_model": final_params,
+            # the same less the pruned weights of the mask methods: the count that compares across methods
+            "final_model_kept": final_kept,
             "sparse_layers": n_sparse_layers,
             "sparse_layer_weights_dense": sparse_dense_equiv,
             "sparse_layer_weights_stored": sparse_stored,

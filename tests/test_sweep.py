@@ -317,3 +317,41 @@ def test_a_single_seed_has_no_std(tmp_path):
     md = open(files["md"]).read()
     assert "| dense | 90.00 (n=1) | 90.00 (n=1) |" in md and "| dynadiag | 86.00 ± 1.41 (n=2) | 80.00 (n=1) |" in md
     assert open(files["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_sweep_ctrl_c_keeps_the_finished_runs_and_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    # Ctrl-C printed the traceback of the run's Interrupted, which claimed a checkpoint was saved: sweep runs
+    # have none. The real stop path: a SIGINT during the second run, caught by its training loop.
+    import os
+    import signal
+
+    calls = []
+
+    def train(cfg, **kw):
+        calls.append(cfg)
+
+        def interrupt(step, total, info):
+            if len(calls) == 2 and step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        return train_mod.train(cfg, progress=interrupt)
+
+    monkeypatch.setattr(sweep_mod, "train", train)
+    argv = ["sweep", "--task", "digits-vit", "--methods", "dense,diagheur", "--sparsities", "0.8", "--seeds", "2"]
+    argv += ["--steps", "6", "--batch-size", "16", "--model", "dim=16", "--model", "depth=1", "--quiet"]
+    argv += ["--dst", "update_every=2", "--out", str(tmp_path)]
+    try:
+        rc = cli.main(argv)
+    except KeyboardInterrupt as e:  # (escaping, it would stop the whole pytest session)
+        pytest.fail(f"the interruption escaped the CLI: {e!r}")
+    err = capsys.readouterr().err
+    assert rc == 130 and "Traceback" not in err, err
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == [f"{run_name('digits-vit', 'dense', None, 0)}.json"]
+    assert f"sweep interrupted: 1 of 4 runs are finished, their results kept in {runs}" in err, err
+    assert "run the same sweep again to continue with the remaining 3" in err and "starts over" in err
+    assert "resume=True" not in err and "checkpoint is saved" not in err
+    # Rerunning the same command does just that.
+    monkeypatch.undo()
+    assert cli.main(argv) == 0
+    assert "ran 3, skipped 1" in capsys.readouterr().out

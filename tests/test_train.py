@@ -618,3 +618,114 @@ def test_numpy_numbers_in_the_config_stay_out_of_checkpoints_and_json():
         assert type(getattr(cfg, name)) is float and type(d[name]) is float
     assert type(cfg.steps) is int and type(cfg.seed) is int and type(cfg.dst["update_every"]) is int
     json.dumps(d)
+
+
+# ---- what a user trial found: damaged checkpoints, Ctrl-C without a checkpoint or with workers, --dst defaults -----
+def _damage(path, kind: str) -> None:
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":  # a copy cut short: the zip archive's directory at its end is missing
+        torch.save({"format": "diagcompile.train.checkpoint/1", "model": {"w": torch.zeros(4096)}}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(bytes(range(256)) * 20)
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage"])
+def test_an_unreadable_checkpoint_is_named_with_what_to_do(tmp_path, capsys, monkeypatch, kind):
+    # torch.load raised its own errors (RuntimeError "mmap can only be used with files saved with ...
+    # _use_new_zipfile_serialization", EOFError, UnpicklingError), with or without resume, before any training.
+    path = tmp_path / CHECKPOINT_NAME
+    _damage(path, kind)
+    expected = rf"checkpoint {re.escape(str(path))} is unreadable: it is .*move it away or delete it"
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=expected):
+            train_mod.check_out(_quick(out=str(tmp_path), resume=resume))
+    with pytest.raises(ValueError, match=expected):
+        load_checkpoint(path)
+    monkeypatch.setattr(train_mod, "_train", lambda *a, **k: pytest.fail("training started"))
+    for extra in ([], ["--resume"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", "--task", "digits-vit", "--steps", "2", "--out", str(tmp_path), "--quiet", *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("diagcompile train: error: ") and re.search(expected, last), err
+        assert "choose another --out" in last and "_use_new_zipfile_serialization" not in last
+
+
+def test_an_interruption_without_out_does_not_claim_a_checkpoint():
+    # A sweep's runs have no out: the message said "the checkpoint is saved: resume with resume=True".
+    def interrupt_at_3(step, total, info):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(train_mod.Interrupted) as e:
+        train(_quick(), progress=interrupt_at_3)
+    assert "nothing was saved" in str(e.value) and "checkpoint is saved" not in str(e.value)
+    assert e.value.step == 3 and e.value.saved is False
+    # It crosses process boundaries (sweep --jobs workers) with its fields.
+    import pickle
+
+    again = pickle.loads(pickle.dumps(e.value))
+    assert (again.step, again.total, again.saved, str(again)) == (3, 24, False, str(e.value))
+
+
+def test_cli_ctrl_c_of_a_ddp_run_says_how_to_resume(tmp_path):
+    # A terminal's Ctrl-C (SIGINT to the whole process group) of `train --nproc 2` printed mp.spawn's
+    # KeyboardInterrupt traceback. Sent once the first checkpoint exists (every worker is in the training loop
+    # then), so the outcome does not depend on timing: the workers stop after a step or two of 400.
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ddp"
+    argv = [sys.executable, "-m", "diagcompile", "train", "--task", "digits-vit", "--method", "diagheur"]
+    argv += ["--steps", "400", "--batch-size", "16", "--model", "dim=16", "--model", "depth=1", "--eval-every", "200"]
+    argv += ["--ckpt-every", "1", "--dst", "update_every=4", "--nproc", "2", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / CHECKPOINT_NAME).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    step = load_checkpoint(out / CHECKPOINT_NAME)["step"]
+    assert 0 < step < 400
+    assert f"stopped at step {step}/400; the checkpoint is saved in {out}" in stderr, stderr
+    assert "run the same command with --resume to continue" in stderr
+
+
+@pytest.mark.filterwarnings("ignore:.*no update happens")  # (24 steps: rigl's default update_every=100 is long)
+def test_resume_accepts_a_dst_option_given_explicitly_with_its_default(tmp_path):
+    # rigl's update_every defaults to 100: `--dst update_every=100` is the run that left it out (as --lr is).
+    train(_quick(out=str(tmp_path), method="rigl", dst={}, stop_after=3))
+    m = train(_quick(out=str(tmp_path), method="rigl", dst={"update_every": 100}, resume=True, stop_after=5))
+    assert m["status"] == "interrupted" and m["step"] == 5
+    with pytest.raises(ValueError, match=r"different configuration \(dst.update_every: checkpoint 100 vs now 50\)"):
+        train(_quick(out=str(tmp_path), method="rigl", dst={"update_every": 50}, resume=True))
+    assert train(_quick(out=str(tmp_path), method="rigl", dst={}, resume=True))["resumed_from_step"] == 5
+
+
+def test_cli_summary_counts_parameters_comparably_across_methods(tmp_path, capsys):
+    # final_params counted a mask method's pruned zeros (rigl at 90%: the dense count), dynadiag's compact
+    # layers not: the summary compared unlike numbers.
+    argv = ["train", "--task", "digits-vit", "--steps", "2", "--batch-size", "16", "--model", "dim=16"]
+    argv += ["--model", "depth=1", "--sparsity", "0.8", "--quiet", "--dst", "update_every=1"]
+    counts = {}
+    for method in ("rigl", "dynadiag"):
+        assert cli.main([*argv, "--method", method, "--out", str(tmp_path / method)]) == 0
+        line = capsys.readouterr().out.splitlines()[0]
+        summary = json.loads(line[line.index("{") :])
+        params = json.loads((tmp_path / method / METRICS_NAME).read_text())["params"]
+        # Every parameter but a sparse layer's pruned weights: one formula for every method.
+        kept = params["dense_model"] - params["sparse_layer_weights_dense"] + params["sparse_layer_weights_stored"]
+        assert summary["final_params_kept"] == params["final_model_kept"] == kept < params["dense_model"]
+        assert summary["final_params_total"] == params["final_model"]  # the old field keeps its meaning
+        counts[method] = params
+    assert counts["rigl"]["final_model"] == counts["rigl"]["dense_model"]  # dense matrices, pruned weights 0
+    assert counts["dynadiag"]["final_model_kept"] == counts["dynadiag"]["final_model"]  # compact already

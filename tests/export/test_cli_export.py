@@ -49,7 +49,7 @@ def test_export_pt2_and_check(factory, tmp_path, capsys):
     out = tmp_path / "m.pt2"
     assert cli.main(["export", factory, "--format", "pt2", "--out", str(out), "--batch", "7"]) == 0
     text = capsys.readouterr().out
-    assert f"{ExportTestModel.N_DIAG_LAYERS} diagonal layer node(s)" in text
+    assert f"{ExportTestModel.N_DIAG_LAYERS} diagonal layer(s)" in text
     assert "max |artifact - eager|" in text and "at batch size 7: OK" in text
     assert count_diag_nodes(load(out)) == ExportTestModel.N_DIAG_LAYERS
 
@@ -60,6 +60,7 @@ def test_export_onnx_and_check(fmt, factory, tmp_path, capsys):
     assert cli.main(["export", factory, "--format", fmt, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "max |artifact - eager|" in text and ": OK" in text
+    assert f"{ExportTestModel.N_DIAG_LAYERS} diagonal layer(s)" in text  # the portable form too
     model = onnx.load(out)
     expected = ExportTestModel.N_DIAG_LAYERS if fmt == "onnx-plugin" else 0
     assert count_plugin_nodes(model) == expected
