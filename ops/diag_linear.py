@@ -174,7 +174,9 @@ def _define(
     """Define ``diagcompile::<schema>`` with one kernel for every device, a fake kernel and an autograd formula.
 
     ``setup_context(ctx, inputs, output)`` and ``backward(ctx, grad)`` are what ``register_autograd`` takes;
-    the autograd kernel is ours so that it can call ``kernel`` itself where a redispatch would reach it.
+    the autograd kernel is ours so that it can call ``kernel`` itself where a redispatch would reach it. (So a
+    CPU/CUDA kernel registered over ours with ``torch.library.register_kernel`` is not supported: outside
+    ``inference_mode`` the direct call bypasses it. The implementation is chosen by ``ops/dispatch.py``.)
     """
     name = schema.split("(", 1)[0]
     _LIB.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
@@ -184,28 +186,31 @@ def _define(
 
     def below_autograd(keyset: torch._C.DispatchKeySet, args: tuple) -> Tensor:
         below = keyset & _BELOW_AUTOGRAD
-        if below.highestPriorityTypeId() in _DIRECT:
-            return kernel(*args)
+        # Below autograd either way: torch's own ops inside the kernel must not see autograd (forward-AD duals
+        # would otherwise get tangents on the dense path and none on the kernel path).
         with torch._C._AutoDispatchBelowAutograd():
+            if below.highestPriorityTypeId() in _DIRECT:
+                return kernel(*args)
             return op.redispatch(below, *args)
 
-    class Function(torch.autograd.Function):
-        # The combined forward(ctx, ...) form: see _DiagLinearFunction. (torch.func transforms refuse it on
-        # the raw op, as they refuse custom_op's generated Function; the user API routes them through
-        # _FuncDiagLinear.) The keyset rides last, so ctx.needs_input_grad[i] is the op's argument i, as the
-        # formulas expect.
-        @staticmethod
-        def forward(ctx, *args_and_keyset):
-            args, keyset = args_and_keyset[:-1], args_and_keyset[-1]
-            out = below_autograd(keyset, args)
-            setup_context(ctx, args, out)
-            return out
+    # The combined forward(ctx, ...) form: see _DiagLinearFunction. (torch.func transforms refuse it on the raw
+    # op, as they refuse custom_op's generated Function; the user API routes them through _FuncDiagLinear.) The
+    # keyset rides last, so ctx.needs_input_grad[i] is the op's argument i, as the formulas expect. Built with
+    # type() so that the backward node is named after the op (diag_linear_dxBackward, ...).
+    def forward(ctx, *args_and_keyset):
+        args, keyset = args_and_keyset[:-1], args_and_keyset[-1]
+        out = below_autograd(keyset, args)
+        setup_context(ctx, args, out)
+        return out
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return (*backward(ctx, *grads), None)
+    def backward_with_keyset(ctx, *grads):
+        return (*backward(ctx, *grads), None)
 
-    Function.__name__ = Function.__qualname__ = f"DiagcompileBackward_{name}"
+    Function = type(
+        name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward_with_keyset)},
+    )
 
     def autograd_kernel(keyset: torch._C.DispatchKeySet, *args: object) -> Tensor:
         if torch.is_grad_enabled():

@@ -262,6 +262,24 @@ def test_raw_op_calls_its_kernel_directly_only_where_a_redispatch_would(path):
     torch.testing.assert_close(direct[0].reshape(-1, n_out), ref)
 
 
+def test_raw_op_behaves_alike_on_every_path_under_forward_ad_and_names_its_backward_nodes():
+    # The autograd kernel runs the implementation below autograd on every path: a forward-AD dual that does not
+    # require grad gets no tangent from the raw op (it has no jvp formula; the user API has one), whether the
+    # dense path's torch ops or the kernel run it.
+    n_out = 8
+    x, values, offsets, b = _args(n_out, 8, 3, (4,), torch.float64, False)
+    tangents = []
+    for path in ("kernel", "dense", "reference"):
+        with force_path(path), fwAD.dual_level():
+            y = OPS.diag_linear(fwAD.make_dual(x, torch.randn_like(x)), values, offsets, b, n_out)
+            tangents.append(fwAD.unpack_dual(y).tangent)
+    assert tangents == [None, None, None]
+    x, values, offsets, b = _args(n_out, 8, 3, (4,), torch.float64, True)
+    y = OPS.diag_linear(x, values, offsets, b, n_out)
+    (dx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert (y.grad_fn.name(), dx.grad_fn.name()) == ("diag_linearBackward", "diag_linear_dxBackward")
+
+
 def test_eager_call_is_the_op_wherever_something_observes_it():
     x, values, offsets, b = _args(24, 10, 5, (4,), torch.float32, True)
     fwd = lambda: call_diag_linear(x, values, offsets, b, 24)  # noqa: E731
