@@ -170,6 +170,35 @@ def _plain_linear(layer: MaskedLinear) -> nn.Linear:
     return out
 
 
+class _HeadWatch:
+    """The forward hook of ``MaskSparsifier._watch_head``: tells the sparsifier which linear just ran.
+
+    A copy or a pickle of the model (an EMA copy, ``torch.save(model)``) gets an inert hook: the watch is the
+    sparsifier's own model's, and a closure could not be pickled at all.
+    """
+
+    __slots__ = ("sparsifier", "fqn")
+
+    def __init__(self, sparsifier: MaskSparsifier | None, fqn: str) -> None:
+        self.sparsifier, self.fqn = sparsifier, fqn
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.sparsifier is None:
+            return
+        # torch.utils.checkpoint re-runs the forwards during backward, the last segment first: those calls say
+        # nothing about the forward's order. (is_compiling first: Dynamo cannot trace the C query; a compiled
+        # backward does not call module hooks.)
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return
+        self.sparsifier._last_linear = self.fqn
+
+    def __reduce__(self) -> tuple:
+        return (_HeadWatch, (None, self.fqn))
+
+    def __deepcopy__(self, memo: dict) -> _HeadWatch:
+        return _HeadWatch(None, self.fqn)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The sparsifier
 # ----------------------------------------------------------------------------------------------------
@@ -293,17 +322,11 @@ class MaskSparsifier(SparsifierBase):
         """
         for fqn, m in model.named_modules():
             if isinstance(m, nn.Linear):
-                self._head_hooks.append(m.register_forward_hook(self._make_head_hook(fqn)))
+                self._head_hooks.append(m.register_forward_hook(_HeadWatch(self, fqn)))
         # Fallback if no forward ran before the first update: the last linear registered, MHA's internals aside.
         inner = {f"{fqn}.out_proj" for fqn, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
         names = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and fqn not in inner]
         self._fallback_head = names[-1] if names else None
-
-    def _make_head_hook(self, fqn: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self._last_linear = fqn
-
-        return hook
 
     def _decide_head(self) -> None:
         """Fix the protected output layer (once) and stop watching the forward."""

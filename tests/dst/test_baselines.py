@@ -443,6 +443,35 @@ def test_srigl_protects_the_layer_the_forward_runs_last_whatever_the_registratio
     assert [r.fqn for r in sp2._layers if r.protected] == ["head"]
 
 
+class _Checkpointed(nn.Module):
+    """16 -> 5 whose two blocks run under activation checkpointing (re-run during backward, last one first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16 if i == 0 else 32, 32), nn.ReLU()) for i in range(2)])
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        return self.head(x)
+
+
+def test_srigl_head_watch_ignores_checkpoint_recomputation_and_keeps_the_model_picklable():
+    torch.manual_seed(0)
+    model = _Checkpointed()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = make_sparsifier(model, opt, "srigl", sparsity=0.5, total_steps=40, update_every=5, gamma_sal=1000.0, seed=0)
+    copy_before = copy.deepcopy(model)  # an EMA / teacher copy made before the first update
+    torch.save(model, io.BytesIO())  # the watching hooks pickle
+    _train(model, opt, sp, 5)
+    assert sp.state_dict()["head"] == "head" and sp.diagnostics()["head"]["active_neurons"] == 5
+    last = sp._last_linear
+    copy_before(torch.randn(2, 16))  # the copy's hooks are inert
+    assert sp._last_linear == last
+    torch.save(copy_before, io.BytesIO())
+
+
 @pytest.mark.parametrize("method", ["rigl", "nm-srste"])
 def test_training_without_the_optimizer_warns_at_the_first_step(method):
     # optimizer=None manages no optimizer state: grown connections would keep stale Adam moments.
