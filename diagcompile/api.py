@@ -264,6 +264,13 @@ def sparsify_(
     for name, mod in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(mod), []).append(name)
     for fqn, m in targets:
+        split = [a for a in aliases[id(m)] if not selected(m, a)]
+        if split:
+            # The swap replaces the module at every place; a filter_fn that keeps one of them dense cannot be met.
+            raise ValueError(
+                f"sparsify_: the module at '{fqn}' is also registered as {split}, which filter_fn leaves dense; "
+                f"one module cannot be both: select or reject all of its places"
+            )
         own = {f"{a}.weight" if a else "weight" for a in aliases[id(m)]}
         others = [n for n in owners.get(id(m.weight), []) if n not in own]
         if others:
