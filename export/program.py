@@ -655,6 +655,8 @@ def compare_outputs(
     for j, (diff, dtype) in enumerate(zip(diffs, dtypes)):
         d_atol, d_rtol = default_tolerance(dtype)
         tol = (d_atol if atol is None else atol) + (d_rtol if rtol is None else rtol) * scales[j]
+        if not (dtype.is_floating_point or dtype.is_complex):
+            tol = 0.0  # integer / bool outputs (token ids, masks, argmax) must match exactly
         tolerances.append(tol)
         if bad[j]:
             ratios.append(math.inf)

@@ -573,6 +573,25 @@ def test_each_output_is_judged_at_its_own_scale():
     assert _compare(model, lambda x: (x * 1e4 + 1e-2, model.fc(x)), x).passed
 
 
+class _WithIds(nn.Module):
+    """A diagonal layer's output and integer ids of up to ~5e4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = DiagLinear(8, 8, sparsity=0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc(x), (x.abs() * 1e4).long()
+
+
+def test_integer_outputs_must_match_exactly():
+    # Ids of ~5e4 got a float tolerance scaled by their size (~0.5 and more): an artifact off by 3 ids could pass.
+    model, x = _WithIds().eval(), torch.randn(3, 8)
+    result = _compare(model, lambda x: (model(x)[0], model(x)[1] + 3), x)
+    assert not result.passed and result.output == 1 and result.tolerance == 0.0, result
+    assert _compare(model, model, x).passed
+
+
 class _SpecialValues(nn.Module):
     """A diagonal layer's output followed by a NaN, a +inf and a -inf column."""
 
