@@ -45,7 +45,7 @@ def check_output_path(path: str | os.PathLike, what: str, suffix: str | None = N
 
 def _create_temp(path: Path) -> tuple[Path, int]:
     """Create an empty, unique temporary file next to ``path``, with the mode a new file gets here; return it
-    and an open descriptor of it that holds an exclusive ``flock`` (where there is one) until it is closed.
+    and an open descriptor of it that holds an exclusive ``flock`` until it is closed (-1 without fcntl: Windows).
 
     ``os.open(..., 0o666)`` lets the kernel apply the process umask (and any default ACL of the directory),
     which is exactly what a fresh ``open(path, "w")`` would get, without reading the umask (``os.umask`` can
@@ -60,9 +60,12 @@ def _create_temp(path: Path) -> tuple[Path, int]:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:
             continue
-        if fcntl is not None:
-            with contextlib.suppress(OSError):  # a file system without locks: the age rule alone then
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl is None:
+            # No locks (Windows), and there an open handle would make the final os.replace fail: close it now.
+            os.close(fd)
+            return tmp, -1
+        with contextlib.suppress(OSError):  # a file system without locks: the age rule alone then
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return tmp, fd
     raise FileExistsError(f"could not create a temporary file next to {path}")
 
@@ -161,6 +164,7 @@ def atomic_write(path: str | os.PathLike, what: str = "write") -> Iterator[Path]
             os.unlink(tmp)
         raise
     finally:
-        os.close(lock)
+        if lock >= 0:
+            os.close(lock)
     _fsync_dir(path.parent)
     _remove_stale_temps(path)

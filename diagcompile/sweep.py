@@ -40,7 +40,6 @@ from diagcompile.train import (
     SetupError,
     TrainConfig,
     atomic_write_text,
-    children_ignore_sigint,
     env_stamp,
     train,
 )
@@ -236,7 +235,8 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Run the missing runs of the grid, then :func:`aggregate`; returns ``{"ran": n, "skipped": n, "files": ...}``.
 
     Ctrl-C stops the runs in progress (after their current step) and raises :class:`SweepInterrupted`; the
-    finished runs' results are kept, so running the sweep again continues with the rest.
+    finished runs' results are kept, so running the sweep again continues with the rest. (With ``jobs > 1`` a
+    run the process pool had already queued cannot be cancelled: it may still run before the sweep exits.)
     """
     out = Path(cfg.out)
     runs_dir = out / "runs"
@@ -283,12 +283,11 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            # spawn: a forked child would inherit the parent's OpenMP thread pool state. The workers start
-            # ignoring SIGINT: a Ctrl-C stops the run each is training (after its step) but does not kill one
-            # that is starting or idle, with a traceback.
+            # spawn: a forked child would inherit the parent's OpenMP thread pool state. The workers keep the
+            # default SIGINT handling: a Ctrl-C stops the run each is training (after its step) and kills an idle
+            # one (with a traceback). Started ignoring SIGINT, they outlived a parent killed by repeated Ctrl-C.
             with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn")) as ex:
-                with children_ignore_sigint():
-                    futures = [ex.submit(_run_one, job) for job in jobs]
+                futures = [ex.submit(_run_one, job) for job in jobs]
                 try:
                     for fut in as_completed(futures):
                         report(*fut.result())
