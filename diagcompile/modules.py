@@ -222,6 +222,20 @@ class DiagLinear(nn.Module):
         return to_dense(self.values, self.offsets, self.out_features, self.in_features)
 
     @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` computing the same function: weight ``to_dense()`` (zeros off the diagonals), the bias
+        copied; same device, dtype and ``requires_grad``. For a runtime without diagcompile's op, or to go on
+        training densely (``from_dense`` goes back; ``values``/``offsets`` carry no dense state_dict keys)."""
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=self.values.dtype
+        )
+        linear.weight = nn.Parameter(self.to_dense(), requires_grad=self.values.requires_grad)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        linear.train(self.training)
+        return linear
+
+    @torch.no_grad()
     def set_offsets(self, offsets: Tensor | Sequence[int], values: Tensor | None = None) -> None:
         """Replace the stored diagonals (same ``k``) in place, with new ``values`` (default: zeros)."""
         offsets = canonical_offsets(offsets, self.out_features, self.in_features)

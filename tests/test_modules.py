@@ -335,3 +335,18 @@ def test_reading_weight_names_what_a_diag_linear_stores_instead():
         layer.weight  # noqa: B018
     with pytest.raises(AttributeError, match="has no attribute 'nonexistent'"):  # everything else as before
         layer.nonexistent  # noqa: B018
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_to_linear_computes_the_same_function_and_from_dense_goes_back(bias):
+    torch.manual_seed(0)
+    layer = DiagLinear(12, 20, sparsity=0.75, bias=bias).double().eval()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    linear = layer.to_linear()
+    assert type(linear) is nn.Linear and linear.weight.dtype == torch.float64 and not linear.training
+    assert linear.weight.requires_grad and (linear.bias is not None) == bias
+    torch.testing.assert_close(linear(x), layer(x))
+    back = DiagLinear.from_dense(linear, offsets=layer.offsets)
+    assert torch.equal(back.values, layer.values) and torch.equal(back(x), layer(x))
+    linear.weight.data.zero_()  # its own tensors, not views of the layer's
+    assert layer.values.abs().sum() > 0
