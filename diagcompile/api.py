@@ -222,6 +222,19 @@ def sparsify_(
             f"sparsify_ converts nn.Linear layers, but got a {type(model).__name__} with no nn.Linear inside"
         )
     layers, skipped = replaceable_linears(model)
+    # One module registered at several places (nn.Sequential(lin, act, lin)) is replaced at each of them
+    # (named_modules lists it once, under its first name): the selection must agree on all of its places.
+    aliases: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(mod), []).append(name)
+    for _, m in layers:
+        picks = {a: selected(m, a) for a in aliases[id(m)]}
+        if len(set(picks.values())) > 1:
+            raise ValueError(
+                f"sparsify_: one module is registered as {list(picks)}: selected at "
+                f"{[a for a, v in picks.items() if v]} but not at {[a for a, v in picks.items() if not v]}; "
+                f"one module cannot be both: select or reject all of its places (filter_fn)"
+            )
     targets = [(fqn, m) for fqn, m in layers if selected(m, fqn)]
     lazy = [fqn or "<root>" for fqn, m in targets if isinstance(m.weight, nn.parameter.UninitializedParameter)]
     if lazy:
@@ -256,21 +269,11 @@ def sparsify_(
         )
 
     # Tied weights: the same Parameter reachable from more than one place. One module registered at several
-    # places (nn.Sequential(lin, act, lin)) is not a tie: the new layer replaces it at each of them.
+    # places is not a tie (see above).
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
-    aliases: dict[int, list[str]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(mod), []).append(name)
     for fqn, m in targets:
-        split = [a for a in aliases[id(m)] if not selected(m, a)]
-        if split:
-            # The swap replaces the module at every place; a filter_fn that keeps one of them dense cannot be met.
-            raise ValueError(
-                f"sparsify_: the module at '{fqn}' is also registered as {split}, which filter_fn leaves dense; "
-                f"one module cannot be both: select or reject all of its places"
-            )
         own = {f"{a}.weight" if a else "weight" for a in aliases[id(m)]}
         others = [n for n in owners.get(id(m.weight), []) if n not in own]
         if others:

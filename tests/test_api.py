@@ -87,11 +87,13 @@ def test_one_module_registered_twice_is_replaced_everywhere_not_refused_as_tied(
     assert isinstance(model[0], DiagLinear) and model[2] is model[0]  # still shared
     W, b = model[0].to_dense().detach(), model[0].bias.detach()
     torch.testing.assert_close(model(x), torch.relu(x @ W.T + b) @ W.T + b)
-    # A filter_fn that keeps one of its places dense cannot be met by one module: refused, model unchanged.
-    model = nn.Sequential(lin, nn.ReLU(), lin)
-    with pytest.raises(ValueError, match=r"also registered as \['2'\], which filter_fn leaves dense"):
-        sparsify_(model, DiagSparsityConfig(sparsity=0.75), filter_fn=lambda m, fqn: fqn != "2")
-    assert model[0] is lin and model[2] is lin
+    # A filter_fn that keeps one of its places dense cannot be met by one module: refused whichever place it
+    # rejects (named_modules lists the module under its first place only), model unchanged.
+    for rejected in ("0", "2"):
+        model = nn.Sequential(lin, nn.ReLU(), lin, nn.Linear(16, 16))
+        with pytest.raises(ValueError, match=rf"registered as \['0', '2'\].*but not at \['{rejected}'\]"):
+            sparsify_(model, DiagSparsityConfig(sparsity=0.75), filter_fn=lambda m, fqn, r=rejected: fqn != r)
+        assert model[0] is lin and model[2] is lin and type(model[3]) is nn.Linear
 
 
 def test_tied_weights_are_rejected_clearly():
