@@ -64,7 +64,8 @@ class CheckResult:
     finite entries (at every batch size), so a large output does not hide an error in a small one. Non-finite
     entries (``inf``, ``NaN``) are compared position by position: the artifact must have the same ones at the
     same places (``-inf`` where eager has ``-inf``, ``NaN`` where it has ``NaN``); only the entries finite in
-    both are compared numerically.
+    both are compared numerically. Integer and bool outputs must match exactly, or within an ``atol`` the
+    caller gives (never the relative part, which would grow with the values).
 
     Attributes:
         artifact: what was checked (``"pt2"``, ``"onnx-portable"``, ``"onnx-plugin"``, ...).
@@ -645,6 +646,12 @@ def compare_outputs(
                 both = torch.isfinite(r64) & torch.isfinite(o64)
                 if bool(both.any()):
                     diffs[j] = max(diffs[j], float((o64[both] - r64[both]).abs().max()))
+                if not (r.dtype.is_floating_point or r.dtype.is_complex) and r.numel():
+                    # float64 holds integers exactly only up to 2**53: compare them as integers.
+                    ri, oi = r.detach().cpu(), o.detach().cpu().to(r.dtype)
+                    if not torch.equal(ri, oi):
+                        big = (ri.to(torch.int64) - oi.to(torch.int64)).abs().max()  # (wraps only past 2**63)
+                        diffs[j] = max(diffs[j], float(big), 1.0)
                 finite_ref = r64[torch.isfinite(r64)]
                 if finite_ref.numel():
                     scales[j] = max(scales[j], float(finite_ref.abs().max()))
@@ -656,7 +663,9 @@ def compare_outputs(
         d_atol, d_rtol = default_tolerance(dtype)
         tol = (d_atol if atol is None else atol) + (d_rtol if rtol is None else rtol) * scales[j]
         if not (dtype.is_floating_point or dtype.is_complex):
-            tol = 0.0  # integer / bool outputs (token ids, masks, argmax) must match exactly
+            # Integer / bool outputs (token ids, masks, argmax): exact unless the caller gives an atol; never
+            # the relative part, which would scale with the ids themselves.
+            tol = 0.0 if atol is None else atol
         tolerances.append(tol)
         if bad[j]:
             ratios.append(math.inf)
@@ -922,7 +931,8 @@ def check_program(
     Raises:
         ExportCheckError: when ``raise_on_failure`` and an output differs from eager by more than its own
             ``atol + rtol * max|eager|`` (defaults by its dtype: float32 ``1e-5 + 1e-4 * scale``), has ``inf`` /
-            ``NaN`` where eager has not (or vice versa), or nothing was compared (every output empty).
+            ``NaN`` where eager has not (or vice versa), or nothing was compared (every output empty). Integer
+            and bool outputs: exact (or within a given ``atol``).
         ValueError: ``batch_sizes`` holds a size that a static-batch program cannot run.
     """
     leaves, spec = flatten_inputs(example_args, example_kwargs)

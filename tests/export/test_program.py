@@ -529,15 +529,27 @@ class _MaskedLogits(nn.Module):
         return self.fc(x).masked_fill(torch.arange(8) >= 6, float("-inf"))
 
 
-def _compare(model: nn.Module, artifact: object, x: torch.Tensor):
-    """``compare_outputs`` of ``artifact`` (a callable standing in for an exported artifact) against ``model``
-    at batch sizes 2 and 5, default tolerances."""
+def _compare(model: nn.Module, artifact: object, x: torch.Tensor, eager: object = None, atol: float | None = None):
+    """``compare_outputs`` of ``artifact`` (a callable standing in for an exported artifact) against ``eager``
+    (default: ``model``) at batch sizes 2 and 5, default tolerances (or ``atol``)."""
     leaves, spec = flatten_inputs((x,))
 
     def run(*args: torch.Tensor, **kwargs: torch.Tensor) -> list[torch.Tensor]:
         return _flat_tensors(artifact(*args, **kwargs))
 
-    return compare_outputs("fake", run, model, leaves, spec, (2, 5), None, None, 0)
+    reference = model if eager is None else _Call(eager)
+    return compare_outputs("fake", run, reference, leaves, spec, (2, 5), atol, None, 0)
+
+
+class _Call(nn.Module):
+    """A function as the eager model of a comparison."""
+
+    def __init__(self, fn: object) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> object:
+        return self.fn(x)
 
 
 def test_an_inf_in_an_output_does_not_make_any_artifact_pass():
@@ -590,6 +602,12 @@ def test_integer_outputs_must_match_exactly():
     result = _compare(model, lambda x: (model(x)[0], model(x)[1] + 3), x)
     assert not result.passed and result.output == 1 and result.tolerance == 0.0, result
     assert _compare(model, model, x).passed
+    # beyond 2**53, where float64 cannot tell 2**60 from 2**60 + 1
+    big = lambda x: torch.full((x.shape[0],), 2**60, dtype=torch.int64)  # noqa: E731
+    result = _compare(model, lambda x: (model(x)[0], big(x) + 1), x, eager=lambda x: (model(x)[0], big(x)))
+    assert not result.passed and result.max_abs_diff == 1.0, result
+    # an explicit atol is the caller's allowance for integers too (argmax near-ties in float16)
+    assert _compare(model, lambda x: (model(x)[0], model(x)[1] + 3), x, atol=3.0).passed
 
 
 class _SpecialValues(nn.Module):
