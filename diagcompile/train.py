@@ -615,7 +615,7 @@ def _mark_offsets_from(model: nn.Module, path: str) -> None:
     """Mark each linear of ``model`` that is a ``DiagLinear`` in the saved model ``path`` with its offsets."""
     from diagcompile.marking import mark_sparse
 
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = _read_checkpoint_file(path, what="offsets_from model file", advice="pass a finished run's model.pt")
     if not isinstance(blob, dict) or blob.get("format") != _MODEL_FORMAT:
         raise ValueError(f"offsets_from={path!r} is not a diagcompile model file")
     if not blob["diag_layers"]:
@@ -927,22 +927,28 @@ def _check_resumable(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
 
 
 class CheckpointReadError(ValueError):
-    """A checkpoint file that ``torch.load`` cannot read: empty, cut short, or overwritten with something else."""
+    """A checkpoint (or model) file that ``torch.load`` cannot read: empty, cut short, or overwritten with something
+    else."""
 
 
-def _read_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+def _read_checkpoint_file(
+    path: str | os.PathLike,
+    mmap: bool = False,
+    what: str = "checkpoint",
+    advice: str = "move it away or delete it (the run then starts over from step 0), or choose another --out",
+) -> Any:
     """``torch.load(path, weights_only=True)``, with a file torch cannot read reported as such.
 
     A checkpoint is written atomically, so a damaged one comes from outside the harness (a copy cut short, a
     disk that filled up, another program). torch's own errors for such files name its internals (an empty file
     read with ``mmap`` is "only for files saved with _use_new_zipfile_serialization"), so they are replaced by
-    one that names the file and what to do; torch's stays chained as the cause.
+    one that names the file (``what``) and what to do (``advice``); torch's stays chained as the cause.
     """
     try:
         with open(path, "rb"):
             pass
     except OSError as e:  # permissions, a directory: not a damaged file, one that cannot be opened
-        raise CheckpointReadError(f"cannot read the checkpoint {path}: {e.strerror or e}") from e
+        raise CheckpointReadError(f"cannot read the {what} {path}: {e.strerror or e}") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, UnpicklingError, KeyError, OSError (mmap), ...
@@ -952,8 +958,7 @@ def _read_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> Any:
             size = None
         state = "empty (0 bytes)" if size == 0 else "truncated or damaged" + (f" ({size} bytes)" if size else "")
         raise CheckpointReadError(
-            f"the checkpoint {path} is unreadable: it is {state}, not a complete torch.save file; move it away "
-            "or delete it (the run then starts over from step 0), or choose another --out"
+            f"the {what} {path} is unreadable: it is {state}, not a complete torch.save file; {advice}"
         ) from e
 
 
@@ -1424,7 +1429,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """
     from diagcompile.modules import DiagLinear
 
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = _read_checkpoint_file(path, what="model file", advice="train the run again, or use another model.pt")
     if isinstance(blob, dict) and blob.get("format") == _CKPT_FORMAT:
         raise ValueError(
             f"{path} is a training checkpoint (for --resume); the model file is {Path(path).with_name(MODEL_NAME)}, "

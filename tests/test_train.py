@@ -654,6 +654,17 @@ def test_an_unreadable_checkpoint_is_named_with_what_to_do(tmp_path, capsys, mon
         assert "choose another --out" in last and "_use_new_zipfile_serialization" not in last
 
 
+def test_an_unreadable_model_file_is_named_too(tmp_path):
+    # load_model and offsets_from read model.pt files with the same guard as checkpoints.
+    path = tmp_path / "model.pt"
+    _damage(path, "truncated")
+    with pytest.raises(ValueError, match=rf"model file {re.escape(str(path))} is unreadable: .*another model.pt"):
+        load_model(path)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"offsets_from model file .* is unreadable: .*finished run's model.pt"):
+        train_mod._mark_offsets_from(model, str(path))
+
+
 def test_an_interruption_without_out_does_not_claim_a_checkpoint():
     # A sweep's runs have no out: the message said "the checkpoint is saved: resume with resume=True".
     def interrupt_at_3(step, total, info):
