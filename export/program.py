@@ -637,8 +637,16 @@ def compare_outputs(
                     entries.append(0)
                     bad.append(0)
                     first_bad.append("")
+                entries[j] += r.numel()
+                if not _is_float(r.dtype):
+                    # Integers and bools: compared as integers (float64 holds them exactly only up to 2**53);
+                    # no non-finite values, no scale (their tolerance has no relative part).
+                    ri, oi = r.detach().cpu(), o.detach().cpu().to(r.dtype)
+                    if r.numel() and not torch.equal(ri, oi):
+                        big = (ri.to(torch.int64) - oi.to(torch.int64)).abs().max()  # (wraps only past 2**63)
+                        diffs[j] = max(diffs[j], float(big), 1.0)
+                    continue
                 r64, o64 = r.detach().cpu().double(), o.detach().cpu().double()
-                entries[j] += r64.numel()
                 n_bad, first = _nonfinite_mismatch(r64, o64)
                 bad[j] += n_bad
                 if n_bad and not first_bad[j]:
@@ -646,12 +654,6 @@ def compare_outputs(
                 both = torch.isfinite(r64) & torch.isfinite(o64)
                 if bool(both.any()):
                     diffs[j] = max(diffs[j], float((o64[both] - r64[both]).abs().max()))
-                if not (r.dtype.is_floating_point or r.dtype.is_complex) and r.numel():
-                    # float64 holds integers exactly only up to 2**53: compare them as integers.
-                    ri, oi = r.detach().cpu(), o.detach().cpu().to(r.dtype)
-                    if not torch.equal(ri, oi):
-                        big = (ri.to(torch.int64) - oi.to(torch.int64)).abs().max()  # (wraps only past 2**63)
-                        diffs[j] = max(diffs[j], float(big), 1.0)
                 finite_ref = r64[torch.isfinite(r64)]
                 if finite_ref.numel():
                     scales[j] = max(scales[j], float(finite_ref.abs().max()))
@@ -660,9 +662,10 @@ def compare_outputs(
     tolerances = []
     ratios = []
     for j, (diff, dtype) in enumerate(zip(diffs, dtypes)):
-        d_atol, d_rtol = default_tolerance(dtype)
-        tol = (d_atol if atol is None else atol) + (d_rtol if rtol is None else rtol) * scales[j]
-        if not (dtype.is_floating_point or dtype.is_complex):
+        if _is_float(dtype):
+            d_atol, d_rtol = default_tolerance(dtype)
+            tol = (d_atol if atol is None else atol) + (d_rtol if rtol is None else rtol) * scales[j]
+        else:
             # Integer / bool outputs (token ids, masks, argmax): exact unless the caller gives an atol; never
             # the relative part, which would scale with the ids themselves.
             tol = 0.0 if atol is None else atol
@@ -691,6 +694,10 @@ def compare_outputs(
         nonfinite_mismatch=mismatch,
         elements=sum(entries),
     )
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
 
 
 def _static_one_dim_input(example_leaves: tuple, dim_sizes: Sequence[Mapping[tuple[int, int], int]] | None) -> bool:
