@@ -320,24 +320,28 @@ class MaskSparsifier(SparsifierBase):
         make the registration order name a hidden layer and leave the head unprotected. One attribute write per
         linear call until the first update decides (``_decide_head``) and removes the hooks.
         """
+        # Fallback if no forward ran before the first update: the last linear registered, MHA's internals aside.
+        inner = {f"{fqn}.out_proj" for fqn, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+        self._fallback_head = None
         for fqn, m in model.named_modules():
             if isinstance(m, nn.Linear):
                 self._head_hooks.append(m.register_forward_hook(_HeadWatch(self, fqn)))
-        # Fallback if no forward ran before the first update: the last linear registered, MHA's internals aside.
-        inner = {f"{fqn}.out_proj" for fqn, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-        names = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and fqn not in inner]
-        self._fallback_head = names[-1] if names else None
+                if fqn not in inner:
+                    self._fallback_head = fqn
 
     def _decide_head(self) -> None:
         """Fix the protected output layer (once) and stop watching the forward."""
         if self._head is None:
             self._head = self._last_linear or self._fallback_head or ""
-        for h in self._head_hooks:
-            h.remove()
-        self._head_hooks = []
+        self._unwatch_head()
         for rec in self._layers:
             if rec.fqn == self._head:
                 rec.protected = True
+
+    def _unwatch_head(self) -> None:
+        for h in self._head_hooks:
+            h.remove()
+        self._head_hooks = []
 
     def _plan(self, model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear, int, tuple, bool]]:
         cfg = self.config
@@ -803,9 +807,7 @@ class MaskSparsifier(SparsifierBase):
                 wrapper made before ``finalize()`` must be replaced by a fresh one to fine-tune.
         """
         self._check_live("finalize")
-        for h in self._head_hooks:
-            h.remove()
-        self._head_hooks = []
+        self._unwatch_head()
         for rec in self._layers:
             if rec.handle is not None:
                 rec.handle.remove()
