@@ -35,14 +35,7 @@ from typing import Any
 
 from diagcompile._files import atomic_write
 from diagcompile.dst.config import DIAGHEUR_ONLY, DYNADIAG_ONLY
-from diagcompile.train import (
-    TASKS,
-    SetupError,
-    TrainConfig,
-    atomic_write_text,
-    env_stamp,
-    train,
-)
+from diagcompile.train import TASKS, SetupError, TrainConfig, atomic_write_text, env_stamp, train
 
 __all__ = ["SweepConfig", "SweepInterrupted", "parse_variant", "run_name", "plan_runs", "run_sweep", "aggregate"]
 

@@ -615,7 +615,7 @@ def _mark_offsets_from(model: nn.Module, path: str) -> None:
     """Mark each linear of ``model`` that is a ``DiagLinear`` in the saved model ``path`` with its offsets."""
     from diagcompile.marking import mark_sparse
 
-    blob = _read_checkpoint_file(path, what="offsets_from model file", advice="pass a finished run's model.pt")
+    blob = _read_saved_file(path, what="offsets_from model file", advice="pass a finished run's model.pt")
     if not isinstance(blob, dict) or blob.get("format") != _MODEL_FORMAT:
         raise ValueError(f"offsets_from={path!r} is not a diagcompile model file")
     if not blob["diag_layers"]:
@@ -876,11 +876,11 @@ class _StopFlag:
 
 
 @contextlib.contextmanager
-def children_ignore_sigint() -> Iterator[None]:
+def _children_ignore_sigint() -> Iterator[None]:
     """Ignore SIGINT in this process while the block starts worker processes, so that they start ignoring it.
 
-    A Ctrl-C at the terminal reaches every process of the foreground group: a worker that is still importing
-    torch, or waiting for its next task, would die of it with a ``KeyboardInterrupt`` traceback. An ignored
+    A Ctrl-C at the terminal reaches every process of the foreground group: a DDP worker that is still importing
+    torch or setting up would die of it with a ``KeyboardInterrupt`` traceback (:func:`_spawn`). An ignored
     signal stays ignored across ``exec`` (a handler does not), and Python then installs no handler of its own;
     the worker's training loop (:class:`_StopFlag`) takes SIGINT as "stop after this step" while it runs and
     ignores it again after. A Ctrl-C during the block itself (starting processes: milliseconds) is lost. Only
@@ -931,7 +931,7 @@ class CheckpointReadError(ValueError):
     else."""
 
 
-def _read_checkpoint_file(
+def _read_saved_file(
     path: str | os.PathLike,
     mmap: bool = False,
     what: str = "checkpoint",
@@ -968,7 +968,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     Raises :class:`CheckpointReadError` (a ``ValueError``) for a file torch cannot read, ``ValueError`` for one
     that is not a training checkpoint.
     """
-    ckpt = _read_checkpoint_file(path)
+    ckpt = _read_saved_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
         raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT})")
     return ckpt
@@ -993,7 +993,7 @@ def check_out(cfg: TrainConfig) -> None:
     path = out / CHECKPOINT_NAME
     if not path.exists():
         return
-    ckpt = _read_checkpoint_file(path, mmap=True)  # read lazily: a few fields only
+    ckpt = _read_saved_file(path, mmap=True)  # read lazily: a few fields only
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
         raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT}); move it away")
     if cfg.resume:
@@ -1028,7 +1028,7 @@ def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None
 def _spawn(cfg: TrainConfig) -> dict[str, Any]:
     """Run ``cfg`` in ``cfg.nproc`` spawned CPU workers; rank 0's metrics come back through a file.
 
-    Ctrl-C: the workers (started ignoring SIGINT, see :func:`children_ignore_sigint`) stop together after the
+    Ctrl-C: the workers (started ignoring SIGINT, see :func:`_children_ignore_sigint`) stop together after the
     current step and save the checkpoint, as a single process does, and this raises their :class:`Interrupted`.
     A terminal's Ctrl-C reaches them directly; this process forwards its own SIGINT too (a ``kill -INT`` of it
     alone), every second until they stop (one that arrived while they were still setting up went unheard;
@@ -1039,7 +1039,7 @@ def _spawn(cfg: TrainConfig) -> dict[str, Any]:
     threads = max(1, torch.get_num_threads() // cfg.nproc)
     with tempfile.TemporaryDirectory(prefix="diagcompile-ddp-") as td:
         result = os.path.join(td, "result.json")
-        with children_ignore_sigint():
+        with _children_ignore_sigint():
             ctx = mp.start_processes(
                 _worker,
                 args=(cfg, os.path.join(td, "rendezvous"), result, threads),
@@ -1429,7 +1429,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """
     from diagcompile.modules import DiagLinear
 
-    blob = _read_checkpoint_file(path, what="model file", advice="train the run again, or use another model.pt")
+    blob = _read_saved_file(path, what="model file", advice="train the run again, or use another model.pt")
     if isinstance(blob, dict) and blob.get("format") == _CKPT_FORMAT:
         raise ValueError(
             f"{path} is a training checkpoint (for --resume); the model file is {Path(path).with_name(MODEL_NAME)}, "
