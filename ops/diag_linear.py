@@ -417,7 +417,7 @@ diag_linear_dv_op = _define(
 # The eager call path
 # ----------------------------------------------------------------------------------------------------
 # In eager mode a call through torch.ops passes the dispatcher and our Python autograd kernel (see
-# "Registration"): ~10 us per call on a slow CPU, about what a small layer's kernel takes. Where nothing
+# "Registration"): ~16 us per call on a slow CPU, about what a small layer's kernel takes. Where nothing
 # but autograd could observe the call, we run the same implementation and the same autograd formulas
 # directly. Everything else - torch.compile,
 # torch.export, jit tracing, fake tensors, make_fx and any other dispatch or torch-function mode, functorch

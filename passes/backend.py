@@ -193,7 +193,7 @@ def compile(
     if isinstance(model, nn.Module):
         if not sparsify:  # sparsify_ converts marked modules itself (a parametrized one from its current weight)
             _restore_weight_marks(model)
-        if sparsify:
+        else:
             from diagcompile.api import sparsify_
             from diagcompile.config import DiagSparsityConfig
 
