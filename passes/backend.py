@@ -21,12 +21,20 @@ from typing import Any, NoReturn
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.nn.utils import parametrize
 
 from diagcompile.marking import get_sparse_mark, sync_marks
 from diagcompile.modules import DiagLinear
 from diagcompile.passes._core import RewriteReport, SparseRewriteError, linear_weight_inputs
-from diagcompile.passes.rewrite_dynamo import diag_inputs, rewrite_dynamo
+from diagcompile.passes.rewrite_dynamo import (
+    DiagInputs,
+    MarkPatternMismatch,
+    copy_dynamo_graph_module,
+    diag_inputs,
+    rewrite_dynamo,
+    weight_state,
+)
 
 __all__ = ["diagcompile_backend", "compile", "inductor_config"]
 
@@ -77,47 +85,171 @@ def diagcompile_backend(
             break can leave a dense head in a graph of its own).
 
     Returns:
-        Inductor's compiled callable. A graph without marked weights goes to Inductor unchanged.
+        The compiled graph. A call whose weights are marked differently from the ones it was compiled for
+        (Dynamo shares a graph between modules of the same shapes) runs a variant compiled for its marks.
     """
+    patches = inductor_config(mode, options)
+    weights = linear_weight_inputs(gm)  # before the rewrite: every linear weight the graph takes as an input
+    if not weights:  # no linear weight among the inputs: nothing a call's marks could change
+        graph = _compile_graph(gm, example_inputs, patches, on_rewrite, warn_if_dense)
+        return graph if len(graph.extra) else graph.compiled
+    variants = _Variants(gm, weights, functools.partial(_compile_graph, patches=patches, on_rewrite=on_rewrite))
+    base = _compile_graph(gm, example_inputs, patches, on_rewrite, warn_if_dense)
+    variants.add(example_inputs, base)
+    return base.with_fallback(variants)
+
+
+class _Graph:
+    """One compiled graph and how to call it: Dynamo's inputs, then the diagonal state of the marked
+    weights actually passed (``DiagInputs``)."""
+
+    __slots__ = ("compiled", "extra", "dense_at")
+
+    def __init__(self, compiled: Callable[..., Any], extra: DiagInputs, dense: tuple[tuple[int, str], ...]) -> None:
+        self.compiled = compiled
+        self.extra = extra
+        # The weights this graph runs dense: they must still be unmarked when it is called.
+        self.dense_at = tuple(i for i, _ in dense)
+
+    def __call__(self, *args: object) -> Any:
+        # Dynamo calls a backend's result as fn(*args) (compile_fx's own result is such a function, although
+        # it carries the `_boxed_call` attribute of the boxed function it wraps).
+        return self.compiled(*args, *self.extra(args))
+
+    def with_fallback(self, variants: _Variants) -> Callable[..., Any]:
+        """The callable Dynamo keeps: this graph while the marks of the weights passed are the ones it was
+        compiled for, else ``variants``. Dynamo reuses a graph for every module that passes its guards
+        (shapes and dtypes, not marks): a dense first block and marked later ones (a graph break in the
+        block, regional compilation), or blocks of different sparsities, share one Dynamo graph."""
+        compiled, extra, dense_at = self.compiled, self.extra, self.dense_at
+
+        def run(*args: object) -> Any:
+            for i in dense_at:  # a dict lookup per weight
+                if get_sparse_mark(args[i]) is not None:
+                    return variants(args)
+            try:
+                inputs = extra(args)  # an identity and a version check per weight when nothing changed
+            except MarkPatternMismatch:
+                return variants(args)
+            return compiled(*args, *inputs)
+
+        return run
+
+
+def _compile_graph(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[object],
+    patches: dict[str, Any],
+    on_rewrite: Callable[[RewriteReport], None] | None,
+    warn_if_dense: bool = False,
+    fake_mode: FakeTensorMode | None = None,
+) -> _Graph:
+    """Rewrite ``gm`` for the marks of the weights in ``example_inputs``, then compile it with Inductor
+    (with the real tensors among the inputs made static fakes of ``fake_mode`` first, if given)."""
     from torch._inductor.compile_fx import compile_fx
 
-    patches = inductor_config(mode, options)
     gm, report = rewrite_dynamo(gm, example_inputs)
     if on_rewrite is not None:
         on_rewrite(report)
     if warn_if_dense:
         _warn_if_nothing_sparse(gm, report)
     extra = diag_inputs(gm)
-    dense = linear_weight_inputs(gm)
-    if not extra and not dense:
-        return compile_fx(gm, example_inputs, config_patches=patches)
-    compiled = compile_fx(gm, [*example_inputs, *extra(example_inputs)], config_patches=patches)
-    # The rewritten graph takes the diagonal state of the weights actually passed after Dynamo's inputs.
-    # Dynamo calls a backend's result as fn(*args) (compile_fx's own result is such a function, although
-    # it carries the `_boxed_call` attribute of the boxed function it wraps).
-    # Dynamo reuses a graph for every module that passes its guards (shapes and dtypes, not marks), so one
-    # compiled for an unmarked block would run a marked block dense, silently: each call checks that the
-    # weights this graph runs dense are still unmarked (a dict lookup per weight).
-    dense_at = tuple(i for i, _ in dense)
-
-    def run(*args: object) -> Any:
-        for i in dense_at:
-            if get_sparse_mark(args[i]) is not None:
-                _refuse_marked(args[i], dict(dense)[i])
-        return compiled(*args, *extra(args))
-
-    return run
+    inputs = [*example_inputs, *extra(example_inputs)]
+    if fake_mode is not None:
+        # Fakes made by Inductor would get fresh symbolic sizes: Dynamo's record of the weights' static
+        # shapes belongs to its own tracing context.
+        inputs = [_static_fake(fake_mode, t) for t in inputs]
+    compiled = compile_fx(gm, inputs, config_patches=patches)
+    return _Graph(compiled, extra, linear_weight_inputs(gm))
 
 
-def _refuse_marked(weight: object, name: str) -> NoReturn:
-    raise SparseRewriteError(
-        f"this compiled graph was built for the unmarked (dense) weight '{name}' and is now called with a "
-        f"weight marked sparse ({get_sparse_mark(weight)}) in its place: it would run dense. Dynamo shares one "
-        f"graph between modules of the same shapes (a graph break inside a repeated block, one compiled "
-        f"function called on several modules), and a dense first block builds it for all. Mark the blocks "
-        f"alike, or swap the marked linears for DiagLinear first (diagcompile.compile(model, sparsify=True)), "
-        f"whose blocks get graphs of their own; call torch._dynamo.reset() after changing marks"
-    )
+# Each distinct mark pattern of one Dynamo graph compiles once; beyond this many, something is changing
+# marks in a loop (Dynamo's own recompile limit is 8).
+_MAX_VARIANTS = 8
+
+
+class _Variants:
+    """The graphs compiled from one Dynamo graph, one per pattern of marks on its linear weights.
+
+    A call whose marks differ from the first graph's compiles a variant of the pristine Dynamo graph, in
+    Dynamo's fake mode and from the graph's own example values (so a dynamic batch stays dynamic), with the
+    call's weights in their places: they decide the rewrite. Dynamo never sees the variant; its guards were
+    decided by the first compile, so a variant that would need a new guard is refused instead.
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        weights: tuple[tuple[int, str], ...],
+        compile_graph: Callable[..., _Graph],
+    ) -> None:
+        self.positions = tuple(i for i, _ in weights)
+        self.names = dict(weights)
+        self.compile_graph = compile_graph
+        context = torch._guards.TracingContext.try_get()
+        self.fake_mode = None if context is None else context.fake_mode
+        placeholders = gm.graph.find_nodes(op="placeholder")
+        self.examples = [n.meta.get("example_value") for n in placeholders]
+        if self.fake_mode is not None and all(e is not None for e in self.examples):
+            # Before Inductor compiles gm, which may edit it in place.
+            self.pristine: fx.GraphModule | None = copy_dynamo_graph_module(gm)
+        else:  # not called by Dynamo: nothing to compile a variant from
+            self.pristine = None
+        self.graphs: dict[tuple[int | None, ...], _Graph] = {}
+
+    def pattern(self, args: Sequence[object]) -> tuple[int | None, ...]:
+        """Per linear weight: its ``k`` if marked (top-k marks are resolved and pinned), else ``None``."""
+        return tuple(_marked_k(args[i]) for i in self.positions)
+
+    def add(self, args: Sequence[object], graph: _Graph) -> None:
+        self.graphs[self.pattern(args)] = graph
+
+    def __call__(self, args: Sequence[object]) -> Any:
+        key = self.pattern(args)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._compile(args, key)
+        return graph(*args)
+
+    def _compile(self, args: Sequence[object], key: tuple[int | None, ...]) -> _Graph:
+        if self.pristine is None or len(self.graphs) >= _MAX_VARIANTS:
+            self._refuse(args, key, "" if self.pristine is None else f"{_MAX_VARIANTS} mark patterns compiled already")
+        examples = list(self.examples)
+        for i in self.positions:
+            examples[i] = args[i]
+        shape_env = self.fake_mode.shape_env
+        guards = len(shape_env.guards) if shape_env is not None else 0
+        with torch._guards.tracing(torch._guards.TracingContext(self.fake_mode)):
+            graph = self.compile_graph(copy_dynamo_graph_module(self.pristine), examples, fake_mode=self.fake_mode)
+        if shape_env is not None and len(shape_env.guards) != guards:
+            self._refuse(args, key, "the variant would need a shape guard the first compile did not install")
+        return graph
+
+    def _refuse(self, args: Sequence[object], key: tuple[int | None, ...], why: str) -> NoReturn:
+        first = next(iter(self.graphs))
+        j = next(j for j, (a, b) in enumerate(zip(first, key)) if a != b)
+        was = "unmarked (dense)" if first[j] is None else f"sparse-marked (k={first[j]})"
+        now = "an unmarked weight" if key[j] is None else f"a weight marked sparse (k={key[j]})"
+        raise SparseRewriteError(
+            f"this compiled graph was built for the {was} weight '{self.names[self.positions[j]]}' and is now "
+            f"called with {now} in its place, and no variant "
+            f"of the graph can be compiled for it{f' ({why})' if why else ''}. Dynamo shares one graph between "
+            f"modules of the same shapes (a graph break inside a repeated block, regional compilation, one "
+            f"compiled function called on several modules). Mark the blocks alike, or swap the marked linears "
+            f"for DiagLinear first (diagcompile.compile(model, sparsify=True)), whose blocks get graphs of their "
+            f"own; call torch._dynamo.reset() after changing marks"
+        )
+
+
+def _static_fake(fake_mode: FakeTensorMode, t: object) -> object:
+    if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor):
+        return fake_mode.from_tensor(t, static_shapes=True)
+    return t
+
+
+def _marked_k(weight: object) -> int | None:
+    mark = get_sparse_mark(weight)
+    return None if mark is None else weight_state(weight, mark).k
 
 
 _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)

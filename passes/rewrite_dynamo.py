@@ -31,8 +31,9 @@ What happens to the dense weight, per weight:
   (``diagcompile.compile(model, sparsify=True)`` or ``sparsify_``).
 
 Top-k marks are resolved when a weight is first compiled and pinned on the weight's mark, so recompiles
-and later conversions keep the same diagonals. A graph compiled for marked weights refuses, with a clear
-error, a call that passes an unmarked weight or one marked with a different ``k`` in the same place.
+and later conversions keep the same diagonals. ``DiagInputs`` refuses, with a clear
+error (``MarkPatternMismatch``), a call that passes an unmarked weight or one marked with a different ``k``
+in the place of a marked one; the backend compiles a variant of the graph for such a call instead.
 """
 
 from __future__ import annotations
@@ -58,10 +59,16 @@ from diagcompile.passes._core import (
     rewrite_sites,
 )
 
-__all__ = ["rewrite_dynamo", "DiagInputs", "diag_inputs"]
+__all__ = ["rewrite_dynamo", "DiagInputs", "diag_inputs", "MarkPatternMismatch"]
 
 _STATE = "_diagcompile_state"
 _INPUTS_META = "diagcompile_inputs"
+
+
+class MarkPatternMismatch(SparseRewriteError):
+    """A rewritten graph was called with an unmarked weight, or one marked with another ``k``, in the place
+    of a marked one (Dynamo reuses a graph for every module of the same shapes). The backend catches it and
+    compiles a variant of the graph for the call's marks."""
 
 
 class _WeightState:
@@ -106,7 +113,7 @@ def weight_state(weight: Tensor, mark: SparseMark | None = None, *, pin: bool = 
     if mark is None:
         raise SparseRewriteError("the weight is not marked sparse")
     state: _WeightState | None = weight.__dict__.get(_STATE)
-    if state is not None and state.mark == mark:
+    if state is not None and _same_mark(state.mark, mark):
         return state
     # A new weight, or one marked anew since its state was built: resolve (top-k: from the current values).
     offsets = mark.resolve_offsets(weight).to(device=weight.device, dtype=OFFSET_DTYPE)
@@ -212,7 +219,7 @@ class DiagInputs:
         state = weight_state(weight, mark) if mark is not None else None
         if state is None or state.k != spec.k:
             got = "an unmarked tensor" if state is None else f"a weight marked with k={state.k}"
-            raise SparseRewriteError(
+            raise MarkPatternMismatch(
                 f"this compiled graph was built for the sparse-marked weight '{spec.weight}' (k={spec.k}) and is "
                 f"now called with {got} in its place. Dynamo shares one graph between modules of the same "
                 f"shapes (a graph break inside a repeated block, one compiled function called on several "
@@ -229,7 +236,7 @@ def diag_inputs(gm: fx.GraphModule) -> DiagInputs:
     return gm.meta.get(_INPUTS_META, DiagInputs(()))
 
 
-def _copy_dynamo_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+def copy_dynamo_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A new graph module over a copy of Dynamo's graph, with the metadata AOTAutograd reads back.
 
     Dynamo keeps using its own graph after the backend returns (it generates the call from the graph's
@@ -279,7 +286,7 @@ def rewrite_dynamo(
     grad = torch.is_grad_enabled() if training is None else training
     if not has_marked_sites(gm, list(example_inputs), "dynamo"):
         return PassResult(gm, RewriteReport("dynamo"))
-    gm = _copy_dynamo_graph_module(gm)
+    gm = copy_dynamo_graph_module(gm)
 
     def mode(weight: Tensor) -> StateMode:
         return "gathered" if grad and weight.requires_grad else "converted"

@@ -345,20 +345,95 @@ def test_cuda_training_matches_masked_dense(zoo):
 # ----------------------------------------------------------------------------------------------------
 # Found by a user trial (2026-11-24): each of these ran dense, stale or crashed before
 # ----------------------------------------------------------------------------------------------------
-def test_a_graph_built_for_a_dense_block_refuses_a_marked_one():
+def test_a_graph_built_for_a_dense_block_runs_marked_ones_as_a_variant():
     """A dense first block and marked later ones, with a graph break in the block: Dynamo builds the block's
-    graph for the dense block and reuses it for the others (guards check shapes, not marks). It must not run
-    the marked blocks dense; converting first (sparsify=True) gives each kind of block its own graph."""
+    graph for the dense block and reuses it for the others (guards check shapes, not marks). The marked
+    blocks must not run dense: they run a variant compiled for their marks, once for both."""
     model = nn.Sequential(*[_BreakingBlock() for _ in range(3)])
     for block in model[1:]:
         mark_sparse(block.fc, sparsity=0.75)
+    reports = []
+    compiled = diagcompile.compile(model, on_rewrite=reports.append)
     x = torch.randn(4, 16)
-    with torch.no_grad(), pytest.raises(SparseRewriteError, match="built for the unmarked .*dense.* weight"):
-        diagcompile.compile(model)(x)
-    torch._dynamo.reset()
-    expected = masked_dense_copy(model)(x)
     with torch.no_grad():
-        torch.testing.assert_close(diagcompile.compile(model, sparsify=True)(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x), masked_dense_copy(model)(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x), masked_dense_copy(model)(x), rtol=1e-5, atol=1e-5)
+    # The block's two graphs (around the break; the second has no linear), then one variant for both marked
+    # blocks: the marked blocks' graphs are not compiled one per block.
+    assert [r.count for r in reports] == [0, 0, 1]
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def _regional(sparsities: list[float | None]) -> tuple[nn.Sequential, list]:
+    """Blocks marked with ``sparsities`` (None: dense), each compiled on its own (regional compilation)
+    with one backend callable, so Dynamo shares one graph between them; the reports of each rewrite."""
+    model = nn.Sequential(*[_Block() for _ in sparsities])
+    for block, sparsity in zip(model, sparsities):
+        if sparsity is not None:
+            mark_sparse(block.fc1.weight, sparsity=sparsity)
+            mark_sparse(block.fc2.weight, sparsity=sparsity)
+    reports = []
+    backend = functools.partial(diagcompile_backend, on_rewrite=reports.append, warn_if_dense=False)
+    for block in model:
+        block.compile(backend=backend, dynamic=True)
+    return model, reports
+
+
+def test_regional_compilation_of_blocks_marked_differently():
+    """One graph for all blocks (dynamic batch): a variant per pattern of marks (dense, 0.75, 0.5), each
+    compiled once, dynamic like the graph it came from, each block running its own diagonals."""
+    model, reports = _regional([None, 0.75, 0.5, 0.75, None])
+    with torch.no_grad():
+        for batch in (5, 2, 9):
+            x = torch.randn(batch, 16)
+            torch.testing.assert_close(model(x), masked_dense_copy(model)(x), rtol=1e-5, atol=1e-5)
+    assert [r.count for r in reports] == [0, 2, 2]
+
+
+def test_regional_compilation_trains_the_marked_blocks_diagonally():
+    """Training through a variant: the gradient reaches the marked blocks' kept diagonals only, as in the
+    masked dense model (blocks 1+ take an input that requires grad: one graph for them, two patterns)."""
+    model, reports = _regional([None, 0.75, None, 0.75])
+    ref = masked_training_copy(model)
+    x = torch.randn(6, 16)
+    model(x).square().mean().backward()
+    ref(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        marked = get_sparse_mark(p) is not None
+        r = dense_original(ref, name) if marked else ref.get_parameter(name)
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6, msg=name)
+        if marked:
+            assert (p.grad == 0).float().mean() >= 0.5, name
+    assert sorted(r.count for r in reports) == [0, 0, 2]
+
+
+def test_variants_refused_past_the_limit(monkeypatch):
+    """Past the limit of mark patterns per graph, a call is refused by name, not run dense."""
+    monkeypatch.setattr(diagcompile.passes.backend, "_MAX_VARIANTS", 1)
+    model, _ = _regional([None, 0.75])
+    with torch.no_grad(), pytest.raises(SparseRewriteError, match=r"built for the unmarked .*dense.* weight .*fc1"):
+        model(torch.randn(3, 16))
+
+
+def test_a_graph_not_from_dynamo_refuses_other_marks():
+    """Called outside torch.compile (no fake mode to compile a variant in): a marked weight in the place of
+    the dense one it was built for is refused, not run dense."""
+    gm = torch.fx.symbolic_trace(lambda x, w: torch.nn.functional.linear(x, w))
+    x, w = torch.randn(3, 16), nn.Parameter(torch.randn(8, 16))
+    run = diagcompile_backend(gm, [x, w], warn_if_dense=False)
+    with torch.no_grad():
+        torch.testing.assert_close(run(x, w), x @ w.T)
+    mark_sparse(w, sparsity=0.5)
+    with torch.no_grad(), pytest.raises(SparseRewriteError, match=r"no variant of the graph can be compiled"):
+        run(x, w)
 
 
 def test_weights_replaced_through_data_are_picked_up():
