@@ -65,7 +65,8 @@ class CheckResult:
     entries (``inf``, ``NaN``) are compared position by position: the artifact must have the same ones at the
     same places (``-inf`` where eager has ``-inf``, ``NaN`` where it has ``NaN``); only the entries finite in
     both are compared numerically. Integer and bool outputs must match exactly, or within an ``atol`` the
-    caller gives (never the relative part, which would grow with the values).
+    caller gives (never the relative part, which would grow with the values). An output of another shape or
+    dtype than eager's raises ``ExportCheckError``.
 
     Attributes:
         artifact: what was checked (``"pt2"``, ``"onnx-portable"``, ``"onnx-plugin"``, ...).
@@ -629,6 +630,10 @@ def compare_outputs(
                     raise ExportCheckError(
                         f"{artifact}: output {j} has shape {tuple(o.shape)} at input shape {shapes[-1]}, "
                         f"eager {tuple(r.shape)}"
+                    )
+                if o.dtype != r.dtype:  # a consumer of the artifact gets other numbers (or a type error)
+                    raise ExportCheckError(
+                        f"{artifact}: output {j} has dtype {o.dtype} at input shape {shapes[-1]}, eager {r.dtype}"
                     )
                 if j == len(diffs):
                     diffs.append(0.0)

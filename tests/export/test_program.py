@@ -610,6 +610,15 @@ def test_integer_outputs_must_match_exactly():
     assert _compare(model, lambda x: (model(x)[0], model(x)[1] + 3), x, atol=3.0).passed
 
 
+def test_an_output_of_another_dtype_fails():
+    # Values within tolerance in another dtype used to pass: a consumer would get float64 (or int32 ids).
+    model, x = _WithIds().eval(), torch.randn(3, 8)
+    with pytest.raises(ExportCheckError, match=r"output 0 has dtype torch.float64 .* eager torch.float32"):
+        _compare(model, lambda x: (model(x)[0].double(), model(x)[1]), x)
+    with pytest.raises(ExportCheckError, match=r"output 1 has dtype torch.int32 .* eager torch.int64"):
+        _compare(model, lambda x: (model(x)[0], model(x)[1].int()), x)
+
+
 class _SpecialValues(nn.Module):
     """A diagonal layer's output followed by a NaN, a +inf and a -inf column."""
 
