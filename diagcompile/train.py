@@ -101,6 +101,12 @@ METRICS_NAME = "metrics.json"
 _CKPT_FORMAT = "diagcompile.train.checkpoint/1"
 _MODEL_FORMAT = "diagcompile.model/1"
 _METRICS_FORMAT = "diagcompile.train.metrics/1"
+# What a file of each format must hold (fields added later are read with .get and a default).
+_CKPT_KEYS = (
+    "config", "step", "total_steps", "model", "optimizer", "sparsifier", "data", "rng", "history", "loss_acc",
+    "max_state_bytes",
+)  # fmt: skip
+_MODEL_KEYS = ("model_config", "diag_layers", "state_dict")
 
 #: Per-task defaults for every ``TrainConfig`` field left as ``None`` (documented in benchmarks/results).
 # ``lr`` is the dense model's; the diagonal DST methods (dynadiag, diagheur) default to ``sparse_lr``: a
@@ -618,6 +624,7 @@ def _mark_offsets_from(model: nn.Module, path: str) -> None:
     blob = _read_saved_file(path, what="offsets_from model file", advice="pass a finished run's model.pt")
     if not isinstance(blob, dict) or blob.get("format") != _MODEL_FORMAT:
         raise ValueError(f"offsets_from={path!r} is not a diagcompile model file")
+    _require_keys(blob, _MODEL_KEYS, path)
     if not blob["diag_layers"]:
         raise ValueError(f"offsets_from={path!r} has no diagonal layers (a dense run?)")
     for fqn in blob["diag_layers"]:
@@ -971,7 +978,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     ckpt = _read_saved_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
         raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT})")
+    _require_keys(ckpt, _CKPT_KEYS, path)
     return ckpt
+
+
+def _require_keys(blob: dict, keys: tuple[str, ...], path: str | os.PathLike) -> None:
+    """Refuse a file with the right format tag but without all of ``keys`` (edited, or cut down by a tool),
+    naming them, instead of a ``KeyError`` halfway through loading it."""
+    missing = [k for k in keys if k not in blob]
+    if missing:
+        raise ValueError(
+            f"{path} has the format tag {blob['format']!r} but no {', '.join(missing)}: the file was changed "
+            "after diagcompile wrote it"
+        )
 
 
 def check_out(cfg: TrainConfig) -> None:
@@ -996,6 +1015,7 @@ def check_out(cfg: TrainConfig) -> None:
     ckpt = _read_saved_file(path, mmap=True)  # read lazily: a few fields only
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
         raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT}); move it away")
+    _require_keys(ckpt, _CKPT_KEYS, path)
     if cfg.resume:
         _check_resumable(ckpt, cfg)
     elif int(ckpt["step"]) < int(ckpt["total_steps"]):
@@ -1437,6 +1457,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         )
     if not isinstance(blob, dict) or blob.get("format") != _MODEL_FORMAT:
         raise ValueError(f"{path} is not a diagcompile model file (format {_MODEL_FORMAT})")
+    _require_keys(blob, _MODEL_KEYS, path)
     sd = blob["state_dict"]
     with torch.random.fork_rng(devices=[]):
         model = build_model(config_from_dict(blob["model_config"]))

@@ -665,6 +665,23 @@ def test_an_unreadable_model_file_is_named_too(tmp_path):
         train_mod._mark_offsets_from(model, str(path))
 
 
+def test_a_tagged_file_without_its_fields_is_named(tmp_path, monkeypatch):
+    # The right format tag with fields missing raised KeyError('step') (check_out) or KeyError('state_dict').
+    ckpt, model = tmp_path / CHECKPOINT_NAME, tmp_path / "model.pt"
+    torch.save({"format": "diagcompile.train.checkpoint/1", "model": {}}, ckpt)
+    torch.save({"format": "diagcompile.model/1", "diag_layers": {}}, model)
+    expected = r"has the format tag .* but no config, step, total_steps, optimizer, .*changed after diagcompile"
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=expected):
+            train_mod.check_out(_quick(out=str(tmp_path), resume=resume))
+    with pytest.raises(ValueError, match=expected):
+        load_checkpoint(ckpt)
+    with pytest.raises(ValueError, match=r"model.pt has the format tag .* but no model_config, state_dict: "):
+        load_model(model)
+    with pytest.raises(ValueError, match=r"but no model_config, state_dict"):
+        train_mod._mark_offsets_from(torch.nn.Sequential(torch.nn.Linear(4, 4)), str(model))
+
+
 def test_an_interruption_without_out_does_not_claim_a_checkpoint():
     # A sweep's runs have no out: the message said "the checkpoint is saved: resume with resume=True".
     def interrupt_at_3(step, total, info):
