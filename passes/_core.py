@@ -63,7 +63,7 @@ __all__ = [
     "rewrite_sites",
     "rewrite_marked_linears",
     "has_marked_sites",
-    "linear_weight_inputs",
+    "weight_inputs",
     "flat_index",
     "convert_values",
     "pin_marks_",
@@ -367,15 +367,17 @@ def _autocast_possible(graph: fx.Graph, devices: Sequence[str]) -> bool:
     return any(n.op == "call_function" and "autocast" in str(n.target) for n in graph.nodes)
 
 
-def linear_weight_inputs(gm: fx.GraphModule) -> tuple[tuple[int, str], ...]:
-    """``(position, name)`` of each placeholder used as a linear's weight or passed to a subgraph region
-    (``_is_region``), in placeholder order. Run on a rewritten graph, these are the weights it runs dense:
-    the backend checks at each call that they are still unmarked (Dynamo reuses a graph for other modules)."""
+def weight_inputs(gm: fx.GraphModule, example_inputs: Sequence[object]) -> tuple[tuple[int, str], ...]:
+    """``(position, name)`` of each placeholder whose mark decides how the graph is rewritten, in placeholder
+    order: one used as a linear's weight or passed to a subgraph region (``_is_region``), or any 2-D
+    ``nn.Parameter`` (a marked one used some other way, ``w.clone()``, is refused by the rewrite). The backend
+    checks the marks of these at each call (Dynamo reuses a graph for other modules)."""
     found = []
-    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+    for i, (node, example) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), example_inputs)):
+        parameter = isinstance(example, nn.Parameter) and example.dim() == 2
         for user in node.users:
             linear = user.op == "call_function" and user.target in LINEAR_FUNCTIONS and _arg(user, 1, "weight") is node
-            if linear or _is_region(user):
+            if parameter or linear or _is_region(user):
                 found.append((i, _readable(node)))
                 break
     return tuple(found)

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from diagcompile.marking import get_sparse_mark, sync_marks
 from diagcompile.modules import DiagLinear
-from diagcompile.passes._core import RewriteReport, SparseRewriteError, linear_weight_inputs
+from diagcompile.passes._core import RewriteReport, SparseRewriteError, weight_inputs
 from diagcompile.passes.rewrite_dynamo import (
     DiagInputs,
     MarkPatternMismatch,
@@ -89,13 +89,12 @@ def diagcompile_backend(
         (Dynamo shares a graph between modules of the same shapes) runs a variant compiled for its marks.
     """
     patches = inductor_config(mode, options)
-    weights = linear_weight_inputs(gm)  # before the rewrite: every linear weight the graph takes as an input
-    if not weights:  # no linear weight among the inputs: nothing a call's marks could change
+    weights = weight_inputs(gm, example_inputs)  # before the rewrite: the inputs whose marks matter
+    if not weights:  # nothing a call's marks could change
         graph = _compile_graph(gm, example_inputs, patches, on_rewrite, warn_if_dense)
         return graph if len(graph.extra) else graph.compiled
     variants = _Variants(gm, weights, functools.partial(_compile_graph, patches=patches, on_rewrite=on_rewrite))
-    base = _compile_graph(gm, example_inputs, patches, on_rewrite, warn_if_dense)
-    variants.add(example_inputs, base)
+    base = variants.add(example_inputs, _compile_graph(gm, example_inputs, patches, on_rewrite, warn_if_dense))
     return base.with_fallback(variants)
 
 
@@ -105,11 +104,11 @@ class _Graph:
 
     __slots__ = ("compiled", "extra", "dense_at")
 
-    def __init__(self, compiled: Callable[..., Any], extra: DiagInputs, dense: tuple[tuple[int, str], ...]) -> None:
+    def __init__(self, compiled: Callable[..., Any], extra: DiagInputs) -> None:
         self.compiled = compiled
         self.extra = extra
-        # The weights this graph runs dense: they must still be unmarked when it is called.
-        self.dense_at = tuple(i for i, _ in dense)
+        # The weights this graph runs dense, which must still be unmarked when it is called (set by _Variants).
+        self.dense_at: tuple[int, ...] = ()
 
     def __call__(self, *args: object) -> Any:
         # Dynamo calls a backend's result as fn(*args) (compile_fx's own result is such a function, although
@@ -160,7 +159,7 @@ def _compile_graph(
         # shapes belongs to its own tracing context.
         inputs = [_static_fake(fake_mode, t) for t in inputs]
     compiled = compile_fx(gm, inputs, config_patches=patches)
-    return _Graph(compiled, extra, linear_weight_inputs(gm))
+    return _Graph(compiled, extra)
 
 
 # Each distinct mark pattern of one Dynamo graph compiles once; beyond this many, something is changing
@@ -169,7 +168,7 @@ _MAX_VARIANTS = 8
 
 
 class _Variants:
-    """The graphs compiled from one Dynamo graph, one per pattern of marks on its linear weights.
+    """The graphs compiled from one Dynamo graph, one per pattern of marks on its weights.
 
     A call whose marks differ from the first graph's compiles a variant of the pristine Dynamo graph, in
     Dynamo's fake mode and from the graph's own example values (so a dynamic batch stays dynamic), with the
@@ -201,14 +200,18 @@ class _Variants:
         """Per linear weight: its ``k`` if marked (top-k marks are resolved and pinned), else ``None``."""
         return tuple(_marked_k(args[i]) for i in self.positions)
 
-    def add(self, args: Sequence[object], graph: _Graph) -> None:
-        self.graphs[self.pattern(args)] = graph
+    def add(self, args: Sequence[object], graph: _Graph) -> _Graph:
+        """Record ``graph`` as the one for the marks of ``args``' weights."""
+        key = self.pattern(args)
+        graph.dense_at = tuple(i for i, k in zip(self.positions, key) if k is None)
+        self.graphs[key] = graph
+        return graph
 
     def __call__(self, args: Sequence[object]) -> Any:
         key = self.pattern(args)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = self._compile(args, key)
+            graph = self.add(args, self._compile(args, key))
         return graph(*args)
 
     def _compile(self, args: Sequence[object], key: tuple[int | None, ...]) -> _Graph:

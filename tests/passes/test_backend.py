@@ -415,6 +415,27 @@ def test_regional_compilation_trains_the_marked_blocks_diagonally():
     assert sorted(r.count for r in reports) == [0, 0, 2]
 
 
+class _CloningBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.nn.functional.linear(x, self.fc.weight.clone(), self.fc.bias)
+
+
+def test_a_marked_weight_used_other_than_by_a_linear_in_a_shared_graph_is_refused():
+    """A graph built for a dense block whose weight reaches the linear through ``clone()``: a marked block
+    sharing it must not run dense, silently; the rewrite of its variant names the use it cannot rewrite."""
+    model = nn.Sequential(_CloningBlock(), _CloningBlock())
+    mark_sparse(model[1].fc, sparsity=0.5)
+    backend = functools.partial(diagcompile_backend, warn_if_dense=False)
+    for block in model:
+        block.compile(backend=backend)
+    with torch.no_grad(), pytest.raises(SparseRewriteError, match=r"node 'clone' .* other than as the weight"):
+        model(torch.randn(3, 16))
+
+
 def test_variants_refused_past_the_limit(monkeypatch):
     """Past the limit of mark patterns per graph, a call is refused by name, not run dense."""
     monkeypatch.setattr(diagcompile.passes.backend, "_MAX_VARIANTS", 1)
