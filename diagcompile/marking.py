@@ -167,6 +167,12 @@ def get_sparse_mark(target: object) -> SparseMark | None:
     return None
 
 
+def tensor_mark(weight: Tensor) -> SparseMark | None:
+    """``get_sparse_mark`` of a tensor known to be one, in ~50 ns instead of ~230: the compile backend checks
+    the marks of a graph's weights at every call. (Not exported: internal to diagcompile.)"""
+    return weight.__dict__.get(_ATTR)
+
+
 def is_sparse_marked(target: object) -> bool:
     """Whether ``target`` (a linear module or a weight tensor) carries a sparse mark."""
     return get_sparse_mark(target) is not None

@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.nn.utils import parametrize
 
-from diagcompile.marking import get_sparse_mark, sync_marks
+from diagcompile.marking import get_sparse_mark, sync_marks, tensor_mark
 from diagcompile.modules import DiagLinear
 from diagcompile.passes._core import RewriteReport, SparseRewriteError, weight_inputs
 from diagcompile.passes.rewrite_dynamo import (
@@ -124,7 +124,7 @@ class _Graph:
 
         def run(*args: object) -> Any:
             for i in dense_at:  # a dict lookup per weight
-                if get_sparse_mark(args[i]) is not None:
+                if tensor_mark(args[i]) is not None:
                     return variants(args)
             try:
                 inputs = extra(args)  # an identity and a version check per weight when nothing changed
