@@ -113,7 +113,7 @@ class DynaDiagLinear(nn.Module):
         self.register_buffer("keep_idx", torch.arange(k, device=device, dtype=torch.int64))
         self.register_buffer("frozen_flag", torch.zeros((), device=device, dtype=torch.uint8))
         self.register_buffer("temperature", torch.tensor(float(temperature), device=device, dtype=torch.float64))
-        self._frozen = False  # python mirror of frozen_flag: the forward must not sync on a device buffer
+        self._frozen = False
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -185,6 +185,30 @@ class DynaDiagLinear(nn.Module):
     @property
     def frozen(self) -> bool:
         return self._frozen
+
+    # A Python mirror of frozen_flag: the frozen forward must not sync on a device buffer. The buffer can be
+    # written without this module knowing (an EMA or SWA copy updated with buffer.copy_, a hand-rolled
+    # load): eager forwards re-read it when it is another tensor or its in-place version moved (~0.3 us).
+    # A compiled forward reads the mirror, which Dynamo guards on.
+    @property
+    def _frozen(self) -> bool:
+        if not torch.compiler.is_compiling() and self._frozen_seen != self._flag_key():
+            self._frozen_mirror = bool(self.frozen_flag.item())
+            self._frozen_seen = self._flag_key()
+        return self._frozen_mirror
+
+    @_frozen.setter
+    def _frozen(self, value: bool) -> None:
+        self.frozen_flag.fill_(int(value))
+        self._frozen_mirror = bool(value)
+        self._frozen_seen = self._flag_key()
+
+    def _flag_key(self) -> tuple[int, int]:
+        flag = self.frozen_flag
+        try:
+            return id(flag), flag._version
+        except RuntimeError:  # an inference tensor has no version counter (only written under inference_mode)
+            return id(flag), -1
 
     def set_temperature(self, temperature: float) -> None:
         if not temperature > 0:
@@ -270,7 +294,6 @@ class DynaDiagLinear(nn.Module):
             rows = self.values.index_select(0, keep) * at.index_select(0, keep).unsqueeze(1)
             self.values.index_copy_(0, keep, rows)
         self.keep_idx.copy_(keep)
-        self.frozen_flag.fill_(1)
         self._frozen = True
         return self.keep_idx
 
@@ -298,7 +321,7 @@ class DynaDiagLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        self._frozen = bool(self.frozen_flag.item())
+        self._frozen = bool(self.frozen_flag.item())  # also under torch.compile, which skips the version check
 
     def extra_repr(self) -> str:
         P, _ = diag_shape(self.out_features, self.in_features)

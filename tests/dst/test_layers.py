@@ -189,6 +189,23 @@ def test_pool_layer_and_state_dict_restores_frozen():
     assert "pool=5" in repr(layer) and "frozen=True" in repr(layer)
 
 
+def test_a_copy_given_a_frozen_layer_s_buffers_computes_the_frozen_function():
+    # A copy made before the freeze (an EMA or SWA model) whose buffers are then copy_'d from the frozen layer
+    # (AveragedModel(use_buffers=False) does this every update) kept computing the soft relaxation.
+    layer = DynaDiagLinear.from_linear(nn.Linear(12, 8), k=3, temperature=0.5)
+    copy = DynaDiagLinear.from_linear(nn.Linear(12, 8), k=3, temperature=0.5)
+    layer.freeze_()
+    with torch.no_grad():
+        for a, b in [*zip(copy.parameters(), layer.parameters()), *zip(copy.buffers(), layer.buffers())]:
+            a.copy_(b)
+    x = torch.randn(4, 12)
+    assert copy.frozen and "frozen=True" in repr(copy)
+    assert torch.equal(copy(x), layer(x))
+    with torch.no_grad():
+        copy.frozen_flag.zero_()  # and back: the soft layer again
+    assert not copy.frozen and not torch.equal(copy(x), layer(x))
+
+
 def test_bad_arguments():
     lin = nn.Linear(8, 4)
     with pytest.raises(ValueError, match="k="):
