@@ -473,6 +473,13 @@ class MaskSparsifier(SparsifierBase):
                 stacklevel=3,
             )
             return None
+        if not bool(torch.isfinite(g).all()):  # GradScaler skipped the step: growth would rank inf/NaN
+            warnings.warn(
+                f"MaskSparsifier: the dense gradient of '{rec.fqn}' at step {self._step + 1} is not finite (an "
+                "overflow, as when GradScaler skips a step); its topology update is skipped",
+                stacklevel=3,
+            )
+            return None
         return g
 
     # ------------------------------------------------------------------------------------------------

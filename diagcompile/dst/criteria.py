@@ -46,6 +46,15 @@ def row_sources(old_offsets: Tensor, new_offsets: Tensor, num_candidates: int) -
     return pos[new_offsets.to(torch.int64)]
 
 
+def _check_finite(scores: Tensor) -> None:
+    # A NaN sorts past the -inf that excludes kept diagonals: one would be grown a second time.
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(
+            "probe scores must be finite: a NaN or inf score would grow an offset that is already kept "
+            "(DiagSparsifier skips the update of a layer whose gradient overflowed)"
+        )
+
+
 def drop_grow(offsets: Tensor, weight_norms: Tensor, scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """One DiagHeur (RigL-on-diagonals) update: drop ``n`` diagonals of smallest ``||V_j||``, grow ``n``.
 
@@ -65,6 +74,7 @@ def drop_grow(offsets: Tensor, weight_norms: Tensor, scores: Tensor, n: int) -> 
     k, P = offsets.numel(), scores.numel()
     if not 0 <= n <= k:
         raise ValueError(f"n={n} must be in [0, k={k}]")
+    _check_finite(scores)
     off = offsets.to(torch.int64)
     by_norm = torch.sort(weight_norms.detach().double(), stable=True).indices  # ascending: weakest first
     kept = off[by_norm[n:]]
@@ -95,6 +105,7 @@ def refresh_pool(candidates: Tensor, alpha: Tensor, k: int, scores: Tensor, n: i
     C, P = candidates.numel(), scores.numel()
     if not 0 <= n <= C - k:
         raise ValueError(f"n={n} must be in [0, C - k = {C - k}]")
+    _check_finite(scores)
     n = min(n, P - C)
     cand = candidates.to(torch.int64)
     protected = torch.zeros(C, dtype=torch.bool, device=cand.device)

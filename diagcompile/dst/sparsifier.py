@@ -383,7 +383,17 @@ class DiagSparsifier(SparsifierBase):
                 stacklevel=3,
             )
             return None
-        return probe_scores(dv)
+        scores = probe_scores(dv)
+        if not bool(torch.isfinite(scores).all()):
+            # Mixed precision: GradScaler skipped this step's optimizer step (its gradients overflowed); the
+            # scores would rank candidates by inf/NaN. Every rank sees the same reduced scores, so all skip.
+            warnings.warn(
+                f"DiagSparsifier: the probe gradient of '{rec.fqn}' at step {self._step + 1} is not finite (an "
+                "overflow, as when GradScaler skips a step); its topology update is skipped",
+                stacklevel=3,
+            )
+            return None
+        return scores
 
     # ------------------------------------------------------------------------------------------------
     # Probe capture

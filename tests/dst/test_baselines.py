@@ -697,3 +697,24 @@ def test_layers_after_finalize_are_the_plain_linears_in_the_model(method):
     sp.finalize()
     for fqn, layer in sp.layers.items():
         assert layer is model.get_submodule(fqn) and type(layer) is nn.Linear, fqn
+
+
+@pytest.mark.parametrize("method", ["rigl", "srigl"])
+def test_an_overflowed_step_skips_the_mask_update(method):
+    # GradScaler-skipped steps have inf/NaN gradients: growth would rank them; the update is skipped instead.
+    model, optimizer, sp = _make(method)  # updates every 5 steps
+    for t in range(4):
+        _fwd_bwd(model, t)
+        optimizer.step()
+        optimizer.zero_grad()
+        sp.step()
+    masks = {f: m.mask.clone() for f, m in sp.layers.items()}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    x, y = _batch(4)
+    scaler.scale(F.mse_loss(model(x), y) * 1e30).backward()  # the scaled loss overflows float32
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad()
+    with pytest.warns(UserWarning, match=r"dense gradient of 'body.0' at step 5 is not finite.*skipped"):
+        sp.step()
+    assert all(torch.equal(masks[f], m.mask) for f, m in sp.layers.items())

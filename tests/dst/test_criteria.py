@@ -61,6 +61,16 @@ def test_drop_grow_ties_and_extremes():
         drop_grow(offsets, torch.rand(3), torch.rand(6), 4)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_are_refused(bad):
+    # All-NaN scores (a GradScaler-skipped step) grew offsets that were already kept: [5, 5, 7, 7].
+    offsets, scores = torch.tensor([0, 3, 5, 7], dtype=torch.int32), torch.full((10,), bad)
+    with pytest.raises(ValueError, match="probe scores must be finite"):
+        drop_grow(offsets, torch.tensor([0.1, 5.0, 0.2, 3.0]), scores, 2)
+    with pytest.raises(ValueError, match="probe scores must be finite"):
+        refresh_pool(offsets, torch.tensor([3.0, 2.0, 1.0, 0.5]), 2, scores, 1)
+
+
 def test_refresh_pool_keeps_the_topk_and_swaps_the_weakest_others():
     cand = torch.tensor([0, 2, 4, 6, 8, 10], dtype=torch.int32)
     alpha = torch.tensor([0.9, 0.1, 0.8, 0.2, -1.0, 0.3])  # k=2 -> top-k rows 0, 2 (offsets 0, 4)

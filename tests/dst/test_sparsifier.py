@@ -933,3 +933,29 @@ def test_a_scheduled_freeze_of_hardened_layers_says_nothing(mode):
         warnings.simplefilter("always")
         _train(model, opt, sp, 40)  # through the freeze at step 20
     assert not _freeze_warnings(rec), [str(w.message) for w in rec]
+
+
+@pytest.mark.parametrize("mode", ["diagheur", "dynadiag-pool"])
+def test_an_overflowed_step_skips_the_topology_update(mode):
+    """Mixed precision: GradScaler skips the optimizer step whose gradients overflowed. An update due then
+    ranked candidates by NaN scores and wrote duplicate offsets; it is now skipped with a warning, and the
+    next update works."""
+    model, optimizer, sp = _make(**MODES[mode])  # updates every 5 steps
+    _train(model, optimizer, sp, 4)
+    before = _topology(sp)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    x, y = _batch(4)
+    scaler.scale(nn.functional.mse_loss(model(x), y) * 1e30).backward()  # the scaled loss overflows float32
+    scaler.step(optimizer)  # skipped: the gradients are inf
+    scaler.update()
+    optimizer.zero_grad()
+    with pytest.warns(UserWarning, match=r"probe gradient of 'body.0' at step 5 is not finite.*skipped"):
+        sp.step()
+    after = _topology(sp)
+    assert all(torch.equal(before[f], after[f]) for f in before)
+    _train(model, optimizer, sp, 5, start=5)  # the update at step 10 happens, with distinct offsets
+    final = _topology(sp)
+    assert any(not torch.equal(before[f], final[f]) for f in before)
+    for m in sp.layers.values():
+        offsets = m.offsets if isinstance(m, DiagLinear) else m.candidate_offsets
+        assert offsets.unique().numel() == offsets.numel()
