@@ -9,7 +9,7 @@ per parameter, not per row. State of any other shape cannot be remapped row-wise
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ __all__ = [
     "transfer_rows_",
     "remove_param_",
     "add_alpha_group",
+    "remove_alpha_group",
     "find_group",
     "check_in_optimizer",
     "state_bytes",
@@ -100,8 +101,16 @@ def zero_state_(optimizer: torch.optim.Optimizer | None, param: Tensor) -> None:
         t.zero_()
 
 
-def replace_param_(optimizer: torch.optim.Optimizer | None, old: Tensor, new: Iterable[Tensor]) -> dict | None:
-    """Swap ``old`` for the parameters ``new`` in ``old``'s param group (same hyper-parameters).
+def replace_param_(
+    optimizer: torch.optim.Optimizer | None, old: Tensor, new: Sequence[Tensor], names: Sequence[str] | None = None
+) -> dict | None:
+    """Swap ``old`` for the parameters ``new`` in ``old``'s param group (same hyper-parameters), at ``old``'s
+    place: the group keeps the order of ``model.parameters()`` when a module's parameter is swapped for its
+    replacement's, so an optimizer built afresh over the new model has the same layout (and loads this one's
+    ``state_dict``).
+
+    A group with names (torch >= 2.6: an optimizer built from ``model.named_parameters()``) gets ``names`` for
+    ``new`` (default: ``old``'s name for a single new parameter).
 
     Returns the group (``None`` when there is no optimizer). Raises ``ValueError`` if ``old`` is in no group.
     """
@@ -113,23 +122,33 @@ def replace_param_(optimizer: torch.optim.Optimizer | None, old: Tensor, new: It
             "a converted layer's weight is not in any param group of the optimizer: build the optimizer over "
             "model.parameters() before DiagSparsifier, or exclude the layer with filter_fn"
         )
-    params = [p for p in group["params"] if p is not old]
-    params.extend(new)
+    at = next(i for i, p in enumerate(group["params"]) if p is old)
     # In place: an optimizer may hold the list itself (LBFGS keeps ``_params``), and a new list would leave it
     # stepping the old parameter while the new one never trains.
-    group["params"][:] = params
+    group["params"][at : at + 1] = list(new)
+    if "param_names" in group:
+        if names is None:
+            if len(new) != 1:
+                raise ValueError("replace_param_: the group has param_names: give the names of the new parameters")
+            names = [group["param_names"][at]]
+        group["param_names"][at : at + 1] = list(names)
     optimizer.state.pop(old, None)
     return group
 
 
-def add_alpha_group(optimizer: torch.optim.Optimizer | None, alphas: list[nn.Parameter], lr: float) -> None:
-    """Put the importance parameters in their own group: ``lr``, no weight decay (other settings: defaults).
+def add_alpha_group(
+    optimizer: torch.optim.Optimizer | None, alphas: list[nn.Parameter], lr: float, names: Sequence[str] = ()
+) -> None:
+    """Put the importance parameters in their own group: ``lr``, no weight decay (other settings: defaults);
+    ``names`` label them when the optimizer's groups have names (built from ``named_parameters()``).
 
     The group is added even when empty, so the number of groups does not depend on the model.
     """
     if optimizer is None:
         return
     group: dict = {"params": list(alphas), "lr": lr}
+    if any("param_names" in g for g in optimizer.param_groups):
+        group["param_names"] = list(names)
     if "weight_decay" in optimizer.defaults:
         group["weight_decay"] = 0.0
     if alphas:
@@ -140,6 +159,17 @@ def add_alpha_group(optimizer: torch.optim.Optimizer | None, alphas: list[nn.Par
             group.setdefault(name, default)
         optimizer.param_groups.append(group)
     group["diagcompile_alpha"] = True
+
+
+def remove_alpha_group(optimizer: torch.optim.Optimizer | None) -> None:
+    """Remove the (emptied) group ``add_alpha_group`` added, so the optimizer has the layout of one built over
+    the finalized model. torch's LR schedulers zip their per-group values with the groups: the last group
+    leaving is safe for them."""
+    if optimizer is None:
+        return
+    groups = optimizer.param_groups
+    if groups and groups[-1].get("diagcompile_alpha") and not groups[-1]["params"]:
+        groups.pop()
 
 
 def state_bytes(optimizer: torch.optim.Optimizer | None, param: Tensor) -> int:
@@ -175,5 +205,8 @@ def remove_param_(optimizer: torch.optim.Optimizer | None, param: Tensor) -> Non
         return
     group = find_group(optimizer, param)
     if group is not None:
-        group["params"][:] = [p for p in group["params"] if p is not param]  # in place: see replace_param_
+        at = next(i for i, p in enumerate(group["params"]) if p is param)
+        del group["params"][at]  # in place: see replace_param_
+        if "param_names" in group:
+            del group["param_names"][at]
     optimizer.state.pop(param, None)

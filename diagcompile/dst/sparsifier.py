@@ -70,6 +70,7 @@ from diagcompile.dst.optim import (
     check_in_optimizer,
     find_group,
     remap_rows_,
+    remove_alpha_group,
     remove_param_,
     replace_param_,
     transfer_rows_,
@@ -225,8 +226,8 @@ class DiagSparsifier(SparsifierBase):
         if not self._layers:
             warnings.warn("DiagSparsifier: no nn.Linear was selected; nothing will be sparse", stacklevel=2)
         if config.method == "dynadiag":
-            alphas = [rec.module.alpha for rec in self._layers if rec.in_optimizer]
-            add_alpha_group(optimizer, alphas, config.alpha_lr)
+            alphas = [(rec.fqn, rec.module.alpha) for rec in self._layers if rec.in_optimizer]
+            add_alpha_group(optimizer, [a for _, a in alphas], config.alpha_lr, [f"{f}.alpha" for f, _ in alphas])
         self._broadcast_initial_state()
         if config.method == "dynadiag":
             for rec in self._layers:
@@ -336,7 +337,7 @@ class DiagSparsifier(SparsifierBase):
         # _check_optimizer let a weight outside the optimizer through only when frozen: nothing to rewire then
         in_optimizer = self.optimizer is None or find_group(self.optimizer, linear.weight) is not None
         if in_optimizer:
-            replace_param_(self.optimizer, linear.weight, [new.values])
+            replace_param_(self.optimizer, linear.weight, [new.values], [f"{fqn}.values"])
         else:
             logger.info(
                 "DiagSparsifier: layer '%s' is frozen (weight.requires_grad=False) and its weight is not in the "
@@ -719,7 +720,9 @@ class DiagSparsifier(SparsifierBase):
 
         Unfrozen DynaDiag layers are frozen first (hard top-k, folded). The optimizer, if any, follows: each
         layer's values are replaced by the compact ones with the kept rows of their state, and ``alpha``
-        leaves the optimizer, so training can continue (fine-tuning) on the compact model. Hooks are removed;
+        leaves the optimizer with its group, so training can continue (fine-tuning) on the compact model, and
+        the optimizer has the layout of one built afresh over the finalized model (its ``state_dict`` loads
+        into such a one in a new process). Hooks are removed;
         the sparsifier cannot step afterwards.
 
         DDP: dynadiag layers are replaced (new parameters, fewer buffers), so a ``DistributedDataParallel``
@@ -755,6 +758,8 @@ class DiagSparsifier(SparsifierBase):
             self._set_module(rec.fqn, compact)
             rec.module = compact
             swapped = True
+        if self.config.method == "dynadiag":
+            remove_alpha_group(self.optimizer)  # the layout of an optimizer built over the finalized model
         self._finalized = True
         self._clear_probes()
         if swapped:

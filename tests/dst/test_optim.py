@@ -8,6 +8,7 @@ from diagcompile.dst.optim import (
     add_alpha_group,
     find_group,
     remap_rows_,
+    remove_alpha_group,
     remove_param_,
     replace_param_,
     transfer_rows_,
@@ -114,9 +115,31 @@ def test_replace_and_remove_change_the_group_list_in_place():
     opt = torch.optim.SGD([a, b], lr=0.1)
     held = opt.param_groups[0]["params"]
     new = nn.Parameter(torch.randn(3, 2))
-    replace_param_(opt, a, [new])
-    assert opt.param_groups[0]["params"] is held and [id(p) for p in held] == [id(b), id(new)]
+    replace_param_(opt, a, [new])  # at a's place: the order of model.parameters() is kept
+    assert opt.param_groups[0]["params"] is held and [id(p) for p in held] == [id(new), id(b)]
     transfer_rows_(opt, new, c, torch.tensor([0, 1]))
-    assert opt.param_groups[0]["params"] is held and [id(p) for p in held] == [id(b), id(c)]
+    assert opt.param_groups[0]["params"] is held and [id(p) for p in held] == [id(c), id(b)]
     remove_param_(opt, b)
     assert opt.param_groups[0]["params"] is held and [id(p) for p in held] == [id(c)]
+
+
+def test_named_groups_keep_their_names_in_step_with_their_parameters():
+    # torch >= 2.6 optimizers built from named_parameters() carry param_names: add_param_group refused the alpha
+    # group without them, and replaced parameters kept their old names at other positions (names then
+    # labelled the wrong tensors).
+    a, b, c = (nn.Parameter(torch.randn(4, 2)) for _ in range(3))
+    opt = torch.optim.AdamW([("a", a), ("b", b), ("c", c)], lr=1e-3)
+    values, alpha = nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(3))
+    replace_param_(opt, b, [values], ["b.values"])
+    add_alpha_group(opt, [alpha], lr=0.05, names=["b.alpha"])
+    assert [g["param_names"] for g in opt.param_groups] == [["a", "b.values", "c"], ["b.alpha"]]
+    assert opt.param_groups[0]["params"][1] is values
+    compact = nn.Parameter(values.detach()[:2].clone())
+    transfer_rows_(opt, values, compact, torch.tensor([0, 1]))  # one for one: the name stays
+    remove_param_(opt, alpha)
+    remove_param_(opt, a)
+    assert [g["param_names"] for g in opt.param_groups] == [["b.values", "c"], []]
+    remove_alpha_group(opt)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"][0] is compact
+    with pytest.raises(ValueError, match="give the names"):
+        replace_param_(opt, c, [nn.Parameter(torch.randn(1)), nn.Parameter(torch.randn(1))])

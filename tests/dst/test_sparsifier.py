@@ -959,3 +959,34 @@ def test_an_overflowed_step_skips_the_topology_update(mode):
     for m in sp.layers.values():
         offsets = m.offsets if isinstance(m, DiagLinear) else m.candidate_offsets
         assert offsets.unique().numel() == offsets.numel()
+
+
+@pytest.mark.parametrize("mode", ["diagheur", "dynadiag", "dynadiag-pool"])
+@pytest.mark.parametrize("named", [False, True], ids=["params", "named"])
+def test_the_optimizer_keeps_the_model_s_layout_and_names(mode, named):
+    """The values take the weight's place in its group, and a finalized model's optimizer is laid out like
+    one built afresh over it: its state_dict loads into that one (fine-tuning resumed in a new process; it
+    failed with a shape mismatch). Optimizers built from named_parameters() work, with the right names."""
+    torch.manual_seed(0)
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    optimizer = torch.optim.AdamW(model.named_parameters() if named else model.parameters(), lr=1e-2)
+    cfg = {"total_steps": 10, "sparsity": 0.8, "update_every": 5, **MODES[mode]}
+    sp = DiagSparsifier(model, optimizer, DSTConfig(**cfg), filter_fn=not_head)
+
+    def check_names():
+        if named:
+            by_id = {id(p): n for n, p in model.named_parameters()}
+            for group in optimizer.param_groups:
+                assert group["param_names"] == [by_id[id(p)] for p in group["params"]]
+
+    check_names()
+    assert optimizer.param_groups[0]["params"] == [p for n, p in model.named_parameters() if not n.endswith("alpha")]
+    _train(model, optimizer, sp, 10)
+    sp.finalize()
+    check_names()
+    assert [p for g in optimizer.param_groups for p in g["params"]] == list(model.parameters())
+    fresh = torch.optim.AdamW(model.named_parameters() if named else model.parameters(), lr=1e-2)
+    fresh.load_state_dict(optimizer.state_dict())
+    x, y = _batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    fresh.step()
