@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.utils.flop_counter import register_flop_formula
 
 from diagcompile.ops import dispatch, reference
 
@@ -411,6 +412,33 @@ def _dv_backward(ctx, g: Tensor):
 diag_linear_dv_op = _define(
     "diag_linear_dv(Tensor dy, Tensor x, Tensor offsets) -> Tensor", _dv_kernel, _dv_fake, _dv_setup, _dv_backward
 )
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOP formulas (torch.utils.flop_counter.FlopCounterMode; without them the layers count as zero)
+# ----------------------------------------------------------------------------------------------------
+# Each op is one multiply-add per stored value per row of activations: 2 * M * k * D, as a dense layer of
+# k * D nonzeros would be (the bias is not counted, as torch counts none for addmm's). Shapes only.
+def _row_count(shape: torch.Size) -> int:
+    n = 1
+    for s in shape[:-1]:
+        n *= s
+    return n
+
+
+@register_flop_formula(diag_linear_op.overloadpacket)
+def _fwd_flops(x_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _row_count(x_shape) * values_shape[0] * values_shape[1]
+
+
+@register_flop_formula(diag_linear_dx_op.overloadpacket)
+def _dx_flops(dy_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _row_count(dy_shape) * values_shape[0] * values_shape[1]
+
+
+@register_flop_formula(diag_linear_dv_op.overloadpacket)
+def _dv_flops(dy_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _row_count(dy_shape) * out_shape[0] * out_shape[1]
 
 
 # ----------------------------------------------------------------------------------------------------

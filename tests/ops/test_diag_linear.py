@@ -587,3 +587,18 @@ def test_reference_adds_the_bias_before_rounding_once(dtype):
     got = R.diag_linear_ref(x, values, offsets, b, 16)
     ulps = ((got.double() - want.double()).abs() / want.double().abs().clamp_min(1e-30)).max()
     assert ulps < 2 * torch.finfo(dtype).eps, f"{dtype}: {ulps / torch.finfo(dtype).eps:.1f} ulp"
+
+
+@pytest.mark.parametrize(("n_out", "n_in"), [(32, 64), (48, 16)])
+def test_flop_counter_counts_a_multiply_add_per_stored_value_per_row(n_out, n_in):
+    # Without FLOP formulas FlopCounterMode counted the diagonal layers as zero (user trial).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = diagcompile.DiagLinear(n_in, n_out, sparsity=0.75)
+    x = torch.randn(3, 5, n_in, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        layer(x).sum().backward()
+    k, D = layer.values.shape
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    expected = 2 * 15 * k * D
+    assert counts == {f"diagcompile.{op}": expected for op in ("diag_linear", "diag_linear_dx", "diag_linear_dv")}
