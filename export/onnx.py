@@ -396,6 +396,7 @@ def to_onnx(
         )
     path = check_output_path(path, "to_onnx", ".onnx")
     leaves, spec = _program.flatten_inputs(example_args, example_kwargs)
+    _program.refuse_training_layers(model)  # before the dtype check: its float64 temperature is not the point
     _check_dtypes(model, leaves, spec)
     args, kwargs = _program.unflatten_inputs(leaves, spec)
     ep = _program.export_program(

@@ -177,6 +177,16 @@ def _pin_and_mask_(param: nn.Parameter, mark: SparseMark) -> None:
         param.copy_(to_dense(extract_diagonals(param.detach(), offsets), offsets, *param.shape))
 
 
+def refuse_training_layers(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first module of ``model`` that is a training-time layer, one whose
+    class says so with a ``_diagcompile_not_exportable`` message (DynaDiag's ``DynaDiagLinear``: its soft
+    phase picks its active diagonals from data, which torch.export cannot trace)."""
+    for fqn, m in model.named_modules():
+        why = getattr(type(m), "_diagcompile_not_exportable", None)
+        if why:
+            raise ValueError(f"cannot export '{fqn or '<root>'}': {why}")
+
+
 def prepare_for_export(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """Convert what is sparse-marked in ``model`` so that it exports as diagonal layers; never touches ``model``.
 
@@ -198,6 +208,7 @@ def prepare_for_export(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    refuse_training_layers(model)
     marked = _marked_linears(model)
     if not marked and not _marked_parameters(model):
         return model, []

@@ -66,6 +66,11 @@ class DynaDiagLinear(nn.Module):
     keep_idx: Tensor
     frozen_flag: Tensor
     temperature: Tensor
+    # Read by diagcompile.export, which refuses the layer with this message.
+    _diagcompile_not_exportable = (
+        "it is a DynaDiagLinear, a layer of dynamic sparse training in progress. Call DiagSparsifier.finalize() "
+        "first: it gives the compact DiagLinear layers that export"
+    )
 
     def __init__(
         self,

@@ -688,3 +688,23 @@ def test_a_static_1d_input_is_reported_by_its_shape_not_as_a_batch_size():
     args = (torch.randn(24),)
     result = check_program(export_program(layer, args, dynamic_batch=False), layer, args)
     assert result.passed and "at input shape (24,): OK" in str(result) and "batch" not in str(result), result
+
+
+def test_a_model_in_dynamic_sparse_training_is_refused_until_finalized(tmp_path):
+    # Mid-DynaDiag, torch.export failed with GuardOnDataDependentSymNode and to_onnx advised model.float() for
+    # a float32 model (its temperature buffer is float64), which did not help (user trial).
+    from diagcompile.dst import DiagSparsifier, DSTConfig
+    from diagcompile.export import to_onnx
+    from diagcompile.testing import not_head, tiny_mlp
+
+    model = tiny_mlp(n_in=16, hidden=32, n_out=5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = DiagSparsifier(model, optimizer, DSTConfig(total_steps=10, sparsity=0.75), filter_fn=not_head)
+    x = torch.randn(2, 16)
+    expected = r"cannot export 'body.0': it is a DynaDiagLinear, .*Call DiagSparsifier.finalize\(\) first"
+    with pytest.raises(ValueError, match=expected):
+        export_program(model, (x,))
+    with pytest.raises(ValueError, match=expected):
+        to_onnx(model, (x,), tmp_path / "m.onnx")
+    sp.finalize()
+    assert count_diag_nodes(export_program(model, (x,))) == 2
