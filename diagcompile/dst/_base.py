@@ -193,10 +193,13 @@ class SparsifierBase:
         """Warn when the schedule leaves no topology update (``update_every`` at or past the updates' end)."""
         u = self._updates
         if u.every >= u.end:
+            # DynaDiag's pool refreshes end at its freeze; the other methods' updates at update_end.
+            cfg = self.config
+            end = "freeze_at" if getattr(cfg, "method", None) == "dynadiag" else "update_end"
             warnings.warn(
                 f"{self._name}: update_every={u.every} but topology updates end before step {u.end} "
-                f"(update_end of total_steps={self.config.total_steps}): no update happens, so this run trains "
-                f"{self._initial_topology} only; lower update_every",
+                f"({end}={getattr(cfg, end)} of total_steps={cfg.total_steps}): no update happens, so this run "
+                f"trains {self._initial_topology} only; lower update_every",
                 stacklevel=3,
             )
 
