@@ -163,8 +163,7 @@ def add_alpha_group(
 
 def remove_alpha_group(optimizer: torch.optim.Optimizer | None) -> None:
     """Remove the (emptied) group ``add_alpha_group`` added, so the optimizer has the layout of one built over
-    the finalized model. torch's LR schedulers zip their per-group values with the groups: the last group
-    leaving is safe for them."""
+    the finalized model. LR schedulers made before hold one value per group: most fail afterwards."""
     if optimizer is None:
         return
     groups = optimizer.param_groups

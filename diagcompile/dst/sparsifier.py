@@ -715,15 +715,20 @@ class DiagSparsifier(SparsifierBase):
     # Finalize
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def finalize(self) -> nn.Module:
+    def finalize(self, *, drop_alpha_group: bool = False) -> nn.Module:
         """Replace every DST layer by a compact ``DiagLinear`` (``k x D`` values, sorted offsets); return the model.
 
         Unfrozen DynaDiag layers are frozen first (hard top-k, folded). The optimizer, if any, follows: each
         layer's values are replaced by the compact ones with the kept rows of their state, and ``alpha``
-        leaves the optimizer with its group, so training can continue (fine-tuning) on the compact model, and
-        the optimizer has the layout of one built afresh over the finalized model (its ``state_dict`` loads
-        into such a one in a new process). Hooks are removed;
+        leaves the optimizer, so training can continue (fine-tuning) on the compact model. Hooks are removed;
         the sparsifier cannot step afterwards.
+
+        Args:
+            drop_alpha_group: also remove DynaDiag's (now empty) alpha param group, so the optimizer has the
+                layout of one built afresh over the finalized model and its ``state_dict`` loads into such a
+                one (fine-tuning resumed in a new process). Off by default: LR schedulers made before this
+                call hold one value per group and most (LambdaLR, CyclicLR, ReduceLROnPlateau, ...) then fail;
+                make them anew after it.
 
         DDP: dynadiag layers are replaced (new parameters, fewer buffers), so a ``DistributedDataParallel``
         wrapper made before ``finalize()`` cannot fine-tune the result (the ranks desync): wrap the finalized
@@ -758,8 +763,8 @@ class DiagSparsifier(SparsifierBase):
             self._set_module(rec.fqn, compact)
             rec.module = compact
             swapped = True
-        if self.config.method == "dynadiag":
-            remove_alpha_group(self.optimizer)  # the layout of an optimizer built over the finalized model
+        if drop_alpha_group and self.config.method == "dynadiag":
+            remove_alpha_group(self.optimizer)
         self._finalized = True
         self._clear_probes()
         if swapped:

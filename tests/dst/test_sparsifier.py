@@ -983,7 +983,7 @@ def test_the_optimizer_keeps_the_model_s_layout_and_names(mode, named):
     check_names()
     assert optimizer.param_groups[0]["params"] == [p for n, p in model.named_parameters() if not n.endswith("alpha")]
     _train(model, optimizer, sp, 10)
-    sp.finalize()
+    sp.finalize(drop_alpha_group=True)
     check_names()
     assert [p for g in optimizer.param_groups for p in g["params"]] == list(model.parameters())
     fresh = torch.optim.AdamW(model.named_parameters() if named else model.parameters(), lr=1e-2)
@@ -991,3 +991,23 @@ def test_the_optimizer_keeps_the_model_s_layout_and_names(mode, named):
     x, y = _batch(0)
     nn.functional.mse_loss(model(x), y).backward()
     fresh.step()
+
+
+def test_lr_schedulers_made_after_the_sparsifier_keep_stepping_after_finalize():
+    # finalize() once removed the emptied alpha group: schedulers that zip one value per group strictly
+    # (LambdaLR, CyclicLR, ReduceLROnPlateau with per-group min_lr) then failed (review). It stays by default.
+    model, optimizer, sp = _make(**MODES["dynadiag"])
+    n = len(optimizer.param_groups)
+    schedulers = [
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        torch.optim.lr_scheduler.CyclicLR(optimizer, [1e-3] * n, [1e-2] * n, cycle_momentum=False),
+        torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, min_lr=[0.0] * n),
+    ]
+    _train(model, optimizer, sp, 3)
+    sp.finalize()
+    assert len(optimizer.param_groups) == n and optimizer.param_groups[-1]["params"] == []
+    x, y = _batch(0)
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+    for scheduler in schedulers:
+        scheduler.step(1.0) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
