@@ -225,12 +225,18 @@ def _continue_interrupted(tc: TrainConfig) -> TrainConfig:
     """
     import dataclasses
 
-    from diagcompile.train import CHECKPOINT_NAME, load_checkpoint
+    from diagcompile.train import CHECKPOINT_NAME, OutdatedCheckpointError, load_checkpoint
 
     path = Path(tc.out) / CHECKPOINT_NAME
     if not path.exists():
         return tc
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except OutdatedCheckpointError:
+        stale = path.with_name(CHECKPOINT_NAME + ".stale")
+        os.replace(path, stale)
+        print(f"  (a checkpoint of an earlier diagcompile, which this one cannot resume, moved to {stale})", flush=True)
+        return tc
     step, total = int(ckpt["step"]), int(ckpt["total_steps"])
     if step >= total:
         return tc  # finished: a new run replaces it

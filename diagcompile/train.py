@@ -78,6 +78,7 @@ __all__ = [
     "load_model",
     "load_checkpoint",
     "CheckpointReadError",
+    "OutdatedCheckpointError",
     "check_out",
     "atomic_torch_save",
     "atomic_write_text",
@@ -98,7 +99,9 @@ METHODS = METHODS + BASELINE_METHODS
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
 METRICS_NAME = "metrics.json"
-_CKPT_FORMAT = "diagcompile.train.checkpoint/1"
+# /2: DST optimizer state laid out with each layer's values in its weight's place (/1: appended to the group).
+_CKPT_FORMAT = "diagcompile.train.checkpoint/2"
+_OLD_CKPT_FORMATS = ("diagcompile.train.checkpoint/1",)
 _MODEL_FORMAT = "diagcompile.model/1"
 _METRICS_FORMAT = "diagcompile.train.metrics/1"
 # What a file of each format must hold (fields added later are read with .get and a default).
@@ -976,10 +979,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     that is not a training checkpoint.
     """
     ckpt = _read_saved_file(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") in _OLD_CKPT_FORMATS:
+        raise OutdatedCheckpointError(_outdated(path, ckpt))
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
         raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT})")
     _require_keys(ckpt, _CKPT_KEYS, path)
     return ckpt
+
+
+class OutdatedCheckpointError(ValueError):
+    """A training checkpoint written by an earlier diagcompile whose optimizer layout this version cannot
+    resume (format ``/1``)."""
+
+
+def _outdated(path: str | os.PathLike, ckpt: dict) -> str:
+    return (
+        f"{path} was written by an earlier diagcompile (format {ckpt['format']!r}, step {ckpt.get('step')} of "
+        f"{ckpt.get('total_steps')}), which laid out the optimizer state of DST layers differently: it cannot be "
+        f"resumed by this version (the moments would load into the wrong parameters). Finish that run with the "
+        f"diagcompile that started it, or start it over (move the checkpoint away, or choose another --out)"
+    )
 
 
 def _require_keys(blob: dict, keys: tuple[str, ...], path: str | os.PathLike) -> None:
@@ -1013,6 +1032,10 @@ def check_out(cfg: TrainConfig) -> None:
     if not path.exists():
         return
     ckpt = _read_saved_file(path, mmap=True)  # read lazily: a few fields only
+    if isinstance(ckpt, dict) and ckpt.get("format") in _OLD_CKPT_FORMATS:
+        if not cfg.resume and int(ckpt.get("step", 0)) >= int(ckpt.get("total_steps", 1)):
+            return  # a finished run's: the new run replaces it, as for a current one
+        raise OutdatedCheckpointError(_outdated(path, ckpt))
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
         raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT}); move it away")
     _require_keys(ckpt, _CKPT_KEYS, path)
@@ -1450,7 +1473,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     from diagcompile.modules import DiagLinear
 
     blob = _read_saved_file(path, what="model file", advice="train the run again, or use another model.pt")
-    if isinstance(blob, dict) and blob.get("format") == _CKPT_FORMAT:
+    if isinstance(blob, dict) and blob.get("format") in (_CKPT_FORMAT, *_OLD_CKPT_FORMATS):
         raise ValueError(
             f"{path} is a training checkpoint (for --resume); the model file is {Path(path).with_name(MODEL_NAME)}, "
             "written when the run finishes"

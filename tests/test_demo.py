@@ -166,3 +166,10 @@ def test_an_interrupted_demo_run_is_continued_or_moved_aside(tmp_path):
     assert not _continue_interrupted(other).resume
     assert (tmp_path / "checkpoint.pt.stale").exists() and not (tmp_path / "checkpoint.pt").exists()
     train(other)  # the folder is free again
+    # a checkpoint of an earlier diagcompile (format /1), which this version cannot resume: moved aside too
+    train(TrainConfig(out=str(tmp_path), stop_after=2, **base))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "format": "diagcompile.train.checkpoint/1"}, tmp_path / "checkpoint.pt")
+    assert not _continue_interrupted(tc).resume
+    assert not (tmp_path / "checkpoint.pt").exists()
+    train(tc)

@@ -625,7 +625,7 @@ def _damage(path, kind: str) -> None:
     if kind == "empty":
         path.write_bytes(b"")
     elif kind == "truncated":  # a copy cut short: the zip archive's directory at its end is missing
-        torch.save({"format": "diagcompile.train.checkpoint/1", "model": {"w": torch.zeros(4096)}}, path)
+        torch.save({"format": "diagcompile.train.checkpoint/2", "model": {"w": torch.zeros(4096)}}, path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         path.write_bytes(bytes(range(256)) * 20)
@@ -668,7 +668,7 @@ def test_an_unreadable_model_file_is_named_too(tmp_path):
 def test_a_tagged_file_without_its_fields_is_named(tmp_path, monkeypatch):
     # The right format tag with fields missing raised KeyError('step') (check_out) or KeyError('state_dict').
     ckpt, model = tmp_path / CHECKPOINT_NAME, tmp_path / "model.pt"
-    torch.save({"format": "diagcompile.train.checkpoint/1", "model": {}}, ckpt)
+    torch.save({"format": "diagcompile.train.checkpoint/2", "model": {}}, ckpt)
     torch.save({"format": "diagcompile.model/1", "diag_layers": {}}, model)
     expected = r"has the format tag .* but no config, step, total_steps, optimizer, .*changed after diagcompile"
     for resume in (False, True):
@@ -680,6 +680,23 @@ def test_a_tagged_file_without_its_fields_is_named(tmp_path, monkeypatch):
         load_model(model)
     with pytest.raises(ValueError, match=r"but no model_config, state_dict"):
         train_mod._mark_offsets_from(torch.nn.Sequential(torch.nn.Linear(4, 4)), str(model))
+
+
+def test_a_checkpoint_of_the_earlier_optimizer_layout_is_refused_not_resumed(tmp_path):
+    # Format /1 (values appended to their param group) resumed with the values in the weight's place: AdamW failed
+    # with a shape mismatch, or with equal shapes would swap moments silently (review).
+    train(_quick(out=str(tmp_path), method="diagheur", sparsity=0.5, stop_after=5))
+    path = tmp_path / CHECKPOINT_NAME
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "format": "diagcompile.train.checkpoint/1"}, path)
+    expected = r"written by an earlier diagcompile \(format .*/1', step 5 of 24\).*cannot be resumed"
+    for resume in (True, False):
+        with pytest.raises(train_mod.OutdatedCheckpointError, match=expected):
+            train_mod.check_out(_quick(out=str(tmp_path), method="diagheur", sparsity=0.5, resume=resume))
+    with pytest.raises(train_mod.OutdatedCheckpointError, match=expected):
+        load_checkpoint(path)
+    torch.save({**ckpt, "format": "diagcompile.train.checkpoint/1", "step": 24}, path)  # a finished run's
+    train_mod.check_out(_quick(out=str(tmp_path), method="diagheur", sparsity=0.5))  # a new run may replace it
 
 
 def test_an_interruption_without_out_does_not_claim_a_checkpoint():

@@ -94,7 +94,10 @@ __all__ = ["DiagSparsifier"]
 
 logger = logging.getLogger("diagcompile.dst")
 
-_STATE_VERSION = 1
+# 2: each layer's values take the weight's place in its param group (they were appended to it before): an
+# optimizer state saved with a version-1 sparsifier state is laid out differently and would load into the
+# wrong parameters.
+_STATE_VERSION = 2
 #: The scheduled freeze warns when it drops more than this share of a layer's alpha~ mass: most of it, i.e.
 #: alpha~ never hardened (a temperature left high). Short runs and near-ties at the top-k boundary drop up to
 #: ~20% (the CLI's 12-step test runs: 10-17%) and are normal; a fully soft layer drops ~1 - k/P.
@@ -684,6 +687,13 @@ class DiagSparsifier(SparsifierBase):
         if kind != "diag":
             of = {"mask": "it is a MaskSparsifier state"}.get(kind, f"kind {kind!r}")
             raise ValueError(f"not a DiagSparsifier state ({of})")
+        if state_dict.get("version") == 1:
+            raise ValueError(
+                "this DiagSparsifier state was saved by an earlier diagcompile (state version 1), which put each "
+                "layer's values at the end of its optimizer param group; this version puts them in the weight's "
+                "place, so an optimizer state saved with it would load into the wrong parameters. Finish that run "
+                "with the diagcompile that started it, or start it over"
+            )
         if state_dict.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported DiagSparsifier state version {state_dict.get('version')!r}")
         if state_dict.get("finalized"):

@@ -1011,3 +1011,12 @@ def test_lr_schedulers_made_after_the_sparsifier_keep_stepping_after_finalize():
     optimizer.step()
     for scheduler in schedulers:
         scheduler.step(1.0) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
+
+
+def test_a_state_of_the_earlier_optimizer_layout_is_refused():
+    # Version 1 states went with optimizer states whose values were appended to their group: refused by name.
+    model, optimizer, sp = _make(**MODES["diagheur"])
+    state = {**sp.state_dict(), "version": 1}
+    _, _, fresh = _make(**MODES["diagheur"])
+    with pytest.raises(ValueError, match=r"state version 1.*wrong parameters"):
+        fresh.load_state_dict(state)
