@@ -369,17 +369,31 @@ def _autocast_possible(graph: fx.Graph, devices: Sequence[str]) -> bool:
 
 def weight_inputs(gm: fx.GraphModule, example_inputs: Sequence[object]) -> tuple[tuple[int, str], ...]:
     """``(position, name)`` of each placeholder whose mark decides how the graph is rewritten, in placeholder
-    order: one used as a linear's weight or passed to a subgraph region (``_is_region``), or any 2-D
-    ``nn.Parameter`` (a marked one used some other way, ``w.clone()``, is refused by the rewrite). The backend
-    checks the marks of these at each call (Dynamo reuses a graph for other modules)."""
+    order: one used as a linear's weight or passed to a subgraph region (``_is_region``), or a 2-D
+    ``nn.Parameter`` from which a linear's weight is computed (``w.clone()``, ``w.t()``: a marked one is
+    refused by the rewrite). The backend checks the marks of these at each call (Dynamo reuses a graph for
+    other modules)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    direct: set[fx.Node] = set()
+    computed: set[fx.Node] = set()  # nodes a linear's weight is computed from
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
+            weight = _arg(node, 1, "weight")
+            if isinstance(weight, fx.Node):
+                direct.add(weight)
+                stack = list(weight.all_input_nodes)
+                while stack:
+                    n = stack.pop()
+                    if n not in computed:
+                        computed.add(n)
+                        stack.extend(n.all_input_nodes)
+        elif _is_region(node):
+            direct.update(node.all_input_nodes)
     found = []
-    for i, (node, example) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), example_inputs)):
+    for i, (node, example) in enumerate(zip(placeholders, example_inputs)):
         parameter = isinstance(example, nn.Parameter) and example.dim() == 2
-        for user in node.users:
-            linear = user.op == "call_function" and user.target in LINEAR_FUNCTIONS and _arg(user, 1, "weight") is node
-            if parameter or linear or _is_region(user):
-                found.append((i, _readable(node)))
-                break
+        if (node in direct and node.op == "placeholder") or (parameter and node in computed):
+            found.append((i, _readable(node)))
     return tuple(found)
 
 

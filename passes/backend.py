@@ -122,8 +122,18 @@ class _Graph:
         block, regional compilation), or blocks of different sparsities, share one Dynamo graph."""
         compiled, extra, dense_at = self.compiled, self.extra, self.dense_at
 
+        if not len(extra):  # all dense: only the marks to check
+
+            def run_dense(*args: object) -> Any:
+                for i in dense_at:  # a dict lookup per weight
+                    if tensor_mark(args[i]) is not None:
+                        return variants(args)
+                return compiled(*args)
+
+            return run_dense
+
         def run(*args: object) -> Any:
-            for i in dense_at:  # a dict lookup per weight
+            for i in dense_at:
                 if tensor_mark(args[i]) is not None:
                     return variants(args)
             try:
@@ -173,7 +183,9 @@ class _Variants:
     A call whose marks differ from the first graph's compiles a variant of the pristine Dynamo graph, in
     Dynamo's fake mode and from the graph's own example values (so a dynamic batch stays dynamic), with the
     call's weights in their places: they decide the rewrite. Dynamo never sees the variant; its guards were
-    decided by the first compile, so a variant that would need a new guard is refused instead.
+    decided by the first compile, so a variant that would need a new guard (or shape replacement) is refused
+    instead. That guard stays in the shared shape environment, where a later variant would take it as given:
+    after one refusal every new pattern is refused, and a refused pattern is not compiled again.
     """
 
     def __init__(
@@ -195,6 +207,7 @@ class _Variants:
         else:  # not called by Dynamo: nothing to compile a variant from
             self.pristine = None
         self.graphs: dict[tuple[int | None, ...], _Graph] = {}
+        self.refused = ""  # why the shape environment can no longer be trusted for new variants
 
     def pattern(self, args: Sequence[object]) -> tuple[int | None, ...]:
         """Per linear weight: its ``k`` if marked (top-k marks are resolved and pinned), else ``None``."""
@@ -215,17 +228,22 @@ class _Variants:
         return graph(*args)
 
     def _compile(self, args: Sequence[object], key: tuple[int | None, ...]) -> _Graph:
-        if self.pristine is None or len(self.graphs) >= _MAX_VARIANTS:
-            self._refuse(args, key, "" if self.pristine is None else f"{_MAX_VARIANTS} mark patterns compiled already")
+        if self.pristine is None:
+            self._refuse(args, key, "")
+        if self.refused:
+            self._refuse(args, key, self.refused)
+        if len(self.graphs) >= _MAX_VARIANTS:
+            self._refuse(args, key, f"{_MAX_VARIANTS} mark patterns compiled already")
         examples = list(self.examples)
         for i in self.positions:
             examples[i] = args[i]
         shape_env = self.fake_mode.shape_env
-        guards = len(shape_env.guards) if shape_env is not None else 0
+        before = _shape_facts(shape_env)
         with torch._guards.tracing(torch._guards.TracingContext(self.fake_mode)):
             graph = self.compile_graph(copy_dynamo_graph_module(self.pristine), examples, fake_mode=self.fake_mode)
-        if shape_env is not None and len(shape_env.guards) != guards:
-            self._refuse(args, key, "the variant would need a shape guard the first compile did not install")
+        if _shape_facts(shape_env) != before:
+            self.refused = "a variant needed a shape guard the first compile did not install"
+            self._refuse(args, key, self.refused)
         return graph
 
     def _refuse(self, args: Sequence[object], key: tuple[int | None, ...], why: str) -> NoReturn:
@@ -242,6 +260,11 @@ class _Variants:
             f"for DiagLinear first (diagcompile.compile(model, sparsify=True)), whose blocks get graphs of their "
             f"own; call torch._dynamo.reset() after changing marks"
         )
+
+
+def _shape_facts(shape_env: Any) -> tuple[int, int]:
+    """How many guards and replacements ``shape_env`` holds (a compile that adds either assumed a fact)."""
+    return (0, 0) if shape_env is None else (len(shape_env.guards), len(shape_env.replacements))
 
 
 def _static_fake(fake_mode: FakeTensorMode, t: object) -> object:

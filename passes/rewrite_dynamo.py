@@ -68,7 +68,23 @@ _INPUTS_META = "diagcompile_inputs"
 class MarkPatternMismatch(SparseRewriteError):
     """A rewritten graph was called with an unmarked weight, or one marked with another ``k``, in the place
     of a marked one (Dynamo reuses a graph for every module of the same shapes). The backend catches it and
-    compiles a variant of the graph for the call's marks."""
+    compiles a variant of the graph for the call's marks (on every such call: the message is built only
+    when read)."""
+
+    def __init__(self, weight: str, k: int, got: int | None) -> None:
+        super().__init__(weight, k, got)
+        self.weight, self.k, self.got = weight, k, got
+
+    def __str__(self) -> str:
+        got = "an unmarked tensor" if self.got is None else f"a weight marked with k={self.got}"
+        return (
+            f"this compiled graph was built for the sparse-marked weight '{self.weight}' (k={self.k}) and is now "
+            f"called with {got} in its place. Dynamo shares one graph between modules of the same shapes (a graph "
+            f"break inside a repeated block, one compiled function called on several modules): mark them alike, "
+            f"or call torch._dynamo.reset() after changing marks. If the weight was replaced by a new tensor "
+            f"(load_state_dict(assign=True), a new nn.Parameter), its mark stayed on the old one: "
+            f"diagcompile.marking.sync_marks(model) copies the marks of marked modules onto their current weights"
+        )
 
 
 class _WeightState:
@@ -218,16 +234,7 @@ class DiagInputs:
         mark = get_sparse_mark(weight) if isinstance(weight, Tensor) else None
         state = weight_state(weight, mark) if mark is not None else None
         if state is None or state.k != spec.k:
-            got = "an unmarked tensor" if state is None else f"a weight marked with k={state.k}"
-            raise MarkPatternMismatch(
-                f"this compiled graph was built for the sparse-marked weight '{spec.weight}' (k={spec.k}) and is "
-                f"now called with {got} in its place. Dynamo shares one graph between modules of the same "
-                f"shapes (a graph break inside a repeated block, one compiled function called on several "
-                f"modules): mark them alike, or call torch._dynamo.reset() after changing marks. If the weight "
-                f"was replaced by a new tensor (load_state_dict(assign=True), a new nn.Parameter), its mark stayed "
-                f"on the old one: diagcompile.marking.sync_marks(model) copies the marks of marked modules onto "
-                f"their current weights"
-            )
+            raise MarkPatternMismatch(spec.weight, spec.k, None if state is None else state.k)
         return state
 
 

@@ -436,6 +436,35 @@ def test_a_marked_weight_used_other_than_by_a_linear_in_a_shared_graph_is_refuse
         model(torch.randn(3, 16))
 
 
+def test_a_variant_that_needs_a_new_shape_guard_poisons_later_variants(monkeypatch):
+    """A variant compile that assumes a shape fact (here ``batch > 3``, as an Inductor lowering might) is refused,
+    since Dynamo never installs that guard. The fact stays in the shared shape environment, so the same pattern
+    is not compiled again (it ran the second time, review) and no new pattern is compiled under it."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from diagcompile.passes import backend as backend_module
+
+    variant_compiles = []
+    original = backend_module._compile_graph
+
+    def assuming(gm, example_inputs, *args, fake_mode=None, **kwargs):
+        if fake_mode is not None:  # a variant
+            variant_compiles.append(1)
+            batch = next(e for e in example_inputs if isinstance(e, FakeTensor) and e.dim() == 2).shape[0]  # x
+            assert isinstance(batch, torch.SymInt) and bool(batch > 3)  # adds the guard
+        return original(gm, example_inputs, *args, fake_mode=fake_mode, **kwargs)
+
+    monkeypatch.setattr(backend_module, "_compile_graph", assuming)
+    model, _ = _regional([None, 0.75, 0.5])
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        model[0](x)
+        for block in (model[1], model[1], model[2]):
+            with pytest.raises(SparseRewriteError, match="needed a shape guard the first compile did not install"):
+                block(x)
+    assert len(variant_compiles) == 1
+
+
 def test_variants_refused_past_the_limit(monkeypatch):
     """Past the limit of mark patterns per graph, a call is refused by name, not run dense."""
     monkeypatch.setattr(diagcompile.passes.backend, "_MAX_VARIANTS", 1)

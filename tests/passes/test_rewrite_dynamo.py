@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diagcompile import get_sparse_mark, mark_sparse
+from diagcompile import DiagLinear, get_sparse_mark, mark_sparse
 from diagcompile.ops import to_dense
 from diagcompile.passes import SparseRewriteError, diag_inputs, rewrite_dynamo
 from diagcompile.testing import masked_dense_copy, masked_training_copy
@@ -201,3 +201,28 @@ def test_marking_anew_rebuilds_the_state_and_stale_graphs_refuse():
     new, report = rewrite_dynamo(gm, ex)
     assert report.sites[0].k == 2
     torch.testing.assert_close(run(new, ex), masked_dense_copy(lin)(x))
+
+
+class _Mixed(nn.Module):
+    """An embedding, a linear, a diagonal layer and a parameter used through ``t()`` as a linear's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 16)
+        self.fc = nn.Linear(16, 16)
+        self.diag = DiagLinear(16, 16, sparsity=0.5)
+        self.w = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, ids):
+        h = self.diag(self.fc(self.emb(ids)))
+        return torch.nn.functional.linear(h, self.w.t())
+
+
+def test_weight_inputs_are_the_parameters_a_linear_weight_comes_from():
+    # The backend checks these inputs' marks at every call: every 2-D parameter (embeddings, DiagLinear
+    # values) put each compiled graph behind that check (review); only what feeds a linear's weight matters.
+    from diagcompile.passes._core import weight_inputs
+
+    gm, ex = capture(_Mixed(), torch.randint(0, 10, (3,)))
+    names = sorted(name for _, name in weight_inputs(gm, ex))
+    assert len(names) == 2 and names[0].endswith("fc.weight") and names[1].endswith("w"), names
