@@ -178,11 +178,11 @@ def _pin_and_mask_(param: nn.Parameter, mark: SparseMark) -> None:
 
 
 def refuse_training_layers(model: nn.Module) -> None:
-    """Raise ``ValueError`` naming the first module of ``model`` that is a training-time layer, one whose
-    class says so with a ``_diagcompile_not_exportable`` message (DynaDiag's ``DynaDiagLinear``: its soft
-    phase picks its active diagonals from data, which torch.export cannot trace)."""
+    """Raise ``ValueError`` naming the first module of ``model`` that is a training-time layer, one that says
+    so with a ``_diagcompile_not_exportable`` message (a soft DynaDiag ``DynaDiagLinear``: it picks its active
+    diagonals from data, which torch.export cannot trace)."""
     for fqn, m in model.named_modules():
-        why = getattr(type(m), "_diagcompile_not_exportable", None)
+        why = getattr(m, "_diagcompile_not_exportable", None)
         if why:
             raise ValueError(f"cannot export '{fqn or '<root>'}': {why}")
 

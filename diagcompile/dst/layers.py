@@ -27,6 +27,7 @@ valid across topology updates; ``to_diag_linear()`` makes the compact ``DiagLine
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -66,11 +67,6 @@ class DynaDiagLinear(nn.Module):
     keep_idx: Tensor
     frozen_flag: Tensor
     temperature: Tensor
-    # Read by diagcompile.export, which refuses the layer with this message.
-    _diagcompile_not_exportable = (
-        "it is a DynaDiagLinear, a layer of dynamic sparse training in progress. Call DiagSparsifier.finalize() "
-        "first: it gives the compact DiagLinear layers that export"
-    )
 
     def __init__(
         self,
@@ -191,10 +187,21 @@ class DynaDiagLinear(nn.Module):
     def frozen(self) -> bool:
         return self._frozen
 
+    @property
+    def _diagcompile_not_exportable(self) -> str | None:
+        """Read by ``diagcompile.export``, which refuses a layer still soft with this message."""
+        if self.frozen:
+            return None
+        return (
+            "it is a DynaDiagLinear of dynamic sparse training in progress (soft: its active diagonals depend "
+            "on alpha). Call DiagSparsifier.finalize() first: it gives the compact DiagLinear layers that export"
+        )
+
     # A Python mirror of frozen_flag: the frozen forward must not sync on a device buffer. The buffer can be
     # written without this module knowing (an EMA or SWA copy updated with buffer.copy_, a hand-rolled
     # load): eager forwards re-read it when it is another tensor or its in-place version moved (~0.3 us).
-    # A compiled forward reads the mirror, which Dynamo guards on.
+    # A compiled forward cannot: it reads the mirror, which Dynamo guards on; train() and eval() re-read the
+    # buffer, so a compiled copy whose buffers were written follows after model.eval() (or .train()).
     @property
     def _frozen(self) -> bool:
         if not torch.compiler.is_compiling() and self._frozen_seen != self._flag_key():
@@ -207,6 +214,18 @@ class DynaDiagLinear(nn.Module):
         self.frozen_flag.fill_(int(value))
         self._frozen_mirror = bool(value)
         self._frozen_seen = self._flag_key()
+
+    def train(self, mode: bool = True) -> DynaDiagLinear:
+        if self.frozen_flag.device.type != "meta":  # a model being built on the meta device has no values
+            self._frozen = bool(self.frozen_flag.item())
+        return super().train(mode)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Pickles from before the mirror had its own fields hold a plain "_frozen" (now a property).
+        state.pop("_frozen", None)
+        super().__setstate__(state)
+        if "_frozen_mirror" not in self.__dict__:
+            self._frozen = bool(self.frozen_flag.item())
 
     def _flag_key(self) -> tuple[int, int]:
         flag = self.frozen_flag

@@ -206,6 +206,35 @@ def test_a_copy_given_a_frozen_layer_s_buffers_computes_the_frozen_function():
     assert not copy.frozen and not torch.equal(copy(x), layer(x))
 
 
+def test_a_compiled_copy_follows_its_written_buffers_after_eval():
+    # Under torch.compile the forward reads the Python mirror (Dynamo guards on it), not the buffer: after an
+    # EMA-style buffer copy, model.eval() re-reads the buffer, and the guard recompiles (review).
+    layer = DynaDiagLinear.from_linear(nn.Linear(12, 8), k=3, temperature=0.5)
+    copy = DynaDiagLinear.from_linear(nn.Linear(12, 8), k=3, temperature=0.5)
+    compiled = torch.compile(copy, backend="eager")
+    x = torch.randn(4, 12)
+    compiled(x)  # compiled while soft
+    layer.freeze_()
+    with torch.no_grad():
+        for a, b in [*zip(copy.parameters(), layer.parameters()), *zip(copy.buffers(), layer.buffers())]:
+            a.copy_(b)
+    copy.eval()
+    assert torch.equal(compiled(x), layer(x))
+
+
+def test_a_pickle_from_before_the_frozen_property_loads():
+    # Whole-model pickles of the previous version hold a plain "_frozen" attribute and no mirror fields.
+    layer = DynaDiagLinear.from_linear(nn.Linear(12, 8), k=3)
+    layer.freeze_()
+    state = layer.__getstate__().copy()
+    del state["_frozen_mirror"], state["_frozen_seen"]
+    state["_frozen"] = True
+    old = DynaDiagLinear.__new__(DynaDiagLinear)
+    old.__setstate__(state)
+    x = torch.randn(2, 12)
+    assert old.frozen and torch.equal(old(x), layer(x))
+
+
 def test_bad_arguments():
     lin = nn.Linear(8, 4)
     with pytest.raises(ValueError, match="k="):

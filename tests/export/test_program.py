@@ -701,10 +701,13 @@ def test_a_model_in_dynamic_sparse_training_is_refused_until_finalized(tmp_path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sp = DiagSparsifier(model, optimizer, DSTConfig(total_steps=10, sparsity=0.75), filter_fn=not_head)
     x = torch.randn(2, 16)
-    expected = r"cannot export 'body.0': it is a DynaDiagLinear, .*Call DiagSparsifier.finalize\(\) first"
+    expected = r"cannot export 'body.0': it is a DynaDiagLinear of dynamic sparse training .*finalize\(\) first"
     with pytest.raises(ValueError, match=expected):
         export_program(model, (x,))
     with pytest.raises(ValueError, match=expected):
         to_onnx(model, (x,), tmp_path / "m.onnx")
+    for layer in sp.layers.values():  # frozen layers export as they are (they exported before the refusal)
+        layer.freeze_()
+    assert count_diag_nodes(export_program(model, (x,))) == 2
     sp.finalize()
     assert count_diag_nodes(export_program(model, (x,))) == 2
