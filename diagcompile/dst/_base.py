@@ -187,7 +187,20 @@ class SparsifierBase:
         self._finalized = False
         self._armed = False
         self._warned_past_end = False
+        self._nonfinite: list[str] = []  # layers whose update this step skipped: gradients not finite
         self._updates = UpdateSchedule(config.update_every, config.update_end_step, config.drop_fraction)
+
+    def _warn_nonfinite(self, t: int, what: str) -> None:
+        """One warning for the layers whose update at step ``t`` was skipped because their reduced ``what`` was
+        not finite (an overflow: GradScaler skips such optimizer steps, and growth would rank inf/NaN)."""
+        if self._nonfinite:
+            names = ", ".join(f"'{f}'" for f in self._nonfinite)
+            self._nonfinite = []
+            warnings.warn(
+                f"{self._name}: at step {t} the {what} is not finite (an overflow, as when GradScaler skips a "
+                f"step) for {names}: their topology update is skipped",
+                stacklevel=5,  # the caller of step() (through the update method and its no_grad wrapper)
+            )
 
     def _warn_if_no_updates(self) -> None:
         """Warn when the schedule leaves no topology update (``update_every`` at or past the updates' end)."""

@@ -474,11 +474,7 @@ class MaskSparsifier(SparsifierBase):
             )
             return None
         if not bool(torch.isfinite(g).all()):  # GradScaler skipped the step: growth would rank inf/NaN
-            warnings.warn(
-                f"MaskSparsifier: the dense gradient of '{rec.fqn}' at step {self._step + 1} is not finite (an "
-                "overflow, as when GradScaler skips a step); its topology update is skipped",
-                stacklevel=3,
-            )
+            self._nonfinite.append(rec.fqn)
             return None
         return g
 
@@ -628,6 +624,7 @@ class MaskSparsifier(SparsifierBase):
             rec.changed_total += rec.changed
             rec.updates += 1
             logger.debug("step %d: %s %d connections regrown", t, rec.fqn, rec.changed)
+        self._warn_nonfinite(t, "dense gradient")
 
     # ------------------------------------------------------------------------------------------------
     # Loss term, diagnostics

@@ -391,11 +391,7 @@ class DiagSparsifier(SparsifierBase):
         if not bool(torch.isfinite(scores).all()):
             # Mixed precision: GradScaler skipped this step's optimizer step (its gradients overflowed); the
             # scores would rank candidates by inf/NaN. Every rank sees the same reduced scores, so all skip.
-            warnings.warn(
-                f"DiagSparsifier: the probe gradient of '{rec.fqn}' at step {self._step + 1} is not finite (an "
-                "overflow, as when GradScaler skips a step); its topology update is skipped",
-                stacklevel=3,
-            )
+            self._nonfinite.append(rec.fqn)
             return None
         return scores
 
@@ -479,6 +475,7 @@ class DiagSparsifier(SparsifierBase):
             rec.updates += 1
             rec.last_kept = layer.offsets.clone()
             logger.debug("step %d: %s drop/grow n=%d, %d new offsets", t, rec.fqn, n, rec.offsets_changed)
+        self._warn_nonfinite(t, "probe gradient")
 
     @torch.no_grad()
     def _refresh_pools(self, t: int) -> None:
@@ -501,6 +498,7 @@ class DiagSparsifier(SparsifierBase):
             layer.candidate_offsets.copy_(new_cand)
             rec.updates += 1
             logger.debug("step %d: %s pool refresh: %d newcomers", t, rec.fqn, int((src < 0).sum()))
+        self._warn_nonfinite(t, "probe gradient")
 
     def _dropped_shares(self) -> dict[str, float]:
         """Per layer not yet frozen: the share of its ``alpha~`` mass that a freeze now (hard top-k) drops."""

@@ -950,8 +950,13 @@ def test_an_overflowed_step_skips_the_topology_update(mode):
     scaler.step(optimizer)  # skipped: the gradients are inf
     scaler.update()
     optimizer.zero_grad()
-    with pytest.warns(UserWarning, match=r"probe gradient of 'body.0' at step 5 is not finite.*skipped"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         sp.step()
+    overflow = [w for w in caught if "not finite" in str(w.message)]
+    # one warning for the step, naming every layer skipped, pointing at the caller of step()
+    assert len(overflow) == 1 and overflow[0].filename == __file__
+    assert re.search(r"at step 5 the probe gradient .* for 'body.0', 'body.2'", str(overflow[0].message))
     after = _topology(sp)
     assert all(torch.equal(before[f], after[f]) for f in before)
     _train(model, optimizer, sp, 5, start=5)  # the update at step 10 happens, with distinct offsets
