@@ -631,6 +631,15 @@ def _damage(path, kind: str) -> None:
         path.write_bytes(bytes(range(256)) * 20)
 
 
+def _assert_checkpoint_refused(out, expected: str, error: type = ValueError, **cfg) -> None:
+    """check_out, with and without resume, and load_checkpoint refuse ``out``'s checkpoint with ``expected``."""
+    for resume in (False, True):
+        with pytest.raises(error, match=expected):
+            train_mod.check_out(_quick(out=str(out), resume=resume, **cfg))
+    with pytest.raises(error, match=expected):
+        load_checkpoint(out / CHECKPOINT_NAME)
+
+
 @pytest.mark.parametrize("kind", ["empty", "truncated", "garbage"])
 def test_an_unreadable_checkpoint_is_named_with_what_to_do(tmp_path, capsys, monkeypatch, kind):
     # torch.load raised its own errors (RuntimeError "mmap can only be used with files saved with ...
@@ -638,11 +647,7 @@ def test_an_unreadable_checkpoint_is_named_with_what_to_do(tmp_path, capsys, mon
     path = tmp_path / CHECKPOINT_NAME
     _damage(path, kind)
     expected = rf"checkpoint {re.escape(str(path))} is unreadable: it is .*move it away or delete it"
-    for resume in (False, True):
-        with pytest.raises(ValueError, match=expected):
-            train_mod.check_out(_quick(out=str(tmp_path), resume=resume))
-    with pytest.raises(ValueError, match=expected):
-        load_checkpoint(path)
+    _assert_checkpoint_refused(tmp_path, expected)
     monkeypatch.setattr(train_mod, "_train", lambda *a, **k: pytest.fail("training started"))
     for extra in ([], ["--resume"]):
         with pytest.raises(SystemExit) as e:
@@ -665,17 +670,13 @@ def test_an_unreadable_model_file_is_named_too(tmp_path):
         train_mod._mark_offsets_from(model, str(path))
 
 
-def test_a_tagged_file_without_its_fields_is_named(tmp_path, monkeypatch):
+def test_a_tagged_file_without_its_fields_is_named(tmp_path):
     # The right format tag with fields missing raised KeyError('step') (check_out) or KeyError('state_dict').
     ckpt, model = tmp_path / CHECKPOINT_NAME, tmp_path / "model.pt"
     torch.save({"format": "diagcompile.train.checkpoint/2", "model": {}}, ckpt)
     torch.save({"format": "diagcompile.model/1", "diag_layers": {}}, model)
     expected = r"has the format tag .* but no config, step, total_steps, optimizer, .*changed after diagcompile"
-    for resume in (False, True):
-        with pytest.raises(ValueError, match=expected):
-            train_mod.check_out(_quick(out=str(tmp_path), resume=resume))
-    with pytest.raises(ValueError, match=expected):
-        load_checkpoint(ckpt)
+    _assert_checkpoint_refused(tmp_path, expected)
     with pytest.raises(ValueError, match=r"model.pt has the format tag .* but no model_config, state_dict: "):
         load_model(model)
     with pytest.raises(ValueError, match=r"but no model_config, state_dict"):
@@ -690,11 +691,7 @@ def test_a_checkpoint_of_the_earlier_optimizer_layout_is_refused_not_resumed(tmp
     ckpt = torch.load(path, weights_only=True)
     torch.save({**ckpt, "format": "diagcompile.train.checkpoint/1"}, path)
     expected = r"written by an earlier diagcompile \(format .*/1', step 5 of 24\).*cannot be resumed"
-    for resume in (True, False):
-        with pytest.raises(train_mod.OutdatedCheckpointError, match=expected):
-            train_mod.check_out(_quick(out=str(tmp_path), method="diagheur", sparsity=0.5, resume=resume))
-    with pytest.raises(train_mod.OutdatedCheckpointError, match=expected):
-        load_checkpoint(path)
+    _assert_checkpoint_refused(tmp_path, expected, train_mod.OutdatedCheckpointError, method="diagheur", sparsity=0.5)
     torch.save({**ckpt, "format": "diagcompile.train.checkpoint/1", "step": 24}, path)  # a finished run's
     train_mod.check_out(_quick(out=str(tmp_path), method="diagheur", sparsity=0.5))  # a new run may replace it
 
