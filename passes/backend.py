@@ -210,7 +210,7 @@ class _Variants:
         self.refused = ""  # why the shape environment can no longer be trusted for new variants
 
     def pattern(self, args: Sequence[object]) -> tuple[int | None, ...]:
-        """Per linear weight: its ``k`` if marked (top-k marks are resolved and pinned), else ``None``."""
+        """Per weight input (``weight_inputs``): its ``k`` if marked (top-k resolved and pinned), else ``None``."""
         return tuple(_marked_k(args[i]) for i in self.positions)
 
     def add(self, args: Sequence[object], graph: _Graph) -> _Graph:
@@ -253,8 +253,8 @@ class _Variants:
         now = "an unmarked weight" if key[j] is None else f"a weight marked sparse (k={key[j]})"
         raise SparseRewriteError(
             f"this compiled graph was built for the {was} weight '{self.names[self.positions[j]]}' and is now "
-            f"called with {now} in its place, and no variant "
-            f"of the graph can be compiled for it{f' ({why})' if why else ''}. Dynamo shares one graph between "
+            f"called with {now} in its place, and no variant of the graph can be compiled for it"
+            f"{f' ({why})' if why else ''}. Dynamo shares one graph between "
             f"modules of the same shapes (a graph break inside a repeated block, regional compilation, one "
             f"compiled function called on several modules). Mark the blocks alike, or swap the marked linears "
             f"for DiagLinear first (diagcompile.compile(model, sparsify=True)), whose blocks get graphs of their "
@@ -273,8 +273,8 @@ def _static_fake(fake_mode: FakeTensorMode, t: object) -> object:
     return t
 
 
-def _marked_k(weight: object) -> int | None:
-    mark = get_sparse_mark(weight)
+def _marked_k(weight: torch.Tensor) -> int | None:
+    mark = tensor_mark(weight)
     return None if mark is None else weight_state(weight, mark).k
 
 
