@@ -37,6 +37,7 @@ torch.func accepts and that carries forward-mode (jvp) formulas. The ops have vm
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -419,26 +420,15 @@ diag_linear_dv_op = _define(
 # ----------------------------------------------------------------------------------------------------
 # Each op is one multiply-add per stored value per row of activations: 2 * M * k * D, as a dense layer of
 # k * D nonzeros would be (the bias is not counted, as torch counts none for addmm's). Shapes only.
-def _row_count(shape: torch.Size) -> int:
-    n = 1
-    for s in shape[:-1]:
-        n *= s
-    return n
-
-
-@register_flop_formula(diag_linear_op.overloadpacket)
-def _fwd_flops(x_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _row_count(x_shape) * values_shape[0] * values_shape[1]
-
-
-@register_flop_formula(diag_linear_dx_op.overloadpacket)
-def _dx_flops(dy_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _row_count(dy_shape) * values_shape[0] * values_shape[1]
+@register_flop_formula([diag_linear_op.overloadpacket, diag_linear_dx_op.overloadpacket])
+def _fwd_dx_flops(rows_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
+    """``diag_linear(x, values, ...)`` and ``diag_linear_dx(dy, values, ...)``: rows of ``x`` / ``dy``."""
+    return 2 * math.prod(rows_shape[:-1]) * values_shape[0] * values_shape[1]
 
 
 @register_flop_formula(diag_linear_dv_op.overloadpacket)
 def _dv_flops(dy_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _row_count(dy_shape) * out_shape[0] * out_shape[1]
+    return 2 * math.prod(dy_shape[:-1]) * out_shape[0] * out_shape[1]
 
 
 # ----------------------------------------------------------------------------------------------------
