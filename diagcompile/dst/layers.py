@@ -205,27 +205,29 @@ class DynaDiagLinear(nn.Module):
     @property
     def _frozen(self) -> bool:
         if not torch.compiler.is_compiling() and self._frozen_seen != self._flag_key():
-            self._frozen_mirror = bool(self.frozen_flag.item())
-            self._frozen_seen = self._flag_key()
+            self._read_frozen_flag()
         return self._frozen_mirror
 
     @_frozen.setter
     def _frozen(self, value: bool) -> None:
         self.frozen_flag.fill_(int(value))
-        self._frozen_mirror = bool(value)
+        self._read_frozen_flag()
+
+    def _read_frozen_flag(self) -> None:
+        """Set the mirror from the buffer (one device sync; none on the meta device, which has no values)."""
+        flag = self.frozen_flag
+        self._frozen_mirror = flag.device.type != "meta" and bool(flag.item())
         self._frozen_seen = self._flag_key()
 
     def train(self, mode: bool = True) -> DynaDiagLinear:
-        if self.frozen_flag.device.type != "meta":  # a model being built on the meta device has no values
-            self._frozen = bool(self.frozen_flag.item())
+        self._read_frozen_flag()
         return super().train(mode)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Pickles from before the mirror had its own fields hold a plain "_frozen" (now a property).
         state.pop("_frozen", None)
         super().__setstate__(state)
-        if "_frozen_mirror" not in self.__dict__:
-            self._frozen = bool(self.frozen_flag.item())
+        self._read_frozen_flag()
 
     def _flag_key(self) -> tuple[int, int]:
         flag = self.frozen_flag
@@ -345,7 +347,7 @@ class DynaDiagLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        self._frozen = bool(self.frozen_flag.item())  # also under torch.compile, which skips the version check
+        self._read_frozen_flag()  # also for torch.compile, which skips the version check
 
     def extra_repr(self) -> str:
         P, _ = diag_shape(self.out_features, self.in_features)
