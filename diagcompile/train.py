@@ -978,27 +978,33 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     Raises :class:`CheckpointReadError` (a ``ValueError``) for a file torch cannot read, ``ValueError`` for one
     that is not a training checkpoint.
     """
-    ckpt = _read_saved_file(path)
+    return _checked_checkpoint(path)
+
+
+def _checked_checkpoint(path: str | os.PathLike, *, mmap: bool = False, hint: str = "") -> dict:
+    """``load_checkpoint``'s read and checks; ``hint`` ends the message for a file of another format."""
+    ckpt = _read_saved_file(path, mmap=mmap)
     if isinstance(ckpt, dict) and ckpt.get("format") in _OLD_CKPT_FORMATS:
-        raise OutdatedCheckpointError(_outdated(path, ckpt))
+        raise OutdatedCheckpointError(path, ckpt)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
-        raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT})")
+        raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT}){hint}")
     _require_keys(ckpt, _CKPT_KEYS, path)
     return ckpt
 
 
 class OutdatedCheckpointError(ValueError):
     """A training checkpoint written by an earlier diagcompile whose optimizer layout this version cannot
-    resume (format ``/1``)."""
+    resume (format ``/1``). ``finished``: whether its run had completed."""
 
-
-def _outdated(path: str | os.PathLike, ckpt: dict) -> str:
-    return (
-        f"{path} was written by an earlier diagcompile (format {ckpt['format']!r}, step {ckpt.get('step')} of "
-        f"{ckpt.get('total_steps')}), which laid out the optimizer state of DST layers differently: it cannot be "
-        f"resumed by this version (the moments would load into the wrong parameters). Finish that run with the "
-        f"diagcompile that started it, or start it over (move the checkpoint away, or choose another --out)"
-    )
+    def __init__(self, path: str | os.PathLike, ckpt: dict) -> None:
+        step, total = ckpt.get("step"), ckpt.get("total_steps")
+        self.finished = int(step or 0) >= int(total or 1)
+        super().__init__(
+            f"{path} was written by an earlier diagcompile (format {ckpt['format']!r}, step {step} of {total}), "
+            f"which laid out the optimizer state of DST layers differently: it cannot be resumed by this version "
+            f"(the moments would load into the wrong parameters). Finish that run with the diagcompile that "
+            f"started it, or start it over (move the checkpoint away, or choose another --out)"
+        )
 
 
 def _require_keys(blob: dict, keys: tuple[str, ...], path: str | os.PathLike) -> None:
@@ -1031,14 +1037,12 @@ def check_out(cfg: TrainConfig) -> None:
     path = out / CHECKPOINT_NAME
     if not path.exists():
         return
-    ckpt = _read_saved_file(path, mmap=True)  # read lazily: a few fields only
-    if isinstance(ckpt, dict) and ckpt.get("format") in _OLD_CKPT_FORMATS:
-        if not cfg.resume and int(ckpt.get("step", 0)) >= int(ckpt.get("total_steps", 1)):
+    try:
+        ckpt = _checked_checkpoint(path, mmap=True, hint="; move it away")  # read lazily: a few fields only
+    except OutdatedCheckpointError as e:
+        if not cfg.resume and e.finished:
             return  # a finished run's: the new run replaces it, as for a current one
-        raise OutdatedCheckpointError(_outdated(path, ckpt))
-    if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
-        raise ValueError(f"{path} is not a diagcompile training checkpoint (format {_CKPT_FORMAT}); move it away")
-    _require_keys(ckpt, _CKPT_KEYS, path)
+        raise
     if cfg.resume:
         _check_resumable(ckpt, cfg)
     elif int(ckpt["step"]) < int(ckpt["total_steps"]):
