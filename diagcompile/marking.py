@@ -19,7 +19,9 @@ The two can differ: the ``diagcompile`` backend pins its top-k choice as explici
 graphs follow the weight's mark, ``passes/README.md`` invariant 8), while the module keeps the mark it was given.
 ``get_sparse_mark(module)`` reads the module's: a pin made before new weights were loaded would otherwise decide
 which diagonals ``sparsify_`` keeps. After training through the backend, ``pin_marks_(model)`` copies the pins
-onto the modules (``sparsify_`` warns when it sees a pin that differs).
+onto the modules (``sparsify_`` warns when it sees a pin that differs). A pin is undone when its linear loads
+a new weight (``load_state_dict``): the next compile or export resolves the top-k of the loaded values, as a
+fresh process would. (A bare marked ``Parameter`` has no module to see the load: mark it again after loading.)
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ __all__ = [
 ]
 
 _ATTR = "_diagcompile_sparse_mark"
+# On a weight: the mark ``pin_top_k`` put there, while it is still the weight's mark.
+_PIN = "_diagcompile_pin"
+# On a marked linear: its load_state_dict pre-hook (``_unpin_on_load``) is registered.
+_HOOKED = "_diagcompile_unpin_hook"
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,36 @@ def mark_sparse(
     setattr(weight, _ATTR, mark)
     if isinstance(target, nn.Module):
         target.__dict__[_ATTR] = mark
+        if not target.__dict__.get(_HOOKED):
+            target.register_load_state_dict_pre_hook(_unpin_on_load)
+            target.__dict__[_HOOKED] = True
     return target
+
+
+def pin_top_k(weight: Tensor, offsets: Tensor) -> SparseMark:
+    """Replace ``weight``'s top-k mark by the explicit ``offsets`` it resolved to; returns the new mark.
+
+    The ``diagcompile`` backend does this when it first compiles a graph for the weight, so that recompiles,
+    training steps and later conversions keep the diagonals it chose. Unlike a mark the user gave, the pin is
+    undone when the weight's marked linear loads a new weight (``_unpin_on_load``). Internal to diagcompile.
+    """
+    mark_sparse(weight, offsets=offsets)
+    pinned = weight.__dict__[_ATTR]
+    weight.__dict__[_PIN] = pinned
+    return pinned
+
+
+def _unpin_on_load(module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
+    """``load_state_dict`` pre-hook of a marked linear: loading a new weight undoes the backend's pin of the
+    module's top-k mark on it. Otherwise the diagonals picked from the old values (a random init, before a
+    checkpoint was loaded) would stay, silently, in every later compile and export."""
+    mark = module.__dict__.get(_ATTR)
+    weight = module._parameters.get("weight")
+    if mark is None or mark.offsets is not None or weight is None or prefix + "weight" not in state_dict:
+        return
+    pin = weight.__dict__.pop(_PIN, None)
+    if pin is not None and weight.__dict__.get(_ATTR) is pin:
+        weight.__dict__[_ATTR] = mark
 
 
 def apply_sparse_mark(target: nn.Module | Tensor, mark: SparseMark) -> nn.Module | Tensor:

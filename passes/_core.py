@@ -724,7 +724,8 @@ def pin_marks_(model: nn.Module) -> int:
 
     turns each trained dense layer into a ``DiagLinear`` on exactly the diagonals that were trained. A
     weight that lost its mark (``copy.deepcopy``) gets its module's. Top-k marks resolve from the *current*
-    weights: pin after loading a checkpoint, not before. Returns the number of marked linears.
+    weights: pin after loading a checkpoint, not before (a load undoes only the backend's own pins, not
+    these). Returns the number of marked linears.
     """
     n = 0
     for m in model.modules():

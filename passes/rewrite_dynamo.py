@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, fx
 
-from diagcompile.marking import SparseMark, get_sparse_mark, mark_sparse
+from diagcompile.marking import SparseMark, get_sparse_mark, pin_top_k
 from diagcompile.ops import OFFSET_DTYPE
 from diagcompile.passes._core import (
     InputSpec,
@@ -122,6 +122,16 @@ class _WeightState:
             self._index = flat_index(weight, self.offsets)
         return self._index
 
+    def rebind(self, weight: Tensor, mark: SparseMark, offsets: Tensor) -> None:
+        """Take the new diagonals of a mark with the same ``k``, in place: CUDA graphs recorded these
+        tensors as static inputs. The values are re-converted at their next use."""
+        self.mark = mark
+        with torch.inference_mode(False), torch.no_grad():
+            self.offsets.copy_(offsets)
+            if self._index is not None:
+                self._index.copy_(flat_index(weight, offsets))
+        self._values = {dtype: (v, -1, storage) for dtype, (v, _, storage) in self._values.items()}
+
 
 def weight_state(weight: Tensor, mark: SparseMark | None = None, *, pin: bool = True) -> _WeightState:
     """The state of a marked weight, created (and its top-k mark pinned) on first use."""
@@ -131,11 +141,15 @@ def weight_state(weight: Tensor, mark: SparseMark | None = None, *, pin: bool = 
     state: _WeightState | None = weight.__dict__.get(_STATE)
     if state is not None and _same_mark(state.mark, mark):
         return state
-    # A new weight, or one marked anew since its state was built: resolve (top-k: from the current values).
-    offsets = mark.resolve_offsets(weight).to(device=weight.device, dtype=OFFSET_DTYPE)
+    # A new weight, or one marked anew since its state was built (also: a load undid the pin): resolve (top-k:
+    # from the current values). Not an inference tensor, so that a later rebind can write it in place.
+    with torch.inference_mode(False):
+        offsets = mark.resolve_offsets(weight).to(device=weight.device, dtype=OFFSET_DTYPE)
     if mark.offsets is None and pin:
-        mark_sparse(weight, offsets=offsets)
-        mark = get_sparse_mark(weight)
+        mark = pin_top_k(weight, offsets)
+    if state is not None and state.k == offsets.numel() and state.offsets.device == offsets.device:
+        state.rebind(weight, mark, offsets)
+        return state
     state = _WeightState(mark, offsets)
     weight.__dict__[_STATE] = state
     return state

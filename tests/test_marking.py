@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from diagcompile import SparseMark, get_sparse_mark, is_sparse_marked, mark_sparse, unmark_sparse
-from diagcompile.marking import sync_marks
+from diagcompile.marking import pin_top_k, sync_marks
 
 
 class MyLinear(nn.Linear):
@@ -61,6 +61,63 @@ def test_sync_marks_keeps_a_weight_mark_pinned_by_the_backend():
     mark_sparse(lin.weight, offsets=pinned)  # what the backend does on first compile
     assert sync_marks(nn.Sequential(lin)) == 0
     assert get_sparse_mark(lin.weight).offsets == tuple(pinned.tolist())
+
+
+def _strong_diagonals(n: int, offsets: list[int]) -> torch.Tensor:
+    """An ``n x n`` weight whose top-k diagonals are ``offsets`` (square: diagonal p is W[t, (t + p) % n])."""
+    w = torch.full((n, n), 0.01)
+    t = torch.arange(n)
+    for p in offsets:
+        w[t, (t + p) % n] = 1.0
+    return w
+
+
+def test_loading_a_new_weight_undoes_the_backend_pin():
+    """A pin made before a checkpoint was loaded held the random init's diagonals: a load must undo it, so
+    the next compile or export resolves the loaded values' top-k (what a fresh process does)."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    mark_sparse(model[0], sparsity=0.75)
+    pinned = pin_top_k(model[0].weight, torch.tensor([1, 6], dtype=torch.int32))
+    assert get_sparse_mark(model[0].weight) is pinned
+    saved = {"0.weight": _strong_diagonals(8, [2, 5]), "0.bias": torch.zeros(8)}
+
+    model.load_state_dict(saved, strict=False)
+    assert get_sparse_mark(model[0].weight) == SparseMark(0.75, None)
+    assert get_sparse_mark(model[0].weight).resolve_offsets(model[0].weight).tolist() == [2, 5]
+
+    # The hook travels with copies of the module.
+    clone = copy.deepcopy(model)
+    sync_marks(clone)
+    pin_top_k(clone[0].weight, torch.tensor([1, 6], dtype=torch.int32))
+    clone.load_state_dict(saved)
+    assert get_sparse_mark(clone[0].weight).offsets is None
+
+
+def test_a_load_keeps_marks_that_are_not_backend_pins():
+    saved = {"0.weight": _strong_diagonals(8, [2, 5]), "0.bias": torch.zeros(8)}
+    # A load that does not carry the weight.
+    model = nn.Sequential(nn.Linear(8, 8))
+    mark_sparse(model[0], sparsity=0.75)
+    pinned = pin_top_k(model[0].weight, torch.tensor([1, 6], dtype=torch.int32))
+    model.load_state_dict({"0.bias": torch.zeros(8)}, strict=False)
+    assert get_sparse_mark(model[0].weight) is pinned
+    # Offsets the user gave, on the weight or (pin_marks_) on the module.
+    model = nn.Sequential(nn.Linear(8, 8))
+    mark_sparse(model[0], sparsity=0.75)
+    mark_sparse(model[0].weight, offsets=[1, 6])
+    model.load_state_dict(saved)
+    assert get_sparse_mark(model[0].weight).offsets == (1, 6)
+    mark_sparse(model[0], offsets=[0, 3])
+    pin_top_k(model[0].weight, torch.tensor([0, 3], dtype=torch.int32))
+    model.load_state_dict(saved)
+    assert get_sparse_mark(model[0].weight).offsets == (0, 3)
+    # A pin the user replaced by a mark of their own.
+    model = nn.Sequential(nn.Linear(8, 8))
+    mark_sparse(model[0], sparsity=0.75)
+    pin_top_k(model[0].weight, torch.tensor([1, 6], dtype=torch.int32))
+    mark_sparse(model[0].weight, offsets=[4, 7])
+    model.load_state_dict(saved)
+    assert get_sparse_mark(model[0].weight).offsets == (4, 7)
 
 
 def test_errors_name_the_problem():

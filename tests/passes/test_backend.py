@@ -501,6 +501,34 @@ def test_weights_replaced_through_data_are_picked_up():
         torch.testing.assert_close(compiled(x), masked_dense_copy(model)(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_checkpoint_loaded_after_compiling_decides_the_diagonals():
+    """The first compile pinned the top-k of the random init on the weight; loading a checkpoint must undo
+    that pin, so the compiled model (and an export) keep the loaded weight's top-k, like a fresh process.
+    The pinned state is rebound in place: CUDA graphs recorded its tensors as static inputs."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    mark_sparse(model[0], sparsity=0.75)
+    compiled = diagcompile.compile(model)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        compiled(x)
+    state = model[0].weight.__dict__["_diagcompile_state"]
+    offsets = state.offsets
+    saved = copy.deepcopy(model.state_dict())
+    t = torch.arange(16)
+    saved["0.weight"].fill_(0.01)
+    wanted = [3, 9, 10, 14]
+    assert wanted != sorted(get_sparse_mark(model[0].weight).offsets)  # the init picked others
+    for p in wanted:
+        saved["0.weight"][t, (t + p) % 16] = 1.0
+    model.load_state_dict(saved)
+    with torch.no_grad():
+        ref = masked_dense_copy(model)
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert sorted(get_sparse_mark(model[0].weight).offsets) == wanted
+    assert model[0].weight.__dict__["_diagcompile_state"] is state and state.offsets is offsets
+    assert offsets.tolist() == wanted
+
+
 def test_weights_created_under_inference_mode():
     """Serving code builds models under inference_mode: such tensors have no version counter to read."""
     with torch.inference_mode():
