@@ -35,6 +35,15 @@ def _seen_key(t: Tensor) -> tuple[int, int]:
     return (-1 if t.is_inference() else t._version, t.data_ptr())
 
 
+def not_scriptable(module: nn.Module) -> str:
+    """Why ``torch.jit.script`` refuses a diagonal layer, and what to use instead."""
+    return (
+        f"{type(module).__name__} does not support torch.jit.script (TorchScript's compiler cannot read its "
+        f"Python type annotations or its custom op's Python paths); use torch.jit.trace, or better torch.export "
+        f"(diagcompile.export.export_program), and load either after `import diagcompile`, which registers the op"
+    )
+
+
 class DiagLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` (``out_features x in_features``) kept on ``k`` wrapped diagonals.
 
@@ -359,6 +368,11 @@ class DiagLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this first: without it the scripting compiler fails on this module's annotations
+        # with "Unknown type annotation: 'Tensor' at", which does not say that scripting is the problem.
+        raise TypeError(not_scriptable(self))
 
     def extra_repr(self) -> str:
         P, _ = diag_shape(self.out_features, self.in_features)

@@ -350,3 +350,16 @@ def test_to_linear_computes_the_same_function_and_from_dense_goes_back(bias):
     assert torch.equal(back.values, layer.values) and torch.equal(back(x), layer(x))
     linear.weight.data.zero_()  # its own tensors, not views of the layer's
     assert layer.values.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["DiagLinear", "DynaDiagLinear"])
+def test_torch_jit_script_is_refused_by_name(kind):
+    """TorchScript's compiler would fail on the annotations ("Unknown type annotation: 'Tensor' at"), which
+    does not say that scripting is the problem; trace and export are the ways out."""
+    from diagcompile.dst import DynaDiagLinear
+
+    layer = (
+        DiagLinear(16, 16, sparsity=0.5) if kind == "DiagLinear" else DynaDiagLinear.from_linear(nn.Linear(16, 16), k=8)
+    )
+    with pytest.raises(TypeError, match=rf"{kind} does not support torch.jit.script.*torch.jit.trace.*torch.export"):
+        torch.jit.script(nn.Sequential(nn.Linear(16, 16), layer))

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from diagcompile.dst.config import SOFT_SCALES
 from diagcompile.dst.relax import hard_topk, relax
 from diagcompile.functional import diag_linear
-from diagcompile.modules import DiagLinear
+from diagcompile.modules import DiagLinear, not_scriptable
 from diagcompile.ops import OFFSET_DTYPE, diag_shape, extract_diagonals
 
 __all__ = ["DynaDiagLinear"]
@@ -348,6 +348,9 @@ class DynaDiagLinear(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._read_frozen_flag()  # also for torch.compile, which skips the version check
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(not_scriptable(self))  # see DiagLinear.__prepare_scriptable__
 
     def extra_repr(self) -> str:
         P, _ = diag_shape(self.out_features, self.in_features)
