@@ -486,9 +486,10 @@ def check_sizes(
             sizes = tuple(batch_sizes)
             bad = [b for b in sizes if not fits(b)]
             if bad:
+                # An empty batch may well run, but it compares nothing, so a check never uses it.
+                why = "an empty batch compares nothing; check" if bad == [0] * len(bad) else "the artifact accepts"
                 raise ValueError(
-                    f"{artifact}: batch size(s) {bad} are outside the range the artifact accepts "
-                    f"[{lo}, {'inf' if hi is None else hi}]"
+                    f"{artifact}: batch size(s) {bad} are outside the range {why} [{lo}, {'inf' if hi is None else hi}]"
                 )
     example = _symbol_examples(exprs, example_args)
     points = []

@@ -434,6 +434,11 @@ def test_check_sizes_respects_ranges_shared_symbols_and_expressions():
     assert sorted(check_sizes("t", None, (torch.zeros(8, 2),), {(0, 0): b}, {b: (2, 8)}, None)[0]) == [2, 7]
     with pytest.raises(ValueError, match=r"outside the range .* \[2, 8\]"):
         check_sizes("t", [11], (torch.zeros(8, 2),), {(0, 0): b}, {b: (2, 8)}, None)
+    # Size 0 runs in most artifacts, but it compares nothing: refused for that reason, not a wrong range.
+    with pytest.raises(
+        ValueError, match=r"\[0\] are outside the range an empty batch compares nothing; check \[1, inf\]"
+    ):
+        check_sizes("t", [0], (torch.zeros(8, 2),), {(0, 0): b}, {}, None)
 
 
 class _MaskedSeq(nn.Module):
