@@ -224,6 +224,14 @@ class _Variants:
         key = self.pattern(args)
         graph = self.graphs.get(key)
         if graph is None:
+            # A variant is a recompile that Dynamo does not see: honour torch.compiler.set_stance for it.
+            stance = _dynamo_stance()
+            if stance == "fail_on_recompile":
+                self._refuse(
+                    args, key, "", RuntimeError, "Detected recompile when torch.compile stance is 'fail_on_recompile': "
+                )
+            if stance == "eager_on_recompile" and self.pristine is not None:
+                return self.pristine(*args)  # Dynamo's own graph, run eagerly: marked linears run dense
             graph = self.add(args, self._compile(args, key))
         return graph(*args)
 
@@ -246,20 +254,32 @@ class _Variants:
             self._refuse(args, key, self.refused)
         return graph
 
-    def _refuse(self, args: Sequence[object], key: tuple[int | None, ...], why: str) -> NoReturn:
+    def _refuse(
+        self,
+        args: Sequence[object],
+        key: tuple[int | None, ...],
+        why: str,
+        error: type[Exception] = SparseRewriteError,
+        prefix: str = "",
+    ) -> NoReturn:
         first = next(iter(self.graphs))
         j = next(j for j, (a, b) in enumerate(zip(first, key)) if a != b)
         was = "unmarked (dense)" if first[j] is None else f"sparse-marked (k={first[j]})"
         now = "an unmarked weight" if key[j] is None else f"a weight marked sparse (k={key[j]})"
-        raise SparseRewriteError(
-            f"this compiled graph was built for the {was} weight '{self.names[self.positions[j]]}' and is now "
-            f"called with {now} in its place, and no variant of the graph can be compiled for it"
+        raise error(
+            f"{prefix}this compiled graph was built for the {was} weight '{self.names[self.positions[j]]}' and is "
+            f"now called with {now} in its place, and no variant of the graph can be compiled for it"
             f"{f' ({why})' if why else ''}. Dynamo shares one graph between "
             f"modules of the same shapes (a graph break inside a repeated block, regional compilation, one "
             f"compiled function called on several modules). Mark the blocks alike, or swap the marked linears "
             f"for DiagLinear first (diagcompile.compile(model, sparsify=True)), whose blocks get graphs of their "
             f"own; call torch._dynamo.reset() after changing marks"
         )
+
+
+def _dynamo_stance() -> str:
+    """``torch.compiler.set_stance``'s current stance (``"default"`` if this torch keeps it elsewhere)."""
+    return getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
 
 
 def _shape_facts(shape_env: Any) -> tuple[int, int]:

@@ -424,6 +424,23 @@ class _CloningBlock(nn.Module):
         return x + torch.nn.functional.linear(x, self.fc.weight.clone(), self.fc.bias)
 
 
+def test_variants_follow_the_compile_stance():
+    """A variant is a recompile Dynamo does not see: set_stance("fail_on_recompile") must refuse it, and
+    "eager_on_recompile" must run the block eagerly (its marked linears dense, as eager does)."""
+    model, reports = _regional([None, 0.75])
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        model[0](x)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            with pytest.raises(RuntimeError, match=r"^Detected recompile .*'fail_on_recompile': this compiled graph"):
+                model[1](x)
+        with torch.compiler.set_stance("eager_on_recompile"):
+            torch.testing.assert_close(model[1](x), model[1].forward(x))  # Module.compile leaves forward eager
+        assert [r.count for r in reports] == [0]  # neither stance compiled a variant
+        torch.testing.assert_close(model[1](x), masked_dense_copy(model)[1](x), rtol=1e-5, atol=1e-5)
+        assert [r.count for r in reports] == [0, 2]
+
+
 def test_a_marked_weight_used_other_than_by_a_linear_in_a_shared_graph_is_refused():
     """A graph built for a dense block whose weight reaches the linear through ``clone()``: a marked block
     sharing it must not run dense, silently; the rewrite of its variant names the use it cannot rewrite."""
