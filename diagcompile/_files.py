@@ -159,9 +159,13 @@ def atomic_write(path: str | os.PathLike, what: str = "write") -> Iterator[Path]
             # Overwriting: keep the permissions someone chose for the existing file.
             os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e.__context__, KeyboardInterrupt) and not isinstance(e, KeyboardInterrupt):
+            # A writer that cleans up after an interrupt can fail doing so (torch.save: "unexpected pos"); the
+            # interrupt is what happened, and what callers handle.
+            raise e.__context__ from None
         raise
     finally:
         if lock >= 0:

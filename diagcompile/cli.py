@@ -423,6 +423,7 @@ def _train(args: argparse.Namespace) -> int:
         TrainConfig,
         check_out,
         result_summary,
+        saved_checkpoint,
         train,
     )
 
@@ -436,6 +437,12 @@ def _train(args: argparse.Namespace) -> int:
         kw["offsets_from"] = args.offsets_from
     if args.method == "dense" and args.sparsity is not None:
         raise UsageError("--sparsity applies to the sparse methods, not dense")
+    if os.environ.get("WORLD_SIZE", "1") != "1" and "TORCHELASTIC_RUN_ID" in os.environ:
+        # torchrun would start that many copies of the whole job, each writing the same --out.
+        raise UsageError(
+            f"diagcompile train starts its own data-parallel processes: run it once with --nproc "
+            f"{os.environ['WORLD_SIZE']} instead of under torchrun"
+        )
     # Everything the arguments decide is checked here, before training; an error from training itself is not
     # a usage error and keeps its traceback.
     try:
@@ -470,6 +477,9 @@ def _train(args: argparse.Namespace) -> int:
             "run the same command with --resume to continue",
             file=sys.stderr,
         )
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, in a step, an evaluation or a checkpoint write
+        print(f"diagcompile train: stopped at once; {saved_checkpoint(args.out)}", file=sys.stderr)
         return 130
     key = m["metric"]
     params = m["params"]
@@ -611,6 +621,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(_COMMANDS[args.command][2](args) or 0)
+    except KeyboardInterrupt:  # one the command does not handle itself: while starting up, say
+        print(f"diagcompile {args.command}: interrupted", file=sys.stderr)
+        return 130
     except UsageError as e:
         args._command_parser.error(str(e))  # prints usage and "diagcompile <command>: error: ...", exits 2
         raise  # unreachable: error() exits

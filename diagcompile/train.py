@@ -223,6 +223,8 @@ def _to_plain(v: Any) -> Any:
         return {str(k): _to_plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_to_plain(x) for x in v]
+    if isinstance(v, str):  # a subclass (torch.__version__ is a TorchVersion) is not weights_only-loadable
+        return str(v)
     return _plain_number(v)
 
 
@@ -325,6 +327,10 @@ class TrainConfig:
             raise ValueError("TrainConfig: warmup_frac must be in [0, 1), min_lr_frac in [0, 1], grad_clip >= 0")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"TrainConfig.seed must be an int, got {type(self.seed).__name__}")
+        if not 0 <= self.seed < 2**63:  # torch.Generator.manual_seed's range, less the negative half
+            raise ValueError(f"TrainConfig.seed must be in [0, 2**63), got {self.seed}")
+        if self.out is not None and not str(self.out).strip():
+            raise ValueError("TrainConfig.out must name a folder, got an empty path (use '.' for this one)")
         if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
             raise ValueError(f"TrainConfig.nproc must be a positive int, got {self.nproc!r}")
         check_device(self.device, "TrainConfig.device")
@@ -480,13 +486,18 @@ def _cpu_name() -> str:
 
 def env_stamp(device: str = "cpu") -> dict[str, Any]:
     """Date, machine, versions and git SHA, for metrics files and result tables."""
+    from importlib import metadata
+
     import numpy
 
     stamp: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git": _git_sha(),
+        # outside a git checkout the package version is the only record of the code (numba runs the CPU kernels)
+        "diagcompile": metadata.version("diagcompile"),
+        "numba": metadata.version("numba"),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "numpy": numpy.__version__,
         "platform": platform.platform(),
         "cpu": _cpu_name(),
@@ -620,14 +631,18 @@ def _clipped_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for g in optimizer.param_groups if not g.get("diagcompile_alpha") for p in g["params"]]
 
 
-def _mark_offsets_from(model: nn.Module, path: str) -> None:
-    """Mark each linear of ``model`` that is a ``DiagLinear`` in the saved model ``path`` with its offsets."""
+def _mark_offsets_from(model: nn.Module, path: str, task: str) -> None:
+    """Mark each linear of ``model`` (of ``task``) that is a ``DiagLinear`` in the saved model ``path`` with its
+    offsets."""
     from diagcompile.marking import mark_sparse
 
     blob = _read_saved_file(path, what="offsets_from model file", advice="pass a finished run's model.pt")
     if not isinstance(blob, dict) or blob.get("format") != _MODEL_FORMAT:
         raise ValueError(f"offsets_from={path!r} is not a diagcompile model file")
     _require_keys(blob, _MODEL_KEYS, path)
+    saved_task = blob["meta"].get("task") if isinstance(blob.get("meta"), Mapping) else None
+    if saved_task is not None and saved_task != task:
+        raise ValueError(f"offsets_from={path!r} is a {saved_task} model; this run trains {task}")
     if not blob["diag_layers"]:
         raise ValueError(f"offsets_from={path!r} has no diagonal layers (a dense run?)")
     for fqn in blob["diag_layers"]:
@@ -862,27 +877,46 @@ def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class _StopFlag:
-    """Turns the first SIGINT into "stop after this step" (the second one interrupts at once)."""
+# What a first SIGINT / SIGTERM does, by the phase of the run (:class:`_StopFlag`), as said to the user.
+_STOP_NOTICE = {
+    "train": "stopping after this step, with a checkpoint",
+    "final": "finishing the final evaluation first (the checkpoint of the last step is saved)",
+}
 
-    def __init__(self) -> None:
+
+class _StopFlag:
+    """Turns the first SIGINT or SIGTERM into "stop after this step" (a second SIGINT interrupts at once, a
+    second SIGTERM terminates), saying so at once when ``announce``. ``phase`` (a key of ``_STOP_NOTICE``)
+    picks the wording: in the final evaluation the request only lets it finish."""
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool = True) -> None:
         self.stop = False
-        self._prev: Any = None
+        self.phase = "train"
+        self.announce = announce
+        self._prev: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._prev = signal.getsignal(signal.SIGINT)
+            self._prev = {sig: signal.getsignal(sig) for sig in self._SIGNALS}
 
             def handler(signum, frame):
                 self.stop = True
-                signal.signal(signal.SIGINT, self._prev)
+                for sig, prev in self._prev.items():
+                    signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+                if self.announce:
+                    again = "Ctrl-C again stops at once" if signum == signal.SIGINT else "a second SIGTERM kills it"
+                    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+                    print(f"\n[train] {name}: {_STOP_NOTICE[self.phase]} ({again})", file=sys.stderr, flush=True)
 
-            signal.signal(signal.SIGINT, handler)
+            for sig in self._SIGNALS:
+                signal.signal(sig, handler)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._prev is not None:
-            signal.signal(signal.SIGINT, self._prev)
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -928,6 +962,11 @@ def _check_resumable(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
     sweep judges a finished run (:meth:`TrainConfig.differences`): ``--dst update_every=100`` resumes a rigl run
     that left it to its default of 100.
     """
+    step, total = ckpt.get("step"), ckpt.get("total_steps")
+    if not (isinstance(step, int) and isinstance(total, int) and 0 <= step <= total):
+        raise ValueError(
+            f"cannot resume: the checkpoint's step {step!r} of {total!r} is impossible (the file was edited)"
+        )
     sparsifier = ckpt.get("sparsifier")
     dst_config = sparsifier.get("config") if isinstance(sparsifier, Mapping) else None
     diff = cfg.differences(ckpt["config"], ckpt.get("resolved"), dst_config, ckpt.get("total_steps"))
@@ -1033,7 +1072,12 @@ def check_out(cfg: TrainConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"TrainConfig.out={cfg.out!r} is an existing file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # Found now, not at the first checkpoint an epoch of training later.
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise ValueError(f"cannot write in TrainConfig.out={cfg.out!r}: {e.strerror or e}") from None
     path = out / CHECKPOINT_NAME
     if not path.exists():
         return
@@ -1050,6 +1094,25 @@ def check_out(cfg: TrainConfig) -> None:
             f"{out} has a checkpoint from an earlier run (step {ckpt['step']} of {ckpt['total_steps']}); pass "
             "--resume (resume=True) to continue it, or choose another --out"
         )
+    elif not (out / METRICS_NAME).exists():
+        raise ValueError(
+            f"{out} has a run that finished training (step {ckpt['step']} of {ckpt['total_steps']}) but not its "
+            f"final evaluation (there is no {METRICS_NAME}): pass --resume (resume=True) to evaluate it, or choose "
+            "another --out"
+        )
+
+
+def saved_checkpoint(out: str | os.PathLike) -> str:
+    """What ``out`` holds to resume from, for a message after an abrupt stop (never raises)."""
+    path = Path(out) / CHECKPOINT_NAME
+    try:
+        ckpt = _checked_checkpoint(path, mmap=True)
+        step, total = int(ckpt["step"]), int(ckpt["total_steps"])
+    except Exception:  # noqa: BLE001 - none, or none this version can resume: nothing to offer
+        return f"there is no checkpoint to resume in {out}"
+    return f"the last checkpoint in {out} (step {step}/{total}) is intact: run the same command with --resume to " + (
+        "continue" if step < total else "redo the final evaluation"
+    )
 
 
 def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
@@ -1122,6 +1185,7 @@ def _join_workers(ctx: Any) -> None:
 
     main = threading.current_thread() is threading.main_thread()
     prev = signal.signal(signal.SIGINT, handler) if main else None
+    prev_term = signal.signal(signal.SIGTERM, handler) if main else None  # a scheduler's stop: the same request
     try:
         while not ctx.join(timeout=1.0):
             if stopping:
@@ -1136,6 +1200,7 @@ def _join_workers(ctx: Any) -> None:
     finally:
         if main:  # (None: a handler set outside Python, which cannot be put back; the default is the closest)
             signal.signal(signal.SIGINT, prev if prev is not None else signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, prev_term if prev_term is not None else signal.SIG_DFL)
 
 
 def _worker(rank: int, cfg: TrainConfig, rendezvous: str, result: str, threads: int) -> None:
@@ -1169,12 +1234,15 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
 
     ds = _load_data(cfg)
     mcfg = cfg.model_config()
-    if cfg.task == "digits-vit":
-        stream: _DigitsStream | _CharStream = _DigitsStream(ds.x_train, ds.y_train, cfg.get("batch_size"), cfg.seed)
-    else:
-        stream = _CharStream(ds.train, cfg.get("batch_size"), mcfg.block_size, cfg.seed)
-    if cfg.get("batch_size") % world:
-        raise ValueError(f"batch_size={cfg.get('batch_size')} must be divisible by nproc={world}")
+    try:  # what only the data can tell (a batch larger than the training set): the configuration's fault
+        if cfg.task == "digits-vit":
+            stream: _DigitsStream | _CharStream = _DigitsStream(ds.x_train, ds.y_train, cfg.get("batch_size"), cfg.seed)
+        else:
+            stream = _CharStream(ds.train, cfg.get("batch_size"), mcfg.block_size, cfg.seed)
+        if cfg.get("batch_size") % world:
+            raise ValueError(f"batch_size={cfg.get('batch_size')} must be divisible by nproc={world}")
+    except ValueError as e:
+        raise SetupError(str(e)) from e
     total = _total_steps(cfg, stream.steps_per_epoch)
     eval_every = cfg.get("eval_every") or (stream.steps_per_epoch if cfg.task == "digits-vit" else 100)
     ckpt_every = cfg.ckpt_every or eval_every
@@ -1187,7 +1255,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.get("weight_decay")), lr=cfg.get("lr"), betas=(0.9, 0.95))
     try:  # what only the model and the run length can tell: reported as the configuration's fault
         if cfg.offsets_from is not None:
-            _mark_offsets_from(model, cfg.offsets_from)
+            _mark_offsets_from(model, cfg.offsets_from, cfg.task)
         sparsifier = _make_sparsifier(cfg, model, optimizer, total) if cfg.method != "dense" else None
     except (TypeError, ValueError) as e:
         raise SetupError(str(e)) from e
@@ -1203,11 +1271,17 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
     if cfg.resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         _check_resumable(ckpt, cfg)
-        if sparsifier is not None:
-            sparsifier.load_state_dict(ckpt["sparsifier"])
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        stream.load_state_dict(ckpt["data"])
+        try:  # the same configuration built this model: a misfit means the file was changed
+            if sparsifier is not None:
+                sparsifier.load_state_dict(ckpt["sparsifier"])
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            stream.load_state_dict(ckpt["data"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointReadError(
+                f"the checkpoint {ckpt_path} does not fit the model its configuration builds ({e}); the file was "
+                "changed after diagcompile wrote it: move it away, or choose another --out"
+            ) from e
         _set_rng_state(ckpt["rng"])
         step = int(ckpt["step"])
         history = ckpt["history"]
@@ -1218,6 +1292,12 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
         del ckpt
     elif cfg.resume and not cfg.quiet:
         print(f"[train] no checkpoint at {ckpt_path}; starting from step 0", file=sys.stderr)
+    if resumed_from is None and out is not None and rank == 0:
+        # A new run replaces a finished one (check_out allows nothing else here): from now on, not at its end,
+        # so that an interrupted new run never leaves the old run's results looking like its own.
+        for name in (METRICS_NAME, MODEL_NAME, CHECKPOINT_NAME):
+            with contextlib.suppress(FileNotFoundError):
+                (out / name).unlink()
 
     def save_checkpoint() -> None:
         nonlocal saved_step
@@ -1261,7 +1341,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
 
     stop_at = total if cfg.stop_after is None else min(total, cfg.stop_after)
     model.train()
-    with _StopFlag() as flag:
+    with _StopFlag(announce=rank == 0 and not cfg.quiet) as flag:
         t_loop = time.perf_counter()
         while step < stop_at:
             x, y = stream.next()
@@ -1345,100 +1425,106 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
         }
 
     # ---- final evaluation (and finalize for DST) -------------------------------------------------
-    t_eval = time.perf_counter()
-    before = _evaluate(cfg, model, ds, device, final=True)
-    dst_info: dict[str, Any] | None = None
-    final_model = model
-    if sparsifier is not None:
-        diag = sparsifier.diagnostics()
-        dst_info = {
-            "config": sparsifier.config.to_dict(),
-            "diagnostics": _plain_diagnostics(diag),
-            "summary": _dst_summary(diag),
-            "history": history["dst"],
-            "max_memory_bytes": max(max_dst_memory, int(_dst_summary(diag).get("memory_bytes", 0))),
-        }
-        with warnings.catch_warnings():
-            # The harness evaluates and saves the finalized model; it never trains on through its DDP wrapper.
-            warnings.filterwarnings("ignore", message=r".*fresh DistributedDataParallel")
-            final_model = sparsifier.finalize()
-    after = _evaluate(cfg, final_model, ds, device, final=True)
-    eval_final_s = time.perf_counter() - t_eval
+    # A first Ctrl-C or SIGTERM here lets it finish (seconds) and write the results; a second Ctrl-C stops at once
+    # (the checkpoint of the last step is complete: --resume redoes this part).
+    final_flag = _StopFlag(announce=rank == 0 and not cfg.quiet)
+    final_flag.phase = "final"
+    with final_flag:
+        t_eval = time.perf_counter()
+        before = _evaluate(cfg, model, ds, device, final=True)
+        dst_info: dict[str, Any] | None = None
+        final_model = model
+        if sparsifier is not None:
+            diag = sparsifier.diagnostics()
+            dst_info = {
+                "config": sparsifier.config.to_dict(),
+                "diagnostics": _plain_diagnostics(diag),
+                "summary": _dst_summary(diag),
+                "history": history["dst"],
+                "max_memory_bytes": max(max_dst_memory, int(_dst_summary(diag).get("memory_bytes", 0))),
+            }
+            with warnings.catch_warnings():
+                # The harness evaluates and saves the finalized model; it never trains on through its DDP wrapper.
+                warnings.filterwarnings("ignore", message=r".*fresh DistributedDataParallel")
+                final_model = sparsifier.finalize()
+        after = _evaluate(cfg, final_model, ds, device, final=True)
+        eval_final_s = time.perf_counter() - t_eval
 
-    data_info = ds.info()
-    specs = _diag_layer_specs(final_model)
-    sparse_dense_equiv = sum(s["in_features"] * s["out_features"] for s in specs.values())
-    # Stored diagonal values only (biases stay dense).
-    sparse_stored = sum(s["k"] * min(s["in_features"], s["out_features"]) for s in specs.values())
-    n_sparse_layers = len(specs)
-    # mask baselines (dst-baselines): their finalized layers are plain nn.Linear with zeroed weights; count the
-    # weights their masks keep (a dense weight is still stored: the masks only simulate sparsity).
-    final_params = _count_params(final_model)
-    final_kept = final_params  # a compact DiagLinear's parameters are the weights it keeps
-    if cfg.method in BASELINE_METHODS and dst_info is not None:
-        summ = dst_info["summary"]
-        n_sparse_layers, sparse_dense_equiv, sparse_stored = summ["layers"], int(summ["numel"]), int(summ["nnz"])
-        final_kept = final_params - sparse_dense_equiv + sparse_stored  # less the pruned zeros
-    metrics: dict[str, Any] = {
-        "format": _METRICS_FORMAT,
-        "status": "complete",
-        "task": cfg.task,
-        "method": cfg.method,
-        "sparsity": cfg.sparsity if cfg.method != "dense" else 0.0,
-        "seed": cfg.seed,
-        "metric": metric_name,
-        "higher_is_better": higher_better,
-        "final": after,
-        "final_before_finalize": before,
-        "best": history["best"],
-        "curve": history["curve"],
-        # what "final" and "best" / "curve" were measured on (chars: different numbers of validation blocks)
-        "final_eval": _eval_set(cfg, ds, data_info["eval_split"], final=True),
-        "periodic_eval": _eval_set(cfg, ds, data_info["eval_split"], final=False),
-        "steps": total,
-        "resumed_from_step": resumed_from,
-        "config": cfg.to_dict(),
-        "resolved": {
+        data_info = ds.info()
+        specs = _diag_layer_specs(final_model)
+        sparse_dense_equiv = sum(s["in_features"] * s["out_features"] for s in specs.values())
+        # Stored diagonal values only (biases stay dense).
+        sparse_stored = sum(s["k"] * min(s["in_features"], s["out_features"]) for s in specs.values())
+        n_sparse_layers = len(specs)
+        # mask baselines (dst-baselines): their finalized layers are plain nn.Linear with zeroed weights; count the
+        # weights their masks keep (a dense weight is still stored: the masks only simulate sparsity).
+        final_params = _count_params(final_model)
+        final_kept = final_params  # a compact DiagLinear's parameters are the weights it keeps
+        if cfg.method in BASELINE_METHODS and dst_info is not None:
+            summ = dst_info["summary"]
+            n_sparse_layers, sparse_dense_equiv, sparse_stored = summ["layers"], int(summ["numel"]), int(summ["nnz"])
+            final_kept = final_params - sparse_dense_equiv + sparse_stored  # less the pruned zeros
+        metrics: dict[str, Any] = {
+            "format": _METRICS_FORMAT,
+            "status": "complete",
+            "task": cfg.task,
+            "method": cfg.method,
+            "sparsity": cfg.sparsity if cfg.method != "dense" else 0.0,
+            "seed": cfg.seed,
+            "metric": metric_name,
+            "higher_is_better": higher_better,
+            "final": after,
+            "final_before_finalize": before,
+            "best": history["best"],
+            "curve": history["curve"],
+            # what "final" and "best" / "curve" were measured on (chars: different numbers of validation blocks)
+            "final_eval": _eval_set(cfg, ds, data_info["eval_split"], final=True),
+            "periodic_eval": _eval_set(cfg, ds, data_info["eval_split"], final=False),
             "steps": total,
-            "epochs": total / stream.steps_per_epoch,
-            "batch_size": cfg.get("batch_size"),
-            "lr": cfg.get("lr"),
-            "weight_decay": cfg.get("weight_decay"),
-            "eval_every": eval_every,
-            "optimizer": "AdamW(betas=(0.9, 0.95)), no decay on biases/norms/embeddings",
-            "schedule": f"linear warm-up {cfg.warmup_frac:.0%}, cosine to {cfg.min_lr_frac:g} x lr",
-            "grad_clip": cfg.grad_clip,
-        },
-        "model_config": mcfg.to_dict(),
-        "data": data_info,
-        "time": {
-            "train_s": history["train_s"],
-            "eval_s": history["eval_s"] + eval_final_s,
-            "wall_s_this_process": time.perf_counter() - t_start,
-            "steps_per_s": total / history["train_s"] if history["train_s"] > 0 else None,
-        },
-        "params": {
-            "dense_model": dense_params,
-            "training_model": train_params_start,
-            # every parameter of the saved model: for the mask methods, dense matrices with the pruned weights 0
-            "final_model": final_params,
-            # the same less the pruned weights of the mask methods: the count that compares across methods
-            "final_model_kept": final_kept,
-            "sparse_layers": n_sparse_layers,
-            "sparse_layer_weights_dense": sparse_dense_equiv,
-            "sparse_layer_weights_stored": sparse_stored,
-            "sparse_layer_density": sparse_stored / sparse_dense_equiv if sparse_dense_equiv else None,
-        },
-        "memory": {
-            "train_state_bytes_peak": max_state_bytes,
-            "process_peak_rss_bytes": _peak_rss_bytes(),
-        },
-        "dst": dst_info,
-        "env": {**env_stamp(cfg.device), "world_size": world},
-    }
-    if out is not None and rank == 0:
-        save_model(final_model, mcfg, out / MODEL_NAME, task=cfg.task, method=cfg.method)
-        atomic_write_text(json.dumps(metrics, indent=1, default=_json_default) + "\n", out / METRICS_NAME)
+            "resumed_from_step": resumed_from,
+            "config": cfg.to_dict(),
+            "resolved": {
+                "steps": total,
+                "epochs": total / stream.steps_per_epoch,
+                "batch_size": cfg.get("batch_size"),
+                "lr": cfg.get("lr"),
+                "weight_decay": cfg.get("weight_decay"),
+                "eval_every": eval_every,
+                "optimizer": "AdamW(betas=(0.9, 0.95)), no decay on biases/norms/embeddings",
+                "schedule": f"linear warm-up {cfg.warmup_frac:.0%}, cosine to {cfg.min_lr_frac:g} x lr",
+                "grad_clip": cfg.grad_clip,
+            },
+            "model_config": mcfg.to_dict(),
+            "data": data_info,
+            "time": {
+                "train_s": history["train_s"],
+                "eval_s": history["eval_s"] + eval_final_s,
+                "wall_s_this_process": time.perf_counter() - t_start,
+                "steps_per_s": total / history["train_s"] if history["train_s"] > 0 else None,
+            },
+            "params": {
+                "dense_model": dense_params,
+                "training_model": train_params_start,
+                # every parameter of the saved model: for the mask methods, dense matrices with the pruned weights 0
+                "final_model": final_params,
+                # the same less the pruned weights of the mask methods: the count that compares across methods
+                "final_model_kept": final_kept,
+                "sparse_layers": n_sparse_layers,
+                "sparse_layer_weights_dense": sparse_dense_equiv,
+                "sparse_layer_weights_stored": sparse_stored,
+                "sparse_layer_density": sparse_stored / sparse_dense_equiv if sparse_dense_equiv else None,
+            },
+            "memory": {
+                "train_state_bytes_peak": max_state_bytes,
+                "process_peak_rss_bytes": _peak_rss_bytes(),
+            },
+            "dst": dst_info,
+            "env": {**env_stamp(cfg.device), "world_size": world},
+        }
+        if out is not None and rank == 0:
+            meta = {"seed": cfg.seed, "sparsity": metrics["sparsity"], "config": cfg.to_dict(), "env": metrics["env"]}
+            save_model(final_model, mcfg, out / MODEL_NAME, task=cfg.task, method=cfg.method, **meta)
+            atomic_write_text(json.dumps(metrics, indent=1, default=_json_default) + "\n", out / METRICS_NAME)
     return metrics
 
 

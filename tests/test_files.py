@@ -117,3 +117,17 @@ def test_without_file_locks_a_stale_temporary_file_is_judged_by_its_age(tmp_path
     with atomic_write(path) as tmp:
         tmp.write_bytes(b"data")
     assert sorted(p.name for p in tmp_path.iterdir()) == [young.name, "a.bin"]
+
+
+def test_an_interrupted_writer_s_cleanup_error_is_reported_as_the_interrupt(tmp_path):
+    """torch.save interrupted by Ctrl-C fails again in its own cleanup ("unexpected pos"): the interrupt is
+    what happened, and what the CLI turns into its message."""
+    target = tmp_path / "f.pt"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(target) as tmp:
+            try:
+                tmp.write_bytes(b"half")
+                raise KeyboardInterrupt
+            finally:
+                raise RuntimeError("unexpected pos 9560064 vs 9559952")  # noqa: B012 - torch's cleanup does this
+    assert not target.exists() and list(tmp_path.iterdir()) == []

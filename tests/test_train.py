@@ -419,12 +419,15 @@ def test_cli_train_end_to_end(tmp_path, capsys):
         (["--threads", "0"], "--threads: must be an int >= 1"),
         (["--out", "FILE"], "is an existing file"),
         (["--device", "tpu"], "--device='tpu' is not a torch device"),
+        (["--out", "FILE/sub"], "cannot write in .*FILE/sub'"),
+        (["--out", ""], "must name a folder, got an empty path"),
+        (["--seed", str(10**20)], r"seed must be in \[0, 2\*\*63\)"),
     ],
 )
 def test_cli_train_reports_bad_arguments_as_usage_errors(tmp_path, capsys, monkeypatch, extra, match):
     (tmp_path / "FILE").write_text("")
     monkeypatch.setattr(train_mod, "_train", lambda *a, **k: pytest.fail("training started"))
-    extra = [str(tmp_path / a) if a == "FILE" else a for a in extra]
+    extra = [str(tmp_path / a) if a.startswith("FILE") else a for a in extra]
     argv = ["train", "--task", "digits-vit", "--steps", "2", "--out", str(tmp_path / "o"), "--quiet", *extra]
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
@@ -452,6 +455,7 @@ def test_cli_refuses_cuda_on_a_machine_without_it(capsys):
             ["--epochs", "1", "--dst", "freeze_at=100"],
             r"freeze_at=100 \(an absolute step\) must be in \[0, total_steps=22\]",
         ),
+        (["--steps", "2", "--batch-size", "100000"], "batch_size=100000 exceeds the 1437 training images"),
     ],
 )
 def test_cli_train_reports_what_the_model_rules_out_as_usage_errors(tmp_path, capsys, extra, match):
@@ -667,7 +671,7 @@ def test_an_unreadable_model_file_is_named_too(tmp_path):
         load_model(path)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match=r"offsets_from model file .* is unreadable: .*finished run's model.pt"):
-        train_mod._mark_offsets_from(model, str(path))
+        train_mod._mark_offsets_from(model, str(path), "digits-vit")
 
 
 def test_a_tagged_file_without_its_fields_is_named(tmp_path):
@@ -680,7 +684,7 @@ def test_a_tagged_file_without_its_fields_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"model.pt has the format tag .* but no model_config, state_dict: "):
         load_model(model)
     with pytest.raises(ValueError, match=r"but no model_config, state_dict"):
-        train_mod._mark_offsets_from(torch.nn.Sequential(torch.nn.Linear(4, 4)), str(model))
+        train_mod._mark_offsets_from(torch.nn.Sequential(torch.nn.Linear(4, 4)), str(model), "digits-vit")
 
 
 def test_a_checkpoint_of_the_earlier_optimizer_layout_is_refused_not_resumed(tmp_path):
@@ -771,3 +775,110 @@ def test_cli_summary_counts_parameters_comparably_across_methods(tmp_path, capsy
         counts[method] = params
     assert counts["rigl"]["final_model"] == counts["rigl"]["dense_model"]  # dense matrices, pruned weights 0
     assert counts["dynadiag"]["final_model_kept"] == counts["dynadiag"]["final_model"]  # compact already
+
+
+def test_a_new_run_replaces_a_finished_one_when_it_starts(tmp_path):
+    """An interrupted new run must not leave the old run's results in the folder looking like its own."""
+    train(_quick(out=str(tmp_path), method="diagheur"))
+    assert (tmp_path / METRICS_NAME).exists() and (tmp_path / MODEL_NAME).exists()
+    r = train(_quick(out=str(tmp_path), method="diagheur", seed=7, stop_after=3))
+    assert r["status"] == "interrupted"
+    assert not (tmp_path / METRICS_NAME).exists() and not (tmp_path / MODEL_NAME).exists()
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert ckpt["step"] == 3 and ckpt["config"]["seed"] == 7
+
+
+def test_a_run_that_finished_training_but_not_its_evaluation_needs_resume(tmp_path):
+    train(_quick(out=str(tmp_path)))
+    (tmp_path / METRICS_NAME).unlink()  # what an interrupted final evaluation leaves
+    with pytest.raises(ValueError, match=r"finished training \(step 24 of 24\) but not its final evaluation"):
+        train(_quick(out=str(tmp_path)))
+    assert train(_quick(out=str(tmp_path), resume=True))["resumed_from_step"] == 24
+
+
+def test_an_out_folder_that_cannot_be_written_fails_before_any_step(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(train_mod.tempfile, "TemporaryFile", refuse)  # root ignores a read-only mode
+    steps = []
+    with pytest.raises(ValueError, match=r"cannot write in TrainConfig.out=.*: Permission denied"):
+        train(_quick(out=str(tmp_path / "ro")), progress=lambda s, t, i: steps.append(s))
+    assert steps == []
+
+
+def test_sigterm_checkpoints_like_ctrl_c_and_says_so(tmp_path, capsys):
+    def terminate_at_7(step, total, info):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 7"):
+        train(_quick(out=str(tmp_path), quiet=False), progress=terminate_at_7)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 7
+    assert "[train] SIGTERM: stopping after this step, with a checkpoint" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
+def _interrupt_final_evaluation(monkeypatch, times: int) -> None:
+    """Send SIGINT ``times`` times from the first final evaluation."""
+    evaluate = train_mod._evaluate
+
+    def evaluate_and_interrupt(cfg, model, ds, device, final):
+        if final and not getattr(evaluate_and_interrupt, "done", False):
+            evaluate_and_interrupt.done = True
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(cfg, model, ds, device, final)
+
+    monkeypatch.setattr(train_mod, "_evaluate", evaluate_and_interrupt)
+
+
+def test_a_first_ctrl_c_in_the_final_evaluation_lets_it_finish(tmp_path, monkeypatch, capsys):
+    _interrupt_final_evaluation(monkeypatch, 1)
+    m = train(_quick(out=str(tmp_path), quiet=False))
+    assert m["status"] == "complete" and (tmp_path / METRICS_NAME).exists()
+    assert "[train] Ctrl-C: finishing the final evaluation first" in capsys.readouterr().err
+
+
+def test_cli_second_ctrl_c_in_the_final_evaluation_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    _interrupt_final_evaluation(monkeypatch, 2)
+    argv = ["train", "--task", "digits-vit", "--steps", "6", "--batch-size", "16", "--out", str(tmp_path), "--quiet"]
+    assert cli.main([*argv, "--model", "dim=16", "--model", "depth=1"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"stopped at once; the last checkpoint in {tmp_path} (step 6/6) is intact" in err
+    assert "--resume to redo the final evaluation" in err
+    assert not (tmp_path / METRICS_NAME).exists()
+
+
+def test_cli_refuses_to_run_under_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--task", "digits-vit", "--steps", "2", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "run it once with --nproc 2 instead of under torchrun" in capsys.readouterr().err
+
+
+def test_saved_files_say_which_run_and_code_made_them(tmp_path):
+    train(_quick(out=str(tmp_path), method="diagheur", sparsity=0.75, seed=3))
+    meta = torch.load(tmp_path / MODEL_NAME, weights_only=True)["meta"]
+    assert (meta["task"], meta["method"], meta["seed"], meta["sparsity"]) == ("digits-vit", "diagheur", 3, 0.75)
+    assert meta["config"]["seed"] == 3 and meta["env"]["torch"] == torch.__version__
+    env = json.loads((tmp_path / METRICS_NAME).read_text())["env"]
+    assert env["diagcompile"] and env["numba"]
+    # offsets_from names a model of the other task as such
+    with pytest.raises(ValueError, match=r"is a digits-vit model; this run trains chars-gpt"):
+        train(_quick("chars-gpt", out=str(tmp_path / "c"), method="diagheur", offsets_from=str(tmp_path / MODEL_NAME)))
+
+
+def test_an_edited_checkpoint_is_refused_by_name(tmp_path):
+    train(_quick(out=str(tmp_path), method="diagheur", stop_after=5))
+    path = tmp_path / CHECKPOINT_NAME
+    good = load_checkpoint(path)
+    atomic_torch_save({**good, "step": 500}, path)
+    with pytest.raises(ValueError, match=r"step 500 of 24 is impossible"):
+        train(_quick(out=str(tmp_path), method="diagheur", resume=True))
+    name = next(k for k in good["model"] if k.endswith("values"))
+    atomic_torch_save({**good, "model": {**good["model"], name: good["model"][name][:1]}}, path)
+    with pytest.raises(train_mod.CheckpointReadError, match=r"does not fit the model its configuration builds"):
+        train(_quick(out=str(tmp_path), method="diagheur", resume=True))
