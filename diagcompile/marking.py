@@ -20,8 +20,10 @@ graphs follow the weight's mark, ``passes/README.md`` invariant 8), while the mo
 ``get_sparse_mark(module)`` reads the module's: a pin made before new weights were loaded would otherwise decide
 which diagonals ``sparsify_`` keeps. After training through the backend, ``pin_marks_(model)`` copies the pins
 onto the modules (``sparsify_`` warns when it sees a pin that differs). A pin is undone when its linear loads
-a new weight (``load_state_dict``): the next compile or export resolves the top-k of the loaded values, as a
-fresh process would. (A bare marked ``Parameter`` has no module to see the load: mark it again after loading.)
+a new weight (``load_state_dict``) while the weight is still the one the pin was chosen from (not trained
+since): the next compile or export resolves the top-k of the loaded values, as a fresh process would. Loads
+that bypass the module's ``load_state_dict`` (a bare marked ``Parameter``, a tied weight stored under another
+module's key, ``p.data.copy_``) are not seen: mark again after them.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 _ATTR = "_diagcompile_sparse_mark"
-# On a weight: the mark ``pin_top_k`` put there, while it is still the weight's mark.
+# On a weight: (the mark ``pin_top_k`` put there, the weight's version counter then).
 _PIN = "_diagcompile_pin"
 # On a marked linear: its load_state_dict pre-hook (``_unpin_on_load``) is registered.
 _HOOKED = "_diagcompile_unpin_hook"
@@ -139,6 +141,7 @@ def mark_sparse(
         target.__dict__[_ATTR] = mark
         if not target.__dict__.get(_HOOKED):
             target.register_load_state_dict_pre_hook(_unpin_on_load)
+            target.register_load_state_dict_post_hook(_mark_loaded_weight)
             target.__dict__[_HOOKED] = True
     return target
 
@@ -148,24 +151,51 @@ def pin_top_k(weight: Tensor, offsets: Tensor) -> SparseMark:
 
     The ``diagcompile`` backend does this when it first compiles a graph for the weight, so that recompiles,
     training steps and later conversions keep the diagonals it chose. Unlike a mark the user gave, the pin is
-    undone when the weight's marked linear loads a new weight (``_unpin_on_load``). Internal to diagcompile.
+    undone when the weight's marked linear loads a new weight before the weight changed since the pin
+    (``_unpin_on_load``). Internal to diagcompile.
     """
     mark_sparse(weight, offsets=offsets)
     pinned = weight.__dict__[_ATTR]
-    weight.__dict__[_PIN] = pinned
+    weight.__dict__[_PIN] = (pinned, _version(weight))
     return pinned
 
 
+def _version(t: Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return None
+
+
 def _unpin_on_load(module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
-    """``load_state_dict`` pre-hook of a marked linear: loading a new weight undoes the backend's pin of the
-    module's top-k mark on it. Otherwise the diagonals picked from the old values (a random init, before a
-    checkpoint was loaded) would stay, silently, in every later compile and export."""
+    """``load_state_dict`` pre-hook of a marked linear: loading a new weight into one that has not changed since
+    the backend pinned its top-k mark undoes the pin. Otherwise the diagonals picked from values about to be
+    replaced (a random init, before a checkpoint was loaded) would stay, silently, in every later compile and
+    export. A weight that changed since (trained through the pin: only its pinned diagonals learned) keeps it,
+    so restoring its own earlier state (the best checkpoint, a rollback) keeps the trained diagonals."""
     mark = module.__dict__.get(_ATTR)
     weight = module._parameters.get("weight")
-    if mark is None or mark.offsets is not None or weight is None or prefix + "weight" not in state_dict:
+    new = state_dict.get(prefix + "weight")
+    if mark is None or mark.offsets is not None or weight is None or not isinstance(new, Tensor):
         return
-    pin = weight.__dict__.pop(_PIN, None)
-    if pin is not None and weight.__dict__.get(_ATTR) is pin:
+    if new.shape != weight.shape:  # the load will fail and leave the weight as it is
+        return
+    pin = weight.__dict__.get(_PIN)
+    if pin is None or weight.__dict__.get(_ATTR) is not pin[0]:
+        return  # no pin, or the user marked the weight since
+    version = _version(weight)
+    if version is None or version == pin[1]:
+        del weight.__dict__[_PIN]
+        weight.__dict__[_ATTR] = mark
+
+
+def _mark_loaded_weight(module: nn.Module, _incompatible: object) -> None:
+    """``load_state_dict`` post-hook of a marked linear: ``assign=True`` put a new Parameter in place of the
+    marked weight; it gets the module's mark (as ``sync_marks`` would), or the compiled model would run it
+    dense."""
+    mark = module.__dict__.get(_ATTR)
+    weight = module._parameters.get("weight")
+    if mark is not None and weight is not None and _ATTR not in weight.__dict__:
         weight.__dict__[_ATTR] = mark
 
 

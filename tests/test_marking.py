@@ -151,3 +151,27 @@ def test_a_parametrized_weight_cannot_be_marked():
     with pytest.raises(ValueError, match=r"parametrized.*remove_parametrizations\(m, \"weight\"\).*sparsify_"):
         mark_sparse(lin, sparsity=0.5)
     assert not is_sparse_marked(lin)
+
+
+def test_a_load_keeps_a_pin_the_weight_was_trained_through():
+    """Trained through the backend, only the pinned diagonals learned: re-resolving the top-k on a reload of
+    the model's own (best, earlier) state would switch to untrained diagonals."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    mark_sparse(model[0], sparsity=0.75)
+    pinned = pin_top_k(model[0].weight, torch.tensor([1, 6], dtype=torch.int32))
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)  # an optimizer step
+    model.load_state_dict({"0.weight": _strong_diagonals(8, [2, 5]), "0.bias": torch.zeros(8)})
+    assert get_sparse_mark(model[0].weight) is pinned
+
+
+def test_a_failed_load_keeps_the_pin_and_an_assigned_weight_gets_the_mark():
+    model = nn.Sequential(nn.Linear(8, 8))
+    mark_sparse(model[0], sparsity=0.75)
+    pinned = pin_top_k(model[0].weight, torch.tensor([1, 6], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model.load_state_dict({"0.weight": torch.zeros(8, 9), "0.bias": torch.zeros(8)})
+    assert get_sparse_mark(model[0].weight) is pinned
+    # assign=True puts new Parameters in place: the new weight carries the module's mark (else: runs dense)
+    model.load_state_dict({"0.weight": _strong_diagonals(8, [2, 5]), "0.bias": torch.zeros(8)}, assign=True)
+    assert get_sparse_mark(model[0].weight) == SparseMark(0.75, None)

@@ -546,6 +546,28 @@ def test_a_checkpoint_loaded_after_compiling_decides_the_diagonals():
     assert offsets.tolist() == wanted
 
 
+def test_reloading_weights_trained_through_the_backend_keeps_their_diagonals():
+    """Restoring a model's own earlier state (the best checkpoint, a rollback) after compiled training: the
+    off-diagonal entries never trained, so re-resolving the top-k would switch to untrained diagonals."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    mark_sparse(model[0], sparsity=0.75)
+    compiled = diagcompile.compile(model)
+    opt = torch.optim.SGD(model[0].parameters(), lr=1.0)
+    x = torch.randn(32, 16)
+    for _ in range(30):  # drives the trained diagonals toward 0, below the untrained ones
+        compiled(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    pinned = get_sparse_mark(model[0].weight).offsets
+    assert sorted(get_sparse_mark(model[0]).resolve_offsets(model[0].weight).tolist()) != sorted(pinned)
+    with torch.no_grad():
+        before = compiled(x)
+        model.load_state_dict(copy.deepcopy(model.state_dict()))
+        torch.testing.assert_close(compiled(x), before)
+    assert get_sparse_mark(model[0].weight).offsets == pinned
+
+
 def test_weights_created_under_inference_mode():
     """Serving code builds models under inference_mode: such tensors have no version counter to read."""
     with torch.inference_mode():
