@@ -173,3 +173,9 @@ def test_an_interrupted_demo_run_is_continued_or_moved_aside(tmp_path):
     assert not _continue_interrupted(tc).resume
     assert not (tmp_path / "checkpoint.pt").exists()
     train(tc)
+    # trained, but interrupted in its final evaluation (no metrics.json): the same configuration evaluates it
+    (tmp_path / "metrics.json").unlink()
+    resumed = _continue_interrupted(tc)
+    assert resumed.resume and train(resumed)["status"] == "complete"
+    # and with results there, a finished run is replaced by a new one
+    assert _continue_interrupted(tc) is tc
