@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +152,7 @@ def atomic_write(path: str | os.PathLike, what: str = "write") -> Iterator[Path]
     path = check_output_path(path, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, lock = _create_temp(path)
+    handling = sys.exc_info()[1]  # an exception the caller is handling (a save on Ctrl-C): not ours to re-raise
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # the writer may have used its own handle: flush the data to disk here
@@ -162,10 +164,15 @@ def atomic_write(path: str | os.PathLike, what: str = "write") -> Iterator[Path]
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e.__context__, KeyboardInterrupt) and not isinstance(e, KeyboardInterrupt):
+        interrupt = e.__context__
+        if (
+            isinstance(interrupt, KeyboardInterrupt)
+            and interrupt is not handling
+            and not isinstance(e, KeyboardInterrupt)
+        ):
             # A writer that cleans up after an interrupt can fail doing so (torch.save: "unexpected pos"); the
             # interrupt is what happened, and what callers handle.
-            raise e.__context__ from None
+            raise interrupt from None
         raise
     finally:
         if lock >= 0:

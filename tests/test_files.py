@@ -131,3 +131,17 @@ def test_an_interrupted_writer_s_cleanup_error_is_reported_as_the_interrupt(tmp_
             finally:
                 raise RuntimeError("unexpected pos 9560064 vs 9559952")  # noqa: B012 - torch's cleanup does this
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_write_error_inside_the_caller_s_own_interrupt_handler_stays_that_error(tmp_path):
+    """Saving on Ctrl-C (inside ``except KeyboardInterrupt``) and hitting a full disk: the caller must see the
+    disk error, not the interrupt it is already handling."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        with pytest.raises(BaseException) as info:  # (a KeyboardInterrupt escaping would stop pytest itself)
+            with atomic_write(tmp_path / "f.pt") as tmp:
+                tmp.write_bytes(b"half")
+                raise OSError(28, "No space left on device")  # noqa: B904 - the implicit context is the point
+    assert isinstance(info.value, OSError) and info.value.errno == 28, repr(info.value)
+    assert list(tmp_path.iterdir()) == []
