@@ -327,8 +327,8 @@ class TrainConfig:
             raise ValueError("TrainConfig: warmup_frac must be in [0, 1), min_lr_frac in [0, 1], grad_clip >= 0")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"TrainConfig.seed must be an int, got {type(self.seed).__name__}")
-        if not 0 <= self.seed < 2**63:  # torch.Generator.manual_seed's range, less the negative half
-            raise ValueError(f"TrainConfig.seed must be in [0, 2**63), got {self.seed}")
+        if not -(2**63) <= self.seed < 2**64:  # torch.Generator.manual_seed's range
+            raise ValueError(f"TrainConfig.seed must be in [-2**63, 2**64), got {self.seed}")
         if self.out is not None and not str(self.out).strip():
             raise ValueError("TrainConfig.out must name a folder, got an empty path (use '.' for this one)")
         if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
@@ -484,6 +484,13 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _package_version(metadata: Any, name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:  # vendored, or run from a source tree without an install
+        return None
+
+
 def env_stamp(device: str = "cpu") -> dict[str, Any]:
     """Date, machine, versions and git SHA, for metrics files and result tables."""
     from importlib import metadata
@@ -494,8 +501,8 @@ def env_stamp(device: str = "cpu") -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git": _git_sha(),
         # outside a git checkout the package version is the only record of the code (numba runs the CPU kernels)
-        "diagcompile": metadata.version("diagcompile"),
-        "numba": metadata.version("numba"),
+        "diagcompile": _package_version(metadata, "diagcompile"),
+        "numba": _package_version(metadata, "numba"),
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "numpy": numpy.__version__,
@@ -879,27 +886,30 @@ def _count_params(model: nn.Module) -> int:
 
 # What a first SIGINT / SIGTERM does, by the phase of the run (:class:`_StopFlag`), as said to the user.
 _STOP_NOTICE = {
-    "train": "stopping after this step, with a checkpoint",
-    "final": "finishing the final evaluation first (the checkpoint of the last step is saved)",
+    "train": "stopping after this step",
+    "final": "finishing the final evaluation first",
 }
 
 
 class _StopFlag:
     """Turns the first SIGINT or SIGTERM into "stop after this step" (a second SIGINT interrupts at once, a
     second SIGTERM terminates), saying so at once when ``announce``. ``phase`` (a key of ``_STOP_NOTICE``)
-    picks the wording: in the final evaluation the request only lets it finish."""
+    picks the wording: in the final evaluation the request only lets it finish. SIGTERM is taken only from its
+    default handler: a handler the caller installed (a job framework's) keeps it."""
 
-    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, announce: bool = True) -> None:
+    def __init__(self, announce: bool = True, checkpoint: bool = True) -> None:
         self.stop = False
         self.phase = "train"
         self.announce = announce
+        self.checkpoint = checkpoint  # whether the run writes one (the notice says so)
         self._prev: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._prev = {sig: signal.getsignal(sig) for sig in self._SIGNALS}
+            signals = [signal.SIGINT]
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                signals.append(signal.SIGTERM)
+            self._prev = {sig: signal.getsignal(sig) for sig in signals}
 
             def handler(signum, frame):
                 self.stop = True
@@ -908,9 +918,10 @@ class _StopFlag:
                 if self.announce:
                     again = "Ctrl-C again stops at once" if signum == signal.SIGINT else "a second SIGTERM kills it"
                     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-                    print(f"\n[train] {name}: {_STOP_NOTICE[self.phase]} ({again})", file=sys.stderr, flush=True)
+                    what = _STOP_NOTICE[self.phase] + (", with a checkpoint" if self.checkpoint else "")
+                    print(f"\n[train] {name}: {what} ({again})", file=sys.stderr, flush=True)
 
-            for sig in self._SIGNALS:
+            for sig in self._prev:
                 signal.signal(sig, handler)
         return self
 
@@ -1110,6 +1121,8 @@ def saved_checkpoint(out: str | os.PathLike) -> str:
         step, total = int(ckpt["step"]), int(ckpt["total_steps"])
     except Exception:  # noqa: BLE001 - none, or none this version can resume: nothing to offer
         return f"there is no checkpoint to resume in {out}"
+    if step >= total and (Path(out) / METRICS_NAME).exists():  # stopped before this run replaced that one
+        return f"nothing of this run was saved; the finished run in {out} is as it was"
     return f"the last checkpoint in {out} (step {step}/{total}) is intact: run the same command with --resume to " + (
         "continue" if step < total else "redo the final evaluation"
     )
@@ -1292,7 +1305,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
         del ckpt
     elif cfg.resume and not cfg.quiet:
         print(f"[train] no checkpoint at {ckpt_path}; starting from step 0", file=sys.stderr)
-    if resumed_from is None and out is not None and rank == 0:
+    if not cfg.resume and out is not None and rank == 0:
         # A new run replaces a finished one (check_out allows nothing else here): from now on, not at its end,
         # so that an interrupted new run never leaves the old run's results looking like its own.
         for name in (METRICS_NAME, MODEL_NAME, CHECKPOINT_NAME):
@@ -1341,7 +1354,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
 
     stop_at = total if cfg.stop_after is None else min(total, cfg.stop_after)
     model.train()
-    with _StopFlag(announce=rank == 0 and not cfg.quiet) as flag:
+    with _StopFlag(announce=rank == 0 and not cfg.quiet, checkpoint=ckpt_path is not None) as flag:
         t_loop = time.perf_counter()
         while step < stop_at:
             x, y = stream.next()
@@ -1427,7 +1440,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
     # ---- final evaluation (and finalize for DST) -------------------------------------------------
     # A first Ctrl-C or SIGTERM here lets it finish (seconds) and write the results; a second Ctrl-C stops at once
     # (the checkpoint of the last step is complete: --resume redoes this part).
-    final_flag = _StopFlag(announce=rank == 0 and not cfg.quiet)
+    final_flag = _StopFlag(announce=rank == 0 and not cfg.quiet, checkpoint=False)  # it exists already
     final_flag.phase = "final"
     with final_flag:
         t_eval = time.perf_counter()

@@ -421,7 +421,7 @@ def test_cli_train_end_to_end(tmp_path, capsys):
         (["--device", "tpu"], "--device='tpu' is not a torch device"),
         (["--out", "FILE/sub"], "cannot write in .*FILE/sub'"),
         (["--out", ""], "must name a folder, got an empty path"),
-        (["--seed", str(10**20)], r"seed must be in \[0, 2\*\*63\)"),
+        (["--seed", str(10**20)], r"seed must be in \[-2\*\*63, 2\*\*64\)"),
     ],
 )
 def test_cli_train_reports_bad_arguments_as_usage_errors(tmp_path, capsys, monkeypatch, extra, match):
@@ -882,3 +882,40 @@ def test_an_edited_checkpoint_is_refused_by_name(tmp_path):
     atomic_torch_save({**good, "model": {**good["model"], name: good["model"][name][:1]}}, path)
     with pytest.raises(train_mod.CheckpointReadError, match=r"does not fit the model its configuration builds"):
         train(_quick(out=str(tmp_path), method="diagheur", resume=True))
+
+
+def test_sigterm_is_left_to_a_handler_the_caller_installed_and_seeds_keep_torch_s_range(tmp_path, capsys):
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+
+        def terminate_at_3(step, total, info):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        # negative seeds worked before a range check was added: torch takes [-2**63, 2**64)
+        m = train(_quick(seed=-1, quiet=False), progress=terminate_at_3)  # no out: no checkpoint promised
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert m["status"] == "complete" and seen == [signal.SIGTERM]
+    assert "[train]" not in capsys.readouterr().err  # the caller's handler took it; nothing was announced
+
+    def interrupt_at_3(step, total, info):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
+        train(_quick(quiet=False), progress=interrupt_at_3)
+    err = capsys.readouterr().err
+    assert "[train] Ctrl-C: stopping after this step (" in err and "checkpoint" not in err.split("[train]")[1]
+
+
+def test_a_stop_before_a_new_run_replaced_a_finished_one_says_nothing_was_saved(tmp_path):
+    train(_quick(out=str(tmp_path)))
+    msg = train_mod.saved_checkpoint(tmp_path)
+    assert msg == f"nothing of this run was saved; the finished run in {tmp_path} is as it was"
+    (tmp_path / METRICS_NAME).unlink()
+    assert "(step 24/24) is intact: run the same command with --resume to redo the final evaluation" in (
+        train_mod.saved_checkpoint(tmp_path)
+    )
+    assert train_mod.saved_checkpoint(tmp_path / "none") == f"there is no checkpoint to resume in {tmp_path / 'none'}"
