@@ -751,35 +751,59 @@ def _load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
 #: (microsoft/onnxruntime#28392; the dense float16 encoder cut after that ``MatMul`` crashes too).
 FP16_DISABLED_OPTIMIZERS: tuple[str, ...] = ("NchwcTransformer",)
 
-# Creates a session with onnxruntime's default options for the file given as argv[1]; a crash kills only this child.
+# Creates a session with onnxruntime's default options for the file given as argv[1], then prints the sentinel:
+# a crash kills only this child, and a child that could not even try (no onnxruntime) prints nothing.
+_PROBE_OK = "diagcompile-probe-ok"
 _DEFAULT_SESSION_PROBE = (
-    "import sys, onnxruntime as ort; ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])"
+    "import sys, onnxruntime as ort; ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); "
+    f"print({_PROBE_OK!r})"
 )
 
 
-def _warn_if_default_session_crashes(proto: onnx.ModelProto) -> None:
-    """Warn when a session with onnxruntime's default options dies creating itself for ``proto`` (float16 files
-    only, where ``make_session`` and so ``check_onnx`` work around ``FP16_DISABLED_OPTIMIZERS``): the check
-    would pass a file that crashes a consumer's plain ``InferenceSession``. Costs a child process."""
+def _default_session_problem(path: str | os.PathLike) -> str | None:
+    """``None`` if onnxruntime's default options create a session for the file at ``path`` in a child process,
+    else what happened (a crash, an error, a child that could not run, a timeout)."""
     import subprocess
     import sys
+
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", _DEFAULT_SESSION_PROBE, str(path)], capture_output=True, text=True, timeout=600
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"could not be checked ({type(e).__name__}: {e})"
+    if probe.returncode == 0 and _PROBE_OK in probe.stdout:
+        return None
+    # A signal: negative on POSIX; on Windows a crash exits with its NTSTATUS (0xC0000005: access violation).
+    if probe.returncode < 0 or probe.returncode >= 0xC0000000:
+        code = -probe.returncode if probe.returncode < 0 else probe.returncode
+        return f"crashed (signal {code})" if probe.returncode < 0 else f"crashed (exit status {code:#x})"
+    last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"failed (exit status {probe.returncode}: {last})"
+
+
+def _warn_if_default_session_fails(proto: onnx.ModelProto, path: str | os.PathLike | None) -> None:
+    """Warn when a session with onnxruntime's default options cannot be created for ``proto`` (saved at ``path``
+    if it came from a file) in a child process: float16 files only, where ``make_session`` and so ``check_onnx``
+    work around ``FP16_DISABLED_OPTIMIZERS``, so the check would pass a file that crashes a consumer's plain
+    ``InferenceSession``. Costs a child process and an ``ORT_ENABLE_ALL`` session build (~0.3 s for a layer)."""
     import tempfile
 
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save(proto, path)
-        probe = subprocess.run(
-            [sys.executable, "-c", _DEFAULT_SESSION_PROBE, str(path)], capture_output=True, text=True, timeout=600
-        )
-    if probe.returncode >= 0:  # loaded, or refused with a Python error that a consumer would see as one
+    if path is not None:
+        problem = _default_session_problem(path)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx.save(proto, Path(tmp) / "model.onnx")
+            problem = _default_session_problem(Path(tmp) / "model.onnx")
+    if problem is None:
         return
     warnings.warn(
-        f"onnxruntime {ort.__version__} crashed (signal {-probe.returncode}) creating a session with its default "
-        f"options for this float16 file. It is onnxruntime's bug in its {', '.join(FP16_DISABLED_OPTIMIZERS)} "
-        f"optimizer (microsoft/onnxruntime#28392), which this check turned off: every consumer of the file must "
-        f"do the same, ort.InferenceSession(path, providers=['CPUExecutionProvider'], "
+        f"onnxruntime {ort.__version__} {problem} creating a session with its default options for this float16 "
+        f"file, which this check ran with its {', '.join(FP16_DISABLED_OPTIMIZERS)} optimizer turned off (in "
+        f"onnxruntime 1.32.0 that optimizer crashes on float16 attention, microsoft/onnxruntime#28392): every "
+        f"consumer of the file must do the same, ort.InferenceSession(path, providers=['CPUExecutionProvider'], "
         f"disabled_optimizers={list(FP16_DISABLED_OPTIMIZERS)}), or use GraphOptimizationLevel.ORT_ENABLE_EXTENDED",
         stacklevel=3,
     )
@@ -898,7 +922,7 @@ def check_onnx(
     reference, _ = _program.prepare_for_export(model)
     session = make_session(proto, runtime=runtime)
     if _has_float16(proto) and not count_plugin_nodes(proto):
-        _warn_if_default_session_crashes(proto)
+        _warn_if_default_session_fails(proto, None if isinstance(path, onnx.ModelProto) else path)
     names = [i.name for i in session.get_inputs()]
     artifact = _artifact_name(proto, runtime)
     exprs = input_dynamic_dims([i.shape for i in session.get_inputs()], leaves)

@@ -563,22 +563,30 @@ def test_fp16_sparse_transformer_encoder_is_checked_without_crashing_onnxruntime
 
 def test_check_onnx_warns_when_a_default_session_would_crash_on_the_file(tmp_path, monkeypatch, recwarn):
     """check_onnx turns the crashing optimizer off for float16 files; a consumer's plain InferenceSession does
-    not. The check loads the file with default options in a child and warns if that child dies."""
+    not. The check loads the file with default options in a child and warns unless that child says it did."""
     import diagcompile.export.onnx as onnx_export
 
     layer = DiagLinear(8, 12, sparsity=0.5).half().eval()
     args = (torch.randn(3, 8).half(),)
     path = to_onnx(layer, args, tmp_path / "half.onnx")
+    assert onnx_export._default_session_problem(path) is None  # the real probe built a session and said so
     assert check_onnx(path, layer, args).passed
-    assert not [w for w in recwarn.list if "crashed" in str(w.message)]  # this file loads with default options
+    assert not [w for w in recwarn.list if "default options" in str(w.message)]
     # A child that dies the way onnxruntime 1.32's NCHWc transformer does on some float16 encoders.
     monkeypatch.setattr(onnx_export, "_DEFAULT_SESSION_PROBE", "import os, signal; os.kill(os.getpid(), 11)")
     with pytest.warns(UserWarning, match=r"crashed \(signal 11\).*disabled_optimizers=\['NchwcTransformer'\]"):
         assert check_onnx(path, layer, args).passed
+    with pytest.warns(UserWarning, match=r"crashed \(signal 11\)"):  # an in-memory model is saved for the child
+        assert check_onnx(onnx.load(path), layer, args).passed
+    # A child that could not try (no onnxruntime there) or exits without the sentinel is not a success.
+    monkeypatch.setattr(onnx_export, "_DEFAULT_SESSION_PROBE", "import onnxruntime_missing")
+    assert "failed (exit status 1: ModuleNotFoundError" in onnx_export._default_session_problem(path)
+    monkeypatch.setattr(onnx_export, "_DEFAULT_SESSION_PROBE", "pass")
+    assert onnx_export._default_session_problem(path) == "failed (exit status 0: no output)"
     float32 = to_onnx(layer.float(), (args[0].float(),), tmp_path / "float.onnx")
     recwarn.clear()
     assert check_onnx(float32, layer, (args[0].float(),)).passed  # float32 files keep the optimizer: no probe
-    assert not [w for w in recwarn.list if "crashed" in str(w.message)]
+    assert not [w for w in recwarn.list if "default options" in str(w.message)]
 
 
 def test_only_float16_files_get_the_nchwc_transformer_disabled(portable, tmp_path):
