@@ -503,11 +503,16 @@ def test_a_graph_not_from_dynamo_refuses_other_marks():
         run(x, w)
 
 
+def _marked_mlp(hidden: int, sparsity: float) -> tuple[nn.Sequential, nn.Module]:
+    """16 -> ``hidden`` -> 8, the first linear marked: the model and ``diagcompile.compile(model)``."""
+    model = nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, 8))
+    mark_sparse(model[0], sparsity=sparsity)
+    return model, diagcompile.compile(model)
+
+
 def test_weights_replaced_through_data_are_picked_up():
     """vector_to_parameters and Module.half()/float() assign .data: the storage changes, the version does not."""
-    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
-    mark_sparse(model[0], sparsity=0.5)
-    compiled = diagcompile.compile(model)
+    model, compiled = _marked_mlp(24, 0.5)
     x = torch.randn(3, 16)
     with torch.no_grad():
         compiled(x)
@@ -522,9 +527,7 @@ def test_a_checkpoint_loaded_after_compiling_decides_the_diagonals():
     """The first compile pinned the top-k of the random init on the weight; loading a checkpoint must undo
     that pin, so the compiled model (and an export) keep the loaded weight's top-k, like a fresh process.
     The pinned state is rebound in place: CUDA graphs recorded its tensors as static inputs."""
-    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
-    mark_sparse(model[0], sparsity=0.75)
-    compiled = diagcompile.compile(model)
+    model, compiled = _marked_mlp(16, 0.75)
     x = torch.randn(3, 16)
     with torch.no_grad():
         compiled(x)
@@ -550,9 +553,7 @@ def test_reloading_weights_trained_through_the_backend_keeps_their_diagonals():
     """Restoring a model's own earlier state (the best checkpoint, a rollback) after compiled training: the
     off-diagonal entries never trained, so re-resolving the top-k would switch to untrained diagonals."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
-    mark_sparse(model[0], sparsity=0.75)
-    compiled = diagcompile.compile(model)
+    model, compiled = _marked_mlp(16, 0.75)
     opt = torch.optim.SGD(model[0].parameters(), lr=1.0)
     x = torch.randn(32, 16)
     for _ in range(30):  # drives the trained diagonals toward 0, below the untrained ones
