@@ -20,8 +20,9 @@ graphs follow the weight's mark, ``passes/README.md`` invariant 8), while the mo
 ``get_sparse_mark(module)`` reads the module's: a pin made before new weights were loaded would otherwise decide
 which diagonals ``sparsify_`` keeps. After training through the backend, ``pin_marks_(model)`` copies the pins
 onto the modules (``sparsify_`` warns when it sees a pin that differs). A pin is undone when its linear loads
-a new weight (``load_state_dict``) while the weight is still the one the pin was chosen from (not trained
-since): the next compile or export resolves the top-k of the loaded values, as a fresh process would. Loads
+a weight of another lineage (``load_state_dict`` of a pretrained checkpoint; told by the entries off the pinned
+diagonals, which training through the pin leaves alone but for a uniform weight decay): the next compile or
+export resolves the top-k of the loaded values, as a fresh process would. Loads
 that bypass the module's ``load_state_dict`` (a bare marked ``Parameter``, a tied weight stored under another
 module's key, ``p.data.copy_``) are not seen: mark again after them.
 """
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 _ATTR = "_diagcompile_sparse_mark"
-# On a weight: (the mark ``pin_top_k`` put there, the weight's version counter then).
+# On a weight: (the mark ``pin_top_k`` put there, sampled positions off its diagonals, their values then).
 _PIN = "_diagcompile_pin"
 # On a marked linear: its load_state_dict pre-hook (``_unpin_on_load``) is registered.
 _HOOKED = "_diagcompile_unpin_hook"
@@ -151,28 +152,53 @@ def pin_top_k(weight: Tensor, offsets: Tensor) -> SparseMark:
 
     The ``diagcompile`` backend does this when it first compiles a graph for the weight, so that recompiles,
     training steps and later conversions keep the diagonals it chose. Unlike a mark the user gave, the pin is
-    undone when the weight's marked linear loads a new weight before the weight changed since the pin
-    (``_unpin_on_load``). Internal to diagcompile.
+    undone when the weight's marked linear loads a weight of another lineage (``_unpin_on_load``). Internal to
+    diagcompile.
     """
     mark_sparse(weight, offsets=offsets)
     pinned = weight.__dict__[_ATTR]
-    weight.__dict__[_PIN] = (pinned, _version(weight))
+    weight.__dict__[_PIN] = (pinned, *_off_pin_sample(weight, pinned.offsets))
     return pinned
 
 
-def _version(t: Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor has no version counter
-        return None
+# How many entries off the pinned diagonals a pin remembers, to tell a weight of its own lineage when one is loaded.
+_SAMPLE = 64
+
+
+def _off_pin_sample(weight: Tensor, offsets: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Up to ``_SAMPLE`` flat positions of ``weight`` off the ``offsets`` diagonals (from an even spread over
+    the matrix, no RNG, nothing of the matrix's size allocated), and their float64 values on the CPU."""
+    n_out, n_in = weight.shape
+    n = n_out * n_in
+    flat = torch.linspace(0, n - 1, min(n, 8 * _SAMPLE), dtype=torch.float64).long().unique()
+    r, c = flat // n_in, flat % n_in
+    # The diagonal of each position (ops/reference.py): W[t, (t + p) % N_in] wide, W[(t + p) % N_out, t] tall.
+    p = (c - r) % n_in if n_out <= n_in else (r - c) % n_out
+    positions = flat[~torch.isin(p, torch.tensor(offsets, dtype=torch.int64))][:_SAMPLE]
+    with torch.no_grad():
+        values = weight.detach().reshape(-1)[positions.to(weight.device)].double().cpu()
+    return positions, values
+
+
+def _same_lineage(sample: Tensor, values: Tensor) -> bool:
+    """Whether the off-pin entries ``values`` (a loaded weight's, at the sampled positions) are the pin-time
+    ``sample`` scaled by a positive factor. Trained through the pin, those entries get no gradient: at most a
+    weight decay shrinks them all alike. A checkpoint of another lineage (a pretrained model) has others."""
+    if sample.numel() == 0:
+        return True  # nothing off the diagonals (k = P): any pin is all of them
+    a, b = sample, values.double().cpu()
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0:
+        return bool(na == nb)
+    return bool((a @ b) / (na * nb) > 0.999)
 
 
 def _unpin_on_load(module: nn.Module, state_dict: dict, prefix: str, *_: object) -> None:
-    """``load_state_dict`` pre-hook of a marked linear: loading a new weight into one that has not changed since
-    the backend pinned its top-k mark undoes the pin. Otherwise the diagonals picked from values about to be
-    replaced (a random init, before a checkpoint was loaded) would stay, silently, in every later compile and
-    export. A weight that changed since (trained through the pin: only its pinned diagonals learned) keeps it,
-    so restoring its own earlier state (the best checkpoint, a rollback) keeps the trained diagonals."""
+    """``load_state_dict`` pre-hook of a marked linear: loading a weight of another lineage than the pinned one
+    undoes the backend's pin of the module's top-k mark. Otherwise the diagonals picked from values about to be
+    replaced (a random init, before a pretrained checkpoint was loaded) would stay, silently, in every later
+    compile and export. The weight's own lineage (its earlier or later state: the best checkpoint, a rollback)
+    keeps the pin: only the pinned diagonals learned, so a top-k of it could pick untrained ones."""
     mark = module.__dict__.get(_ATTR)
     weight = module._parameters.get("weight")
     new = state_dict.get(prefix + "weight")
@@ -183,8 +209,8 @@ def _unpin_on_load(module: nn.Module, state_dict: dict, prefix: str, *_: object)
     pin = weight.__dict__.get(_PIN)
     if pin is None or weight.__dict__.get(_ATTR) is not pin[0]:
         return  # no pin, or the user marked the weight since
-    version = _version(weight)
-    if version is None or version == pin[1]:
+    _, positions, sample = pin
+    if not _same_lineage(sample, new.detach().reshape(-1)[positions.to(new.device)]):
         del weight.__dict__[_PIN]
         weight.__dict__[_ATTR] = mark
 

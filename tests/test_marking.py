@@ -89,7 +89,7 @@ def test_loading_a_new_weight_undoes_the_backend_pin():
     clone = copy.deepcopy(model)
     sync_marks(clone)
     pin_top_k(clone[0].weight, torch.tensor([1, 6], dtype=torch.int32))
-    clone.load_state_dict(saved)
+    clone.load_state_dict({"0.weight": torch.randn(8, 8), "0.bias": torch.zeros(8)})
     assert get_sparse_mark(clone[0].weight).offsets is None
 
 
@@ -154,15 +154,18 @@ def test_a_parametrized_weight_cannot_be_marked():
 
 
 def test_a_load_keeps_a_pin_the_weight_was_trained_through():
-    """Trained through the backend, only the pinned diagonals learned: re-resolving the top-k on a reload of
-    the model's own (best, earlier) state would switch to untrained diagonals."""
+    """Trained through the backend, only the pinned diagonals learn (the rest at most shrinks alike, by weight
+    decay): a reload of the model's own earlier or later state keeps the pin, where a top-k of it could pick
+    untrained diagonals."""
     model = nn.Sequential(nn.Linear(8, 8))
     mark_sparse(model[0], sparsity=0.75)
     pinned = pin_top_k(model[0].weight, torch.tensor([1, 6], dtype=torch.int32))
-    with torch.no_grad():
-        model[0].weight.mul_(0.5)  # an optimizer step
-    model.load_state_dict({"0.weight": _strong_diagonals(8, [2, 5]), "0.bias": torch.zeros(8)})
+    own = model[0].weight.detach().clone() * 0.3  # decayed off the diagonals...
+    t = torch.arange(8)
+    own[t, (t + 1) % 8], own[t, (t + 6) % 8] = 1e-3, -1e-3  # ...and the trained diagonals near 0
+    model.load_state_dict({"0.weight": own, "0.bias": torch.zeros(8)})
     assert get_sparse_mark(model[0].weight) is pinned
+    assert sorted(get_sparse_mark(model[0]).resolve_offsets(own).tolist()) != [1, 6]  # a top-k would switch
 
 
 def test_a_failed_load_keeps_the_pin_and_an_assigned_weight_gets_the_mark():
@@ -175,3 +178,17 @@ def test_a_failed_load_keeps_the_pin_and_an_assigned_weight_gets_the_mark():
     # assign=True puts new Parameters in place: the new weight carries the module's mark (else: runs dense)
     model.load_state_dict({"0.weight": _strong_diagonals(8, [2, 5]), "0.bias": torch.zeros(8)}, assign=True)
     assert get_sparse_mark(model[0].weight) == SparseMark(0.75, None)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (6, 20), (20, 6), (1, 5)])
+def test_the_lineage_sample_lies_off_the_pinned_diagonals(shape):
+    from diagcompile.marking import _off_pin_sample
+    from diagcompile.ops.reference import diagonal_indices
+
+    n_out, n_in = shape
+    offsets = (0, 2) if max(shape) > 2 else (0,)
+    positions, values = _off_pin_sample(torch.arange(n_out * n_in, dtype=torch.float32).reshape(shape), offsets)
+    rows, cols = diagonal_indices(n_out, n_in, torch.tensor(offsets))
+    on = set((rows * n_in + cols).flatten().tolist())
+    assert positions.numel() == min(64, n_out * n_in - len(on)) and not on & set(positions.tolist())
+    assert values.tolist() == positions.double().tolist()  # the weight's own entries at those positions

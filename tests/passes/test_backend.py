@@ -567,6 +567,16 @@ def test_reloading_weights_trained_through_the_backend_keeps_their_diagonals():
         model.load_state_dict(copy.deepcopy(model.state_dict()))
         torch.testing.assert_close(compiled(x), before)
     assert get_sparse_mark(model[0].weight).offsets == pinned
+    # A pretrained checkpoint of another lineage, loaded after those steps, decides the diagonals.
+    pretrained = copy.deepcopy(model.state_dict())
+    pretrained["0.weight"] = 0.01 * torch.randn(16, 16)
+    t = torch.arange(16)
+    for p in (3, 9, 10, 14):
+        pretrained["0.weight"][t, (t + p) % 16] = 1.0
+    model.load_state_dict(pretrained)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), masked_dense_copy(model)(x), rtol=1e-5, atol=1e-5)
+    assert sorted(get_sparse_mark(model[0].weight).offsets) == [3, 9, 10, 14]
 
 
 def test_weights_created_under_inference_mode():
