@@ -225,7 +225,7 @@ def _continue_interrupted(tc: TrainConfig) -> TrainConfig:
     """
     import dataclasses
 
-    from diagcompile.train import CHECKPOINT_NAME, METRICS_NAME, OutdatedCheckpointError, load_checkpoint
+    from diagcompile.train import CHECKPOINT_NAME, OutdatedCheckpointError, load_checkpoint, run_finished
 
     path = Path(tc.out) / CHECKPOINT_NAME
     if not path.exists():
@@ -238,8 +238,8 @@ def _continue_interrupted(tc: TrainConfig) -> TrainConfig:
         print(f"  (a checkpoint of an earlier diagcompile, which this one cannot resume, moved to {stale})", flush=True)
         return tc
     step, total = int(ckpt["step"]), int(ckpt["total_steps"])
-    if step >= total and (Path(tc.out) / METRICS_NAME).exists():
-        return tc  # finished: a new run replaces it
+    if run_finished(tc.out, ckpt):
+        return tc  # a new run replaces it
     # Unfinished, or trained but interrupted in its final evaluation (no results yet): the same configuration
     # continues (resuming a trained run redoes its final evaluation), another one is moved aside.
     if tc.differences(ckpt["config"], ckpt.get("resolved")):

@@ -49,6 +49,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -484,7 +485,7 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _package_version(metadata: Any, name: str) -> str | None:
+def _package_version(name: str) -> str | None:
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:  # vendored, or run from a source tree without an install
@@ -493,16 +494,14 @@ def _package_version(metadata: Any, name: str) -> str | None:
 
 def env_stamp(device: str = "cpu") -> dict[str, Any]:
     """Date, machine, versions and git SHA, for metrics files and result tables."""
-    from importlib import metadata
-
     import numpy
 
     stamp: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git": _git_sha(),
         # outside a git checkout the package version is the only record of the code (numba runs the CPU kernels)
-        "diagcompile": _package_version(metadata, "diagcompile"),
-        "numba": _package_version(metadata, "numba"),
+        "diagcompile": _package_version("diagcompile"),
+        "numba": _package_version("numba"),
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "numpy": numpy.__version__,
@@ -897,9 +896,9 @@ class _StopFlag:
     picks the wording: in the final evaluation the request only lets it finish. SIGTERM is taken only from its
     default handler: a handler the caller installed (a job framework's) keeps it."""
 
-    def __init__(self, announce: bool = True, checkpoint: bool = True) -> None:
+    def __init__(self, announce: bool = True, checkpoint: bool = True, phase: str = "train") -> None:
         self.stop = False
-        self.phase = "train"
+        self.phase = phase
         self.announce = announce
         self.checkpoint = checkpoint  # whether the run writes one (the notice says so)
         self._prev: dict[int, Any] = {}
@@ -913,8 +912,7 @@ class _StopFlag:
 
             def handler(signum, frame):
                 self.stop = True
-                for sig, prev in self._prev.items():
-                    signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+                self._restore()
                 if self.announce:
                     again = "Ctrl-C again stops at once" if signum == signal.SIGINT else "a second SIGTERM kills it"
                     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -926,6 +924,10 @@ class _StopFlag:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        # (None: a handler set outside Python, which cannot be put back; the default is the closest)
         for sig, prev in self._prev.items():
             signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
 
@@ -1105,12 +1107,19 @@ def check_out(cfg: TrainConfig) -> None:
             f"{out} has a checkpoint from an earlier run (step {ckpt['step']} of {ckpt['total_steps']}); pass "
             "--resume (resume=True) to continue it, or choose another --out"
         )
-    elif not (out / METRICS_NAME).exists():
+    elif not run_finished(out, ckpt):
         raise ValueError(
             f"{out} has a run that finished training (step {ckpt['step']} of {ckpt['total_steps']}) but not its "
             f"final evaluation (there is no {METRICS_NAME}): pass --resume (resume=True) to evaluate it, or choose "
             "another --out"
         )
+
+
+def run_finished(out: str | os.PathLike, ckpt: Mapping[str, Any]) -> bool:
+    """Whether ``out``, holding checkpoint ``ckpt``, holds a finished run: trained to its last step *and*
+    evaluated (``metrics.json`` written). A checkpoint at its last step without results was interrupted in its
+    final evaluation: ``resume`` evaluates it."""
+    return int(ckpt["step"]) >= int(ckpt["total_steps"]) and (Path(out) / METRICS_NAME).exists()
 
 
 def saved_checkpoint(out: str | os.PathLike) -> str:
@@ -1121,7 +1130,7 @@ def saved_checkpoint(out: str | os.PathLike) -> str:
         step, total = int(ckpt["step"]), int(ckpt["total_steps"])
     except Exception:  # noqa: BLE001 - none, or none this version can resume: nothing to offer
         return f"there is no checkpoint to resume in {out}"
-    if step >= total and (Path(out) / METRICS_NAME).exists():  # stopped before this run replaced that one
+    if run_finished(out, ckpt):  # stopped before this run replaced that one
         return f"nothing of this run was saved; the finished run in {out} is as it was"
     return f"the last checkpoint in {out} (step {step}/{total}) is intact: run the same command with --resume to " + (
         "continue" if step < total else "redo the final evaluation"
@@ -1440,9 +1449,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
     # ---- final evaluation (and finalize for DST) -------------------------------------------------
     # A first Ctrl-C or SIGTERM here lets it finish (seconds) and write the results; a second Ctrl-C stops at once
     # (the checkpoint of the last step is complete: --resume redoes this part).
-    final_flag = _StopFlag(announce=rank == 0 and not cfg.quiet, checkpoint=False)  # it exists already
-    final_flag.phase = "final"
-    with final_flag:
+    with _StopFlag(announce=rank == 0 and not cfg.quiet, checkpoint=False, phase="final"):  # checkpoint: saved
         t_eval = time.perf_counter()
         before = _evaluate(cfg, model, ds, device, final=True)
         dst_info: dict[str, Any] | None = None

@@ -904,7 +904,7 @@ def check_onnx(
     the keyword inputs it was exported with; the file's inputs take the tensors in ``to_onnx``'s order.
 
     A float16 portable file is also loaded by a plain ``InferenceSession`` in a child process, with onnxruntime's
-    default options: if that crashes (``FP16_DISABLED_OPTIMIZERS``, which this check turns off), a warning says
+    default options: if that fails (``FP16_DISABLED_OPTIMIZERS``, which this check turns off), a warning says
     so and what every consumer must pass.
 
     Raises:
