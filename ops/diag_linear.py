@@ -50,7 +50,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from diagcompile.ops import dispatch, reference
 
-__all__ = ["diag_linear_op", "diag_linear_dx_op", "diag_linear_dv_op", "call_diag_linear"]
+__all__ = ["diag_linear_op", "diag_linear_dx_op", "diag_linear_dv_op", "call_diag_linear", "diag_linear_composite"]
 
 
 def _rows(t: Tensor) -> int:
@@ -527,8 +527,10 @@ def _ad_levels(*tensors: Tensor) -> tuple[int, bool]:
     return fwd, rev
 
 
-def _dense_composite(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
-    """The layer as plain torch ops (``F.linear`` on ``to_dense``): differentiable by every transform."""
+def diag_linear_composite(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
+    """The forward op's math as plain torch ops, ``F.linear(x, to_dense(values, offsets), bias)``, with the
+    op's arguments (an empty ``bias`` for none): differentiable by every transform, and traceable, so a
+    compiled graph can hold it in place of the op call (``dispatch.inline_in_graph``)."""
     W = reference.to_dense(values, offsets, out_features, x.shape[-1])
     return F.linear(x, W, bias if bias.numel() > 0 else None)
 
@@ -539,7 +541,7 @@ def _transformed(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_f
     if fwd >= 2:
         # torch never differentiates an autograd.Function's jvp at an outer forward level: forward-over-forward
         # (jvp of jvp, jacfwd of jacfwd) would silently lose its mixed terms. Exact, if dense, instead.
-        return _dense_composite(x, values, offsets, bias, out_features)
+        return diag_linear_composite(x, values, offsets, bias, out_features)
     if fwd or rev:
         return _FuncDiagLinear.apply(x, values, offsets, bias, out_features)
     return None

@@ -40,6 +40,7 @@ __all__ = [
     "clear_path_memo",
     "force_path",
     "forced_path",
+    "inline_in_graph",
     "kernel_module",
     "path_for",
     "shape_class",
@@ -253,3 +254,32 @@ def path_for(op: OpName, device_type: str, dtype: torch.dtype, M: int, n_out: in
             _memo.clear()
         path = _memo[key] = choose_path(Problem(op, device_type, dtype, M, n_out, n_in, k, threads))
     return path
+
+
+# Compiled graphs (the ``diagcompile`` backend) can hold a layer as plain ops instead of an op call: the dense
+# weight built in the graph (``reference.to_dense``) and a GEMM, all compiled by Inductor. On the CPU an op call
+# costs ~35 us of Python (argument checks, dispatch, numpy views) whatever its size, several times the whole
+# work of a 64-wide layer at a few rows; in-graph the layer costs what the dense layer costs. Both are
+# small-layer rules: materializing W is N_out*N_in writes per call, and the GEMM does all M*N_out*N_in
+# multiply-adds, so past these sizes the op's diagonal kernel wins (benchmarks/bench_cpu_inline.py measured
+# the edges on the CPU machine; results/cpu_inline.md).
+INLINE_MAX_WEIGHT = 1 << 15  # N_out * N_in, M known at compile time
+INLINE_MAX_WORK = 1 << 19  # M * N_out * N_in
+# A dynamic M has no bound to test the work against: only layers small enough that the GEMM keeps up with
+# the kernel at every M measured.
+INLINE_MAX_WEIGHT_DYNAMIC = 1 << 14
+
+
+def inline_in_graph(device_type: str, dtype: torch.dtype, M: int | None, n_out: int, n_in: int) -> bool:
+    """Whether a compiled graph should compute a forward call as ``F.linear(x, to_dense(values, offsets))``.
+
+    ``M`` is the number of rows, ``None`` when the graph's batch size is dynamic. Only on the CPU, for float32
+    / float64 (the CUDA side is unmeasured: there the op call is a kernel launch that CUDA graphs hide), and
+    never while ``force_path`` / ``DIAGCOMPILE_FORCE_PATH`` pins a path (which asks for the op's own paths).
+    """
+    if device_type != "cpu" or dtype not in (torch.float32, torch.float64) or forced_path() is not None:
+        return False
+    size = n_out * n_in
+    if M is None:
+        return size <= INLINE_MAX_WEIGHT_DYNAMIC
+    return size <= INLINE_MAX_WEIGHT and M * size <= INLINE_MAX_WORK

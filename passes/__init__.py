@@ -7,6 +7,7 @@ One pass per IR (``passes/README.md`` states each one's target and invariants):
   the result takes each marked weight's diagonal state as extra inputs, ``diag_inputs(gm)(args)``;
 * ``rewrite_exported(ep.module())`` / ``rewrite_exported_program(ep)``: ``torch.export`` graphs
   (``aten.linear``);
+* ``inline_small_layers(gm)``: after ``rewrite_dynamo``, small CPU layers as plain ops (the backend's);
 * ``diagcompile_backend`` (``torch.compile(model, backend="diagcompile")``) and ``compile(model)``.
 
 Each pass returns ``(graph_module, report)``; ``report.count`` is the number of rewritten sites.
@@ -20,6 +21,7 @@ from diagcompile.passes._core import (
     pin_marks_,
 )
 from diagcompile.passes.backend import compile, diagcompile_backend, inductor_config
+from diagcompile.passes.inline import inline_small_layers
 from diagcompile.passes.rewrite_dynamo import DiagInputs, diag_inputs, rewrite_dynamo
 from diagcompile.passes.rewrite_exported import ExportRewriteResult, rewrite_exported, rewrite_exported_program
 from diagcompile.passes.rewrite_traced import rewrite_traced
@@ -35,6 +37,7 @@ __all__ = [
     "diag_inputs",
     "diagcompile_backend",
     "inductor_config",
+    "inline_small_layers",
     "pin_marks_",
     "rewrite_dynamo",
     "rewrite_exported",

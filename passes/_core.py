@@ -116,10 +116,15 @@ class RewriteSite:
 
 @dataclass(frozen=True)
 class RewriteReport:
-    """What one pass did to one graph: the sites it rewrote, in graph order."""
+    """What one pass did to one graph: the sites it rewrote, in graph order.
+
+    ``inlined``: the op calls the ``diagcompile`` backend then compiled as plain ops (``passes.inline``), by
+    node name; the rewritten sites' nodes keep their names there.
+    """
 
     ir: str
     sites: tuple[RewriteSite, ...] = ()
+    inlined: tuple[str, ...] = ()
 
     @property
     def count(self) -> int:
@@ -137,6 +142,8 @@ class RewriteReport:
             f"  {s.node}: {s.weight} {s.out_features}x{s.in_features} k={s.k} (sparsity {s.sparsity:.3f}, {s.state})"
             for s in self.sites
         ]
+        if self.inlined:
+            rows.append(f"  inlined as dense GEMMs (small layers): {', '.join(self.inlined)}")
         return "\n".join([head, *rows])
 
 

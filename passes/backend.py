@@ -14,6 +14,7 @@ the live weight, gradient on the kept diagonals only).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from torch.nn.utils import parametrize
 from diagcompile.marking import get_sparse_mark, sync_marks, tensor_mark
 from diagcompile.modules import DiagLinear
 from diagcompile.passes._core import RewriteReport, SparseRewriteError, weight_inputs
+from diagcompile.passes.inline import inline_small_layers
 from diagcompile.passes.rewrite_dynamo import (
     DiagInputs,
     MarkPatternMismatch,
@@ -72,6 +74,7 @@ def diagcompile_backend(
     options: dict[str, Any] | None = None,
     on_rewrite: Callable[[RewriteReport], None] | None = None,
     warn_if_dense: bool = True,
+    inline_small: bool = True,
 ) -> Callable[..., Any]:
     """A ``torch.compile`` backend: ``rewrite_dynamo`` the graph, then compile it with Inductor.
 
@@ -83,18 +86,22 @@ def diagcompile_backend(
         warn_if_dense: warn (once per process) about a graph with linears and nothing sparse while no graph
             so far had any (``diagcompile.compile`` turns it off for a model that has sparse layers: a graph
             break can leave a dense head in a graph of its own).
+        inline_small: compile small CPU layers as plain ops (the dense weight built in the graph, then a
+            GEMM) instead of op calls, where ``ops.dispatch.inline_in_graph`` says that is faster (``passes.inline``;
+            ``force_path`` turns it off too). The report lists them as ``inlined``.
 
     Returns:
         The compiled graph. A call whose weights are marked differently from the ones it was compiled for
         (Dynamo shares a graph between modules of the same shapes) runs a variant compiled for its marks.
     """
     patches = inductor_config(mode, options)
+    compile_graph = functools.partial(_compile_graph, patches=patches, on_rewrite=on_rewrite, inline_small=inline_small)
     weights = weight_inputs(gm, example_inputs)  # before the rewrite: the inputs whose marks matter
     if not weights:  # nothing a call's marks could change
-        graph = _compile_graph(gm, example_inputs, patches, on_rewrite, warn_if_dense)
+        graph = compile_graph(gm, example_inputs, warn_if_dense=warn_if_dense)
         return graph if len(graph.extra) else graph.compiled
-    variants = _Variants(gm, weights, functools.partial(_compile_graph, patches=patches, on_rewrite=on_rewrite))
-    base = variants.add(example_inputs, _compile_graph(gm, example_inputs, patches, on_rewrite, warn_if_dense))
+    variants = _Variants(gm, weights, compile_graph)
+    base = variants.add(example_inputs, compile_graph(gm, example_inputs, warn_if_dense=warn_if_dense))
     return base.with_fallback(variants)
 
 
@@ -152,16 +159,21 @@ def _compile_graph(
     on_rewrite: Callable[[RewriteReport], None] | None,
     warn_if_dense: bool = False,
     fake_mode: FakeTensorMode | None = None,
+    inline_small: bool = True,
 ) -> _Graph:
-    """Rewrite ``gm`` for the marks of the weights in ``example_inputs``, then compile it with Inductor
-    (with the real tensors among the inputs made static fakes of ``fake_mode`` first, if given)."""
+    """Rewrite ``gm`` for the marks of the weights in ``example_inputs``, inline its small layers
+    (``inline_small``), then compile it with Inductor (with the real tensors among the inputs made static fakes
+    of ``fake_mode`` first, if given)."""
     from torch._inductor.compile_fx import compile_fx
 
     gm, report = rewrite_dynamo(gm, example_inputs)
-    if on_rewrite is not None:
-        on_rewrite(report)
     if warn_if_dense:
         _warn_if_nothing_sparse(gm, report)
+    if inline_small:
+        gm, inlined = inline_small_layers(gm)
+        report = dataclasses.replace(report, inlined=inlined)
+    if on_rewrite is not None:
+        on_rewrite(report)
     extra = diag_inputs(gm)
     inputs = [*example_inputs, *extra(example_inputs)]
     if fake_mode is not None:
@@ -349,6 +361,7 @@ def compile(
     *,
     sparsify: bool = False,
     on_rewrite: Callable[[RewriteReport], None] | None = None,
+    inline_small: bool = True,
     **kwargs: Any,
 ) -> Callable[..., Any]:
     """``torch.compile(model, backend="diagcompile", **kwargs)``, plus two conveniences.
@@ -361,6 +374,7 @@ def compile(
             diagonals. Recommended for training. Without it, marked weights stay dense parameters and the
             backend rewrites them per graph (see ``rewrite_dynamo``).
         on_rewrite: called with each compiled graph's ``RewriteReport``.
+        inline_small: compile small CPU layers as plain ops where that is faster (``diagcompile_backend``).
         **kwargs: ``torch.compile`` arguments (``fullgraph``, ``dynamic``, ``mode``, ``options``, ...).
 
     Returns:
@@ -382,5 +396,7 @@ def compile(
     has_sparse = isinstance(model, nn.Module) and any(
         isinstance(m, DiagLinear) or get_sparse_mark(m) is not None for m in model.modules()
     )
-    backend = functools.partial(diagcompile_backend, on_rewrite=on_rewrite, warn_if_dense=not has_sparse)
+    backend = functools.partial(
+        diagcompile_backend, on_rewrite=on_rewrite, warn_if_dense=not has_sparse, inline_small=inline_small
+    )
     return torch.compile(model, backend=backend, **kwargs)

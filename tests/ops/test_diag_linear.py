@@ -150,6 +150,20 @@ def test_dispatch_is_a_pure_function_of_shapes():
     assert dispatch.choose_path(dispatch.Problem("fwd", "cpu", torch.float32, 0, 3072, 768, 308)) == "reference"
 
 
+def test_inline_in_graph_is_a_rule_for_small_float_cpu_layers():
+    f32, inline = torch.float32, dispatch.inline_in_graph
+    work = dispatch.INLINE_MAX_WORK
+    assert inline("cpu", f32, 17, 64, 256) and inline("cpu", torch.float64, 1, 64, 64)
+    assert inline("cpu", f32, work // 4096, 64, 64) and not inline("cpu", f32, work // 4096 + 1, 64, 64)
+    assert not inline("cpu", f32, 1, 256, 256)  # the weight alone is past the edge: the kernel wins
+    # A dynamic M has no work bound to test: only the smaller weights.
+    assert inline("cpu", f32, None, 64, 256) and not inline("cpu", f32, None, 128, 256)
+    assert inline("cpu", f32, 1, 128, 256)
+    assert not inline("cuda", f32, 1, 64, 64) and not inline("cpu", torch.bfloat16, 1, 64, 64)
+    with force_path("kernel"):  # a pinned path asks for the op's own paths
+        assert not inline("cpu", f32, 1, 64, 64)
+
+
 def test_path_for_is_choose_path_and_follows_the_table(monkeypatch):
     from diagcompile.ops import dispatch_table
 

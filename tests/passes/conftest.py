@@ -142,3 +142,12 @@ def zoo() -> SimpleNamespace:
         make_chain=make_chain,
         CHAIN_SITES=CHAIN_SITES,
     )
+
+
+@pytest.fixture(params=["inline", "op"])
+def graph_form(request, monkeypatch):
+    """Run a backend test both ways: small layers inlined as plain ops (the default for the zoo's tiny CPU
+    layers) and every layer an op call, as larger layers compile."""
+    if request.param == "op":
+        monkeypatch.setattr("diagcompile.passes.inline.inline_in_graph", lambda *args: False)
+    return request.param

@@ -110,7 +110,7 @@ def test_graph_shared_by_repeated_blocks():
     assert sum(r.count for r in reports) < len(model)  # fewer rewritten graphs than blocks: they are shared
 
 
-def test_marked_linears_fed_by_marked_linears(zoo):
+def test_marked_linears_fed_by_marked_linears(zoo, graph_form):
     """Back to back, through reshapes, an output read twice (see the Chain model): inference and training
     graphs (converted / gathered values) both match the masked dense model."""
     net = zoo.make_chain()
@@ -122,10 +122,11 @@ def test_marked_linears_fed_by_marked_linears(zoo):
         torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
     assert [r.count for r in reports] == [zoo.CHAIN_SITES] * 2
+    assert all(bool(r.inlined) == (graph_form == "inline") for r in reports)
     assert {s.state for s in reports[0].sites} == {"converted"} and {s.state for s in reports[1].sites} == {"gathered"}
 
 
-def test_training_dynamic_batch_one_graph_matches_masked_dense(zoo):
+def test_training_dynamic_batch_one_graph_matches_masked_dense(zoo, graph_form):
     """mark_unbacked batch: one graph for every size; forward, gradients and SGD steps match the eager
     dense model whose weights are masked (W * mask) to the same diagonals."""
     net = zoo.make_net()
@@ -154,6 +155,7 @@ def test_training_dynamic_batch_one_graph_matches_masked_dense(zoo):
         opt_ref.step()
     assert len(reports) == 1, [str(r) for r in reports]
     assert reports[0].count == zoo.NET_SITES and {s.state for s in reports[0].sites} == {"gathered"}
+    assert len(reports[0].inlined) == (zoo.NET_SITES if graph_form == "inline" else 0)
     for name, p in net.named_parameters():
         torch.testing.assert_close(p, ref_param(name), rtol=1e-4, atol=1e-6, msg=name)
 
@@ -169,7 +171,7 @@ def test_training_dynamic_batch_one_graph_matches_masked_dense(zoo):
     assert torch.equal(layer.values, extract_diagonals(w, layer.offsets))
 
 
-def test_compile_sparsify_trains_compact_values(zoo):
+def test_compile_sparsify_trains_compact_values(zoo, graph_form):
     """diagcompile.compile(sparsify=True): the optimizer holds (k, D) values; same steps as eager DiagLinear.
     Also passes mode= through (reduce-overhead = CUDA graphs, a no-op for CPU tensors)."""
     net = zoo.make_net()
@@ -191,6 +193,7 @@ def test_compile_sparsify_trains_compact_values(zoo):
             model(x).square().mean().backward()
             o.step()
     assert reports and all(r.count == 0 for r in reports)  # nothing marked is left: DiagLinear ops pass through
+    assert all(bool(r.inlined) == (graph_form == "inline") for r in reports)
     ref_params = dict(ref.named_parameters())
     for name, p in net.named_parameters():
         torch.testing.assert_close(p, ref_params[name], rtol=1e-5, atol=1e-6, msg=name)
