@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -378,7 +379,11 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=_TASKS, help="bundled task: digits-vit or chars-gpt")
     p.add_argument("--method", default="dense", choices=_METHODS, help="training method (default: dense)")
-    p.add_argument("--sparsity", type=float, help="target sparsity of the converted layers (default: 0.9)")
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        help="target sparsity of the converted layers (default: 0.9; 1 - N/M with --dst nm_n=N --dst nm_m=M)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and DST (default: 0)")
     p.add_argument("--out", required=True, help="folder for checkpoint.pt, model.pt, metrics.json")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
@@ -404,6 +409,24 @@ def _common_train_kwargs(args: argparse.Namespace) -> dict:
     if args.model:
         kw["model"] = dict(args.model)
     return kw
+
+
+def _nm_sparsity(given: float | None, dst: dict) -> float:
+    """The run's sparsity: ``--sparsity`` if given, else 0.9, except that an N:M fixed with ``--dst nm_n=N --dst
+    nm_m=M`` trains (and so records) ``1 - N/M``: that is the default then, and a different ``--sparsity`` is
+    refused. (Invalid N, M are left to ``MaskConfig``, which names the field.)"""
+    n, m = dst.get("nm_n"), dst.get("nm_m")
+    valid = all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)) and 1 <= n <= m
+    if not valid:
+        return 0.9 if given is None else given
+    implied = 1.0 - n / m
+    if given is not None and not math.isclose(given, implied, rel_tol=0.0, abs_tol=1e-6):
+        raise UsageError(
+            f"--sparsity {given:g} contradicts --dst nm_n={n} --dst nm_m={m}, which train every layer at sparsity "
+            f"1 - {n}/{m} = {implied:.6g}: leave --sparsity out (it then follows from N:M), or drop nm_n to let "
+            f"--sparsity pick N"
+        )
+    return implied
 
 
 @command(
@@ -437,6 +460,7 @@ def _train(args: argparse.Namespace) -> int:
         kw["offsets_from"] = args.offsets_from
     if args.method == "dense" and args.sparsity is not None:
         raise UsageError("--sparsity applies to the sparse methods, not dense")
+    sparsity = _nm_sparsity(args.sparsity, kw.get("dst", {}))
     if os.environ.get("WORLD_SIZE", "1") != "1" and "TORCHELASTIC_RUN_ID" in os.environ:
         # torchrun would start that many copies of the whole job, each writing the same --out.
         raise UsageError(
@@ -449,7 +473,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(
             task=args.task,
             method=args.method,
-            sparsity=0.9 if args.sparsity is None else args.sparsity,
+            sparsity=sparsity,
             seed=args.seed,
             out=args.out,
             resume=args.resume,

@@ -84,3 +84,20 @@ def test_cli_train_with_a_baseline(tmp_path, capsys):
     assert "digits-vit rigl" in capsys.readouterr().out
     m = json.loads((out / METRICS_NAME).read_text())
     assert m["dst"]["config"]["distribution"] == "erk" and m["dst"]["config"]["seed"] == 0
+
+
+def test_cli_an_explicit_nm_sets_the_recorded_sparsity(tmp_path, capsys):
+    # --dst nm_n=2 --dst nm_m=4 trained 2:4 while metrics.json recorded --sparsity's default 0.9
+    argv = ["train", "--task", "digits-vit", "--method", "nm-srste", "--steps", "4", "--batch-size", "16"]
+    argv += ["--model", "dim=16", "--model", "depth=1", "--quiet", "--dst", "nm_n=2", "--dst", "nm_m=4"]
+    assert cli.main([*argv, "--out", str(tmp_path / "run")]) == 0
+    m = json.loads((tmp_path / "run" / METRICS_NAME).read_text())
+    assert m["sparsity"] == m["dst"]["config"]["sparsity"] == 0.5
+    assert m["params"]["sparse_layer_density"] == 0.5
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a --sparsity given explicitly must agree
+        cli.main([*argv, "--sparsity", "0.9", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--sparsity 0.9 contradicts --dst nm_n=2 --dst nm_m=4" in err and "0.5" in err
+    assert not (tmp_path / "bad").exists()
+    assert cli.main([*argv, "--sparsity", "0.5", "--out", str(tmp_path / "same")]) == 0

@@ -103,8 +103,8 @@ class MaskConfig:
 
         nm_m: N:M group size ``M`` for every layer (must divide every selected fan-in); ``None`` picks, per layer,
             the divisor ``M <= nm_max_m`` of the fan-in whose best ``N / M`` is closest to the target density
-            (ties: smaller ``M``). ``nm_n``: ``N`` (needs ``nm_m``; then ``sparsity`` and ``budget`` are unused:
-            the density is ``N / M``); ``None`` = ``round(density * M)``.
+            (ties: smaller ``M``). ``nm_n``: ``N`` (needs ``nm_m``; the density is then ``N / M``, so ``sparsity``
+            must be ``1 - N / M``, refused otherwise, and ``budget`` is unused); ``None`` = ``round(density * M)``.
         nm_max_m: largest automatic ``M`` (32, the PGF ViT setting's 1:32).
         srste_lambda: SR-STE's ``lambda_W`` (2e-4): gradient ``+= lambda_W * (1 - E) * W`` on pruned weights.
         mask_decay_shape: MDGF ``beta(t)``: ``"exponential"`` ``exp(-c t)`` (PGF's best) or ``"linear"``
@@ -174,6 +174,17 @@ class MaskConfig:
         if self.method in NM_METHODS and self.distribution != "uniform":
             raise c.bad("distribution", f"must be 'uniform' for {self.method} (N:M fixes every layer's density)")
         refuse_other_methods_options(c, self.method, METHOD_ONLY)
+        if self.nm_n is not None and self.nm_m is not None:
+            # An explicit N:M fixes the density: a different sparsity would be recorded (metrics, tables) as the
+            # one trained while every layer trains at N / M.
+            implied = 1.0 - self.nm_n / self.nm_m
+            if not math.isclose(self.sparsity, implied, rel_tol=0.0, abs_tol=1e-6):
+                raise c.bad(
+                    "sparsity",
+                    f"contradicts nm_n={self.nm_n}, nm_m={self.nm_m}, which train every layer at sparsity "
+                    f"1 - {self.nm_n}/{self.nm_m} = {implied:.6g}: pass sparsity={implied!r} with them, or leave "
+                    f"nm_n out (nm_m alone keeps M, and N follows from sparsity)",
+                )
 
     # ------------------------------------------------------------------------------------------------
     @property

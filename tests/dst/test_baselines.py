@@ -170,8 +170,17 @@ def test_srigl_initial_fan_in_and_nm_patterns():
     d = sp.diagnostics()
     # budget density 0.21875 (7 of 32 diagonals): fan-in 16 -> 1:4 (0.25; 1:4, 2:8, 4:16 tie), fan-in 32 -> 7:32
     assert (d["body.0"]["nm_n"], d["body.0"]["nm_m"], d["body.2"]["nm_n"], d["body.2"]["nm_m"]) == (1, 4, 7, 32)
-    _, _, sp = _make("nm-srste", nm_m=8, nm_n=2)
+    _, _, sp = _make("nm-srste", sparsity=0.75, nm_m=8, nm_n=2)
     assert {(lay.nm_n, lay.nm_m) for lay in sp.layers.values()} == {(2, 8)}
+
+
+def test_an_explicit_nm_records_the_sparsity_it_trains():
+    # make_sparsifier(..., "nm-srste", 0.9, nm_n=2, nm_m=4) trained 2:4 while config.sparsity said 0.9
+    with pytest.raises(ValueError, match=r"sparsity=0\.9 contradicts nm_n=2, nm_m=4"):
+        _make("nm-srste", sparsity=0.9, nm_n=2, nm_m=4)
+    _, _, sp = _make("nm-srste", sparsity=0.5, nm_n=2, nm_m=4)
+    assert sp.config.sparsity == 0.5
+    assert all(d["density"] == 1 - sp.config.sparsity for d in sp.diagnostics().values())
 
 
 def test_erk_redistributes_the_same_total():
@@ -507,7 +516,8 @@ def test_no_update_warning_names_masks_not_diagonals():
 def _single(method, n=1, m=4, **cfg):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 3))
-    sp = MaskSparsifier(model, None, MaskConfig(total_steps=40, method=method, nm_n=n, nm_m=m, **cfg))
+    cfg = MaskConfig(total_steps=40, method=method, sparsity=1 - n / m, nm_n=n, nm_m=m, **cfg)
+    sp = MaskSparsifier(model, None, cfg)
     return model, sp
 
 

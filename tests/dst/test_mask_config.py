@@ -58,6 +58,19 @@ def test_validation(kwargs, exc, match):
         MaskConfig(**kwargs)
 
 
+def test_an_explicit_nm_refuses_a_different_sparsity():
+    # nm_n:nm_m fixes every layer's density at N / M: a sparsity of 0.9 next to 2:4 was recorded (metrics,
+    # tables) while the layers trained at 0.5
+    with pytest.raises(
+        ValueError, match=r"sparsity=0\.9 contradicts nm_n=2, nm_m=4.*1 - 2/4 = 0\.5: pass sparsity=0\.5"
+    ):
+        MaskConfig(total_steps=10, method="nm-srste", sparsity=0.9, nm_n=2, nm_m=4)
+    assert MaskConfig(total_steps=10, method="nm-srste", sparsity=0.5, nm_n=2, nm_m=4).sparsity == 0.5
+    assert MaskConfig(total_steps=10, method="nm-mask-decay", sparsity=1 - 1 / 3, nm_n=1, nm_m=3).nm_m == 3
+    # nm_m alone leaves N to the sparsity
+    assert MaskConfig(total_steps=10, method="nm-srste", sparsity=0.9, nm_m=4).nm_n is None
+
+
 def test_round_trip_and_list_names():
     c = MaskConfig(total_steps=10, method="srigl", no_ablation=["body.0"], seed=3)
     assert c.no_ablation == ("body.0",)
