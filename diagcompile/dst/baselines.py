@@ -254,8 +254,8 @@ class MaskSparsifier(SparsifierBase):
         TypeError: wrong argument types.
         ValueError: the optimizer has state, a selected weight is tied, frozen (``requires_grad=False``) or not
             in the optimizer, a layer cannot reach its sparsity / N:M pattern, a mark carries explicit diagonal
-            offsets, or ``model`` is itself a linear / already DDP-wrapped. Every check runs before any layer
-            changes.
+            offsets (or, with ``distribution="erk"``, a sparsity other than ``config.sparsity``), or ``model`` is
+            itself a linear / already DDP-wrapped. Every check runs before any layer changes.
     """
 
     _name = "MaskSparsifier"
@@ -379,6 +379,20 @@ class MaskSparsifier(SparsifierBase):
             shapes.append((n_out, n_in))
             budgets.append(nnz)
         if cfg.distribution == "erk" and selected:
+            # ERK sets every layer's density itself (from the total budget): a mark's own sparsity would be ignored.
+            own = [
+                f"'{fqn}' ({mark.sparsity:g})"
+                for fqn, linear in selected
+                if (mark := get_sparse_mark(linear)) is not None and mark.sparsity != cfg.sparsity
+            ]
+            if own:
+                raise ValueError(
+                    f"MaskSparsifier: distribution='erk' redistributes the total budget over the layers, so it would "
+                    f"ignore the per-layer sparsity of the mark_sparse marks on {', '.join(own)} (sparsity="
+                    f"{cfg.sparsity:g}); use distribution='uniform' to train every layer at its mark's sparsity, or "
+                    f"drop the per-layer sparsities (mark those layers at sparsity={cfg.sparsity:g}, the config's) "
+                    f"to let ERK set the densities"
+                )
             budgets = erk_nnz(shapes, budgets, cfg.erk_power)
 
         module_names = {fqn for fqn, _ in model.named_modules()}

@@ -68,7 +68,9 @@ class MaskConfig:
               the forward instead of being zeroed.
             * ``"nm-structure-decay"``: hard N:M masks whose ``N`` steps down ``(M-1):M -> M/2:M -> ... -> N:M``
               over equal frames of ``[0, update_end)`` (SDGF stepwise), straight-through backward.
-        sparsity: target sparsity of every selected layer (a ``mark_sparse`` mark's sparsity overrides it).
+        sparsity: target sparsity of every selected layer (a ``mark_sparse`` mark's sparsity overrides it under
+            ``distribution="uniform"``; ``"erk"`` sets each layer's density itself, so it refuses a mark whose
+            sparsity differs from this one).
 
         update_every: RigL/SRigL ``Delta T``: steps between topology updates (100).
         drop_fraction: RigL/SRigL ``alpha``: the fraction of active weights replaced at an update, decayed by

@@ -248,6 +248,20 @@ def test_marks_select_layers_and_set_their_sparsity():
     assert sp.diagnostics()["body.2"]["nnz"] == k_from_sparsity(32, 32, 0.5) * 32
 
 
+@pytest.mark.parametrize("method", ["rigl", "srigl"])
+def test_erk_refuses_a_mark_with_its_own_sparsity(method):
+    # ERK redistributed the budget over every layer: mark_sparse(body.2, sparsity=0.5) trained at another density
+    model = tiny_mlp()
+    mark_sparse(model.body[0], sparsity=0.9)
+    mark_sparse(model.body[2], sparsity=0.5)
+    cfg = MaskConfig(total_steps=10, method=method, sparsity=0.9, distribution="erk")
+    with pytest.raises(ValueError, match=r"'erk'.*'body\.2' \(0\.5\) \(sparsity=0\.9\).*'uniform'.*sparsity=0\.9"):
+        MaskSparsifier(model, None, cfg)
+    assert not any(isinstance(x, MaskedLinear) for x in model.modules()), "nothing converted on error"
+    mark_sparse(model.body[2], sparsity=0.9)  # marks that only select layers are fine
+    assert set(MaskSparsifier(model, None, cfg).layers) == {"body.0", "body.2"}
+
+
 # ----------------------------------------------------------------------------------------------------
 # RigL / SRigL steps
 # ----------------------------------------------------------------------------------------------------
