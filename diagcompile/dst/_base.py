@@ -41,15 +41,17 @@ def _dist_initialized() -> bool:
 
 
 def select_linears(
-    model: nn.Module, filter_fn: FilterFn | None, who: str, tied_why: str
+    model: nn.Module, filter_fn: FilterFn | None, who: str, tied_why: str, stacklevel: int = 3
 ) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` layers a sparsifier converts: those ``replaceable_linears`` allows (not
     ``nn.MultiheadAttention``'s own projections, not subclasses that override ``forward``), passing
     ``filter_fn``, and only the ``mark_sparse``-marked ones if any is marked. Tied weights raise ``ValueError``
     (``who``: the sparsifier the message names; ``tied_why``: what converting a tied weight would do); so do a
     selected uninitialized ``nn.LazyLinear`` or parametrized linear and a marked linear that cannot be replaced,
-    and one that would be selected but cannot is named in a warning (subclasses only: attention's projections
-    are never candidates)."""
+    and one that would be selected but cannot is named in a warning (one warning for the ``nn.MultiheadAttention``
+    modules, whose projections are never candidates, unless ``filter_fn`` rejects their ``out_proj`` or some
+    linear is marked; ``stacklevel``: the warnings' ``stacklevel``, 3 when called by the sparsifier's
+    constructor)."""
     from diagcompile.api import replaceable_linears
 
     layers, skipped = replaceable_linears(model)
@@ -63,18 +65,33 @@ def select_linears(
         if unmarked:
             logger.info("some linears are sparse-marked, so only those are converted; dense: %s", ", ".join(unmarked))
     left: dict[str, str] = {}
+    attention: list[str] = []  # the nn.MultiheadAttention modules whose projections would be candidates
     for fqn, why in skipped.items():
         m = model.get_submodule(fqn)
         if get_sparse_mark(m) is not None:
             raise ValueError(f"the sparse-marked linear '{fqn}' cannot be converted: {why}")
-        parent = model.get_submodule(fqn.rpartition(".")[0])
-        if isinstance(parent, nn.MultiheadAttention) or any_marked or (filter_fn is not None and not filter_fn(m, fqn)):
+        if any_marked or (filter_fn is not None and not filter_fn(m, fqn)):
+            continue
+        parent_fqn = fqn.rpartition(".")[0]
+        if isinstance(model.get_submodule(parent_fqn), nn.MultiheadAttention):
+            attention.append(parent_fqn)
             continue
         left[fqn] = why
     if left:
         warnings.warn(
             "left dense: " + "; ".join(f"'{fqn}' ({why})" for fqn, why in left.items()),
-            stacklevel=3,
+            stacklevel=stacklevel,
+        )
+    if attention:
+        n = len(attention)
+        warnings.warn(
+            f"{who}: {4 * n} attention projections (query, key, value, output) of {n} nn.MultiheadAttention "
+            f"module(s) stay dense: {', '.join(repr(a or '<model>') for a in attention)}. nn.MultiheadAttention "
+            f"holds its query/key/value projections as bare parameters (the fused in_proj_weight, or "
+            f"q/k/v_proj_weight when kdim or vdim differ), not nn.Linear layers, and reads out_proj.weight directly "
+            f"instead of calling out_proj, so none of them can be converted. To sparsify attention, build it from "
+            f"nn.Linear projections; to silence this, exclude the out_proj with filter_fn",
+            stacklevel=stacklevel,
         )
     for fqn, m in linears:
         _check_plain_weight(fqn, m, who)

@@ -247,7 +247,8 @@ class MaskSparsifier(SparsifierBase):
         config: a ``MaskConfig``.
         filter_fn: ``filter_fn(module, fqn) -> bool`` rejects linears (keep heads/embeddings dense). Default
             selection: the ``mark_sparse``-marked linears if any are marked (their mark's sparsity applies),
-            else every ``nn.Linear`` (except the internal projections of ``nn.MultiheadAttention``).
+            else every ``nn.Linear`` (except the internal projections of ``nn.MultiheadAttention``, left dense
+            with a warning).
         process_group: the group to keep in sync (default: the default group when initialized).
 
     Raises:
@@ -345,7 +346,7 @@ class MaskSparsifier(SparsifierBase):
 
     def _plan(self, model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Linear, int, tuple, bool]]:
         cfg = self.config
-        selected = select_linears(model, filter_fn, self._name, self._tied_why)
+        selected = select_linears(model, filter_fn, self._name, self._tied_why, stacklevel=4)  # (through _plan)
         shapes, budgets = [], []
         for fqn, linear in selected:
             n_out, n_in = linear.weight.shape

@@ -178,7 +178,8 @@ class DiagSparsifier(SparsifierBase):
         config: a ``DSTConfig``.
         filter_fn: ``filter_fn(module, fqn) -> bool`` rejects linears (keep heads/embeddings dense). Default
             selection: the ``mark_sparse``-marked linears if any are marked, else every ``nn.Linear``
-            (except the internal projections of ``nn.MultiheadAttention``, which it reads by attribute).
+            (except the internal projections of ``nn.MultiheadAttention``, which it reads by attribute: left
+            dense with a warning).
         process_group: the group to keep in sync (default: the default group when initialized).
 
     Raises:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from diagcompile import mark_sparse
 from diagcompile.dst import DiagSparsifier, DSTConfig, MaskConfig, MaskSparsifier
 from diagcompile.testing import not_head, tiny_mlp, train_toy
 
@@ -116,6 +117,52 @@ def test_lazy_and_parametrized_linears_are_refused_with_the_fix(sparsifier, conf
         sparsifier(model, torch.optim.Adam(model.parameters()), cfg)
     # excluded by filter_fn: the rest converts
     sparsifier(model, torch.optim.Adam(model.parameters()), cfg, filter_fn=lambda m, fqn: fqn != "0")
+
+
+class _TwoAttentions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)  # self_attn inside
+        self.cross = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)  # separate q/k/v weights
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x, mem):
+        h = self.enc(x)
+        return self.head(h + self.cross(h, mem, mem)[0])
+
+
+def _attention_warnings(record):
+    return [str(w.message) for w in record if "nn.MultiheadAttention" in str(w.message)]
+
+
+@pytest.mark.parametrize("sparsifier, config_cls, other_config_cls", SPARSIFIERS)
+def test_multihead_attention_left_dense_is_said_once(sparsifier, config_cls, other_config_cls):
+    # its projections (fused in_proj_weight, out_proj read by attribute) were skipped without a word
+    cfg = config_cls(total_steps=10, sparsity=0.5, update_every=2)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sp = sparsifier(_TwoAttentions(), None, cfg)
+    said = _attention_warnings(rec)
+    assert len(said) == 1, said
+    assert "8 attention projections (query, key, value, output) of 2 nn.MultiheadAttention" in said[0]
+    assert "'enc.self_attn', 'cross'" in said[0] and "in_proj_weight" in said[0] and "filter_fn" in said[0]
+    assert [w.filename for w in rec if "nn.MultiheadAttention" in str(w.message)] == [__file__]  # the caller
+    assert set(sp.layers) == {"enc.linear1", "enc.linear2", "head"}
+    # quiet when there is none, or when filter_fn or marks leave attention out anyway
+    for model, kw in [
+        (tiny_mlp(), {}),
+        (_TwoAttentions(), {"filter_fn": lambda m, fqn: "attn" not in fqn and "cross" not in fqn}),
+    ]:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            sparsifier(model, None, cfg, **kw)
+        assert not _attention_warnings(rec), _attention_warnings(rec)
+    marked = _TwoAttentions()
+    mark_sparse(marked.head, sparsity=0.5)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert set(sparsifier(marked, None, cfg).layers) == {"head"}
+    assert not _attention_warnings(rec), _attention_warnings(rec)
 
 
 def _rewrap(record):
