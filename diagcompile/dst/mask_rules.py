@@ -257,7 +257,14 @@ def choose_nm(n_in: int, density: float, max_m: int = 32, m: int | None = None) 
     else:
         candidates = [c for c in range(2, min(max_m, n_in) + 1) if n_in % c == 0]
         if not candidates:
-            raise ValueError(f"no N:M group size in [2, {max_m}] divides the fan-in {n_in}: pass nm_m explicitly")
+            # An explicit nm_m must divide the fan-in too, so it cannot help; only a larger nm_max_m can, and only if
+            # the fan-in has a divisor below itself (a group as wide as the whole row is not an N:M pattern).
+            larger = next((c for c in range(max_m + 1, n_in) if n_in % c == 0), None)
+            wider = f", or allow groups of {larger} with nm_max_m={larger}" if larger is not None else ""
+            raise ValueError(
+                f"no N:M group size M in [2, {max_m}] divides the fan-in {n_in} (an explicit nm_m must divide it too), "
+                f"so this layer cannot be N:M sparse: exclude it (filter_fn) or change its fan-in{wider}"
+            )
     best: tuple[float, int, int] | None = None
     for c in candidates:
         n = min(c, max(1, math.floor(density * c + 0.5)))

@@ -208,6 +208,18 @@ def test_choose_nm_picks_the_closest_density_among_divisors():
         choose_nm(1, 0.5)
 
 
+def test_choose_nm_without_a_divisor_gives_advice_that_can_work():
+    # it said "pass nm_m explicitly", but an explicit nm_m must divide the fan-in too: no help for a prime one
+    with pytest.raises(ValueError) as e:
+        choose_nm(37, 0.1)
+    msg = str(e.value)
+    assert "no N:M group size M in [2, 32] divides the fan-in 37" in msg and "explicit nm_m must divide it too" in msg
+    assert "exclude it (filter_fn) or change its fan-in" in msg and "nm_max_m" not in msg
+    with pytest.raises(ValueError, match=r"change its fan-in, or allow groups of 37 with nm_max_m=37"):
+        choose_nm(37 * 41, 0.1)  # a larger group does divide this one
+    assert choose_nm(37 * 41, 0.1, max_m=37)[1] == 37
+
+
 def test_structure_decay_frames_halve_down_to_the_target():
     assert structure_decay_frames(1, 8) == [7, 4, 2, 1]
     assert structure_decay_frames(2, 4) == [3, 2]
