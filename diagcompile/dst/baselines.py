@@ -361,7 +361,10 @@ class MaskSparsifier(SparsifierBase):
             if cfg.is_nm and cfg.nm_n is not None:
                 nnz = n_out * n_in * cfg.nm_n // cfg.nm_m  # an explicit N:M fixes the density; sparsity is unused
             elif cfg.budget == "diagonal":
-                check_sparsity(s, n_out, n_in, where=where)
+                try:
+                    check_sparsity(s, n_out, n_in, where=where)
+                except ValueError as e:
+                    raise ValueError(f"{e}. {_diagonal_budget_limit(cfg, n_out, n_in)}") from None
                 nnz = k_from_sparsity(n_out, n_in, s) * min(n_out, n_in)
             else:
                 if not 0.0 <= s < 1.0:
@@ -844,6 +847,29 @@ class MaskSparsifier(SparsifierBase):
         if self._layers:
             self._warn_rewrap_ddp()
         return self.model
+
+
+def _diagonal_budget_limit(cfg: MaskConfig, n_out: int, n_in: int) -> str:
+    """Why a mask method's layer is limited to the diagonal methods' sparsities, and what ``budget="floor"``
+    allows instead (the end of the error for a sparsity beyond ``1 - 1/P``)."""
+    why = (
+        f"The limit is the diagonal methods' because budget='diagonal' (the default) gives {cfg.method} the "
+        f"non-zero count of the DynaDiag/DiagHeur layer at the same sparsity (identical parameter counts)"
+    )
+    if cfg.method == "srigl":
+        return (
+            f"{why}; budget='floor' would not go further for SRigL, whose constant fan-in keeps at least one weight "
+            f"per neuron with either budget: sparsity <= 1 - 1/N_in = {1 - 1 / n_in:.6g} here"
+        )
+    if cfg.method == "rigl":
+        return (
+            f"{why}; budget='floor' (RigL's floor((1 - s) * N_out * N_in) weights) allows any sparsity that leaves "
+            f"at least one weight: up to 1 - 1/(N_out * N_in) = {1 - 1 / (n_out * n_in):.6g} here"
+        )
+    return (
+        f"{why}; budget='floor' (floor((1 - s) * N_out * N_in) weights) accepts any sparsity that leaves at least "
+        f"one weight, but the N:M pattern closest to it is no sparser than 1:M (M <= nm_max_m={cfg.nm_max_m})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

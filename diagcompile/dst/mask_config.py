@@ -87,7 +87,8 @@ class MaskConfig:
         budget: a layer's non-zero budget at ``sparsity``: ``"diagonal"`` (default) = the non-zeros of the
             DynaDiag/DiagHeur layer at the same sparsity, ``k_from_sparsity(N_out, N_in, s) * min(N_out, N_in)``
             (so the comparison is at identical parameter counts; requires ``s <= 1 - 1/P``), or ``"floor"`` =
-            RigL's ``floor((1 - s) * N_out * N_in)``. N:M methods take ``N / M`` closest to this density.
+            RigL's ``floor((1 - s) * N_out * N_in)`` (any ``s`` that leaves a weight; SRigL needs one per neuron
+            under either budget, ``s <= 1 - 1/N_in``). N:M methods take ``N / M`` closest to this density.
         rescale_init: RigL/SRigL: multiply each row of the masked dense init by ``sqrt(N_in / fan_in_row)`` so
             every neuron has the scale of ``nn.Linear``'s init at its *sparse* fan-in (the same rule as
             ``DSTConfig.rescale_init`` for diagonals; SRigL's reference re-draws a fan-in-scaled normal).

@@ -218,6 +218,29 @@ def test_conversion_errors_leave_the_model_untouched():
         MaskSparsifier(outside, opt, MaskConfig(total_steps=10))
 
 
+def test_a_sparsity_beyond_one_diagonal_explains_the_budget():
+    # "outside [0, 0.96875] ... P=32 candidate diagonals: one diagonal kept" told a RigL user about diagonals only
+    def body0(m, fqn):  # 32x16: P = 32, N_in = 16
+        return fqn == "body.0"
+
+    with pytest.raises(ValueError) as e:
+        MaskSparsifier(tiny_mlp(), None, MaskConfig(total_steps=10, method="rigl", sparsity=0.99), body0)
+    msg = str(e.value)
+    assert "'body.0' (32x16): sparsity=0.99 is outside [0, 0.96875]" in msg
+    assert "budget='diagonal' (the default) gives rigl the non-zero count of the DynaDiag/DiagHeur layer" in msg
+    assert "budget='floor'" in msg and "up to 1 - 1/(N_out * N_in) = 0.998047 here" in msg
+    floor = MaskConfig(total_steps=10, method="rigl", sparsity=0.998, budget="floor")  # what the message promises
+    assert MaskSparsifier(tiny_mlp(), None, floor, body0).diagnostics()["body.0"]["nnz"] == 1
+    # SRigL keeps one weight per neuron under either budget: the message says floor does not help
+    with pytest.raises(ValueError, match=r"would not go further for SRigL.*1 - 1/N_in = 0\.9375 here"):
+        MaskSparsifier(tiny_mlp(), None, MaskConfig(total_steps=10, method="srigl", sparsity=0.99), body0)
+    floor = MaskConfig(total_steps=10, method="srigl", sparsity=0.94, budget="floor")
+    with pytest.raises(ValueError, match="no constant fan-in"):
+        MaskSparsifier(tiny_mlp(), None, floor, body0)
+    with pytest.raises(ValueError, match=r"no sparser than 1:M \(M <= nm_max_m=32\)"):
+        MaskSparsifier(tiny_mlp(), None, MaskConfig(total_steps=10, method="nm-srste", sparsity=0.99), body0)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_a_frozen_weight_is_refused_before_anything_changes(method):
     torch.manual_seed(0)
