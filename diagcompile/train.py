@@ -17,7 +17,10 @@ Files written to ``TrainConfig.out`` (each atomically: a temp file in the same f
   with its config: :func:`load_model` rebuilds it.
 * ``metrics.json``   written when the run completes: final/best metric, curves, time, parameter counts
   (``params.final_model`` counts every parameter of the saved model, a mask method's pruned zeros included;
-  ``params.final_model_kept`` leaves those out and compares across methods),
+  ``params.final_model_kept`` leaves those out and compares across methods; of the sparse layers' weights,
+  ``params.sparse_layer_weights_dense`` is the dense count and ``params.sparse_layer_weights_kept`` the weights
+  kept, also recorded under its older name ``sparse_layer_weights_stored``, which is what a diagonal method's
+  ``model.pt`` stores but not a mask method's: that stores dense ``nn.Linear`` weights, the pruned ones 0),
   memory, DST diagnostics, the data description and an environment stamp. ``"final"`` is the final evaluation
   (after ``finalize()`` for sparse methods); ``"best"`` is the best of the periodic evaluations of the curve.
   ``"final_eval"`` / ``"periodic_eval"`` say what each was measured on: chars-gpt evaluates ``eval_blocks``
@@ -1531,7 +1534,11 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
                 "final_model_kept": final_kept,
                 "sparse_layers": n_sparse_layers,
                 "sparse_layer_weights_dense": sparse_dense_equiv,
+                # The weights the sparse layers keep (biases aside): a diagonal method's compact layers store
+                # exactly these; a mask method's model.pt stores dense nn.Linear weights with the others zero, so
+                # for it "stored" is a misnomer kept for the readers of older results: "kept" says what it is.
                 "sparse_layer_weights_stored": sparse_stored,
+                "sparse_layer_weights_kept": sparse_stored,
                 "sparse_layer_density": sparse_stored / sparse_dense_equiv if sparse_dense_equiv else None,
             },
             "memory": {

@@ -60,6 +60,18 @@ def test_every_baseline_trains_saves_and_reports_its_density(tmp_path, method):
     assert model(*example).shape == (2, 10)
 
 
+def test_metrics_count_the_kept_weights_of_a_mask_method_under_an_accurate_name(tmp_path):
+    # params.sparse_layer_weights_stored counts the non-zeros, while a mask method's model.pt stores dense weights
+    m = train(_quick(out=str(tmp_path), method="rigl", sparsity=0.8, steps=4))
+    params = m["params"]
+    state = torch.load(tmp_path / MODEL_NAME, weights_only=True)["state_dict"]
+    weights = [state[f"{fqn}.weight"] for fqn in m["dst"]["diagnostics"]]
+    assert sum(w.numel() for w in weights) == params["sparse_layer_weights_dense"]  # stored dense
+    assert sum(int(w.count_nonzero()) for w in weights) == params["sparse_layer_weights_kept"]
+    assert params["sparse_layer_weights_stored"] == params["sparse_layer_weights_kept"]  # the old name stays
+    assert "sparse_layer_weights_kept" in train_mod.__doc__
+
+
 @pytest.mark.parametrize("method", ["srigl", "nm-mask-decay"])
 def test_resume_is_bit_identical(tmp_path, method):
     straight = train(_quick(out=str(tmp_path / "a"), method=method))
