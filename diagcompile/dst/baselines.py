@@ -25,7 +25,8 @@ Methods (``MaskConfig.method``; algorithms and defaults from the research digest
   all-reduced over DDP ranks) that ranks the candidates to grow; no other step pays for it. As in the
   reference PyTorch trainers (not TF RigL), the optimizer step of an update step happens first and the
   topology update after it. New connections start at 0 with zero optimizer state; a weight dropped and
-  regrown in the same update keeps its value and state.
+  regrown in the same update keeps its value and state. SRigL's ablated neurons lose their weights but keep
+  a trained bias: constant units, not zero outputs (``MaskConfig.ablation`` says how to slice them away).
 * ``nm-srste`` / ``nm-mask-decay`` / ``nm-structure-decay`` (dense-to-sparse: dense weights and optimizer
   state are kept). Every forward computes the N:M mask ``E`` of ``|W|`` (groups of ``M`` along the input
   dimension) and uses ``W * (E + beta (1 - E))`` (``beta = 0`` except under mask decay); see

@@ -95,10 +95,17 @@ class MaskConfig:
             ``False`` keeps the masked dense init as is (RigL's "mask a dense init").
         seed: seed of the initial random masks (RigL/SRigL); ``None`` draws from torch's global RNG.
 
-        ablation: SRigL neuron ablation on (SRigL "w/ ablation", the paper's method) or off.
+        ablation: SRigL neuron ablation on (SRigL "w/ ablation", the paper's method) or off. An ablated neuron
+            loses all its weights but keeps its bias, which trains on, so it is a *constant* unit: it outputs
+            ``act(bias)``, not zero, whatever the input, and the next layer receives that constant from it. To
+            slice ablated neurons away (e.g. for a condensed export), fold their constant output into the next
+            layer's bias first, ``b_next += W_next[:, j] * act(b_j)``, then drop row ``j`` of this layer and
+            column ``j`` of the next (valid where the next linear reads the activation directly: no norm or
+            residual in between).
         gamma_sal: SRigL's ablation threshold ``gamma_sal`` (``min_salient_weights_per_neuron``): a neuron is
             ablated when fewer than ``max(1, floor(gamma_sal * k0))`` of its weights are salient (``k0`` the
-            fan-in before ablation); ``>= 1`` is an absolute count. 0.3 (CNNs; the paper used 0.95 for ViT).
+            fan-in before ablation; an ablated neuron is a constant unit, see ``ablation``); ``>= 1`` is an absolute
+            count. 0.3 (CNNs; the paper used 0.95 for ViT).
         no_ablation: fully-qualified names of layers never ablated, in addition to the model's output layer
             (the classifier / LM head: ablating its neurons removes classes), which is always protected when
             it is sparsified: the last ``nn.Linear`` the forward runs before the first update (the last one

@@ -452,6 +452,28 @@ def test_srigl_never_ablates_the_last_linear():
     assert {f: d[f]["active_neurons"] for f in d} == {"body.0": 32, "body.2": 32, "head": 5}
 
 
+def test_an_ablated_neuron_is_a_constant_unit_that_folds_into_the_next_bias():
+    # The digest (baselines.md A9) said the next layer receives zeros from ablated channels; the bias trains on,
+    # so it receives act(bias). The documented way to slice them away: fold that constant into the next bias.
+    model, opt, sp = _make("srigl", filter_fn=None, gamma_sal=1000.0, sparsity=0.5)
+    _train(model, opt, sp, 5)
+    dead = sp._layers[0].ablated
+    assert sp._layers[0].fqn == "body.0" and dead.any()
+    model = sp.finalize()
+    first, second = model.body[0], model.body[2]
+    x = torch.randn(7, 16)
+    with torch.no_grad():
+        h = torch.relu(first(x))
+        const = torch.relu(first.bias[dead])
+        assert torch.equal(h[:, dead], const.expand(7, -1)) and bool(const.any()), "a constant, not zero"
+        folded = second.bias + second.weight[:, dead] @ const
+        sliced = F.linear(h[:, ~dead], second.weight[:, ~dead], folded)
+        torch.testing.assert_close(sliced, second(h))
+    doc = " ".join(MaskConfig.__doc__.split())
+    assert "it is a *constant* unit: it outputs ``act(bias)``, not zero" in doc
+    assert "fold their constant output into the next layer's bias first" in doc
+
+
 class _HeadFirst(nn.Module):
     """16 -> 5 with the head registered first and an ``nn.MultiheadAttention`` (whose ``out_proj`` its forward
     never calls) registered last: the registration order names neither as the output layer."""
