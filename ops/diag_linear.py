@@ -2,7 +2,8 @@
 
 Three opaque ``torch.library`` ops (defined with the low-level API, see "Registration"), so that compiled
 graphs, ``torch.export`` programs and ONNX see exactly one node per layer and the backward graph is made of
-our ops too:
+our ops too (except where the ``diagcompile`` backend compiles a small CPU layer inline as
+``diag_linear_composite``, ``passes/inline.py``):
 
 * ``diag_linear(x, values, offsets, bias, out_features) -> y``           ``(..., N_in) -> (..., N_out)``
 * ``diag_linear_dx(dy, values, offsets, in_features) -> dx``             ``(..., N_out) -> (..., N_in)``
@@ -24,9 +25,10 @@ Implementations: one function per op for every device, which asks ``ops/dispatch
 (kernel / dense / reference) from the shapes alone. Every path checks the same preconditions (shapes,
 dtypes, int offsets; on the CPU also distinct offsets in ``[0, P)``) and returns the same results up to
 rounding, with one exception: non-finite inputs. A NaN or inf in ``x`` (or ``dy``) reaches only the outputs
-its kept diagonals connect it to on the kernel and reference paths, but every output on the dense path,
-whose GEMM multiplies the structural zeros of ``W`` too (``0 * NaN = NaN``, as ``nn.Linear`` on the dense
-``W`` would). Which outputs turn NaN can therefore depend on the batch size.
+its kept diagonals connect it to on the kernel and reference paths, but every output on the dense path (and
+in ``diag_linear_composite``, which the ``diagcompile`` backend compiles in place of small CPU layers' op
+calls), whose GEMM multiplies the structural zeros of ``W`` too (``0 * NaN = NaN``, as ``nn.Linear`` on the
+dense ``W`` would). Which outputs turn NaN can therefore depend on the batch size.
 
 ``call_diag_linear`` is how the user API calls the forward op. In plain eager it runs the same
 implementation and autograd formulas without the dispatcher's Python layers (~40 us a call on a slow CPU);
@@ -527,11 +529,25 @@ def _ad_levels(*tensors: Tensor) -> tuple[int, bool]:
     return fwd, rev
 
 
-def diag_linear_composite(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
+def diag_linear_composite(
+    x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int, *, check_offsets: bool = False
+) -> Tensor:
     """The forward op's math as plain torch ops, ``F.linear(x, to_dense(values, offsets), bias)``, with the
     op's arguments (an empty ``bias`` for none): differentiable by every transform, and traceable, so a
-    compiled graph can hold it in place of the op call (``dispatch.inline_in_graph``)."""
-    W = reference.to_dense(values, offsets, out_features, x.shape[-1])
+    compiled graph can hold it in place of the op call (``dispatch.inline_in_graph``).
+
+    ``check_offsets``: assert, as the op does on the CPU, that the offsets are distinct and in ``[0, P)``
+    (``to_dense`` would wrap or overwrite silently), with ``torch._assert_async``, which compiled graphs keep.
+    """
+    n_in = x.shape[-1]
+    if check_offsets and offsets.shape[0] > 0:
+        P = max(out_features, n_in)
+        idx = offsets.long()
+        counts = torch.zeros(P, dtype=torch.int32, device=idx.device)
+        counts = counts.index_add(0, idx.clamp(0, P - 1), torch.ones_like(idx, dtype=torch.int32))
+        ok = (idx.min() >= 0) & (idx.max() < P) & (counts.max() <= 1)
+        torch._assert_async(ok, f"diag_linear: offsets must be distinct and lie in [0, P={P})")
+    W = reference.to_dense(values, offsets, out_features, n_in)
     return F.linear(x, W, bias if bias.numel() > 0 else None)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -39,6 +40,8 @@ from diagcompile.passes.rewrite_dynamo import (
 )
 
 __all__ = ["diagcompile_backend", "compile", "inductor_config"]
+
+log = logging.getLogger("diagcompile.passes")
 
 
 def inductor_config(mode: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -169,9 +172,12 @@ def _compile_graph(
     gm, report = rewrite_dynamo(gm, example_inputs)
     if warn_if_dense:
         _warn_if_nothing_sparse(gm, report)
+    check = None
     if inline_small:
-        gm, inlined = inline_small_layers(gm)
-        report = dataclasses.replace(report, inlined=inlined)
+        gm, inlined, check = inline_small_layers(gm)
+        if inlined:
+            report = dataclasses.replace(report, inlined=inlined)
+            log.info("diagcompile: inlined as dense GEMMs (small layers): %s", ", ".join(inlined))
     if on_rewrite is not None:
         on_rewrite(report)
     extra = diag_inputs(gm)
@@ -181,7 +187,7 @@ def _compile_graph(
         # shapes belongs to its own tracing context.
         inputs = [_static_fake(fake_mode, t) for t in inputs]
     compiled = compile_fx(gm, inputs, config_patches=patches)
-    return _Graph(compiled, extra)
+    return _Graph(compiled if check is None else check.wrap(compiled), extra)
 
 
 # Each distinct mark pattern of one Dynamo graph compiles once; beyond this many, something is changing

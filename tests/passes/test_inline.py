@@ -129,3 +129,67 @@ def test_export_keeps_one_op_node_per_layer():
     ep = export_program(model, (torch.randn(2, 32),))
     ops = [n for n in ep.graph.nodes if n.op == "call_function" and "diagcompile" in str(n.target)]
     assert len(ops) == 3
+
+
+def test_op_calls_by_keyword_and_with_out_features_as_a_graph_input():
+    """Inlined or not, by keyword or with an ``out_features`` that Dynamo made an input (it changed between
+    calls of one function), the compiled op computes what the eager one does."""
+    wide, narrow = DiagLinear(16, 24, sparsity=0.5), DiagLinear(16, 8, sparsity=0.5)
+
+    def by_keyword(x, v, o, b, n_out):
+        return torch.ops.diagcompile.diag_linear(x=x, values=v, offsets=o, bias=b, out_features=n_out)
+
+    def positional(x, v, o, b, n_out):
+        return torch.ops.diagcompile.diag_linear(x, v, o, b, n_out)
+
+    for fn in (by_keyword, positional):
+        torch._dynamo.reset()
+        reports = []
+        compiled = diagcompile.compile(fn, on_rewrite=reports.append)
+        with torch.no_grad():
+            for layer in (wide, narrow, wide):
+                args = (torch.randn(5, 16), layer.values, layer.offsets, layer.bias, layer.out_features)
+                torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-6)
+        assert reports[0].inlined  # the first graph, out_features a constant, inlines
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [([0, 0, 1, 2], "offsets must be distinct"), ([0, 1, 2, 19], r"offsets must lie in \[0, P=16\)")],
+    ids=["duplicate", "out of range"],
+)
+def test_inlined_layers_still_refuse_invalid_offsets(bad, error):
+    """The op checks its offsets on the CPU; an inlined layer's are checked as the graph is called (once per
+    tensor version) instead of to_dense wrapping or overwriting them."""
+    layer = DiagLinear(16, 16, sparsity=0.75)
+    reports = []
+    compiled = diagcompile.compile(layer, on_rewrite=reports.append)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        compiled(x)
+        assert reports[-1].inlined
+        layer.offsets.copy_(torch.tensor(bad, dtype=layer.offsets.dtype))
+        with pytest.raises(ValueError, match=error):
+            compiled(x)
+        layer.offsets.copy_(torch.tensor([0, 1, 2, 3], dtype=layer.offsets.dtype))  # valid again: runs
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_offsets_computed_in_the_graph_are_asserted_there():
+    """Offsets that are no graph input (made inside the compiled function) cannot be checked before the call:
+    the inlined form asserts them in the graph."""
+    layer = DiagLinear(16, 16, sparsity=0.75)
+
+    def fn(x, shift):
+        offsets = (torch.arange(4, dtype=torch.int32) * shift) % 17  # shift 5: 0 5 10 15; shift 0: all 0
+        return torch.ops.diagcompile.diag_linear(x, layer.values, offsets, layer.bias, 16)
+
+    reports = []
+    compiled = diagcompile.compile(fn, on_rewrite=reports.append, dynamic=False)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        five, zero = torch.tensor(5, dtype=torch.int32), torch.tensor(0, dtype=torch.int32)
+        torch.testing.assert_close(compiled(x, five), fn(x, five), rtol=1e-5, atol=1e-6)
+        assert reports[-1].inlined
+        with pytest.raises(RuntimeError, match=r"offsets must be distinct and lie in \[0, P=16\)"):
+            compiled(x, zero)
