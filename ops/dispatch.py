@@ -262,7 +262,7 @@ def path_for(op: OpName, device_type: str, dtype: torch.dtype, M: int, n_out: in
 # work of a 64-wide layer at a few rows; in-graph the layer costs what the dense layer costs. Both are
 # small-layer rules: materializing W is N_out*N_in writes per call, and the GEMM does all M*N_out*N_in
 # multiply-adds, so past these sizes the op's diagonal kernel wins (benchmarks/bench_cpu_inline.py measured
-# the edges on the CPU machine; results/cpu_inline.md).
+# the edges on the CPU machine: results/cpu_inline_layers.md).
 INLINE_MAX_WEIGHT = 1 << 15  # N_out * N_in, M known at compile time
 INLINE_MAX_WORK = 1 << 19  # M * N_out * N_in
 # A dynamic M has no bound to test the work against: only layers small enough that the GEMM keeps up with
