@@ -460,7 +460,12 @@ def _train(args: argparse.Namespace) -> int:
         kw["offsets_from"] = args.offsets_from
     if args.method == "dense" and args.sparsity is not None:
         raise UsageError("--sparsity applies to the sparse methods, not dense")
-    sparsity = _nm_sparsity(args.sparsity, kw.get("dst", {}))
+    from diagcompile.dst.mask_config import NM_METHODS
+
+    if args.method in NM_METHODS:
+        sparsity = _nm_sparsity(args.sparsity, kw.get("dst", {}))
+    else:  # nm_n / nm_m given to another method are refused by its config, by name
+        sparsity = 0.9 if args.sparsity is None else args.sparsity
     if os.environ.get("WORLD_SIZE", "1") != "1" and "TORCHELASTIC_RUN_ID" in os.environ:
         # torchrun would start that many copies of the whole job, each writing the same --out.
         raise UsageError(

@@ -988,7 +988,15 @@ def _check_resumable(ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:
     diff = cfg.differences(ckpt["config"], ckpt.get("resolved"), dst_config, ckpt.get("total_steps"))
     if diff:
         detail = ", ".join(f"{k}: checkpoint {was!r} vs now {now!r}" for k, was, now in diff)
-        raise ValueError(f"cannot resume: the checkpoint was written by a different configuration ({detail})")
+        hint = ""
+        dst = dst_config if isinstance(dst_config, Mapping) else {}
+        if any(k == "sparsity" for k, _, _ in diff) and dst.get("nm_n") is not None and dst.get("nm_m") is not None:
+            # Before nm_n/nm_m fixed the sparsity, such a run recorded --sparsity (default 0.9) while training N:M.
+            hint = (
+                f"; it trained {dst['nm_n']}:{dst['nm_m']} but recorded sparsity {ckpt['config'].get('sparsity')!r}, "
+                "as diagcompile did before an explicit N:M fixed the sparsity: start a new run"
+            )
+        raise ValueError(f"cannot resume: the checkpoint was written by a different configuration ({detail}){hint}")
 
 
 class CheckpointReadError(ValueError):

@@ -113,3 +113,8 @@ def test_cli_an_explicit_nm_sets_the_recorded_sparsity(tmp_path, capsys):
     assert e.value.code == 2 and "--sparsity 0.9 contradicts --dst nm_n=2 --dst nm_m=4" in err and "0.5" in err
     assert not (tmp_path / "bad").exists()
     assert cli.main([*argv, "--sparsity", "0.5", "--out", str(tmp_path / "same")]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # another method is told the options are not its own, not about N:M
+        cli.main([*argv[:4], "rigl", *argv[5:], "--sparsity", "0.9", "--out", str(tmp_path / "rigl")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "applies to method in" in err and "not method='rigl'" in err
