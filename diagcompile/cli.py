@@ -411,14 +411,14 @@ def _common_train_kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
-def _nm_sparsity(given: float | None, dst: dict) -> float:
-    """The run's sparsity: ``--sparsity`` if given, else 0.9, except that an N:M fixed with ``--dst nm_n=N --dst
-    nm_m=M`` trains (and so records) ``1 - N/M``: that is the default then, and a different ``--sparsity`` is
-    refused. (Invalid N, M are left to ``MaskConfig``, which names the field.)"""
+def _nm_sparsity(given: float | None, dst: dict) -> float | None:
+    """The sparsity an N:M fixed with ``--dst nm_n=N --dst nm_m=M`` trains (and so records), ``1 - N/M``, or
+    ``None`` without one: it is the default then, and a different ``--sparsity`` is refused. (Invalid N, M are
+    left to ``MaskConfig``, which names the field.)"""
     n, m = dst.get("nm_n"), dst.get("nm_m")
     valid = all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)) and 1 <= n <= m
     if not valid:
-        return 0.9 if given is None else given
+        return None
     implied = 1.0 - n / m
     if given is not None and not math.isclose(given, implied, rel_tol=0.0, abs_tol=1e-6):
         raise UsageError(
@@ -462,10 +462,9 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError("--sparsity applies to the sparse methods, not dense")
     from diagcompile.dst.mask_config import NM_METHODS
 
-    if args.method in NM_METHODS:
-        sparsity = _nm_sparsity(args.sparsity, kw.get("dst", {}))
-    else:  # nm_n / nm_m given to another method are refused by its config, by name
-        sparsity = 0.9 if args.sparsity is None else args.sparsity
+    # nm_n / nm_m given to another method are refused by its config, by name.
+    implied = _nm_sparsity(args.sparsity, kw.get("dst", {})) if args.method in NM_METHODS else None
+    sparsity = implied if implied is not None else 0.9 if args.sparsity is None else args.sparsity
     if os.environ.get("WORLD_SIZE", "1") != "1" and "TORCHELASTIC_RUN_ID" in os.environ:
         # torchrun would start that many copies of the whole job, each writing the same --out.
         raise UsageError(

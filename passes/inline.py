@@ -46,7 +46,7 @@ def _static(d: object) -> int | None:
     """A size as an int, or ``None`` when it is symbolic: a SymInt (it may hold a constant), or a graph node
     (``out_features`` as an input of its own, as Dynamo makes an int argument that changed between calls)."""
     if isinstance(d, fx.Node):
-        d = d.meta.get("example_value")
+        d = _example(d)
     return int(d) if isinstance(d, (int, torch.SymInt)) and is_concrete_int(d) else None
 
 
@@ -67,16 +67,14 @@ def inline_small_layers(gm: fx.GraphModule) -> tuple[fx.GraphModule, tuple[str, 
         inlined in a graph that may run under autocast: ``F.linear`` would follow autocast's dtype where the op
         does not.
     """
-    picked = [n.name for n in gm.graph.nodes if _inlinable(n)]
+    picked = {n.name: P for n in gm.graph.nodes if (P := _inline_p(n)) is not None}  # name -> the layer's P
     if not picked or _autocast_possible(gm):
         return gm, (), None
     gm = copy_dynamo_graph_module(gm)
-    names = set(picked)
     position = {p: i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))}
     checks: dict[int, int] = {}
-    for node in [n for n in gm.graph.nodes if n.name in names]:
-        offsets = _arg(node, 2)
-        P = max(_static(_arg(node, 4)), _static(_example(_arg(node, 0)).shape[-1]))
+    for node in [n for n in gm.graph.nodes if n.name in picked]:
+        offsets, P = _arg(node, 2), picked[node.name]
         # The op checks its offsets on every CPU call. An input's are checked before each call, validated
         # once per tensor version (~1 us per input when unchanged); in-graph reductions cost 10-25 us per layer
         # on the demo ViT (measured), a fifth of what inlining saves.
@@ -130,17 +128,18 @@ def _autocast_possible(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and "enter_autocast" in str(n.target) for n in gm.graph.nodes)
 
 
-def _inlinable(node: fx.Node) -> bool:
+def _inline_p(node: fx.Node) -> int | None:
+    """``P = max(N_out, N_in)`` of a forward op call that ``inline_in_graph`` picks, else ``None``."""
     if node.op != "call_function" or node.target not in _TARGETS:
-        return False
+        return None
     x, values = (_example(_arg(node, i)) for i in (0, 1))
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        return False
+        return None
     # rewrite_dynamo's own values inputs carry no example value; it emits them in x's dtype.
     if isinstance(values, torch.Tensor) and values.dtype != x.dtype:
-        return False
+        return None
     n_out = _static(_arg(node, 4))
     n_in = _static(x.shape[-1])
-    if n_out is None or n_in is None:
-        return False
-    return inline_in_graph(x.device.type, x.dtype, _rows(x), n_out, n_in)
+    if n_out is None or n_in is None or not inline_in_graph(x.device.type, x.dtype, _rows(x), n_out, n_in):
+        return None
+    return max(n_out, n_in)
