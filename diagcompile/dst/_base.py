@@ -5,6 +5,7 @@ state-dict consistency checks. Private: the two public classes keep their own AP
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -136,6 +137,27 @@ def _check_plain_weight(fqn: str, m: nn.Linear, who: str) -> None:
         )
 
 
+def _sharded_by(model: nn.Module) -> tuple[str, str] | None:
+    """``(where, what)`` of the first sign that ``model`` is sharded: a legacy FSDP wrapper
+    (``FullyShardedDataParallel``), a module ``fully_shard`` (FSDP2) was applied to, or a ``DTensor`` parameter
+    (FSDP2, tensor parallelism); ``None`` if there is none. Looks only if torch.distributed's FSDP / DTensor
+    modules were imported (none of these can exist otherwise), so it imports nothing."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if fsdp is not None:
+        fsdp1, fsdp2 = getattr(fsdp, "FullyShardedDataParallel", ()), getattr(fsdp, "FSDPModule", ())
+        for fqn, m in model.named_modules():
+            if isinstance(m, fsdp1):
+                return (fqn or "<model>", "a FullyShardedDataParallel wrapper")
+            if isinstance(m, fsdp2):
+                return (fqn or "<model>", "sharded by fully_shard (FSDP2)")
+    if dtensor is not None and hasattr(dtensor, "DTensor"):
+        for name, p in model.named_parameters():
+            if isinstance(p, dtensor.DTensor):
+                return (name, "a DTensor parameter (FSDP2 / tensor parallelism)")
+    return None
+
+
 def _never_stepped(state: Any) -> bool:
     """Whether an optimizer's per-parameter state is the one some optimizers (Adagrad) make in ``__init__``."""
     step = state.get("step") if isinstance(state, dict) else None
@@ -192,6 +214,7 @@ class SparsifierBase:
             )
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise ValueError(f"construct {name} on the bare model, then wrap it in DistributedDataParallel")
+        self._refuse_sharded(model)
         if isinstance(model, nn.Linear):
             raise ValueError("model is a single nn.Linear, which cannot be converted in place: wrap it in a module")
         self.model, self.optimizer, self.config = model, optimizer, config
@@ -233,6 +256,23 @@ class SparsifierBase:
                 stacklevel=3,
             )
 
+    def _refuse_sharded(self, model: nn.Module) -> None:
+        """Refuse a model sharded by FSDP (``FullyShardedDataParallel``, ``fully_shard``) or holding ``DTensor``
+        parameters: from the constructor, and from the first ``step()`` (a model sharded after the sparsifier was
+        built). Topology updates index, move and zero rows of each layer's *whole* weight and of its optimizer
+        state, identically on every rank; sharded parameters hold a slice per rank, so each step would fail inside
+        a DTensor op or FSDP with a message about something else."""
+        found = _sharded_by(model)
+        if found is None:
+            return
+        where, what = found
+        raise ValueError(
+            f"{self._name} cannot train a sharded model: '{where}' is {what}. Its topology updates move and zero "
+            f"rows of each layer's whole weight and optimizer state on every rank, which sharded parameters do not "
+            f"hold. FSDP / fully_shard and DTensor parameters are not supported: train with DistributedDataParallel "
+            f"(construct {self._name} on the bare model, build the optimizer over it, then wrap the model)"
+        )
+
     def _refuse_optimizer_kind(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse, before anything changes, the optimizers that a topology update would silently break.
 
@@ -240,12 +280,22 @@ class SparsifierBase:
         whose fresh per-element state is zero. Checked against ``torch.optim`` (2.13): Adam, AdamW, NAdam,
         RAdam, Adamax, Adadelta, RMSprop, ASGD (``ax``; its ``eta``/``mu`` are per-parameter scalars),
         SparseAdam and Muon start theirs at zero, and SGD's momentum buffer starts as the first gradient, which
-        a zeroed buffer also gives (with ``dampening=0``). Rprop's ``step_size`` starts at ``lr``: refused here,
-        with LBFGS (one curvature history across all parameters). Adagrad (``initial_accumulator_value``) is
-        refused for making its state in its constructor, Adafactor's factored state at the first ``step()``
-        (``_check_optimizer_state``).
+        a zeroed buffer also gives (with ``dampening=0``). ``ZeroRedundancyOptimizer`` is refused: it holds each
+        rank's parameters and state in a local optimizer the surgery cannot see. Rprop's ``step_size`` starts at
+        ``lr``: refused here, with LBFGS (one curvature history across all parameters). Adagrad
+        (``initial_accumulator_value``) is refused for making its state in its constructor, Adafactor's factored
+        state at the first ``step()`` (``_check_optimizer_state``).
         """
         name = self._name
+        zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+        if zero is not None and isinstance(optimizer, zero.ZeroRedundancyOptimizer):
+            raise ValueError(
+                f"{name} cannot train with ZeroRedundancyOptimizer: each rank steps its share of the parameters, "
+                f"and keeps their optimizer state, in a local optimizer (its .optim) that {name} cannot reach: "
+                f"parameters it swaps in would be stepped by no rank, and regrown {self._regrown} would keep stale "
+                f"optimizer state; use a torch.optim optimizer (under DistributedDataParallel: one per rank over all "
+                f"the parameters)"
+            )
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError(
                 f"{name} cannot train with torch.optim.LBFGS: LBFGS keeps one flat curvature history over all its "

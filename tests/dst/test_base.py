@@ -84,6 +84,38 @@ def test_optimizers_that_cannot_follow_a_topology_update_are_refused(sparsifier,
 
 
 @pytest.mark.parametrize("sparsifier, config_cls, other_config_cls", SPARSIFIERS)
+def test_sharded_models_and_zero_redundancy_optimizer_are_refused_by_name(
+    gloo_group, sparsifier, config_cls, other_config_cls
+):
+    # FSDP2 (fully_shard) and FSDP1 failed inside a DTensor op ("got mixed torch.Tensor and DTensor") or with a
+    # message about weight_norm; ZeroRedundancyOptimizer was accepted, and then its local optimizer kept stepping
+    # the replaced dense weights (the values never trained) or the regrown connections' stale state. All are now
+    # refused before anything changes, and a model sharded after the sparsifier at the first step().
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    name = sparsifier.__name__
+    config = config_cls(total_steps=10, update_every=2)
+    sharded = tiny_mlp()
+    fully_shard(sharded)
+    wrapped = FullyShardedDataParallel(tiny_mlp(), device_id=torch.device("cpu"), use_orig_params=True)
+    for model, what in ((sharded, "sharded by fully_shard"), (wrapped, "a FullyShardedDataParallel wrapper")):
+        with pytest.raises(ValueError, match=rf"^{name} cannot train a sharded model: '<model>' is {what}.*Distrib"):
+            sparsifier(model, torch.optim.AdamW(model.parameters()), config, not_head)
+    model = tiny_mlp()
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3)
+    with pytest.raises(ValueError, match=rf"^{name} cannot train with ZeroRedundancyOptimizer: .*local optimizer"):
+        sparsifier(model, zero, config, not_head)
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear)), "changed before the error"
+    # built on the bare model, sharded afterwards: refused at the first step()
+    model = tiny_mlp()
+    sp = sparsifier(model, torch.optim.AdamW(model.parameters()), config, not_head)
+    fully_shard(model)
+    with pytest.raises(ValueError, match=rf"^{name} cannot train a sharded model"):
+        sp.step()
+
+
+@pytest.mark.parametrize("sparsifier, config_cls, other_config_cls", SPARSIFIERS)
 def test_errors_name_the_sparsifier_and_what_it_does(sparsifier, config_cls, other_config_cls):
     name = sparsifier.__name__
     does = "swap the dense weights for their diagonals" if sparsifier is DiagSparsifier else "mask the weights"
