@@ -163,12 +163,18 @@ def add_alpha_group(
 
 def remove_alpha_group(optimizer: torch.optim.Optimizer | None) -> None:
     """Remove the (emptied) group ``add_alpha_group`` added, so the optimizer has the layout of one built over
-    the finalized model. LR schedulers made before hold one value per group: most fail afterwards."""
+    the finalized model. LR schedulers made before hold one value per group: most fail afterwards.
+
+    The group is found by its mark wherever it is: groups the caller added after it (``add_param_group``) do not
+    keep it in place, so that an optimizer built afresh over the finalized model with the same added groups has
+    the same layout."""
     if optimizer is None:
         return
     groups = optimizer.param_groups
-    if groups and groups[-1].get("diagcompile_alpha") and not groups[-1]["params"]:
-        groups.pop()
+    for i, group in enumerate(groups):
+        if group.get("diagcompile_alpha") and not group["params"]:
+            del groups[i]
+            return
 
 
 def state_bytes(optimizer: torch.optim.Optimizer | None, param: Tensor) -> int:

@@ -143,3 +143,22 @@ def test_named_groups_keep_their_names_in_step_with_their_parameters():
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"][0] is compact
     with pytest.raises(ValueError, match="give the names"):
         replace_param_(opt, c, [nn.Parameter(torch.randn(1)), nn.Parameter(torch.randn(1))])
+
+
+def test_the_emptied_alpha_group_is_removed_behind_groups_added_after_it():
+    # A group the user added after the sparsifier (add_param_group) left the alpha group in place: finalize(
+    # drop_alpha_group=True) then kept it, and the README's resume recipe failed in load_state_dict ("different
+    # number of parameter groups").
+    a, extra = nn.Parameter(torch.randn(4, 2)), nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([a], lr=1e-3)
+    alpha = nn.Parameter(torch.randn(4))
+    add_alpha_group(opt, [alpha], lr=0.05)
+    opt.add_param_group({"params": [extra], "lr": 1e-4})
+    remove_param_(opt, alpha)
+    remove_alpha_group(opt)
+    assert [g["params"] for g in opt.param_groups] == [[a], [extra]]
+    fresh = torch.optim.AdamW([a], lr=1e-3)
+    fresh.add_param_group({"params": [extra], "lr": 1e-4})
+    fresh.load_state_dict(opt.state_dict())
+    remove_alpha_group(opt)  # nothing left to remove: a no-op
+    assert len(opt.param_groups) == 2
