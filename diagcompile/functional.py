@@ -18,6 +18,17 @@ __all__ = ["diag_linear", "canonical_offsets", "check_sparsity"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# The device types that have an autocast mode, asked once at import: torch 2.11's Dynamo cannot trace
+# ``torch.amp.is_autocast_available`` (a C builtin; 2.13's can), so asking it per call broke a compiled graph at
+# every layer there (an error under ``fullgraph=True``). ``torch.is_autocast_enabled(device_type)`` traces, but
+# raises for a device type without autocast (meta, lazy): hence this set first.
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    d
+    for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "maia")
+    + (torch._C._get_privateuse1_backend_name(),)
+    if torch.amp.is_autocast_available(d)
+)
+
 
 def _inspectable(t: Tensor) -> bool:
     """Whether ``t``'s data can be read: not while tracing (compile, export) and not for fake/meta tensors."""
@@ -158,7 +169,7 @@ def diag_linear(
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float16/bfloat16/float32/float64, got {x.dtype}")
     dev = x.device.type
-    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+    if dev in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(dev):
         x, values, bias = _autocast(x, values, bias)
     if x.dtype != values.dtype:
         raise TypeError(f"dtype mismatch: x is {x.dtype} but values is {values.dtype}")
