@@ -24,6 +24,10 @@ from diagcompile.ops.reference import diagonal_indices
 
 __all__ = ["DiagLinear"]
 
+# torch.fx.symbolic_trace: the functional is one call_function node (a leaf), fed the layer's parameters and
+# buffer as get_attr nodes, instead of being traced into, where its checks would meet a Proxy.
+torch.fx.wrap("diag_linear")
+
 
 def _seen_key(t: Tensor) -> tuple[int, int]:
     """What says a checked offsets tensor is unchanged: its in-place version and its storage (``.data =``).
@@ -169,6 +173,10 @@ class DiagLinear(nn.Module):
             seen = self.__dict__.get("_offsets_seen")
             if seen is None or seen[0] is not offsets or seen[1] != _seen_key(offsets):
                 self._check_offsets(offsets, values)
+        if isinstance(x, torch.fx.Proxy):
+            # symbolic_trace records this call (fx.wrap above) and the graph module runs it with whatever its
+            # get_attr nodes hold then: the fully checked form, which also checks x's width against the layer.
+            return diag_linear(x, values, offsets, bias, self.out_features, in_features=self.in_features)
         return diag_linear(x, values, offsets, bias, self.out_features, check_offsets=False)
 
     def _check_offsets(self, offsets: Tensor, values: Tensor) -> None:

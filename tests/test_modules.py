@@ -363,3 +363,22 @@ def test_torch_jit_script_is_refused_by_name(kind):
     )
     with pytest.raises(TypeError, match=rf"{kind} does not support torch.jit.script.*torch.jit.trace.*torch.export"):
         torch.jit.script(nn.Sequential(nn.Linear(16, 16), layer))
+
+
+def test_fx_symbolic_trace_records_one_call_per_layer_that_follows_the_module():
+    """FX-based tooling (torchvision's create_feature_extractor, FX quantization, rewrite_traced on a model that
+    already has DiagLinears) traces with torch.fx.symbolic_trace; the layer used to be traced into and fail with
+    "x must be a Tensor, got Proxy"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), DiagLinear(20, 12, sparsity=0.5), DiagLinear(12, 30))
+    x = torch.randn(3, 4, 12)
+    gm = torch.fx.symbolic_trace(model)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "diag_linear" in n.target.__name__]
+    assert len(calls) == 2
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    with torch.no_grad():  # the graph reads the layers' tensors (get_attr), not copies taken at trace time
+        model[2].values.mul_(2)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    # The graph keeps the width check (a wide layer's values alone cannot tell a wrong width).
+    with pytest.raises(ValueError, match="x has last dim 21 but in_features=20"):
+        torch.fx.symbolic_trace(model[2])(torch.randn(3, 21))
