@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
+from torch.nn.utils import parametrize
 
 from diagcompile.functional import canonical_offsets, check_sparsity, diag_linear
 from diagcompile.ops import (
@@ -233,6 +235,20 @@ class DiagLinear(nn.Module):
                 "layer (sparsify_'s filter_fn) or change the code to call the layer"
             )
         return super().__getattr__(name)
+
+    def __delattr__(self, name: str) -> None:
+        # torch.nn.utils.parametrize deletes the tensor first, then stores its ParametrizationList under the same
+        # name in a ModuleDict, whose .values() method makes the name "values" impossible there: it failed with
+        # "KeyError: attribute 'values' already exists" and left the layer without its values parameter.
+        if name == "values" and sys._getframe(1).f_code is parametrize.register_parametrization.__code__:
+            raise TypeError(
+                f"{type(self).__name__}.values cannot be parametrized with torch.nn.utils.parametrize (so neither "
+                f"with torch.nn.utils.parametrizations.weight_norm / spectral_norm / orthogonal): torch keeps "
+                f"parametrizations in a ModuleDict, whose .values() method the name collides with. The layer is "
+                f"unchanged. The hook-based torch.nn.utils.weight_norm / spectral_norm(layer, name='values') and "
+                f"torch.nn.utils.prune work; they act on the (k, D) values, not on the dense (out, in) weight"
+            )
+        super().__delattr__(name)
 
     def to_dense(self) -> Tensor:
         """The dense ``(out_features, in_features)`` weight (zeros off the stored diagonals); differentiable."""

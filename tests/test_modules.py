@@ -382,3 +382,33 @@ def test_fx_symbolic_trace_records_one_call_per_layer_that_follows_the_module():
     # The graph keeps the width check (a wide layer's values alone cannot tell a wrong width).
     with pytest.raises(ValueError, match="x has last dim 21 but in_features=20"):
         torch.fx.symbolic_trace(model[2])(torch.randn(3, 21))
+
+
+@pytest.mark.parametrize("bias_parametrized", [False, True])
+def test_a_parametrization_of_values_is_refused_and_leaves_the_layer_intact(bias_parametrized):
+    """torch cannot parametrize a tensor named ``values`` (its ModuleDict has a .values() method); it used to
+    fail with "KeyError: attribute 'values' already exists" after deleting the layer's values parameter."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    layer, x = DiagLinear(12, 20, sparsity=0.5), torch.randn(3, 12)
+    if bias_parametrized:
+        parametrize.register_parametrization(layer, "bias", Double())
+    cls, values = type(layer), layer.values
+    with torch.no_grad():
+        want = layer(x)
+    for add in (
+        lambda: parametrize.register_parametrization(layer, "values", Double()),
+        lambda: torch.nn.utils.parametrizations.weight_norm(layer, name="values"),
+        lambda: torch.nn.utils.parametrizations.spectral_norm(layer, name="values"),
+    ):
+        with pytest.raises(TypeError, match=r"values cannot be parametrized.*ModuleDict.*layer is unchanged"):
+            add()
+        assert type(layer) is cls and layer._parameters["values"] is values
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    del layer.values  # deleting the parameter is still allowed elsewhere
+    assert "values" not in layer._parameters
