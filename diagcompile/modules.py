@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -370,7 +371,29 @@ class DiagLinear(nn.Module):
             )
             return
         key = prefix + "offsets"
-        if key in state_dict:
+        where = prefix[:-1] or "the layer"
+        has_values, has_offsets = prefix + "values" in state_dict, key in state_dict
+        if has_values != has_offsets:
+            # Values mean nothing without the diagonals they lie on: half a layer would pair the loaded values
+            # with this layer's own offsets (or its old values with the loaded offsets), a silently other function.
+            got, lacks = ("values", "offsets") if has_values else ("offsets", "values")
+            error_msgs.append(
+                f"{where}: the state_dict has {prefix}{got} but not {prefix}{lacks}: a DiagLinear loads both or "
+                f"neither (also with strict=False), since its values only mean something on their own diagonals"
+            )
+            return
+        if not has_values and prefix + "weight" in state_dict:
+            # A warning, not an error: torch passes strict=True here whatever the caller asked for, and a
+            # strict=False load may skip this layer on purpose. A strict load still fails on the missing keys.
+            n_out_in = tuple(getattr(state_dict[prefix + "weight"], "shape", ()))
+            warnings.warn(
+                f"{where}: the state_dict holds a dense weight {n_out_in} (an nn.Linear checkpoint) for this "
+                f"DiagLinear, which stores values and offsets: the layer is not loaded. Load the checkpoint into the "
+                f"dense model, then convert (sparsify_ with the same filter_fn, or DiagLinear.from_dense); "
+                f"DiagLinear.to_linear() goes the other way",
+                stacklevel=2,
+            )
+        if has_offsets:
             # Older checkpoints may hold int64 offsets; validate and normalize before the copy.
             try:
                 state_dict[key] = canonical_offsets(state_dict[key], self.out_features, self.in_features, where=key)

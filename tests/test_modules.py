@@ -412,3 +412,29 @@ def test_a_parametrization_of_values_is_refused_and_leaves_the_layer_intact(bias
             torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
     del layer.values  # deleting the parameter is still allowed elsewhere
     assert "values" not in layer._parameters
+
+
+@pytest.mark.parametrize("drop", ["0.offsets", "0.values"])
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_state_dict_with_half_a_layer_is_refused(drop, strict):
+    """Values without their offsets (or the reverse) used to load under strict=False: the layer then paired the
+    loaded values with its own random diagonals, a silently different function."""
+    torch.manual_seed(0)
+    sd = nn.Sequential(DiagLinear(16, 16, sparsity=0.75)).state_dict()
+    sd.pop(drop)
+    model = nn.Sequential(DiagLinear(16, 16, sparsity=0.75))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = "values" if drop.endswith("offsets") else "offsets"
+    with pytest.raises(RuntimeError, match=rf"has 0.{kept} but not {drop}: a DiagLinear loads both or neither"):
+        model.load_state_dict(sd, strict=strict)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_dense_checkpoint_for_a_diag_linear_says_how_to_convert():
+    dense = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    sparse = nn.Sequential(DiagLinear(16, 24, sparsity=0.75), nn.ReLU(), nn.Linear(24, 8))
+    with pytest.warns(UserWarning, match=r"^0: the state_dict holds a dense weight \(24, 16\).*not loaded.*sparsify_"):
+        result = sparse.load_state_dict(dense.state_dict(), strict=False)
+    assert set(result.missing_keys) == {"0.values", "0.offsets"} and result.unexpected_keys == ["0.weight"]
+    with pytest.warns(UserWarning, match="dense weight"), pytest.raises(RuntimeError, match="Missing key"):
+        sparse.load_state_dict(dense.state_dict())
