@@ -42,6 +42,14 @@ def _seen_key(t: Tensor) -> tuple[int, int]:
     return (-1 if t.is_inference() else t._version, t.data_ptr())
 
 
+# Appended to an invalid-offsets error: the usual way to get one without touching the buffer.
+_UNSET_OFFSETS = (
+    " (a layer built on the meta device and materialized with to_empty() holds uninitialized offsets, which "
+    "reset_parameters() does not draw: load a state_dict, or layer.set_offsets(...), e.g. "
+    "diagcompile.ops.evenly_spaced_offsets(out_features, in_features, layer.k), first)"
+)
+
+
 def not_scriptable(module: nn.Module) -> str:
     """Why ``torch.jit.script`` refuses a diagonal layer, and what to use instead."""
     return (
@@ -142,7 +150,11 @@ class DiagLinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Draw values ``U(-1/sqrt(f), 1/sqrt(f))`` with ``f`` the fan-in of each entry's output row."""
+        """Draw values ``U(-1/sqrt(f), 1/sqrt(f))`` with ``f`` the fan-in of each entry's output row.
+
+        The offsets are kept (they are structure, not drawn here): after ``to_empty()`` of a layer built on the meta
+        device, give it offsets first (``load_state_dict`` or ``set_offsets``), or this raises."""
+        self._check_offsets(self.offsets, self.values)
         rows, _ = diagonal_indices(self.out_features, self.in_features, self.offsets)
         fan_in = self.row_fan_in().to(self.values.device, torch.float32)
         mean_fan = max(1.0, self.k * min(self.in_features, self.out_features) / self.out_features)
@@ -196,7 +208,10 @@ class DiagLinear(nn.Module):
         if torch._C._functorch.is_functorch_wrapped_tensor(offsets):
             self._check_wrapped_offsets(offsets)
             return
-        canonical_offsets(offsets, self.out_features, self.in_features, where="DiagLinear.offsets")
+        try:
+            canonical_offsets(offsets, self.out_features, self.in_features, where="DiagLinear.offsets")
+        except ValueError as e:
+            raise ValueError(f"{e}{_UNSET_OFFSETS}") from None
         if offsets.shape[0] != values.shape[0]:
             raise ValueError(
                 f"DiagLinear.offsets has k={offsets.shape[0]} diagonals but values has {values.shape[0]} rows"

@@ -181,6 +181,24 @@ def test_uninitialized_offsets_after_to_empty_are_refused():
         layer(torch.randn(2, 8))
 
 
+@pytest.mark.parametrize("fill", [-5, 0])
+def test_reset_parameters_after_to_empty_names_the_missing_offsets(fill):
+    """The deferred-init idiom (meta, to_empty, reset_parameters) used to draw values over garbage offsets without
+    a word; the forward then failed with an offsets error that did not say where they came from."""
+    from diagcompile.ops import evenly_spaced_offsets
+
+    with torch.device("meta"):
+        layer = DiagLinear(8, 16, sparsity=0.5)
+    layer.to_empty(device="cpu")
+    layer.offsets.fill_(fill)  # never written: any bits, out of range (-5) or duplicated (0)
+    for call in (layer.reset_parameters, lambda: layer(torch.randn(2, 8))):
+        with pytest.raises(ValueError, match=r"DiagLinear.offsets .*to_empty\(\).*set_offsets"):
+            call()
+    layer.set_offsets(evenly_spaced_offsets(16, 8, layer.k))  # what the message says to do
+    layer.reset_parameters()
+    assert layer.values.abs().sum() > 0 and layer(torch.randn(2, 8)).shape == (2, 16)
+
+
 def test_set_offsets_checks_values_before_changing_anything():
     layer = DiagLinear(8, 8, offsets=[0, 3, 5])
     before = (layer.offsets.clone(), layer.values.detach().clone())
