@@ -18,15 +18,15 @@ __all__ = ["diag_linear", "canonical_offsets", "check_sparsity"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# The device types that have an autocast mode, asked once at import: torch 2.11's Dynamo cannot trace
-# ``torch.amp.is_autocast_available`` (a C builtin; 2.13's can), so asking it per call broke a compiled graph at
-# every layer there (an error under ``fullgraph=True``). ``torch.is_autocast_enabled(device_type)`` traces, but
-# raises for a device type without autocast (meta, lazy): hence this set first.
-_AUTOCAST_DEVICE_TYPES = frozenset(
+# The device types without an autocast mode (meta, lazy, ...), asked once at import: torch 2.11's Dynamo cannot
+# trace ``torch.amp.is_autocast_available`` (a C builtin; 2.13's can), so asking it per call broke a compiled graph
+# at every layer there (an error under ``fullgraph=True``). ``torch.is_autocast_enabled(device_type)`` traces, but
+# raises for these. A list of those without, not of those with: a PrivateUse1 backend renamed after this import
+# (``torch.utils.rename_privateuse1_backend``) still gets its autocast.
+_NO_AUTOCAST_DEVICE_TYPES = frozenset(
     d
-    for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "ipu", "mtia", "maia")
-    + (torch._C._get_privateuse1_backend_name(),)
-    if torch.amp.is_autocast_available(d)
+    for d in ("meta", "lazy", "opengl", "opencl", "ideep", "hip", "fpga", "vulkan", "ve")
+    if not torch.amp.is_autocast_available(d)
 )
 
 
@@ -169,7 +169,7 @@ def diag_linear(
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float16/bfloat16/float32/float64, got {x.dtype}")
     dev = x.device.type
-    if dev in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(dev):
+    if dev not in _NO_AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(dev):
         x, values, bias = _autocast(x, values, bias)
     if x.dtype != values.dtype:
         raise TypeError(f"dtype mismatch: x is {x.dtype} but values is {values.dtype}")
