@@ -12,8 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.nn.utils import parametrize
+from torch.utils.weak import WeakIdKeyDictionary
 
-from diagcompile.functional import canonical_offsets, check_sparsity, diag_linear
+from diagcompile.functional import _inspectable, canonical_offsets, check_sparsity, diag_linear
 from diagcompile.ops import (
     OFFSET_DTYPE,
     diag_shape,
@@ -27,10 +28,6 @@ from diagcompile.ops.reference import diagonal_indices
 
 __all__ = ["DiagLinear"]
 
-# torch.fx.symbolic_trace: the functional is one call_function node (a leaf), fed the layer's parameters and
-# buffer as get_attr nodes, instead of being traced into, where its checks would meet a Proxy.
-torch.fx.wrap("diag_linear")
-
 
 def _seen_key(t: Tensor) -> tuple[int, int]:
     """What says a checked offsets tensor is unchanged: its in-place version and its storage (``.data =``).
@@ -42,10 +39,35 @@ def _seen_key(t: Tensor) -> tuple[int, int]:
     return (-1 if t.is_inference() else t._version, t.data_ptr())
 
 
+# Offsets tensors a traced graph has checked, by identity (a Tensor's == is elementwise, so not a WeakKeyDictionary).
+_TRACED_SEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _traced_diag_linear(
+    x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor | None, out_features: int, in_features: int
+) -> Tensor:
+    """``DiagLinear.forward`` as a ``torch.fx.symbolic_trace`` graph holds it: ``(..., in_features) ->
+    (..., out_features)``, one call_function node (a leaf, ``fx.wrap`` below) fed the layer's tensors by get_attr
+    nodes, instead of being traced into, where the functional's checks would meet a Proxy.
+
+    The graph never calls the layer, so the layer's once-per-version offsets check is made here (a content check
+    costs ~0.1 ms per layer on the CPU, and a device sync on a GPU); ``x``'s width is checked on every call.
+    """
+    plain = _inspectable(offsets) and not torch._C._functorch.is_functorch_wrapped_tensor(offsets)
+    seen = plain and _TRACED_SEEN.get(offsets) == _seen_key(offsets)
+    y = diag_linear(x, values, offsets, bias, out_features, in_features=in_features, check_offsets=not seen)
+    if plain and not seen:
+        _TRACED_SEEN[offsets] = _seen_key(offsets)
+    return y
+
+
+torch.fx.wrap("_traced_diag_linear")
+
+
 # Appended to an invalid-offsets error: the usual way to get one without touching the buffer.
 _UNSET_OFFSETS = (
-    " (a layer built on the meta device and materialized with to_empty() holds uninitialized offsets, which "
-    "reset_parameters() does not draw: load a state_dict, or layer.set_offsets(...), e.g. "
+    " (if the layer was built on the meta device and materialized with to_empty(), its offsets are uninitialized "
+    "memory, which reset_parameters() does not draw: load a state_dict, or layer.set_offsets(...), e.g. "
     "diagcompile.ops.evenly_spaced_offsets(out_features, in_features, layer.k), first)"
 )
 
@@ -152,9 +174,10 @@ class DiagLinear(nn.Module):
     def reset_parameters(self) -> None:
         """Draw values ``U(-1/sqrt(f), 1/sqrt(f))`` with ``f`` the fan-in of each entry's output row.
 
-        The offsets are kept (they are structure, not drawn here): after ``to_empty()`` of a layer built on the meta
-        device, give it offsets first (``load_state_dict`` or ``set_offsets``), or this raises."""
-        self._check_offsets(self.offsets, self.values)
+        The offsets are kept (they are structure, not drawn here). After ``to_empty()`` of a layer built on the meta
+        device they are uninitialized memory: the deferred-init idiom (``to_empty``, ``reset_parameters``, then
+        ``load_state_dict``) loads them; without a load, give the layer offsets (``set_offsets``), or its forward
+        refuses them."""
         rows, _ = diagonal_indices(self.out_features, self.in_features, self.offsets)
         fan_in = self.row_fan_in().to(self.values.device, torch.float32)
         mean_fan = max(1.0, self.k * min(self.in_features, self.out_features) / self.out_features)
@@ -189,9 +212,8 @@ class DiagLinear(nn.Module):
             if seen is None or seen[0] is not offsets or seen[1] != _seen_key(offsets):
                 self._check_offsets(offsets, values)
         if isinstance(x, torch.fx.Proxy):
-            # symbolic_trace records this call (fx.wrap above) and the graph module runs it with whatever its
-            # get_attr nodes hold then: the fully checked form, which also checks x's width against the layer.
-            return diag_linear(x, values, offsets, bias, self.out_features, in_features=self.in_features)
+            # symbolic_trace records this call; the graph module runs it with whatever its get_attr nodes hold then.
+            return _traced_diag_linear(x, values, offsets, bias, self.out_features, self.in_features)
         return diag_linear(x, values, offsets, bias, self.out_features, check_offsets=False)
 
     def _check_offsets(self, offsets: Tensor, values: Tensor) -> None:
@@ -250,13 +272,12 @@ class DiagLinear(nn.Module):
                 "F.linear(x, fc.weight), fc.weight.T @ x) cannot use a DiagLinear in its place: exclude that "
                 "layer (sparsify_'s filter_fn) or change the code to call the layer"
             )
-        return super().__getattr__(name)
-
-    def __delattr__(self, name: str) -> None:
-        # torch.nn.utils.parametrize deletes the tensor first, then stores its ParametrizationList under the same
-        # name in a ModuleDict, whose .values() method makes the name "values" impossible there: it failed with
-        # "KeyError: attribute 'values' already exists" and left the layer without its values parameter.
         if name == "values" and sys._getframe(1).f_code is parametrize.register_parametrization.__code__:
+            # register_parametrization reads the tensor first, then applies the parametrization's right_inverse to
+            # it, deletes it, swaps the class and stores the parametrization in a ModuleDict, whose .values()
+            # method makes the name "values" impossible there: it failed at that last step, with the layer broken.
+            # Refused here, at the read, before anything changes. (An exact DiagLinear's forward does not come
+            # through __getattr__; a subclass's pays one frame lookup per read of values.)
             raise TypeError(
                 f"{type(self).__name__}.values cannot be parametrized with torch.nn.utils.parametrize (so neither "
                 f"with torch.nn.utils.parametrizations.weight_norm / spectral_norm / orthogonal): torch keeps "
@@ -264,7 +285,7 @@ class DiagLinear(nn.Module):
                 f"unchanged. The hook-based torch.nn.utils.weight_norm / spectral_norm(layer, name='values') and "
                 f"torch.nn.utils.prune work; they act on the (k, D) values, not on the dense (out, in) weight"
             )
-        super().__delattr__(name)
+        return super().__getattr__(name)
 
     def to_dense(self) -> Tensor:
         """The dense ``(out_features, in_features)`` weight (zeros off the stored diagonals); differentiable."""
@@ -387,16 +408,11 @@ class DiagLinear(nn.Module):
             return
         key = prefix + "offsets"
         where = prefix[:-1] or "the layer"
-        has_values, has_offsets = prefix + "values" in state_dict, key in state_dict
-        if has_values != has_offsets:
-            # Values mean nothing without the diagonals they lie on: half a layer would pair the loaded values
-            # with this layer's own offsets (or its old values with the loaded offsets), a silently other function.
-            got, lacks = ("values", "offsets") if has_values else ("offsets", "values")
-            error_msgs.append(
-                f"{where}: the state_dict has {prefix}{got} but not {prefix}{lacks}: a DiagLinear loads both or "
-                f"neither (also with strict=False), since its values only mean something on their own diagonals"
-            )
-            return
+        # The values, or what prune / weight_norm / spectral_norm(name="values") keep in their place (values_orig,
+        # values_g, ...): the layer's own names, so the check costs nothing per key of a large state_dict.
+        own = [n for n in (*self._parameters, *self._buffers) if n == "values" or n.startswith("values_")]
+        has_values = prefix + "values" in state_dict or any(prefix + n in state_dict for n in own)
+        has_offsets = key in state_dict
         if not has_values and prefix + "weight" in state_dict:
             # A warning, not an error: torch passes strict=True here whatever the caller asked for, and a
             # strict=False load may skip this layer on purpose. A strict load still fails on the missing keys.
@@ -416,6 +432,16 @@ class DiagLinear(nn.Module):
                 error_msgs.append(str(e))
                 return
             k = state_dict[key].numel()
+            if not has_values and not self._holds_offsets(state_dict[key]):
+                # Offsets without values (strict=False) would move this layer's values onto other diagonals, a
+                # silently other function. (Values without offsets are the parameters-only checkpoint of an EMA
+                # or a trainable-only save: torch's missing_keys reports them, as for any module.)
+                error_msgs.append(
+                    f"{where}: the state_dict has {key} but no {prefix}values, and its offsets differ from this "
+                    f"layer's: loading them alone would move the layer's values onto other diagonals (also with "
+                    f"strict=False); load the layer's values with them"
+                )
+                return
             if k != self.k:
                 # torch reports two size mismatches (values, offsets) without saying what they mean.
                 P, _ = diag_shape(self.out_features, self.in_features)
@@ -430,6 +456,13 @@ class DiagLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _holds_offsets(self, offsets: Tensor) -> bool:
+        """Whether ``offsets`` (canonical) are the ones this layer holds (``False`` where they cannot be read)."""
+        mine = self._buffers.get("offsets")
+        if not isinstance(mine, Tensor) or mine.shape != offsets.shape:
+            return False
+        return _inspectable(mine) and _inspectable(offsets) and torch.equal(offsets.to(mine.device), mine)
 
     def __prepare_scriptable__(self) -> nn.Module:
         # torch.jit.script calls this first: without it the scripting compiler fails on this module's annotations

@@ -182,19 +182,26 @@ def test_uninitialized_offsets_after_to_empty_are_refused():
 
 
 @pytest.mark.parametrize("fill", [-5, 0])
-def test_reset_parameters_after_to_empty_names_the_missing_offsets(fill):
-    """The deferred-init idiom (meta, to_empty, reset_parameters) used to draw values over garbage offsets without
-    a word; the forward then failed with an offsets error that did not say where they came from."""
+def test_deferred_init_resets_then_loads_and_unset_offsets_are_named(fill):
+    """The deferred-init idiom (meta, to_empty, reset_parameters, then load_state_dict; FSDP's param_init_fn)
+    resets before it loads: reset_parameters must not refuse the uninitialized offsets. A forward before any load
+    refuses them, and says where they came from."""
     from diagcompile.ops import evenly_spaced_offsets
 
+    torch.manual_seed(0)
+    trained = DiagLinear(8, 16, sparsity=0.5)
     with torch.device("meta"):
         layer = DiagLinear(8, 16, sparsity=0.5)
     layer.to_empty(device="cpu")
     layer.offsets.fill_(fill)  # never written: any bits, out of range (-5) or duplicated (0)
-    for call in (layer.reset_parameters, lambda: layer(torch.randn(2, 8))):
-        with pytest.raises(ValueError, match=r"DiagLinear.offsets .*to_empty\(\).*set_offsets"):
-            call()
-    layer.set_offsets(evenly_spaced_offsets(16, 8, layer.k))  # what the message says to do
+    layer.reset_parameters()
+    with pytest.raises(ValueError, match=r"DiagLinear.offsets .*if the layer was built on the meta device.*to_empty"):
+        layer(torch.randn(2, 8))
+    layer.load_state_dict(trained.state_dict())
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(layer(x), trained(x), rtol=0, atol=0)
+    layer.offsets.fill_(fill)
+    layer.set_offsets(evenly_spaced_offsets(16, 8, layer.k))  # the other way the message names
     layer.reset_parameters()
     assert layer.values.abs().sum() > 0 and layer(torch.randn(2, 8)).shape == (2, 16)
 
@@ -402,6 +409,32 @@ def test_fx_symbolic_trace_records_one_call_per_layer_that_follows_the_module():
         torch.fx.symbolic_trace(model[2])(torch.randn(3, 21))
 
 
+def test_fx_graph_checks_each_offsets_tensor_once_per_version(monkeypatch):
+    """The traced graph never calls the layer, whose forward checks its offsets once per version; it checked their
+    contents on every call (~0.1 ms per layer on the CPU, a device sync on a GPU). Now once per version, as the
+    layer does, and an in-place edit after tracing is still caught."""
+    import diagcompile.modules as modules
+
+    checked: list[bool] = []
+    real = modules.diag_linear
+
+    def spy(*args, check_offsets=True, **kwargs):
+        checked.append(check_offsets)
+        return real(*args, check_offsets=check_offsets, **kwargs)
+
+    monkeypatch.setattr(modules, "diag_linear", spy)
+    layer = DiagLinear(20, 12, sparsity=0.5)
+    gm = torch.fx.symbolic_trace(nn.Sequential(layer))
+    x = torch.randn(3, 20)
+    for _ in range(3):
+        gm(x)
+    assert checked == [True, False, False]
+    with torch.no_grad():
+        layer.offsets[1] = layer.offsets[0]  # an in-place edit after tracing: a new version, checked again
+    with pytest.raises(ValueError, match="duplicate"):
+        gm(x)
+
+
 @pytest.mark.parametrize("bias_parametrized", [False, True])
 def test_a_parametrization_of_values_is_refused_and_leaves_the_layer_intact(bias_parametrized):
     """torch cannot parametrize a tensor named ``values`` (its ModuleDict has a .values() method); it used to
@@ -418,34 +451,69 @@ def test_a_parametrization_of_values_is_refused_and_leaves_the_layer_intact(bias
     cls, values = type(layer), layer.values
     with torch.no_grad():
         want = layer(x)
+
+    class Exp(nn.Module):  # its right_inverse rewrites the tensor in place when torch registers it
+        def forward(self, t):
+            return t.exp()
+
+        def right_inverse(self, t):
+            return t.log()
+
+    before = values.detach().clone()
     for add in (
         lambda: parametrize.register_parametrization(layer, "values", Double()),
+        lambda: parametrize.register_parametrization(layer, "values", Exp()),
+        lambda: torch.nn.utils.parametrizations.orthogonal(layer, name="values"),
         lambda: torch.nn.utils.parametrizations.weight_norm(layer, name="values"),
         lambda: torch.nn.utils.parametrizations.spectral_norm(layer, name="values"),
     ):
         with pytest.raises(TypeError, match=r"values cannot be parametrized.*ModuleDict.*layer is unchanged"):
             add()
         assert type(layer) is cls and layer._parameters["values"] is values
+        assert torch.equal(values.detach(), before)
         with torch.no_grad():
             torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
     del layer.values  # deleting the parameter is still allowed elsewhere
     assert "values" not in layer._parameters
 
 
-@pytest.mark.parametrize("drop", ["0.offsets", "0.values"])
 @pytest.mark.parametrize("strict", [True, False])
-def test_a_state_dict_with_half_a_layer_is_refused(drop, strict):
-    """Values without their offsets (or the reverse) used to load under strict=False: the layer then paired the
-    loaded values with its own random diagonals, a silently different function."""
+def test_offsets_without_their_values_are_refused_when_they_would_move_the_values(strict):
+    """Offsets without values (strict=False) used to load: the layer's values then lay on other diagonals, a
+    silently different function. Refused, the layer unchanged; the same offsets alone change nothing and load."""
     torch.manual_seed(0)
     sd = nn.Sequential(DiagLinear(16, 16, sparsity=0.75)).state_dict()
-    sd.pop(drop)
+    del sd["0.values"]
     model = nn.Sequential(DiagLinear(16, 16, sparsity=0.75))
+    assert not torch.equal(model[0].offsets, sd["0.offsets"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    kept = "values" if drop.endswith("offsets") else "offsets"
-    with pytest.raises(RuntimeError, match=rf"has 0.{kept} but not {drop}: a DiagLinear loads both or neither"):
+    with pytest.raises(RuntimeError, match=r"has 0.offsets but no 0.values, and its offsets differ"):
         model.load_state_dict(sd, strict=strict)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.load_state_dict({"0.offsets": before["0.offsets"]}, strict=False)  # its own offsets: nothing moves
+
+
+def test_parameters_only_and_pruned_or_normed_checkpoints_load():
+    """What the half-layer check must let through: a parameters-only checkpoint (EMA, trainable-only saves; torch's
+    missing_keys names the offsets), and the state of a layer whose values prune / weight_norm / spectral_norm
+    keep under other names (values_orig, values_g, ...), which holds offsets but no 'values' key."""
+    torch.manual_seed(0)
+    src, dst = DiagLinear(16, 16, sparsity=0.75), DiagLinear(16, 16, sparsity=0.75)
+    dst.load_state_dict(dict(src.state_dict()))  # same diagonals ...
+    with torch.no_grad():
+        src.values.mul_(3)  # ... new values
+    result = dst.load_state_dict(dict(src.named_parameters()), strict=False)
+    assert result.missing_keys == ["offsets"] and torch.equal(dst.values, src.values)
+    x = torch.randn(4, 16)
+    for name, apply in (
+        ("prune", lambda m: torch.nn.utils.prune.l1_unstructured(m, "values", amount=0.3)),
+        ("weight_norm", lambda m: torch.nn.utils.weight_norm(m, name="values")),
+        ("spectral_norm", lambda m: torch.nn.utils.spectral_norm(m, name="values")),
+    ):
+        a, b = apply(DiagLinear(16, 16, sparsity=0.75)), apply(DiagLinear(16, 16, sparsity=0.75))
+        a.eval(), b.eval()
+        b.load_state_dict(a.state_dict())
+        torch.testing.assert_close(b(x), a(x), rtol=0, atol=0, msg=name)
 
 
 def test_a_dense_checkpoint_for_a_diag_linear_says_how_to_convert():
