@@ -258,10 +258,12 @@ class SparsifierBase:
 
     def _refuse_sharded(self, model: nn.Module) -> None:
         """Refuse a model sharded by FSDP (``FullyShardedDataParallel``, ``fully_shard``) or holding ``DTensor``
-        parameters: from the constructor, and from the first ``step()`` (a model sharded after the sparsifier was
-        built). Topology updates index, move and zero rows of each layer's *whole* weight and of its optimizer
-        state, identically on every rank; sharded parameters hold a slice per rank, so each step would fail inside
-        a DTensor op or FSDP with a message about something else."""
+        parameters: from the constructor, and from the first ``step()`` (a model sharded after the sparsifier
+        was built; in a real loop its forward or backward often fails inside FSDP first, on the CPU at a
+        numpy-viewed storage FSDP cannot resize, so the README promises only the constructor's check). Topology
+        updates index, move and zero rows of each layer's *whole* weight and of its optimizer state, identically
+        on every rank; sharded parameters hold a slice per rank, so each step would fail inside a DTensor op or
+        FSDP with a message about something else."""
         found = _sharded_by(model)
         if found is None:
             return
