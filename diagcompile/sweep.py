@@ -432,10 +432,28 @@ def _write_markdown(cfg: SweepConfig, runs: list[dict], agg: list[dict], metric:
             a = by.get((variant, 0.0)) if _is_dense(variant) else by.get((variant, s))
             cells.append("—" if a is None else _cell(a, metric))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    # The columns are target sparsities; k is rounded up per layer, so the converted layers keep a little more.
+    realised: dict[float, set[float]] = {}
+    for a in agg:
+        d = a.get("sparse_layer_density")
+        if not _is_dense(a["variant"]) and isinstance(d, (int, float)) and not math.isnan(d):
+            realised.setdefault(a["sparsity"], set()).add(round(1.0 - d, 4))
+    if realised:
+        per = "; ".join(f"{s:g}: {' / '.join(f'{x:.4f}' for x in sorted(v))}" for s, v in sorted(realised.items()))
+        lines += [
+            "",
+            "Sparsity is the target of the converted layers (the transformer blocks' linears; embeddings and the "
+            f"head stay dense). The fraction of their weights not kept (the realised sparsity), per target: {per}.",
+        ]
     dates = sorted(m["env"]["date"] for m in runs if m.get("env", {}).get("date"))
     if dates:
         lines += ["", f"Runs dated {dates[0]} to {dates[-1]}."]
-    lines += ["", "Time per run (wall clock of the training loop, 1 thread; the machine was shared, so times are"]
+    threads = sorted({t for m in runs if isinstance(t := (m.get("env") or {}).get("torch_threads"), int)})
+    if not threads:
+        th = "thread count not recorded"
+    else:
+        th = "/".join(map(str, threads)) + (" thread" if threads == [1] else " threads")
+    lines += ["", f"Time per run (wall clock of the training loop, {th}; the machine was shared, so times are"]
     lines += ["noisy) and training-state memory (parameters + buffers + optimizer state, peak over the run):", ""]
     lines += ["| method | sparsity | train s / run | train state | DST layers (params + opt. state) |"]
     lines += ["|---|---|---|---|---|"]

@@ -258,6 +258,24 @@ def test_aggregate_math_on_known_numbers(tmp_path):
     assert "| dynadiag | 82.00 ± 3.46 (n=3) |" in md and "| dense | 92.00 ± 2.00 (n=3) |" in md
 
 
+def test_markdown_states_the_runs_thread_count_and_the_realised_sparsity(tmp_path):
+    # The time table's caption said "1 thread" whatever the runs used; the sparsity columns are targets of the
+    # converted layers, whose realised sparsity differs (k is rounded up: 0.9 keeps 10.29% of the digits ViT's).
+    cfg = SweepConfig(
+        task="digits-vit", out=str(tmp_path), methods=("dense", "dynadiag"), sparsities=(0.9,), seeds=(0,)
+    )
+    (tmp_path / "runs").mkdir()
+    for v, sp in (("dense", None), ("dynadiag", 0.9)):
+        m = _fake_run(v, 0.0 if sp is None else sp, 0, 90.0)
+        m["env"]["torch_threads"] = 2
+        if sp is not None:
+            m["params"]["sparse_layer_density"] = 5056 / 49152
+        (tmp_path / "runs" / f"{run_name('digits-vit', v, sp, 0)}.json").write_text(json.dumps(m))
+    md = open(aggregate(cfg)["md"]).read()
+    assert "1 thread" not in md and "2 threads" in md
+    assert "0.9: 0.8971" in md and "embeddings and the head stay dense" in md
+
+
 def test_dense_only_table_shows_its_values(tmp_path):
     # a dense-only sweep (a learning-rate search) has no sparsity column of its own; its values must still show
     cfg = SweepConfig(task="digits-vit", out=str(tmp_path), methods=("dense", "dense@lr4e-3"), seeds=(0,))
