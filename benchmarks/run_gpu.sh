@@ -5,24 +5,30 @@
 #   bash benchmarks/run_gpu.sh ops-fwd      # op sweep, forward            -> gpu_ops_fwd.*    (<= 9 min)
 #   bash benchmarks/run_gpu.sh ops-fwdbwd   # op sweep, forward + backward -> gpu_ops_fwdbwd.* (<= 9 min)
 #   bash benchmarks/run_gpu.sh train        # ViT-B MLP training step      -> gpu_train_step.* (~1 min)
-#   bash benchmarks/run_gpu.sh all          # the four in a row (for a long session, not one device call)
+#   bash benchmarks/run_gpu.sh extra        # other GPU tests, AOT PTX launch -> gpu_extra.log, gpu_verify_aot.*
+#   bash benchmarks/run_gpu.sh tests train  # several steps in one device call (each machine start costs minutes)
+#   bash benchmarks/run_gpu.sh all          # the four main steps in a row (for a long session, not one device call)
 #
 # Results and logs go to $OUT (the device tool's output folder) or benchmarks/results; at most 4 files per
 # step. Compiled Triton kernels are cached in .cache/triton (git-ignored, so it stays on a warm machine
 # between calls). The machine has no network: diagcompile is installed from this checkout without deps.
+# PYTHON picks the interpreter (default python3: on the device machine that is the one holding PyTorch).
+# OPS_BUDGET_S (default 450) is when a sweep starts no new case; lower it when the device call has less than
+# 600 s left. The sweeps rewrite their csv/md after every layer, so a killed run keeps what it measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
+OPS_BUDGET_S="${OPS_BUDGET_S:-450}"
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.cache/triton}"
 export PYTHONUNBUFFERED=1
 
 setup() {
     if ! "$PY" -c "import diagcompile.ops" 2>/dev/null; then
         echo "installing diagcompile from this checkout (no deps, no build isolation: offline)"
-        "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . || {
-            echo "pip install -e . failed; is setuptools>=69 installed in this environment?" >&2
+        "$PY" -m pip install --quiet --no-deps --no-build-isolation --no-index --disable-pip-version-check -e . || {
+            echo "pip install -e . failed with $PY ($(command -v "$PY" || echo 'not found')); is setuptools>=64 installed?" >&2
             exit 2
         }
     fi
@@ -47,32 +53,45 @@ step() {  # name, log file, command...
 }
 
 run_tests() {
-    step tests gpu_tests.log timeout 570 "$PY" -m pytest -q -rs -p no:cacheprovider tests/ops/test_cuda.py
+    # -v: every test's verdict is in the log as it finishes, also when the step is killed before pytest's summary.
+    step tests gpu_tests.log timeout 540 "$PY" -m pytest -v -rs --tb=short -p no:cacheprovider tests/ops/test_cuda.py
 }
 run_ops() {  # fwd | fwdbwd
-    step "ops-$1" "gpu_ops_$1.log" timeout 570 "$PY" benchmarks/bench_ops.py --mode "$1" --out "$OUT" \
-        --time-budget-s 450
+    step "ops-$1" "gpu_ops_$1.log" timeout 540 "$PY" benchmarks/bench_ops.py --mode "$1" --out "$OUT" \
+        --time-budget-s "$OPS_BUDGET_S"
 }
 run_train() {
-    step train gpu_train_step.log timeout 570 "$PY" benchmarks/bench_train_step.py --out "$OUT"
+    step train gpu_train_step.log timeout 540 "$PY" benchmarks/bench_train_step.py --out "$OUT"
+}
+run_extra() {  # the GPU tests outside test_cuda.py (compiled graphs, CUDA graphs), then the AOT PTX launch check
+    # with its result table (tests/export's GPU test runs the same script with --quick): no step above runs them.
+    step extra gpu_extra.log timeout 540 bash -c '"$1" -m pytest -v -rs --tb=short -p no:cacheprovider \
+        tests/passes/test_backend.py -k cuda && "$1" benchmarks/gpu_verify_aot.py --out "$2"' _ "$PY" "$OUT"
 }
 
+usage() {
+    echo "usage: $0 STEP... (STEP: tests | ops-fwd | ops-fwdbwd | train | extra | all)" >&2
+    exit 2
+}
+[ $# -gt 0 ] || usage
+for s in "$@"; do  # check every name before spending device time on setup
+    case "$s" in tests | ops-fwd | ops-fwdbwd | train | extra | all) ;; *) usage ;; esac
+done
 setup
-case "${1:-}" in
-    tests) run_tests ;;
-    ops-fwd) run_ops fwd ;;
-    ops-fwdbwd) run_ops fwdbwd ;;
-    train) run_train ;;
-    all)
-        rc=0
-        run_tests || rc=$?
-        run_ops fwd || rc=$?
-        run_ops fwdbwd || rc=$?
-        run_train || rc=$?
-        exit $rc
-        ;;
-    *)
-        echo "usage: $0 {tests|ops-fwd|ops-fwdbwd|train|all}" >&2
-        exit 2
-        ;;
-esac
+rc=0
+for s in "$@"; do
+    case "$s" in
+        tests) run_tests || rc=$? ;;
+        ops-fwd) run_ops fwd || rc=$? ;;
+        ops-fwdbwd) run_ops fwdbwd || rc=$? ;;
+        train) run_train || rc=$? ;;
+        extra) run_extra || rc=$? ;;
+        all)
+            run_tests || rc=$?
+            run_ops fwd || rc=$?
+            run_ops fwdbwd || rc=$?
+            run_train || rc=$?
+            ;;
+    esac
+done
+exit $rc
