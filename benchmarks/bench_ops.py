@@ -61,6 +61,8 @@ SPARSITIES = [0.9, 0.99, 0.95, 0.8, 0.5]  # most important first: the sweep may 
 SMOKE_LAYERS = [("smoke wide 96->48", 96, 48), ("smoke tall 48->96", 48, 96)]
 
 CONTENDERS = ["dense", "diag", "diag_kernel", "diag_dense", "csr", "bsr", "2:4"]
+#: What the files say while the sweep is still running (they are rewritten after every layer).
+PARTIAL = "partial results, written after each layer; the sweep had not finished (or was killed) when they were"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,7 +242,8 @@ def _diag_path(layer: Layer, M: int, backward: bool) -> str:
 # ----------------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------------
-def run(args) -> tuple[list[dict], str]:
+def run(args, on_layer: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], str]:
+    """The sweep. ``on_layer(rows)`` is called after each (sparsity, layer) with every row so far."""
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     timer = Timer(device, args.slow_ms)
@@ -323,6 +326,8 @@ def run(args) -> tuple[list[dict], str]:
             del layer
             if device == "cuda":
                 torch.cuda.empty_cache()
+            if on_layer is not None:
+                on_layer(rows)
         if stopped:
             break
     return rows, stopped
@@ -487,7 +492,7 @@ def chart(rows: list[dict], mode: str) -> bytes | None:
     return buf.getvalue()
 
 
-def write(rows: list[dict], out: Path, mode: str, stopped: str, device: str) -> Path:
+def write(rows: list[dict], out: Path, mode: str, stopped: str, device: str, png: bool = True) -> Path:
     name = f"gpu_ops_{mode}" if device == "cuda" else f"smoke_ops_{mode}"
     buf = io.StringIO()
     if rows:
@@ -497,9 +502,9 @@ def write(rows: list[dict], out: Path, mode: str, stopped: str, device: str) -> 
     _atomic_write(out / f"{name}.csv", buf.getvalue())
     md = out / f"{name}.md"
     _atomic_write(md, markdown(rows, mode, stopped, device))
-    png = chart(rows, mode) if rows else None
-    if png:
-        _atomic_write(out / f"{name}.png", png)
+    image = chart(rows, mode) if rows and png else None
+    if image:
+        _atomic_write(out / f"{name}.png", image)
     return md
 
 
@@ -517,8 +522,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-ms", type=float, default=25.0, help="time slower calls as a median of 3")
     ap.add_argument("--no-skip-hopeless", dest="skip_hopeless", action="store_false")
     args = ap.parse_args(argv)
-    rows, stopped = run(args)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+
+    def checkpoint(rows: list[dict]) -> None:
+        # The csv and md after every layer: a run killed from outside (the device call's time limit, `timeout`)
+        # still leaves what it measured; the final write replaces them and adds the chart.
+        write(rows, args.out, args.mode, PARTIAL, device, png=False)
+
+    rows, stopped = run(args, on_layer=checkpoint)
     md = write(rows, args.out, args.mode, stopped, device)
     print(md.read_text().split("## Ratio vs dense")[0])
     return 0
