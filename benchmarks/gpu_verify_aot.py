@@ -1,6 +1,7 @@
 """Verify on a GPU what the TensorRT path can be verified with *without* TensorRT.  [UNVERIFIED: not run yet]
 
     python benchmarks/gpu_verify_aot.py           # all checks -> benchmarks/results/gpu_verify_aot.{csv,md}
+    python benchmarks/gpu_verify_aot.py --out "$OUT"   # the same, results into the device tool's $OUT
     python benchmarks/gpu_verify_aot.py --quick   # fewer shapes, no results file (what the GPU test runs)
 
 1. AOT kernel: for each dtype and layer shape, compile the real Triton forward kernel to PTX exactly as the
@@ -269,6 +270,7 @@ def check_pt2(tmp: Path) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and batches; no results file")
+    parser.add_argument("--out", type=Path, default=None, help="results dir (default: benchmarks/results)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -292,6 +294,7 @@ def main() -> int:
             "TensorRT AOT kernel: PTX launched with the aot_impl's launch parameters (no TensorRT)",
             notes="Relative error vs a float64 reference (ops/reference.py). 'driver' = cuLaunchKernel via ctypes "
             "with TensorRT's argument order; 'cupy' = the same PTX through cupy.RawModule.",
+            out_dir=args.out,
         )
         print(f"wrote {md}")
     print("ALL CHECKS PASSED" if ok else "SOME CHECKS FAILED")
