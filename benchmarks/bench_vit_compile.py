@@ -150,10 +150,11 @@ def run(cfg: ViTConfig, batches: list[int], device: str, dtype: torch.dtype, spa
             f"- `{mode}`: diagcompile rewrote {sorted(sites)} linear sites per graph over {len(reports)} graph(s)"
             + (f"; CUDA graph skips: {counters['inductor']['cudagraph_skips']}" if mode != "default" else "")
         )
+        # Checked after the timings: recorded in the results (which are still written), then main exits 1.
         if sites != {4 * cfg.depth}:
-            raise AssertionError(f"expected {4 * cfg.depth} rewritten sites per graph, got {sites}")
+            notes.append(f"- **FAIL** `{mode}`: want {4 * cfg.depth} sites rewritten per graph, got {sorted(sites)}")
         if mode == "reduce-overhead" and device == "cuda" and counters["inductor"]["cudagraph_skips"]:
-            raise AssertionError(f"Inductor skipped CUDA graphs: {dict(counters['inductor'])}")
+            notes.append(f"- **FAIL** `{mode}`: Inductor skipped CUDA graphs: {dict(counters['inductor'])}")
     return rows, "\n".join(notes)
 
 
@@ -185,6 +186,8 @@ def main() -> None:
     )
     md = write_results(name, rows, title, intro, out_dir=out)
     print(md.read_text())
+    if "**FAIL**" in notes:
+        sys.exit("bench_vit_compile.py: a check failed (see the FAIL notes above)")
 
 
 if __name__ == "__main__":
