@@ -6,6 +6,7 @@
 #   bash benchmarks/run_gpu.sh ops-fwdbwd   # op sweep, forward + backward -> gpu_ops_fwdbwd.* (<= 9 min)
 #   bash benchmarks/run_gpu.sh train        # ViT-B MLP training step      -> gpu_train_step.* (~1 min)
 #   bash benchmarks/run_gpu.sh extra        # other GPU tests, AOT PTX launch -> gpu_extra.log, gpu_verify_aot.*
+#   bash benchmarks/run_gpu.sh vit          # ViT-B compiled, diag vs dense    -> vit_compile.* (time unmeasured)
 #   bash benchmarks/run_gpu.sh tests train  # several steps in one device call (each machine start costs minutes)
 #   bash benchmarks/run_gpu.sh all          # the four main steps in a row (for a long session, not one device call)
 #
@@ -68,14 +69,17 @@ run_extra() {  # the GPU tests outside test_cuda.py (compiled graphs, CUDA graph
     step extra gpu_extra.log timeout 540 bash -c '"$1" -m pytest -v -rs --tb=short -p no:cacheprovider \
         tests/passes/test_backend.py -k cuda && "$1" benchmarks/gpu_verify_aot.py --out "$2"' _ "$PY" "$OUT"
 }
+run_vit() {
+    step vit vit_compile.log timeout 540 "$PY" benchmarks/bench_vit_compile.py --out "$OUT"
+}
 
 usage() {
-    echo "usage: $0 STEP... (STEP: tests | ops-fwd | ops-fwdbwd | train | extra | all)" >&2
+    echo "usage: $0 STEP... (STEP: tests | ops-fwd | ops-fwdbwd | train | extra | vit | all)" >&2
     exit 2
 }
 [ $# -gt 0 ] || usage
 for s in "$@"; do  # check every name before spending device time on setup
-    case "$s" in tests | ops-fwd | ops-fwdbwd | train | extra | all) ;; *) usage ;; esac
+    case "$s" in tests | ops-fwd | ops-fwdbwd | train | extra | vit | all) ;; *) usage ;; esac
 done
 setup
 rc=0
@@ -86,6 +90,7 @@ for s in "$@"; do
         ops-fwdbwd) run_ops fwdbwd || rc=$? ;;
         train) run_train || rc=$? ;;
         extra) run_extra || rc=$? ;;
+        vit) run_vit || rc=$? ;;
         all)
             run_tests || rc=$?
             run_ops fwd || rc=$?
