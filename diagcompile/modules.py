@@ -272,7 +272,13 @@ class DiagLinear(nn.Module):
                 "F.linear(x, fc.weight), fc.weight.T @ x) cannot use a DiagLinear in its place: exclude that "
                 "layer (sparsify_'s filter_fn) or change the code to call the layer"
             )
-        if name == "values" and sys._getframe(1).f_code is parametrize.register_parametrization.__code__:
+        if (
+            name == "values"
+            # Dynamo traces this method when compiled code reads .values: is_compiling() folds to True there, and
+            # sys._getframe would be a graph break.
+            and not torch.compiler.is_compiling()
+            and sys._getframe(1).f_code is parametrize.register_parametrization.__code__
+        ):
             # register_parametrization reads the tensor first, then applies the parametrization's right_inverse to
             # it, deletes it, swaps the class and stores the parametrization in a ModuleDict, whose .values()
             # method makes the name "values" impossible there: it failed at that last step, with the layer broken.

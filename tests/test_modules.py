@@ -435,6 +435,15 @@ def test_fx_graph_checks_each_offsets_tensor_once_per_version(monkeypatch):
         gm(x)
 
 
+def test_compiled_code_reads_values_without_a_graph_break():
+    """Dynamo traces DiagLinear.__getattr__ when compiled code reads .values; the parametrize guard there must
+    not graph-break (sys._getframe did, which also kept the backend from inlining small layers)."""
+    layer = DiagLinear(16, 16, sparsity=0.75)
+    fn = torch.compile(lambda x: (x * layer.values.sum(0)).sum(-1), fullgraph=True, backend="eager")
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(fn(x), (x * layer.values.sum(0)).sum(-1))
+
+
 @pytest.mark.parametrize("bias_parametrized", [False, True])
 def test_a_parametrization_of_values_is_refused_and_leaves_the_layer_intact(bias_parametrized):
     """torch cannot parametrize a tensor named ``values`` (its ModuleDict has a .values() method); it used to
