@@ -516,14 +516,14 @@ _pool_workers = 0
 
 
 def _get_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of at least ``workers`` threads. A smaller one is replaced, never shut down: another thread may
+    have just got it and still be submitting its ranges (a shut-down pool refuses them). Once no caller holds
+    it any more it is garbage-collected, and its threads exit after the work already queued."""
     global _pool, _pool_workers
     with _pool_lock:
         if _pool is None or _pool_workers < workers:
-            old = _pool
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diagcompile-cpu")
             _pool_workers = workers
-            if old is not None:
-                old.shutdown(wait=False)
         return _pool
 
 

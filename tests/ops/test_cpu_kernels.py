@@ -314,6 +314,17 @@ def test_concurrent_callers_from_python_threads(many_threads):
     assert len(ok) == 40 and all(ok)
 
 
+def test_a_pool_handed_out_stays_usable_when_a_bigger_one_replaces_it():
+    """Two callers, one asking for more workers than the current pool has: the first may hold the old pool
+    when the second replaces it, and its submits must still run (they raised 'cannot schedule new futures
+    after shutdown', failing a plain forward under concurrent load of mixed sizes)."""
+    small = K._get_pool(1)
+    big = K._get_pool(small._max_workers + 2)  # another thread's larger call replaces the pool
+    assert big is not small
+    assert small.submit(lambda: 42).result(timeout=10) == 42
+    assert K._get_pool(1) is big  # the larger pool serves smaller calls from now on
+
+
 def test_no_numba_threading_layer_is_started(many_threads):
     """The kernels run on our own threads; numba's threading layer (omp/tbb/workqueue) is never launched."""
     import numba
