@@ -23,6 +23,7 @@ import contextlib
 import functools
 import importlib
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -59,6 +60,8 @@ _KERNEL_MODULES = {"cpu": "diagcompile.ops.cpu_kernels", "cuda": "diagcompile.op
 # would not reach them. Each block removes its own entry on exit, so blocks that close out of order (two
 # threads, generators) never leave a stale path behind.
 _forced: list[tuple[object, str | None]] = []
+# Blocks open and close from any thread: the exit's search-and-delete must not interleave with another's.
+_forced_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,10 @@ def _env_forced() -> str:
 
 def forced_path() -> str | None:
     """The path pinned by ``force_path`` or ``DIAGCOMPILE_FORCE_PATH``, else ``None``."""
-    forced = _forced[-1][1] if _forced else None
+    try:  # not `if _forced`: another thread's block may close between the test and the read
+        forced = _forced[-1][1]
+    except IndexError:
+        forced = None
     if forced is not None:
         return forced
     env = _env_forced().strip().lower()
@@ -164,10 +170,11 @@ def force_path(path: str | None) -> Iterator[None]:
         yield
     finally:
         # By identity: another block may have opened (or closed) since, from another thread.
-        for i in range(len(_forced) - 1, -1, -1):
-            if _forced[i] is entry:
-                del _forced[i]
-                break
+        with _forced_lock:
+            for i in range(len(_forced) - 1, -1, -1):
+                if _forced[i] is entry:
+                    del _forced[i]
+                    break
 
 
 @functools.cache
@@ -212,6 +219,11 @@ def choose_path(p: Problem) -> str:
                 f"(numba on CPU: float32/float64; Triton on CUDA: float32/float16/bfloat16)"
             )
         return forced
+    return _auto_path(p)
+
+
+def _auto_path(p: Problem) -> str:
+    """``choose_path`` without forcing: the table's answer, which ``path_for`` memoizes."""
     if p.M == 0:
         return "reference"
     key = p.rule_key
@@ -252,7 +264,9 @@ def path_for(op: OpName, device_type: str, dtype: torch.dtype, M: int, n_out: in
     if path is None:
         if len(_memo) >= _MEMO_MAX:
             _memo.clear()
-        path = _memo[key] = choose_path(Problem(op, device_type, dtype, M, n_out, n_in, k, threads))
+        # Not choose_path: a force_path block another thread opens meanwhile would be remembered for this shape
+        # after it closed. The memo holds the table's answers only.
+        path = _memo[key] = _auto_path(Problem(op, device_type, dtype, M, n_out, n_in, k, threads))
     return path
 
 

@@ -143,6 +143,58 @@ def test_force_path_blocks_closing_out_of_order_leave_nothing_behind():
     assert dispatch.forced_path() is None
 
 
+def test_a_force_path_opened_by_another_thread_mid_call_is_not_memoized(monkeypatch):
+    # path_for finds nothing forced, then another thread opens force_path("reference") before the rule is read:
+    # this call may take either path, but the shape's memo entry must stay the table's answer, or the forced
+    # path outlives the block for every later call of that shape.
+    call = ("fwd", "cpu", torch.float32, 37, 512, 512, 40)
+    want = dispatch.choose_path(dispatch.Problem(*call))
+    dispatch.clear_path_memo()
+    answers = iter([None])
+    monkeypatch.setattr(dispatch, "forced_path", lambda: next(answers, "reference"))
+    dispatch.path_for(*call)
+    monkeypatch.undo()
+    assert dispatch.forced_path() is None
+    assert dispatch.path_for(*call) == want != "reference"
+
+
+def test_force_path_blocks_in_other_threads_never_break_a_call():
+    # forced_path() read the innermost block after testing the list, and a block's exit searched it by an
+    # index: a block closing in another thread meanwhile raised IndexError in either.
+    import sys
+    import threading
+    import time
+
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def blocks():
+        try:
+            while not stop.is_set():
+                with force_path("dense"):
+                    pass
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=blocks) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 1.0
+        while not errors and time.monotonic() < deadline:
+            for _ in range(1000):
+                dispatch.forced_path()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+    assert dispatch.forced_path() is None
+
+
 def test_dispatch_is_a_pure_function_of_shapes():
     # Fully dense diagonals at large M: the GEMM wins (at 90% sparsity the CPU kernel wins even here).
     p = dispatch.Problem("fwd", "cpu", torch.float32, 4096, 3072, 768, 3072)
