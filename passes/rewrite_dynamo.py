@@ -104,6 +104,14 @@ class _WeightState:
         # dtype -> (values, the weight's version and a weak reference to its storage when they were converted)
         self._values: dict[torch.dtype, tuple[Tensor, int | None, weakref.ref]] = {}
 
+    def __getstate__(self) -> tuple[SparseMark, Tensor]:
+        # Pickled with its weight (torch.save(model), a model sent to a process): the mark and offsets, not the
+        # caches, whose weak references cannot be pickled and describe this process's tensors anyway.
+        return self.mark, self.offsets
+
+    def __setstate__(self, state: tuple[SparseMark, Tensor]) -> None:
+        self.__init__(*state)
+
     def values(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
         """``(k, D)`` values of ``weight`` in ``dtype``, re-converted in place if the weight changed."""
         cached = self._values.get(dtype)

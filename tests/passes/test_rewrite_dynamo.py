@@ -183,6 +183,31 @@ def test_converted_values_follow_the_weight_version(zoo):
     assert diag_inputs(a)(ex_a) is again  # unchanged weights: the cached inputs come back as they are
 
 
+def test_a_weight_with_diagonal_state_pickles(zoo):
+    """torch.save(model) / pickling to another process after a compiled call: the state rides in the weight's
+    __dict__, and its cache's weak references cannot be pickled (TypeError). The copy keeps mark and offsets
+    and converts its values afresh."""
+    import io
+
+    net = zoo.make_net()
+    x = torch.randn(2, 12)
+    with torch.no_grad():
+        gm, _ = rewrite_dynamo(*capture(net, x, grad=False))
+    _, ex = capture(net, x, grad=False)
+    with torch.no_grad():
+        y = run(gm, ex)
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    copy = torch.load(buf, weights_only=False)
+    w, w2 = net.blocks[0].fc1.weight, copy.blocks[0].fc1.weight
+    state, state2 = w.__dict__["_diagcompile_state"], w2.__dict__["_diagcompile_state"]
+    assert state2.mark == state.mark and torch.equal(state2.offsets, state.offsets) and not state2._values
+    _, ex2 = capture(copy, x, grad=False)
+    with torch.no_grad():
+        assert torch.equal(run(gm, ex2), y)
+
+
 def test_marking_anew_rebuilds_the_state_and_stale_graphs_refuse():
     lin = nn.Linear(8, 8)
     mark_sparse(lin, sparsity=0.5)
