@@ -201,18 +201,19 @@ class DiagInputs:
             first.setdefault(slot, spec.source)
         self._arg_index = tuple(first[i] if isinstance(first[i], int) else None for i in range(len(keys)))
         self._fixed = tuple(None if isinstance(first[i], int) else first[i] for i in range(len(keys)))
-        self._refs: list[weakref.ref] = []
-        # (id, version, weak reference to the storage) of each weight of the cached call; empty: no cache
-        self._seen: list[tuple[int, int, weakref.ref]] = []
-        self._out: tuple[Tensor, ...] = ()
+        # The cached call, one tuple replaced whole (threads share a graph, and two blocks' weights may take
+        # turns in it): (id, version, weak reference to the storage) of each weight, or empty for no cache;
+        # the inputs made for them; the weak references to the weights that drop the cache when one dies.
+        self._cache: tuple[list[tuple[int, int, weakref.ref]], tuple[Tensor, ...], list[weakref.ref]] = ([], (), [])
 
     def __len__(self) -> int:
         return len(self.specs)
 
     def __call__(self, args: Sequence[object]) -> tuple[Tensor, ...]:
         weights = [args[i] if i is not None else f for i, f in zip(self._arg_index, self._fixed)]
-        if self._unchanged(weights):
-            return self._out
+        cache = self._cache  # read once: another thread may store its own call's meanwhile
+        if self._unchanged(weights, cache[0]):
+            return cache[1]
         out = []
         for spec, slot in zip(self.specs, self._slots):
             weight = weights[slot]
@@ -225,19 +226,18 @@ class DiagInputs:
                 out.append(state.index(weight))
             else:
                 out.append(state.offsets)
-        self._refs = [weakref.ref(w, self._forget) for w in weights]
+        out = tuple(out)
         try:
-            self._seen = [(id(w), w._version, weakref.ref(w.untyped_storage())) for w in weights]
+            seen = [(id(w), w._version, weakref.ref(w.untyped_storage())) for w in weights]
         except RuntimeError:  # an inference tensor has no version counter: no cache
-            self._seen = []
-        self._out = tuple(out)
-        return self._out
+            seen = []
+        self._cache = (seen, out, [weakref.ref(w, self._forget) for w in weights])
+        return out
 
-    def _unchanged(self, weights: list[object]) -> bool:
-        """Whether ``weights`` are the cached call's tensors, unchanged (an identity, a version and a storage
-        check each). Ids are safe to compare: ``_refs`` drop the cache as soon as a weight dies, before its
-        id can be reused."""
-        seen = self._seen
+    def _unchanged(self, weights: list[object], seen: list[tuple[int, int, weakref.ref]]) -> bool:
+        """Whether ``weights`` are the cached call's tensors ``seen``, unchanged (an identity, a version and a
+        storage check each). Ids are safe to compare: the cache's weak references drop it as soon as a weight
+        dies, before its id can be reused."""
         if not seen:
             return False
         try:
@@ -249,7 +249,7 @@ class DiagInputs:
         return True
 
     def _forget(self, _: object = None) -> None:
-        self._seen, self._out = [], ()
+        self._cache = ([], (), [])
 
     @staticmethod
     def _state_for(weight: object, spec: InputSpec) -> _WeightState:

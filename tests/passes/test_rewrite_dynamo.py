@@ -208,6 +208,38 @@ def test_a_weight_with_diagonal_state_pickles(zoo):
         assert torch.equal(run(gm, ex2), y)
 
 
+def test_a_graph_shared_by_two_weights_never_returns_the_others_cached_inputs(monkeypatch):
+    """Two threads run one graph with two blocks' weights (a graph shared by repeated blocks). A call whose
+    weights passed the cache check must get the inputs of that cache, even if another thread has stored its
+    own call's since: it got the other block's diagonal values (a wrong answer, silently)."""
+    from diagcompile.passes.rewrite_dynamo import DiagInputs
+
+    lins = [nn.Linear(16, 16) for _ in range(2)]
+    for lin in lins:
+        mark_sparse(lin, sparsity=0.5)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        new, _ = rewrite_dynamo(*capture(lambda lin, x: lin(x), lins[0], x, grad=False))
+    _, ex = capture(lambda lin, x: lin(x), lins[0], x, grad=False)
+    pos = next(i for i, t in enumerate(ex) if t is lins[0].weight)
+    args = [[lin.weight if i == pos else t for i, t in enumerate(ex)] for lin in lins]
+    inputs = diag_inputs(new)
+    want = [[t.clone() for t in inputs(a)] for a in args]
+    assert not torch.equal(want[0][0], want[1][0])
+    inputs(args[0])  # cached: block 0
+    check, other = DiagInputs._unchanged, []
+
+    def check_then_other_thread_stores(self, *a):
+        unchanged = check(self, *a)
+        if unchanged and not other:  # the other thread's call lands right after this one's check
+            other.append(inputs(args[1]))
+        return unchanged
+
+    monkeypatch.setattr(DiagInputs, "_unchanged", check_then_other_thread_stores)
+    got = inputs(args[0])
+    assert other and all(torch.equal(g, w) for g, w in zip(got, want[0]))
+
+
 def test_marking_anew_rebuilds_the_state_and_stale_graphs_refuse():
     lin = nn.Linear(8, 8)
     mark_sparse(lin, sparsity=0.5)
