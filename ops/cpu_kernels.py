@@ -31,8 +31,10 @@ Design
   reassociation, no FMA contraction), with a quarter of the accumulator traffic.
 * **Deterministic, independent of the thread count.** Each output element is reduced in a fixed order
   (diagonals ascending for the gathers, rows ascending for the values gradient), whatever the tiling and
-  the thread count. Outputs are therefore bit-identical run to run and with
-  any number of threads, which dynamic sparse training needs for bit-identical resume.
+  the thread count. The kernels' outputs are therefore bit-identical run to run and with
+  any number of threads, which dynamic sparse training needs for bit-identical resume. (A layer call's are
+  not across thread counts: dispatch picks its path per thread-count bucket, and the dense and kernel paths
+  round differently. Resume with the thread count of the run.)
 * **Threads.** The kernels are serial ``nogil`` functions over a range of work items; a small thread pool
   owned by this module runs ``torch.get_num_threads()`` contiguous ranges of the items, one of them on the
   calling thread. We deliberately do not use ``parallel=True``: numba's threading layers are each unsafe
@@ -40,7 +42,9 @@ Design
   ``omp`` on Linux is GNU OpenMP, which numba refuses to use in a child forked after use, as DataLoader and
   ``multiprocessing`` do; ``tbb`` is an extra dependency), and selecting one is a process-global setting
   that a library should not take from its user. Plain Python threads around ``nogil`` code are thread-safe,
-  fork-safe (the pool is rebuilt in a forked child) and never touch torch's OpenMP runtime.
+  fork-safe (the pool is rebuilt in a forked child) and never touch torch's OpenMP runtime. One exception: a
+  child forked while another thread of the parent is compiling a kernel inherits numba's compiler lock held,
+  and hangs at its first compile; call ``warmup()`` for the dtypes you use before forking workers.
 * **Compile once.** Kernels are compiled lazily (only the dtypes used) with ``cache=True``: numba stores the
   machine code next to this file when that is writable, else in ``$NUMBA_CACHE_DIR`` or the user cache
   directory (``~/.cache/numba``), so only the very first process pays the compile. Where no cache location
