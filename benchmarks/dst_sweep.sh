@@ -15,6 +15,10 @@
 # CHARS_SPARSE_LR=0.01 CHARS_KNOBS=digits): dst_chars_lr1e-2.* (CHARS_SEEDS=3 CHARS_NAME=dst_chars_lr1e-2) and
 # dst_chars_s2400.*; tuned lrs, digits knobs (CHARS_KNOBS=digits): dst_chars_digits_knobs.*. Pool 2 and DiagHeur on
 # 10 seeds: CHARS_METHODS=dynadiag-pool2,diagheur CHARS_SEEDS=10 CHARS_NAME=dst_chars_pool2_10seeds.
+# dst_digits_09_20seeds.* (DynaDiag vs dense at 0.9, 20 seeds, the digits settings below):
+#   diagcompile sweep --task digits-vit --methods dense,dynadiag --sparsities 0.9 --seeds 20 \
+#     --variant-train dense:lr=0.001 --variant-dst dynadiag:temperature_start=0.1 --variant-train dynadiag:lr=0.02 \
+#     --out OUT --name dst_digits_09_20seeds --threads 1
 # One thread per run, niced (the machine is shared); JOBS=N runs N at once. Runs already done (runs/*.json) are
 # skipped, so a new OUT is needed after changing hyper-parameters.
 set -euo pipefail
