@@ -404,16 +404,16 @@ class DiagLinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        where = prefix[:-1] or "the layer"
         saved = local_metadata.get("features")
         if saved is not None and tuple(saved) != (self.out_features, self.in_features):
             error_msgs.append(
-                f"{prefix[:-1] or 'the layer'}: saved from a DiagLinear with in_features={saved[1]}, "
+                f"{where}: saved from a DiagLinear with in_features={saved[1]}, "
                 f"out_features={saved[0]}, loaded into one with in_features={self.in_features}, "
                 f"out_features={self.out_features}"
             )
             return
         key = prefix + "offsets"
-        where = prefix[:-1] or "the layer"
         # The values, or what prune / weight_norm / spectral_norm(name="values") keep in their place (values_orig,
         # values_g, ...): the layer's own names, so the check costs nothing per key of a large state_dict.
         own = [n for n in (*self._parameters, *self._buffers) if n == "values" or n.startswith("values_")]
@@ -452,7 +452,7 @@ class DiagLinear(nn.Module):
                 # torch reports two size mismatches (values, offsets) without saying what they mean.
                 P, _ = diag_shape(self.out_features, self.in_features)
                 error_msgs.append(
-                    f"{prefix[:-1] or 'the layer'}: the state_dict holds k={k} diagonals (sparsity {1 - k / P:.4g}), "
+                    f"{where}: the state_dict holds k={k} diagonals (sparsity {1 - k / P:.4g}), "
                     f"this {self.out_features}x{self.in_features} DiagLinear has k={self.k} "
                     f"(sparsity {self.sparsity:.4g}): "
                     f"build the layer from the checkpoint's own offsets, DiagLinear({self.in_features}, "
