@@ -331,6 +331,12 @@ class SparsifierBase:
             stacklevel=4,  # the caller of finalize() (through finalize and its no_grad wrapper)
         )
 
+    def _before_first_step(self) -> None:
+        """What ``step()`` checks once, at the first step, before anything changes: a model sharded since the
+        sparsifier was built, and the optimizer's per-parameter state (which only exists after its first step)."""
+        self._refuse_sharded(self.model)
+        self._check_optimizer_state()
+
     def _check_optimizer_state(self) -> None:
         """After the first ``optimizer.step()``: each DST layer's optimizer state must be shaped like its
         parameter (updates and ``finalize()`` move it row by row), so a factored optimizer (Adafactor) fails at

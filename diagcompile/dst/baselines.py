@@ -558,8 +558,7 @@ class MaskSparsifier(SparsifierBase):
         self._check_live("step")
         self._warn_if_past_end()
         if self._step == 0:
-            self._refuse_sharded(self.model)
-            self._check_optimizer_state()
+            self._before_first_step()
             self._warn_if_optimizer_unknown()
         t = self._step + 1
         if self.config.is_nm:

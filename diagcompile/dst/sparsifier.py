@@ -421,8 +421,7 @@ class DiagSparsifier(SparsifierBase):
         self._check_live("step")
         self._warn_if_past_end()
         if self._step == 0:
-            self._refuse_sharded(self.model)
-            self._check_optimizer_state()
+            self._before_first_step()
         t = self._step + 1
         cfg = self.config
         if cfg.method == "diagheur":
