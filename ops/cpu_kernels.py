@@ -63,6 +63,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 import torch
+from numba.core import cgutils
+from numba.extending import intrinsic
 from torch import Tensor
 
 __all__ = [
@@ -440,6 +442,79 @@ def _extract_kernel(w, off, out, tall):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Entry points: addresses in, arrays inside.
+#
+# The Python side passes each tensor's address and shape; these view the memory as arrays (numba.carray) and
+# call the kernels above. ``Tensor.numpy()`` would do the same at ~1.2 us a tensor plus numba's typing of each
+# array (together ~7 us of a 64-wide layer's ~12 us kernel call, measured), and it marks the tensor's storage
+# as never resizable again, which breaks FSDP2: it frees and re-allocates the unsharded parameters' storage
+# around every forward. Callers pass tensors from ``_c`` and hold them until the call has returned.
+# ``like`` is an empty array of the kernel's float dtype: it picks the specialization.
+# ----------------------------------------------------------------------------------------------------
+@intrinsic
+def _voidptr(typingctx, addr):
+    """The integer ``addr`` as a ``void*``, for ``numba.carray``."""
+    if not isinstance(addr, numba.types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return numba.types.voidptr(addr), codegen
+
+
+@_inline
+def _view(addr, rows, cols, like):
+    return numba.carray(_voidptr(addr), (rows, cols), like.dtype)
+
+
+@_inline
+def _offsets_view(addr, k):
+    return numba.carray(_voidptr(addr), (k,), np.int32)
+
+
+#: ``_rows_at``'s kernel numbers.
+_ROW_KERNELS: dict[Callable, int] = {_gather_kernel: 0, _masked_gather_kernel: 1, _masked_scatter_kernel: 2}
+
+
+@_jit
+def _rows_at(which, pa, M, na, pv, k, D, poff, pb, nb, pout, n_out, tb, mb, like, item0, item1):
+    """``(_gather_kernel, _masked_gather_kernel, _masked_scatter_kernel)[which]`` on ``a (M, na)``,
+    ``v (k, D)``, ``off (k,)``, ``bias (nb,)``, ``out (M, n_out)``."""
+    a, v, off = _view(pa, M, na, like), _view(pv, k, D, like), _offsets_view(poff, k)
+    bias = numba.carray(_voidptr(pb), (nb,), like.dtype)
+    out = _view(pout, M, n_out, like)
+    if which == 0:
+        _gather_kernel(a, v, off, bias, out, tb, mb, item0, item1)
+    elif which == 1:
+        _masked_gather_kernel(a, v, off, bias, out, tb, mb, item0, item1)
+    else:
+        _masked_scatter_kernel(a, v, off, bias, out, tb, mb, item0, item1)
+
+
+@_jit
+def _sddmm_at(pa, M, D, pb, L, poff, k, pout, jc, tb, like, item0, item1):
+    """``_sddmm_kernel`` on ``a (M, D)``, ``b (M, L)``, ``off (k,)``, ``out (k, D)``."""
+    a, b, off, out = _view(pa, M, D, like), _view(pb, M, L, like), _offsets_view(poff, k), _view(pout, k, D, like)
+    _sddmm_kernel(a, b, off, out, jc, tb, item0, item1)
+
+
+@_jit
+def _offsets_problem_at(poff, k, L):
+    return _offsets_problem(_offsets_view(poff, k), L)
+
+
+@_jit
+def _to_dense_at(pv, k, D, poff, pw, n_out, n_in, like):
+    _to_dense_kernel(_view(pv, k, D, like), _offsets_view(poff, k), _view(pw, n_out, n_in, like), n_out > n_in)
+
+
+@_jit
+def _extract_at(pw, n_out, n_in, poff, pout, k, D, like):
+    _extract_kernel(_view(pw, n_out, n_in, like), _offsets_view(poff, k), _view(pout, k, D, like), n_out > n_in)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Tiling. Results never depend on it: every output element is reduced in the same order whatever the
 # tiles (see the module docstring), so tiles may be sized for the thread count.
 # ----------------------------------------------------------------------------------------------------
@@ -582,20 +657,28 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise TypeError(f"the CPU diagonal kernel supports {names}, got {dtype}; use the reference or dense path")
 
 
-def _np(t: Tensor, dtype: torch.dtype) -> np.ndarray:
-    """A C-contiguous numpy view of a CPU tensor in ``dtype``; copies only when it must."""
+#: An empty array per kernel dtype, the ``like`` argument of the entry points.
+_LIKE: dict[torch.dtype, np.ndarray] = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+
+
+def _c(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as a C-contiguous CPU tensor in ``dtype``: ``t`` itself where it already is one, else a copy.
+
+    The entry points read ``data_ptr()``: hold the result until the kernel has returned.
+    """
     if not t.is_cpu:
         raise ValueError(f"the CPU diagonal kernel got a tensor on {t.device}")
     if t.dtype != dtype:
         t = t.detach().to(dtype)
     if not t.is_contiguous():
         t = t.detach().contiguous()
-    # force=True detaches and resolves a lazily negated view (torch._neg_view), whose flag numpy cannot
-    # see; for a plain CPU tensor it is still a view, never a copy.
-    return t.numpy(force=True)
+    if t.is_neg():  # a lazily negated view (torch._neg_view): its memory holds -t
+        t = t.resolve_neg()
+    return t
 
 
-def _np_offsets(offsets: Tensor, L: int) -> np.ndarray:
+def _c_offsets(offsets: Tensor, L: int) -> Tensor:
+    """``offsets`` as a C-contiguous int32 tensor (``_c``), validated: distinct and in ``[0, L)``."""
     if offsets.dim() != 1:
         raise ValueError(f"offsets must be 1-D (k,), got shape {tuple(offsets.shape)}")
     if offsets.dtype != torch.int32:
@@ -604,21 +687,21 @@ def _np_offsets(offsets: Tensor, L: int) -> np.ndarray:
         # Range-check before the int32 cast, which would wrap 2**32 + 1 to 1 (the reference takes it mod P).
         if offsets.numel() and (int(offsets.min()) < 0 or int(offsets.max()) >= L):
             raise ValueError(f"offsets must lie in [0, P={L}); got min {int(offsets.min())}, max {int(offsets.max())}")
-    off = _np(offsets, torch.int32)
+    off = _c(offsets, torch.int32)
     # One pass over k integers, and the kernels index without bounds checks: never trust them blindly. A
     # duplicate would be summed by the kernels but written once by a dense scatter: refused on every path.
-    problem = _offsets_problem(off, L)
+    problem = _offsets_problem_at(off.data_ptr(), off.shape[0], L)
     if problem == 1:
         raise ValueError(f"offsets must lie in [0, P={L}); got min {int(off.min())}, max {int(off.max())}")
     if problem == 2:
-        dup = sorted({int(o) for o in off if (off == o).sum() > 1})[:5]
-        raise ValueError(f"offsets must be distinct; {dup} appear more than once")
+        uniq, counts = torch.unique(off, return_counts=True)
+        raise ValueError(f"offsets must be distinct; {uniq[counts > 1][:5].tolist()} appear more than once")
     return off
 
 
 def check_offsets(offsets: Tensor, L: int) -> None:
     """Raise ``ValueError`` unless the CPU ``offsets`` are 1-D, distinct and in ``[0, L)`` (``L = P``)."""
-    _np_offsets(offsets, L)
+    _c_offsets(offsets, L)
 
 
 def _check_values(values: Tensor, offsets: Tensor, D: int) -> None:
@@ -652,17 +735,20 @@ def forward(x2: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_featu
     _check_values(values, offsets, D)
     if bias.numel() not in (0, out_features):
         raise ValueError(f"bias must have out_features={out_features} entries or none, got {bias.numel()}")
-    off = _np_offsets(offsets, P)  # also for M == 0: every path refuses bad offsets alike
+    off = _c_offsets(offsets, P)  # also for M == 0: every path refuses bad offsets alike
     out = torch.empty(M, out_features, dtype=dtype)
     if M == 0:
         return out
-    a, v, b = _np(x2, dtype), _np(values, dtype), _np(bias if bias.dim() == 1 else bias.reshape(-1), dtype)
-    n = _num_threads(M * v.shape[0] * D)
+    a, v, b = _c(x2, dtype), _c(values, dtype), _c(bias if bias.dim() == 1 else bias.reshape(-1), dtype)
+    k = off.shape[0]
+    n = _num_threads(M * k * D)
     if out_features > n_in:
         kernel, (tb, mb, n_items) = _masked_gather_plan(M, out_features, n_in, n)
     else:
         kernel, (tb, mb, n_items) = _gather_kernel, _gather_tiling(M, out_features, n)
-    _run(kernel, (a, v, off, b, out.numpy(), tb, mb), n_items, n)
+    args = (_ROW_KERNELS[kernel], a.data_ptr(), M, n_in, v.data_ptr(), k, D, off.data_ptr())
+    args += (b.data_ptr(), b.shape[0], out.data_ptr(), out_features, tb, mb, _LIKE[dtype])
+    _run(_rows_at, args, n_items, n)
     return out
 
 
@@ -684,18 +770,21 @@ def input_grad(dy2: Tensor, values: Tensor, offsets: Tensor, in_features: int) -
     M, n_out = dy2.shape
     P, D = max(n_out, in_features), min(n_out, in_features)
     _check_values(values, offsets, D)
-    off = _np_offsets(offsets, P)
+    off = _c_offsets(offsets, P)
     out = torch.empty(M, in_features, dtype=dtype)
     if M == 0:
         return out
-    a, v = _np(dy2, dtype), _np(values, dtype)
-    n = _num_threads(M * v.shape[0] * D)
+    a, v = _c(dy2, dtype), _c(values, dtype)
+    k = off.shape[0]
+    n = _num_threads(M * k * D)
     # W^T is diagonal with the same offsets in the other orientation: tall dx is a gather, wide a masked one.
     if n_out > in_features:
         kernel, (tb, mb, n_items) = _gather_kernel, _gather_tiling(M, in_features, n)
     else:
         kernel, (tb, mb, n_items) = _masked_gather_plan(M, in_features, n_out, n)
-    _run(kernel, (a, v, off, np.empty(0, a.dtype), out.numpy(), tb, mb), n_items, n)
+    args = (_ROW_KERNELS[kernel], a.data_ptr(), M, n_out, v.data_ptr(), k, D, off.data_ptr())
+    args += (0, 0, out.data_ptr(), in_features, tb, mb, _LIKE[dtype])  # no bias: address 0, length 0
+    _run(_rows_at, args, n_items, n)
     return out
 
 
@@ -720,15 +809,16 @@ def values_grad(dy2: Tensor, x2: Tensor, offsets: Tensor) -> Tensor:
     n_in = x2.shape[1]
     P, D = max(n_out, n_in), min(n_out, n_in)
     k = offsets.shape[0]
-    off = _np_offsets(offsets, P)
+    off = _c_offsets(offsets, P)
     out = torch.empty(k, D, dtype=dtype)
     if M == 0 or k == 0:
         return out.zero_()
     # The short side is the "a" operand, the long (wrapping) side "b".
-    a, b = (_np(x2, dtype), _np(dy2, dtype)) if n_out > n_in else (_np(dy2, dtype), _np(x2, dtype))
+    a, b = (_c(x2, dtype), _c(dy2, dtype)) if n_out > n_in else (_c(dy2, dtype), _c(x2, dtype))
     n = _num_threads(M * k * D)
     jc, tb, n_items = _sddmm_tiling(k, D, n)
-    _run(_sddmm_kernel, (a, b, off, out.numpy(), jc, tb), n_items, n)
+    args = (a.data_ptr(), M, D, b.data_ptr(), P, off.data_ptr(), k, out.data_ptr(), jc, tb, _LIKE[dtype])
+    _run(_sddmm_at, args, n_items, n)
     return out
 
 
@@ -744,7 +834,8 @@ def to_dense(values: Tensor, offsets: Tensor, out_features: int, in_features: in
     P, D = max(out_features, in_features), min(out_features, in_features)
     _check_values(values, offsets, D)
     w = torch.zeros(out_features, in_features, dtype=dtype)
-    _to_dense_kernel(_np(values, dtype), _np_offsets(offsets, P), w.numpy(), out_features > in_features)
+    v, off = _c(values, dtype), _c_offsets(offsets, P)
+    _to_dense_at(v.data_ptr(), off.shape[0], D, off.data_ptr(), w.data_ptr(), out_features, in_features, _LIKE[dtype])
     return w
 
 
@@ -755,8 +846,10 @@ def extract_diagonals(weight: Tensor, offsets: Tensor, out_dtype: torch.dtype | 
     _check_dtype(dtype)
     _check_2d(weight, "weight")
     n_out, n_in = weight.shape
-    out = torch.empty(offsets.shape[0], min(n_out, n_in), dtype=dtype)
-    _extract_kernel(_np(weight, dtype), _np_offsets(offsets, max(n_out, n_in)), out.numpy(), n_out > n_in)
+    D = min(n_out, n_in)
+    w, off = _c(weight, dtype), _c_offsets(offsets, max(n_out, n_in))
+    out = torch.empty(off.shape[0], D, dtype=dtype)
+    _extract_at(w.data_ptr(), n_out, n_in, off.data_ptr(), out.data_ptr(), off.shape[0], D, _LIKE[dtype])
     return out if out_dtype is None or out_dtype == dtype else out.to(out_dtype)
 
 

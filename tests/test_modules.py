@@ -1,6 +1,9 @@
 """DiagLinear: construction, init scale, from_dense/to_dense, state dict, repr."""
 
 import copy
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -533,3 +536,21 @@ def test_a_dense_checkpoint_for_a_diag_linear_says_how_to_convert():
     assert set(result.missing_keys) == {"0.values", "0.offsets"} and result.unexpected_keys == ["0.weight"]
     with pytest.warns(UserWarning, match="dense weight"), pytest.raises(RuntimeError, match="Missing key"):
         sparse.load_state_dict(dense.state_dict())
+
+
+@pytest.mark.slow
+def test_trains_under_fsdp2_like_one_process(tmp_path):
+    """Two gloo ranks with every layer ``fully_shard``-ed end with the parameters of one process on the global
+    batches. FSDP2 frees and re-allocates the unsharded parameters' storage around each forward; the CPU kernels
+    read tensors by address, where ``Tensor.numpy()`` marked the storage not resizable ("Trying to resize
+    storage that is not resizable" at the first free)."""
+    worker = pathlib.Path(__file__).with_name("fsdp_worker.py")
+    # A script file, not `python -c`: torch.multiprocessing's spawn re-imports the main module by path.
+    proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    single, *ranks = (torch.load(tmp_path / f, weights_only=True) for f in ("single.pt", "rank0.pt", "rank1.pt"))
+    for rank in ranks:
+        for name, expected in single["final"].items():
+            torch.testing.assert_close(rank["final"][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    for name in ("0.values", "2.values", "0.bias"):
+        assert not torch.equal(single["final"][name], single["init"][name]), f"{name} did not train"

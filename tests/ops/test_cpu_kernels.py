@@ -366,8 +366,8 @@ from diagcompile.ops import cpu_kernels as K
 from diagcompile.testing import random_problem
 x, values, offsets, bias = random_problem(5, 9, 3, batch=(2,))
 K.forward(x, values, offsets, bias, 5)
-st = K._gather_kernel.stats
-print(type(K._gather_kernel._cache).__name__, sum(st.cache_hits.values()), sum(st.cache_misses.values()))
+st = K._rows_at.stats
+print(type(K._rows_at._cache).__name__, sum(st.cache_hits.values()), sum(st.cache_misses.values()))
 """
 
 
@@ -379,7 +379,7 @@ def test_jit_cache_falls_back_to_the_user_cache_dir(tmp_path):
     second = run_python(CACHE, env=env, timeout=300).split()
     assert first == ["FunctionCache", "0", "1"]  # compiled and saved
     assert second == ["FunctionCache", "1", "0"]  # loaded
-    assert list((tmp_path / "numba").rglob("cpu_kernels._gather_kernel-*.nbi"))
+    assert list((tmp_path / "numba").rglob("cpu_kernels._rows_at-*.nbi"))
 
 
 def test_kernels_compile_without_a_writable_cache_dir():
