@@ -140,6 +140,14 @@ def _check_layer(op: str, values: Tensor, offsets: Tensor, n_out: int, n_in: int
         raise ValueError(f"diagcompile::{op}: bias must be ({n_out},) or empty, got {tuple(bias.shape)}")
 
 
+def _features(op: str, t: Tensor, name: str) -> int:
+    """``t.shape[-1]``, the feature width of an ``(..., N)`` operand of the raw op: a 0-d tensor is refused by
+    name (``shape[-1]`` would raise a bare ``IndexError: tuple index out of range``)."""
+    if t.dim() == 0:
+        raise ValueError(f"diagcompile::{op}: {name} must be (..., features), got a 0-d tensor")
+    return t.shape[-1]
+
+
 def _check_fake(offsets: Tensor, *tensors: Tensor) -> None:
     """Fake-kernel checks shared by the three ops: int offsets, and one device (an empty bias aside).
 
@@ -250,7 +258,7 @@ def _fwd_impl(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_feat
 def _fwd_kernel(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_features: int) -> Tensor:
     """``y = x @ to_dense(values, offsets).T + bias``. ``x``: ``(..., N_in)``; returns ``(..., N_out)``."""
     # Shapes are checked here, where the raw op is called; call_diag_linear's callers validated them.
-    _check_layer("diag_linear", values, offsets, out_features, x.shape[-1], bias)
+    _check_layer("diag_linear", values, offsets, out_features, _features("diag_linear", x, "x"), bias)
     return _own(_fwd_impl(x, values, offsets, bias, out_features))
 
 
@@ -319,7 +327,7 @@ def _dx_impl(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> T
 
 def _dx_kernel(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> Tensor:
     """``dx = dy @ to_dense(values, offsets)``. ``dy``: ``(..., N_out)``; returns ``(..., N_in)``."""
-    _check_layer("diag_linear_dx", values, offsets, dy.shape[-1], in_features)
+    _check_layer("diag_linear_dx", values, offsets, _features("diag_linear_dx", dy, "dy"), in_features)
     return _own(_dx_impl(dy, values, offsets, in_features))
 
 
@@ -380,11 +388,16 @@ def _dv_impl(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
 
 def _dv_kernel(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
     """``dV[j, t] = sum_m dy[m, row(j, t)] * x[m, col(j, t)]``. Returns ``(k, D)`` in ``x.dtype``."""
+    n_out, n_in = _features("diag_linear_dv", dy, "dy"), _features("diag_linear_dv", x, "x")
     if dy.shape[:-1] != x.shape[:-1] or offsets.dim() != 1:
         raise ValueError(
             f"diagcompile::diag_linear_dv: dy {tuple(dy.shape)} and x {tuple(x.shape)} must share their leading "
             f"dims, offsets must be 1-D (got {tuple(offsets.shape)})"
         )
+    # As the other two ops: a zero width divided by zero in the kernel path's dispatch, failed in the
+    # reference's reshape and returned an empty (k, 0) on the dense path.
+    if n_out < 1 or n_in < 1:
+        raise ValueError(f"diagcompile::diag_linear_dv: a layer needs N_out, N_in >= 1, got {n_out}x{n_in}")
     return _dv_impl(dy, x, offsets)
 
 

@@ -633,6 +633,34 @@ def test_bad_shapes_dtypes_and_offsets_fail_the_same_way_on_every_path(path):
         OPS.diag_linear(x.long(), values.long(), offsets, b.long(), 16)
 
 
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference", None])
+def test_zero_d_operands_and_zero_width_values_gradients_are_named_on_every_path(path):
+    """Found by fuzzing (audit C): a 0-d x / dy raised a bare ``IndexError: tuple index out of range``, and a
+    zero-width dy or x in diag_linear_dv divided by zero (kernel and auto paths), failed in a reshape
+    (reference) or returned an empty (k, 0) (dense)."""
+    x, values, offsets, b = _args(16, 24, 4, (5,), torch.float32, grad=False)
+    dy, scalar = torch.randn(5, 16), torch.tensor(1.0)
+    with force_path(path):
+        cases = [
+            (
+                "diag_linear: x must be \\(..., features\\), got a 0-d",
+                lambda: OPS.diag_linear(scalar, values, offsets, b, 16),
+            ),
+            ("diag_linear_dx: dy must be \\(..., features\\)", lambda: OPS.diag_linear_dx(scalar, values, offsets, 24)),
+            ("diag_linear_dv: dy must be \\(..., features\\)", lambda: OPS.diag_linear_dv(scalar, scalar, offsets)),
+            ("diag_linear_dv: x must be \\(..., features\\)", lambda: OPS.diag_linear_dv(dy, scalar, offsets)),
+            (
+                "diag_linear_dv: a layer needs N_out, N_in >= 1, got 0x24",
+                lambda: OPS.diag_linear_dv(dy[:, :0], x, offsets),
+            ),
+            ("N_out, N_in >= 1, got 0x24", lambda: OPS.diag_linear_dv(dy[:0, :0], x[:0], offsets)),
+            ("N_out, N_in >= 1, got 16x0", lambda: OPS.diag_linear_dv(dy, x[:, :0], offsets)),
+        ]
+        for msg, call in cases:
+            with pytest.raises(ValueError, match=msg):
+                call()
+
+
 def test_a_meta_tensor_among_cpu_ones_is_refused_not_uninitialized_memory():
     x, values, offsets, b = _args(16, 24, 4, (5,), torch.float32, grad=False)
     with pytest.raises(RuntimeError, match="one device"):
