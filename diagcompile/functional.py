@@ -90,13 +90,17 @@ def canonical_offsets(
             f"{where} has k={k} diagonals but a {out_features}x{in_features} layer has P={P} candidates "
             f"(need 1 <= k <= P)"
         )
-    if check_contents and _inspectable(offsets):
+    # Unchecked contents are the caller's promise, but the int32 cast below must not turn a broken one into a valid
+    # one (2**32 + 1 -> 1) that the op, which range-checks int64 offsets on the CPU before any cast, would refuse:
+    # on the CPU (no device sync) an int64 tensor's range is checked even then.
+    wraps = offsets.dtype != OFFSET_DTYPE and offsets.is_cpu
+    if (check_contents or wraps) and _inspectable(offsets):
         o = offsets.detach().to("cpu", torch.int64)
         lo, hi = int(o.min()), int(o.max())
         if lo < 0 or hi >= P:
             bad = o[(o < 0) | (o >= P)][:5].tolist()
             raise ValueError(f"{where} out of range: {bad} not in [0, P={P}) for a {out_features}x{in_features} layer")
-        if k > 1:
+        if check_contents and k > 1:
             d = o[1:] - o[:-1]
             if bool((d == 0).any()) or o.unique().numel() != k:
                 dup = o[o.bincount().gt(1)[o]].unique()[:5].tolist() if lo >= 0 else []

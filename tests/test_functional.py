@@ -73,6 +73,19 @@ def test_in_features_catches_an_x_of_the_wrong_width_for_a_wide_layer():
         diag_linear(short, values, torch.tensor([0, 3, 7, 50]), bias, 16)
 
 
+@pytest.mark.parametrize("bad", [2**32 + 3, -(2**32) + 3])
+def test_unchecked_int64_offsets_are_not_wrapped_into_valid_ones_by_the_int32_cast(bad):
+    """Found by fuzzing (audit C): with check_offsets=False an int64 offset of 2**32 + 3 was cast to int32 as 3 and
+    used silently, where the raw op refuses it (it range-checks int64 offsets on the CPU before casting)."""
+    x, values, _, _ = random_problem(4, 8, 2, batch=(2,))
+    offsets = torch.tensor([1, bad], dtype=torch.int64)
+    with pytest.raises(ValueError, match="out of range"):
+        diag_linear(x, values, offsets, None, 4, check_offsets=False)
+    good = torch.tensor([1, 3], dtype=torch.int64)  # valid ones still run unchecked, converted to int32
+    W = dense_from_convention(values, good, 4, 8)
+    assert rel_err(diag_linear(x, values, good, None, 4, check_offsets=False), x.double() @ W.T) < 1e-6
+
+
 def test_empty_input_features_are_named():
     with pytest.raises(ValueError, match="last dim 0"):
         diag_linear(torch.randn(3, 0), torch.randn(1, 0), torch.arange(1), None, 4)
