@@ -3,6 +3,9 @@
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor
 
 import diagcompile  # noqa: F401  (registers the ops)
 from diagcompile.ops import call_diag_linear, dispatch, force_path, to_dense
@@ -696,3 +699,59 @@ def test_flop_counter_counts_a_multiply_add_per_stored_value_per_row(n_out, n_in
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     expected = 2 * 15 * k * D
     assert counts == {f"diagcompile.{op}": expected for op in ("diag_linear", "diag_linear_dx", "diag_linear_dv")}
+
+
+# ---- property: every CPU path, forward and both gradients, against the dense float64 oracle ----------------
+_UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _within_rounding(got: Tensor, exact: Tensor, scale: Tensor, terms: int, what: str) -> None:
+    """``|got - exact| <= (terms + 2) u_acc scale + 4 u_out |exact| + 4 u_out tiny``: the worst-case error of a sum
+    of ``terms`` products accumulated with unit roundoff ``u_acc`` (float32, float64 for float64; ``scale`` is the
+    sum of the products' magnitudes), rounded once to the output dtype (``u_out``; 4x for the low-precision dense
+    GEMM, which may round more than once, and a subnormal floor)."""
+    dtype = got.dtype
+    u_acc = _UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
+    u_out = _UNIT_ROUNDOFF[dtype]
+    tol = (terms + 2) * u_acc * scale + 4 * u_out * (exact.abs() + torch.finfo(dtype).smallest_normal)
+    assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
+    worst = float(((got.detach().double() - exact).abs() / tol).max()) if got.numel() else 0.0
+    assert worst <= 1, f"{what}: error {worst:.2f}x the rounding bound"
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_property_every_path_forward_and_gradients_equal_the_dense_oracle(data):
+    """Random layers (1..40 wide, any k, unsorted int32/int64 offsets), batches of 0..2 leading dims (empty
+    ones too), every dtype, non-contiguous x and values, bias or not: the raw op on every CPU path, forward and
+    autograd gradients, within the rounding bound of the float64 dense product (audit C's fuzz, kept small)."""
+    draw = data.draw
+    n_out, n_in = draw(st.integers(1, 40), "n_out"), draw(st.integers(1, 40), "n_in")
+    P, D = max(n_out, n_in), min(n_out, n_in)
+    k = draw(st.integers(1, P), "k")
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]), "dtype")
+    batch = tuple(draw(st.lists(st.sampled_from([0, 1, 3]), max_size=2), "batch"))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1), "seed"))
+    offsets = torch.randperm(P, generator=g)[:k].to(draw(st.sampled_from([torch.int32, torch.int64]), "offsets"))
+    x = torch.randn(n_in, *batch, generator=g, dtype=torch.float64).movedim(0, -1).to(dtype)  # transposed
+    values = torch.randn(D, k, generator=g, dtype=torch.float64).to(dtype).T  # column-major
+    bias = torch.randn(n_out, generator=g, dtype=torch.float64).to(dtype)[: n_out * draw(st.booleans(), "bias")]
+    dy = torch.randn(*batch, n_out, generator=g, dtype=torch.float64).to(dtype)
+    W = to_dense(values.double(), offsets, n_out, n_in)
+    x64, dy64 = x.double().reshape(-1, n_in), dy.double().reshape(-1, n_out)
+    b64 = bias.double() if bias.numel() else torch.zeros(n_out, dtype=torch.float64)
+    y_exact = (x64 @ W.T + b64).reshape(*batch, n_out)
+    y_scale = (x64.abs() @ W.abs().T + b64.abs()).reshape(*batch, n_out)
+    dx_exact, dx_scale = (dy64 @ W).reshape(*batch, n_in), (dy64.abs() @ W.abs()).reshape(*batch, n_in)
+    dv_exact = R.extract_diagonals(dy64.T @ x64, offsets)
+    dv_scale = R.extract_diagonals(dy64.abs().T @ x64.abs(), offsets)
+    M = x64.shape[0]
+    kernel = [] if dtype in (torch.float16, torch.bfloat16) else ["kernel"]
+    for path in ["reference", "dense", None, *kernel]:
+        xg, vg = x.detach().requires_grad_(True), values.detach().requires_grad_(True)
+        with force_path(path):
+            y = OPS.diag_linear(xg, vg, offsets, bias, n_out)
+            y.backward(dy)
+        _within_rounding(y, y_exact, y_scale, k, f"{path} forward")
+        _within_rounding(xg.grad, dx_exact, dx_scale, k, f"{path} input grad")
+        _within_rounding(vg.grad, dv_exact, dv_scale, M, f"{path} values grad")
