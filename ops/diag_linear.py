@@ -277,7 +277,11 @@ def _fwd_fake(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_feat
 
 def _fwd_setup(ctx, inputs, output) -> None:
     x, values, offsets, bias, out_features = inputs
-    ctx.save_for_backward(x, values, offsets)
+    # Only what the backward reads, as torch's own linear saves: dx needs values, dV needs x. A frozen layer (values
+    # without grad) fed an input that requires grad would otherwise keep every call's input alive until backward.
+    need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ctx.save_for_backward(x if need_v else None, values if need_x else None, offsets)
+    ctx.in_features = x.shape[-1]
     ctx.out_features = out_features
     ctx.has_bias = bias.numel() > 0
     ctx.bias_dtype = bias.dtype
@@ -287,7 +291,7 @@ def _fwd_backward(ctx, dy: Tensor):
     x, values, offsets = ctx.saved_tensors
     dx = dv = db = None
     if ctx.needs_input_grad[0]:
-        dx = _call_dx(dy, values, offsets, x.shape[-1])
+        dx = _call_dx(dy, values, offsets, ctx.in_features)
     if ctx.needs_input_grad[1]:
         dv = _call_dv(dy, x, offsets)
     if ctx.needs_input_grad[3] and ctx.has_bias:

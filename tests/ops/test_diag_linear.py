@@ -1,5 +1,7 @@
 """The op contract: opcheck, autograd through our backward ops, every dispatch path, double backward."""
 
+import weakref
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -547,6 +549,32 @@ def test_outputs_can_be_modified_in_place_under_autograd(path, batch, fn):
         dx = OPS.diag_linear_dx(dy, values, offsets, 10)
     assert dx._base is None
     dx.mul_(2).sum().backward()
+
+
+@pytest.mark.parametrize("fn", [call_diag_linear, OPS.diag_linear], ids=["eager", "op"])
+def test_backward_keeps_only_what_it_needs_alive(fn):
+    # A frozen layer (values without grad) under an input that needs grad: its backward needs the values only, so
+    # the input must not stay alive with the output (torch's linear saves nothing more either); with the values
+    # trainable and the input not, the values and the input are kept, and the gradients are right either way.
+    x0, values, offsets, b = _args(24, 10, 5, (6,), torch.float32, False)
+    x0.requires_grad_(True)
+    h = x0 * 2  # an activation nothing else keeps
+    ref = weakref.ref(h)
+    y = fn(h, values, offsets, b, 24)
+    del h
+    assert ref() is None
+    y.sum().backward()
+    assert torch.allclose(x0.grad, 2 * torch.ones(6, 24) @ to_dense(values, offsets, 24, 10), atol=1e-5)
+    values.requires_grad_(True)
+    x = torch.randn(6, 10)
+    packed: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = fn(x, values, offsets, b, 24)
+    assert any(t is x for t in packed) and not any(t is values for t in packed)
+    y.sum().backward()
+    dense = to_dense(values.detach(), offsets, 24, 10).requires_grad_(True)
+    (x @ dense.T).sum().backward()
+    assert torch.allclose(values.grad, R.extract_diagonals(dense.grad, offsets), atol=1e-5)
 
 
 def test_eager_call_compiles_to_one_op_node():
