@@ -13,6 +13,7 @@ Only the backend inlines: ``torch.export`` programs and ONNX files keep one op n
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,18 +99,21 @@ class OffsetsCheck:
 
     def __init__(self, checks: tuple[tuple[int, int], ...]) -> None:
         self.checks = checks  # (input position, P)
-        self.seen: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
+        # The last tensor checked at each position, by weak reference: Dynamo keeps a compiled graph (and this)
+        # after the model is gone, which must not keep its buffers alive. A dead reference cannot match a new
+        # tensor, so its address (in the key) is not reused by mistake either.
+        self.seen: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
 
     def __call__(self, inputs: Sequence[object]) -> None:
         for i, P in self.checks:
             t = inputs[i]
             key = _seen_key(t)
             seen = self.seen.get(i)
-            if seen is None or seen[0] is not t or seen[1] != key:
+            if seen is None or seen[0]() is not t or seen[1] != key:
                 from diagcompile.ops.cpu_kernels import check_offsets  # numba: imported on first use only
 
                 check_offsets(t, P)
-                self.seen[i] = (t, key)
+                self.seen[i] = (weakref.ref(t), key)
 
     def wrap(self, compiled: Callable[..., Any]) -> Callable[..., Any]:
         """``compiled``, checking its inputs first."""

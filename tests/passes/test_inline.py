@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import weakref
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import diagcompile
 from diagcompile import DiagLinear
 from diagcompile.export import export_program
 from diagcompile.ops import dispatch, force_path
+from diagcompile.passes.inline import OffsetsCheck
 
 
 @pytest.fixture(autouse=True)
@@ -173,6 +175,20 @@ def test_inlined_layers_still_refuse_invalid_offsets(bad, error):
             compiled(x)
         layer.offsets.copy_(torch.tensor([0, 1, 2, 3], dtype=layer.offsets.dtype))  # valid again: runs
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_offsets_check_keeps_no_input_alive():
+    """Dynamo keeps a compiled graph, and its offsets check, after the model is gone: the check must not keep the
+    model's offsets buffers alive, and a new tensor at the place of a dead one is checked again."""
+    check = OffsetsCheck(((0, 16),))
+    offsets = torch.tensor([0, 5, 10, 15], dtype=torch.int32)
+    check([offsets])
+    check([offsets])
+    ref = weakref.ref(offsets)
+    del offsets
+    assert ref() is None
+    with pytest.raises(ValueError, match="offsets must be distinct"):
+        check([torch.tensor([0, 0, 1, 2], dtype=torch.int32)])
 
 
 def test_offsets_computed_in_the_graph_are_asserted_there():
