@@ -145,7 +145,7 @@ def run_ops(shapes, ms, ops, sparsity: float, paths: list[str], rounds: int) -> 
                 fns = {"baseline": baseline}
                 problem = dispatch.Problem(op, "cpu", torch.float32, M, n_out, n_in, k)
                 for path in paths:
-                    if path == "kernel" and not dispatch._kernel_supports(problem):
+                    if path == "kernel" and not dispatch._kernel_supports(problem.device_type, problem.dtype):
                         continue
                     fns[path] = lambda path=path: _op_call(op, path, x, dy, vals(), offs, bias, n_in, n_out)
                 with torch.no_grad():

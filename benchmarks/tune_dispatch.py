@@ -168,7 +168,7 @@ def _forced(path: str, prob: Problem) -> Callable[[], object]:
 def _compare(device: str, op: str, path: str, dtype: torch.dtype, n_in: int, n_out: int, k: int, M: int, log):
     """``dense_ms / path_ms`` for one point of the grid (above 1: the path is faster)."""
     prob = Problem(device, op, n_in, n_out, k, M, dtype)
-    if path == "kernel" and not dispatch._kernel_supports(dispatch.Problem(op, device, dtype, M, n_out, n_in, k)):
+    if path == "kernel" and not dispatch._kernel_supports(device, dtype):
         raise SystemExit(f"no {device} kernel for {dtype}: cannot tune the kernel rule")
     with torch.no_grad():
         # One untimed call: the JIT compile / autotune and the cost estimate for the repetition count.

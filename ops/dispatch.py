@@ -197,9 +197,9 @@ def kernel_module(device_type: str) -> ModuleType | None:
         return None
 
 
-def _kernel_supports(p: Problem) -> bool:
-    mod = kernel_module(p.device_type)
-    return mod is not None and bool(mod.supports(p.dtype))
+def _kernel_supports(device_type: str, dtype: torch.dtype) -> bool:
+    mod = kernel_module(device_type)
+    return mod is not None and bool(mod.supports(dtype))
 
 
 def _threshold(rule: dict, density: float) -> int:
@@ -213,7 +213,7 @@ def choose_path(p: Problem) -> str:
     """Pick the path for one call. Deterministic in the shapes and dtype."""
     forced = forced_path()
     if forced is not None:
-        if forced == "kernel" and not _kernel_supports(p):
+        if forced == "kernel" and not _kernel_supports(p.device_type, p.dtype):
             raise RuntimeError(
                 f"path 'kernel' was forced but {p.device_type} has no diagonal kernel for {p.dtype} "
                 f"(numba on CPU: float32/float64; Triton on CUDA: float32/float16/bfloat16)"
@@ -223,24 +223,38 @@ def choose_path(p: Problem) -> str:
 
 
 def _auto_path(p: Problem) -> str:
-    """``choose_path`` without forcing: the table's answer, which ``path_for`` memoizes."""
-    if p.M == 0:
-        return "reference"
+    """``choose_path`` without forcing: the table's answer."""
+    return _path_within(p.M, _m_limits(p), p.device_type, p.dtype)
+
+
+def _m_limits(p: Problem) -> list:
+    """``[kernel_max_m, reference_max_m, None]`` for ``p``'s layer, independent of ``p.M``: the kernel path while
+    ``M <= kernel_max_m`` (where the device has a kernel for the dtype; ``_path_within`` fills that answer into the
+    last slot when first needed), the reference while ``M <= reference_max_m``, then dense."""
     key = p.rule_key
     rules = dispatch_table.TABLE.get((p.device_type, *key)) or dispatch_table.TABLE[("default", *key)]
-    # Threshold first: the kernel module (numba, triton) is imported only where the table may pick it.
-    if p.M <= _threshold(rules["kernel"], p.density) and _kernel_supports(p):
-        return "kernel"
-    if p.M <= _threshold(rules["reference"], p.density):
+    return [_threshold(rules["kernel"], p.density), _threshold(rules["reference"], p.density), None]
+
+
+def _path_within(M: int, limits: list, device_type: str, dtype: torch.dtype) -> str:
+    if M == 0:
         return "reference"
-    return "dense"
+    if M <= limits[0]:
+        # Asked only here: the kernel module (numba, triton) is imported only where the table may pick it.
+        supported = limits[2]
+        if supported is None:
+            supported = limits[2] = _kernel_supports(device_type, dtype)
+        if supported:
+            return "kernel"
+    return "reference" if M <= limits[1] else "dense"
 
 
-# choose_path's answers, for the op implementations: the rule lookup costs ~6 us in Python on a slow CPU, as
-# much as a small layer's kernel. Keyed by the call's shape, dtype and thread count; dropped whenever
-# dispatch_table.TABLE is replaced by another object (tests patch it so), and bounded for callers whose M
-# keeps changing. Whoever edits the table in place or patches what choose_path reads calls clear_path_memo().
-_memo: dict[tuple, str] = {}
+# The table's M limits per layer shape, for the op implementations: a rule lookup costs ~6 us in Python on a
+# slow CPU, as much as a small layer's kernel. Keyed by the layer's shape, dtype and thread count, not M, so a
+# server whose batch size or sequence length changes every call still hits; dropped whenever
+# dispatch_table.TABLE is replaced by another object (tests patch it so), and bounded for callers whose layer
+# shapes keep changing. Whoever edits the table in place or patches what choose_path reads calls clear_path_memo().
+_memo: dict[tuple, list] = {}
 _memo_table: object = None
 _MEMO_MAX = 4096
 
@@ -259,15 +273,15 @@ def path_for(op: OpName, device_type: str, dtype: torch.dtype, M: int, n_out: in
     if dispatch_table.TABLE is not _memo_table:
         _memo.clear()
         _memo_table = dispatch_table.TABLE
-    key = (op, device_type, dtype, M, n_out, n_in, k, threads)
-    path = _memo.get(key)
-    if path is None:
+    key = (op, device_type, dtype, n_out, n_in, k, threads)
+    limits = _memo.get(key)
+    if limits is None:
         if len(_memo) >= _MEMO_MAX:
             _memo.clear()
         # Not choose_path: a force_path block another thread opens meanwhile would be remembered for this shape
         # after it closed. The memo holds the table's answers only.
-        path = _memo[key] = _auto_path(Problem(op, device_type, dtype, M, n_out, n_in, k, threads))
-    return path
+        limits = _memo[key] = _m_limits(Problem(op, device_type, dtype, M, n_out, n_in, k, threads))
+    return _path_within(M, limits, device_type, dtype)
 
 
 # Compiled graphs (the ``diagcompile`` backend) can hold a layer as plain ops instead of an op call: the dense

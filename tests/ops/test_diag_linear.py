@@ -241,6 +241,20 @@ def test_path_for_is_choose_path_and_follows_the_table(monkeypatch):
     assert dispatch.path_for(*call) == "kernel"
 
 
+def test_path_for_remembers_a_layer_not_a_batch_size():
+    """A server whose batch size or sequence length changes every call: one memo entry per layer shape, and the
+    same answer as choose_path at every M, across the table's limits (the memo used to hold one entry per M, and
+    emptied itself at 4096)."""
+    dispatch.clear_path_memo()
+    layers = [(64, 64, 7), (256, 64, 26), (64, 256, 26), (512, 2048, 205), (4096, 1024, 410)]
+    for op in ("fwd", "dx", "dv"):
+        for n_out, n_in, k in layers:
+            for M in [*range(0, 300), *range(300, 5000, 7)]:
+                call = (op, "cpu", torch.float32, M, n_out, n_in, k)
+                assert dispatch.path_for(*call) == dispatch.choose_path(dispatch.Problem(*call)), call
+    assert len(dispatch._memo) == 3 * len(layers)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The eager call path (call_diag_linear): same bits and gradients as the op, and the op itself wherever
 # anything but autograd could observe the call.
