@@ -371,6 +371,10 @@ print(type(K._rows_at._cache).__name__, sum(st.cache_hits.values()), sum(st.cach
 """
 
 
+@pytest.mark.skipif(
+    not hasattr(K.numba.core.config, "CACHE_LOCATOR_CLASSES"),
+    reason=f"numba {K.numba.__version__}: no NUMBA_CACHE_LOCATOR_CLASSES (0.62+) to simulate a read-only install",
+)
 def test_jit_cache_falls_back_to_the_user_cache_dir(tmp_path):
     """A read-only install makes numba skip the in-tree ``__pycache__`` and use the user cache dir: the
     second process loads the machine code instead of compiling it again."""
