@@ -286,7 +286,7 @@ def path_for(op: OpName, device_type: str, dtype: torch.dtype, M: int, n_out: in
 
 # Compiled graphs (the ``diagcompile`` backend) can hold a layer as plain ops instead of an op call: the dense
 # weight built in the graph (``reference.to_dense``) and a GEMM, all compiled by Inductor. On the CPU an op call
-# costs ~35 us of Python (argument checks, dispatch, numpy views) whatever its size, several times the whole
+# costs ~35 us of Python (argument checks, dispatch, kernel calls) whatever its size, several times the whole
 # work of a 64-wide layer at a few rows; in-graph the layer costs what the dense layer costs. Both are
 # small-layer rules: materializing W is N_out*N_in writes per call, and the GEMM does all M*N_out*N_in
 # multiply-adds, so past these sizes the op's diagonal kernel wins (benchmarks/bench_cpu_inline.py measured
