@@ -448,7 +448,8 @@ def _extract_kernel(w, off, out, tall):
 # call the kernels above. ``Tensor.numpy()`` would do the same at ~1.2 us a tensor plus numba's typing of each
 # array (together ~7 us of a 64-wide layer's ~12 us kernel call, measured), and it marks the tensor's storage
 # as never resizable again, which breaks FSDP2: it frees and re-allocates the unsharded parameters' storage
-# around every forward. Callers pass tensors from ``_c`` and hold them until the call has returned.
+# around every forward. Callers pass tensors from ``_c`` and hold them until the call has returned (and ``_run``'s
+# pool threads until their range has run).
 # ``like`` is an empty array of the kernel's float dtype: it picks the specialization.
 # ----------------------------------------------------------------------------------------------------
 @intrinsic
@@ -621,10 +622,11 @@ def _num_threads(work: int) -> int:
     return max(1, min(torch.get_num_threads(), work // _MIN_PARALLEL_WORK))
 
 
-def _run(kernel: Callable, args: tuple, n_items: int, threads: int) -> None:
+def _run(kernel: Callable, args: tuple, n_items: int, threads: int, tensors: tuple[Tensor, ...] = ()) -> None:
     """Run ``kernel(*args, i0, i1)`` over ``[0, n_items)`` in ``threads`` contiguous, equal ranges.
 
-    Ranges are disjoint sets of output tiles, so the threads never write the same memory.
+    Ranges are disjoint sets of output tiles, so the threads never write the same memory. ``tensors``: those whose
+    addresses ``args`` holds, inputs and output (none where ``args`` holds arrays, as the benchmarks pass).
     """
     n = max(1, min(threads, n_items))
     if n == 1:
@@ -632,7 +634,10 @@ def _run(kernel: Callable, args: tuple, n_items: int, threads: int) -> None:
         return
     bounds = [n_items * i // n for i in range(n + 1)]
     pool = _get_pool(n - 1)
-    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, n)]
+    # Each range holds the tensors until it has run: an exception raised in this thread while it waits below (Ctrl-C,
+    # a signal-based timeout) or a failed submit leaves the caller, which frees its tensors, while a pool thread may
+    # still read and write them by address.
+    futures = [pool.submit(_run_range, kernel, args, tensors, bounds[i], bounds[i + 1]) for i in range(1, n)]
     try:
         kernel(*args, bounds[0], bounds[1])
     finally:
@@ -641,6 +646,11 @@ def _run(kernel: Callable, args: tuple, n_items: int, threads: int) -> None:
     for err in errors:
         if err is not None:
             raise err
+
+
+def _run_range(kernel: Callable, args: tuple, tensors: tuple[Tensor, ...], item0: int, item1: int) -> None:
+    """``kernel(*args, item0, item1)`` on a pool thread; ``tensors`` (unused) stay alive while it runs."""
+    kernel(*args, item0, item1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -748,7 +758,7 @@ def forward(x2: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_featu
         kernel, (tb, mb, n_items) = _gather_kernel, _gather_tiling(M, out_features, n)
     args = (_ROW_KERNELS[kernel], a.data_ptr(), M, n_in, v.data_ptr(), k, D, off.data_ptr())
     args += (b.data_ptr(), b.shape[0], out.data_ptr(), out_features, tb, mb, _LIKE[dtype])
-    _run(_rows_at, args, n_items, n)
+    _run(_rows_at, args, n_items, n, (a, v, off, b, out))
     return out
 
 
@@ -784,7 +794,7 @@ def input_grad(dy2: Tensor, values: Tensor, offsets: Tensor, in_features: int) -
         kernel, (tb, mb, n_items) = _masked_gather_plan(M, in_features, n_out, n)
     args = (_ROW_KERNELS[kernel], a.data_ptr(), M, n_out, v.data_ptr(), k, D, off.data_ptr())
     args += (0, 0, out.data_ptr(), in_features, tb, mb, _LIKE[dtype])  # no bias: address 0, length 0
-    _run(_rows_at, args, n_items, n)
+    _run(_rows_at, args, n_items, n, (a, v, off, out))
     return out
 
 
@@ -818,7 +828,7 @@ def values_grad(dy2: Tensor, x2: Tensor, offsets: Tensor) -> Tensor:
     n = _num_threads(M * k * D)
     jc, tb, n_items = _sddmm_tiling(k, D, n)
     args = (a.data_ptr(), M, D, b.data_ptr(), P, off.data_ptr(), k, out.data_ptr(), jc, tb, _LIKE[dtype])
-    _run(_sddmm_at, args, n_items, n)
+    _run(_sddmm_at, args, n_items, n, (a, b, off, out))
     return out
 
 

@@ -2,7 +2,12 @@
 construction, the op contract through ``force_path("kernel")``, determinism across thread counts,
 thread/fork safety, the JIT cache fallbacks, and dispatch."""
 
+import gc
+import signal
+import sys
 import threading
+import time
+import weakref
 
 import pytest
 import torch
@@ -312,6 +317,60 @@ def test_concurrent_callers_from_python_threads(many_threads):
     for t in threads:
         t.join()
     assert len(ok) == 40 and all(ok)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_pool_threads_keep_their_tensors_alive_when_the_caller_is_interrupted(many_threads, monkeypatch):
+    """An exception raised in the calling thread while it waits for the pool (Ctrl-C, a signal-based timeout) ends
+    the call while pool threads may still read and write its tensors by address: each range must hold them until
+    it has run (they were freed at once, and the real kernel then wrote into freed memory: a segfault)."""
+    torch.set_num_threads(2)
+    main = threading.main_thread().ident
+    made: list[weakref.ref] = []
+    alive: list[bool] = []
+    caught = threading.Event()
+    c = K._c
+
+    def tracked_c(t, dtype):
+        made.append(weakref.ref(out := c(t, dtype)))
+        return out
+
+    def ranges(*args):
+        if threading.get_ident() == main:
+            return  # the caller's own range: done at once, then it waits for the pool's
+        for _ in range(5000):  # until the caller blocks in Future.exception()
+            frame = sys._current_frames().get(main)
+            waiting = frame is not None and frame.f_code.co_name == "wait"
+            del frame  # a frame keeps its callers' frames, and their locals, alive
+            if waiting:
+                break
+            time.sleep(0.001)
+        signal.pthread_kill(main, signal.SIGUSR1)
+        caught.wait(30)
+        alive.extend(r() is not None for r in made)  # the real kernel would use them now
+
+    def interrupt(signum, frame):
+        raise _Interrupted
+
+    monkeypatch.setattr(K, "_c", tracked_c)
+    monkeypatch.setattr(K, "_rows_at", ranges)
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        x, values, offsets, bias = random_problem(256, 256, 64, batch=(64,), dtype=torch.float64)
+        with pytest.raises(_Interrupted):  # float32 copies of every operand, made inside forward()
+            K.forward(x.float().T.contiguous().T, values, offsets.long(), bias, 256)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        gc.collect()
+        caught.set()
+    for _ in range(3000):
+        if alive:
+            break
+        time.sleep(0.01)
+    assert len(made) == 4 and alive == [True] * 4
 
 
 def test_a_pool_handed_out_stays_usable_when_a_bigger_one_replaces_it():
