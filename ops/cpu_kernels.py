@@ -678,6 +678,8 @@ def _c(t: Tensor, dtype: torch.dtype) -> Tensor:
     """
     if not t.is_cpu:
         raise ValueError(f"the CPU diagonal kernel got a tensor on {t.device}")
+    if t._is_zerotensor():  # torch's efficient zeros (torch.sgn's gradient, ...) have no memory: data_ptr() is 0
+        return torch.zeros(t.shape, dtype=dtype)
     if t.dtype != dtype:
         t = t.detach().to(dtype)
     if not t.is_contiguous():

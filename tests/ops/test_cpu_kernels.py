@@ -160,6 +160,37 @@ def test_to_dense_and_extract_are_the_references_bit_for_bit(n_out, n_in, dtype)
             assert got.dtype == torch.bfloat16 and torch.equal(got, R.extract_diagonals(G, offsets).bfloat16())
 
 
+ZERO_TENSORS = """
+import torch
+from diagcompile import DiagLinear
+from diagcompile.ops import cpu_kernels as K
+from diagcompile.ops import force_path
+from diagcompile.testing import random_problem
+
+x, values, offsets, bias = random_problem(7, 13, 4, batch=(5,))
+z = torch._efficientzerotensor
+assert torch.equal(K.forward(z(5, 13), values, offsets, bias, 7), bias.expand(5, 7))
+assert torch.equal(K.forward(x, z(4, 7), offsets, z(7), 7), torch.zeros(5, 7))
+assert torch.equal(K.input_grad(z(5, 7), values, offsets, 13), torch.zeros(5, 13))
+assert torch.equal(K.values_grad(z(5, 7), x, offsets), torch.zeros(4, 7))
+assert torch.equal(K.to_dense(z(4, 7), offsets, 7, 13), torch.zeros(7, 13))
+assert torch.equal(K.extract_diagonals(z(7, 13), offsets), torch.zeros(4, 7))
+layer = DiagLinear(64, 64, sparsity=0.9)
+x = torch.randn(8, 64, requires_grad=True)
+with force_path("kernel"):
+    layer(x).sgn().sum().backward()  # sgn's backward gives its input a zero tensor
+assert torch.equal(x.grad, torch.zeros(8, 64)) and torch.equal(layer.values.grad, torch.zeros_like(layer.values))
+print("ok")
+"""
+
+
+def test_zero_tensors_without_memory_are_read_as_zeros():
+    """torch's efficient zero tensors (``torch._efficientzerotensor``; the gradient ``torch.sgn``'s backward
+    passes on) have no memory and ``data_ptr() == 0``: the kernels read them as zeros (they read address 0 and
+    crashed the process, so a fresh interpreter runs them)."""
+    assert run_python(ZERO_TENSORS, timeout=300).split() == ["ok"]
+
+
 def test_to_dense_and_extract_take_views_and_refuse_bad_offsets():
     values, offsets = torch.randn(5, 26)[:, ::2], torch.tensor([0, 2, 5, 9, 12], dtype=torch.int32)  # k=5, D=13
     assert not values.is_contiguous()
