@@ -667,6 +667,8 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise TypeError(f"the CPU diagonal kernel supports {names}, got {dtype}; use the reference or dense path")
 
 
+_is_functorch_wrapped: Callable[[Tensor], bool] = torch._C._functorch.is_functorch_wrapped_tensor
+
 #: An empty array per kernel dtype, the ``like`` argument of the entry points.
 _LIKE: dict[torch.dtype, np.ndarray] = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
@@ -680,6 +682,10 @@ def _c(t: Tensor, dtype: torch.dtype) -> Tensor:
         raise ValueError(f"the CPU diagonal kernel got a tensor on {t.device}")
     if t._is_zerotensor():  # torch's efficient zeros (torch.sgn's gradient, ...) have no memory: data_ptr() is 0
         return torch.zeros(t.shape, dtype=dtype)
+    if _is_functorch_wrapped(t):
+        # A wrapper of a torch.func level that has exited (the saved tensors torch.func.vjp's function reads) has no
+        # memory of its own; detach() gives the plain tensor under it.
+        t = t.detach()
     if t.dtype != dtype:
         t = t.detach().to(dtype)
     if not t.is_contiguous():

@@ -452,6 +452,28 @@ def test_torch_func_grad_and_per_sample_gradients(path, no_vmap_fallback):
 
 
 @pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+def test_torch_func_vjp(path):
+    # vjp's function runs the backward after its level has exited: the saved tensors are that level's dead wrappers,
+    # which have no memory of their own (the CPU kernels, reading addresses, raised "Cannot access data pointer" on
+    # every path: the others check the offsets with them).
+    n_out, n_in = 9, 14
+    x, values, offsets, b = _args(n_out, n_in, 4, (6,), torch.float64, False)
+    dy = torch.randn(6, n_out, dtype=torch.float64)
+    dense = _dense_fn(values, offsets, b, n_out, n_in)
+    cases = {  # what is differentiated: x only, values only, all three
+        "x": (lambda x: call_diag_linear(x, values, offsets, b, n_out), lambda x: dense(x, values, b), (x,)),
+        "values": (lambda v: call_diag_linear(x, v, offsets, b, n_out), lambda v: dense(x, v, b), (values,)),
+        "all": (lambda *a: call_diag_linear(a[0], a[1], offsets, a[2], n_out), dense, (x, values, b)),
+    }
+    with force_path(path):
+        for name, (fn, dense_fn, primals) in cases.items():
+            y, vjp_fn = torch.func.vjp(fn, *primals)
+            y_dense, vjp_dense = torch.func.vjp(dense_fn, *primals)
+            torch.testing.assert_close(y, y_dense, msg=name)
+            torch.testing.assert_close(vjp_fn(dy), vjp_dense(dy), msg=name)
+
+
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
 def test_hessians_forward_over_reverse(path):
     n_out, n_in = 6, 9
     x, values, offsets, b = _args(n_out, n_in, 3, (4,), torch.float64, False)
