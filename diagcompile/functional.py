@@ -95,7 +95,11 @@ def canonical_offsets(
     # on the CPU (no device sync) an int64 tensor's range is checked even then.
     wraps = offsets.dtype != OFFSET_DTYPE and offsets.is_cpu
     if (check_contents or wraps) and _inspectable(offsets):
-        o = offsets.detach().to("cpu", torch.int64)
+        o = offsets.detach()
+        if not check_contents:  # vmap refuses .item() on its batched tensors: the range is that of the one below
+            while torch._C._functorch.is_batchedtensor(o):
+                o = torch._C._functorch.get_unwrapped(o)
+        o = o.to("cpu", torch.int64)
         lo, hi = int(o.min()), int(o.max())
         if lo < 0 or hi >= P:
             bad = o[(o < 0) | (o >= P)][:5].tolist()

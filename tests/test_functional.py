@@ -86,6 +86,19 @@ def test_unchecked_int64_offsets_are_not_wrapped_into_valid_ones_by_the_int32_ca
     assert rel_err(diag_linear(x, values, good, None, 4, check_offsets=False), x.double() @ W.T) < 1e-6
 
 
+def test_unchecked_int64_offsets_under_vmap_run_and_are_range_checked():
+    """vmap refuses .item(): the range check of unchecked int64 offsets reads the tensor under the batching (review
+    of the fix above, which raised vmap's .item() error for every batch of int64 offsets)."""
+    x, values, _, _ = random_problem(12, 8, 2, batch=(3,))
+    run = torch.func.vmap(lambda o: diag_linear(x, values, o, None, 12, check_offsets=False))
+    good = torch.tensor([[0, 3], [1, 5], [2, 11]])
+    y = run(good)
+    for i, o in enumerate(good):
+        torch.testing.assert_close(y[i], diag_linear(x, values, o.to(torch.int32), None, 12))
+    with pytest.raises(ValueError, match="out of range"):
+        run(torch.tensor([[0, 3], [1, 2**32 + 5], [2, 11]]))
+
+
 def test_empty_input_features_are_named():
     with pytest.raises(ValueError, match="last dim 0"):
         diag_linear(torch.randn(3, 0), torch.randn(1, 0), torch.arange(1), None, 4)
