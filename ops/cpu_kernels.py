@@ -692,6 +692,10 @@ def _c(t: Tensor, dtype: torch.dtype) -> Tensor:
         t = t.detach().contiguous()
     if t.is_neg():  # a lazily negated view (torch._neg_view): its memory holds -t
         t = t.resolve_neg()
+    if t.data_ptr() % t.element_size():
+        # numba.carray's views are typed aligned; a tensor over a byte buffer at an odd offset (torch.frombuffer) is
+        # not. x86 reads it anyway, but the compiled code may assume otherwise: an aligned copy.
+        t = t.clone()
     return t
 
 

@@ -191,6 +191,22 @@ def test_zero_tensors_without_memory_are_read_as_zeros():
     assert run_python(ZERO_TENSORS, timeout=300).split() == ["ok"]
 
 
+def test_misaligned_tensors_reach_the_kernels_as_aligned_copies():
+    """The kernels' array views are typed aligned: a tensor over a byte buffer at an odd offset is copied first,
+    and every op gives the bits it gives for an aligned copy of the same input."""
+    for dtype, (n_out, n_in) in [(torch.float32, (13, 31)), (torch.float64, (31, 13))]:
+        size = torch.empty(0, dtype=dtype).element_size()
+        x, values, offsets, bias = random_problem(n_out, n_in, 5, batch=(7,), dtype=dtype)
+        buf = bytearray(x.numel() * size + 1)
+        odd = torch.frombuffer(buf, dtype=dtype, offset=1, count=x.numel()).view(x.shape)
+        odd.copy_(x)
+        assert odd.data_ptr() % size and K._c(odd, dtype).data_ptr() % size == 0
+        assert torch.equal(K._c(odd, dtype), x)
+        dy = torch.randn(7, n_out, dtype=dtype)
+        assert torch.equal(K.forward(odd, values, offsets, bias, n_out), K.forward(x, values, offsets, bias, n_out))
+        assert torch.equal(K.values_grad(dy, odd, offsets), K.values_grad(dy, x, offsets))
+
+
 def test_to_dense_and_extract_take_views_and_refuse_bad_offsets():
     values, offsets = torch.randn(5, 26)[:, ::2], torch.tensor([0, 2, 5, 9, 12], dtype=torch.int32)  # k=5, D=13
     assert not values.is_contiguous()
