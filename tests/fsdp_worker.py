@@ -56,6 +56,9 @@ def worker(rank: int, out: str) -> None:
                 fully_shard(layer)  # each layer's forward unshards its parameters and frees them after
         fully_shard(m)
         torch.save(train(m, rank, WORLD), os.path.join(out, f"rank{rank}.pt"))
+        # Both ranks reach the teardown together: once (torch 2.11, CI's loaded machine) rank 0 aborted in it
+        # ("terminate called without an active exception") after both had saved their results.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
