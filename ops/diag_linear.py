@@ -141,8 +141,8 @@ def _check_layer(op: str, values: Tensor, offsets: Tensor, n_out: int, n_in: int
 
 
 def _features(op: str, t: Tensor, name: str) -> int:
-    """``t.shape[-1]``, the feature width of an ``(..., N)`` operand of the raw op: a 0-d tensor is refused by
-    name (``shape[-1]`` would raise a bare ``IndexError: tuple index out of range``)."""
+    """``t.shape[-1]``, the feature width of an ``(..., N)`` operand of the raw op or its fake kernel: a 0-d tensor
+    is refused by name (``shape[-1]`` would raise a bare ``IndexError: tuple index out of range``)."""
     if t.dim() == 0:
         raise ValueError(f"diagcompile::{op}: {name} must be (..., features), got a 0-d tensor")
     return t.shape[-1]
@@ -266,7 +266,8 @@ def _fwd_fake(x: Tensor, values: Tensor, offsets: Tensor, bias: Tensor, out_feat
     torch._check(values.dim() == 2, lambda: f"values must be 2-D (k, D), got {values.dim()}-D")
     torch._check(offsets.dim() == 1, lambda: "offsets must be 1-D (k,)")
     torch._check(values.shape[0] == offsets.shape[0], lambda: "values and offsets disagree on k")
-    torch._check(values.shape[1] == min(out_features, x.shape[-1]), lambda: "values.shape[1] != min(N_out, N_in)")
+    n_in = _features("diag_linear", x, "x")
+    torch._check(values.shape[1] == min(out_features, n_in), lambda: "values.shape[1] != min(N_out, N_in)")
     torch._check(
         bias.numel() == 0 or (bias.dim() == 1 and bias.shape[0] == out_features), lambda: "bias must be (N_out,)"
     )
@@ -337,7 +338,8 @@ def _dx_kernel(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) ->
 
 def _dx_fake(dy: Tensor, values: Tensor, offsets: Tensor, in_features: int) -> Tensor:
     torch._check(values.dim() == 2 and offsets.dim() == 1, lambda: "values must be (k, D), offsets (k,)")
-    torch._check(values.shape[1] == min(dy.shape[-1], in_features), lambda: "values.shape[1] != min(N_out, N_in)")
+    n_out = _features("diag_linear_dx", dy, "dy")
+    torch._check(values.shape[1] == min(n_out, in_features), lambda: "values.shape[1] != min(N_out, N_in)")
     torch._check(values.shape[0] == offsets.shape[0], lambda: "values and offsets disagree on k")
     torch._check(in_features >= 1, lambda: "in_features must be >= 1")
     _check_fake(offsets, dy, values)
@@ -406,12 +408,13 @@ def _dv_kernel(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
 
 
 def _dv_fake(dy: Tensor, x: Tensor, offsets: Tensor) -> Tensor:
+    n_out, n_in = _features("diag_linear_dv", dy, "dy"), _features("diag_linear_dv", x, "x")
     torch._check(offsets.dim() == 1, lambda: "offsets must be 1-D (k,)")
     torch._check(dy.dim() == x.dim(), lambda: "dy and x must share their leading dims")
     for i in range(dy.dim() - 1):
         torch._check(dy.shape[i] == x.shape[i], lambda: "dy and x must share their leading dims")
     _check_fake(offsets, dy, x)
-    return x.new_empty((offsets.shape[0], min(dy.shape[-1], x.shape[-1])))
+    return x.new_empty((offsets.shape[0], min(n_out, n_in)))
 
 
 def _dv_setup(ctx, inputs, output) -> None:

@@ -728,6 +728,27 @@ def test_zero_d_operands_and_zero_width_values_gradients_are_named_on_every_path
                 call()
 
 
+def test_zero_d_operands_are_named_by_the_fake_kernels():
+    """The fake kernels (torch.compile, torch.export, FakeTensorMode) read ``shape[-1]`` too: a 0-d operand raised
+    a bare ``IndexError: tuple index out of range`` there, not the eager kernels' message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, values, offsets, b = _args(16, 24, 4, (5,), torch.float32, grad=False)
+    with FakeTensorMode() as mode:
+        fx, fv, fo, fb = (mode.from_tensor(t) for t in (x, values, offsets, b))
+        dy, scalar = torch.empty(5, 16), torch.empty(())
+        cases = [
+            ("diag_linear: x must be \\(..., features\\), got a 0-d", lambda: OPS.diag_linear(scalar, fv, fo, fb, 16)),
+            ("diag_linear_dx: dy must be", lambda: OPS.diag_linear_dx(scalar, fv, fo, 24)),
+            ("diag_linear_dv: dy must be", lambda: OPS.diag_linear_dv(scalar, fx, fo)),
+            ("diag_linear_dv: x must be", lambda: OPS.diag_linear_dv(dy, scalar, fo)),
+        ]
+        for msg, call in cases:
+            with pytest.raises(ValueError, match=msg):
+                call()
+        assert OPS.diag_linear(fx, fv, fo, fb, 16).shape == (5, 16)  # the checks pass a well-formed call
+
+
 def test_a_meta_tensor_among_cpu_ones_is_refused_not_uninitialized_memory():
     x, values, offsets, b = _args(16, 24, 4, (5,), torch.float32, grad=False)
     with pytest.raises(RuntimeError, match="one device"):
