@@ -365,13 +365,18 @@ def _region_name(node: fx.Node) -> str:
     return "torch.utils.checkpoint" if name == "tag_activation_checkpoint" else f"higher-order op '{name}'"
 
 
+_ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast
+
+
 def _autocast_possible(graph: fx.Graph, devices: Sequence[str]) -> bool:
     """Whether the graph's linears may run under autocast, where mixed input dtypes are legal: autocast is on
     now for one of the weights' ``devices`` (Dynamo calls the backend inside the user's region) or the graph
     enters it itself."""
     if any(torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d) for d in {*devices, "cpu"}):
         return True
-    return any(n.op == "call_function" and "autocast" in str(n.target) for n in graph.nodes)
+    # The node Dynamo records for ``with torch.autocast(...)`` (and the deprecated per-device forms) in the graph;
+    # matched exactly: a name match ("autocast" in any target) also waived the check for a user's own function.
+    return any(n.op == "call_function" and n.target is _ENTER_AUTOCAST for n in graph.nodes)
 
 
 def weight_inputs(gm: fx.GraphModule, example_inputs: Sequence[object]) -> tuple[tuple[int, str], ...]:

@@ -150,6 +150,50 @@ def test_autocast_site_dtype(zoo):
     torch.testing.assert_close(ours.float(), eager.float(), rtol=0.05, atol=0.05)
 
 
+def test_autocast_entered_inside_the_graph_allows_mixed_dtypes():
+    """``with torch.autocast`` in the compiled code itself: the graph holds the region, so its mixed dtypes pass."""
+    lin = nn.Linear(12, 8)
+    mark_sparse(lin, sparsity=0.5)
+
+    def f(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lin(x)
+
+    x = torch.randn(3, 12, dtype=torch.float16)  # against a float32 weight: eager autocast casts both
+    gm, ex = capture(f, x, grad=False)
+    new, report = rewrite_dynamo(gm, ex, training=False)
+    ours, eager = run(new, ex), masked_dense_copy(lin)(x.float()).bfloat16()
+    assert report.count == 1 and ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), eager.float(), rtol=0.05, atol=0.05)
+
+
+@torch.compiler.allow_in_graph
+def _scale_like_autocast(x):  # a user's own graph function whose name merely contains "autocast"
+    return x * 2
+
+
+def test_a_function_named_like_autocast_does_not_waive_the_dtype_check():
+    """The check once matched "autocast" anywhere in a node's target: any such user function let a mismatch
+    that eager ``nn.Linear`` raises on run, silently cast."""
+    lin = nn.Linear(12, 8)
+    mark_sparse(lin, sparsity=0.5)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="same dtype"):  # eager raises; the graph is kept
+        torch.compile(lambda x: lin(_scale_like_autocast(x)), backend=backend, fullgraph=True)(
+            torch.randn(3, 12, dtype=torch.float64)
+        )
+    ((gm, ex),) = seen
+    assert any(n.target is _scale_like_autocast for n in gm.graph.nodes)
+    with pytest.raises(SparseRewriteError, match=r"dtype mismatch.*torch.float64 but the marked weight"):
+        rewrite_dynamo(gm, ex, training=False)
+
+
 def test_marked_weight_used_outside_linear_raises():
     w = nn.Parameter(torch.randn(8, 8))
     mark_sparse(w, sparsity=0.5)
