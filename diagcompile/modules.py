@@ -81,6 +81,17 @@ def not_scriptable(module: nn.Module) -> str:
     )
 
 
+def _caller_of_load_state_dict() -> int:
+    """The ``stacklevel``, for a warning raised in ``_load_from_state_dict``, of the first frame outside this file
+    and torch's ``nn.Module``: ``load_state_dict`` recurses once per level of nesting, so no fixed level points at
+    the user's call."""
+    skip = {__file__, nn.modules.module.__file__}
+    frame, level = sys._getframe(2), 2  # level 1 is the caller of this function, where warnings.warn runs
+    while frame is not None and frame.f_code.co_filename in skip:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class DiagLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` (``out_features x in_features``) kept on ``k`` wrapped diagonals.
 
@@ -428,7 +439,7 @@ class DiagLinear(nn.Module):
                 f"DiagLinear, which stores values and offsets: the layer is not loaded. Load the checkpoint into the "
                 f"dense model, then convert (sparsify_ with the same filter_fn, or DiagLinear.from_dense); "
                 f"DiagLinear.to_linear() goes the other way",
-                stacklevel=2,
+                stacklevel=_caller_of_load_state_dict(),
             )
         if has_offsets:
             # Older checkpoints may hold int64 offsets; validate and normalize before the copy.

@@ -531,8 +531,14 @@ def test_parameters_only_and_pruned_or_normed_checkpoints_load():
 def test_a_dense_checkpoint_for_a_diag_linear_says_how_to_convert():
     dense = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
     sparse = nn.Sequential(DiagLinear(16, 24, sparsity=0.75), nn.ReLU(), nn.Linear(24, 8))
-    with pytest.warns(UserWarning, match=r"^0: the state_dict holds a dense weight \(24, 16\).*not loaded.*sparsify_"):
+    msg = r"^0: the state_dict holds a dense weight \(24, 16\).*not loaded.*sparsify_"
+    with pytest.warns(UserWarning, match=msg) as w:
         result = sparse.load_state_dict(dense.state_dict(), strict=False)
+    assert w[0].filename == __file__, f"the warning points into {w[0].filename}, not at the load_state_dict call"
+    nested = nn.Sequential(nn.Sequential(sparse))
+    with pytest.warns(UserWarning, match="dense weight") as w:
+        nested.load_state_dict(nn.Sequential(nn.Sequential(dense)).state_dict(), strict=False)
+    assert w[0].filename == __file__, "at any depth of nesting"
     assert set(result.missing_keys) == {"0.values", "0.offsets"} and result.unexpected_keys == ["0.weight"]
     with pytest.warns(UserWarning, match="dense weight"), pytest.raises(RuntimeError, match="Missing key"):
         sparse.load_state_dict(dense.state_dict())
