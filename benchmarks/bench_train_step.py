@@ -5,7 +5,8 @@
 
 The block is ``fc2(GELU(fc1(x)))`` with fc1 768 -> 3072 and fc2 3072 -> 768 on ``x`` of shape (16, 197, 768)
 (a ViT-B/16 batch of 16 images), parameters in bf16. One step = forward, an MSE loss against a fixed random
-target, backward, ``AdamW.step()``, ``zero_grad(set_to_none=True)``. Contenders: dense ``nn.Linear``;
+target, backward (including fc1's input gradient, as inside a network), ``AdamW.step()``,
+``zero_grad(set_to_none=True)``. Contenders: dense ``nn.Linear``;
 ``DiagLinear`` at 90% sparsity with shape-based dispatch (``diag``), and forced to the Triton kernels for
 all three products (``diag_kernel``). Timing: ``triton.testing.do_bench`` median (L2 flushed per step).
 
@@ -66,7 +67,9 @@ def run(args) -> list[dict]:
     d, h = (args.dim, 4 * args.dim)
     shape = (args.batch, args.tokens, d)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=g).to(device, dtype)
+    # x needs a gradient, as the output of the layer before this block would: fc1's input gradient is a third of
+    # its backward, and a leaf input would let both contenders skip it.
+    x = torch.randn(*shape, generator=g).to(device, dtype).requires_grad_(True)
     target = torch.randn(*shape, generator=g).to(device, dtype)
     if device == "cuda":
         import triton.testing
@@ -91,6 +94,7 @@ def run(args) -> list[dict]:
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            x.grad = None
 
         try:
             step()  # creates the AdamW state; compiles the kernels
