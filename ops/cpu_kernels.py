@@ -42,9 +42,9 @@ Design
   ``omp`` on Linux is GNU OpenMP, which numba refuses to use in a child forked after use, as DataLoader and
   ``multiprocessing`` do; ``tbb`` is an extra dependency), and selecting one is a process-global setting
   that a library should not take from its user. Plain Python threads around ``nogil`` code are thread-safe,
-  fork-safe (the pool is rebuilt in a forked child) and never touch torch's OpenMP runtime. One exception: a
-  child forked while another thread of the parent is compiling a kernel inherits numba's compiler lock held,
-  and hangs at its first compile; call ``warmup()`` for the dtypes you use before forking workers.
+  fork-safe (the pool is rebuilt in a forked child; a fork waits for a compile running in another thread to
+  end, whose lock the child would otherwise inherit held, hanging at its first compile) and never touch torch's
+  OpenMP runtime.
 * **Compile once.** Kernels are compiled lazily (only the dtypes used) with ``cache=True``: numba stores the
   machine code next to this file when that is writable, else in ``$NUMBA_CACHE_DIR`` or the user cache
   directory (``~/.cache/numba``), so only the very first process pays the compile. Where no cache location
@@ -64,6 +64,7 @@ import numba
 import numpy as np
 import torch
 from numba.core import cgutils
+from numba.core.compiler_lock import global_compiler_lock
 from numba.extending import intrinsic
 from torch import Tensor
 
@@ -613,8 +614,26 @@ def _reset_pool_after_fork() -> None:
     _pool, _pool_workers, _pool_lock = None, 0, threading.Lock()
 
 
+def _hold_compiler_lock() -> None:
+    # A child forked while another thread compiles would inherit numba's compiler lock held by a thread it does
+    # not have, and hang at its first compile; a child forked in the middle of a compile could not trust numba's
+    # caches either. So a fork waits for a running compile to end (as glibc's fork holds malloc's locks).
+    global_compiler_lock.acquire()
+
+
+def _release_compiler_lock() -> None:
+    global_compiler_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global_compiler_lock.release()  # held by the forking thread, the child's only thread
+    _reset_pool_after_fork()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_pool_after_fork)
+    os.register_at_fork(
+        before=_hold_compiler_lock, after_in_parent=_release_compiler_lock, after_in_child=_after_fork_in_child
+    )
 
 
 def _num_threads(work: int) -> int:

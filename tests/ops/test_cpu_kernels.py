@@ -463,6 +463,44 @@ def test_kernels_work_in_a_child_forked_after_use():
     assert run_python(FORK, timeout=120).strip() == "child 0"
 
 
+FORK_DURING_COMPILE = """
+import os, threading, time
+import numba, numpy as np
+from numba.core.compiler_lock import global_compiler_lock as lock
+from diagcompile.ops import cpu_kernels  # registers the at-fork handlers
+
+def compile_many():  # fresh functions, so each call compiles (and holds numba's compiler lock meanwhile)
+    for i in range(40):
+        scope = {}
+        exec(f"def f(a):\\n    return a.sum() * {i}\\n", scope)
+        numba.njit(cache=False)(scope["f"])(np.ones(3))
+
+threading.Thread(target=compile_many, daemon=True).start()
+while lock._lock.acquire(blocking=False):  # until the other thread is compiling
+    lock._lock.release()
+    time.sleep(0.001)
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if numba.njit(cache=False)(lambda a: a.sum())(np.ones(3)) == 3.0 else 3)
+deadline = time.time() + 120
+while time.time() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child", os.waitstatus_to_exitcode(status))
+        break
+    time.sleep(0.1)
+else:
+    os.kill(pid, 9)
+    print("child hung")
+"""
+
+
+def test_a_child_forked_during_a_compile_in_another_thread_compiles():
+    """It inherited numba's compiler lock held by a thread it does not have, and hung at its first compile
+    (DataLoader workers forked while a server thread compiled a kernel); the fork now waits for the compile."""
+    assert run_python(FORK_DURING_COMPILE, timeout=300).strip() == "child 0"
+
+
 # ----------------------------------------------------------------------------------------------------
 # JIT cache
 # ----------------------------------------------------------------------------------------------------
