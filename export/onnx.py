@@ -47,6 +47,7 @@ import onnx_ir as ir
 import onnxscript
 import sympy
 import torch
+import torch.utils._pytree as pytree
 from onnx import defs
 from onnxscript import FLOAT, INT64, script
 from onnxscript import opset18 as op
@@ -434,8 +435,10 @@ def to_onnx(
     onnxscript.optimizer.optimize_ir(program.model, should_fold=_should_fold)
     proto = ir.serde.serialize_model(program.model)
     _strip_no_fold(proto)
-    if output_names is None and len(proto.graph.output) == 1:
-        _rename_output(proto, "y")
+    if output_names is None:
+        names = ["y"] if len(proto.graph.output) == 1 else _keyed_output_names(ep, len(proto.graph.output))
+        for i, name in enumerate(names or ()):
+            _rename_output(proto, name, i)
     onnx.helper.set_model_props(proto, {_MODE_KEY: mode, _LAYERS_KEY: str(_program.count_diag_nodes(ep))})
     if mode == "plugin" and local_function:
         proto = add_local_functions(proto)
@@ -660,17 +663,39 @@ class _Sink:
         pass
 
 
-def _rename_output(model: onnx.ModelProto, name: str) -> None:
-    """Rename the single graph output to ``name`` unless another value already has that name (an input called
-    ``y``): ONNX names are single-assignment, and a clash would make an invalid file."""
-    old = model.graph.output[0].name
+def _keyed_output_names(ep: torch.export.ExportedProgram, n_outputs: int) -> list[str] | None:
+    """The graph outputs' names for a model whose output has keys (a dict, a dataclass or namedtuple, nested):
+    each leaf's path, ``{"logits": a, "aux": {"h": b}}`` gives ``logits``, ``aux.h``. ``None`` where the exporter's
+    names stay: an output of plain tuples and lists (positions name nothing), or one with non-tensor leaves, which
+    are not graph outputs (the names could not be matched to them)."""
+    spec = ep.call_spec.out_spec
+    if spec is None or spec.num_leaves != n_outputs:
+        return None
+    paths, _ = pytree.tree_flatten_with_path(pytree.tree_unflatten([0] * spec.num_leaves, spec))
+    keyed = (pytree.MappingKey, pytree.GetAttrKey)
+    if not any(isinstance(k, keyed) for path, _ in paths for k in path):
+        return None
+
+    def part(k: object) -> str:
+        return str(k.key if isinstance(k, pytree.MappingKey) else k.name if isinstance(k, pytree.GetAttrKey) else k.idx)
+
+    names = [".".join(part(k) for k in path) for path, _ in paths]
+    return names if len(set(names)) == len(names) else None
+
+
+def _rename_output(model: onnx.ModelProto, name: str, index: int = 0) -> None:
+    """Rename graph output ``index`` to ``name`` unless another value already has that name (an input called
+    ``y``) or the output is itself an input, an initializer or another output (a model returning its input, or
+    one tensor twice): ONNX names are single-assignment, and a clash would make an invalid file."""
+    g = model.graph
+    old = g.output[index].name
     if old == name:
         return
-    g = model.graph
     taken = {v.name for v in [*g.input, *g.value_info]} | {i.name for i in g.initializer}
     taken |= {o for node in g.node for o in node.output}
-    if name in taken - {old}:
-        log.debug("the output keeps the name %r: %r is taken", old, name)
+    others = [o.name for i, o in enumerate(g.output) if i != index]
+    if name in taken - {old} or name in others or old in others or old not in {o for n in g.node for o in n.output}:
+        log.debug("output %d keeps the name %r: %r is taken, or it is not a node's output", index, old, name)
         return
     for node in model.graph.node:
         for i, o in enumerate(node.output):
@@ -679,7 +704,7 @@ def _rename_output(model: onnx.ModelProto, name: str) -> None:
         for i, v in enumerate(node.input):
             if v == old:
                 node.input[i] = name
-    model.graph.output[0].name = name
+    g.output[index].name = name
 
 
 # ----------------------------------------------------------------------------------------------------

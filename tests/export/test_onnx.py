@@ -535,6 +535,32 @@ def test_an_input_named_y_keeps_the_single_output_from_taking_its_name(tmp_path)
     assert check_onnx(path, model, args).passed
 
 
+class _DictOutputs(nn.Module):
+    def __init__(self, twice: bool = False):
+        super().__init__()
+        self.fc, self.head, self.twice = DiagLinear(8, 8, sparsity=0.5), nn.Linear(8, 3), twice
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.twice:  # one tensor under two keys
+            return {"a": h, "b": h}
+        return {"logits": self.head(h), "features": {"hidden": h, "pooled": h.mean(-1)}}
+
+
+@pytest.mark.parametrize("mode", ["portable", "plugin"])
+def test_dict_outputs_are_named_by_their_keys(mode, tmp_path):
+    """The graph outputs of a dict-returning model were the exporter's node names (``linear``, ``diag_linear``,
+    ``mean``), so a consumer had to guess which was which; they are the keys' paths now."""
+    x = torch.randn(4, 8)
+    cases = ((_DictOutputs(), ["logits", "features.hidden", "features.pooled"]), (_DictOutputs(True), ["a", "b"]))
+    for model, names in cases:
+        model.eval()
+        path = to_onnx(model, (x,), tmp_path / "m.onnx", mode=mode)
+        assert [o.name for o in onnx.load(path).graph.output] == names
+        assert [o.name for o in make_session(path).get_outputs()] == names
+        assert check_onnx(path, model, (x,)).passed
+
+
 FP16_ENCODER = """
 import torch
 from torch import nn
