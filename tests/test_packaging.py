@@ -1,7 +1,10 @@
-"""Packaging invariants: lean import, no top-level ops/passes/export imports, the wheel holds every module."""
+"""Packaging invariants: lean import, no top-level ops/passes/export imports, every third-party import declared,
+the wheel holds every module."""
 
 import ast
+import importlib.metadata
 import pathlib
+import re
 import subprocess
 import sys
 import zipfile
@@ -12,26 +15,67 @@ from diagcompile.testing import run_python
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ["diagcompile", "ops", "passes", "export", "tests", "benchmarks"]
+#: The folders that install as the package (pyproject's package-dir): what a user's install imports.
+PACKAGE_DIRS = ["diagcompile", "ops", "passes", "export"]
 
 
-def _py_files():
-    for d in SOURCE_DIRS:
+def _py_files(dirs: list[str] = SOURCE_DIRS):
+    for d in dirs:
         yield from sorted((ROOT / d).rglob("*.py"))
+
+
+def _imported_modules(f: pathlib.Path) -> list[str]:
+    """The absolute imports of ``f`` (``import a.b`` and ``from a.b import c`` give ``a.b``)."""
+    names = []
+    for node in ast.walk(ast.parse(f.read_text(), str(f))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return names
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503: onnx_ir, onnx-ir and ONNX.IR are one distribution
+
+
+def _declared_distributions() -> set[str]:
+    """Every distribution ``pyproject.toml`` names: the base dependencies and every extra."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11; 3.10's standard library reads no TOML
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"].values()
+    requirements = [*project["dependencies"], *(r for extra in extras for r in extra)]
+    return {_normalize(re.match(r"[A-Za-z0-9._-]+", r).group()) for r in requirements}
 
 
 def test_no_top_level_imports_of_mapped_folders():
     bad = []
     for f in _py_files():
-        for node in ast.walk(ast.parse(f.read_text(), str(f))):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            bad += [
-                f"{f.relative_to(ROOT)}: import {n}" for n in names if n.split(".")[0] in ("ops", "passes", "export")
-            ]
+        bad += [
+            f"{f.relative_to(ROOT)}: import {n}"
+            for n in _imported_modules(f)
+            if n.split(".")[0] in ("ops", "passes", "export")
+        ]
     assert not bad, "import diagcompile.<pkg>, never the top-level folder:\n" + "\n".join(bad)
+
+
+def test_every_third_party_import_of_the_package_is_a_declared_dependency():
+    # A module the package imports itself must come from a distribution pyproject.toml names, with a floor that
+    # works: one that only arrives as another package's dependency gets whatever release that package allows
+    # (onnxscript 0.6.0 allows onnx-ir 0.1.15, which lacks the onnx_ir.schemas that torch 2.13's exporter uses).
+    declared = _declared_distributions()
+    owners = importlib.metadata.packages_distributions()
+    missing = set()
+    for f in _py_files(PACKAGE_DIRS):
+        for name in _imported_modules(f):
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names or top == "diagcompile":
+                continue
+            # Not installed here: an optional import the package guards (tensorrt, torch_tensorrt).
+            dists = owners.get(top, [])
+            if dists and not any(_normalize(d) in declared for d in dists):
+                missing.add(f"{f.relative_to(ROOT)}: import {name} (distribution {', '.join(sorted(set(dists)))})")
+    assert not missing, "imported but not declared in pyproject.toml:\n" + "\n".join(sorted(missing))
 
 
 LEAN = """
