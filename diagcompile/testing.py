@@ -6,6 +6,7 @@ regardless of how pytest sets up ``sys.path``. Nothing here imports pytest at mo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -32,6 +33,7 @@ __all__ = [
     "bf16_oracle_check",
     "run_python",
     "requires_cuda",
+    "deterministic_algorithms",
     # dynamic sparse training helpers
     "tiny_mlp",
     "not_head",
@@ -148,6 +150,20 @@ def requires_cuda():
 # ----------------------------------------------------------------------------------------------------
 # Dynamic sparse training helpers (tests/dst)
 # ----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def deterministic_algorithms(threads: int) -> Iterator[None]:
+    """Run the block under ``torch.use_deterministic_algorithms(True)`` with ``threads`` torch threads, then put
+    both settings back (they are process-global: a test must not leave them on for the rest of the suite)."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.set_num_threads(before[1])
+
+
 def tiny_mlp(n_in: int = 16, hidden: int = 32, n_out: int = 5, depth: int = 2, seed: int | None = None):
     """``Linear(n_in, hidden) -> ReLU -> ... -> Linear(hidden, n_out)`` named ``body.{i}`` and ``head``.
 

@@ -17,7 +17,7 @@ from diagcompile.dst.optim import find_group
 from diagcompile.dst.relax import threshold_tau
 from diagcompile.functional import canonical_offsets
 from diagcompile.ops import extract_diagonals, k_from_sparsity
-from diagcompile.testing import dense_from_convention, not_head, tiny_mlp
+from diagcompile.testing import dense_from_convention, deterministic_algorithms, not_head, tiny_mlp
 from diagcompile.testing import toy_batch as _batch
 from diagcompile.testing import train_toy as _train
 
@@ -1028,3 +1028,19 @@ def test_a_state_of_the_earlier_optimizer_layout_is_refused():
     _, _, fresh = _make(**MODES["diagheur"])
     with pytest.raises(ValueError, match=r"state version 1.*wrong parameters"):
         fresh.load_state_dict(state)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["dynadiag", "dynadiag-pool", "diagheur"])
+def test_training_under_deterministic_mode_runs_and_repeats_its_bits(mode, threads):
+    # Topology updates, the freeze and finalize() under torch.use_deterministic_algorithms(True): no op refuses,
+    # and a second identical run ends with the same bits.
+    def run() -> dict[str, torch.Tensor]:
+        model, optimizer, sp = _make(total_steps=12, update_every=3, **MODES[mode])
+        _train(model, optimizer, sp, 12)
+        return sp.finalize().state_dict()
+
+    with deterministic_algorithms(threads):
+        first, second = run(), run()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

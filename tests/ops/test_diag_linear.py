@@ -13,7 +13,13 @@ import diagcompile  # noqa: F401  (registers the ops)
 from diagcompile.ops import call_diag_linear, dispatch, force_path, to_dense
 from diagcompile.ops import reference as R
 from diagcompile.ops.diag_linear import _DiagLinearFunction
-from diagcompile.testing import LAYER_SHAPES, dense_from_convention, random_problem, rel_err
+from diagcompile.testing import (
+    LAYER_SHAPES,
+    dense_from_convention,
+    deterministic_algorithms,
+    random_problem,
+    rel_err,
+)
 
 OPS = torch.ops.diagcompile
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -757,6 +763,25 @@ def test_a_meta_tensor_among_cpu_ones_is_refused_not_uninitialized_memory():
         OPS.diag_linear_dx(torch.randn(5, 16), values, offsets.to("meta"), 24)
     with pytest.raises(RuntimeError, match="one device"):
         OPS.diag_linear_dv(torch.randn(5, 16), x.to("meta"), offsets)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("path", ["kernel", "dense", "reference"])
+def test_deterministic_mode_runs_every_path_and_repeats_its_bits(path, threads):
+    # torch.use_deterministic_algorithms(True) raises on an op without a deterministic implementation; none of the
+    # ops' paths uses one (forward, both gradients, double backward), and a second identical call repeats the bits.
+    def run(n_out: int, n_in: int, M: int) -> list[Tensor]:
+        x, values, offsets, bias = random_problem(n_out, n_in, max(n_out, n_in) // 8, batch=(M,), seed=M)
+        x, values, bias = (t.requires_grad_() for t in (x, values, bias))
+        y = torch.ops.diagcompile.diag_linear(x, values, offsets, bias, n_out)
+        gx, gv, gb = torch.autograd.grad(y, (x, values, bias), torch.ones_like(y).cumsum(-1), create_graph=True)
+        ggx, ggv = torch.autograd.grad(gx.square().sum() + gv.square().sum(), (x, values))
+        return [t.detach() for t in (y, gx, gv, gb, ggx, ggv)]
+
+    with deterministic_algorithms(threads), force_path(path):
+        for n_out, n_in, M in [(64, 64, 1), (256, 64, 300), (64, 256, 300), (512, 384, 1024)]:
+            first, second = run(n_out, n_in, M), run(n_out, n_in, M)
+            assert all(torch.equal(a, b) for a, b in zip(first, second)), (n_out, n_in, M)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
