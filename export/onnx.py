@@ -901,8 +901,12 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, runtime: str = "aut
 def _artifact_name(proto: onnx.ModelProto, runtime: str) -> str:
     if not count_plugin_nodes(proto):
         return "onnx-portable"
-    how = "onnxruntime-extensions" if runtime == "extensions" else "local function"
-    return f"onnx-plugin ({how})"
+    if runtime == "extensions":
+        return "onnx-plugin (onnxruntime-extensions)"
+    if not any(f.domain == PLUGIN_NAMESPACE and f.name == PLUGIN_NAME for f in proto.functions):
+        # A pass must not read as "plain onnxruntime runs this file": it refuses a bare file at load.
+        return "onnx-plugin (bare; the check attached the local function, the file needs TensorRT or extensions)"
+    return "onnx-plugin (local function)"
 
 
 def check_onnx(

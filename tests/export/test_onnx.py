@@ -192,7 +192,11 @@ def test_bare_export_option_and_check_attaches_the_function(model_and_args, tmp_
     model = onnx.load(path)
     assert not model.functions and count_plugin_nodes(model) == 1
     assert {a.name: a.i for a in _plugin_nodes(model)[0].attribute if a.name == "aot"} == {"aot": 0}
-    assert check_onnx(path, layer, (torch.randn(2, 24),)).passed  # function attached in memory
+    result = check_onnx(path, layer, (torch.randn(2, 24),))  # function attached in memory
+    # Its report must not read as "plain onnxruntime runs this file" (it refuses a bare file at load).
+    assert result.passed and result.artifact.startswith("onnx-plugin (bare;") and "TensorRT" in result.artifact
+    with_function = to_onnx(layer, (torch.randn(2, 24),), tmp_path / "full.onnx", mode="plugin")
+    assert check_onnx(with_function, layer, (torch.randn(2, 24),)).artifact == "onnx-plugin (local function)"
 
 
 # ----------------------------------------------------------------------------------------------------
