@@ -442,6 +442,7 @@ def _train(args: argparse.Namespace) -> int:
         MODEL_NAME,
         CheckpointReadError,
         Interrupted,
+        OutBusyError,
         SetupError,
         TrainConfig,
         check_out,
@@ -492,9 +493,10 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     try:
         m = train(cfg)
-    except (SetupError, CheckpointReadError) as e:
-        # The model or the run length rules the arguments out, or the checkpoint that --out names cannot be read
-        # (found when loading it whole, which check_out's lazy read cannot see): still a usage error.
+    except (SetupError, CheckpointReadError, OutBusyError) as e:
+        # The model or the run length rules the arguments out, the checkpoint that --out names cannot be read
+        # (found when loading it whole, which check_out's lazy read cannot see), or another run is writing to
+        # --out (found once train holds it): still a usage error, as check_out's refusals are.
         if not out_existed:
             with contextlib.suppress(OSError):
                 os.rmdir(args.out)  # only if check_out made it and nothing was written

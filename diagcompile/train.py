@@ -27,6 +27,9 @@ Files written to ``TrainConfig.out`` (each atomically: a temp file in the same f
   blocks of the validation text periodically and ``final_eval_blocks`` (more) at the end, so ``best`` can be
   worse than ``final`` at the same step; digits evaluates the whole split both times.
 
+While a run writes ``out`` it holds an exclusive lock on ``out/.train.lock`` (removed when it ends): a second
+run into the same folder is refused (:class:`OutBusyError`) instead of mixing its files with the first's.
+
 Ctrl-C stops at the end of the current step, writes a checkpoint (when the run has an ``out`` folder), and
 raises :class:`Interrupted` (a ``KeyboardInterrupt``); with ``nproc > 1`` the workers do, and ``train`` raises it.
 """
@@ -61,6 +64,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diagcompile._files import atomic_write
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock, two runs into one out are not detected
+    fcntl = None  # type: ignore[assignment]
 from diagcompile.models import (
     GPTConfig,
     ViTConfig,
@@ -83,6 +91,7 @@ __all__ = [
     "load_checkpoint",
     "CheckpointReadError",
     "OutdatedCheckpointError",
+    "OutBusyError",
     "check_out",
     "atomic_torch_save",
     "atomic_write_text",
@@ -103,6 +112,8 @@ METHODS = METHODS + BASELINE_METHODS
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
 METRICS_NAME = "metrics.json"
+#: Held (``flock``) by the run that writes ``out`` for as long as it runs; see :func:`_hold_out`.
+LOCK_NAME = ".train.lock"
 # /2: DST optimizer state laid out with each layer's values in its weight's place (/1: appended to the group).
 _CKPT_FORMAT = "diagcompile.train.checkpoint/2"
 _OLD_CKPT_FORMATS = ("diagcompile.train.checkpoint/1",)
@@ -1157,15 +1168,76 @@ def train(cfg: TrainConfig, *, progress: Callable[[int, int, dict], None] | None
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train expects a TrainConfig, got {type(cfg).__name__}")
-    check_out(cfg)
-    if cfg.nproc > 1:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return _spawn(cfg)
-        if dist.get_world_size() != cfg.nproc:
-            raise ValueError(f"nproc={cfg.nproc} but the process group has {dist.get_world_size()} ranks")
-    return _train(cfg, progress)
+    check_out(cfg)  # creates out and says what is wrong with it, before the lock file goes in
+    # Every rank of a caller's process group calls train() on the same out: rank 0 holds it for them.
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    with _hold_out(cfg.out if rank == 0 else None):
+        check_out(cfg)  # again, now that no other run can: one may have written its checkpoint meanwhile
+        if cfg.nproc > 1:
+            if not (dist.is_available() and dist.is_initialized()):
+                return _spawn(cfg)
+            if dist.get_world_size() != cfg.nproc:
+                raise ValueError(f"nproc={cfg.nproc} but the process group has {dist.get_world_size()} ranks")
+        return _train(cfg, progress)
+
+
+class OutBusyError(ValueError):
+    """Another process is training into the same ``out`` folder (it holds ``out/.train.lock``)."""
+
+
+@contextlib.contextmanager
+def _hold_out(out: str | os.PathLike | None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``out/LOCK_NAME`` while the block runs; :class:`OutBusyError` at once if
+    another process holds it (``None``: no folder, nothing to hold).
+
+    Two runs into one ``out`` both pass :func:`check_out` while neither has written a checkpoint yet, then
+    overwrite each other's checkpoint, ``model.pt`` and ``metrics.json`` (the last rename wins, file by file:
+    a metrics file of one run beside the model of the other). The kernel drops the lock when its process dies,
+    however it dies, so a killed run never blocks the next. The file is removed on release, while still locked;
+    a process that opened it just before then finds, once it holds the lock, that the name now means another
+    file (or none) and starts over on the current one, so two processes never hold locks on different files.
+    Where there are no locks (Windows, a file system without them) nothing is held.
+    """
+    if out is None or fcntl is None:
+        yield
+        return
+    path = Path(out) / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutBusyError(
+                f"another diagcompile train (process {holder or '?'}) is writing to {out}: wait for it to finish, "
+                "or choose another --out"
+            ) from None
+        except OSError:  # a file system without locks: as without fcntl
+            os.close(fd)
+            fd = -1
+            break
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        os.close(fd)  # the file its holder removed on release: lock the one that now has the name
+    if fd < 0:
+        yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for the message of a run refused meanwhile
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # (still locked: see above)
+        os.close(fd)
 
 
 def _spawn(cfg: TrainConfig) -> dict[str, Any]:

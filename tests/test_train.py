@@ -919,3 +919,42 @@ def test_a_stop_before_a_new_run_replaced_a_finished_one_says_nothing_was_saved(
         train_mod.saved_checkpoint(tmp_path)
     )
     assert train_mod.saved_checkpoint(tmp_path / "none") == f"there is no checkpoint to resume in {tmp_path / 'none'}"
+
+
+def test_a_second_run_into_an_out_in_use_is_refused_until_the_first_dies(tmp_path, capsys):
+    # Two runs into one --out both passed check_out while neither had a checkpoint yet, then replaced each
+    # other's checkpoint, model.pt and metrics.json file by file (a seed-0 model beside seed-1 metrics). The
+    # first run here is a real process in its training loop (its marker: step 1; no checkpoint until step 4000).
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    marker = tmp_path / "training"
+    code = (
+        "import pathlib, time\n"
+        "from diagcompile.train import TrainConfig, train\n"
+        f"cfg = TrainConfig(task='digits-vit', steps=4000, eval_every=4000, batch_size=16, quiet=True, seed=0, "
+        f"model={{'dim': 16, 'depth': 1}}, out={str(out)!r})\n"
+        f"train(cfg, progress=lambda s, t, i: (pathlib.Path({str(marker)!r}).touch(), time.sleep(0.01)))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = ["train", "--task", "digits-vit", "--steps", "4", "--eval-every", "2", "--batch-size", "16"]
+    argv += ["--model", "dim=16", "--model", "depth=1", "--seed", "1", "--out", str(out), "--quiet"]
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate()[1]
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"another diagcompile train (process {proc.pid}) is writing to {out}" in err, err
+        assert "Traceback" not in err
+    finally:
+        proc.kill()  # SIGKILL: the kernel drops its lock, which must not block the next run
+        proc.communicate()
+    assert cli.main(argv) == 0
+    assert json.loads((out / METRICS_NAME).read_text())["seed"] == 1
+    assert not (out / ".train.lock").exists()  # removed with the run that held it
