@@ -581,7 +581,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from diagcompile.sweep import SweepConfig, SweepInterrupted, aggregate, plan_runs, run_sweep
+    from diagcompile.sweep import SweepConfig, SweepInterrupted, aggregate, check_finished_runs, plan_runs, run_sweep
 
     per_variant: dict[str, dict[str, dict]] = {"dst": {}, "train": {}}
     for what, items in (("dst", args.variant_dst), ("train", args.variant_train)):
@@ -622,6 +622,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     try:
         if args.aggregate_only:
+            check_finished_runs(cfg)  # tables of runs trained otherwise would be labelled with this command's grid
             files = aggregate(cfg)
             print("\n".join(f"wrote {p}" for p in files.values()))
             return 0

@@ -37,7 +37,16 @@ from diagcompile._files import atomic_write
 from diagcompile.dst.config import DIAGHEUR_ONLY, DYNADIAG_ONLY
 from diagcompile.train import TASKS, SetupError, TrainConfig, atomic_write_text, env_stamp, train
 
-__all__ = ["SweepConfig", "SweepInterrupted", "parse_variant", "run_name", "plan_runs", "run_sweep", "aggregate"]
+__all__ = [
+    "SweepConfig",
+    "SweepInterrupted",
+    "parse_variant",
+    "run_name",
+    "plan_runs",
+    "check_finished_runs",
+    "run_sweep",
+    "aggregate",
+]
 
 
 def parse_variant(name: str) -> dict[str, Any]:
@@ -206,6 +215,16 @@ def _check_same_config(path: Path, tc: TrainConfig) -> None:
         raise SetupError(f"{path} was trained with another configuration ({detail}); delete it or use another out")
 
 
+def check_finished_runs(cfg: SweepConfig) -> None:
+    """Raise ``SetupError`` unless every finished run of ``cfg``'s grid (``out/runs``) was trained with the
+    configuration ``cfg`` asks for: before a sweep reuses them, and before tables are rebuilt from them alone."""
+    runs_dir = Path(cfg.out) / "runs"
+    for n, tc in plan_runs(cfg):
+        p = runs_dir / f"{n}.json"
+        if p.exists():
+            _check_same_config(p, tc)
+
+
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped :func:`run_sweep`: ``finished`` of the grid's ``total`` runs have their results in
     ``runs_dir``, kept; running the same sweep again runs the others. A run that was in progress is lost (a
@@ -237,10 +256,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     plan = plan_runs(cfg)
     todo = [(n, tc) for n, tc in plan if not (runs_dir / f"{n}.json").exists()]
     skipped = len(plan) - len(todo)
-    for n, tc in plan:
-        p = runs_dir / f"{n}.json"
-        if p.exists():
-            _check_same_config(p, tc)
+    check_finished_runs(cfg)
     threads = cfg.threads
     if threads is None and cfg.jobs > 1:
         threads = max(1, (os.cpu_count() or 1) // cfg.jobs)

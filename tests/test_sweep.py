@@ -300,6 +300,13 @@ def test_cli_sweep_end_to_end(tmp_path, capsys):
     md = (tmp_path / "dst_chars.md").read_text()
     assert "bits per character" in md and "| diagheur |" in md
     assert cli.main([*argv, "--aggregate-only"]) == 0
+    # Tables rebuilt from runs of another configuration would carry this command's settings: refused, as the
+    # same command without --aggregate-only refuses to reuse them (it once wrote the tables, exit 0).
+    longer = [*argv[: argv.index("--steps") + 1], "6", *argv[argv.index("--steps") + 2 :], "--aggregate-only"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(longer)
+    assert e.value.code == 2 and "another configuration (steps: 4 there vs 6 now)" in capsys.readouterr().err
 
 
 def test_parallel_jobs_give_the_same_results(tmp_path):
