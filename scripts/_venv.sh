@@ -1,6 +1,7 @@
 # Sourced by scripts/demo.sh and scripts/test.sh: make sure a virtual environment with diagcompile exists.
-# First use creates it (CPU torch 2.13.0 unless TORCH_SPEC says otherwise; the package with its test
-# extras, editable); later uses reuse it. DIAGCOMPILE_VENV picks the folder (default: .venv).
+# First use creates it with the python3 on PATH (torch 2.13.0 as pip resolves it, PyPI's CUDA build where no
+# local CPU wheel matches, unless TORCH_SPEC says otherwise; the package with its test extras, editable); later
+# uses reuse it. DIAGCOMPILE_VENV picks the folder (default: .venv).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${DIAGCOMPILE_VENV:-.venv}"
