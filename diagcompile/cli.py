@@ -373,7 +373,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         help="torch CPU threads per run (default 1: these models are too small to gain from more, and one thread "
         "does not stall on a busy machine; use sweep --jobs for parallelism)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:

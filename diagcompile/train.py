@@ -1438,6 +1438,7 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
         net = nn.parallel.DistributedDataParallel(model)
 
     show_bar = rank == 0 and not cfg.quiet and progress is None and sys.stderr.isatty()
+    log_lines = rank == 0 and not cfg.quiet and progress is None and not show_bar
     bar = None
     if show_bar:
         from tqdm.auto import tqdm
@@ -1499,6 +1500,14 @@ def _train(cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None) 
                 history["eval_s"] += t_loop - now
                 if bar is not None:
                     bar.set_postfix({"loss": f"{entry['train_loss']:.3f}", metric_name: f"{v:.3f}"})
+                elif log_lines:
+                    # No terminal (a log file, CI, a pipe): a line per evaluation, so a long run shows progress.
+                    print(
+                        f"[train] {cfg.task} {cfg.method}: step {step}/{total}, loss {entry['train_loss']:.3f}, "
+                        f"{metric_name} {v:.4g}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             if bar is not None:
                 bar.update(1)
             if progress is not None:

@@ -958,3 +958,15 @@ def test_a_second_run_into_an_out_in_use_is_refused_until_the_first_dies(tmp_pat
     assert cli.main(argv) == 0
     assert json.loads((out / METRICS_NAME).read_text())["seed"] == 1
     assert not (out / ".train.lock").exists()  # removed with the run that held it
+
+
+def test_without_a_terminal_each_evaluation_is_a_progress_line(tmp_path, capsys):
+    # The progress bar needs a terminal; to a log file or a pipe a long run (the demo's two trainings) printed
+    # nothing for minutes, which reads as a hang.
+    cfg = TrainConfig(task="digits-vit", steps=8, eval_every=4, batch_size=16, model=TINY_VIT, out=str(tmp_path))
+    train(cfg)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[train] digits-vit dense: step")]
+    assert [ln.split(",")[0].rsplit(" ", 1)[1] for ln in lines] == ["4/8", "8/8"], lines
+    assert all("loss " in ln and "acc " in ln for ln in lines), lines
+    train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "quiet"), "quiet": True}))
+    assert "[train]" not in capsys.readouterr().err
