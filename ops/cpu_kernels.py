@@ -614,20 +614,29 @@ def _reset_pool_after_fork() -> None:
     _pool, _pool_workers, _pool_lock = None, 0, threading.Lock()
 
 
+#: Whether this thread's fork holds numba's compiler lock (its wait may have been interrupted: a Ctrl-C then
+#: only prints, as CPython reports an at-fork handler's exception, and the fork goes ahead without the lock).
+_fork_holds = threading.local()
+
+
 def _hold_compiler_lock() -> None:
     # A child forked while another thread compiles would inherit numba's compiler lock held by a thread it does
     # not have, and hang at its first compile; a child forked in the middle of a compile could not trust numba's
     # caches either. So a fork waits for a running compile to end (as glibc's fork holds malloc's locks).
+    _fork_holds.lock = False
     global_compiler_lock.acquire()
+    _fork_holds.lock = True
 
 
 def _release_compiler_lock() -> None:
-    global_compiler_lock.release()
+    if getattr(_fork_holds, "lock", False):  # not if the wait failed, or the handlers came in during a fork
+        _fork_holds.lock = False
+        global_compiler_lock.release()
 
 
 def _after_fork_in_child() -> None:
-    global_compiler_lock.release()  # held by the forking thread, the child's only thread
-    _reset_pool_after_fork()
+    _reset_pool_after_fork()  # first: whatever happened to the lock, the parent's pool threads are not here
+    _release_compiler_lock()  # held by the forking thread, the child's only thread
 
 
 if hasattr(os, "register_at_fork"):

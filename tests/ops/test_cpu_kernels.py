@@ -495,6 +495,54 @@ else:
 """
 
 
+FORK_INTERRUPTED = """
+import os, signal, threading, time, torch
+from numba.core.compiler_lock import global_compiler_lock as lock
+from diagcompile.ops import cpu_kernels as K
+from diagcompile.testing import random_problem
+K._MIN_PARALLEL_WORK = 1
+torch.set_num_threads(2)
+x, values, offsets, bias = random_problem(300, 1000, 40, batch=(9,))
+expected = K.forward(x, values, offsets, bias, 300)   # compiles, starts the thread pool
+compiling, done = threading.Event(), threading.Event()
+
+def compile_():  # another thread's compile, under numba's lock, until the Ctrl-C
+    with lock:
+        compiling.set()
+        done.wait(60)
+
+def ctrl_c(signum, frame):
+    done.set()
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, ctrl_c)
+threading.Thread(target=compile_, daemon=True).start()
+compiling.wait()
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # while the fork waits for the compile
+pid = os.fork()
+if pid == 0:
+    ok = torch.equal(K.forward(x, values, offsets, bias, 300), expected)  # 2 threads in the child
+    os._exit(0 if ok else 3)
+deadline = time.time() + 60
+while time.time() < deadline:
+    finished, status = os.waitpid(pid, os.WNOHANG)
+    if finished:
+        print("child", os.waitstatus_to_exitcode(status))
+        break
+    time.sleep(0.1)
+else:
+    os.kill(pid, 9)
+    print("child hung")
+"""
+
+
+def test_a_fork_whose_wait_for_a_compile_is_interrupted_still_gives_the_child_its_own_pool():
+    """A Ctrl-C during the fork's wait for the compiler lock (CPython only prints an at-fork handler's exception
+    and forks) made the child's handler fail releasing a lock it did not hold, before it replaced the parent's
+    thread pool: the child's first threaded kernel call hung on threads it does not have."""
+    assert run_python(FORK_INTERRUPTED, timeout=300).strip().splitlines()[-1] == "child 0"
+
+
 def test_a_child_forked_during_a_compile_in_another_thread_compiles():
     """It inherited numba's compiler lock held by a thread it does not have, and hung at its first compile
     (DataLoader workers forked while a server thread compiled a kernel); the fork now waits for the compile."""
