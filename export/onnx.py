@@ -437,8 +437,8 @@ def to_onnx(
     _strip_no_fold(proto)
     if output_names is None:
         names = ["y"] if len(proto.graph.output) == 1 else _keyed_output_names(ep, len(proto.graph.output))
-        for i, name in enumerate(names or ()):
-            _rename_output(proto, name, i)
+        if names:
+            _rename_outputs(proto, names)
     onnx.helper.set_model_props(proto, {_MODE_KEY: mode, _LAYERS_KEY: str(_program.count_diag_nodes(ep))})
     if mode == "plugin" and local_function:
         proto = add_local_functions(proto)
@@ -681,6 +681,33 @@ def _keyed_output_names(ep: torch.export.ExportedProgram, n_outputs: int) -> lis
 
     names = [".".join(part(k) for k in path) for path, _ in paths]
     return names if len(set(names)) == len(names) else None
+
+
+def _rename_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Rename the graph outputs to ``names``, each as :func:`_rename_output` allows, whatever their order.
+
+    A key may be the exporter's name of another output (``{"mean": linear_out, "linear": mean_out}``): renamed one
+    by one, the first was refused its key (taken) and the second too, so both kept the exporter's names, each the
+    other's key, and a consumer reading ``"mean"`` got the linear. So which outputs keep their names is settled
+    first (refused for a value that is no output, then for the name a kept output keeps), and the others move to
+    names of their own before taking their keys."""
+    g = model.graph
+    olds = [o.name for o in g.output]
+    made = {o for node in g.node for o in node.output}
+    values = ({v.name for v in [*g.input, *g.value_info]} | {i.name for i in g.initializer} | made) - set(olds)
+    kept = {i for i, old in enumerate(olds) if names[i] in values or olds.count(old) > 1 or old not in made}
+    while more := {i for i in range(len(olds)) if i not in kept and names[i] in {olds[j] for j in kept}}:
+        kept |= more
+    todo = [i for i in range(len(olds)) if i not in kept and names[i] != olds[i]]
+    taken = values | set(olds) | set(names)
+    for i in todo:
+        tmp = f"{olds[i]}_{i}"
+        while tmp in taken:
+            tmp += "_"
+        taken.add(tmp)
+        _rename_output(model, tmp, i)
+    for i in todo:
+        _rename_output(model, names[i], i)
 
 
 def _rename_output(model: onnx.ModelProto, name: str, index: int = 0) -> None:

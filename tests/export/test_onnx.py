@@ -565,6 +565,29 @@ def test_dict_outputs_are_named_by_their_keys(mode, tmp_path):
         assert check_onnx(path, model, (x,)).passed
 
 
+class _SwappedKeys(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = DiagLinear(8, 8, sparsity=0.5), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return {"mean": self.head(h), "linear": h.mean(-1)}  # each key the exporter's name of the other output
+
+
+@pytest.mark.parametrize("mode", ["portable", "plugin"])
+def test_keys_that_are_the_exporters_names_of_other_outputs_name_the_right_outputs(mode, tmp_path):
+    """Renamed one by one, both outputs were refused their keys (each taken by the other) and kept the exporter's
+    names: an output called ``mean`` held the linear's (4, 3) result and ``linear`` the mean."""
+    model, x = _SwappedKeys().eval(), torch.randn(4, 8)
+    path = to_onnx(model, (x,), tmp_path / "m.onnx", mode=mode)
+    sess = make_session(path)
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x.numpy()})))
+    assert sorted(got) == ["linear", "mean"]
+    for key, value in model(x).items():
+        np.testing.assert_allclose(got[key], value.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
 FP16_ENCODER = """
 import torch
 from torch import nn
