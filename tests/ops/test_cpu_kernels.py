@@ -463,6 +463,21 @@ def test_kernels_work_in_a_child_forked_after_use():
     assert run_python(FORK, timeout=120).strip() == "child 0"
 
 
+#: The end of the fork scripts: print the child's exit code, or "child hung" (and kill it) after ``seconds``.
+_AWAIT_CHILD = """
+deadline = time.time() + {seconds}
+while time.time() < deadline:
+    finished, status = os.waitpid(pid, os.WNOHANG)
+    if finished:
+        print("child", os.waitstatus_to_exitcode(status))
+        break
+    time.sleep(0.1)
+else:
+    os.kill(pid, 9)
+    print("child hung")
+"""
+
+
 FORK_DURING_COMPILE = """
 import os, threading, time
 import numba, numpy as np
@@ -482,17 +497,7 @@ while lock._lock.acquire(blocking=False):  # until the other thread is compiling
 pid = os.fork()
 if pid == 0:
     os._exit(0 if numba.njit(cache=False)(lambda a: a.sum())(np.ones(3)) == 3.0 else 3)
-deadline = time.time() + 120
-while time.time() < deadline:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        print("child", os.waitstatus_to_exitcode(status))
-        break
-    time.sleep(0.1)
-else:
-    os.kill(pid, 9)
-    print("child hung")
-"""
+""" + _AWAIT_CHILD.format(seconds=120)
 
 
 FORK_INTERRUPTED = """
@@ -523,17 +528,7 @@ pid = os.fork()
 if pid == 0:
     ok = torch.equal(K.forward(x, values, offsets, bias, 300), expected)  # 2 threads in the child
     os._exit(0 if ok else 3)
-deadline = time.time() + 60
-while time.time() < deadline:
-    finished, status = os.waitpid(pid, os.WNOHANG)
-    if finished:
-        print("child", os.waitstatus_to_exitcode(status))
-        break
-    time.sleep(0.1)
-else:
-    os.kill(pid, 9)
-    print("child hung")
-"""
+""" + _AWAIT_CHILD.format(seconds=60)
 
 
 def test_a_fork_whose_wait_for_a_compile_is_interrupted_still_gives_the_child_its_own_pool():
