@@ -285,9 +285,14 @@ def add_local_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` carrying the ``diagcompile::DiagLinear`` local function (plain onnxruntime runs it)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    if not any(f.domain == PLUGIN_NAMESPACE and f.name == PLUGIN_NAME for f in out.functions):
+    if not _has_local_function(out):
         out.functions.append(_function_proto(_model_opset(out)))
     return out
+
+
+def _has_local_function(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` carries the ``diagcompile::DiagLinear`` local function (plain onnxruntime can run it)."""
+    return any(f.domain == PLUGIN_NAMESPACE and f.name == PLUGIN_NAME for f in model.functions)
 
 
 def strip_local_functions(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -689,8 +694,8 @@ def _rename_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
     A key may be the exporter's name of another output (``{"mean": linear_out, "linear": mean_out}``): renamed one
     by one, the first was refused its key (taken) and the second too, so both kept the exporter's names, each the
     other's key, and a consumer reading ``"mean"`` got the linear. So which outputs keep their names is settled
-    first (refused for a value that is no output, then for the name a kept output keeps), and the others move to
-    names of their own before taking their keys."""
+    first (refused for a value that is no output, then for the name a kept output keeps), and an output whose name
+    another is to take moves to a name of its own before the others take their keys."""
     g = model.graph
     olds = [o.name for o in g.output]
     made = {o for node in g.node for o in node.output}
@@ -700,7 +705,7 @@ def _rename_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
         kept |= more
     todo = [i for i in range(len(olds)) if i not in kept and names[i] != olds[i]]
     taken = values | set(olds) | set(names)
-    for i in todo:
+    for i in (i for i in todo if olds[i] in names):  # only a name another output is to take moves out of its way
         tmp = f"{olds[i]}_{i}"
         while tmp in taken:
             tmp += "_"
@@ -718,10 +723,10 @@ def _rename_output(model: onnx.ModelProto, name: str, index: int = 0) -> None:
     old = g.output[index].name
     if old == name:
         return
-    taken = {v.name for v in [*g.input, *g.value_info]} | {i.name for i in g.initializer}
-    taken |= {o for node in g.node for o in node.output}
+    made = {o for node in g.node for o in node.output}
+    taken = {v.name for v in [*g.input, *g.value_info]} | {i.name for i in g.initializer} | made
     others = [o.name for i, o in enumerate(g.output) if i != index]
-    if name in taken - {old} or name in others or old in others or old not in {o for n in g.node for o in n.output}:
+    if name in taken - {old} or name in others or old in others or old not in made:
         log.debug("output %d keeps the name %r: %r is taken, or it is not a node's output", index, old, name)
         return
     for node in model.graph.node:
@@ -930,7 +935,7 @@ def _artifact_name(proto: onnx.ModelProto, runtime: str) -> str:
         return "onnx-portable"
     if runtime == "extensions":
         return "onnx-plugin (onnxruntime-extensions)"
-    if not any(f.domain == PLUGIN_NAMESPACE and f.name == PLUGIN_NAME for f in proto.functions):
+    if not _has_local_function(proto):
         # A pass must not read as "plain onnxruntime runs this file": it refuses a bare file at load.
         return "onnx-plugin (bare; the check attached the local function, the file needs TensorRT or extensions)"
     return "onnx-plugin (local function)"
