@@ -376,7 +376,7 @@ def _autocast_possible(graph: fx.Graph, devices: Sequence[str]) -> bool:
         return True
     # The node Dynamo records for ``with torch.autocast(...)`` (and the deprecated per-device forms) in the graph;
     # matched exactly: a name match ("autocast" in any target) also waived the check for a user's own function.
-    return any(n.op == "call_function" and n.target is _ENTER_AUTOCAST for n in graph.nodes)
+    return bool(graph.find_nodes(op="call_function", target=_ENTER_AUTOCAST))
 
 
 def weight_inputs(gm: fx.GraphModule, example_inputs: Sequence[object]) -> tuple[tuple[int, str], ...]:
