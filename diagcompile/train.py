@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import fcntl
 import json
 import math
 import numbers
@@ -64,11 +65,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diagcompile._files import atomic_write
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no lock, two runs into one out are not detected
-    fcntl = None  # type: ignore[assignment]
 from diagcompile.models import (
     GPTConfig,
     ViTConfig,
@@ -1198,9 +1194,9 @@ def _hold_out(out: str | os.PathLike | None) -> Iterator[None]:
     however it dies, so a killed run never blocks the next. The file is removed on release, while still locked;
     a process that opened it just before then finds, once it holds the lock, that the name now means another
     file (or none) and starts over on the current one, so two processes never hold locks on different files.
-    Where there are no locks (Windows, a file system without them) nothing is held.
+    On a file system without locks nothing is held. (This module is POSIX-only already: ``resource``.)
     """
-    if out is None or fcntl is None:
+    if out is None:
         yield
         return
     path = Path(out) / LOCK_NAME
