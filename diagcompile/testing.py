@@ -147,9 +147,6 @@ def requires_cuda():
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Dynamic sparse training helpers (tests/dst)
-# ----------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def deterministic_algorithms(threads: int) -> Iterator[None]:
     """Run the block under ``torch.use_deterministic_algorithms(True)`` with ``threads`` torch threads, then put
@@ -164,6 +161,9 @@ def deterministic_algorithms(threads: int) -> Iterator[None]:
         torch.set_num_threads(before[1])
 
 
+# ----------------------------------------------------------------------------------------------------
+# Dynamic sparse training helpers (tests/dst)
+# ----------------------------------------------------------------------------------------------------
 def tiny_mlp(n_in: int = 16, hidden: int = 32, n_out: int = 5, depth: int = 2, seed: int | None = None):
     """``Linear(n_in, hidden) -> ReLU -> ... -> Linear(hidden, n_out)`` named ``body.{i}`` and ``head``.
 
